@@ -1,0 +1,233 @@
+"""One frozen base model, many LoRA roles: sft, policy, reward, value.
+
+PPO needs four networks. Instead of four model copies and two optimizers over full
+weights (TRL's PPOTrainer ran out of memory at 7B on one 80 GB GPU, trl issue 2719), we
+keep one frozen base and switch LoRA adapters:
+
+  * ``sft``    frozen; the reference policy (the SFT adapter itself, not the bare base:
+               disabling adapters would give the base model, the mistake of TRL's PEFT
+               path, trl issues 1340 and 495).
+  * ``policy`` trainable; starts as an exact copy of ``sft``.
+  * ``reward`` frozen; the reward model's LoRA plus its score head.
+  * ``value``  trainable; starts as a copy of ``reward``, head included (critic
+               initialised from the reward model, N+ details, arXiv 2403.17031).
+
+When the SFT stage fine-tuned all weights, the base *is* the SFT model: the ``sft`` role
+is the base with adapters disabled, and ``policy`` starts as a zero-initialised LoRA.
+
+Adapter directories hold peft's ``adapter_config.json`` + ``adapter_model.safetensors``;
+reward/value directories also hold ``head.safetensors`` (``weight`` (1, hidden), optional
+``bias`` (1,)). Everything is safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROLES = ("sft", "policy", "reward", "value")
+TRAINABLE = ("policy", "value")
+
+
+def linear_target_modules(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of every nn.Linear inside the decoder blocks.
+
+    We resolve 'all-linear' ourselves so that the causal-LM and the sequence-classifier
+    views of one base get identical adapters (peft's own 'all-linear' can pick up the
+    classifier's ``score`` layer), which lets roles copy each other's weights.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    names = {n.split(".")[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
+    """LoRA tensors and peft config of a saved adapter (head tensors are not included)."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"adapter file missing: {p}")
+    state = {k: v for k, v in load_file(str(weights_path)).items() if "lora_" in k}
+    if not state:
+        raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    return state, json.loads(cfg_path.read_text())
+
+
+def read_head(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(adapter_dir) / "head.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"score head missing: {path} (reward adapters need head.safetensors)")
+    head = load_file(str(path))
+    if "weight" not in head or head["weight"].ndim != 2 or head["weight"].shape[0] != 1:
+        raise ValueError(f"{path}: 'weight' must have shape (1, hidden)")
+    return head
+
+
+def save_head(head: torch.nn.Linear, adapter_dir: str | Path) -> None:
+    tensors = {"weight": head.weight.detach().float().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.detach().float().cpu().contiguous()
+    save_file(tensors, str(Path(adapter_dir) / "head.safetensors"))
+
+
+def _lora_config(peft_cfg: dict, target_modules: list[str] | None = None):
+    """A LoRA config for a role: the saved adapter's shape, dropout off (PPO needs
+    deterministic train-mode forwards; ppo.md: dropout off in every role)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=peft_cfg["r"],
+        lora_alpha=peft_cfg["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=target_modules or peft_cfg["target_modules"],
+        use_rslora=peft_cfg.get("use_rslora", False),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class RoleModel(torch.nn.Module):
+    """A causal LM base with LoRA roles and two scalar heads (reward, value).
+
+    Args:
+        base: the causal LM (frozen).
+        sft_adapter: SFT adapter directory, or None when the base itself is the SFT model.
+        reward_adapter: reward adapter directory (with head.safetensors).
+        policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
+            (dict with r, lora_alpha, target_modules).
+    """
+
+    def __init__(self, base, sft_adapter: str | None, reward_adapter: str, policy_lora: dict | None = None):
+        super().__init__()
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.has_sft_adapter = sft_adapter is not None
+
+        reward_state, reward_cfg = read_lora_weights(reward_adapter)
+        if sft_adapter is not None:
+            sft_state, sft_cfg = read_lora_weights(sft_adapter)
+            policy_cfg, policy_state = sft_cfg, sft_state
+        else:
+            policy_cfg = policy_lora or {"r": 16, "lora_alpha": 32, "target_modules": linear_target_modules(base)}
+            policy_state = None
+
+        first = "policy"
+        self.peft = get_peft_model(base, _lora_config(policy_cfg), adapter_name=first)
+        load = []
+        if policy_state is not None:
+            load.append(("policy", policy_state))
+            self.peft.add_adapter("sft", _lora_config(sft_cfg))
+            load.append(("sft", sft_state))
+        for name in ("reward", "value"):
+            self.peft.add_adapter(name, _lora_config(reward_cfg))
+            load.append((name, reward_state))
+        for name, state in load:
+            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if missing:
+                raise ValueError(f"adapter for role {name!r} does not fit the base model: unexpected keys {missing[:3]}")
+
+        head = read_head(reward_adapter)
+        hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
+        if head["weight"].shape[1] != hidden:
+            raise ValueError(f"{reward_adapter}/head.safetensors: hidden size {head['weight'].shape[1]} != base {hidden}")
+        self.heads = torch.nn.ModuleDict()
+        dtype = next(base.parameters()).dtype
+        for name, trainable in (("reward", False), ("value", True)):
+            lin = torch.nn.Linear(hidden, 1, bias="bias" in head)
+            with torch.no_grad():
+                lin.weight.copy_(head["weight"])
+                if "bias" in head:
+                    lin.bias.copy_(head["bias"])
+            lin.to(dtype=torch.float32)
+            lin.requires_grad_(trainable)
+            self.heads[name] = lin
+        self._compute_dtype = dtype
+        self.active_role: str | None = None
+        self.activate("policy")
+
+    # ---- role switching -------------------------------------------------------------
+
+    def activate(self, role: str) -> None:
+        """Make ``role`` the active adapter; trainable roles keep requires_grad=True."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+        if role == "sft" and not self.has_sft_adapter:
+            self.active_role = role  # handled by disabling adapters in forward
+            return
+        self.peft.base_model.set_adapter(role)
+        for name, module in self.peft.named_modules():
+            for attr in ("lora_A", "lora_B"):
+                d = getattr(module, attr, None)
+                if isinstance(d, torch.nn.ModuleDict):
+                    for key, sub in d.items():
+                        sub.requires_grad_(key in TRAINABLE)
+        self.active_role = role
+
+    @contextmanager
+    def role(self, role: str):
+        previous = self.active_role
+        self.activate(role)
+        try:
+            yield self
+        finally:
+            if previous is not None:
+                self.activate(previous)
+
+    def _adapter_ctx(self):
+        if self.active_role == "sft" and not self.has_sft_adapter:
+            return self.peft.disable_adapter()
+        return nullcontext()
+
+    # ---- forwards -------------------------------------------------------------------
+
+    @property
+    def base_lm(self):
+        return self.peft.base_model.model
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the active role. Positions come from the attention mask so
+        left padding does not shift them. Returns (B, L, H)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self._adapter_ctx():
+            out = self.base_lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+        return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of selected hidden states (..., H) -> (..., V)."""
+        return self.base_lm.get_output_embeddings()(hidden)
+
+    def values(self, role: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Scalar head of the reward or value role on hidden states (..., H) -> (...,) fp32."""
+        return self.heads[role](hidden.float()).squeeze(-1)
+
+    # ---- saving ---------------------------------------------------------------------
+
+    def save_role(self, role: str, out_dir: str | Path) -> None:
+        """Save one role as a standalone peft adapter dir (+ head for reward/value)."""
+        from peft import get_peft_model_state_dict
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.peft, adapter_name=role)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+        cfg = self.peft.peft_config[role].to_dict()
+        cfg["target_modules"] = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], (set, list)) else cfg["target_modules"]
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if role in self.heads:
+            save_head(self.heads[role], out)
+
+    def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
+        params = [p for n, p in self.peft.named_parameters() if f".{role}." in n and "lora_" in n]
+        if role in self.heads:
+            params += list(self.heads[role].parameters())
+        return params

@@ -1,0 +1,109 @@
+"""The one entry point: ``rlhf <command>``. Thin: parses arguments and calls into the stages.
+
+Commands:
+  rlhf run RECIPE [--output-dir D] [--from STAGE] [--resume] [key=value ...]
+  rlhf sft|reward|ppo --config FILE [key=value ...]    one stage alone
+  rlhf data ...        preference-data ingestion (reward_data)
+  rlhf registry ...    model registry
+  rlhf dashboard [--port P] [--runs-root DIR]
+  rlhf report RUN_DIR --out report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DELEGATED = {"data", "registry", "dashboard", "report"}
+
+
+def _stage_main(stage: str, argv: list[str]) -> int:
+    from rlhf.config import PPOConfig, RewardConfig, SFTConfig, apply_overrides, from_dict, load_yaml
+
+    parser = argparse.ArgumentParser(prog=f"rlhf {stage}", description=f"Run the {stage} stage alone.")
+    parser.add_argument("--config", help="YAML file with the stage's settings (see rlhf/config.py)")
+    parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config) if args.config else {}
+    apply_overrides(data, args.overrides)
+    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
+    cfg = from_dict(cls, data, prefix=stage)
+    if stage == "sft":
+        from rlhf.stages.sft import run_sft as run
+    elif stage == "reward":
+        from rlhf.stages.reward import run_reward as run
+    else:
+        from rlhf.stages.ppo import run_ppo as run
+    result = run(cfg, resume=args.resume)
+    import json
+
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]}, indent=2, default=str))
+    return 0
+
+
+def _run_main(argv: list[str]) -> int:
+    from rlhf.pipeline import Pipeline, plan, print_summary
+
+    parser = argparse.ArgumentParser(prog="rlhf run", description="Run a staged recipe: SFT -> reward -> PPO.")
+    parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
+    parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--from", dest="from_stage", choices=["sft", "reward", "ppo"], help="rerun from this stage on")
+    parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
+    parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.total_episodes=512")
+    args = parser.parse_args(argv)
+    p = plan(args.recipe, args.output_dir, args.overrides)
+    if args.validate_only:
+        print(f"{args.recipe}: valid (run dir {p.run_dir})")
+        return 0
+    summary = Pipeline(p).run(from_stage=args.from_stage, resume=args.resume)
+    print_summary(summary, p.run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv[0] == "--version":
+        from rlhf import __version__
+
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    from rlhf.config import ConfigError
+
+    try:
+        if cmd == "run":
+            return _run_main(rest)
+        if cmd in ("sft", "reward", "ppo"):
+            return _stage_main(cmd, rest)
+        if cmd == "data":
+            from reward_data.cli import main as data_main
+
+            return data_main(rest)
+        if cmd == "registry":
+            from rlhf.registry.cli import main as registry_main
+
+            return registry_main(rest)
+        if cmd == "dashboard":
+            from rlhf.dashboard.cli import main as dash_main
+
+            return dash_main(["serve", *rest])
+        if cmd == "report":
+            from rlhf.dashboard.cli import main as dash_main
+
+            return dash_main(["report", *rest])
+    except ConfigError as e:
+        print(f"rlhf: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"rlhf: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Stage and pipeline configuration: dataclasses with help text, YAML first, CLI overrides.
+
+Every field carries ``metadata={"help": ...}``. ``from_dict`` is strict: an unknown key or a
+value of the wrong type fails with the dotted key path (``ppo.kl_coef``) before any model
+is loaded. Overrides use ``key.sub=value`` with the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key (or file) that causes it."""
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help(
+        "Base model: a Hugging Face hub id, a local model directory, or 'builtin:tiny' "
+        "(a 2-layer, 64-wide Llama built locally for the synthetic task).",
+        default="builtin:tiny",
+    )
+    revision: str | None = _help("Hub revision (branch, tag or commit) of the base model.", default=None)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
+        "Weights dtype of the base model. bfloat16 on GPUs, float32 on CPU.", default="float32"
+    )
+    attn_implementation: str | None = _help("Attention kernel, e.g. 'sdpa' or 'flash_attention_2'.", default=None)
+    trust_remote_code: bool = _help("Run code shipped with a hub model. Off unless you trust the repository.", default=False)
+
+
+@dataclass
+class LoraConfigSpec:
+    r: int = _help("LoRA rank.", default=16)
+    alpha: int = _help("LoRA alpha (scaling = alpha / r).", default=32)
+    dropout: float = _help("LoRA dropout during SFT and reward training (always 0 during PPO).", default=0.0)
+    target_modules: list[str] | str = _help("Modules to adapt; 'all-linear' adapts every linear layer.", default="all-linear")
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings shared by the TRL-backed stages (SFT and reward)."""
+
+    epochs: float = _help("Passes over the training data.", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use epochs).", default=-1)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    batch_size: int = _help("Per-device micro-batch size.", default=8)
+    grad_accum: int = _help("Gradient accumulation steps.", default=1)
+    warmup_ratio: float = _help("Fraction of steps spent warming up the learning rate.", default=0.0)
+    lr_scheduler: str = _help("transformers learning-rate schedule name.", default="linear")
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_length: int = _help("Truncate tokenized examples to this length.", default=512)
+    logging_steps: int = _help("Log every N optimizer steps.", default=10)
+    save_steps: int = _help("Checkpoint every N optimizer steps (for --resume).", default=100)
+    eval_steps: int = _help("Evaluate on held-out data every N steps (0: only at the end).", default=0)
+    gradient_checkpointing: bool = _help("Trade compute for memory in the backward pass.", default=False)
+    bf16: bool = _help("bfloat16 mixed precision (GPUs).", default=False)
+
+    def __post_init__(self):
+        for key in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning with TRL's SFTTrainer."""
+
+    model: ModelConfig = _help("Base model.", default_factory=ModelConfig)
+    dataset: str = _help(
+        "Training data: a local JSON/JSONL/CSV/Parquet file in TRL's prompt-completion or messages "
+        "format, a datasets load_from_disk directory, or a hub dataset id.",
+        default="",
+    )
+    dataset_split: str = _help("Split to read when the dataset has several.", default="train")
+    eval_fraction: float = _help("Fraction of the data held out for eval loss.", default=0.05)
+    finetune: Literal["lora", "full"] = _help("Train a LoRA adapter (default) or all weights.", default="lora")
+    lora: LoraConfigSpec = _help("LoRA settings (finetune: lora).", default_factory=LoraConfigSpec)
+    train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
+    seed: int = _help("Random seed.", default=0)
+    output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/sft")
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"sft.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class RewardConfig:
+    """Stage 2: Bradley-Terry reward model with TRL's RewardTrainer, LoRA plus a score head."""
+
+    model: ModelConfig = _help("Base model (the same base as the SFT stage).", default_factory=ModelConfig)
+    dataset: str = _help(
+        "Preference data: a reward_data store reference 'NAME[:VERSION]', or a file/directory that is "
+        "ingested into the store first (see `rlhf data ingest`).",
+        default="",
+    )
+    dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
+    test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", default=0.05)
+    lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
+    train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
+    center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", default=0.01)
+    seed: int = _help("Random seed.", default=0)
+    output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO of the SFT policy against the reward model (our own loop)."""
+
+    model: ModelConfig = _help("Base model (the same base as the earlier stages).", default_factory=ModelConfig)
+    sft_adapter: str = _help("SFT adapter directory (reference and policy init). Set by the pipeline.", default="")
+    reward_adapter: str = _help("Reward adapter directory with head.safetensors. Set by the pipeline.", default="")
+    prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
+    eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
+    # rollout
+    total_episodes: int = _help("Total sampled responses to train on.", default=10240)
+    rollout_batch_size: int = _help("Prompts per rollout (per process).", default=64)
+    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", default=256)
+    response_length: int = _help("Maximum new tokens per response.", default=128)
+    temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", default=0.7)
+    stop_token: str | None = _help("Stop token (default: the tokenizer's EOS).", default=None)
+    missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
+        "What to do with the score of a response without the stop token.", default="replace"
+    )
+    missing_stop_value: float = _help("Replacement score, or amount subtracted.", default=-1.0)
+    # reward shaping / KL
+    kl_coef: float = _help("Initial KL coefficient beta.", default=0.05)
+    kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
+    kl_target: float = _help("Adaptive controller's target KL per response.", default=6.0)
+    kl_horizon: int = _help("Adaptive controller's horizon.", default=10000)
+    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = logp - logp_ref, k3 = (r-1) - log r.", default="k1")
+    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false).", default=True)
+    whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
+    reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", default=None)
+    # advantages and losses
+    advantage_estimator: Literal["gae", "reinforce++", "rloo"] = _help("GAE with a critic, or a critic-free estimator.", default="gae")
+    gamma: float = _help("Discount.", default=1.0)
+    lam: float = _help("GAE lambda.", default=0.95)
+    rloo_k: int = _help("Samples per prompt for the RLOO baseline.", default=2)
+    cliprange: float = _help("Policy ratio clip.", default=0.2)
+    cliprange_value: float = _help("Value clip.", default=0.2)
+    vf_coef: float = _help("Value loss coefficient.", default=0.1)
+    entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    # optimisation
+    ppo_epochs: int = _help("Passes over each rollout batch.", default=4)
+    num_minibatches: int = _help("Minibatches per epoch (optimizer steps per epoch).", default=4)
+    micro_batch_size: int = _help("Rows per forward/backward; gradients accumulate to the minibatch.", default=16)
+    learning_rate: float = _help("Adam learning rate (LoRA needs more than full fine-tuning's 3e-6).", default=1e-4)
+    adam_eps: float = _help("Adam epsilon (1e-5 per the N+ details).", default=1e-5)
+    lr_schedule: Literal["constant", "linear"] = _help("Learning-rate schedule over all updates.", default="linear")
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    gradient_checkpointing: bool = _help("Gradient checkpointing in the update.", default=False)
+    lora: LoraConfigSpec = _help("LoRA settings for newly created roles (policy/value copy their source's).", default_factory=LoraConfigSpec)
+    # evaluation, logging, checkpoints, guards
+    eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", default=10)
+    num_samples_logged: int = _help("Sample completions logged per evaluation.", default=8)
+    save_every: int = _help("Checkpoint every N updates.", default=10)
+    keep_checkpoints: int = _help("How many checkpoints to keep.", default=2)
+    guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", default=50.0)
+    guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this.", default=0.01)
+    guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", default=1.0)
+    guard_max_length_fraction: float = _help("Stop when mean length exceeds this fraction of response_length... only if also no stop tokens.", default=1.01)
+    seed: int = _help("Random seed.", default=0)
+    output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+    def __post_init__(self):
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ConfigError(
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by ppo.num_minibatches ({self.num_minibatches})"
+            )
+        mb = self.rollout_batch_size // self.num_minibatches
+        if mb % self.micro_batch_size and self.micro_batch_size < mb:
+            raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide the minibatch size ({mb})")
+        if self.temperature <= 0:
+            raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
+        if self.advantage_estimator == "rloo" and self.rollout_batch_size % self.rloo_k:
+            raise ConfigError("ppo.rollout_batch_size must be divisible by ppo.rloo_k")
+
+
+@dataclass
+class SyntheticTask:
+    """The embedded synthetic task (reward_data.synthetic): generated data with a gold reward."""
+
+    enabled: bool = _help("Generate the synthetic task's data and evaluate against its gold reward.", default=False)
+    seed: int = _help("Seed of the generated data.", default=0)
+    num_sft: int = _help("SFT demonstrations.", default=2000)
+    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", default=4000)
+    num_ppo_prompts: int = _help("PPO training prompts.", default=2048)
+    num_eval_prompts: int = _help("Held-out evaluation prompts.", default=256)
+
+
+@dataclass
+class PipelineConfig:
+    """A staged recipe: SFT -> reward -> PPO on one base model."""
+
+    name: str = _help("Run name (default: the recipe file's stem).", default="")
+    seed: int = _help("Seed applied to every stage unless the stage sets its own.", default=0)
+    model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
+    task: SyntheticTask = _help("Embedded synthetic task (tiny default).", default_factory=SyntheticTask)
+    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
+    registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
+    sft: dict = _help("SFT stage settings (see SFTConfig); model/seed/output_dir are filled in.", default_factory=dict)
+    reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
+    ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# strict dict -> dataclass conversion
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def save_yaml(data: dict, path: str | Path) -> None:
+    """Write ``data`` as YAML atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,70 @@
+"""Reading stage inputs: SFT examples and PPO prompts from files, datasets or the data store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """Read rows from a local JSON/JSONL(.gz)/CSV/Parquet file, a ``load_from_disk`` directory,
+    or a hub dataset id (the same loader for all; hub ids need network access).
+
+    Raises:
+        FileNotFoundError: naming ``source`` when it is neither a file, a directory nor a hub id.
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        suffixes = "".join(path.suffixes[-2:]).lower()
+        if suffixes.endswith(".jsonl") or suffixes.endswith(".jsonl.gz") or suffixes.endswith(".json"):
+            builder = "json"
+        elif suffixes.endswith(".csv"):
+            builder = "csv"
+        elif suffixes.endswith(".parquet"):
+            builder = "parquet"
+        else:
+            raise ValueError(f"{source}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        return ds.to_list()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source}: no split {split!r} (splits: {list(ds)})")
+            ds = ds[split]
+        return ds.to_list()
+    if "/" in source and not source.startswith((".", "/")):
+        return datasets.load_dataset(source, split=split).to_list()
+    raise FileNotFoundError(f"dataset not found: {source}")
+
+
+def prompt_messages(row: dict, where: str) -> list[dict]:
+    """The prompt of a row as a message list (a plain string becomes one user turn)."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        return prompt
+    raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
+
+
+def load_prompts(source: str) -> list[list[dict]]:
+    """PPO prompts as message lists, from a file/dataset or a reward_data reference."""
+    path = Path(source)
+    if not path.exists() and not ("/" in source):
+        import reward_data
+
+        return [rec["prompt"] for rec in reward_data.read_split(source, "train")]
+    rows = load_rows(source)
+    return [prompt_messages(r, f"{source} row {i}") for i, r in enumerate(rows)]
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,412 @@
+"""Run a staged recipe: SFT -> reward model -> PPO, with caching, --from and --resume.
+
+The run directory (``runs/<recipe stem>`` by default) holds ``pipeline.json`` (each
+stage's status, fingerprint, inputs, outputs and final metrics), one folder per stage, and
+``summary.json``. A stage is skipped when it completed before with the same fingerprint: a
+hash of its resolved config and of its inputs (data file hashes and the fingerprints of
+the stages it consumes). Every config is validated before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.config import (
+    ConfigError,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from rlhf.stages.common import write_json
+
+STAGES = ("sft", "reward", "ppo")
+
+
+@dataclass
+class Plan:
+    """A validated pipeline: the recipe plus one resolved config per stage."""
+
+    recipe: Path
+    run_dir: Path
+    pipeline: PipelineConfig
+    sft: SFTConfig
+    reward: RewardConfig
+    ppo: PPOConfig
+    task_files: dict | None
+
+
+def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
+    data = dict(getattr(pipe, stage))
+    for key in ("model", "seed", "output_dir", "report_to"):
+        if key in data and key != "report_to":
+            raise ConfigError(f"{stage}.{key}: set it at the top level of the recipe, not per stage")
+    data["model"] = to_dict(pipe.model)
+    data["seed"] = pipe.seed
+    data["output_dir"] = str(run_dir / stage)
+    data.setdefault("report_to", list(pipe.report_to))
+    return data
+
+
+def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: list[str] = ()) -> Plan:
+    """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file."""
+    recipe = Path(recipe)
+    data = apply_overrides(load_yaml(recipe), list(overrides))
+    pipe = from_dict(PipelineConfig, data)
+    if not pipe.name:
+        pipe.name = recipe.stem
+    run_dir = Path(output_dir) if output_dir else Path("runs") / pipe.name
+    if pipe.model.name_or_path.startswith("builtin:") is False:
+        p = Path(pipe.model.name_or_path)
+        if (pipe.model.name_or_path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {p} is not a model directory (no config.json)")
+
+    task_files = None
+    stage_data = {s: _stage_dict(pipe, s, run_dir) for s in STAGES}
+    if pipe.task.enabled:
+        task_dir = run_dir / "task"
+        task_files = {k: str(task_dir / f"{k}.jsonl") for k in ("sft", "pairs", "ppo_prompts", "eval_prompts")}
+        stage_data["sft"].setdefault("dataset", task_files["sft"])
+        stage_data["reward"].setdefault("dataset", task_files["pairs"])
+        stage_data["ppo"].setdefault("prompts", task_files["ppo_prompts"])
+        stage_data["ppo"].setdefault("eval_prompts", task_files["eval_prompts"])
+    # The pipeline wires stage outputs into the next stages.
+    for key in ("sft_adapter", "reward_adapter"):
+        if key in stage_data["ppo"] or key in stage_data["reward"]:
+            raise ConfigError(f"{key}: set by the pipeline from the earlier stages; remove it from the recipe")
+    stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
+    stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
+
+    sft = from_dict(SFTConfig, stage_data["sft"], prefix="sft")
+    reward = from_dict(RewardConfig, stage_data["reward"], prefix="reward")
+    ppo = from_dict(PPOConfig, stage_data["ppo"], prefix="ppo")
+
+    # incompatible stage outputs: the reward LoRA starts from the SFT LoRA, so shapes must agree
+    if sft.finetune == "full":
+        raise ConfigError(
+            "sft.finetune: full fine-tuning in a pipeline is run as its own stage (`rlhf sft`), then used as "
+            "model.name_or_path of a LoRA pipeline; the one-base-many-adapters PPO needs a shared base"
+        )
+    for name, value in (("sft.dataset", sft.dataset), ("reward.dataset", reward.dataset),
+                        ("ppo.prompts", ppo.prompts)):
+        if not value:
+            raise ConfigError(f"{name}: required (or enable task for the synthetic data)")
+        if task_files is None and _looks_like_path(value) and not Path(value).exists():
+            raise ConfigError(f"{name}: file not found: {value}")
+    if ppo.eval_prompts and task_files is None and _looks_like_path(ppo.eval_prompts) and not Path(ppo.eval_prompts).exists():
+        raise ConfigError(f"ppo.eval_prompts: file not found: {ppo.eval_prompts}")
+    from rlhf.tracking import normalize_report_to
+
+    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo")):
+        try:
+            normalize_report_to(stage_cfg.report_to)
+        except ValueError as e:
+            raise ConfigError(f"{name}.report_to: {e}") from None
+    return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        return f"ref:{path}"
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _without_paths(cfg: dict) -> dict:
+    """Config used for fingerprints: the output dir and wiring paths are implied by the run dir."""
+    return {k: v for k, v in cfg.items() if k not in ("output_dir", "sft_adapter", "reward_adapter")}
+
+
+class Pipeline:
+    """Executes a Plan stage by stage, recording state in ``pipeline.json``."""
+
+    def __init__(self, p: Plan):
+        self.p = p
+        self.state_path = p.run_dir / "pipeline.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state.setdefault("name", p.pipeline.name)
+        self.state.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.state["recipe"] = str(p.recipe)
+        self.state.setdefault("stages", {})
+        self.state["registry_home"] = str(_registry_home(p.pipeline.registry_home))
+
+    def save(self) -> None:
+        write_json(self.state_path, self.state)
+
+    def fingerprints(self) -> dict[str, str]:
+        p = self.p
+        data_fp = {"sft": _file_hash(p.sft.dataset), "reward": _file_hash(p.reward.dataset),
+                   "ppo": [_file_hash(p.ppo.prompts), _file_hash(p.ppo.eval_prompts) if p.ppo.eval_prompts else None]}
+        sft = _fingerprint([_without_paths(to_dict(p.sft)), data_fp["sft"]])
+        reward = _fingerprint([_without_paths(to_dict(p.reward)), data_fp["reward"], sft])
+        ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft, reward])
+        return {"sft": sft, "reward": reward, "ppo": ppo}
+
+    def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
+        from rlhf.tracking import Tracker  # noqa: F401  (fail early if tracking is broken)
+
+        p = self.p
+        if from_stage is not None and from_stage not in STAGES:
+            raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGES)})")
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        if p.task_files is not None:
+            from reward_data.synthetic import SyntheticTaskConfig, write_task
+
+            t = p.pipeline.task
+            want = _fingerprint(to_dict(t))
+            if self.state.get("task_fingerprint") != want or not all(Path(f).exists() for f in p.task_files.values()):
+                write_task(Path(p.task_files["sft"]).parent, SyntheticTaskConfig(
+                    seed=t.seed, num_sft=t.num_sft, num_pairs=t.num_pairs, num_ppo_prompts=t.num_ppo_prompts,
+                    num_eval_prompts=t.num_eval_prompts))
+                self.state["task_fingerprint"] = want
+        fps = self.fingerprints()
+        forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+        registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register else None
+        gold = _gold_fn() if p.task_files is not None else None
+
+        for stage in STAGES:
+            st = self.state["stages"].get(stage, {})
+            cached = (st.get("status") == "completed" and st.get("fingerprint") == fps[stage]
+                      and stage not in forced and all(Path(v).exists() for v in st.get("dirs", {}).values()))
+            if cached:
+                print(f"[pipeline] {stage}: unchanged since its last run, skipped")
+                continue
+            stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in ("running", "failed")
+            self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage],
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.save()
+            print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
+            run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
+            try:
+                result = self._run_stage(stage, stage_resume, gold)
+            except BaseException:
+                self.state["stages"][stage]["status"] = "failed"
+                self.save()
+                if registry and run_ref:
+                    registry.finish_run(run_ref, "failed", {}, [])
+                raise
+            outputs, inputs = _register_outputs(registry, stage, result, self.state, run_ref, p.pipeline.name)
+            if registry and run_ref:
+                registry.finish_run(run_ref, "completed", _numbers(result["metrics"]), outputs=list(outputs.values()))
+            self.state["stages"][stage].update(
+                status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=_numbers(result["metrics"]),
+                dirs={k: v for k, v in result.items() if k in ("adapter", "policy", "value") and v},
+                outputs=outputs, inputs=inputs, run=run_ref,
+            )
+            self.save()
+        summary = self.summary(gold)
+        write_json(p.run_dir / "summary.json", summary)
+        return summary
+
+    def _run_stage(self, stage: str, resume: bool, gold) -> dict:
+        p = self.p
+        group = p.pipeline.name
+        if stage == "sft":
+            from rlhf.stages.sft import run_sft
+
+            return run_sft(p.sft, run_dir=p.run_dir, group=group, resume=resume)
+        if stage == "reward":
+            from rlhf.stages.reward import run_reward
+
+            return run_reward(p.reward, run_dir=p.run_dir, group=group, resume=resume)
+        from rlhf.stages.ppo import run_ppo
+
+        return run_ppo(p.ppo, run_dir=p.run_dir, group=group, resume=resume, gold_fn=gold)
+
+    def summary(self, gold) -> dict:
+        """Final numbers of the run (and the synthetic task's gold evaluation)."""
+        st = self.state["stages"]
+        sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in STAGES)
+        out = {
+            "sft_loss": sft_m.get("loss"),
+            "sft_eval_loss": sft_m.get("eval_loss"),
+            "rm_accuracy": rm_m.get("eval_accuracy"),
+            "rm_margin": rm_m.get("eval_margin"),
+            "reward_score_sft": ppo_m.get("initial/eval/score_mean"),
+            "reward_score_ppo": ppo_m.get("final/eval/score_mean"),
+            "kl_ppo_sft": ppo_m.get("final/eval/kl_mean"),
+            "kl_ppo_sft_se": ppo_m.get("final/eval/kl_se"),
+            "response_length_ppo": ppo_m.get("final/eval/length_mean"),
+        }
+        if gold is not None:
+            out.update(
+                gold_reward_sft=ppo_m.get("initial/eval/gold_mean"),
+                gold_reward_sft_se=ppo_m.get("initial/eval/gold_se"),
+                gold_reward_ppo=ppo_m.get("final/eval/gold_mean"),
+                gold_reward_ppo_se=ppo_m.get("final/eval/gold_se"),
+            )
+            out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
+            if out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed":
+                acc = gold_rm_accuracy(self.p, st["reward"]["dirs"]["adapter"])
+                st["reward"].setdefault("metrics", {})["gold_accuracy"] = acc
+                self.save()
+                out["rm_accuracy_gold"] = acc
+            if None not in (out["gold_reward_sft"], out["gold_reward_ppo"]):
+                diff = out["gold_reward_ppo"] - out["gold_reward_sft"]
+                se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
+                out["gold_improvement"] = diff
+                out["gold_improvement_in_se"] = diff / se if se > 0 else None
+        return out
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _gold_fn():
+    from reward_data.synthetic import gold_reward
+
+    return gold_reward
+
+
+def gold_rm_accuracy(p: Plan, reward_adapter: str, n_pairs: int = 512) -> float:
+    """Reward-model accuracy against the noiseless gold preference, on fresh held-out pairs
+    (drawn from the task's distribution with a seed no training file used)."""
+    import random
+
+    import torch
+
+    from reward_data.synthetic import gold_reward, sample_prompt, sample_response
+    from rlhf.adapters import RoleModel
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.stages.ppo import Rollout, last_token_scores, left_pad
+
+    rng = random.Random(p.pipeline.task.seed + 2_000_029)
+    base_path = resolve_base(p.pipeline.model.name_or_path, seed=p.pipeline.seed)
+    tok = load_tokenizer(base_path)
+    base = load_causal_lm(base_path, tok, dtype=p.pipeline.model.dtype)
+    model = RoleModel(base, None, reward_adapter)
+    model.eval()
+    correct = total = 0
+    pairs = []
+    while len(pairs) < n_pairs:
+        prompt = sample_prompt(rng)
+        a, b = sample_response(rng, prompt), sample_response(rng, prompt)
+        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        if ga != gb:
+            pairs.append((prompt, a, b, ga > gb))
+
+    def scores(texts: list[tuple[str, str]]) -> torch.Tensor:
+        seqs = []
+        for prompt, resp in texts:
+            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": resp}]
+            seqs.append(tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids)
+        ids, mask = left_pad(seqs, tok.pad_token_id, "cpu")
+        # the whole conversation as the "response": the score lands on its last real token
+        batch = Rollout(ids[:, :0], mask[:, :0], ids, mask.float(), torch.ones(len(seqs), dtype=torch.bool))
+        return last_token_scores(model, "reward", batch)
+
+    with torch.no_grad():
+        for s in range(0, len(pairs), 128):
+            chunk = pairs[s: s + 128]
+            sa = scores([(q, a) for q, a, _, _ in chunk])
+            sb = scores([(q, b) for q, _, b, _ in chunk])
+            for (_, _, _, a_better), x, y in zip(chunk, sa, sb):
+                correct += int((x > y).item() == a_better)
+                total += 1
+    return correct / total
+
+
+def _registry_home(home):
+    from rlhf.paths import rlhf_home
+
+    return rlhf_home(home)
+
+
+def _open_registry(home):
+    from rlhf.registry import Registry
+
+    return Registry.open(home=home)
+
+
+def _register_outputs(registry, stage: str, result: dict, state: dict, run_ref, pipeline_name: str):
+    """Register a stage's artifacts with lineage; returns ``(outputs, inputs)`` refs."""
+    if registry is None:
+        return {}, {}
+    stages = state["stages"]
+    base_ref = stages.get("_base_ref")
+    if base_ref is None:
+        base_ref = registry.register_base(_safe_name(Path(result["base"]).name), result["base"]).ref
+        stages["_base_ref"] = base_ref
+    name = _safe_name(pipeline_name)
+    if stage == "sft":
+        e = registry.register_adapter(f"{name}-sft", "sft", result["adapter"], base=base_ref, run=run_ref,
+                                      metadata={"metrics": _numbers(result["metrics"])})
+        return {"adapter": e.ref}, {"base": base_ref}
+    if stage == "reward":
+        ds = registry.register_dataset(_safe_name(result["dataset"].split(":")[0]), result["dataset_dir"]).ref
+        sft_ref = stages["sft"]["outputs"]["adapter"]
+        e = registry.register_adapter(f"{name}-reward", "reward", result["adapter"], base=base_ref,
+                                      parents=[sft_ref, ds], run=run_ref,
+                                      metadata={"metrics": _numbers(result["metrics"])})
+        return {"adapter": e.ref, "dataset": ds}, {"base": base_ref, "sft": sft_ref, "dataset": ds}
+    sft_ref = stages["sft"]["outputs"]["adapter"]
+    rm_ref = stages["reward"]["outputs"]["adapter"]
+    pol = registry.register_adapter(f"{name}-policy", "policy", result["policy"], base=base_ref,
+                                    parents=[sft_ref, rm_ref], run=run_ref, metadata={"metrics": _numbers(result["metrics"])})
+    outs = {"policy": pol.ref}
+    if Path(result["value"]).exists():
+        val = registry.register_adapter(f"{name}-value", "value", result["value"], base=base_ref,
+                                        parents=[rm_ref], run=run_ref)
+        outs["value"] = val.ref
+    return outs, {"base": base_ref, "sft": sft_ref, "reward": rm_ref}
+
+
+def _safe_name(s: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in s).strip("-.") or "run"
+    return cleaned[:100]
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    """Print what the run achieved as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(key: str, se_key: str | None = None) -> str:
+        v = summary.get(key)
+        if v is None:
+            return "-"
+        if se_key and summary.get(se_key) is not None:
+            return f"{v:.4f} ± {summary[se_key]:.4f}"
+        return f"{v:.4f}"
+
+    table = Table(title=f"rlhf run: {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("SFT loss (train, last logged)", fmt("sft_loss")),
+        ("SFT eval loss", fmt("sft_eval_loss")),
+        ("RM held-out accuracy (noisy labels)", fmt("rm_accuracy")),
+        ("RM accuracy vs noiseless gold", fmt("rm_accuracy_gold")),
+        ("gold reward, SFT policy (± s.e.)", fmt("gold_reward_sft", "gold_reward_sft_se")),
+        ("gold reward, PPO policy (± s.e.)", fmt("gold_reward_ppo", "gold_reward_ppo_se")),
+        ("gold improvement (in s.e. of the difference)", fmt("gold_improvement_in_se")),
+        ("RM score, SFT -> PPO", f"{fmt('reward_score_sft')} -> {fmt('reward_score_ppo')}"),
+        ("KL(PPO || SFT) per response (± s.e.)", fmt("kl_ppo_sft", "kl_ppo_sft_se")),
+    ]
+    for k, v in rows:
+        if v not in ("-", "- -> -"):
+            table.add_row(k, v)
+    Console().print(table)
+    print(f"summary written to {run_dir / 'summary.json'}")

@@ -1,0 +1,43 @@
+"""Pure tensor functions of PPO for RLHF: advantages, KL, whitening, losses.
+
+No I/O and no model code: everything here maps tensors to tensors, so each
+piece is unit-tested against hand-worked numbers (tests/unit/ppo) and the PPO
+loop in :mod:`rlhf.stages.ppo` reads as a sequence of these calls. Shapes use
+``batch`` (B) and ``response_len`` (T); ``mask`` is 1 on real response tokens
+(up to and including the stop token) and 0 on the padding after it.
+"""
+
+from rlhf.ppo.advantages import compute_gae, reinforce_pp_returns, rloo_advantages
+from rlhf.ppo.batching import ppo_minibatch_indices
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.ppo.logits import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf.ppo.rewards import (
+    apply_missing_stop_penalty,
+    first_stop_truncate,
+    last_token_index,
+    per_token_rewards,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "apply_missing_stop_penalty",
+    "compute_gae",
+    "entropy_from_logits",
+    "first_stop_truncate",
+    "kl_penalty",
+    "last_token_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "per_token_rewards",
+    "policy_loss",
+    "ppo_minibatch_indices",
+    "reinforce_pp_returns",
+    "rloo_advantages",
+    "value_loss",
+]

@@ -1,0 +1,142 @@
+"""Clipped PPO surrogate losses for the policy and the critic.
+
+Both losses are a masked *sum* divided by a ``normalizer`` that defaults to
+the number of real tokens. When one minibatch is split into micro-batches for
+gradient accumulation, the caller passes the token count of the whole
+minibatch as the normalizer of every micro-batch; the accumulated gradient is
+then exactly the gradient of the unsplit minibatch. Averaging per-micro-batch
+means instead weights tokens of short micro-batches more, a known source of
+divergence between accumulated and unaccumulated runs (the "gradient
+accumulation loss bug" fixed in transformers 4.46).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf.ppo.masked import masked_mean, masked_sum
+
+__all__ = ["policy_loss", "value_loss"]
+
+
+def _zero_padding(x: Tensor, real: Tensor) -> Tensor:
+    return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _normalise(total: Tensor, mask: Tensor, normalizer: float | Tensor | None) -> Tensor:
+    if normalizer is None:
+        normalizer = mask.bool().sum()
+    return total / normalizer
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017), token level.
+
+    Per token, with ``ratio = exp(logprobs - old_logprobs)``:
+    ``pg = max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))``. Once the ratio
+    has moved past the clip boundary in the direction the advantage favours,
+    the clipped branch is the max and is constant in the ratio, so that token
+    stops contributing gradient.
+
+    Args:
+        logprobs: current policy log-probabilities ``(batch, response_len)``,
+            with gradient.
+        old_logprobs: log-probabilities at rollout time ``(batch, response_len)``
+            (treated as constants).
+        advantages: ``(batch, response_len)`` (constants; usually whitened).
+        mask: ``(batch, response_len)``, 1 on real tokens, 0 on padding.
+        clip_range: c, 0.2 in the references.
+        normalizer: divisor of the masked sum; defaults to the number of real
+            tokens in ``mask``. Pass the token count of the whole minibatch
+            when accumulating micro-batches.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss, and detached scalar tensors
+        ``clipfrac`` (fraction of real tokens where the clipped branch is
+        strictly larger, i.e. active), ``approxkl``
+        (``0.5 * mean((logprobs - old_logprobs)^2)``, the k2 estimator of
+        KL(old || new) used by the references to monitor the update) and
+        ``ratio_mean``. Stats are means over the real tokens of this call.
+    """
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
+        raise ValueError(
+            f"policy_loss inputs must share one (batch, response_len) shape; got logprobs "
+            f"{tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, advantages "
+            f"{tuple(advantages.shape)}, mask {tuple(mask.shape)}"
+        )
+    # Padding may hold junk (exp of a large junk log-ratio is inf, and inf times
+    # a zero gradient is nan in backward), so zero every input there first.
+    real = mask.bool()
+    logprobs = _zero_padding(logprobs, real)
+    old_logprobs = _zero_padding(old_logprobs.detach(), real)
+    advantages = _zero_padding(advantages.detach(), real)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    loss = _normalise(masked_sum(pg, mask), mask, normalizer)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(pg.dtype), mask),
+            "approxkl": 0.5 * masked_mean(log_ratio.square(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    normalizer: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss, as in the PPO references for RLHF.
+
+    ``0.5 * max((v - R)^2, (clip(v, V_old - c, V_old + c) - R)^2)`` per token:
+    the critic is not rewarded for moving more than ``c`` from its rollout-time
+    prediction (N+ paper, arXiv 2403.17031, value clipping detail).
+
+    Args:
+        values: current critic values ``(batch, response_len)``, with gradient.
+        old_values: critic values at rollout time ``(batch, response_len)``.
+        returns: regression targets ``(batch, response_len)`` from
+            :func:`rlhf.ppo.compute_gae`.
+        mask: ``(batch, response_len)``, 1 on real tokens, 0 on padding.
+        clip_range: c, 0.2 in the references.
+        normalizer: divisor of the masked sum; defaults to the number of real
+            tokens. Pass the minibatch token count when accumulating.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and ``{"vf_clipfrac": ...}``, the
+        detached fraction of real tokens where the clipped term is strictly
+        larger.
+    """
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError(
+            f"value_loss inputs must share one (batch, response_len) shape; got values "
+            f"{tuple(values.shape)}, old_values {tuple(old_values.shape)}, returns "
+            f"{tuple(returns.shape)}, mask {tuple(mask.shape)}"
+        )
+    real = mask.bool()
+    values = _zero_padding(values, real)
+    old_values = _zero_padding(old_values.detach(), real)
+    returns = _zero_padding(returns.detach(), real)
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    vf_unclipped = (values - returns).square()
+    vf_clipped = (values_clipped - returns).square()
+    vf = 0.5 * torch.maximum(vf_unclipped, vf_clipped)
+    loss = _normalise(masked_sum(vf, mask), mask, normalizer)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_clipped > vf_unclipped).to(vf.dtype), mask)
+    return loss, {"vf_clipfrac": vf_clipfrac.detach()}

@@ -1,0 +1,110 @@
+"""Stage 1: supervised fine-tuning with TRL's SFTTrainer (LoRA by default).
+
+Reads prompt-completion (or messages) examples, applies the tokenizer's chat template and
+trains on completion tokens only. Writes ``<output_dir>/adapter`` (peft safetensors, or
+``<output_dir>/model`` for full fine-tuning) with the resolved config beside it.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+from rlhf.config import SFTConfig, save_yaml, to_dict
+from rlhf.stages.common import (
+    filter_supported,
+    final_log_value,
+    last_checkpoint,
+    peft_lora_config,
+    publish_dir,
+    trl_training_kwargs,
+    write_json,
+)
+
+
+def _examples(cfg: SFTConfig) -> list[dict]:
+    from rlhf.data import load_rows
+
+    rows = load_rows(cfg.dataset, cfg.dataset_split)
+    if not rows:
+        raise ValueError(f"sft.dataset {cfg.dataset}: no rows")
+    keys = set(rows[0])
+    if {"prompt", "completion"} <= keys:
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    if "messages" in keys:
+        return [{"messages": r["messages"]} for r in rows]
+    raise ValueError(
+        f"sft.dataset {cfg.dataset}: rows need 'prompt' and 'completion' (or 'messages'); found {sorted(keys)}"
+    )
+
+
+def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "sft", group: str | None = None,
+            resume: bool = False) -> dict:
+    """Train the SFT stage and return ``{"adapter": dir, "model": dir|None, "metrics": {...}}``."""
+    import datasets
+    from trl import SFTConfig as TRLSFTConfig, SFTTrainer
+
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.tracking import Tracker
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(to_dict(cfg), out / "config.yaml")
+
+    # 1. data: deterministic held-out split for eval loss
+    rows = _examples(cfg)
+    random.Random(cfg.seed).shuffle(rows)
+    n_eval = int(len(rows) * cfg.eval_fraction)
+    train_ds = datasets.Dataset.from_list(rows[n_eval:])
+    eval_ds = datasets.Dataset.from_list(rows[:n_eval]) if n_eval else None
+
+    # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base)
+    base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
+    model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                           trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation)
+
+    # 3. train; completion_only_loss masks the prompt tokens out of the loss
+    kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=eval_ds is not None)
+    kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token,
+              pad_token=tok.pad_token)
+    args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
+    tracker = Tracker(run_dir or out.parent, stage_name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+                      refs={"base": base})
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
+        callbacks=[tracker.callback()],
+    )
+    ckpt = last_checkpoint(out) if resume else None
+    trainer.train(resume_from_checkpoint=ckpt)
+    metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
+    metrics["loss"] = final_log_value(trainer.state.log_history, "loss")
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = float(ev["eval_loss"])
+        tracker.log({"eval_loss": metrics["eval_loss"]}, step=trainer.state.global_step)
+    tracker.finish()
+
+    # 4. publish the artifact atomically: adapter (LoRA) or whole model (full)
+    kind = "adapter" if cfg.finetune == "lora" else "model"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=out))
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    if kind == "model":
+        tok.save_pretrained(tmp)
+    save_yaml(to_dict(cfg), tmp / "config.yaml")
+    write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base": base, "finetune": cfg.finetune})
+    publish_dir(tmp, out / kind)
+    write_json(out / "metrics.json", metrics)
+    return {
+        "adapter": str(out / "adapter") if kind == "adapter" else None,
+        "model": str(out / "model") if kind == "model" else None,
+        "base": base,
+        "metrics": metrics,
+    }

@@ -1,0 +1,477 @@
+"""Experiment tracking: local JSONL files always, wandb / TensorBoard / trackio on request.
+
+Every stage writes its curves and sample completions into the pipeline run directory,
+which is what ``rlhf dashboard`` and ``rlhf report`` read::
+
+    <run_dir>/<stage>/metrics.jsonl   {"step": int, "time": float, "<metric>": float, ...} per line
+    <run_dir>/<stage>/samples.jsonl   {"step": int, "prompt": str, "completion": str, "score": float, "gold": float|null}
+
+The local files are the source of truth and need no network. Remote trackers are extras that
+must never stop a training run: wandb without credentials logs offline (and says how to sync
+later), and a wandb start-up failure degrades to offline, then to off, with a warning.
+
+Typical use inside a stage::
+
+    tracker = Tracker(run_dir, "ppo", config=resolved, report_to=["local", "wandb"],
+                      group=run_name, refs={"base": base_ref, "sft": sft_ref})
+    for step in progress(range(total_steps), desc="ppo"):
+        ...
+        tracker.log({"reward/score_mean": 0.3, "kl/mean": 0.01}, step=step)
+    tracker.finish()
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import netrc
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+import rlhf
+
+__all__ = ["REPORT_TO_CHOICES", "Tracker", "progress", "normalize_report_to"]
+
+#: Tracker names accepted in a recipe's ``report_to``. "local" is always on.
+REPORT_TO_CHOICES = ("local", "wandb", "tensorboard", "trackio")
+
+# Columns of one sample-completion row, in the order tables show them.
+SAMPLE_COLUMNS = ("step", "prompt", "completion", "score", "gold")
+
+# The host wandb stores its API key under in ~/.netrc after `wandb login`.
+_WANDB_NETRC_HOSTS = ("api.wandb.ai",)
+
+
+def progress(
+    iterable: Iterable | None = None,
+    total: int | float | None = None,
+    desc: str | None = None,
+    **kwargs: Any,
+) -> tqdm:
+    """A progress bar with rate and ETA on a terminal, silent when stderr is not a TTY.
+
+    ``disable=None`` is tqdm's "auto" mode: the bar turns itself off when its output stream
+    is not a terminal, so CI logs and redirected output stay free of carriage-return noise.
+
+    Args:
+        iterable: What to iterate over; leave out and call ``.update(n)`` for manual bars.
+        total: Number of expected items (taken from ``len(iterable)`` when possible).
+        desc: Short label shown before the bar, e.g. ``"ppo rollouts"``.
+        **kwargs: Passed to ``tqdm`` (e.g. ``unit="sample"``, ``leave=False``, ``file=...``);
+            they override the defaults here.
+
+    Returns:
+        A ``tqdm`` instance usable as an iterator and as a context manager.
+    """
+    options: dict[str, Any] = {
+        "disable": None,
+        "dynamic_ncols": True,
+        "file": sys.stderr,
+        # tqdm's default layout already carries elapsed<remaining (the ETA) and the rate;
+        # spelled out here so the contract does not depend on tqdm's defaults.
+        "bar_format": "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    }
+    if total is None and iterable is not None and not hasattr(iterable, "__len__"):
+        # Unknown length: percentage and ETA cannot exist, keep count, elapsed time and rate.
+        options["bar_format"] = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+    options.update(kwargs)
+    return tqdm(iterable, total=total, desc=desc, **options)
+
+
+def normalize_report_to(report_to: str | Sequence[str] | None) -> list[str]:
+    """Validate a ``report_to`` setting and return it as a list that always holds "local".
+
+    Accepts a list, a single name, a comma-separated string, or None / "none" (local only).
+
+    Raises:
+        ValueError: if a name is not one of :data:`REPORT_TO_CHOICES`.
+    """
+    if report_to is None:
+        names: list[str] = []
+    elif isinstance(report_to, str):
+        names = [part.strip() for part in report_to.split(",") if part.strip()]
+    else:
+        names = [str(part).strip() for part in report_to]
+    result = ["local"]
+    for name in names:
+        if name in ("none", ""):
+            continue
+        if name not in REPORT_TO_CHOICES:
+            raise ValueError(
+                f"report_to: unknown tracker {name!r}; choose from {', '.join(REPORT_TO_CHOICES)}"
+            )
+        if name not in result:
+            result.append(name)
+    return result
+
+
+def _scalar(value: Any) -> float | None:
+    """Return ``value`` as a float if it is a real number (incl. 0-d tensors/arrays), else None."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        try:
+            out = item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if isinstance(out, (int, float)):
+            return float(out)
+    return None
+
+
+def _json_number(value: float) -> float | None:
+    # JSON has no NaN/Infinity and browsers' JSON.parse rejects them; a null keeps the row.
+    return value if math.isfinite(value) else None
+
+
+def _version_at_least(version: str, minimum: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) >= Version(minimum)
+    except InvalidVersion:
+        return True
+
+
+def _wandb_has_credentials() -> bool:
+    """True if wandb could authenticate: an API key in the environment or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    candidates = [os.environ.get("NETRC"), str(Path.home() / ".netrc"), str(Path.home() / "_netrc")]
+    base_url = os.environ.get("WANDB_BASE_URL", "")
+    hosts = list(_WANDB_NETRC_HOSTS)
+    if base_url:
+        hosts.append(base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0])
+    for path in candidates:
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            parsed = netrc.netrc(path)
+        except (netrc.NetrcParseError, OSError):
+            continue
+        for host in hosts:
+            auth = parsed.authenticators(host)
+            if auth and auth[2]:
+                return True
+    return False
+
+
+class Tracker:
+    """Log one stage's metrics and sample completions locally and to the chosen trackers.
+
+    Args:
+        run_dir: The pipeline run directory; files go to ``<run_dir>/<stage>/``.
+        stage: Stage name ("sft", "reward", "ppo", ...); the wandb run name and job type.
+        config: The stage's fully resolved config, logged to every remote tracker.
+        report_to: Trackers to use, from :data:`REPORT_TO_CHOICES`; "local" is always on.
+        group: The pipeline run name: one wandb group / trackio group per pipeline run.
+            Defaults to the ``name`` in ``<run_dir>/pipeline.json``, else the directory name.
+        refs: Registry references this stage used or produced (base model, adapters,
+            dataset versions), logged with the config so a run can be traced to its inputs.
+        is_main_process: Only the main process of a distributed run logs; on the others
+            every method is a no-op and nothing is written.
+
+    Raises:
+        ValueError: for an unknown tracker name in ``report_to``.
+        ImportError: when "tensorboard" or "trackio" is requested but its package is missing.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        stage: str,
+        *,
+        config: Mapping[str, Any],
+        report_to: str | Sequence[str] | None = ("local",),
+        group: str | None = None,
+        refs: Mapping[str, str] | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.report_to = normalize_report_to(report_to)
+        self.refs = dict(refs or {})
+        self.config = dict(config)
+        self.enabled = bool(is_main_process)
+        self.group = group or self._default_group()
+        self.stage_dir = self.run_dir / stage
+        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self.samples_path = self.stage_dir / "samples.jsonl"
+        self.wandb_run: Any = None
+        self.wandb_sync_dir: Path | None = None
+        self._wandb: Any = None
+        self._tb_writer: Any = None
+        self._trackio: Any = None
+        self._trackio_run: Any = None
+        self._finished = False
+        if not self.enabled:
+            return
+        # Fail on a missing optional package before creating anything, so the error comes
+        # at start-up and not after the first training step.
+        if "tensorboard" in self.report_to:
+            self._tb_writer = self._open_tensorboard()
+        if "trackio" in self.report_to:
+            self._open_trackio()
+        if "wandb" in self.report_to:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError(
+                    "report_to includes 'wandb' but the 'wandb' package is not installed; "
+                    "install it with: pip install 'rlhf[wandb]'"
+                ) from err
+            self._wandb = wandb
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        # Append mode: a resumed stage continues its curves instead of erasing them.
+        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        self._samples_file = open(self.samples_path, "a", encoding="utf-8")
+        if "wandb" in self.report_to:
+            self._open_wandb()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _default_group(self) -> str:
+        pipeline_json = self.run_dir / "pipeline.json"
+        try:
+            name = json.loads(pipeline_json.read_text(encoding="utf-8")).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        return str(name) if name else self.run_dir.resolve().name
+
+    def _remote_config(self) -> dict[str, Any]:
+        return {**self.config, "refs": self.refs, "stage": self.stage, "rlhf_version": rlhf.__version__}
+
+    def _open_tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # torch present but the tensorboard package is not
+            raise ImportError(
+                "report_to includes 'tensorboard' but the 'tensorboard' package is not installed; "
+                "install it with: pip install 'rlhf[tensorboard]'"
+            ) from err
+        writer = SummaryWriter(log_dir=str(self.stage_dir / "tensorboard"))
+        writer.add_text("config", "```\n" + json.dumps(self._remote_config(), indent=2, default=str) + "\n```", 0)
+        return writer
+
+    def _open_trackio(self) -> None:
+        try:
+            self._trackio = importlib.import_module("trackio")
+        except ImportError as err:
+            raise ImportError(
+                "report_to includes 'trackio' but the 'trackio' package is not installed; "
+                "install it with: pip install trackio"
+            ) from err
+        self._trackio_run = self._trackio.init(
+            project="rlhf", name=f"{self.group}/{self.stage}", group=self.group, config=self._remote_config()
+        )
+
+    def _open_wandb(self) -> None:
+        """Start a wandb run; never raises, never waits long for a network that is not there."""
+        wandb = self._wandb
+        mode = os.environ.get("WANDB_MODE", "").strip().lower() or None
+        if mode in ("disabled", "dryrun"):
+            mode = "disabled" if mode == "disabled" else "offline"
+        if mode not in ("offline", "disabled") and not _wandb_has_credentials():
+            mode = "offline"
+        wandb_dir = os.environ.get("WANDB_DIR") or str(self.run_dir)
+        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+        kwargs = dict(
+            project=os.environ.get("WANDB_PROJECT", "rlhf"),
+            group=self.group,
+            name=self.stage,
+            job_type=self.stage,
+            config=self._remote_config(),
+            dir=wandb_dir,
+            # Each stage is its own run even if an earlier stage's run was left open;
+            # "create_new" exists from wandb 0.19.10, older releases spell it True.
+            reinit="create_new" if _version_at_least(getattr(wandb, "__version__", "0"), "0.19.10") else True,
+        )
+        # Try the requested mode, then offline, then give up on wandb: the local files
+        # still hold everything, so a tracker outage must not cost a training run.
+        attempts = [mode] if mode in ("offline", "disabled") else [mode, "offline"]
+        for attempt in attempts:
+            try:
+                settings = wandb.Settings(init_timeout=30, silent=attempt == "offline")
+                self.wandb_run = wandb.init(mode=attempt, settings=settings, **kwargs)
+                break
+            except Exception as err:  # wandb raises many types (CommError, UsageError, timeouts)
+                warnings.warn(
+                    f"wandb: could not start the {self.stage!r} run in {attempt or 'online'} mode "
+                    f"({type(err).__name__}: {err}); "
+                    + ("retrying offline" if attempt != "offline" else "wandb logging is off for this stage"),
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.wandb_run = None
+        if self.wandb_run is None:
+            return
+        try:
+            # An explicit x-axis keeps curves right even if a resumed stage logs a step that
+            # wandb's own monotonic step counter would drop.
+            self.wandb_run.define_metric("trainer/step")
+            self.wandb_run.define_metric("*", step_metric="trainer/step")
+        except Exception as err:
+            warnings.warn(f"wandb: define_metric failed ({err}); using wandb's own step", RuntimeWarning, stacklevel=3)
+        run_dir_attr = getattr(self.wandb_run, "dir", None)
+        offline = attempt == "offline" or getattr(self.wandb_run, "offline", False) is True
+        if offline and attempt != "disabled" and run_dir_attr:
+            # run.dir is ".../wandb/offline-run-<time>-<id>/files"; `wandb sync` wants its parent.
+            self.wandb_sync_dir = Path(run_dir_attr).parent
+            print(
+                f"wandb: logging offline (no credentials or no network); upload later with: "
+                f"wandb sync {self.wandb_sync_dir}",
+                file=sys.stderr,
+            )
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Record one step's scalar metrics.
+
+        Non-numeric values are ignored (TRL logs strings now and then); numbers that are not
+        finite are stored as null in the JSONL file.
+
+        Args:
+            metrics: Metric name -> number (Python, numpy or 0-d torch scalars).
+            step: Global step the numbers belong to (optimizer steps for SFT/RM, PPO iterations).
+        """
+        if not self.enabled:
+            return
+        self._check_open()
+        clean: dict[str, float] = {}
+        for key, value in metrics.items():
+            number = _scalar(value)
+            if number is not None and key not in ("step", "time"):
+                clean[str(key)] = number
+        if not clean:
+            return
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        record.update({key: _json_number(value) for key, value in clean.items()})
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self.wandb_run is not None:
+            self._wandb_call(self.wandb_run.log, {**clean, "trainer/step": int(step)})
+        if self._tb_writer is not None:
+            for key, value in clean.items():
+                self._tb_writer.add_scalar(key, value, int(step))
+        if self._trackio_run is not None:
+            self._trackio.log(clean, step=int(step))
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Record sample completions generated at ``step``.
+
+        Each call makes a new wandb table under ``samples/step_<step>`` so that earlier tables
+        stay visible: completions over training are the point.
+
+        Args:
+            step: Global step the completions were generated at.
+            rows: Dicts with "prompt", "completion", "score" and optionally "gold".
+        """
+        if not self.enabled:
+            return
+        self._check_open()
+        table_rows = []
+        for index, row in enumerate(rows):
+            if "prompt" not in row or "completion" not in row:
+                raise ValueError(
+                    f"log_samples(step={step}): row {index} lacks 'prompt' or 'completion' (keys: {sorted(row)})"
+                )
+            score = _scalar(row.get("score"))
+            gold = _scalar(row.get("gold"))
+            record = {
+                "step": int(step),
+                "prompt": str(row["prompt"]),
+                "completion": str(row["completion"]),
+                "score": None if score is None else _json_number(score),
+                "gold": None if gold is None else _json_number(gold),
+            }
+            self._samples_file.write(json.dumps(record) + "\n")
+            table_rows.append([record[column] for column in SAMPLE_COLUMNS])
+        self._samples_file.flush()
+        key = f"samples/step_{int(step)}"
+        if self.wandb_run is not None:
+            table = self._wandb.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)
+            self._wandb_call(self.wandb_run.log, {key: table, "trainer/step": int(step)})
+        if self._tb_writer is not None:
+            self._tb_writer.add_text(key, _markdown_table(table_rows), int(step))
+        if self._trackio_run is not None and hasattr(self._trackio, "Table"):
+            self._trackio.log({key: self._trackio.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)}, step=int(step))
+
+    def callback(self) -> Any:
+        """A ``transformers.TrainerCallback`` that forwards the trainer's logs to this tracker.
+
+        Use with TRL's SFTTrainer / RewardTrainer and ``report_to="none"`` in their args:
+        train logs ("loss", "learning_rate", "grad_norm", ...) and eval logs ("eval_loss",
+        "eval_accuracy", ...) arrive through ``on_log`` and are logged at ``state.global_step``.
+        """
+        from transformers import TrainerCallback
+
+        tracker = self
+
+        class _TrackerCallback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102 (transformers hook)
+                if logs:
+                    tracker.log(logs, step=state.global_step)
+
+        return _TrackerCallback()
+
+    def finish(self) -> None:
+        """Close files and remote runs. Safe to call twice."""
+        if not self.enabled or self._finished:
+            return
+        self._finished = True
+        self._metrics_file.close()
+        self._samples_file.close()
+        if self.wandb_run is not None:
+            self._wandb_call(self.wandb_run.finish)
+            self.wandb_run = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+        if self._trackio_run is not None:
+            self._trackio.finish()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.finish()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"Tracker for stage {self.stage!r} in {self.run_dir} is already finished")
+
+    def _wandb_call(self, fn: Any, *args: Any) -> None:
+        # wandb talks to a background service; if that dies mid-run, warn once and stop using it.
+        try:
+            fn(*args)
+        except Exception as err:
+            warnings.warn(
+                f"wandb: {getattr(fn, '__name__', 'call')} failed ({type(err).__name__}: {err}); "
+                "wandb logging is off for the rest of this stage, local files continue",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.wandb_run = None
+
+
+def _markdown_table(rows: list[list[Any]]) -> str:
+    """Rows of SAMPLE_COLUMNS as a Markdown table (TensorBoard's text plugin renders Markdown)."""
+
+    def cell(value: Any) -> str:
+        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

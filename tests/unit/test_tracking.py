@@ -1,0 +1,353 @@
+"""Tracker: local JSONL always, wandb (real offline run and a recording fake), TensorBoard,
+trackio (fake), the TRL/transformers callback, non-main processes, and the progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlhf
+from rlhf.tracking import Tracker, normalize_report_to, progress
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    """A home without ~/.netrc and an environment without an API key or forced mode."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb module and records what the tracker asks of it."""
+
+    class Settings(dict):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    def __init__(self, fail_modes=()):
+        super().__init__("wandb")
+        self.fail_modes = set(fail_modes)
+        self.inits: list[dict] = []
+        self.logged: list[dict] = []
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        if kwargs["mode"] in self.fail_modes:
+            raise ConnectionError(f"no route to host ({kwargs['mode']})")
+        module = self
+
+        class Run:
+            dir = str(Path(kwargs["dir"]) / "wandb" / "offline-run-x" / "files")
+            offline = kwargs["mode"] == "offline"
+
+            def define_metric(self, *args, **kw):
+                pass
+
+            def log(self, data):
+                module.logged.append(data)
+
+            def finish(self):
+                module.finished += 1
+
+        return Run()
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch, no_wandb_credentials):
+    module = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return module
+
+
+def test_local_metrics_and_samples_are_appended_line_by_line(tmp_path):
+    tracker = Tracker(tmp_path / "run", "ppo", config={"lr": 1e-5})
+    tracker.log({"kl/mean": torch.tensor(0.25), "reward/score_mean": 1, "note": "text", "bad": math.nan}, step=3)
+    # Flushed per line: readable before finish(), as the dashboard reads running stages.
+    (row,) = _lines(tmp_path / "run" / "ppo" / "metrics.jsonl")
+    assert row["step"] == 3 and row["kl/mean"] == 0.25 and row["reward/score_mean"] == 1.0
+    assert row["bad"] is None and "note" not in row and isinstance(row["time"], float)
+
+    tracker.log_samples(3, [{"prompt": "2+2=", "completion": "4", "score": 0.9, "gold": 1.0}, {"prompt": "a", "completion": "b", "score": torch.tensor(-0.5)}])
+    tracker.log({"kl/mean": 0.5}, step=4)
+    tracker.finish()
+    tracker.finish()  # twice is fine
+    assert [r["step"] for r in _lines(tmp_path / "run" / "ppo" / "metrics.jsonl")] == [3, 4]
+    samples = _lines(tmp_path / "run" / "ppo" / "samples.jsonl")
+    assert samples == [
+        {"step": 3, "prompt": "2+2=", "completion": "4", "score": 0.9, "gold": 1.0},
+        {"step": 3, "prompt": "a", "completion": "b", "score": -0.5, "gold": None},
+    ]
+    with pytest.raises(RuntimeError, match="already finished"):
+        tracker.log({"x": 1.0}, step=5)
+
+    # A resumed stage appends instead of erasing the curve.
+    with Tracker(tmp_path / "run", "ppo", config={}) as again:
+        again.log({"kl/mean": 0.75}, step=5)
+    assert [r["step"] for r in _lines(tmp_path / "run" / "ppo" / "metrics.jsonl")] == [3, 4, 5]
+
+
+def test_bad_sample_row_names_the_row(tmp_path):
+    tracker = Tracker(tmp_path, "ppo", config={})
+    with pytest.raises(ValueError, match=r"row 1 lacks 'prompt' or 'completion'"):
+        tracker.log_samples(0, [{"prompt": "p", "completion": "c"}, {"prompt": "p"}])
+
+
+def test_report_to_validation():
+    assert normalize_report_to(None) == ["local"]
+    assert normalize_report_to("none") == ["local"]
+    assert normalize_report_to("wandb,tensorboard") == ["local", "wandb", "tensorboard"]
+    assert normalize_report_to(["tensorboard", "local", "tensorboard"]) == ["local", "tensorboard"]
+    with pytest.raises(ValueError, match="unknown tracker 'mlflow'"):
+        normalize_report_to(["mlflow"])
+
+
+def test_callback_forwards_real_trainer_logs(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+    rows = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    tracker = Tracker(tmp_path / "run", "sft", config={})
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=rows, eval_dataset=rows[:4], callbacks=[tracker.callback()])
+    trainer.train()
+    tracker.finish()
+    logged = _lines(tmp_path / "run" / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
+    assert all("learning_rate" in r and "grad_norm" in r for r in logged if "loss" in r)
+
+
+def test_callback_uses_global_step(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    tracker = Tracker(tmp_path, "reward", config={})
+    state = TrainerState()
+    state.global_step = 7
+    tracker.callback().on_log(TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none"), state, TrainerControl(), logs={"eval_accuracy": 0.75, "eval_margin": 1.5})
+    tracker.finish()
+    (row,) = _lines(tmp_path / "reward" / "metrics.jsonl")
+    assert (row["step"], row["eval_accuracy"], row["eval_margin"]) == (7, 0.75, 1.5)
+
+
+def test_wandb_real_offline_run_without_credentials(tmp_path, no_wandb_credentials, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "pipeline.json").write_text(json.dumps({"name": "tiny-run", "stages": {}}))
+    tracker = Tracker(run_dir, "ppo", config={"lr": 1e-5}, report_to=["wandb"], refs={"base": "base/tiny:v1"})
+    assert tracker.group == "tiny-run"
+    for step in (0, 5):
+        tracker.log({"kl/mean": 0.1 * step}, step=step)
+        tracker.log_samples(step, [{"prompt": "p", "completion": f"c{step}", "score": float(step), "gold": None}])
+    tracker.finish()
+
+    err = capsys.readouterr().err
+    assert f"wandb sync {tracker.wandb_sync_dir}" in err
+    assert tracker.wandb_sync_dir.name.startswith("offline-run-") and tracker.wandb_sync_dir.parent == run_dir / "wandb"
+    # One table file per evaluation step: the later one did not replace the earlier one.
+    tables = sorted((tracker.wandb_sync_dir / "files" / "media" / "table" / "samples").glob("step_*.table.json"))
+    assert [p.name.split("_")[1] for p in tables] == ["0", "5"]
+    contents = [json.loads(p.read_text()) for p in tables]
+    assert contents[0]["columns"] == ["step", "prompt", "completion", "score", "gold"]
+    assert [c["data"][0][2] for c in contents] == ["c0", "c5"]
+    assert len(_lines(run_dir / "ppo" / "metrics.jsonl")) == 2
+
+
+def test_wandb_init_arguments_and_tables_per_step(tmp_path, fake_wandb, capsys):
+    tracker = Tracker(
+        tmp_path / "run",
+        "reward",
+        config={"lr": 2e-5},
+        report_to=["wandb"],
+        group="exp-7",
+        refs={"base": "base/tiny:v1", "dataset": "data/prefs:v3"},
+    )
+    (init,) = fake_wandb.inits
+    assert init["mode"] == "offline"  # no key, no netrc
+    assert (init["group"], init["name"], init["job_type"]) == ("exp-7", "reward", "reward")
+    assert init["config"]["lr"] == 2e-5 and init["config"]["rlhf_version"] == rlhf.__version__
+    assert init["config"]["refs"] == {"base": "base/tiny:v1", "dataset": "data/prefs:v3"}
+    assert init["dir"] == str(tmp_path / "run")
+    assert "wandb sync" in capsys.readouterr().err
+
+    tracker.log({"loss": 0.5}, step=1)
+    tracker.log_samples(2, [{"prompt": "p", "completion": "c", "score": 1.0}])
+    tracker.log_samples(4, [{"prompt": "p", "completion": "d", "score": 2.0}])
+    tracker.finish()
+    assert fake_wandb.logged[0] == {"loss": 0.5, "trainer/step": 1}
+    table_keys = [key for entry in fake_wandb.logged for key in entry if key.startswith("samples/")]
+    assert table_keys == ["samples/step_2", "samples/step_4"]
+    assert fake_wandb.logged[2]["samples/step_4"].data == [[4, "p", "d", 2.0, None]]
+    assert fake_wandb.finished == 1
+
+
+def test_wandb_with_netrc_credentials_tries_online(tmp_path, fake_wandb, no_wandb_credentials):
+    netrc = no_wandb_credentials / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc.chmod(0o600)
+    Tracker(tmp_path, "sft", config={}, report_to=["wandb"]).finish()
+    assert fake_wandb.inits[0]["mode"] is None  # wandb's own default (online)
+
+
+def test_wandb_network_failure_falls_back_and_never_raises(tmp_path, monkeypatch, no_wandb_credentials):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    flaky = FakeWandb(fail_modes={None})
+    monkeypatch.setitem(sys.modules, "wandb", flaky)
+    with pytest.warns(RuntimeWarning, match="retrying offline"):
+        tracker = Tracker(tmp_path, "ppo", config={}, report_to=["wandb"])
+    assert [i["mode"] for i in flaky.inits] == [None, "offline"]
+    assert tracker.wandb_run is not None
+    tracker.finish()
+
+    broken = FakeWandb(fail_modes={None, "offline"})
+    monkeypatch.setitem(sys.modules, "wandb", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(tmp_path, "ppo2", config={}, report_to=["wandb"])
+    messages = [str(w.message) for w in caught]
+    assert any("retrying offline" in m for m in messages) and "wandb logging is off" in messages[-1]
+    assert tracker.wandb_run is None
+    tracker.log({"loss": 1.0}, step=0)  # local logging carries on
+    tracker.finish()
+    assert _lines(tmp_path / "ppo2" / "metrics.jsonl")[0]["loss"] == 1.0
+
+
+def test_wandb_failure_while_logging_is_a_warning(tmp_path, fake_wandb):
+    tracker = Tracker(tmp_path, "ppo", config={}, report_to=["wandb"])
+
+    def broken_log(data):
+        raise OSError("service went away")
+
+    tracker.wandb_run.log = broken_log
+    with pytest.warns(RuntimeWarning, match="service went away"):
+        tracker.log({"loss": 1.0}, step=0)
+    tracker.log({"loss": 0.5}, step=1)
+    tracker.finish()
+    assert [r["loss"] for r in _lines(tmp_path / "ppo" / "metrics.jsonl")] == [1.0, 0.5]
+
+
+def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = Tracker(tmp_path, "sft", config={"lr": 1e-4}, report_to=["tensorboard"])
+    for step in range(3):
+        tracker.log({"loss": 2.0 - step}, step=step)
+    tracker.log_samples(2, [{"prompt": "p|q", "completion": "c", "score": 0.5}])
+    tracker.finish()
+    events = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 2.0), (1, 1.0), (2, 0.0)]
+    assert "samples/step_2/text_summary" in events.Tags()["tensors"]
+
+
+def test_trackio_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # makes `import trackio` fail
+    with pytest.raises(ImportError, match="'trackio' package is not installed"):
+        Tracker(tmp_path, "sft", config={}, report_to=["trackio"])
+    assert not (tmp_path / "sft").exists()
+
+
+def test_trackio_receives_logs(tmp_path, monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or object(),
+        log=lambda metrics, step=None: calls.append(("log", metrics, step)),
+        finish=lambda: calls.append(("finish",)),
+    )
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    tracker = Tracker(tmp_path, "ppo", config={"a": 1}, report_to="trackio", group="g")
+    tracker.log({"kl/mean": 0.1}, step=2)
+    tracker.finish()
+    assert calls[0][0] == "init" and calls[0][1]["group"] == "g" and calls[0][1]["config"]["a"] == 1
+    assert calls[1:] == [("log", {"kl/mean": 0.1}, 2), ("finish",)]
+
+
+def test_non_main_process_does_nothing(tmp_path, fake_wandb):
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, "ppo", config={}, report_to=["wandb", "tensorboard"], is_main_process=False)
+    tracker.log({"loss": 1.0}, step=0)
+    tracker.log_samples(0, [{"prompt": "p", "completion": "c", "score": 0.0}])
+    tracker.finish()
+    assert not run_dir.exists()
+    assert fake_wandb.inits == [] and fake_wandb.logged == []
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_shows_rate_and_eta_on_a_terminal_only():
+    tty = _FakeTTY()
+    bar = progress(range(50), desc="rollouts", file=tty, mininterval=0)
+    assert not bar.disable
+    for _ in bar:
+        pass
+    out = tty.getvalue()
+    assert "rollouts" in out and "50/50" in out
+    assert "it/s" in out  # rate
+    assert "<00:00" in out  # elapsed<remaining: the ETA
+
+    manual = progress(total=10, desc="gen", file=_FakeTTY(), mininterval=0)
+    manual.update(4)
+    assert "4/10" in str(manual)
+    manual.close()
+
+    piped = io.StringIO()  # not a terminal: tqdm(disable=None) turns itself off
+    quiet = progress(range(5), desc="x", file=piped)
+    assert quiet.disable and list(quiet) == [0, 1, 2, 3, 4] and piped.getvalue() == ""
+
+    unknown = _FakeTTY()
+    for _ in progress(iter(range(3)), desc="stream", file=unknown, mininterval=0):
+        pass
+    assert "3 [" in unknown.getvalue() and "it/s" in unknown.getvalue()
+
+
+def test_progress_default_stream_is_stderr(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress(range(2)).disable  # pytest's captured stderr is not a terminal
+
+
+def test_missing_wandb_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match="'wandb' package is not installed"):
+        Tracker(tmp_path, "sft", config={}, report_to=["wandb"])
+    assert not (tmp_path / "sft").exists()
