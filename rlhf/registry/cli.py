@@ -1,0 +1,193 @@
+"""``rlhf registry ...``: inspect and manage the model registry from the shell.
+
+Usage (also ``python -m rlhf.registry ...``)::
+
+    rlhf registry list [--kind base|adapter|dataset|run] [--json]
+    rlhf registry show REF [--json]
+    rlhf registry lineage REF [--json]
+    rlhf registry tag REF ALIAS
+    rlhf registry untag NAME:ALIAS
+    rlhf registry verify [REF] [--json]
+    rlhf registry export REF OUT_DIR [--dtype auto|float32|bfloat16|float16]
+    rlhf registry rm REF [--force]
+    rlhf registry gc
+
+Every command takes ``--home DIR`` (default ``$RLHF_HOME``, then ``~/.rlhf``) and
+``--url URL`` (default ``$RLHF_REGISTRY_URL``, then the SQLite file in the home).
+Exit status: 0 on success, 1 on an error or a failed verification, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rlhf.registry.registry import KINDS, Entry, Registry, RegistryError, parse_ref
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS defaults let --home/--url appear before or after the subcommand without the
+    # subparser's default overwriting a value given before it.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--home", default=argparse.SUPPRESS, help="rlhf home directory (default: $RLHF_HOME, then ~/.rlhf)")
+    p.add_argument("--url", default=argparse.SUPPRESS,
+                   help="registry database URL, sqlite:///path.db (default: $RLHF_REGISTRY_URL, then <home>/registry/registry.db)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="rlhf registry", parents=[common],
+        description="The model registry: base models, LoRA adapters, dataset versions, stage runs and their lineage.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", parents=[common], help="list entries")
+    p.add_argument("--kind", choices=KINDS, help="only entries of this kind")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("show", parents=[common], help="show one entry")
+    p.add_argument("ref", help="name, name:VERSION, name:latest or name:ALIAS")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("lineage", parents=[common], help="what an entry came from and what came from it")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("tag", parents=[common], help="point name:ALIAS at the version REF names")
+    p.add_argument("ref")
+    p.add_argument("alias")
+
+    p = sub.add_parser("untag", parents=[common], help="remove an alias")
+    p.add_argument("ref", help="name:ALIAS")
+
+    p = sub.add_parser("verify", parents=[common], help="re-hash files and report mismatches and missing files")
+    p.add_argument("ref", nargs="?", help="one entry (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("export", parents=[common], help="merge an adapter into its base as a standalone HF model")
+    p.add_argument("ref")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load and save the merged model in (default: the base's)")
+
+    p = sub.add_parser("rm", parents=[common], help="remove one version (refuses while others depend on it)")
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true", help="remove even if other entries depend on it")
+
+    sub.add_parser("gc", parents=[common], help="delete leftovers of crashed registrations")
+    return parser
+
+
+def _summary(e: Entry) -> str:
+    m = e.metadata
+    if e.kind == "adapter":
+        detail = f"role={e.role} base={m.get('base')}"
+    elif e.kind == "base":
+        if m.get("source") == "hub":
+            detail = f"hub={m.get('hub_id')}@{m.get('revision') or 'unpinned'}"
+        else:
+            detail = f"local={m.get('local_path')} hash={str(m.get('content_hash'))[:12]}"
+    elif e.kind == "dataset":
+        detail = f"hash={str(m.get('content_hash'))[:12]} counts={json.dumps(m.get('manifest', {}).get('counts'))}"
+    else:
+        detail = f"stage={m.get('stage')} status={m.get('status')}"
+    aliases = f" [{', '.join(e.aliases)}]" if e.aliases else ""
+    return f"{e.ref:<32} {e.kind:<8} {detail}{aliases}"
+
+
+def _print_tree(nodes: list[dict], key: str, indent: str) -> None:
+    for i, n in enumerate(nodes):
+        last = i == len(nodes) - 1
+        extra = " ".join(f"{k}={n[k]}" for k in ("role", "stage", "status", "source", "revision", "content_hash")
+                         if n.get(k) is not None)
+        print(f"{indent}{'`-- ' if last else '|-- '}{n['relation']}: {n['ref']} ({n['kind']}{', ' + extra if extra else ''})")
+        _print_tree(n.get(key, []), key, indent + ("    " if last else "|   "))
+
+
+def _run(args: argparse.Namespace) -> int:
+    with Registry.open(home=getattr(args, "home", None), url=getattr(args, "url", None)) as reg:
+        cmd = args.command
+        if cmd == "list":
+            entries = reg.list(args.kind)
+            if args.json:
+                print(json.dumps([e.to_dict() for e in entries], indent=2, default=str))
+            elif not entries:
+                print("(registry is empty)" if args.kind is None else f"(no {args.kind} entries)")
+            else:
+                for e in entries:
+                    print(_summary(e))
+        elif cmd == "show":
+            e = reg.resolve(args.ref)
+            if args.json:
+                print(json.dumps(e.to_dict(), indent=2, default=str))
+            else:
+                d = e.to_dict()
+                files = d.pop("files")
+                meta = d.pop("metadata")
+                for k, v in d.items():
+                    print(f"{k:<10} {v}")
+                print("metadata:")
+                print("  " + json.dumps(meta, indent=2, sort_keys=True, default=str).replace("\n", "\n  "))
+                print(f"files ({len(files)}):")
+                for rel, sha in files.items():
+                    print(f"  {sha[:16]}  {rel}")
+        elif cmd == "lineage":
+            tree = reg.lineage(args.ref)
+            if args.json:
+                print(json.dumps(tree, indent=2, default=str))
+            else:
+                print(f"{tree['ref']} ({tree['kind']}{', role=' + tree['role'] if tree.get('role') else ''})")
+                print("came from:" if tree["ancestors"] else "came from: (nothing recorded)")
+                _print_tree(tree["ancestors"], "ancestors", "  ")
+                print("derived:" if tree["descendants"] else "derived: (nothing yet)")
+                _print_tree(tree["descendants"], "descendants", "  ")
+        elif cmd == "tag":
+            e = reg.tag(args.ref, args.alias)
+            print(f"{e.name}:{args.alias} -> {e.ref}")
+        elif cmd == "untag":
+            name, alias = parse_ref(args.ref)
+            if not isinstance(alias, str):
+                raise ValueError(f"untag: expected NAME:ALIAS, got {args.ref!r}")
+            reg.untag(name, alias)
+            print(f"removed alias {name}:{alias}")
+        elif cmd == "verify":
+            problems = reg.verify(args.ref)
+            checked = 1 if args.ref else len(reg.list())
+            if args.json:
+                print(json.dumps({"ok": not problems, "checked": checked,
+                                  "problems": [p.to_dict() for p in problems]}, indent=2))
+            else:
+                for p in problems:
+                    print(p)
+                print(f"{'OK' if not problems else 'FAILED'}: {checked} entr{'y' if checked == 1 else 'ies'} checked, "
+                      f"{len(problems)} problem{'s' if len(problems) != 1 else ''}")
+            return 1 if problems else 0
+        elif cmd == "export":
+            out = reg.export(args.ref, args.out_dir, dtype=args.dtype)
+            print(f"exported {reg.resolve(args.ref).ref} to {out}")
+        elif cmd == "rm":
+            e = reg.remove(args.ref, force=args.force)
+            print(f"removed {e.ref}")
+        elif cmd == "gc":
+            removed = reg.gc()
+            for p in removed:
+                print(f"removed {p}")
+            print(f"{len(removed)} leftover director{'y' if len(removed) == 1 else 'ies'} removed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rlhf registry`` with ``argv`` (the arguments after ``registry``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help and on usage errors
+        return int(e.code or 0)
+    try:
+        return _run(args)
+    except (RegistryError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"rlhf registry {args.command}: error: {e}", file=sys.stderr)
+        return 1

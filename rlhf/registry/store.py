@@ -1,0 +1,246 @@
+"""File-level helpers of the artifact store: hashing, hashed copies, temp directories.
+
+An artifact directory is built under ``<artifacts>/.tmp/`` and hashed while it is copied;
+the registry then renames it into ``<artifacts>/<kind>/<name>/<version>`` and commits the
+database row. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import time
+import uuid
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+CHUNK = 1 << 20
+
+# Formats that unpickle on load. The registry refuses to store them: artifacts are
+# safetensors + JSON only, so loading an entry can never execute code.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
+
+TMP_DIRNAME = ".tmp"
+TRASH_DIRNAME = ".trash"
+
+# Test hooks. The crash-safety tests need to kill a registering process at exact points
+# and to slow a copy down enough to kill it half-way; these variables are read only here.
+_KILL_AT_ENV = "RLHF_REGISTRY_TEST_KILL_AT"
+_COPY_DELAY_ENV = "RLHF_REGISTRY_TEST_COPY_DELAY"
+
+
+def crash_point(point: str) -> None:
+    """SIGKILL this process when ``$RLHF_REGISTRY_TEST_KILL_AT`` names ``point`` (tests only)."""
+    if os.environ.get(_KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _copy_delay() -> float:
+    raw = os.environ.get(_COPY_DELAY_ENV)
+    return float(raw) if raw else 0.0
+
+
+def iter_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the regular files under ``root``, sorted.
+
+    Hidden files and directories (``.git``, ``.cache``, in-progress ``.tmp`` names) are
+    skipped: they are tool state, not model content. File symlinks are followed (a Hugging
+    Face cache snapshot is made of them); directory symlinks are not, to avoid loops.
+    """
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            full = Path(dirpath) / fn
+            if full.is_file():
+                out.append(full.relative_to(root).as_posix())
+    return sorted(out)
+
+
+def total_size(root: Path, rels: list[str]) -> int:
+    return sum((root / r).stat().st_size for r in rels)
+
+
+def _progress(total: int, desc: str):
+    # disable=None: quiet when stderr is not a terminal (logs, CI, tests).
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+
+
+def sha256_file(path: Path, bar=None) -> tuple[str, int]:
+    """Return ``(sha256 hex, size in bytes)`` of one file, reading it in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return h.hexdigest(), size
+
+
+def hash_tree(root: Path, desc: str = "hashing") -> dict[str, tuple[str, int]]:
+    """Hash every file under ``root``: ``{relpath: (sha256, size)}``."""
+    rels = iter_files(root)
+    out = {}
+    with _progress(total_size(root, rels), desc) as bar:
+        for rel in rels:
+            out[rel] = sha256_file(root / rel, bar)
+    return out
+
+
+def content_hash(files: dict[str, str]) -> str:
+    """One sha256 over a directory's ``{relpath: sha256}``: equal iff names and bytes are equal."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def copy_file_hashed(src: Path, dst: Path, bar=None) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` and return the sha256 and size of the bytes written.
+
+    Hashing what is written (rather than re-reading the source) records the hash of the
+    stored copy even if the source changes during the copy.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    size = 0
+    delay = _copy_delay()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(CHUNK):
+            fo.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+            if delay:
+                time.sleep(delay)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return h.hexdigest(), size
+
+
+def copy_tree_hashed(src: Path, dst: Path, rels: list[str], desc: str = "copying") -> dict[str, tuple[str, int]]:
+    """Copy the listed files from ``src`` into ``dst``; return ``{relpath: (sha256, size)}``."""
+    out = {}
+    with _progress(total_size(src, rels), desc) as bar:
+        for rel in rels:
+            out[rel] = copy_file_hashed(src / rel, dst / rel, bar)
+    return out
+
+
+def write_json_file(path: Path, data: dict) -> tuple[str, int]:
+    """Write ``data`` as JSON, fsync it, and return its sha256 and size."""
+    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(raw).hexdigest(), len(raw)
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object, with an error that names the file on bad input."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_header(path: Path) -> dict:
+    """Tensor names, dtypes and shapes of a safetensors file, read from its JSON header.
+
+    The format is an 8-byte little-endian header length followed by a JSON header, so this
+    needs neither torch nor numpy and never touches the tensor bytes.
+    """
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > 100 * CHUNK:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def make_tmp_dir(artifacts: Path) -> Path:
+    """A fresh staging directory whose name tells which host and process own it."""
+    tmp_root = artifacts / TMP_DIRNAME
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    d = tmp_root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    d.mkdir()
+    return d
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_tmp_dirs(artifacts: Path) -> list[Path]:
+    """Staging directories left by dead processes on this host (e.g. after SIGKILL)."""
+    tmp_root = artifacts / TMP_DIRNAME
+    if not tmp_root.is_dir():
+        return []
+    host = socket.gethostname()
+    stale = []
+    for d in tmp_root.iterdir():
+        h, _, rest = d.name.rpartition("-")[0].rpartition("-")
+        # name is <host>-<pid>-<uuid>; host names may themselves contain dashes
+        try:
+            pid = int(rest)
+        except ValueError:
+            continue
+        if h == host and not _pid_alive(pid):
+            stale.append(d)
+    return stale
+
+
+def discard_dir(artifacts: Path, path: Path) -> None:
+    """Remove a directory by first renaming it into the trash, so a half-deleted tree is
+    never found at its old place."""
+    if not path.exists():
+        return
+    trash = artifacts / TRASH_DIRNAME
+    trash.mkdir(parents=True, exist_ok=True)
+    target = trash / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    os.replace(path, target)
+    shutil.rmtree(target, ignore_errors=True)
