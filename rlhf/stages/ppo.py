@@ -532,7 +532,7 @@ def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: 
                     raise GuardTripped("loss/policy", float(loss), "not finite")
                 loss.backward()
                 w = float(mb.response_mask.sum() / n_tokens)
-                acc["loss/policy"] = acc.get("loss/policy", 0.0) + float(pg)
+                acc["loss/policy"] = acc.get("loss/policy", 0.0) + float(pg.detach())
                 for k, v in pg_stats.items():
                     acc[f"policy/{k}"] = acc.get(f"policy/{k}", 0.0) + float(v) * w
                 # value: clipped value loss on the value role
@@ -542,7 +542,7 @@ def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: 
                     if not torch.isfinite(vf):
                         raise GuardTripped("loss/value", float(vf), "not finite")
                     (cfg.vf_coef * vf).backward()
-                    acc["loss/value"] = acc.get("loss/value", 0.0) + float(vf)
+                    acc["loss/value"] = acc.get("loss/value", 0.0) + float(vf.detach())
                     for k, val in vf_stats.items():
                         acc[f"value/{k}"] = acc.get(f"value/{k}", 0.0) + float(val) * w
             if cfg.max_grad_norm > 0:
