@@ -25,7 +25,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML file with the stage's settings (see rlhf/config.py)")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
     cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
@@ -53,7 +53,7 @@ def _run_main(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.total_episodes=512")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     p = plan(args.recipe, args.output_dir, args.overrides)
     if args.validate_only:
         print(f"{args.recipe}: valid (run dir {p.run_dir})")

@@ -86,7 +86,8 @@ class SFTConfig:
     model: ModelConfig = _help("Base model.", default_factory=ModelConfig)
     dataset: str = _help(
         "Training data: a local JSON/JSONL/CSV/Parquet file in TRL's prompt-completion or messages "
-        "format, a datasets load_from_disk directory, or a hub dataset id.",
+        "format, a datasets load_from_disk directory, a hub dataset id, or a reward_data store "
+        "reference 'NAME[:VERSION]' (fine-tunes on the preferred responses).",
         default="",
     )
     dataset_split: str = _help("Split to read when the dataset has several.", default="train")
@@ -268,6 +269,12 @@ def _convert(tp, value, key: str):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "6e-4" (no dot) as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -50,13 +50,18 @@ def prompt_messages(row: dict, where: str) -> list[dict]:
     raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
 
 
-def load_prompts(source: str) -> list[list[dict]]:
-    """PPO prompts as message lists, from a file/dataset or a reward_data reference."""
-    path = Path(source)
-    if not path.exists() and not ("/" in source):
+def is_store_ref(source: str) -> bool:
+    """True when ``source`` names a reward_data store entry ('NAME' or 'NAME:VERSION'), not a path."""
+    return not Path(source).exists() and "/" not in source and not Path(source).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}
+
+
+def load_prompts(source: str, split: str = "train") -> list[list[dict]]:
+    """PPO prompts as message lists, from a file/dataset or a reward_data reference (its
+    ``split``: train prompts for training, test prompts for evaluation)."""
+    if is_store_ref(source):
         import reward_data
 
-        return [rec["prompt"] for rec in reward_data.read_split(source, "train")]
+        return [rec["prompt"] for rec in reward_data.read_split(source, split)]
     rows = load_rows(source)
     return [prompt_messages(r, f"{source} row {i}") for i, r in enumerate(rows)]
 

@@ -57,8 +57,12 @@ def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
     return data
 
 
-def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: list[str] = ()) -> Plan:
-    """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file."""
+def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: list[str] = (),
+         check_inputs: bool = True) -> Plan:
+    """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file.
+
+    ``check_inputs`` also checks that data files and store references exist (off to validate
+    a recipe's schema on a machine without its data)."""
     recipe = Path(recipe)
     data = apply_overrides(load_yaml(recipe), list(overrides))
     pipe = from_dict(PipelineConfig, data)
@@ -97,13 +101,13 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             "model.name_or_path of a LoRA pipeline; the one-base-many-adapters PPO needs a shared base"
         )
     for name, value in (("sft.dataset", sft.dataset), ("reward.dataset", reward.dataset),
-                        ("ppo.prompts", ppo.prompts)):
+                        ("ppo.prompts", ppo.prompts), ("ppo.eval_prompts", ppo.eval_prompts)):
         if not value:
+            if name == "ppo.eval_prompts":
+                continue
             raise ConfigError(f"{name}: required (or enable task for the synthetic data)")
-        if task_files is None and _looks_like_path(value) and not Path(value).exists():
-            raise ConfigError(f"{name}: file not found: {value}")
-    if ppo.eval_prompts and task_files is None and _looks_like_path(ppo.eval_prompts) and not Path(ppo.eval_prompts).exists():
-        raise ConfigError(f"ppo.eval_prompts: file not found: {ppo.eval_prompts}")
+        if task_files is None and check_inputs:
+            _check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
     for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo")):
@@ -114,8 +118,23 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files)
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}
+def _check_input(key: str, value: str) -> None:
+    """A data input must be an existing file/dir, a data-store reference that resolves, or a
+    hub dataset id (owner/name, not checkable offline)."""
+    from rlhf.data import is_store_ref
+
+    if Path(value).exists():
+        return
+    if is_store_ref(value):
+        import reward_data
+
+        try:
+            reward_data.resolve(value.split("@")[0])
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ConfigError(f"{key}: {value!r} is not in the data store ({e}); ingest it with `rlhf data ingest`") from None
+        return
+    if value.startswith((".", "/", "~")) or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}:
+        raise ConfigError(f"{key}: file not found: {value}")
 
 
 def _fingerprint(obj) -> str:
@@ -345,10 +364,10 @@ def _register_outputs(registry, stage: str, result: dict, state: dict, run_ref, 
     if registry is None:
         return {}, {}
     stages = state["stages"]
-    base_ref = stages.get("_base_ref")
+    base_ref = state.get("base_ref")
     if base_ref is None:
         base_ref = registry.register_base(_safe_name(Path(result["base"]).name), result["base"]).ref
-        stages["_base_ref"] = base_ref
+        state["base_ref"] = base_ref
     name = _safe_name(pipeline_name)
     if stage == "sft":
         e = registry.register_adapter(f"{name}-sft", "sft", result["adapter"], base=base_ref, run=run_ref,

@@ -326,7 +326,7 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
     model, tok, base_path = _build_model(cfg, device)
     stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
     prompts = load_prompts(cfg.prompts)
-    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
     prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_length)
     prompt_texts = [p[-1]["content"] for p in prompts]
     eval_ids = encode_prompts(tok, eval_prompts, cfg.max_prompt_length)

@@ -24,8 +24,14 @@ from rlhf.stages.common import (
 
 
 def _examples(cfg: SFTConfig) -> list[dict]:
-    from rlhf.data import load_rows
+    from rlhf.data import is_store_ref, load_rows
 
+    if is_store_ref(cfg.dataset):
+        # a preference dataset from the store: fine-tune on the preferred responses
+        import reward_data
+
+        return [{"prompt": r["prompt"], "completion": r["chosen"]}
+                for r in reward_data.read_split(cfg.dataset, cfg.dataset_split) if not r.get("tie")]
     rows = load_rows(cfg.dataset, cfg.dataset_split)
     if not rows:
         raise ValueError(f"sft.dataset {cfg.dataset}: no rows")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install rlhf with its test extras into it.
+#
+# torch: an already-installed torch in .venv is kept. Otherwise RLHF_TORCH_SPEC is installed
+# (default "torch==2.13.0": on the project's CI machines pip takes a local CPU wheel in
+# seconds; on a Linux GPU machine it is PyPI's CUDA build). Set RLHF_TORCH_SPEC to pick
+# another build, e.g. RLHF_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  # shellcheck disable=SC2086
+  "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
+fi
+"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard]"
+"$VPY" -c "import torch, transformers, trl, peft; print(f'rlhf env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
