@@ -14,8 +14,10 @@ printed is JSON with ``pairs_per_s`` and ``peak_rss_mb``. Target on a 2-core mac
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
+import os
 import random
 import resource
 import shutil
@@ -67,11 +69,14 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
 def _child(path: str, home: str, queue) -> None:
     import reward_data
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     info = reward_data.ingest([path], "bench", home=home)
     elapsed = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"seconds": elapsed, "counts": info.manifest["counts"], "peak_rss_mb": peak_kb / 1024})
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    queue.put({"seconds": elapsed, "cpu_seconds": cpu, "counts": info.manifest["counts"],
+               "peak_rss_mb": after.ru_maxrss / 1024})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "duplicates": c["duplicates"],
         "quarantined": c["quarantined"],
         "seconds": round(result["seconds"], 2),
+        # CPU time shows the cost when other processes share the cores (wall time then inflates).
+        "cpu_seconds": round(result["cpu_seconds"], 2),
+        "pairs_per_cpu_s": round(pairs_in / result["cpu_seconds"], 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "orjson": importlib.util.find_spec("orjson") is not None,
         "pairs_per_s": round(pairs_in / result["seconds"], 1),
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
     }

@@ -24,12 +24,26 @@ from rlhf.stages.common import (
 
 
 def resolve_preferences(cfg: RewardConfig) -> tuple[str, Path]:
-    """Return ``(reference, version_dir)`` of the preference data, ingesting files first."""
+    """Return ``(reference, version_dir)`` of the preference data.
+
+    A store reference is used as is. A file or directory is ingested into the store first,
+    unless the newest version of that name was ingested from identical bytes with the same
+    options, in which case that version is reused (reruns do not pile up copies).
+    """
+    import hashlib
+
     import reward_data
 
     src = Path(cfg.dataset)
     if src.exists():
         name = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.stem.split(".")[0]) or "preferences"
+        if src.is_file() and reward_data.versions(name):
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()
+            latest = reward_data.load_version(name)
+            opts = latest.manifest.get("options", {})
+            if ([s_.get("sha256") for s_ in latest.manifest.get("sources", [])] == [digest]
+                    and opts.get("test_fraction") == cfg.test_fraction and opts.get("format") == cfg.dataset_format):
+                return f"{latest.name}:{latest.version}", Path(latest.path)
         info = reward_data.ingest([src], name, format=cfg.dataset_format, test_fraction=cfg.test_fraction)
         return f"{info.name}:{info.version}", Path(info.path)
     try:
@@ -62,22 +76,29 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
     from peft import get_peft_model
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
+    from rlhf import distributed as dist
     from rlhf.adapters import save_head
     from rlhf.models import disable_dropout, load_sequence_classifier, load_tokenizer, resolve_base
     from rlhf.tracking import Tracker
 
+    # Under accelerate launch every process runs this function; TRL shards the pairs and
+    # syncs gradients, and only the main process writes files, ingests data or logs.
+    main = dist.is_main()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(to_dict(cfg), out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(to_dict(cfg), out / "config.yaml")
 
-    # 1. preference data: a versioned store entry, split by prompt hash
-    data_ref, version_dir = resolve_preferences(cfg)
+    # 1. preference data: a versioned store entry, split by prompt hash (ingested once, by
+    # the main process; the others read the same version)
+    data_ref, version_dir = dist.broadcast_object(resolve_preferences(cfg) if main else None)
     train_rows, test_rows = _records(version_dir, "train"), _records(version_dir, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
-    base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    with dist.main_first():  # the builtin base is materialised once, by the main process
+        base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
     tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
@@ -91,7 +112,7 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
               dataset_num_proc=None, eos_token=tok.eos_token, pad_token=tok.pad_token)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
     tracker = Tracker(run_dir or out.parent, stage_name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base, "dataset": data_ref})
+                      refs={"base": base, "dataset": data_ref}, is_main_process=main)
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -111,14 +132,38 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
     tracker.finish()
 
     # 4. publish: LoRA weights (peft format) + head.safetensors, atomically
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out))
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    score = trainer.model.base_model.model.score
-    # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
-    save_head(score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score, tmp)
-    save_yaml(to_dict(cfg), tmp / "config.yaml")
-    write_json(tmp / "rlhf_adapter.json", {"role": "reward", "base": base, "dataset": data_ref})
-    publish_dir(tmp, out / "adapter")
-    write_json(out / "metrics.json", metrics)
+    state = dist.full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
+    if main:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out))
+        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
+        score = trainer.model.base_model.model.score
+        # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
+        head = score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score
+        if state:  # sharded: the module holds a shard only, the gathered copy is complete
+            head = _head_from_state(state)
+        save_head(head, tmp)
+        save_yaml(to_dict(cfg), tmp / "config.yaml")
+        write_json(tmp / "rlhf_adapter.json", {"role": "reward", "base": base, "dataset": data_ref})
+        publish_dir(tmp, out / "adapter")
+        write_json(out / "metrics.json", metrics)
+    dist.barrier()  # the others return once the artifact exists
     return {"adapter": str(out / "adapter"), "dataset": data_ref, "dataset_dir": str(version_dir), "base": base,
             "metrics": metrics}
+
+
+def _head_from_state(state: dict):
+    """The trained score head rebuilt from a gathered (FSDP / ZeRO-3) state dict."""
+    import torch
+
+    key = next((k for k in state if k.endswith("score.modules_to_save.default.weight")), None) or next(
+        (k for k in state if k.endswith("score.weight")), None)
+    if key is None:
+        raise KeyError("reward: the gathered state dict holds no score head weight")
+    weight = state[key]
+    bias = state.get(key[: -len("weight")] + "bias")
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head

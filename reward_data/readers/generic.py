@@ -1,0 +1,32 @@
+"""Generic reader driven by a column mapping (``--map prompt=question --map chosen=good ...``).
+
+The mapping (applied by the ingest loop for every format) renames source columns, with dotted
+paths for nested fields, to ``prompt``/``chosen``/``rejected``/``margin``. This reader then
+also decodes columns holding JSON-encoded turn lists and reads the row as explicit pairs when
+a prompt is mapped, or as implicit pairs (shared prefix = prompt) when not.
+"""
+
+from __future__ import annotations
+
+from reward_data.options import IngestOptions
+from reward_data.readers import explicit, implicit
+from reward_data.schema import Pair, RowError, maybe_json_list
+
+NAME = "generic"
+FIELDS = ("prompt", "chosen", "rejected", "margin")
+
+
+def detect(row: dict) -> bool:
+    # Never auto-detected: it is chosen by --format generic or implied by --map.
+    return False
+
+
+def read(row: dict, opts: IngestOptions) -> Pair:
+    row = {k: maybe_json_list(row.get(k)) for k in FIELDS}
+    if row["prompt"] is not None:
+        return explicit.read(row, opts)
+    del row["prompt"]
+    for key in ("chosen", "rejected"):
+        if row[key] is not None and not isinstance(row[key], list):
+            raise RowError("wrong_type", f"field {key!r} must be a message list when no prompt is mapped", key)
+    return implicit.read(row, opts)

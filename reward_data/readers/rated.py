@@ -1,0 +1,103 @@
+"""Rated completions (UltraFeedback style): several scored completions per prompt, binarised.
+
+Layouts: ``completions`` = list of ``{response|text|content|completion, <score>}`` objects, or
+parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. The prompt is ``instruction``,
+``prompt`` or ``question``. Completions without a numeric score (UltraFeedback's ``"N/A"``) take
+part in no pair. ``binarize`` picks best vs worst, best vs a seeded random lower one, or all
+pairs; a pair needs a score gap strictly above ``min_margin`` and the gap is its margin.
+"""
+
+from __future__ import annotations
+
+import random
+
+from reward_data.options import IngestOptions
+from reward_data.schema import Pair, RowError, as_prompt, as_response
+
+NAME = "rated"
+
+_PROMPT_KEYS = ("instruction", "prompt", "question")
+_TEXT_KEYS = ("response", "text", "content", "completion")
+_SCORE_KEYS = ("overall_score", "score", "rating", "reward")
+_LIST_SCORE_KEYS = ("scores", "ratings", "rewards")
+
+
+def detect(row: dict) -> bool:
+    has_prompt = any(k in row for k in _PROMPT_KEYS)
+    return has_prompt and (isinstance(row.get("completions"), list) or ("responses" in row and any(k in row for k in _LIST_SCORE_KEYS)))
+
+
+def _score(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _candidates(row: dict, opts: IngestOptions) -> list[tuple[float, object, str]]:
+    """(score, response value, field locator) for every completion with a numeric score."""
+    out = []
+    if isinstance(row.get("completions"), list):
+        for i, c in enumerate(row["completions"]):
+            if not isinstance(c, dict):
+                raise RowError("wrong_type", f"completions[{i}] must be an object", "completions")
+            text_key = next((k for k in _TEXT_KEYS if k in c), None)
+            if text_key is None:
+                raise RowError("missing_field", f"completions[{i}] has none of {', '.join(_TEXT_KEYS)}", "completions")
+            score_key = opts.score_field or next((k for k in _SCORE_KEYS if k in c), None)
+            score = _score(c.get(score_key)) if score_key else None
+            if score is not None:
+                out.append((score, c[text_key], f"completions[{i}].{text_key}"))
+        return out
+    responses = row.get("responses")
+    score_key = opts.score_field or next(k for k in _LIST_SCORE_KEYS if k in row)
+    scores = row.get(score_key)
+    if not isinstance(responses, list) or not isinstance(scores, list) or len(responses) != len(scores):
+        raise RowError("wrong_type", f"'responses' and {score_key!r} must be lists of equal length", "responses")
+    for i, (r, s) in enumerate(zip(responses, scores)):
+        score = _score(s)
+        if score is not None:
+            out.append((score, r, f"responses[{i}]"))
+    return out
+
+
+def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
+    prompt_key = next((k for k in _PROMPT_KEYS if k in row), None)
+    if prompt_key is None or row[prompt_key] is None:
+        raise RowError("missing_field", f"row has none of {', '.join(_PROMPT_KEYS)}", "prompt")
+    prompt = as_prompt(row[prompt_key], prompt_key)
+    cands = _candidates(row, opts)
+    # Stable sort, best first: equal scores keep their input order, so output is deterministic.
+    order = sorted(range(len(cands)), key=lambda i: -cands[i][0])
+    pairs_idx: list[tuple[int, int]] = []
+    if len(order) >= 2:
+        best = order[0]
+        lower = [j for j in order if cands[best][0] - cands[j][0] > opts.min_margin]
+        if opts.binarize == "best_worst" and lower:
+            pairs_idx = [(best, lower[-1])]
+        elif opts.binarize == "best_random" and lower:
+            rng = random.Random(f"{opts.seed}:{prompt[-1]['content']}")
+            pairs_idx = [(best, lower[rng.randrange(len(lower))])]
+        elif opts.binarize == "all_pairs":
+            pairs_idx = [
+                (i, j) for n, i in enumerate(order) for j in order[n + 1:] if cands[i][0] - cands[j][0] > opts.min_margin
+            ]
+    if not pairs_idx:
+        raise RowError("no_pairs", f"fewer than two completions with a score gap above {opts.min_margin}", "completions")
+    out: list[Pair | RowError] = []
+    for i, j in pairs_idx:
+        (si, ri, ki), (sj, rj, kj) = cands[i], cands[j]
+        item = f"{ki}>{kj}"
+        try:
+            out.append(Pair(prompt, as_response(ri, ki), as_response(rj, kj), margin=si - sj, item=item))
+        except RowError as err:
+            err.item = item
+            # Drop the traceback: it references this frame, whose `out` holds err (a cycle).
+            out.append(err.with_traceback(None))
+    return out

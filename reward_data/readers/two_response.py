@@ -1,0 +1,100 @@
+"""Two responses and a label: ``response_0``/``response_1`` or ``response_a``/``response_b``.
+
+The label is an index column (PKU-SafeRLHF ``better_response_id`` or ``safer_response_id``,
+chosen with ``label_field``), a winner column (``"model_a"``, ``"b"``, ``"tie"``, ...), or one-hot
+``winner_model_a`` / ``winner_model_b`` / ``winner_tie`` columns (LMSYS arena style). Arena-style
+JSON-encoded turn lists (``'["q1", "q2"]'``) in prompt and responses become multi-turn
+conversations whose shared prefix is the prompt. Ties are dropped (quarantined as
+``tie_dropped``) or kept with ``tie=True`` by the ``ties`` option.
+"""
+
+from __future__ import annotations
+
+import json
+
+from reward_data.options import IngestOptions
+from reward_data.schema import Pair, RowError, as_int, as_prompt, as_response, require, split_shared_prefix
+
+NAME = "two_response"
+
+_PROMPT_KEYS = ("prompt", "instruction", "question")
+_INDEX_LABELS = ("better_response_id", "chosen_id", "preferred", "label", "choice", "winner", "preference")
+_A = {"0", "a", "model_a", "response_a", "response_0"}
+_B = {"1", "b", "model_b", "response_b", "response_1"}
+_TIE = {"tie", "tie (bothbad)", "both", "equal", "-1", "2"}
+
+
+def _keys(row: dict) -> tuple[str, str] | None:
+    if "response_0" in row and "response_1" in row:
+        return "response_0", "response_1"
+    if "response_a" in row and "response_b" in row:
+        return "response_a", "response_b"
+    return None
+
+
+def detect(row: dict) -> bool:
+    return _keys(row) is not None and any(k in row for k in _PROMPT_KEYS)
+
+
+def _winner(row: dict, opts: IngestOptions) -> int | None:
+    """0 or 1 for the preferred response, None for a tie."""
+    if opts.label_field is None and "winner_model_a" in row and "winner_model_b" in row:
+        flags = [as_int(row.get(k) or 0, k) for k in ("winner_model_a", "winner_model_b", "winner_tie")]
+        if sum(flags) != 1:
+            raise RowError("bad_value", f"one-hot winner columns must hold exactly one 1, got {flags}", "winner_model_a")
+        return None if flags[2] else flags.index(1)
+    key = opts.label_field or next((k for k in _INDEX_LABELS if k in row), None)
+    if key is None:
+        raise RowError("missing_field", f"no label column; expected one of {', '.join(_INDEX_LABELS)}", "label")
+    value = require(row, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RowError("wrong_type", f"field {key!r} must be an index or a winner name, got {value!r}", key)
+    text = str(as_int(value, key)) if isinstance(value, (int, float)) else value.strip().lower()
+    if text in _A:
+        return 0
+    if text in _B:
+        return 1
+    if text in _TIE:
+        return None
+    raise RowError("bad_value", f"field {key!r} has unrecognised label {value!r}", key)
+
+
+def _turns(value, key: str):
+    """Decode an arena-style JSON list of strings; other values are returned unchanged."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(decoded, list) and all(isinstance(t, str) or t is None for t in decoded):
+            return decoded
+    return value
+
+
+def read(row: dict, opts: IngestOptions) -> Pair:
+    key_a, key_b = _keys(row) or ("response_0", "response_1")
+    prompt_key = next((k for k in _PROMPT_KEYS if k in row), "prompt")
+    winner = _winner(row, opts)
+    if winner is None and opts.ties == "drop":
+        raise RowError("tie_dropped", "the label marks a tie (ties=drop)", opts.label_field or "label")
+    prompt = _turns(require(row, prompt_key), prompt_key)
+    a = _turns(require(row, key_a), key_a)
+    b = _turns(require(row, key_b), key_b)
+    if isinstance(prompt, list) and all(isinstance(t, str) or t is None for t in prompt) and prompt:
+        # Multi-turn arena row: rebuild each side's conversation, then split off the shared prefix.
+        if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == len(prompt)):
+            raise RowError("wrong_type", f"{prompt_key!r}, {key_a!r} and {key_b!r} must be turn lists of equal length", key_a)
+        convs = []
+        for side, key in ((a, key_a), (b, key_b)):
+            conv = []
+            for i, (q, r) in enumerate(zip(prompt, side)):
+                conv += as_prompt(q, f"{prompt_key}[{i}]") + as_response(r, f"{key}[{i}]")
+            convs.append(conv)
+        pair = split_shared_prefix(*convs)
+    else:
+        pair = Pair(as_prompt(prompt, prompt_key), as_response(a, key_a), as_response(b, key_b))
+    if winner is None:
+        pair.tie = True
+    elif winner == 1:
+        pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    return pair
