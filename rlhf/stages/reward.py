@@ -111,7 +111,7 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
               dataset_num_proc=None, eos_token=tok.eos_token, pad_token=tok.pad_token)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
-    tracker = Tracker(run_dir or out.parent, stage_name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref}, is_main_process=main)
     trainer = RewardTrainer(
         model=model,

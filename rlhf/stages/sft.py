@@ -51,12 +51,17 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     import datasets
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
+    from rlhf import distributed as dist
     from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
     from rlhf.tracking import Tracker
 
+    # Under accelerate launch every process runs this function; TRL shards the data and
+    # syncs gradients, and only the main process writes files or logs.
+    main = dist.is_main()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(to_dict(cfg), out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(to_dict(cfg), out / "config.yaml")
 
     # 1. data: deterministic held-out split for eval loss
     rows = _examples(cfg)
@@ -66,7 +71,8 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     eval_ds = datasets.Dataset.from_list(rows[:n_eval]) if n_eval else None
 
     # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base)
-    base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    with dist.main_first():  # the builtin base is materialised once, by the main process
+        base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
     tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
     model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                            trust_remote_code=cfg.model.trust_remote_code,
@@ -77,8 +83,8 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token,
               pad_token=tok.pad_token)
     args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
-    tracker = Tracker(run_dir or out.parent, stage_name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base})
+    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+                      refs={"base": base}, is_main_process=main)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -100,14 +106,17 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
 
     # 4. publish the artifact atomically: adapter (LoRA) or whole model (full)
     kind = "adapter" if cfg.finetune == "lora" else "model"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=out))
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    if kind == "model":
-        tok.save_pretrained(tmp)
-    save_yaml(to_dict(cfg), tmp / "config.yaml")
-    write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base": base, "finetune": cfg.finetune})
-    publish_dir(tmp, out / kind)
-    write_json(out / "metrics.json", metrics)
+    state = dist.full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
+    if main:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=out))
+        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
+        if kind == "model":
+            tok.save_pretrained(tmp)
+        save_yaml(to_dict(cfg), tmp / "config.yaml")
+        write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base": base, "finetune": cfg.finetune})
+        publish_dir(tmp, out / kind)
+        write_json(out / "metrics.json", metrics)
+    dist.barrier()  # the others return once the artifact exists
     return {
         "adapter": str(out / "adapter") if kind == "adapter" else None,
         "model": str(out / "model") if kind == "model" else None,

@@ -1,0 +1,654 @@
+"""Benchmark our PPO stage against TRL 1.12's PPOTrainer on the same shape and batch.
+
+Usage::
+
+    python scripts/bench_ppo.py --shape tiny                # CPU: tiny shape, both sides
+    python scripts/bench_ppo.py --shape 0.5B                # GPU: Qwen2.5-0.5B shape, bf16
+    python scripts/bench_ppo.py --shape 0.5B --modes lora   # only the LoRA comparison
+    python scripts/bench_ppo.py --max-size                  # largest Qwen2.5 shape ours fits
+    python scripts/bench_ppo.py --fetch-trl-wheel           # put trl 1.12.0's wheel in .bench/wheels
+
+Both sides get a randomly initialised model of one shape (weights are irrelevant to speed),
+a word-level tokenizer of the shape's vocabulary size built locally (nothing is downloaded),
+the same prompt token ids, the same batch, response length, PPO epochs and minibatches. Every
+response runs to the full length: TRL gets no stop token, and ours stops on a token random
+weights almost never emit (generation only ends early when every row has stopped).
+
+Modes:
+  * ``lora``: ours (one frozen base, LoRA roles sft/policy/reward/value) against TRL with
+    ``peft_config`` (LoRA r=16 on all linear layers of the policy; TRL keeps a full value
+    model and a full reward model beside it, as its PEFT path does).
+  * ``full``: TRL with four full models (policy, reference, value, reward). Our stage has no
+    full-weight mode, so its row is the same LoRA run; the table says so.
+
+The first batch of each side is warm-up and is excluded. Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU and the worker process's peak RSS on a CPU. Each
+side runs in its own process, so neither sees the other's allocations. TRL 1.12 runs from a
+separate environment (``.bench/trl112``): a venv whose own site-packages holds only trl
+1.12.0 and which reads torch/transformers/peft/accelerate/datasets from this interpreter's
+site-packages (a ``.pth`` line), so the trainers are compared on the same libraries. trl is
+installed from ``--trl-wheels`` (default ``.bench/wheels``) when it holds the wheel, else from
+the package registry. trl 1.12 is never a dependency of the project.
+
+The last line printed is JSON with ``ours_eps_per_s``, ``trl_eps_per_s``, ``speedup``,
+``ours_peak_gb``, ``trl_peak_gb`` and ``device`` (with ``--max-size``: ``max_shape`` and its
+``peak_gb``). With both modes, the top-level TRL numbers are the harder baseline: TRL's best
+episodes per second and its lowest peak memory over the two modes; per-mode numbers are under
+``modes``. Targets on one H100 at the 0.5B shape: speedup >= 4 and ours_peak_gb <= trl_peak_gb / 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Run from a checkout without relying on how (or whether) the project was installed.
+sys.path.insert(0, str(REPO))
+
+TRL_VERSION = "1.12.0"
+TRL_WORKER = Path(__file__).resolve().parent / "_bench_trl_worker.py"
+
+# Qwen2.5 shapes from the published config.json files (hidden, intermediate, layers, heads,
+# kv heads, vocab, tied embeddings). "tiny" is the project's tiny default widths on the Qwen2
+# architecture with a small vocabulary, small enough for a 2-core CPU.
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "14B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+}
+MAX_SIZE_ORDER = ["0.5B", "1.5B", "3B", "7B", "14B"]
+
+# Rollout settings per shape family: the issue's GPU setting for the Qwen shapes, and a CPU
+# setting for tiny that keeps all three runs (ours, TRL full, TRL LoRA) within about three
+# minutes on a busy 2-core machine, where per-call overhead, not arithmetic, sets the pace.
+DEFAULTS = {
+    "tiny": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
+    "qwen": dict(batch=64, prompt_len=64, response_len=128, num_minibatches=4, ppo_epochs=4, n_batches=3),
+}
+
+# The tokenizer's chat template wraps a prompt as "<|user|> ... <eos> <|assistant|>": three
+# tokens around the content (see rlhf.models.TINY_CHAT_TEMPLATE).
+TEMPLATE_TOKENS = 3
+# A stop token for ours that no prompt contains and random weights emit with probability ~1/vocab.
+STOP_TOKEN = "<|system|>"
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark setting, shared by both sides (written to ``spec.json`` in the workspace)."""
+
+    shape: str = "tiny"
+    batch: int = 8  # prompts per rollout batch
+    prompt_len: int = 16  # tokens per prompt after the chat template
+    response_len: int = 16  # generated tokens per response
+    num_minibatches: int = 2
+    ppo_epochs: int = 2
+    n_batches: int = 2  # rollout batches; the first is warm-up
+    lora_r: int = 16
+    lora_alpha: int = 32
+    dtype: str = "float32"  # "bfloat16" on GPUs
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape must be one of {list(SHAPES)}, got {self.shape!r}")
+        for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.batch % self.num_minibatches:
+            raise ValueError(f"--batch ({self.batch}) must be divisible by --num-minibatches ({self.num_minibatches})")
+        if self.prompt_len <= TEMPLATE_TOKENS:
+            raise ValueError(f"--prompt-len must exceed the chat template's {TEMPLATE_TOKENS} tokens, got {self.prompt_len}")
+
+    @property
+    def minibatch(self) -> int:
+        return self.batch // self.num_minibatches
+
+    @property
+    def measured_batches(self) -> int:
+        return max(self.n_batches - 1, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# workspace: tokenizer, random model, adapters and prompts, shared by both sides
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer with exactly ``vocab_size`` tokens and a chat template.
+
+    Specials first (pad, eos, unk, role markers), then the words ``w0, w1, ...``; one word is
+    one token, so a prompt's token count is known from its word count.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.models import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                  additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"])
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def qwen2_config(shape: str, tok):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                       use_sliding_window=False)
+
+
+def build_workspace(spec: BenchSpec, workdir: str | Path) -> Path:
+    """Write everything both sides load into ``workdir`` and return it.
+
+    Layout: ``spec.json``; ``model/`` (config, random weights, tokenizer); ``sft_adapter/`` and
+    ``reward_adapter/`` (peft LoRA over every decoder linear layer, the reward one with
+    ``head.safetensors``); ``prompts.jsonl`` (``{"prompt": str}``) and ``prompt_ids.json``
+    (the same prompts chat-templated and tokenized, ``spec.prompt_len`` ids each) for TRL.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.adapters import linear_target_modules, save_head
+    from rlhf.stages.ppo import encode_prompts
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(SHAPES[spec.shape]["vocab_size"])
+    config = qwen2_config(spec.shape, tok)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    # Big shapes are initialised on the GPU when there is one: CPU init of 7B+ takes minutes.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+
+    targets = linear_target_modules(model)
+    for role in ("sft", "reward"):
+        lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, lora)
+        peft_model.save_pretrained(work / f"{role}_adapter")
+        if role == "reward":
+            head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+            torch.nn.init.normal_(head.weight, std=1.0 / config.hidden_size ** 0.5)
+            save_head(head, work / "reward_adapter")
+        model = peft_model.unload()  # the bare base again, for the next role's adapter
+    del model, peft_model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # Prompts: distinct random words, exactly prompt_len tokens once chat-templated.
+    rng = random.Random(spec.seed)
+    n_words = len(tok) - len(tok.all_special_tokens)
+    n_prompts = spec.batch * spec.n_batches
+    texts = [" ".join(f"w{rng.randrange(n_words)}" for _ in range(spec.prompt_len - TEMPLATE_TOKENS))
+             for _ in range(n_prompts)]
+    ids = encode_prompts(tok, [[{"role": "user", "content": t}] for t in texts], max_len=spec.prompt_len + 1)
+    bad = [i for i, x in enumerate(ids) if len(x) != spec.prompt_len]
+    if bad:
+        raise RuntimeError(f"prompt {bad[0]} encodes to {len(ids[bad[0]])} tokens, expected {spec.prompt_len}")
+    with open(work / "prompts.jsonl", "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"prompt": t}) + "\n")
+    (work / "prompt_ids.json").write_text(json.dumps(ids))
+    (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    return work
+
+
+def load_spec(workdir: str | Path) -> BenchSpec:
+    return BenchSpec(**json.loads((Path(workdir) / "spec.json").read_text()))
+
+
+# ----------------------------------------------------------------------------------------
+# our side
+
+
+def peak_memory_gb() -> tuple[float, str]:
+    """Peak memory of this process: CUDA allocations on a GPU, else resident set size."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS"  # ru_maxrss is in KiB
+
+
+def _synchronized(fn):
+    """Wrap ``fn`` so it returns only when the GPU has finished its work: the stage reads
+    phase times right after generate/score_rollout, and queued kernels would otherwise be
+    billed to the next phase."""
+    import torch
+
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return wrapper
+
+
+def our_config(spec: BenchSpec, workdir: str | Path, out_dir: str | Path, n_batches: int | None = None):
+    """The PPOConfig of our side of the benchmark."""
+    from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
+
+    work = Path(workdir)
+    n = n_batches or spec.n_batches
+    return PPOConfig(
+        model=ModelConfig(name_or_path=str(work / "model"), dtype=spec.dtype),
+        sft_adapter=str(work / "sft_adapter"), reward_adapter=str(work / "reward_adapter"),
+        prompts=str(work / "prompts.jsonl"),
+        total_episodes=spec.batch * n, rollout_batch_size=spec.batch,
+        max_prompt_length=spec.prompt_len, response_length=spec.response_len, stop_token=STOP_TOKEN,
+        ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches, micro_batch_size=spec.minibatch,
+        lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
+        eval_every=0, save_every=0, seed=spec.seed, output_dir=str(Path(out_dir) / "ppo"), report_to=["local"],
+        # A benchmark must not stop on a random model's statistics.
+        guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0,
+    )
+
+
+def run_ours(workdir: str | Path, out_dir: str | Path, n_batches: int | None = None) -> dict:
+    """Run our PPO stage on the workspace and return its timings and peak memory.
+
+    Returns:
+        ``{"updates": [{"total_s", "generate_s", "score_s", "update_s"}, ...], "peak_gb",
+        "peak_kind", "device"}``; one entry per rollout batch, warm-up included.
+    """
+    import torch
+
+    from rlhf.stages import ppo as stage
+
+    spec = load_spec(workdir)
+    cfg = our_config(spec, workdir, out_dir, n_batches)
+    originals = stage.generate, stage.score_rollout
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        stage.generate, stage.score_rollout = _synchronized(stage.generate), _synchronized(stage.score_rollout)
+    try:
+        stage.run_ppo(cfg, run_dir=Path(out_dir), stage_name="ppo")
+    finally:
+        stage.generate, stage.score_rollout = originals
+    rows = [json.loads(line) for line in (Path(out_dir) / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "episodes_per_s" in r]
+    updates = [{"total_s": spec.batch / r["episodes_per_s"], "generate_s": r["time/generate_s"],
+                "score_s": r["time/score_s"], "update_s": r["time/update_s"]} for r in rows]
+    peak, kind = peak_memory_gb()
+    return {"updates": updates, "peak_gb": peak, "peak_kind": kind, "device": device_name()}
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------
+# TRL 1.12 environment
+
+
+def _package_dirs() -> list[str]:
+    """This interpreter's package folders (site-packages, dist-packages, user site), in order."""
+    import site
+
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()]
+    dirs += [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]
+
+
+def ensure_trl_env(env_dir: Path, wheels: Path | None) -> Path:
+    """Create (once per interpreter) the venv that runs TRL 1.12 and return its python.
+
+    The venv's own site-packages holds trl 1.12.0 only, so it shadows any other trl; a
+    ``.pth`` file appends this interpreter's package folders, so torch (CUDA build included),
+    transformers, peft, accelerate and datasets are the very ones our side uses.
+    """
+    python = env_dir / "bin" / "python"
+    ready = env_dir / f".trl-{TRL_VERSION}-ready"
+    stamp = json.dumps({"trl": TRL_VERSION, "parent": sys.executable, "dirs": _package_dirs()})
+    if ready.exists() and python.exists() and ready.read_text() == stamp:
+        return python
+    if env_dir.exists():
+        shutil.rmtree(env_dir)
+    print(f"[bench] creating the TRL {TRL_VERSION} environment in {env_dir}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    target = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    # addsitedir also runs the .pth files of those folders, as this interpreter did at start.
+    Path(target, "_rlhf_bench_shared.pth").write_text(
+        "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in _package_dirs()) + "\n")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target]
+    if wheels is not None and any(wheels.glob(f"trl-{TRL_VERSION}-*.whl")):
+        cmd += ["--no-index", "--find-links", str(wheels)]
+    cmd.append(f"trl=={TRL_VERSION}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"installing trl=={TRL_VERSION} into {env_dir} failed "
+                           f"(no registry? put its wheel in {wheels} with --fetch-trl-wheel):\n{proc.stderr[-2000:]}")
+    check = subprocess.run([str(python), "-c", "import torch, trl; print(trl.__version__)"], capture_output=True, text=True)
+    if check.stdout.strip() != TRL_VERSION:
+        raise RuntimeError(f"{python}: expected trl {TRL_VERSION} with torch, got {check.stdout.strip()!r} "
+                           f"{check.stderr[-500:]}")
+    ready.write_text(stamp)
+    return python
+
+
+def fetch_trl_wheel(wheels: Path) -> Path:
+    """Download trl 1.12.0's wheel into ``wheels`` (to carry to a machine without a registry)."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(wheels),
+                    f"trl=={TRL_VERSION}"], check=True)
+    return next(wheels.glob(f"trl-{TRL_VERSION}-*.whl"))
+
+
+# ----------------------------------------------------------------------------------------
+# orchestration
+
+
+def _worker_env(workdir: Path) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
+               RLHF_HOME=str(workdir / "rlhf_home"))
+    env.pop("CUDA_LAUNCH_BLOCKING", None)
+    return env
+
+
+def run_worker(cmd: list[str], workdir: Path, name: str, timeout: float | None) -> tuple[dict | None, str]:
+    """Run one side in its own process; return (its result JSON or None, log tail)."""
+    log = workdir / f"{name}.log"
+    out = workdir / f"{name}.json"
+    out.unlink(missing_ok=True)
+    print(f"[bench] {name}: running (log {log})", file=sys.stderr, flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd + ["--out", str(out)], stdout=f, stderr=subprocess.STDOUT,
+                                env=_worker_env(workdir), timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    tail = log.read_text(errors="replace")[-3000:]
+    if rc != 0 or not out.exists():
+        print(f"[bench] {name}: failed ({rc}) after {time.time() - t0:.0f}s; log tail:\n{tail}", file=sys.stderr)
+        return None, tail
+    print(f"[bench] {name}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    return json.loads(out.read_text()), tail
+
+
+def summarize(result: dict, spec: BenchSpec) -> dict:
+    """Mean per-batch times over the measured batches (warm-up excluded) and episodes/s."""
+    ups = result["updates"]
+    measured = ups[1:] if len(ups) > 1 else ups
+    mean = lambda k: sum(u[k] for u in measured) / len(measured)  # noqa: E731
+    s = {k: mean(k) for k in ("total_s", "generate_s", "score_s", "update_s")}
+    return {"sec_per_batch": s["total_s"], "eps_per_s": spec.batch / s["total_s"], "generate_s": s["generate_s"],
+            "score_s": s["score_s"], "update_s": s["update_s"], "peak_gb": result["peak_gb"],
+            "peak_kind": result["peak_kind"], "measured_batches": len(measured)}
+
+
+def format_table(spec: BenchSpec, device: str, ours: dict, trl: dict[str, dict]) -> str:
+    """The comparison table: one row per side and mode, ratio rows ours/TRL, phase breakdown."""
+    shape = SHAPES[spec.shape]
+    lines = [
+        f"PPO benchmark: shape {spec.shape} (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+        f"vocab {shape['vocab_size']}), {spec.dtype}, device {device}",
+        f"batch {spec.batch} prompts x {spec.prompt_len} tokens, {spec.response_len}-token responses, "
+        f"{spec.num_minibatches} minibatches x {spec.ppo_epochs} PPO epochs; {spec.n_batches} batches, "
+        f"first excluded as warm-up; peak = {ours['peak_kind']}",
+        "",
+        f"{'run':<34}{'episodes/s':>11}{'s/batch':>10}{'peak GB':>10}{'generate s':>12}{'score s':>10}{'update s':>10}",
+    ]
+
+    def row(label: str, r: dict) -> str:
+        return (f"{label:<34}{r['eps_per_s']:>11.2f}{r['sec_per_batch']:>10.3f}{r['peak_gb']:>10.3f}"
+                f"{r['generate_s']:>12.3f}{r['score_s']:>10.3f}{r['update_s']:>10.3f}")
+
+    lines.append(row("ours (one base, 4 LoRA roles)", ours))
+    for mode, r in trl.items():
+        label = f"TRL {TRL_VERSION} {'full models' if mode == 'full' else 'LoRA (peft_config)'}"
+        lines.append(row(label, r))
+    for mode, r in trl.items():
+        against = "TRL full (ours is LoRA)" if mode == "full" else "TRL LoRA"
+        lines.append(f"{'ratio ours/' + against:<34}{ours['eps_per_s'] / r['eps_per_s']:>10.2f}x"
+                     f"{ours['sec_per_batch'] / r['sec_per_batch']:>9.2f}x{ours['peak_gb'] / r['peak_gb']:>9.2f}x"
+                     + "".join(f"{_ratio(ours[k], r[k]):>{w}}" for k, w in (("generate_s", 12), ("score_s", 10), ("update_s", 10))))
+    lines += ["", "where the time goes (share of each side's seconds per batch):"]
+    for label, r in [("ours", ours)] + [(f"TRL {m}", r) for m, r in trl.items()]:
+        tot = r["sec_per_batch"]
+        lines.append(f"  {label:<10} generate {100 * r['generate_s'] / tot:5.1f}%  score {100 * r['score_s'] / tot:5.1f}%  "
+                     f"update {100 * r['update_s'] / tot:5.1f}%")
+    lines.append("  (TRL phases: time inside its batch_generation, its no-grad forward/get_reward calls, "
+                 "and the rest of the batch)")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def summary_json(ours: dict, trl: dict[str, dict], device: str, spec: BenchSpec) -> dict:
+    """The last line's JSON. With two TRL modes the top level takes TRL's best eps and its
+    lowest peak (the harder comparison for us); per-mode numbers are under ``modes``."""
+    best_eps = max(trl.items(), key=lambda kv: kv[1]["eps_per_s"])
+    low_peak = min(trl.items(), key=lambda kv: kv[1]["peak_gb"])
+    return {
+        "ours_eps_per_s": round(ours["eps_per_s"], 4),
+        "trl_eps_per_s": round(best_eps[1]["eps_per_s"], 4),
+        "speedup": round(ours["eps_per_s"] / best_eps[1]["eps_per_s"], 4),
+        "ours_peak_gb": round(ours["peak_gb"], 4),
+        "trl_peak_gb": round(low_peak[1]["peak_gb"], 4),
+        "device": device,
+        "shape": spec.shape,
+        "trl_eps_mode": best_eps[0],
+        "trl_peak_mode": low_peak[0],
+        "peak_kind": ours["peak_kind"],
+        "ours_sec_per_batch": round(ours["sec_per_batch"], 4),
+        "modes": {m: {"trl_eps_per_s": round(r["eps_per_s"], 4), "speedup": round(ours["eps_per_s"] / r["eps_per_s"], 4),
+                      "trl_sec_per_batch": round(r["sec_per_batch"], 4), "trl_peak_gb": round(r["peak_gb"], 4),
+                      "peak_ratio": round(ours["peak_gb"] / r["peak_gb"], 4)} for m, r in trl.items()},
+    }
+
+
+def _spec_from_args(args, shape: str, cuda: bool) -> BenchSpec:
+    base = DEFAULTS["tiny" if shape == "tiny" else "qwen"]
+    kw = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, **kw)
+
+
+def _has_cuda() -> bool:
+    # Asked in a child process so the orchestrator never holds a CUDA context of its own.
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() == "True"
+
+
+def _self_cmd(*extra: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *extra]
+
+
+def bench(args) -> dict:
+    cuda = _has_cuda()
+    shape = args.shape or ("0.5B" if cuda else "tiny")
+    spec = _spec_from_args(args, shape, cuda)
+    if not cuda and shape != "tiny":
+        print(f"[bench] warning: no GPU; the {shape} shape on a CPU will be very slow", file=sys.stderr)
+    trl_python = None
+    if args.modes:
+        trl_python = Path(args.trl_python) if args.trl_python else ensure_trl_env(Path(args.trl_env), Path(args.trl_wheels))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ppo-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        built, _ = run_worker(_self_cmd("--_worker", "build", "--workspace", str(work)), work, "build", args.timeout)
+        if built is None:
+            raise SystemExit("building the benchmark workspace failed")
+        ours_raw, _ = run_worker(_self_cmd("--_worker", "ours", "--workspace", str(work)), work, "ours", args.timeout)
+        if ours_raw is None:
+            raise SystemExit("our PPO run failed")
+        ours = summarize(ours_raw, spec)
+        trl: dict[str, dict] = {}
+        for mode in args.modes:
+            res, _ = run_worker([str(trl_python), str(TRL_WORKER), "--workspace", str(work), "--mode", mode],
+                                work, f"trl_{mode}", args.timeout)
+            if res is not None:
+                trl[mode] = summarize(res, spec)
+        device = ours_raw["device"]
+        if not trl:
+            out = {"ours_eps_per_s": round(ours["eps_per_s"], 4), "trl_eps_per_s": None, "speedup": None,
+                   "ours_peak_gb": round(ours["peak_gb"], 4), "trl_peak_gb": None, "device": device, "shape": shape}
+            print(f"ours: {ours['eps_per_s']:.2f} episodes/s, {ours['sec_per_batch']:.3f} s/batch, "
+                  f"peak {ours['peak_gb']:.3f} GB ({ours['peak_kind']}); no TRL run completed")
+        else:
+            print(format_table(spec, device, ours, trl))
+            out = summary_json(ours, trl, device, spec)
+        return out
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        elif args.keep:
+            print(f"[bench] workspace kept: {work}", file=sys.stderr)
+
+
+def max_size(args) -> dict:
+    """Largest Qwen2.5 shape whose LoRA PPO (one base, four adapters) completes a batch."""
+    cuda = _has_cuda()
+    shapes = args.shapes or MAX_SIZE_ORDER
+    if not cuda:
+        print("[bench] warning: no GPU; --max-size measures peak RSS on the CPU", file=sys.stderr)
+    results, best = [], None
+    for shape in shapes:
+        spec = _spec_from_args(args, shape, cuda)
+        # One warm-up batch is not needed: the question is whether a batch completes.
+        spec = dataclasses.replace(spec, n_batches=1)
+        work = Path(tempfile.mkdtemp(prefix=f"bench-ppo-{shape}-", dir=args.workdir))
+        try:
+            (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+            built, tail = run_worker(_self_cmd("--_worker", "build", "--workspace", str(work)), work, "build", args.timeout)
+            res, tail = (run_worker(_self_cmd("--_worker", "ours", "--workspace", str(work)), work, "ours", args.timeout)
+                         if built else (None, tail))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        oom = "OutOfMemoryError" in tail or "out of memory" in tail.lower()
+        row = {"shape": shape, "ok": res is not None, "device": res["device"] if res else None,
+               "peak_gb": round(res["peak_gb"], 3) if res else None,
+               "sec_per_batch": round(res["updates"][0]["total_s"], 3) if res else None,
+               "failure": None if res else ("out of memory" if oom else "error (see log above)")}
+        results.append(row)
+        print(f"{shape:>5}: " + (f"completed a batch, peak {row['peak_gb']:.2f} GB, {row['sec_per_batch']:.1f} s"
+                                 if res else f"failed: {row['failure']}"), flush=True)
+        if res is None:
+            break  # bigger shapes need more memory still
+        best = row
+    return {"max_shape": best["shape"] if best else None, "peak_gb": best["peak_gb"] if best else None,
+            "device": best["device"] if best else ("cuda" if cuda else "cpu"), "results": results}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default=None,
+                   help="Model shape (default: 0.5B on a GPU, tiny on a CPU).")
+    p.add_argument("--modes", default="full,lora",
+                   help="TRL modes to compare against, comma-separated from full,lora; empty: ours only.")
+    p.add_argument("--batch", type=int, default=None, help="Prompts per rollout batch (tiny 8, Qwen shapes 64).")
+    p.add_argument("--prompt-len", type=int, default=None, help="Tokens per prompt (tiny 16, Qwen shapes 64).")
+    p.add_argument("--response-len", type=int, default=None, help="Tokens per response (tiny 16, Qwen shapes 128).")
+    p.add_argument("--num-minibatches", type=int, default=None, help="PPO minibatches per epoch (tiny 2, Qwen shapes 4).")
+    p.add_argument("--ppo-epochs", type=int, default=None, help="PPO epochs per batch (tiny 2, Qwen shapes 4).")
+    p.add_argument("--n-batches", type=int, default=None,
+                   help="Rollout batches per side, the first is warm-up (tiny 2, Qwen shapes 3).")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on both sides (alpha = 2r).")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="Weights dtype (default: bfloat16 on a GPU, float32 on a CPU).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-size", action="store_true",
+                   help="Find the largest Qwen2.5 shape whose LoRA PPO completes a batch on this GPU.")
+    p.add_argument("--shapes", default=None, help="Shapes tried by --max-size, comma-separated, smallest first.")
+    p.add_argument("--trl-env", default=str(REPO / ".bench" / "trl112"), help="Where the TRL 1.12 venv lives.")
+    p.add_argument("--trl-wheels", default=str(REPO / ".bench" / "wheels"),
+                   help="Folder with trl-1.12.0's wheel, used instead of the registry when present.")
+    p.add_argument("--trl-python", default=None, help="A python that already has trl 1.12.0 (skips the venv).")
+    p.add_argument("--fetch-trl-wheel", action="store_true", help="Download trl 1.12.0's wheel into --trl-wheels and exit.")
+    p.add_argument("--workdir", default=None, help="Workspace folder (default: a temporary one, removed after).")
+    p.add_argument("--keep", action="store_true", help="Keep the temporary workspace (models, logs).")
+    p.add_argument("--timeout", type=float, default=None, help="Seconds allowed per worker process.")
+    p.add_argument("--_worker", choices=["build", "ours"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workspace", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("full", "lora")]
+    if bad:
+        p.error(f"--modes: unknown mode {bad[0]!r}; choose from full, lora")
+    args.modes = modes
+    if args.shapes is not None:
+        args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        bad = [s for s in args.shapes if s not in SHAPES]
+        if bad:
+            p.error(f"--shapes: unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
+    for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r"):
+        v = getattr(args, key)
+        if v is not None and v <= 0:
+            p.error(f"--{key.replace('_', '-')} must be positive, got {v}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        work = Path(args.workspace)
+        if args._worker == "build":
+            build_workspace(load_spec(work), work)
+            result = {"workspace": str(work)}
+        else:
+            result = run_ours(work, work / "ours_run")
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(args.out)
+        return 0
+    if args.fetch_trl_wheel:
+        print(fetch_trl_wheel(Path(args.trl_wheels)))
+        return 0
+    try:
+        _spec_from_args(args, args.shape or "tiny", cuda=False)  # validate the settings before any work
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = max_size(args) if args.max_size else bench(args)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
