@@ -106,8 +106,11 @@ class RoleModel(torch.nn.Module):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
+        from rlhf.models import disable_dropout
+
         for p in base.parameters():
             p.requires_grad_(False)
+        disable_dropout(base)  # PPO runs its forwards in train mode (ppo.md test 12)
         self.has_sft_adapter = sft_adapter is not None
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter)

@@ -3,6 +3,8 @@
 Commands:
   rlhf run RECIPE [--output-dir D] [--from STAGE] [--resume] [key=value ...]
   rlhf sft|reward|ppo --config FILE [key=value ...]    one stage alone
+      both take  --launcher accelerate --accelerate-config FILE --num-processes N
+      (re-runs the command under `accelerate launch`; see pipelines/accelerate/)
   rlhf data ...        preference-data ingestion (reward_data)
   rlhf registry ...    model registry
   rlhf dashboard [--port P] [--runs-root DIR]
@@ -16,6 +18,30 @@ import os
 import sys
 
 DELEGATED = {"data", "registry", "dashboard", "report"}
+
+
+def _launcher_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--launcher", choices=["none", "accelerate"], default="none",
+                        help="accelerate: run the command on several processes via `accelerate launch`")
+    parser.add_argument("--accelerate-config", help="accelerate config, e.g. pipelines/accelerate/ddp.yaml")
+    parser.add_argument("--num-processes", type=int, help="processes to launch (overrides the config's)")
+    return parser
+
+
+def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
+    """Strip the launcher options; with ``--launcher accelerate`` (outside a launched
+    process) re-run ``rlhf CMD ...`` under accelerate launch and return its exit status."""
+    args, rest = _launcher_parser().parse_known_args(argv)
+    if args.launcher == "none" and (args.accelerate_config or args.num_processes):
+        from rlhf.config import ConfigError
+
+        raise ConfigError("--accelerate-config/--num-processes need --launcher accelerate")
+    if args.launcher != "accelerate" or os.environ.get("LOCAL_RANK") is not None:
+        return None, rest  # single process, or already one of the launched processes
+    from rlhf import distributed
+
+    return distributed.launch([cmd, *rest], args.accelerate_config, args.num_processes), rest
 
 
 def _stage_main(stage: str, argv: list[str]) -> int:
@@ -39,14 +65,18 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     result = run(cfg, resume=args.resume)
     import json
 
-    print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]}, indent=2, default=str))
+    from rlhf import distributed
+
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]}, indent=2, default=str))
     return 0
 
 
 def _run_main(argv: list[str]) -> int:
     from rlhf.pipeline import Pipeline, plan, print_summary
 
-    parser = argparse.ArgumentParser(prog="rlhf run", description="Run a staged recipe: SFT -> reward -> PPO.")
+    parser = argparse.ArgumentParser(prog="rlhf run", description="Run a staged recipe: SFT -> reward -> PPO.",
+                                     parents=[_launcher_parser()])
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--from", dest="from_stage", choices=["sft", "reward", "ppo"], help="rerun from this stage on")
@@ -59,7 +89,10 @@ def _run_main(argv: list[str]) -> int:
         print(f"{args.recipe}: valid (run dir {p.run_dir})")
         return 0
     summary = Pipeline(p).run(from_stage=args.from_stage, resume=args.resume)
-    print_summary(summary, p.run_dir)
+    from rlhf import distributed
+
+    if distributed.is_main():
+        print_summary(summary, p.run_dir)
     return 0
 
 
@@ -78,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
 
     try:
+        if cmd in ("run", "sft", "reward", "ppo"):
+            status, rest = _maybe_launch(cmd, rest)
+            if status is not None:
+                return status
         if cmd == "run":
             return _run_main(rest)
         if cmd in ("sft", "reward", "ppo"):

@@ -180,7 +180,9 @@ class PPOConfig:
     guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", default=50.0)
     guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this.", default=0.01)
     guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", default=1.0)
-    guard_max_length_fraction: float = _help("Stop when mean length exceeds this fraction of response_length... only if also no stop tokens.", default=1.01)
+    guard_max_length_fraction: float = _help(
+        "Stop when the mean response length exceeds this fraction of response_length (responses "
+        "blow up into the length limit).", default=0.95)
     seed: int = _help("Random seed.", default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])

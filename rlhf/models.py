@@ -228,13 +228,24 @@ def _align_with_tokenizer(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+# Attributes under which model code keeps a dropout probability as a plain float read at
+# forward time: e.g. Llama/Qwen2 attention copies ``config.attention_dropout`` into
+# ``self.attention_dropout`` when built, so zeroing the config afterwards does not reach it.
+_DROPOUT_FLOAT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "hidden_dropout",
+                        "resid_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (PPO needs train-mode forwards to be deterministic)."""
+    """Zero every dropout of ``model`` (``nn.Dropout`` modules, float dropout attributes and the
+    config's), so that train-mode forwards are deterministic (ppo.md test 12)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for attr in _DROPOUT_FLOAT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
-        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        for key in _DROPOUT_FLOAT_ATTRS + ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, 0.0)

@@ -171,7 +171,10 @@ class Pipeline:
         self.state["registry_home"] = str(_registry_home(p.pipeline.registry_home))
 
     def save(self) -> None:
-        write_json(self.state_path, self.state)
+        from rlhf import distributed as dist
+
+        if dist.is_main():  # under accelerate launch every process keeps the state, rank 0 writes it
+            write_json(self.state_path, self.state)
 
     def fingerprints(self) -> dict[str, str]:
         p = self.p
@@ -188,20 +191,27 @@ class Pipeline:
         p = self.p
         if from_stage is not None and from_stage not in STAGES:
             raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGES)})")
+        from rlhf import distributed as dist
+
+        # every process has read pipeline.json (in __init__) before rank 0 writes it
+        dist.barrier()
         p.run_dir.mkdir(parents=True, exist_ok=True)
         if p.task_files is not None:
             from reward_data.synthetic import SyntheticTaskConfig, write_task
 
             t = p.pipeline.task
             want = _fingerprint(to_dict(t))
-            if self.state.get("task_fingerprint") != want or not all(Path(f).exists() for f in p.task_files.values()):
-                write_task(Path(p.task_files["sft"]).parent, SyntheticTaskConfig(
-                    seed=t.seed, num_sft=t.num_sft, num_pairs=t.num_pairs, num_ppo_prompts=t.num_ppo_prompts,
-                    num_eval_prompts=t.num_eval_prompts))
-                self.state["task_fingerprint"] = want
+            with dist.main_first():  # rank 0 writes the task files, the others then read them
+                if dist.is_main() and (self.state.get("task_fingerprint") != want
+                                       or not all(Path(f).exists() for f in p.task_files.values())):
+                    write_task(Path(p.task_files["sft"]).parent, SyntheticTaskConfig(
+                        seed=t.seed, num_sft=t.num_sft, num_pairs=t.num_pairs, num_ppo_prompts=t.num_ppo_prompts,
+                        num_eval_prompts=t.num_eval_prompts))
+            self.state["task_fingerprint"] = want
         fps = self.fingerprints()
         forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
-        registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register else None
+        # only rank 0 registers runs and artifacts
+        registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register and dist.is_main() else None
         gold = _gold_fn() if p.task_files is not None else None
 
         for stage in STAGES:
@@ -209,13 +219,15 @@ class Pipeline:
             cached = (st.get("status") == "completed" and st.get("fingerprint") == fps[stage]
                       and stage not in forced and all(Path(v).exists() for v in st.get("dirs", {}).values()))
             if cached:
-                print(f"[pipeline] {stage}: unchanged since its last run, skipped")
+                if dist.is_main():
+                    print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
             stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in ("running", "failed")
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage],
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
-            print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
+            if dist.is_main():
+                print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
             run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
             try:
                 result = self._run_stage(stage, stage_resume, gold)
@@ -235,7 +247,8 @@ class Pipeline:
             )
             self.save()
         summary = self.summary(gold)
-        write_json(p.run_dir / "summary.json", summary)
+        if dist.is_main():
+            write_json(p.run_dir / "summary.json", summary)
         return summary
 
     def _run_stage(self, stage: str, resume: bool, gold) -> dict:
@@ -276,7 +289,10 @@ class Pipeline:
                 gold_reward_ppo_se=ppo_m.get("final/eval/gold_se"),
             )
             out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
-            if out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed":
+            from rlhf import distributed as dist
+
+            if (out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed"
+                    and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
                 acc = gold_rm_accuracy(self.p, st["reward"]["dirs"]["adapter"])
                 st["reward"].setdefault("metrics", {})["gold_accuracy"] = acc
                 self.save()

@@ -109,8 +109,18 @@ def generation_config(cfg: PPOConfig, stop_id: int, pad_id: int):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int, response_length: int) -> Rollout:
     """Sample responses with the policy role; pad/truncate to exactly ``response_length``."""
-    with model.role("policy"):
-        out = model.base_lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    from transformers import GenerationConfig
+
+    # transformers fills every field we leave unset (None) from the model's own
+    # generation_config.json (min_p, min_length, suppress_tokens, bad_words_ids, ...), so the
+    # model's defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
+    lm = model.base_lm
+    saved, lm.generation_config = lm.generation_config, GenerationConfig()
+    try:
+        with model.role("policy"):
+            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    finally:
+        lm.generation_config = saved
     resp = out[:, prompt_ids.shape[1]:]
     if resp.shape[1] < response_length:
         fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
@@ -171,20 +181,24 @@ def score_rollout(model, batch: Rollout, cfg: PPOConfig, chunk: int) -> Rollout:
     return batch
 
 
-def shaped_rewards(batch: Rollout, cfg: PPOConfig, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores after the stop-token penalty and clipping, per-token KL, per-token rewards."""
+def shaped_rewards(batch: Rollout, cfg: PPOConfig, kl_coef: float,
+                   whiten: Callable = F.masked_whiten) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores after the stop-token penalty and clipping, per-token KL, per-token rewards.
+
+    ``whiten`` is ``rlhf.distributed.masked_whiten`` under several processes (global statistics)."""
     scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     kl = torch.where(batch.response_mask.bool(), F.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator), 0.0)
     rewards = F.per_token_rewards(scores, kl if cfg.kl_in_reward else torch.zeros_like(kl), batch.response_mask, kl_coef)
     if cfg.whiten_rewards:
-        rewards = F.masked_whiten(rewards, batch.response_mask, shift_mean=False)
+        rewards = whiten(rewards, batch.response_mask, shift_mean=False)
     return scores, kl, rewards
 
 
 def advantages_and_returns(batch: Rollout, rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
-                           cfg: PPOConfig, kl_coef: float, group_ids: torch.Tensor | None):
+                           cfg: PPOConfig, kl_coef: float, group_ids: torch.Tensor | None,
+                           whiten: Callable = F.masked_whiten):
     mask = batch.response_mask
     if cfg.advantage_estimator == "gae":
         adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
@@ -195,7 +209,7 @@ def advantages_and_returns(batch: Rollout, rewards: torch.Tensor, scores: torch.
         seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
         adv = F.rloo_advantages(seq, group_ids)[:, None].expand_as(mask).contiguous()
         returns = adv
-    return F.masked_whiten(adv, mask) * mask, returns
+    return whiten(adv, mask) * mask, returns
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,20 +324,27 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
             synthetic task's gold reward); it never enters training.
         stop_after: stop after this many updates (tests of resume); checkpoints as usual.
     """
+    from rlhf import distributed as dist
     from rlhf.checkpoint import complete_checkpoints, load_state, rng_state, save_state, set_rng_state, write_checkpoint_dir
     from rlhf.data import load_prompts
     from rlhf.tracking import Tracker, progress
 
+    # Several processes (accelerate launch): each generates rollout_batch_size episodes per
+    # update, so the global batch is rollout_batch_size * world; only rank 0 writes files.
+    dist.check_ppo_supported()
+    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(to_dict(cfg), out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(to_dict(cfg), out / "config.yaml")
     if not cfg.reward_adapter:
         raise ValueError("ppo.reward_adapter is required")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device()
     torch.manual_seed(cfg.seed)
 
     # 0. one base, four roles; prompts
-    model, tok, base_path = _build_model(cfg, device)
+    with dist.main_first():  # the builtin base is materialised once, by rank 0
+        model, tok, base_path = _build_model(cfg, device)
     stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
@@ -334,9 +355,11 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
     gen_cfg = generation_config(cfg, stop_id, pad_id)
 
     per_rollout_prompts = cfg.rollout_batch_size // (cfg.rloo_k if cfg.advantage_estimator == "rloo" else 1)
-    num_updates = max(1, cfg.total_episodes // cfg.rollout_batch_size)
+    global_batch = cfg.rollout_batch_size * world
+    num_updates = max(1, cfg.total_episodes // global_batch)
     params = model.trainable_parameters("policy") + (
         model.trainable_parameters("value") if cfg.advantage_estimator == "gae" else [])
+    dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
     steps_per_update = cfg.ppo_epochs * cfg.num_minibatches
     total_steps = num_updates * steps_per_update
@@ -357,22 +380,31 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
         start = n
-        print(f"[ppo] resumed from {d} (update {n} of {num_updates})")
+        if main:
+            print(f"[ppo] resumed from {d} (update {n} of {num_updates})")
 
-    tracker = Tracker(run_dir or out.parent, stage_name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter})
+    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+                      refs={"base": base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
+                      is_main_process=main)
     metrics: dict = {}
 
     def run_eval(update: int) -> dict:
         if not eval_ids:
             return {}
-        ev, rows = evaluate(model, tok, eval_ids, eval_texts, cfg, gen_cfg, stop_id, pad_id, device, gold_fn,
-                            seed=cfg.seed + 1_000_003)
-        tracker.log(ev, step=update)
-        tracker.log_samples(update, [dict(r, step=update) for r in rows[: cfg.num_samples_logged]])
-        return ev
+        # Rank 0 evaluates alone (same prompts and seed as a single-process run, so numbers
+        # compare across launches); the model has no collectives, the others just wait.
+        ev = {}
+        if main:
+            ev, rows = evaluate(model, tok, eval_ids, eval_texts, cfg, gen_cfg, stop_id, pad_id, device, gold_fn,
+                                seed=cfg.seed + 1_000_003)
+            tracker.log(ev, step=update)
+            tracker.log_samples(update, [dict(r, step=update) for r in rows[: cfg.num_samples_logged]])
+        return dist.broadcast_object(ev)
 
     def save_checkpoint(update: int) -> None:
+        if not main:  # ranks hold identical weights and optimizer states; rank 0 writes them
+            return
+
         def writer(tmp: Path):
             model.save_role("policy", tmp / "policy")
             if cfg.advantage_estimator == "gae":
@@ -386,17 +418,19 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
             shutil.rmtree(old, ignore_errors=True)
 
     initial_eval = run_eval(0) if start == 0 else _read_json(out / "initial_eval.json")
-    if start == 0:
+    if start == 0 and main:
         write_json(out / "initial_eval.json", initial_eval)
 
-    bar = progress(total=num_updates, initial=start, desc="ppo updates")
+    bar = progress(total=num_updates, initial=start, desc="ppo updates", disable=None if main else True)
     for update in range(start, num_updates):
         if stop_after is not None and update >= stop_after:
             break
         t0 = time.time()
         # 1. prompts of this update: a pure function of (seed, update)
-        idx = _prompt_order(len(prompt_ids), cfg.seed, update, per_rollout_prompts)
-        rows = [prompt_ids[i] for i in idx]
+        # (several processes: the global batch's prompts, of which this rank takes a disjoint slice)
+        idx = _prompt_order(len(prompt_ids), cfg.seed, update, per_rollout_prompts * world)
+        lo, hi = dist.shard_bounds(len(idx), rank, world)
+        rows = [prompt_ids[i] for i in idx[lo:hi]]
         group_ids = None
         if cfg.advantage_estimator == "rloo":
             rows = [r for r in rows for _ in range(cfg.rloo_k)]
@@ -404,43 +438,56 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         ids, mask = left_pad(rows, pad_id, device)
 
         # 2. generate with the policy role
-        torch.manual_seed(cfg.seed * 1_000_003 + update)
+        torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, rank))  # ranks sample differently
         batch = generate(model, ids, mask, gen_cfg, stop_id, pad_id, cfg.response_length)
+        _sync(device)
         t_gen = time.time() - t0
 
         # 3. score: logprobs (policy, reference), values, reward on the last real token
         batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2)
+        _sync(device)
         t_score = time.time() - t0 - t_gen
+
+        for name, t in (("reward/score", batch.scores), ("logprobs/policy", batch.logprobs),
+                        ("logprobs/reference", batch.ref_logprobs), ("value", batch.values)):
+            if not torch.isfinite(t).all():
+                raise GuardTripped(name, float(t[~torch.isfinite(t)][0]), "not finite")
 
         # 4. per-token rewards with the KL penalty
         beta = float(kl_ctl.value)
-        scores, kl, rewards = shaped_rewards(batch, cfg, beta)
+        scores, kl, rewards = shaped_rewards(batch, cfg, beta, whiten=dist.masked_whiten)
 
-        # 5. advantages, whitened over the whole rollout batch
-        adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, beta, group_ids)
+        # 5. advantages, whitened over the whole rollout batch (of all processes)
+        adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, beta, group_ids,
+                                              whiten=dist.masked_whiten)
 
         # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
-        stats = _ppo_update(model, optimizer, scheduler, batch, adv, returns, cfg, beta, update)
+        stats = _ppo_update(model, optimizer, scheduler, batch, adv, returns, cfg, beta, update,
+                            rank=rank, world=world)
+        _sync(device)
         t_update = time.time() - t0 - t_gen - t_score
 
         # 7. KL controller, metrics, guards, evaluation, checkpoint
         mask_f = batch.response_mask
-        kl_per_response = F.masked_sum(kl, mask_f, dim=1)
-        kl_ctl.update(float(kl_per_response.mean()), cfg.rollout_batch_size)
+        # Statistics of the global batch (rows gathered from every process), so that the KL
+        # controller and the guards take the same decision on every rank.
+        scores_all = dist.gather_rows(scores)
+        kl_per_response = dist.gather_rows(F.masked_sum(kl, mask_f, dim=1))
+        kl_ctl.update(float(kl_per_response.mean()), global_batch)
         step_stats = {
-            "reward/score_mean": float(scores.mean()),
-            "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            "reward/shaped_mean": float((rewards * mask_f).sum(1).mean()),
+            "reward/score_mean": float(scores_all.mean()),
+            "reward/score_std": float(scores_all.std()) if scores_all.numel() > 1 else 0.0,
+            "reward/shaped_mean": float(dist.gather_rows((rewards * mask_f).sum(1)).mean()),
             "kl/mean": float(kl_per_response.mean()),
             "kl/coef": beta,
-            "entropy/mean": float(F.masked_mean(batch.entropy, mask_f)),
-            "response/length_mean": float(mask_f.sum(1).mean()),
-            "response/stop_rate": float(batch.has_stop.float().mean()),
-            "value/mean": float(F.masked_mean(batch.values, mask_f)),
-            "advantage/mean": float(F.masked_mean(adv, mask_f)),
+            "entropy/mean": float(dist.masked_mean(batch.entropy, mask_f)),
+            "response/length_mean": float(dist.gather_rows(mask_f.sum(1)).mean()),
+            "response/stop_rate": float(dist.gather_rows(batch.has_stop.float()).mean()),
+            "value/mean": float(dist.masked_mean(batch.values, mask_f)),
+            "advantage/mean": float(dist.masked_mean(adv, mask_f)),
             "lr": float(scheduler.get_last_lr()[0]),
             "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
-            "episodes_per_s": cfg.rollout_batch_size / max(time.time() - t0, 1e-9),
+            "episodes_per_s": global_batch / max(time.time() - t0, 1e-9),
             **stats,
         }
         _check_guards(step_stats, cfg)
@@ -461,7 +508,7 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
                       **{f"initial/{k}": v for k, v in initial_eval.items()},
                       **{f"final/{k}": v for k, v in final_eval.items()}}
-    if finished:
+    if finished and main:
         import tempfile
 
         from rlhf.stages.common import publish_dir
@@ -472,8 +519,15 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
             write_json(tmp / "rlhf_adapter.json", {"role": role, "base": base_path})
             publish_dir(tmp, out / role)
         write_json(out / "metrics.json", result_metrics)
+    dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return {"policy": str(out / "policy"), "value": str(out / "value"), "base": base_path,
             "metrics": result_metrics, "finished": finished}
+
+
+def _sync(device) -> None:
+    """Wait for queued GPU work so that phase timings bill each phase its own kernels."""
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _read_json(path: Path) -> dict:
@@ -502,9 +556,21 @@ def _load_roles(model, ckpt: Path) -> None:
 
 
 def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: PPOConfig, beta: float,
-                update: int) -> dict:
-    """PPO epochs over shuffled minibatches of the rollout; returns mean statistics."""
-    B = batch.response_ids.shape[0]
+                update: int, rank: int = 0, world: int = 1) -> dict:
+    """PPO epochs over shuffled minibatches of the rollout; returns mean statistics.
+
+    With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
+    global batch of ``world*B`` rows. Every rank draws the same permutation of the global
+    rows (same seed) and trains on its own rows of each global minibatch; losses are
+    normalised by the global minibatch token count and gradients summed over ranks before
+    the step, so each step equals the single-process step on the same global batch (the
+    number of rows a rank holds in a minibatch varies; a rank may hold none).
+    """
+    from rlhf import distributed as dist
+
+    B_local = batch.response_ids.shape[0]
+    B = B_local * world
+    lo = rank * B_local
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
@@ -513,10 +579,11 @@ def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: 
     for _epoch in range(cfg.ppo_epochs):
         for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
             mb_idx = mb_idx.to(batch.response_ids.device)
+            mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo  # this rank's rows
             optimizer.zero_grad(set_to_none=True)
-            n_tokens = batch.response_mask[mb_idx].sum().clamp(min=1.0)
+            n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
             acc: dict[str, float] = {}
-            for micro in mb_idx.split(cfg.micro_batch_size):
+            for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
                 mb = batch.index(micro)
                 a, r = adv[micro], returns[micro]
                 # policy: clipped surrogate (+ optional KL loss, entropy bonus)
@@ -545,6 +612,7 @@ def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: 
                     acc["loss/value"] = acc.get("loss/value", 0.0) + float(vf.detach())
                     for k, val in vf_stats.items():
                         acc[f"value/{k}"] = acc.get(f"value/{k}", 0.0) + float(val) * w
+            dist.sum_gradients(params)  # no-op in one process
             if cfg.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 acc["grad_norm"] = float(norm)
@@ -553,4 +621,10 @@ def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: 
             for k, v in acc.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+    if world > 1:  # per-rank partial sums add up to the global minibatch statistics
+        parts = dist.gather_objects(sums)
+        norm = sums.get("grad_norm")  # computed after the gradient sum: equal on every rank
+        sums = {k: sum(p.get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p})}
+        if norm is not None:
+            sums["grad_norm"] = norm
     return {k: v / count for k, v in sums.items()} | {"optimizer_steps": float(count)}

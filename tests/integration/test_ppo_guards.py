@@ -1,0 +1,97 @@
+"""Guards stop a PPO run on NaN, KL explosion, entropy collapse and length collapse or
+blow-up, naming the metric and its value, and leave the last good checkpoint untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlhf.checkpoint
+from rlhf.adapters import RoleModel
+from rlhf.stages.ppo import GuardTripped, run_ppo
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run_until_guard(cfg, monkeypatch, arm) -> tuple[GuardTripped, Path, dict]:
+    """Run 2 updates with a checkpoint after each; ``arm(cfg)`` is called once update-1 is
+    on disk, so update 2 is the one that trips. Returns the error, update-1's directory
+    and its file digests taken right after it was written."""
+    written: dict = {}
+    original = rlhf.checkpoint.write_checkpoint_dir
+
+    def spy(root, name, writer):
+        d = original(root, name, writer)
+        written[name] = (d, _tree_digest(d))
+        if name == "update-1":
+            arm(cfg)
+        return d
+
+    monkeypatch.setattr(rlhf.checkpoint, "write_checkpoint_dir", spy)
+    with pytest.raises(GuardTripped) as err:
+        run_ppo(cfg)
+    assert list(written) == ["update-1"], "the guard must trip on update 2, before its checkpoint"
+    d, digest = written["update-1"]
+    return err.value, d, digest
+
+
+def _assert_stopped_cleanly(cfg, ckpt: Path, digest: dict) -> None:
+    out = Path(cfg.output_dir)
+    assert _tree_digest(ckpt) == digest  # the last good checkpoint, byte for byte
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["update-1"]  # no update-2, no temp dirs
+    assert not (out / "policy").exists() and not (out / "metrics.json").exists()  # nothing published
+
+
+def _set(**values):
+    def arm(cfg):
+        for k, v in values.items():
+            setattr(cfg, k, v)
+    return arm
+
+
+@pytest.mark.parametrize("arm, metric, words", [
+    (_set(guard_min_entropy=1e9), "entropy/mean", "below guard_min_entropy"),
+    (_set(guard_min_length=1e6), "response/length_mean", "below guard_min_length"),
+    (_set(guard_max_length_fraction=0.01), "response/length_mean", "above"),
+], ids=["entropy_collapse", "length_collapse", "length_blowup"])
+def test_guard_stops_run_and_keeps_checkpoint(arm, metric, words, ppo_config, monkeypatch):
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6)
+    err, ckpt, digest = _run_until_guard(cfg, monkeypatch, arm)
+    assert err.metric == metric
+    assert metric in str(err) and words in str(err) and f"{err.value:.6g}" in str(err)
+    _assert_stopped_cleanly(cfg, ckpt, digest)
+
+
+def test_kl_explosion_guard(ppo_config, monkeypatch):
+    """KL is exactly 0 on update 1 (policy == sft) and positive once the policy moved."""
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6, kl_estimator="k3",
+                     learning_rate=1e-2, guard_max_kl=1e-6)
+    err, ckpt, digest = _run_until_guard(cfg, monkeypatch, lambda cfg: None)
+    assert err.metric == "kl/mean" and err.value > 1e-6
+    assert "kl/mean" in str(err) and "guard_max_kl" in str(err)
+    _assert_stopped_cleanly(cfg, ckpt, digest)
+
+
+def test_nan_reward_stops_run(ppo_config, monkeypatch):
+    """A reward head that starts returning NaN stops the run before any weight is updated
+    with it; the message names the non-finite metric."""
+    armed = {"on": False}
+    original = RoleModel.values
+
+    def values(self, role, hidden):
+        out = original(self, role, hidden)
+        return torch.full_like(out, math.nan) if armed["on"] and role == "reward" else out
+
+    monkeypatch.setattr(RoleModel, "values", values)
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6)
+    err, ckpt, digest = _run_until_guard(cfg, monkeypatch, lambda cfg: armed.update(on=True))
+    assert math.isnan(err.value)
+    assert err.metric in str(err) and "nan" in str(err) and "not finite" in str(err)
+    _assert_stopped_cleanly(cfg, ckpt, digest)

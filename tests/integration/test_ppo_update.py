@@ -1,0 +1,141 @@
+"""The PPO update loop on the tiny model: exact gradient accumulation (ppo.md test 11),
+the number of optimizer steps, and a smoke run of every estimator / KL option."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.stages.ppo import Rollout, _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
+
+
+def _grads_of_update(model, batch, adv, returns, cfg) -> tuple[list[torch.Tensor], dict]:
+    """Gradients the optimizer sees at the one step of ``_ppo_update`` (lr 0: nothing
+    moves), and the update's statistics (losses)."""
+    params = model.trainable_parameters("policy") + model.trainable_parameters("value")
+    opt = torch.optim.Adam(params, lr=0.0, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.detach().clone() for p in params]))
+    stats = _ppo_update(model, opt, sched, batch, adv, returns, cfg, 0.05, update=0)
+    assert stats["optimizer_steps"] == len(seen) == 1
+    return seen[0], stats
+
+
+def _pad_more(batch: Rollout, adv, returns, left: int, right: int, pad_id: int):
+    """The same rollout with ``left`` more prompt pad columns and ``right`` more response pad
+    columns; per-token tensors get junk (not zeros) there, which masks must ignore."""
+    B = batch.prompt_ids.shape[0]
+
+    def right_pad(x, fill):
+        return torch.cat([x, torch.full((B, right), fill, dtype=x.dtype)], dim=1)
+
+    padded = Rollout(
+        prompt_ids=torch.cat([torch.full((B, left), pad_id, dtype=torch.long), batch.prompt_ids], dim=1),
+        prompt_mask=torch.cat([torch.zeros((B, left), dtype=batch.prompt_mask.dtype), batch.prompt_mask], dim=1),
+        response_ids=right_pad(batch.response_ids, pad_id),
+        response_mask=right_pad(batch.response_mask, 0.0),
+        has_stop=batch.has_stop,
+        logprobs=right_pad(batch.logprobs, -30.0),
+        ref_logprobs=right_pad(batch.ref_logprobs, 5.0),
+        entropy=right_pad(batch.entropy, 1.0),
+        values=right_pad(batch.values, 100.0),
+        scores=batch.scores,
+    )
+    return padded, right_pad(adv, 50.0), right_pad(returns, -50.0)
+
+
+def test_accumulated_micro_batches_give_the_minibatch_gradient(role_model, make_rollout):
+    """One minibatch of 8 in one micro-batch, in 4 x 2, and with extra padding on both
+    sides: the same gradient on policy and value parameters (1e-6, fp32)."""
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0)
+    with torch.no_grad():  # policy != sft and value != reward: every loss term has a gradient
+        for n, p in model.peft.named_parameters():
+            if ".policy." in n or ".value." in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = make_rollout(model, tok, cfg)
+    assert (batch.response_mask == 0).any(), "want rows of different lengths"
+    scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
+    adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None)
+
+    whole, whole_stats = _grads_of_update(model, batch, adv, returns, cfg)
+    micro, micro_stats = _grads_of_update(model, batch, adv, returns, replace(cfg, micro_batch_size=2))
+    padded, padded_stats = _grads_of_update(model, *_pad_more(batch, adv, returns, 3, 2, tok.pad_token_id), cfg)
+    for key in ("loss/policy", "loss/value"):
+        assert micro_stats[key] == pytest.approx(whole_stats[key], rel=1e-6, abs=1e-6)
+        assert padded_stats[key] == pytest.approx(whole_stats[key], rel=1e-6, abs=1e-6)
+
+    n_policy = len(model.trainable_parameters("policy"))
+    assert sum(float(g.abs().sum()) for g in whole[:n_policy]) > 0
+    assert sum(float(g.abs().sum()) for g in whole[n_policy:]) > 0
+    for a, b, c in zip(whole, micro, padded):
+        assert (a - b).abs().max() < 1e-6
+        assert (a - c).abs().max() < 1e-6
+
+
+def test_optimizer_steps_per_rollout_are_epochs_times_minibatches(role_model, make_rollout):
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=3, num_minibatches=4, micro_batch_size=2)
+    batch = make_rollout(model, tok, cfg)
+    scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
+    adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None)
+    params = model.trainable_parameters("policy") + model.trainable_parameters("value")
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    steps = []
+    opt.register_step_post_hook(lambda o, a, k: steps.append(1))
+    stats = _ppo_update(model, opt, sched, batch, adv, returns, cfg, 0.05, update=0)
+    assert stats["optimizer_steps"] == len(steps) == 12
+    assert sched.last_epoch == 12
+
+
+# --------------------------------------------------------------------------- options smoke
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Per-update metrics of a run, one record per step (a resumed run's later line wins)."""
+    by_step: dict[int, dict] = {}
+    for line in (out.parent / "ppo" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "reward/score_mean" in rec:
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+OPTIONS = {
+    "rloo": dict(advantage_estimator="rloo", rloo_k=2),
+    "reinforce++": dict(advantage_estimator="reinforce++"),
+    "kl_as_loss": dict(kl_in_reward=False),
+    "k3": dict(kl_estimator="k3"),
+    "adaptive_kl": dict(kl_controller="adaptive", kl_coef=0.15, kl_target=6.0, kl_horizon=10000),
+    "entropy_bonus": dict(entropy_coef=0.01),
+    "whiten_rewards": dict(whiten_rewards=True),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_runs_with_finite_metrics(name, ppo_config):
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=6, **OPTIONS[name])
+    result = run_ppo(cfg)
+    assert result["finished"]
+    metrics = read_metrics(Path(cfg.output_dir))
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        bad = {k: v for k, v in m.items() if v is None or not math.isfinite(v)}
+        assert not bad, bad
+    assert metrics[0]["kl/mean"] == 0.0  # the policy starts as an exact copy of sft
+    assert metrics[0]["optimizer_steps"] == cfg.ppo_epochs * cfg.num_minibatches
+    out = Path(cfg.output_dir)
+    assert (out / "policy" / "adapter_model.safetensors").is_file()
+    assert (out / "value").is_dir() == (cfg.advantage_estimator == "gae")
+    if name == "adaptive_kl":  # KL 0 is below target: beta shrinks by the clipped 20% rule
+        assert metrics[0]["kl/coef"] == pytest.approx(0.15)
+        assert metrics[1]["kl/coef"] == pytest.approx(0.15 * (1 - 0.2 * 4 / 10000), rel=1e-12)
+    if name == "entropy_bonus":
+        assert "loss/policy" in metrics[0]
