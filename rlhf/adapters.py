@@ -45,6 +45,21 @@ def linear_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def resolve_adapter(ref_or_path: str) -> str:
+    """An adapter directory from a path or a model-registry reference ('name', 'name:3', 'name:prod')."""
+    if Path(ref_or_path).exists():
+        return str(ref_or_path)
+    from rlhf.registry import Registry
+
+    try:
+        entry = Registry.open().resolve(ref_or_path)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the reference
+        raise FileNotFoundError(f"adapter {ref_or_path!r} is neither a directory nor a registry reference ({e})") from None
+    if entry.kind != "adapter" or entry.path is None:
+        raise ValueError(f"registry entry {entry.ref} is a {entry.kind}, not an adapter")
+    return str(entry.path)
+
+
 def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
     """LoRA tensors and peft config of a saved adapter (head tensors are not included)."""
     adapter_dir = Path(adapter_dir)

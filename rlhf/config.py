@@ -129,8 +129,8 @@ class PPOConfig:
     """Stage 3: PPO of the SFT policy against the reward model (our own loop)."""
 
     model: ModelConfig = _help("Base model (the same base as the earlier stages).", default_factory=ModelConfig)
-    sft_adapter: str = _help("SFT adapter directory (reference and policy init). Set by the pipeline.", default="")
-    reward_adapter: str = _help("Reward adapter directory with head.safetensors. Set by the pipeline.", default="")
+    sft_adapter: str = _help("SFT adapter: a directory or a registry reference (reference and policy init). Set by the pipeline.", default="")
+    reward_adapter: str = _help("Reward adapter (with head.safetensors): a directory or a registry reference. Set by the pipeline.", default="")
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout

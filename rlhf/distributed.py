@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -430,6 +429,4 @@ def launch(args: Sequence[str], config_file: str | os.PathLike | None = None, nu
     if not torch.cuda.is_available():
         child_env["ACCELERATE_USE_CPU"] = "true"
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
-        raise FileNotFoundError(f"python executable not found: {cmd[0]}")
     return subprocess.run(cmd, env=child_env).returncode

@@ -274,7 +274,7 @@ def our_config(spec: BenchSpec, workdir: str | Path, out_dir: str | Path, n_batc
         lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
         eval_every=0, save_every=0, seed=spec.seed, output_dir=str(Path(out_dir) / "ppo"), report_to=["local"],
         # A benchmark must not stop on a random model's statistics.
-        guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0,
+        guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0, guard_max_length_fraction=1.01,
     )
 
 

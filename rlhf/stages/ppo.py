@@ -229,7 +229,7 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 
 
 def _build_model(cfg: PPOConfig, device):
-    from rlhf.adapters import RoleModel
+    from rlhf.adapters import RoleModel, resolve_adapter
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_base
 
     base_path = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
@@ -237,7 +237,7 @@ def _build_model(cfg: PPOConfig, device):
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
+    model = RoleModel(base, resolve_adapter(cfg.sft_adapter) if cfg.sft_adapter else None, resolve_adapter(cfg.reward_adapter),
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules if cfg.lora.target_modules != "all-linear" else None})
     model.to(device)
@@ -516,7 +516,7 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         for role in (("policy", "value") if cfg.advantage_estimator == "gae" else ("policy",)):
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-", dir=out))
             model.save_role(role, tmp)
-            write_json(tmp / "rlhf_adapter.json", {"role": role, "base": base_path})
+            write_json(tmp / "rlhf_adapter.json", {"role": role, "base_path": base_path})
             publish_dir(tmp, out / role)
         write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters

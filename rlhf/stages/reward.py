@@ -143,7 +143,7 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
             head = _head_from_state(state)
         save_head(head, tmp)
         save_yaml(to_dict(cfg), tmp / "config.yaml")
-        write_json(tmp / "rlhf_adapter.json", {"role": "reward", "base": base, "dataset": data_ref})
+        write_json(tmp / "rlhf_adapter.json", {"role": "reward", "base_path": base, "dataset": data_ref})
         publish_dir(tmp, out / "adapter")
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists

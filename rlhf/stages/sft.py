@@ -97,7 +97,8 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
-    metrics["loss"] = final_log_value(trainer.state.log_history, "loss")
+    last = final_log_value(trainer.state.log_history, "loss")
+    metrics["loss"] = last if last is not None else metrics["train_loss"]  # runs shorter than logging_steps
     if eval_ds is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = float(ev["eval_loss"])
@@ -113,7 +114,7 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
         if kind == "model":
             tok.save_pretrained(tmp)
         save_yaml(to_dict(cfg), tmp / "config.yaml")
-        write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base": base, "finetune": cfg.finetune})
+        write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base_path": base, "finetune": cfg.finetune})
         publish_dir(tmp, out / kind)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists

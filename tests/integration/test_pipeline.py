@@ -23,7 +23,7 @@ RECIPE = ROOT / "pipelines" / "tiny.yaml"
 # "PPO beats SFT by 3 standard errors" claim) is checked by test_tiny_default_full below.
 SMALL = [
     "task.num_sft=256", "task.num_pairs=512", "task.num_ppo_prompts=64", "task.num_eval_prompts=32",
-    "sft.train.epochs=1", "sft.train.save_steps=4", "reward.train.epochs=1", "reward.train.save_steps=8",
+    "sft.train.epochs=1", "sft.train.save_steps=4", "sft.train.logging_steps=2", "reward.train.logging_steps=4", "reward.train.epochs=1", "reward.train.save_steps=8",
     "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=8", "ppo.save_every=1",
     "ppo.eval_every=0", "ppo.response_length=12",
 ]
@@ -187,3 +187,24 @@ def test_tiny_default_full(tmp_path):
     s = Pipeline(p).run()
     assert s["gold_improvement_in_se"] >= 3.0, s
     assert s["rm_accuracy_gold"] > 0.6, s
+
+
+def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path):
+    """A stage takes its inputs by registry reference (name:version or an alias)."""
+    from rlhf.cli import main
+    from rlhf.registry import Registry
+
+    p, _ = run
+    state = _state(p.run_dir)
+    sft_ref = state["stages"]["sft"]["outputs"]["adapter"]
+    rm_ref = state["stages"]["reward"]["outputs"]["adapter"]
+    Registry.open().tag(rm_ref, "prod")
+    rm_alias = rm_ref.split(":")[0] + ":prod"
+    out = tmp_path / "ppo"
+    assert main(["ppo", f"sft_adapter={sft_ref}", f"reward_adapter={rm_alias}", f"prompts={p.task_files['ppo_prompts']}",
+                 f"output_dir={out}", "total_episodes=16", "rollout_batch_size=16", "micro_batch_size=8",
+                 "response_length=8", "eval_every=0", "save_every=0"]) == 0
+    assert (out / "policy" / "adapter_model.safetensors").is_file()
+    with pytest.raises(FileNotFoundError, match="no-such-adapter:1"):
+        main(["ppo", "sft_adapter=no-such-adapter:1", f"reward_adapter={rm_alias}",
+              f"prompts={p.task_files['ppo_prompts']}", f"output_dir={tmp_path / 'x'}"])
