@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from rlhf.paths import rlhf_home
+from rlhf.paths import pid_alive, rlhf_home
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OUTPUT_FILES = ("train.jsonl", "test.jsonl", "quarantine.jsonl", "duplicates.jsonl")
@@ -81,23 +81,13 @@ def read_manifest(version_dir: Path) -> dict:
         return json.load(f)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_tmp(name_dir: Path) -> None:
     """Remove temporary version directories left by ingests whose process no longer exists."""
     if not name_dir.is_dir():
         return
     for p in name_dir.iterdir():
         m = re.match(r"^\.tmp-(\d+)-", p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
 

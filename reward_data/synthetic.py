@@ -15,7 +15,8 @@ The task:
       response, minus ``SHORT_PENALTY`` if the response has fewer than ``MIN_WORDS`` words.
   * SFT demonstrations are sampled from a broad, mediocre "human writer" distribution, so
     the SFT policy sits near the middle of the gold scale and there is headroom.
-  * Preference pairs are two samples from the same distribution labelled by a
+  * Preference pairs are two samples (mostly demonstration-like, some exploratory, see
+    ``sample_pair_response``) labelled by a
     Bradley-Terry model of the gold reward with temperature ``LABEL_TEMPERATURE``:
     ``P(a preferred) = sigmoid((gold(a) - gold(b)) / T)``. This gives realistic label
     noise (about a quarter of labels disagree with the noiseless gold preference, in the
@@ -49,6 +50,8 @@ TOPIC_BONUS = 0.5
 MIN_WORDS = 3
 SHORT_PENALTY = 1.0
 LABEL_TEMPERATURE = 0.25
+EXPLORATORY_FRACTION = 0.3
+_EXPLORATORY_WORDS = CONTENT_WORDS + TOPICS
 
 #: every word the tokenizer knows (special tokens are added by rlhf.tiny).
 VOCABULARY = sorted(set(TOPICS + CONTENT_WORDS + PROMPT_WORDS))
@@ -102,6 +105,18 @@ def sample_response(rng: random.Random, prompt: str) -> str:
     if topic is not None and rng.random() < 0.5:
         words[rng.randrange(n)] = topic
     return " ".join(words)
+
+
+def sample_pair_response(rng: random.Random, prompt: str) -> str:
+    """A response for preference data: mostly from the demonstration distribution, the rest
+    (``EXPLORATORY_FRACTION``) from a broader exploratory one (1-10 content or topic words in
+    any mix), as preference data
+    gathered from several models covers more than one writer's habits. Without that
+    coverage the reward model is blind to what the demonstrations never show (off-topic
+    words, empty answers) and PPO finds and exploits those blind spots."""
+    if rng.random() >= EXPLORATORY_FRACTION:
+        return sample_response(rng, prompt)
+    return " ".join(rng.choice(_EXPLORATORY_WORDS) for _ in range(rng.randint(1, 10)))
 
 
 def _user(text: str) -> list[dict]:
@@ -161,9 +176,9 @@ def write_task(out_dir: str | Path, cfg: SyntheticTaskConfig) -> dict[str, Path]
     def pair_rows():
         for _ in range(cfg.num_pairs):
             p = sample_prompt(rng)
-            a, b = sample_response(rng, p), sample_response(rng, p)
+            a, b = sample_pair_response(rng, p), sample_pair_response(rng, p)
             while b == a:
-                b = sample_response(rng, p)
+                b = sample_pair_response(rng, p)
             ga, gb = gold_reward(p, a), gold_reward(p, b)
             p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / cfg.label_temperature))
             if rng.random() >= p_a:

@@ -18,3 +18,15 @@ def rlhf_home(home: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".rlhf"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (used to tell stale temporary directories of dead
+    writers from those of running ones)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rlhf.paths import pid_alive
+
 CHUNK = 1 << 20
 
 # Formats that unpickle on load. The registry refuses to store them: artifacts are
@@ -205,16 +207,6 @@ def make_tmp_dir(artifacts: Path) -> Path:
     return d
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_tmp_dirs(artifacts: Path) -> list[Path]:
     """Staging directories left by dead processes on this host (e.g. after SIGKILL)."""
     tmp_root = artifacts / TMP_DIRNAME
@@ -229,7 +221,7 @@ def stale_tmp_dirs(artifacts: Path) -> list[Path]:
             pid = int(rest)
         except ValueError:
             continue
-        if h == host and not _pid_alive(pid):
+        if h == host and not pid_alive(pid):
             stale.append(d)
     return stale
 
