@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from rlhf.paths import pid_alive, rlhf_home
+from rlhf.paths import fsync_dir, pid_alive, rlhf_home
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OUTPUT_FILES = ("train.jsonl", "test.jsonl", "quarantine.jsonl", "duplicates.jsonl")
@@ -179,18 +179,7 @@ class VersionWriter:
                     (self.tmp / "manifest.json").chmod(0o644)
                     continue
                 raise
-            _fsync_dir(self.name_dir)
+            fsync_dir(self.name_dir)
             self.published = target
             return number, target
         raise RuntimeError(f"could not publish a version of {self.name!r} after 1000 attempts")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

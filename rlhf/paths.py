@@ -30,3 +30,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def fsync_dir(path) -> None:
+    """Flush a directory's entries: a rename is durable only once its directory is synced.
+    Filesystems that cannot fsync a directory are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhf.paths import pid_alive
+from rlhf.paths import fsync_dir, pid_alive
 
 CHUNK = 1 << 20
 
@@ -105,20 +105,6 @@ def content_hash(files: dict[str, str]) -> str:
     for rel in sorted(files):
         h.update(f"{rel}\0{files[rel]}\n".encode())
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a rename is durable only once its directory is synced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
 
 
 def copy_file_hashed(src: Path, dst: Path, bar=None) -> tuple[str, int]:
