@@ -18,4 +18,12 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
 fi
 "$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb]"
+# The GPU image's library versions, as an overlay directory that scripts/test.sh puts first on
+# PYTHONPATH for a second run of the PPO and stage tests (only these three wheels differ).
+FLOORS=.venv/gpu-image-floors
+if [ ! -f "$FLOORS/.complete" ] || ! cmp -s scripts/gpu-image-versions.txt "$FLOORS/.complete"; then
+  rm -rf "$FLOORS"
+  "$VPY" -m pip install -q --no-deps --target "$FLOORS" -r scripts/gpu-image-versions.txt
+  cp scripts/gpu-image-versions.txt "$FLOORS/.complete"
+fi
 "$VPY" -c "import torch, transformers, trl, peft; print(f'rlhf env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"

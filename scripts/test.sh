@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
 # Install what is needed, then run the test suite (tests marked slow are left out; run them
 # with: .venv/bin/python -m pytest -m slow).
-set -euo pipefail
+#
+# Two environments run: the newest libraries pip resolves (the whole suite), then the GPU
+# image's library versions (scripts/gpu-image-versions.txt, overlaid on the same venv) for the
+# tests of the paths real runs take: PPO, the stages and the pipeline. Both must pass.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh || exit 1
 # The dashboard's browser tests need Debian's chromium; they skip when it is absent.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
     || echo "chromium could not be installed; browser tests will be skipped"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -m "not slow" -q "$@"
+
+FLOORS_TESTS=(tests/unit/ppo tests/integration/ppo tests/integration/test_stage_cli.py)
+if [ "$#" -gt 0 ]; then  # arguments: run just those, in the default environment
+  exec .venv/bin/python -m pytest -m "not slow" -q "$@"
+fi
+
+echo "== 1/2: newest libraries: the whole suite"
+.venv/bin/python -m pytest -m "not slow" -q
+main_rc=$?
+echo "== 2/2: GPU image library versions ($(grep -v '^#' scripts/gpu-image-versions.txt | tr '\n' ' ')): PPO and stage tests"
+PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -c \
+  "import transformers, peft, accelerate; print('transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+existing=()
+for t in "${FLOORS_TESTS[@]}"; do [ -e "$t" ] && existing+=("$t"); done
+PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -m pytest -m "not slow" -q "${existing[@]}"
+floors_rc=$?
+echo "== newest libraries: exit $main_rc; GPU image versions: exit $floors_rc"
+[ "$main_rc" = 0 ] && [ "$floors_rc" = 0 ]
