@@ -51,11 +51,12 @@ def test_ingest_list_show_quarantine(pairs_file, tmp_path, capsys):
 
     assert main(["quarantine", "demo", "--home", str(home)]) == 0
     text = capsys.readouterr().out
-    assert "pairs.jsonl:41  empty_text: field 'chosen' is empty or whitespace" in text
-    assert "pairs.jsonl:42  malformed_json" in text
+    # 1-based lines, as an editor shows them (row 41 is on line 42).
+    assert "pairs.jsonl:42  empty_text: field 'chosen' is empty or whitespace" in text
+    assert "pairs.jsonl:43  malformed_json" in text
     assert main(["quarantine", "demo", "--reason", "malformed_json", "--json", "--home", str(home)]) == 0
     (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert entry["source"] == {"file": "pairs.jsonl", "row": 42}
+    assert entry["source"] == {"file": "pairs.jsonl", "row": 42, "line": 43}
 
 
 def test_errors_exit_nonzero_with_message(pairs_file, tmp_path, capsys):
