@@ -379,5 +379,8 @@ def parse_transcript(text: str, template: dict[str, str], key: str) -> list[Mess
         content = text[start:stop]
         if end:
             content = content.split(end, 1)[0]
-        out.append({"role": role, "content": content.strip()})
+        content = content.strip()
+        if role == "system" and not content:
+            continue  # templates often carry an empty system block; it is no message
+        out.append({"role": role, "content": content})
     return out

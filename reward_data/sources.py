@@ -245,9 +245,12 @@ def _split_lines(f, max_row_bytes: int) -> Iterator[tuple[bytes, int, str | None
     skipping = 0  # > 0 while discarding the rest of an oversize line; counts its bytes
     head = b""
     damage = None
+    # read1 on a gzip stream returns what one step decompressed, so the lines before a
+    # truncation are delivered before the EOFError (read(1 MiB) would lose them).
+    read = f.read1 if isinstance(f, gzip.GzipFile) else f.read
     while True:
         try:
-            chunk = f.read(1 << 20)
+            chunk = read(1 << 20)
         except _STREAM_DAMAGE as err:
             chunk, damage = b"", _damage_text(err)
         if skipping:

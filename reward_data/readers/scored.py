@@ -39,7 +39,8 @@ ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosit
 _DEFAULT_SCORE = ("score", "rating", "reward", "overall_score")
 GROUP = "__scored_group__"
 
-_TERM = re.compile(r"\s*([+-]?)\s*(?:([A-Za-z_][\w.]*)\s*(?:\*\s*([0-9.eE+-]+))?|([0-9.eE+-]+)\s*\*\s*([A-Za-z_][\w.]*))\s*")
+_NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_TERM = re.compile(rf"\s*([+-]?)\s*(?:([A-Za-z_][\w.]*)\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*([A-Za-z_][\w.]*))\s*")
 
 
 def parse_score(spec: str) -> list[tuple[str, float]]:
