@@ -497,21 +497,42 @@ class _LineFeed:
 
 
 def _iter_csv(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any, bytes | None, int]]:
+    """CSV records with their first line; damage becomes quarantine entries (see _csv_pass)."""
     csv.field_size_limit(max(max_row_bytes, 131072))
+    state = {"index": 0, "header": None}
+    resume = 0
+    while resume is not None:
+        resume = yield from _csv_pass(src, max_row_bytes, resume, state)
+
+
+def _csv_pass(src: SourceFile, max_row_bytes: int, skip: int, state: dict):
+    """Read records from physical line ``skip + 1`` on (after the header when ``skip == 0``).
+
+    Returns the line to resume after when a quoted cell opened on a record's first line never
+    closes: that record is quarantined as ``truncated`` and reading restarts on the next line,
+    so one stray quote costs one row, not the rest of the file (a file really cut inside a
+    multi-line cell yields its remaining partial lines as short rows). None when done.
+    """
     with _open_binary(src) as fb:
         feed = _LineFeed(io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline=""))
         reader = csv.reader(feed)
-        try:
-            header = next(reader, None)
-        except csv.Error as err:
-            raise ValueError(f"{src.path}: line 1: unreadable CSV header: {err}") from None
-        if header is None:
-            if feed.damage:
-                raise ValueError(f"{src.path}: line 1: {feed.damage}")
-            return
+        if skip == 0:
+            try:
+                header = next(reader, None)
+            except csv.Error as err:
+                raise ValueError(f"{src.path}: line 1: unreadable CSV header: {err}") from None
+            if header is None:
+                if feed.damage:
+                    raise ValueError(f"{src.path}: line 1: {feed.damage}")
+                return None
+            state["header"] = header
+        else:
+            while feed.line < skip and next(feed, None) is not None:
+                pass
+        header = state["header"]
         n_header = len(header)
-        index = 0
         while True:
+            index = state["index"]
             start = feed.line + 1
             feed.quotes = 0
             try:
@@ -524,15 +545,19 @@ def _iter_csv(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any, b
                     pass
                 reason = "row_too_large" if "field larger" in str(err) else "malformed_csv"
                 yield index, RowError(reason, f"line {start}: {err}"), None, start
-                index += 1
+                state["index"] += 1
                 continue
             if not fields:
                 continue  # blank line
+            state["index"] += 1
             if feed.ended and (feed.damage or feed.quotes % 2):
                 # csv (non-strict) returns a record cut at end of input as if it were complete.
-                why = feed.damage or "the file ends inside a quoted cell (truncated file, or a stray quote)"
-                yield index, RowError("truncated", f"line {start}: {why}"), None, start
-                return
+                if feed.damage:
+                    yield index, RowError("truncated", f"line {start}: {feed.damage}"), None, start
+                    return None
+                yield index, RowError("truncated", f"line {start}: a quoted cell opened here never closes (a stray "
+                                      "quote, or the file is cut); reading resumes on the next line"), None, start
+                return start if feed.line > start else None
             if len(fields) != n_header:
                 short = len(fields) < n_header
                 yield index, RowError(
@@ -540,23 +565,21 @@ def _iter_csv(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any, b
                     f"line {start}: record has {len(fields)} fields, the header has {n_header}"
                     + (" (cut line or missing delimiter?)" if short else ""),
                 ), None, start
-                index += 1
                 continue
             size = sum(map(len, fields))
             if size > max_row_bytes:
                 yield index, RowError("row_too_large", f"line {start}: record is {size} chars, over max_row_bytes={max_row_bytes}"), None, start
-                index += 1
                 continue
             try:
                 "".join(fields).encode("utf-8")
             except UnicodeEncodeError:
                 yield index, RowError("invalid_utf8", f"line {start}: record holds invalid UTF-8 bytes"), None, start
-                index += 1
                 continue
             yield index, dict(zip(header, fields)), None, start
-            index += 1
         if feed.damage:
-            yield index, RowError("truncated", f"line {feed.line + 1}: {feed.damage}"), None, feed.line + 1
+            yield state["index"], RowError("truncated", f"line {feed.line + 1}: {feed.damage}"), None, feed.line + 1
+            state["index"] += 1
+    return None
 
 
 def _iter_parquet(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any, bytes | None, int]]:

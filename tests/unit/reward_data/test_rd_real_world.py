@@ -266,19 +266,26 @@ def test_csv_cut_inside_last_quoted_cell_is_truncated_not_accepted(tmp_path, rec
     path.write_text(text)
     info = reward_data.ingest([path], "cut", test_fraction=0.0)
     assert [r["prompt"] for r in records(info.ref)] == [[u("q1")]]
-    (q,) = quarantined(info.ref)
-    assert q["reason"] == "truncated" and q["source"]["line"] == 3 and "line 3" in q["detail"]
+    q = quarantined(info.ref)
+    assert q[0]["reason"] == "truncated" and q[0]["source"]["line"] == 3 and "line 3" in q[0]["detail"]
+    # The cut cell's remaining line is read on its own after the resume: a short row, never accepted.
+    assert [(e["reason"], e["source"]["line"]) for e in q[1:]] == [("short_row", 4)]
 
 
 def test_csv_short_row_and_stray_quote(tmp_path, quarantined, records):
-    text = 'prompt,chosen,rejected\nq1,a,b\nq2,a\nq3,a,b\nq4,"a,b\nq5,a,b\n'
+    text = 'prompt,chosen,rejected\nq1,a,b\nq2,a\nq3,"multi\nline",b\nq4,"a,b\nq5,a,b\nq6,a,b\n'
     path = tmp_path / "short.csv"
     path.write_text(text)
     info = reward_data.ingest([path], "short", test_fraction=0.0, allow_partial=True)
     q = quarantined(info.ref)
-    assert [(e["reason"], e["source"]["line"]) for e in q] == [("short_row", 3), ("truncated", 5)]
+    assert [(e["reason"], e["source"]["line"]) for e in q] == [("short_row", 3), ("truncated", 6)]
     assert "record has 2 fields, the header has 3" in q[0]["detail"]
-    assert [r["prompt"] for r in records(info.ref)] == [[u("q1")], [u("q3")]]
+    assert "never closes" in q[1]["detail"]
+    # The stray quote costs its own row only: reading resumes on the next line.
+    recs = records(info.ref)
+    assert [r["prompt"] for r in recs] == [[u("q1")], [u("q3")], [u("q5")], [u("q6")]]
+    assert recs[1]["chosen"] == [a("multi\nline")]
+    assert [r["source"]["row"] for r in recs] == [0, 2, 4, 5]
 
 
 def test_truncated_jsonl_gz_from_real_sample(shared_datasets, tmp_path, quarantined):
