@@ -369,14 +369,32 @@ def _iter_json_array(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int,
     with _open_binary(src) as fb:
         f = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape")
 
+        damage: list[str] = []
+
         def read() -> str:
-            try:
-                return f.read(1 << 16)
-            except _STREAM_DAMAGE as err:
-                raise ValueError(f"{src.path}: after line {line}: {_damage_text(err)}") from None
+            # Small pieces, so the text before a break in a compressed stream is still returned;
+            # the break is raised on the next call, naming the line where the text stops.
+            parts: list[str] = []
+            size = 0
+            while size < (1 << 16) and not damage:
+                try:
+                    piece = f.read(8192)
+                except _STREAM_DAMAGE as err:
+                    damage.append(_damage_text(err))
+                    break
+                if not piece:
+                    break
+                parts.append(piece)
+                size += len(piece)
+            if not parts and damage:
+                at = line + buf.count("\n", counted)
+                raise ValueError(f"{src.path}: line {at}: {damage[0]} inside array element {index}")
+            return "".join(parts)
 
         line = 1  # 1-based line of buf[counted]
         counted = 0
+        buf = ""
+        index = 0
         buf = read()
         stripped = buf.lstrip()
         line += buf.count("\n", 0, len(buf) - len(stripped))

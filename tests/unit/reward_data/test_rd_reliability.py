@@ -137,3 +137,32 @@ def test_rlhf_paths_reuses_the_data_store_helpers():
     assert paths.fsync_dir is rd_paths.fsync_dir and paths.pid_alive is rd_paths.pid_alive
     assert paths.rlhf_home("/x") == rd_paths.default_home("/x")
     assert json.dumps(str(paths.rlhf_home())) == json.dumps(str(rd_paths.default_home()))
+
+
+def _cut_gz(path: Path, text: str) -> Path:
+    import gzip
+
+    data = gzip.compress(text.encode())
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
+def test_truncated_gz_variants_never_give_a_traceback(tmp_path, capsys):
+    rows = [{"prompt": f"question {i} " + "pad " * 30, "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(400)]
+    home = str(tmp_path / "home")
+    # JSON Lines and CSV: the cut point is quarantined as `truncated`, naming its 1-based line.
+    jl = _cut_gz(tmp_path / "a.jsonl.gz", "".join(json.dumps(r) + "\n" for r in rows))
+    header = "prompt,chosen,rejected\n"
+    cs = _cut_gz(tmp_path / "b.csv.gz", header + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows))
+    for path, name in ((jl, "jl"), (cs, "cs")):
+        assert main(["ingest", str(path), "--name", name, "--home", home]) == 0
+        assert "damaged input: truncated 1" in capsys.readouterr().err
+        assert main(["quarantine", name, "--reason", "truncated", "--home", home]) == 0
+        out = capsys.readouterr().out
+        assert f"{path.name}:" in out and "truncated" in out and "line " in out
+    # A JSON array cannot resync after a cut: a one-line error naming the file and line.
+    arr = _cut_gz(tmp_path / "c.json.gz", "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    assert main(["ingest", str(arr), "--name", "arr", "--home", home]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0
+    assert str(arr) in err and "line " in err and "truncated" in err
