@@ -242,8 +242,9 @@ def ingest(
     allowed = MAP_KEYS.get(format or "generic")
     bad_keys = sorted(set(mapping) - set(allowed)) if allowed else []
     if bad_keys:
+        others = "; with --format scored: " + ", ".join(MAP_KEYS["scored"]) if format is None else ""
         raise ValueError(f"--map keys {', '.join(bad_keys)} unknown; the {format or 'generic'} reader maps "
-                         f"{', '.join(allowed)}")
+                         f"{', '.join(allowed)}{others}")
     if format is None and mapping:
         format = "generic"
     if format == "generic" and not {"chosen", "rejected"} <= set(mapping):
