@@ -20,6 +20,7 @@ parsed prompt. The ingest loop counts one group as one row; a record that cannot
 
 from __future__ import annotations
 
+import difflib
 import random
 import re
 from collections.abc import Iterator
@@ -93,8 +94,10 @@ def resolved(row: dict, opts: IngestOptions) -> dict:
     terms = _score_terms(row, opts)
     missing = [name for name, _ in terms if name not in row]
     if missing:
+        hints = [f"{m!r} -> {', '.join(map(repr, difflib.get_close_matches(m, list(row), n=2)))}"
+                 for m in missing if difflib.get_close_matches(m, list(row), n=1)]
         raise ValueError(f"format scored: score attribute(s) {', '.join(missing)} not among the columns "
-                         f"({', '.join(sorted(row)[:30])})")
+                         f"({', '.join(sorted(row)[:30])})" + (f"; closest matches: {'; '.join(hints)}" if hints else ""))
     return {
         "score": "+".join(f"{name}*{w:g}" for name, w in terms),
         "group_by": opts.group_by or "prompt",

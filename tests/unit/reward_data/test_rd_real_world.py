@@ -204,7 +204,7 @@ def test_scored_needs_a_score_and_names_the_columns(write_jsonl):
     path = write_jsonl("ns.jsonl", [_helpsteer("p", "x", 1, 1), _helpsteer("p", "y", 2, 2)])
     with pytest.raises(ValueError, match="needs --score.*helpfulness"):
         reward_data.ingest([path], "ns")
-    with pytest.raises(ValueError, match="helpfullness.*not among the columns"):
+    with pytest.raises(ValueError, match="helpfullness.*not among the columns.*'helpfullness' -> 'helpfulness'"):
         reward_data.ingest([path], "ns", score="helpfullness")
 
 
