@@ -4,12 +4,15 @@ Usage::
 
     rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--split test=0.05]
                      [--ties drop|keep] [--label-field COL] [--binarize MODE] [--min-margin X]
-                     [--score-field KEY] [--seed N] [--max-row-bytes N] [--hf-split SPLIT]
+                     [--score-field KEY] [--seed N] [--max-row-bytes N] [--json-fields COL,...]
+                     [--strict-empty] [--allow-partial] [--score EXPR] [--group-by COL]
+                     [--group-mode consecutive|global] [--transcript-template T]
+                     [--hf-config NAME] [--hf-data-dir DIR] [--hf-split SPLIT]
     rlhf data list [--json]
     rlhf data show NAME[:VERSION] [--json] [--tokenizer PATH]
     rlhf data quarantine NAME[:VERSION] [--reason R] [--limit N] [--json]
 
-Every subcommand takes ``--home DIR`` (default: ``rlhf.paths.rlhf_home()``).
+Every subcommand takes ``--home DIR`` (default: ``$RLHF_HOME`` or ``~/.rlhf``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from dataclasses import fields
 
 from reward_data import ingestion
 from reward_data import store
-from reward_data.options import BINARIZE, TIES, IngestOptions
+from reward_data.options import BINARIZE, GROUP_MODES, TIES, IngestOptions
 from reward_data.readers import READERS
 from reward_data.schema import REASONS
-from reward_data.stats import token_stats
+from reward_data.stats import shortcut_warnings, token_stats
 
 
 def _parse_map(items: list[str]) -> dict[str, str]:
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--format", choices=list(READERS), help="reader to use (detected per file when unambiguous)")
     p.add_argument("--map", action="append", default=[], metavar="KEY=COLUMN",
-                   help="map prompt/chosen/rejected/margin to a source column (dotted path ok); implies generic")
+                   help="map prompt/chosen/rejected/margin/system to a source column (dotted path ok); implies "
+                        "generic (with --format scored: prompt/response/transcript/system)")
     p.add_argument("--split", default="test=0.05", help="test share by prompt hash, e.g. test=0.05")
     p.add_argument("--ties", choices=TIES, default="drop", help=_help("ties"))
     p.add_argument("--label-field", help=_help("label_field"))
@@ -75,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help=_help("seed"))
     p.add_argument("--max-row-bytes", type=int, default=IngestOptions.max_row_bytes, help=_help("max_row_bytes"))
     p.add_argument("--hf-split", help=_help("hf_split"))
+    p.add_argument("--hf-config", help=_help("hf_config"))
+    p.add_argument("--hf-data-dir", help=_help("hf_data_dir"))
+    p.add_argument("--json-fields", metavar="COL,...", help=_help("json_fields"))
+    p.add_argument("--strict-empty", action="store_true", help=_help("strict_empty"))
+    p.add_argument("--allow-partial", action="store_true", help=_help("allow_partial"))
+    p.add_argument("--score", help=_help("score"))
+    p.add_argument("--group-by", metavar="COL", help=_help("group_by"))
+    p.add_argument("--group-mode", choices=GROUP_MODES, default="consecutive", help=_help("group_mode"))
+    p.add_argument("--transcript-template", metavar="PRESET|JSON|role=M;...", help=_help("transcript_template"))
 
     p = sub.add_parser("list", parents=[home], help="list datasets and versions")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -127,12 +140,35 @@ def _ingest(args, home) -> int:
         seed=args.seed,
         max_row_bytes=args.max_row_bytes,
         hf_split=args.hf_split,
+        hf_config=args.hf_config,
+        hf_data_dir=args.hf_data_dir,
+        json_fields=args.json_fields,
+        strict_empty=args.strict_empty,
+        allow_partial=args.allow_partial,
+        score=args.score,
+        group_by=args.group_by,
+        group_mode=args.group_mode,
+        transcript_template=args.transcript_template,
     )
-    c = info.manifest["counts"]
+    m = info.manifest
+    c = m["counts"]
     print(f"{info.ref}: {c['accepted']} accepted (train {c['train']}, test {c['test']}), "
           f"{c['duplicates']} duplicates, {c['quarantined']} quarantined from {c['rows_in']} rows -> {info.path}")
     print(f"content_hash {info.content_hash}")
+    for line in _warnings(m):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
+
+
+def _warnings(m: dict) -> list[str]:
+    """Damage and shortcut warnings for a manifest (also printed by ``show``)."""
+    out = []
+    damaged = {r: n for r, n in m["quarantine_reasons"].items() if r in ("truncated", "short_row", "malformed_csv")}
+    if damaged:
+        out.append("damaged input: " + ", ".join(f"{r} {n}" for r, n in damaged.items())
+                   + f" (see: rlhf data quarantine {m['name']}:{m['version']} --reason truncated)")
+    out += [f"possible shortcut: {w}" for w in shortcut_warnings(m["stats"], m["counts"]["accepted"])]
+    return out
 
 
 def _list(args, home) -> int:
@@ -187,6 +223,9 @@ def _show(args, home) -> int:
         "reconciles": all(ok for _, ok in recon),
         "sources": m["sources"],
         "quarantine_reasons": m["quarantine_reasons"],
+        "options": m.get("options", {}),
+        "resolved_options": m.get("resolved_options", {}),
+        "warnings": _warnings(m),
         "stats": dict(m["stats"]),
     }
     if args.tokenizer:
@@ -204,6 +243,20 @@ def _show(args, home) -> int:
     print(f"{m['name']}:{m['version']}  format={m['format']}  created={m['created']}  schema={m['schema_version']}")
     print(f"  path {path}")
     print(f"  content_hash {m['content_hash']}")
+    opts = out["options"]
+    if opts:
+        shown = {k: v for k, v in opts.items() if k != "mapping"}
+        print("  options: " + " ".join(f"{k}={_fmt_opt(v)}" for k, v in shown.items()))
+        if opts.get("mapping"):
+            print("  mapping: " + " ".join(f"{k}={v}" for k, v in opts["mapping"].items()))
+    res = out["resolved_options"]
+    if res:
+        flat = res if "format" in res else None
+        if flat is not None:
+            print("  resolved: " + " ".join(f"{k}={_fmt_opt(v)}" for k, v in flat.items()))
+        else:
+            for src_name, r in res.items():
+                print(f"  resolved [{src_name}]: " + " ".join(f"{k}={_fmt_opt(v)}" for k, v in r.items()))
     print(f"  rows_in {c['rows_in']}  accepted {c['accepted']}  duplicates {c['duplicates']}  "
           f"quarantined {c['quarantined']}  train {c['train']}  test {c['test']}")
     print("  reconciliation:")
@@ -228,8 +281,17 @@ def _show(args, home) -> int:
         if key in s:
             print(f"    {key:<15} {_fmt_pct(s[key])}")
     print(f"  prompt turns: {', '.join(f'{k}: {v}' for k, v in s['prompt_turns'].items()) or '-'}")
-    print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}")
+    print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}  "
+          f"with system prompt: {s.get('with_system', '-')}  empty rejected: {s.get('empty_rejected', '-')}")
+    for line in out["warnings"]:
+        print(f"  warning: {line}")
     return 0
+
+
+def _fmt_opt(v) -> str:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    return "default" if v is None else str(v)
 
 
 def _quarantine(args, home) -> int:
@@ -248,7 +310,8 @@ def _quarantine(args, home) -> int:
                 continue
             src = entry["source"]
             item = f" [{entry['item']}]" if entry.get("item") else ""
-            print(f"{src['file']}:{src['row']}{item}  {entry['reason']}: {entry['detail']}")
+            # 1-based line (versions written before lines were recorded: the 0-based row + 1).
+            print(f"{src['file']}:{src.get('line', src['row'] + 1)}{item}  {entry['reason']}: {entry['detail']}")
             if entry.get("raw"):
                 raw = entry["raw"].replace("\n", "\\n")
                 print(f"    {raw[:160]}{'...' if len(raw) > 160 else ''}")

@@ -14,6 +14,7 @@ For one-pair-per-row formats this is simply ``rows_in = accepted + duplicates + 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import json
 import os
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from reward_data import store
 from reward_data.fastjson import dumps
 from reward_data.options import IngestOptions
-from reward_data.readers import READERS
+from reward_data.readers import READERS, scored
 from reward_data.readers.generic import FIELDS
 from reward_data.schema import SCHEMA_VERSION, Pair, RowError, check_pair
 from reward_data.sources import SourceFile, expand_sources, iter_rows
@@ -43,6 +44,17 @@ RAW_KEEP = 1000
 
 class FormatError(ValueError):
     """The source format could not be determined (none or several readers match)."""
+
+
+class IngestRefused(ValueError):
+    """The ingest ran but looks misconfigured (nothing accepted, or most rows fail for one
+    field-level reason); nothing was published. ``allow_partial`` overrides."""
+
+
+#: Keys ``--map`` may set, per format (None: the format is detected, or implied generic).
+MAP_KEYS = {"generic": FIELDS, "scored": ("prompt", "response", "transcript", "system")}
+#: Quarantine reasons that follow from an option the user chose, not from a misread column.
+_INTENDED = {"tie_dropped"}
 
 
 @dataclass
@@ -91,7 +103,49 @@ def apply_mapping(row: dict, mapping: dict[str, str]) -> dict:
     return out
 
 
-def detect_format(src: SourceFile, opts: IngestOptions, mapping: dict | None) -> str | None:
+def sample_rows(src: SourceFile, opts: IngestOptions) -> list[dict]:
+    """Up to DETECT_SAMPLE parsed objects from the start of a source (unmapped)."""
+    sample: list[dict] = []
+    for scanned, (_, value, _, _) in enumerate(iter_rows(src, opts.max_row_bytes)):
+        if isinstance(value, dict):
+            sample.append(value)
+        if len(sample) >= DETECT_SAMPLE or scanned >= DETECT_SCAN_LIMIT:
+            break
+    return sample
+
+
+def closest(name: str, columns) -> list[str]:
+    """Column names that look like ``name`` (for typo hints)."""
+    by_lower = {c.lower(): c for c in columns}
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)]
+
+
+def _columns_hint(columns, wanted) -> str:
+    cols = sorted(columns)
+    text = f"columns seen: {', '.join(cols[:40]) or 'none'}"
+    hints = [f"{w!r} -> {', '.join(repr(c) for c in closest(w, cols))}" for w in wanted if w and closest(w, cols)]
+    return text + (f"; closest matches: {'; '.join(hints)}" if hints else "")
+
+
+def check_columns(src: SourceFile, sample: list[dict], mapping: dict, opts: IngestOptions) -> None:
+    """Fail fast when a mapped column or ``label_field`` is absent from every sampled row.
+
+    Raises:
+        ValueError: naming the option, the file, the columns seen and the closest matches.
+    """
+    if not sample:
+        return
+    columns = {k for r in sample for k in r}
+    for key, column in mapping.items():
+        top = column if column in columns else column.split(".")[0]
+        if top not in columns:
+            raise ValueError(f"{src.path}: --map {key}={column}: no such column ({_columns_hint(columns, [top])})")
+    label = opts.label_field
+    if label and label not in columns and not any(get_path(r, label) is not None for r in sample):
+        raise ValueError(f"{src.path}: --label-field {label}: no such column ({_columns_hint(columns, [label])})")
+
+
+def detect_format(src: SourceFile, opts: IngestOptions, mapping: dict | None, sample: list[dict] | None = None) -> str | None:
     """Pick the reader whose ``detect`` holds for most sampled rows.
 
     Returns None when the file holds no parseable object at all (every row is then quarantined
@@ -100,14 +154,12 @@ def detect_format(src: SourceFile, opts: IngestOptions, mapping: dict | None) ->
     Raises:
         FormatError: no reader or several readers match; the message lists which matched.
     """
-    sample: list[dict] = []
-    for scanned, (_, value, _) in enumerate(iter_rows(src, opts.max_row_bytes)):
-        if isinstance(value, dict):
-            sample.append(apply_mapping(value, mapping) if mapping else value)
-        if len(sample) >= DETECT_SAMPLE or scanned >= DETECT_SCAN_LIMIT:
-            break
+    if sample is None:
+        sample = sample_rows(src, opts)
     if not sample:
         return None
+    if mapping:
+        sample = [apply_mapping(r, mapping) for r in sample]
     scores = {name: sum(1 for r in sample if reader.detect(r)) for name, reader in READERS.items()}
     matched = [name for name, s in scores.items() if s * 2 >= len(sample) and s > 0]
     if len(matched) == 1:
@@ -132,8 +184,8 @@ def _raw_text(raw: bytes | None, value: Any) -> str | None:
         return None
     try:
         return json.dumps(value, ensure_ascii=False, default=str)[:RAW_KEEP]
-    except (TypeError, ValueError):
-        return repr(value)[:RAW_KEEP]
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)[:RAW_KEEP] if not isinstance(value, (dict, list)) else f"<{type(value).__name__}, too deep to show>"
 
 
 @contextlib.contextmanager
@@ -187,27 +239,48 @@ def ingest(
     if format is not None and format not in READERS:
         raise ValueError(f"unknown format {format!r}; known: {', '.join(READERS)}")
     mapping = dict(mapping or {})
-    bad_keys = sorted(set(mapping) - set(FIELDS)) if (format in (None, "generic")) else []
+    allowed = MAP_KEYS.get(format or "generic")
+    bad_keys = sorted(set(mapping) - set(allowed)) if allowed else []
     if bad_keys:
-        raise ValueError(f"--map keys {', '.join(bad_keys)} unknown; the generic reader maps {', '.join(FIELDS)}")
+        others = "; with --format scored: " + ", ".join(MAP_KEYS["scored"]) if format is None else ""
+        raise ValueError(f"--map keys {', '.join(bad_keys)} unknown; the {format or 'generic'} reader maps "
+                         f"{', '.join(allowed)}{others}")
     if format is None and mapping:
         format = "generic"
     if format == "generic" and not {"chosen", "rejected"} <= set(mapping):
         raise ValueError("format generic needs at least --map chosen=COL --map rejected=COL")
     opts = IngestOptions.from_kwargs(reader_options)
-    files, skipped = expand_sources(list(sources), opts.hf_split)
+    files, skipped = expand_sources(list(sources), opts.hf_split, opts.hf_config, opts.hf_data_dir)
     if not files:
         raise ValueError("no sources given")
     for path in skipped:
         print(f"reward_data: skipping non-data file {path}", file=sys.stderr)
-    # Decide every file's format before writing anything, so a format error fails fast.
-    formats = [format or detect_format(src, opts, mapping) for src in files]
+    # Decide every file's format, and check the columns the options name, before writing
+    # anything, so a format error or a typo fails fast.
+    samples = [sample_rows(src, opts) for src in files]
+    for src, sample in zip(files, samples):
+        check_columns(src, sample, mapping, opts)
+    formats = [format or detect_format(src, opts, mapping, sample) for src, sample in zip(files, samples)]
+    resolved = []
+    for src, fmt, sample in zip(files, formats, samples):
+        res = {"format": fmt}
+        hook = getattr(READERS[fmt], "resolved", None) if fmt else None
+        if hook is not None and sample:
+            try:
+                res.update(hook(apply_mapping(sample[0], mapping) if mapping else sample[0], opts))
+            except ValueError as err:
+                raise ValueError(f"{src.path}: {err}") from None
+        resolved.append(res)
     fingerprints = [src.fingerprint() for src in files]
 
     started = time.time()
     with store.VersionWriter(name, home) as writer:
         with _gc_paused():
-            counts, per_source, reasons, lstats = _run(files, formats, mapping, opts, float(test_fraction), writer)
+            counts, per_source, reasons, lstats, diag = _run(files, formats, mapping, opts, float(test_fraction), writer)
+        if not opts.allow_partial:
+            problem = misconfiguration(counts, diag, mapping)
+            if problem:
+                raise IngestRefused(problem)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
@@ -216,9 +289,11 @@ def ingest(
             "content_hash": writer.content_hash(),
             "format": formats[0] if len(set(formats)) == 1 else "mixed",
             "options": {"format": format, "mapping": mapping, "test_fraction": float(test_fraction), **opts.to_dict()},
+            # What the defaults (format, label column, score key, ...) resolved to, per source.
+            "resolved_options": _merge_resolved(files, resolved),
             "sources": [
-                {"name": src.name, "path": src.path, "kind": src.kind, "format": fmt, **fp, **counts_i}
-                for src, fmt, fp, counts_i in zip(files, formats, fingerprints, per_source)
+                {"name": src.name, "path": src.path, "kind": src.kind, "format": fmt, "resolved": res, **fp, **counts_i}
+                for src, fmt, res, fp, counts_i in zip(files, formats, resolved, fingerprints, per_source)
             ],
             "skipped_files": skipped,
             "counts": counts,
@@ -230,6 +305,45 @@ def ingest(
     return VersionInfo(name, version, path, manifest, manifest["content_hash"])
 
 
+def _merge_resolved(files, resolved: list[dict]) -> dict:
+    """One dict when every source resolved alike, else source name -> its resolution."""
+    if all(r == resolved[0] for r in resolved):
+        return dict(resolved[0])
+    return {src.name: r for src, r in zip(files, resolved)}
+
+
+def misconfiguration(counts: dict, diag: dict, mapping: dict) -> str | None:
+    """Why this ingest looks misconfigured, or None.
+
+    Refused: nothing accepted (and nothing a duplicate of an accepted pair), or more than half of
+    the rows quarantined for one field-level reason other than one the options asked for
+    (``tie_dropped``). A typo in ``--map``, a wrong ``--label-field`` or a wrong ``--format`` all
+    end here, with the columns seen and the closest matches to the failing field.
+    """
+    rows = counts["rows_in"]
+    field_reasons: Counter = diag["field_reasons"]
+    top = next(((k, n) for k, n in field_reasons.most_common() if k[0] not in _INTENDED), None)
+    if counts["accepted"] + counts["duplicates"] == 0:
+        problem = f"nothing was accepted from {rows} rows"
+    elif top is not None and top[0][1] is not None and top[1] * 2 > rows:
+        problem = f"{top[1]} of {rows} rows fail with {top[0][0]} on field {top[0][1]!r}"
+    else:
+        return None
+    parts = [problem]
+    if top is not None:
+        (reason, fld), n = top
+        parts.append(f"most common reason: {reason} ({n} rows), e.g. {diag['examples'][(reason, fld)]}")
+    wanted = []
+    if top is not None and top[0][1]:
+        fld = str(top[0][1]).split("[")[0].split(".")[0]
+        wanted = [mapping.get(fld, fld)]
+    wanted += [c for c in mapping.values() if c not in wanted]
+    if diag["columns"]:
+        parts.append(_columns_hint(diag["columns"], wanted))
+    parts.append("nothing was published; check --format/--map/--label-field, or pass --allow-partial to publish anyway")
+    return "; ".join(parts)
+
+
 def _run(files, formats, mapping, opts, test_fraction, writer):
     """Stream every source through its reader into the writer; returns the accounting."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -238,6 +352,8 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
     seen: set[bytes] = set()
     lstats = LengthStats()
     reasons: Counter = Counter()
+    diag = {"field_reasons": Counter(), "examples": {}, "columns": set()}
+    strict_empty = opts.strict_empty
     totals = Counter()
     per_source = []
     prompt_start = len('{"prompt":')
@@ -249,24 +365,37 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
         reader = READERS[fmt].read if fmt else None
         c = Counter()
         file_json = dumps_str(src.name).encode()
+        rows = iter_rows(src, opts.max_row_bytes)
+        row_mapping = mapping
+        if fmt == "scored":
+            # Rows become prompt groups before the reader sees them; mapping is applied per record.
+            rows = scored.group_rows(rows, opts, (lambda v: apply_mapping(v, mapping)) if mapping else None, c)
+            row_mapping = None
 
-        def quarantine(err: RowError, row: int, raw, value, level: str) -> None:
+        def quarantine(err: RowError, row: int, line: int, raw, value, level: str) -> None:
             entry = {
                 "reason": err.reason,
                 "detail": err.detail,
                 "field": err.field,
-                "source": {"file": src.name, "row": row},
+                # ``row`` is the position stored records cite; ``line`` is 1-based, for an editor.
+                "source": {"file": src.name, "row": row, "line": line},
                 "item": getattr(err, "item", None),
                 "raw": _raw_text(raw, value) if level == "row" else None,
             }
             quar_w((encode(entry) + "\n").encode("utf-8", "replace"))
             reasons[err.reason] += 1
             c[f"{level}s_quarantined"] += 1
+            key = (err.reason, err.field)
+            diag["field_reasons"][key] += 1
+            if key not in diag["examples"]:
+                diag["examples"][key] = f"{src.name}:{line}: {err.detail}"
+            if type(value) is dict and len(diag["columns"]) < 200:
+                diag["columns"].update(map(str, value))
 
         # Hot counters are plain locals (this loop runs once per row); the rest go through ``c``.
         rows_in = emitted_pairs = duplicates = n_train = n_test = rows_with_pairs = 0
         progress = tqdm(desc=src.name, unit="row", disable=None, file=sys.stderr, mininterval=1.0)
-        for row, value, raw in iter_rows(src, opts.max_row_bytes):
+        for row, value, raw, line in rows:
             rows_in += 1
             if not rows_in & 0x3FFF:
                 progress.update(0x4000)
@@ -274,31 +403,31 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
                     gc.collect(1)
             if type(value) is not dict:
                 if isinstance(value, RowError):
-                    quarantine(value, row, raw, None, "row")
+                    quarantine(value, row, line, raw, None, "row")
                 else:
                     err = RowError("not_an_object", f"row is a {type(value).__name__}, not an object")
-                    quarantine(err, row, raw, value, "row")
+                    quarantine(err, row, line, raw, value, "row")
                 continue
             try:
                 if reader is None:
                     raise RowError("wrong_type", "no format was detected for this file")
-                result = reader(apply_mapping(value, mapping) if mapping else value, opts)
+                result = reader(apply_mapping(value, row_mapping) if row_mapping else value, opts)
             except RowError as err:
-                quarantine(err, row, raw, value, "row")
+                quarantine(err, row, line, raw, value, "row")
                 continue
             single = type(result) is Pair
             pairs = (result,) if single else result
             if not pairs:
-                quarantine(RowError("no_pairs", "the row yields no pairs"), row, raw, value, "row")
+                quarantine(RowError("no_pairs", "the row yields no pairs"), row, line, raw, value, "row")
                 continue
             level = "row" if single else "pair"
             emitted = False
             for pair in pairs:
                 if type(pair) is not Pair:
-                    quarantine(pair, row, raw, value, level)
+                    quarantine(pair, row, line, raw, value, level)
                     continue
                 try:
-                    check_pair(pair)
+                    empty_rejected = check_pair(pair, strict_empty)
                     # One encoder call for the whole triple; this text (as bytes) is the
                     # content key that defines exact duplicates.
                     try:
@@ -307,7 +436,7 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
                         raise RowError("invalid_utf8", "text holds a lone surrogate (invalid UTF-8 escape)") from None
                 except RowError as err:
                     err.item = pair.item
-                    quarantine(err, row, raw, value, level)
+                    quarantine(err, row, line, raw, value, level)
                     continue
                 emitted = True
                 emitted_pairs += 1
@@ -321,7 +450,7 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
                     continue
                 seen.add(digest)
                 margin = b"null" if pair.margin is None else repr(float(pair.margin)).encode()
-                line = (
+                record = (
                     b'{"id":"' + rid + b'",' + content[1:-1] + b',"margin":' + margin
                     + (b',"tie":true,' if pair.tie else b",") + source + b"}\n"
                 )
@@ -329,12 +458,12 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
                 # cannot occur earlier, since a '"' inside a JSON string is always escaped.
                 prompt_bytes = content[prompt_start:content.index(b'],"chosen":[') + 1]
                 if int.from_bytes(blake2b(prompt_bytes, digest_size=8).digest(), "big") < threshold:
-                    test_w(line)
+                    test_w(record)
                     n_test += 1
                 else:
-                    train_w(line)
+                    train_w(record)
                     n_train += 1
-                add_stats(pair)
+                add_stats(pair, empty_rejected)
             if not single or emitted:
                 rows_with_pairs += 1
         progress.update(rows_in & 0x3FFF)
@@ -352,8 +481,10 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
             "test": n_test,
         }
         entry["quarantined"] = entry["rows_quarantined"] + entry["pairs_quarantined"]
+        if fmt == "scored":
+            entry["records_in"] = c["records_in"]  # source records; rows_in counts prompt groups
         per_source.append(entry)
         totals.update(entry)
     counts = {k: totals[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "train", "test",
                                       "rows_quarantined", "rows_with_pairs", "pairs", "pairs_quarantined")}
-    return counts, per_source, reasons, lstats
+    return counts, per_source, reasons, lstats, diag

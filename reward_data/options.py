@@ -2,10 +2,54 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 
 TIES = ("drop", "keep")
 BINARIZE = ("best_worst", "best_random", "all_pairs")
+GROUP_MODES = ("consecutive", "global")
+
+#: Named role-marker templates for ``transcript_template`` (``end`` closes a turn, if the format has one).
+TRANSCRIPT_PRESETS: dict[str, dict[str, str]] = {
+    # NeMo / HelpSteer: "<extra_id_0>System\n...\n<extra_id_1>User\n...\n<extra_id_1>Assistant\n..."
+    "nemo": {"system": "<extra_id_0>System\n", "user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n"},
+    "chatml": {"system": "<|im_start|>system\n", "user": "<|im_start|>user\n",
+               "assistant": "<|im_start|>assistant\n", "end": "<|im_end|>"},
+    "zephyr": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n", "end": "</s>"},
+    "llama3": {"system": "<|start_header_id|>system<|end_header_id|>\n\n",
+               "user": "<|start_header_id|>user<|end_header_id|>\n\n",
+               "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n", "end": "<|eot_id|>"},
+    "hh": {"user": "\n\nHuman:", "assistant": "\n\nAssistant:"},
+}
+
+
+def parse_template(spec: str | dict | None) -> dict[str, str] | None:
+    """A preset name, a JSON object ``{"user": MARKER, "assistant": MARKER, "system"?, "end"?}``,
+    or ``user=MARKER;assistant=MARKER[;system=MARKER][;end=MARKER]`` (``\n`` spelled as backslash-n)."""
+    if spec is None or isinstance(spec, dict):
+        template = spec
+    elif spec in TRANSCRIPT_PRESETS:
+        template = TRANSCRIPT_PRESETS[spec]
+    elif spec.lstrip().startswith("{"):
+        try:
+            template = json.loads(spec)
+        except ValueError as err:
+            raise ValueError(f"option transcript_template: not valid JSON: {err}") from None
+    else:
+        template = {}
+        for part in spec.split(";"):
+            role, sep, marker = part.partition("=")
+            if not sep:
+                raise ValueError(f"option transcript_template={spec!r}: expected a preset "
+                                 f"({', '.join(TRANSCRIPT_PRESETS)}), JSON, or role=MARKER;role=MARKER")
+            template[role.strip()] = marker.replace("\\n", "\n")
+    if template is None:
+        return None
+    unknown = sorted(set(template) - {"system", "user", "assistant", "end"})
+    if unknown or not isinstance(template.get("user"), str) or not isinstance(template.get("assistant"), str):
+        raise ValueError(f"option transcript_template: needs string 'user' and 'assistant' markers "
+                         f"(optional 'system', 'end'){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+    return dict(template)
 
 
 @dataclass
@@ -47,6 +91,51 @@ class IngestOptions:
         default=None,
         metadata={"help": "For `datasets` sources: the split to read. Default: every split of a DatasetDict."},
     )
+    hf_config: str | None = field(
+        default=None,
+        metadata={"help": "For hub datasets (ORG/NAME or a local folder in hub layout): the subset/config name."},
+    )
+    hf_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "For hub datasets: the data_dir inside the repository to read (e.g. harmless-base)."},
+    )
+    strict_empty: bool = field(
+        default=False,
+        metadata={"help": "Quarantine empty rejected responses too. By default an empty rejected response is kept "
+                  "and counted (an answer beats no answer); an empty chosen response is always quarantined."},
+    )
+    json_fields: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Columns that hold JSON-encoded message/turn lists. Default: detect per value (a string "
+                  "is decoded only when it parses to a list of message objects); an empty list: decode nothing. "
+                  "Every other column mapped to text stays text."},
+    )
+    allow_partial: bool = field(
+        default=False,
+        metadata={"help": "Publish even when nothing is accepted or when more than half of the rows fail for the "
+                  "same field-level reason (by default such an ingest is refused as a likely misconfiguration)."},
+    )
+    score: str | None = field(
+        default=None,
+        metadata={"help": "Scored format: the attribute that ranks responses, or a weighted sum such as "
+                  "'helpfulness*0.6+correctness*0.4'. Default: a single 'score'/'rating'/'reward' column."},
+    )
+    group_by: str | None = field(
+        default=None,
+        metadata={"help": "Scored format: the column whose equal values form one prompt group. Default: the "
+                  "prompt (or the transcript up to its last assistant turn)."},
+    )
+    group_mode: str = field(
+        default="consecutive",
+        metadata={"help": "Scored format: 'consecutive' groups adjacent rows only (streaming); 'global' groups "
+                  "all rows of a file with the same key (memory grows with the file)."},
+    )
+    transcript_template: str | dict | None = field(
+        default=None,
+        metadata={"help": "Role markers that split one templated text into system/user/assistant messages: a "
+                  f"preset ({', '.join(TRANSCRIPT_PRESETS)}), a JSON object or 'user=M;assistant=M[;system=M][;end=M]'. "
+                  "Applied to string prompts (and scored-format transcripts)."},
+    )
 
     def __post_init__(self) -> None:
         if self.ties not in TIES:
@@ -60,6 +149,17 @@ class IngestOptions:
         self.max_row_bytes = int(self.max_row_bytes)
         if self.max_row_bytes < 64:
             raise ValueError(f"option max_row_bytes={self.max_row_bytes}: must be >= 64")
+        if self.group_mode not in GROUP_MODES:
+            raise ValueError(f"option group_mode={self.group_mode!r}: must be one of {', '.join(GROUP_MODES)}")
+        if self.json_fields is not None:
+            if isinstance(self.json_fields, str):
+                self.json_fields = tuple(f.strip() for f in self.json_fields.split(",") if f.strip())
+            self.json_fields = tuple(self.json_fields)
+        self.transcript_template = parse_template(self.transcript_template)
+        if self.score is not None:
+            from reward_data.readers.scored import parse_score
+
+            parse_score(self.score)  # fail fast, naming the option
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> IngestOptions:

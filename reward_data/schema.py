@@ -32,6 +32,11 @@ REASONS: dict[str, str] = {
     "chosen_equals_rejected": "chosen and rejected are identical",
     "tie_dropped": "the row is a tie and ties=drop was requested",
     "no_pairs": "the row holds no comparable responses (e.g. no ranked siblings, all scores equal)",
+    "truncated": "the file ends inside this row (cut CSV quoted cell, cut last line, truncated .gz stream)",
+    "short_row": "a CSV record has fewer fields than the header",
+    "long_row": "a CSV record has more fields than the header",
+    "malformed_csv": "the csv module cannot parse the record",
+    "too_deep": "the row nests lists/objects too deeply to parse",
 }
 
 #: Accepted role spellings -> canonical role. Anything else is quarantined as ``unknown_role``.
@@ -141,21 +146,23 @@ def as_float(value: Any, key: str) -> float | None:
     return result
 
 
-def text_message(role: str, content: Any, key: str) -> Message:
-    """Build one message from a plain text field, rejecting non-strings and blank text."""
+def text_message(role: str, content: Any, key: str, allow_empty: bool = False) -> Message:
+    """Build one message from a plain text field, rejecting non-strings and (unless
+    ``allow_empty``: responses, judged later by :func:`check_pair`) blank text."""
     if not isinstance(content, str):
         raise RowError("wrong_type", f"field {key!r} must be a string, got {type(content).__name__}", key)
-    if not content.strip():
+    if not allow_empty and not content.strip():
         raise RowError("empty_text", f"field {key!r} is empty or whitespace", key)
     return {"role": role, "content": content}
 
 
-def normalize_messages(value: Any, key: str) -> list[Message]:
+def normalize_messages(value: Any, key: str, allow_empty: bool = False) -> list[Message]:
     """Validate a chat message list and return it with canonical roles and only role/content.
 
     Accepts ``{"role", "content"}`` dicts (TRL/OpenAI style) and ``{"from", "value"}`` dicts
     (ShareGPT style). Extra keys are dropped so that the stored record is exactly what
-    ``RewardTrainer`` expects.
+    ``RewardTrainer`` expects. Blank contents are refused unless ``allow_empty`` (responses:
+    :func:`check_pair` decides, so an empty *rejected* answer can be kept).
     """
     if type(value) is not list:
         raise RowError("wrong_type", f"field {key!r} must be a list of messages, got {type(value).__name__}", key)
@@ -193,7 +200,7 @@ def normalize_messages(value: Any, key: str) -> list[Message]:
             raise RowError("unknown_role", f"{where} has unknown role {role!r}", key)
         if not isinstance(content, str):
             raise RowError("wrong_type", f"{where}.content must be a string, got {type(content).__name__}", key)
-        if not content.strip():
+        if not allow_empty and not content.strip():
             raise RowError("empty_text", f"{where}.content is empty or whitespace", key)
         out.append({"role": canonical, "content": content})
     return out
@@ -206,11 +213,40 @@ def as_prompt(value: Any, key: str = "prompt") -> list[Message]:
     return normalize_messages(value, key)
 
 
+def prompt_of(value: Any, key: str, template: dict[str, str] | None) -> list[Message]:
+    """:func:`as_prompt`, but a string is split by the transcript ``template`` when one is given."""
+    if template is not None and isinstance(value, str):
+        msgs = parse_transcript(value, template, key)
+        for i, m in enumerate(msgs):
+            if not m["content"]:
+                raise RowError("empty_text", f"{key} turn {i} ({m['role']}) is empty", key)
+        return msgs
+    return as_prompt(value, key)
+
+
+def with_system(prompt: list[Message], system: Any, key: str = "system") -> list[Message]:
+    """Put a system prompt first in the conversation (unless the prompt already opens with one).
+
+    A null or blank ``system`` leaves the prompt unchanged: many exports leave the column empty on
+    most rows, and that is not an error.
+    """
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return prompt
+    if not isinstance(system, str):
+        raise RowError("wrong_type", f"field {key!r} must be a string, got {type(system).__name__}", key)
+    if prompt and prompt[0]["role"] == "system":
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
+
+
 def as_response(value: Any, key: str) -> list[Message]:
-    """A response given as a string or as a message list that starts with the assistant."""
+    """A response given as a string or as a message list that starts with the assistant.
+
+    Blank text is allowed here; :func:`check_pair` quarantines an empty *chosen* response.
+    """
     if isinstance(value, str):
-        return [text_message("assistant", value, key)]
-    msgs = normalize_messages(value, key)
+        return [{"role": "assistant", "content": value}]
+    msgs = normalize_messages(value, key, allow_empty=True)
     if msgs[0]["role"] != "assistant":
         raise RowError("bad_value", f"field {key!r} must start with an assistant message, got {msgs[0]['role']!r}", key)
     return msgs
@@ -239,26 +275,112 @@ def split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> Pair:
     return Pair(prompt=chosen[:k], chosen=chosen[k:], rejected=rejected[k:])
 
 
-def check_pair(pair: Pair) -> Pair:
-    """Final structural checks shared by all readers."""
+def _blank(messages: list[Message]) -> int:
+    """How many messages have empty or whitespace-only content."""
+    n = 0
+    for m in messages:
+        c = m["content"]
+        if not c or c.isspace():
+            n += 1
+    return n
+
+
+def check_pair(pair: Pair, strict_empty: bool = False) -> bool:
+    """Final structural checks shared by all readers.
+
+    Returns:
+        True when the rejected response is empty (kept: "an answer beats no answer" is a
+        preference a reward model can learn), False otherwise.
+
+    Raises:
+        RowError: empty prompt, prompt ending on the assistant, blank chosen text, a blank
+            rejected response under ``strict_empty`` (or a partly blank one), identical sides.
+    """
     if not pair.prompt:
         raise RowError("no_prompt", "the prompt is empty", "prompt")
     if pair.prompt[-1]["role"] == "assistant":
         raise RowError("bad_value", "the prompt must not end with an assistant message", "prompt")
+    if _blank(pair.prompt):
+        raise RowError("empty_text", "a prompt message is empty or whitespace", "prompt")
+    if _blank(pair.chosen):
+        raise RowError("empty_text", "field 'chosen' is empty or whitespace", "chosen")
+    blank = _blank(pair.rejected)
+    if blank and (strict_empty or blank < len(pair.rejected)):
+        raise RowError("empty_text", "field 'rejected' is empty or whitespace" + (" (strict_empty)" if strict_empty else ""),
+                       "rejected")
     if pair.chosen == pair.rejected:
         raise RowError("chosen_equals_rejected", "chosen and rejected are identical", "chosen")
-    return pair
+    return blank > 0
 
 
-def maybe_json_list(value: Any) -> Any:
-    """Decode a string column that holds a JSON-encoded list; return other values unchanged."""
+def is_message_list(value: Any) -> bool:
+    """A non-empty list whose items are all message objects (``role``/``content`` or ``from``/``value``)."""
+    return (
+        type(value) is list and bool(value)
+        and all(type(m) is dict and ("role" in m or "from" in m) for m in value)
+    )
+
+
+def maybe_json_list(value: Any, declared: bool = False) -> Any:
+    """Decode a string column that holds a JSON-encoded message list; other values are unchanged.
+
+    Text stays text: a string is decoded only when it parses to a list of message objects
+    (detected), or to any list when the column is ``declared`` a JSON field (``json_fields``).
+    An answer that happens to be a JSON array of numbers or strings is therefore kept verbatim.
+    """
     if isinstance(value, str):
         s = value.lstrip()
         if s.startswith("["):
             try:
                 decoded = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return value
-            if isinstance(decoded, list):
+            if isinstance(decoded, list) and (declared or is_message_list(decoded)):
                 return decoded
     return value
+
+
+def parse_transcript(text: str, template: dict[str, str], key: str) -> list[Message]:
+    """Split a templated transcript (role markers inside one text) into messages.
+
+    Args:
+        text: e.g. ``"<extra_id_0>System\n...\n<extra_id_1>User\n...\n<extra_id_1>Assistant\n..."``.
+        template: ``{"system"|"user"|"assistant": marker, "end": optional turn terminator}``;
+            see :data:`reward_data.options.TRANSCRIPT_PRESETS`.
+        key: field name for error messages.
+
+    Raises:
+        RowError: ``bad_transcript`` when no marker occurs or text precedes the first one.
+    """
+    markers = sorted(((m, role) for role, m in template.items() if role != "end" and m), key=lambda x: -len(x[0]))
+    end = template.get("end") or None
+    pieces: list[tuple[str, int, int]] = []  # (role, marker start, content start)
+    pos = 0
+    while True:
+        best = None
+        for marker, role in markers:
+            i = text.find(marker, pos)
+            if i >= 0 and (best is None or i < best[1]):
+                best = (role, i, i + len(marker))
+        if best is None:
+            break
+        pieces.append(best)
+        pos = best[2]
+    if not pieces:
+        raise RowError("bad_transcript", f"field {key!r} holds none of the transcript markers", key)
+    head = text[:pieces[0][1]]
+    if end:
+        head = head.replace(end, "")
+    if head.strip():
+        raise RowError("bad_transcript", f"field {key!r} has text before the first role marker", key)
+    out = []
+    for n, (role, _, start) in enumerate(pieces):
+        stop = pieces[n + 1][1] if n + 1 < len(pieces) else len(text)
+        content = text[start:stop]
+        if end:
+            content = content.split(end, 1)[0]
+        content = content.strip()
+        if role == "system" and not content:
+            continue  # templates often carry an empty system block; it is no message
+        out.append({"role": role, "content": content})
+    return out

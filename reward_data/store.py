@@ -4,7 +4,9 @@ A version is built in ``<home>/data/<NAME>/.tmp-<pid>-<random>/`` and published 
 ``os.rename`` to the next free version number, so readers never see half a version and a killed
 ingest leaves only a temporary directory (removed by the next ingest once its process is gone).
 Two concurrent ingests of the same name race on the rename: ``rename`` onto an existing
-(non-empty) version directory fails, and the loser retries with the next number.
+(non-empty) version directory fails, and the loser retries with the next number. A full disk
+(ENOSPC / EDQUOT / EFBIG) raises :class:`DiskFullError` naming the file being written, after the
+temporary directory is removed, so earlier versions and later ingests are unaffected.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import secrets
 import shutil
 from pathlib import Path
 
-from rlhf.paths import fsync_dir, pid_alive, rlhf_home
+from reward_data.paths import default_home, fsync_dir, pid_alive
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 OUTPUT_FILES = ("train.jsonl", "test.jsonl", "quarantine.jsonl", "duplicates.jsonl")
 
 
 def data_root(home=None) -> Path:
-    return rlhf_home(home) / "data"
+    return default_home(home) / "data"
 
 
 def check_name(name: str) -> str:
@@ -91,6 +94,23 @@ def clean_stale_tmp(name_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """Writing the store failed for lack of space; the message names the path that filled up."""
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` with the path it happened on (buffered writes raise without a file name)."""
+    if err.errno in DISK_FULL:
+        return DiskFullError(err.errno, f"{err.strerror or 'no space left'} while writing {path}; "
+                             "nothing was published and the temporary version was removed", str(path))
+    if err.filename is None:
+        return OSError(err.errno, f"{err.strerror or err} while writing {path}", str(path))
+    return err
+
+
 class OutputFile:
     """A binary JSON-lines output that tracks its sha256 and line count as it is written."""
 
@@ -101,14 +121,28 @@ class OutputFile:
         self.records = 0
 
     def write(self, line: bytes) -> None:
-        self._f.write(line)
+        try:
+            self._f.write(line)
+        except OSError as err:
+            raise _named(err, self.path) from None
         self.sha.update(line)
         self.records += 1
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as err:
+            raise _named(err, self.path) from None
+
+    def discard(self) -> None:
+        """Close without raising: the buffered tail may not fit on a full disk, and the file is
+        about to be deleted anyway (a raise here would skip removing the temporary directory)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 class VersionWriter:
@@ -124,8 +158,14 @@ class VersionWriter:
         clean_stale_tmp(self.name_dir)
         self.tmp = self.name_dir / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp.mkdir()
-        self.files = {fn.split(".")[0]: OutputFile(self.tmp / fn) for fn in OUTPUT_FILES}
         self.published: Path | None = None
+        self.files: dict[str, OutputFile] = {}
+        try:
+            for fn in OUTPUT_FILES:
+                self.files[fn.split(".")[0]] = OutputFile(self.tmp / fn)
+        except OSError as err:
+            self.__exit__(None, None, None)
+            raise _named(err, self.tmp / fn) from None
 
     def __enter__(self) -> VersionWriter:
         return self
@@ -133,7 +173,7 @@ class VersionWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         for f in self.files.values():
             if not f._f.closed:
-                f._f.close()
+                f.discard()
         if self.published is None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -162,11 +202,14 @@ class VersionWriter:
             number = max((existing[-1] if existing else 0) + 1, number + 1)
             manifest["version"] = number
             tmp_manifest = self.tmp / "manifest.json.part"
-            with open(tmp_manifest, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp_manifest, "w", encoding="utf-8") as f:
+                    json.dump(manifest, f, indent=2, ensure_ascii=False)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:
+                raise _named(err, tmp_manifest) from None
             os.replace(tmp_manifest, self.tmp / "manifest.json")
             for p in self.tmp.iterdir():
                 p.chmod(0o444)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The data library owns these two helpers (it must not import rlhf); re-exported for rlhf's callers.
+from reward_data.paths import fsync_dir, pid_alive  # noqa: F401
+
 
 def rlhf_home(home: str | os.PathLike | None = None) -> Path:
     """Return the rlhf home directory.
@@ -18,30 +21,3 @@ def rlhf_home(home: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".rlhf"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (used to tell stale temporary directories of dead
-    writers from those of running ones)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def fsync_dir(path) -> None:
-    """Flush a directory's entries: a rename is durable only once its directory is synced.
-    Filesystems that cannot fsync a directory are skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

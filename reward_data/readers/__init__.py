@@ -3,14 +3,17 @@
 Each reader module has ``NAME``, ``detect(row) -> bool`` (does one parsed row look like this
 format) and ``read(row, opts)``, which returns a :class:`~reward_data.schema.Pair`, or for formats
 where one row holds many comparisons a list of pairs and per-pair :class:`RowError` s; a
-row-level problem raises :class:`~reward_data.schema.RowError`.
+row-level problem raises :class:`~reward_data.schema.RowError`. A reader may also have
+``resolved(row, opts) -> dict``: the options its defaults resolve to for a file (recorded in the
+manifest and shown by ``rlhf data show``), raising ValueError when the file cannot be read as
+configured (e.g. a ``label_field`` that is not a column).
 """
 
 from __future__ import annotations
 
-from reward_data.readers import explicit, generic, hh, implicit, oasst, rated, shp, summarize, two_response
+from reward_data.readers import explicit, generic, hh, implicit, oasst, rated, scored, shp, summarize, two_response
 
 #: Format name -> reader module, in detection order.
 READERS = {
-    m.NAME: m for m in (explicit, implicit, hh, summarize, shp, oasst, two_response, rated, generic)
+    m.NAME: m for m in (explicit, implicit, hh, summarize, shp, oasst, two_response, rated, scored, generic)
 }

@@ -1,14 +1,15 @@
 """Explicit pairs: ``prompt`` / ``chosen`` / ``rejected`` (TRL's standard and conversational formats).
 
-Strings become one user (prompt) or assistant (response) message; message lists are validated
-and kept. An optional ``margin`` column is carried over; when it is absent but both
+Strings become one user (prompt) or assistant (response) message (split by role markers when a
+``transcript_template`` is given); message lists are validated and kept. A ``system`` column, when
+present and not blank, becomes the first message of the prompt. An optional ``margin`` column is carried over; when it is absent but both
 ``score_chosen`` and ``score_rejected`` exist (binarised UltraFeedback), their difference is used.
 """
 
 from __future__ import annotations
 
 from reward_data.options import IngestOptions
-from reward_data.schema import Pair, as_float, as_prompt, as_response, require
+from reward_data.schema import Pair, as_float, as_response, prompt_of, require, with_system
 
 NAME = "explicit"
 
@@ -18,7 +19,10 @@ def detect(row: dict) -> bool:
 
 
 def read(row: dict, opts: IngestOptions) -> Pair:
-    prompt = as_prompt(require(row, "prompt"), "prompt")
+    prompt = prompt_of(require(row, "prompt"), "prompt", opts.transcript_template)
+    system = row.get("system")
+    if system is not None:
+        prompt = with_system(prompt, system)
     chosen = as_response(require(row, "chosen"), "chosen")
     rejected = as_response(require(row, "rejected"), "rejected")
     margin = row.get("margin")

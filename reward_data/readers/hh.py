@@ -1,7 +1,8 @@
 """Anthropic HH-RLHF transcripts: ``chosen`` / ``rejected`` strings of ``\\n\\nHuman: ... \\n\\nAssistant: ...``.
 
 Each transcript is split into user/assistant messages (multi-turn kept), then the shared prefix
-becomes the prompt exactly as for implicit pairs. Turn text is stripped of the surrounding
+becomes the prompt exactly as for implicit pairs (an empty assistant turn is left for
+``check_pair`` to judge, so an empty rejected answer can be kept). Turn text is stripped of the surrounding
 whitespace that the delimiter convention adds.
 """
 
@@ -46,7 +47,7 @@ def parse_transcript(text: str, key: str) -> list[Message]:
     messages = []
     for i in range(1, len(parts), 2):
         content = parts[i + 1].strip()
-        if not content:
+        if not content and parts[i] == "Human":
             raise RowError("empty_text", f"field {key!r} turn {i // 2} ({parts[i]}) is empty", key)
         messages.append({"role": _ROLE[parts[i]], "content": content})
     if messages[0]["role"] != "user":

@@ -1,13 +1,13 @@
 """Implicit-prompt pairs: ``chosen`` / ``rejected`` full conversations and no prompt column.
 
 The longest shared message prefix (ending before an assistant turn) becomes the prompt; see
-:func:`reward_data.schema.split_shared_prefix`.
+:func:`reward_data.schema.split_shared_prefix`. A ``system`` column goes first in the prompt.
 """
 
 from __future__ import annotations
 
 from reward_data.options import IngestOptions
-from reward_data.schema import Pair, as_float, normalize_messages, require, split_shared_prefix
+from reward_data.schema import Pair, as_float, normalize_messages, require, split_shared_prefix, with_system
 
 NAME = "implicit"
 
@@ -17,8 +17,10 @@ def detect(row: dict) -> bool:
 
 
 def read(row: dict, opts: IngestOptions) -> Pair:
-    chosen = normalize_messages(require(row, "chosen"), "chosen")
-    rejected = normalize_messages(require(row, "rejected"), "rejected")
+    # Blank turns pass here; check_pair judges them once the prompt/response split is known.
+    chosen = normalize_messages(require(row, "chosen"), "chosen", allow_empty=True)
+    rejected = normalize_messages(require(row, "rejected"), "rejected", allow_empty=True)
     pair = split_shared_prefix(chosen, rejected)
+    pair.prompt = with_system(pair.prompt, row.get("system"))
     pair.margin = as_float(row.get("margin"), "margin")
     return pair

@@ -54,8 +54,8 @@ def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
                     item = f"{better.get('message_id')}>{worse.get('message_id')}"
                     try:
                         prompt = normalize_messages(path, "prompt")
-                        chosen = normalize_messages([_message(better)], "chosen")
-                        rejected = normalize_messages([_message(worse)], "rejected")
+                        chosen = normalize_messages([_message(better)], "chosen", allow_empty=True)
+                        rejected = normalize_messages([_message(worse)], "rejected", allow_empty=True)
                         if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
                             raise RowError("bad_value", "ranked replies to a prompter must be assistant messages", "role")
                         out.append(Pair(prompt, chosen, rejected, item=item))

@@ -1,7 +1,7 @@
 """Rated completions (UltraFeedback style): several scored completions per prompt, binarised.
 
 Layouts: ``completions`` = list of ``{response|text|content|completion, <score>}`` objects, or
-parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. The prompt is ``instruction``,
+parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. A ``system`` column goes first. The prompt is ``instruction``,
 ``prompt`` or ``question``. Completions without a numeric score (UltraFeedback's ``"N/A"``) take
 part in no pair. ``binarize`` picks best vs worst, best vs a seeded random lower one, or all
 pairs; a pair needs a score gap strictly above ``min_margin`` and the gap is its margin.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from reward_data.options import IngestOptions
-from reward_data.schema import Pair, RowError, as_prompt, as_response
+from reward_data.schema import Pair, RowError, as_response, prompt_of, with_system
 
 NAME = "rated"
 
@@ -67,11 +67,21 @@ def _candidates(row: dict, opts: IngestOptions) -> list[tuple[float, object, str
     return out
 
 
+def resolved(row: dict, opts: IngestOptions) -> dict:
+    """The score key this file is read with (what ``score_field=None`` resolves to)."""
+    if isinstance(row.get("completions"), list):
+        first = next((c for c in row["completions"] if isinstance(c, dict)), {})
+        key = opts.score_field or next((k for k in _SCORE_KEYS if k in first), None)
+    else:
+        key = opts.score_field or next((k for k in _LIST_SCORE_KEYS if k in row), None)
+    return {"score_field": key}
+
+
 def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
     prompt_key = next((k for k in _PROMPT_KEYS if k in row), None)
     if prompt_key is None or row[prompt_key] is None:
         raise RowError("missing_field", f"row has none of {', '.join(_PROMPT_KEYS)}", "prompt")
-    prompt = as_prompt(row[prompt_key], prompt_key)
+    prompt = with_system(prompt_of(row[prompt_key], prompt_key, opts.transcript_template), row.get("system"))
     cands = _candidates(row, opts)
     # Stable sort, best first: equal scores keep their input order, so output is deterministic.
     order = sorted(range(len(cands)), key=lambda i: -cands[i][0])

@@ -50,8 +50,8 @@ def _margin(row: dict) -> float | None:
 
 def read(row: dict, opts: IngestOptions) -> Pair:
     prompt = parse_history(require_str(row, "history"))
-    a = text_message("assistant", require(row, "human_ref_A"), "human_ref_A")
-    b = text_message("assistant", require(row, "human_ref_B"), "human_ref_B")
+    a = text_message("assistant", require(row, "human_ref_A"), "human_ref_A", allow_empty=True)
+    b = text_message("assistant", require(row, "human_ref_B"), "human_ref_B", allow_empty=True)
     label = as_int(require(row, "labels"), "labels")
     if label not in (0, 1):
         raise RowError("bad_value", f"field 'labels' must be 0 or 1, got {label}", "labels")

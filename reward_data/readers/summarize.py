@@ -60,7 +60,7 @@ def read(row: dict, opts: IngestOptions) -> Pair:
         text = s.get("text")
         if text is None:
             raise RowError("missing_field", f"summaries[{i}] has no 'text'", "summaries")
-        texts.append(text_message("assistant", text, f"summaries[{i}].text"))
+        texts.append(text_message("assistant", text, f"summaries[{i}].text", allow_empty=True))
         texts[-1]["content"] = texts[-1]["content"].strip()
     choice = as_int(require(row, "choice"), "choice")
     if choice not in (0, 1):

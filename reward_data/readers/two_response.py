@@ -4,7 +4,9 @@ The label is an index column (PKU-SafeRLHF ``better_response_id`` or ``safer_res
 chosen with ``label_field``), a winner column (``"model_a"``, ``"b"``, ``"tie"``, ...), or one-hot
 ``winner_model_a`` / ``winner_model_b`` / ``winner_tie`` columns (LMSYS arena style). Arena-style
 JSON-encoded turn lists (``'["q1", "q2"]'``) in prompt and responses become multi-turn
-conversations whose shared prefix is the prompt. Ties are dropped (quarantined as
+conversations whose shared prefix is the prompt -- only when all three columns decode to turn
+lists of equal length (or the columns are listed in ``json_fields``): an answer that is itself
+a JSON array, next to a plain-text prompt, stays text. A ``system`` column goes first. Ties are dropped (quarantined as
 ``tie_dropped``) or kept with ``tie=True`` by the ``ties`` option.
 """
 
@@ -13,7 +15,8 @@ from __future__ import annotations
 import json
 
 from reward_data.options import IngestOptions
-from reward_data.schema import Pair, RowError, as_int, as_prompt, as_response, require, split_shared_prefix
+from reward_data.schema import (Pair, RowError, as_int, as_prompt, as_response, prompt_of, require, split_shared_prefix,
+                                 with_system)
 
 NAME = "two_response"
 
@@ -59,16 +62,25 @@ def _winner(row: dict, opts: IngestOptions) -> int | None:
     raise RowError("bad_value", f"field {key!r} has unrecognised label {value!r}", key)
 
 
-def _turns(value, key: str):
-    """Decode an arena-style JSON list of strings; other values are returned unchanged."""
+def _turns(value):
+    """Decode an arena-style JSON list of strings; None when ``value`` is not one."""
+    if isinstance(value, list):
+        return value
     if isinstance(value, str) and value.startswith("["):
         try:
             decoded = json.loads(value)
-        except ValueError:
-            return value
-        if isinstance(decoded, list) and all(isinstance(t, str) or t is None for t in decoded):
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(decoded, list) and decoded and all(isinstance(t, str) or t is None for t in decoded):
             return decoded
-    return value
+    return None
+
+
+def resolved(row: dict, opts: IngestOptions) -> dict:
+    """The label column this file is read with (what ``label_field=None`` resolves to)."""
+    if opts.label_field is None and "winner_model_a" in row and "winner_model_b" in row:
+        return {"label_field": "winner_model_a/winner_model_b/winner_tie (one-hot)"}
+    return {"label_field": opts.label_field or next((k for k in _INDEX_LABELS if k in row), None)}
 
 
 def read(row: dict, opts: IngestOptions) -> Pair:
@@ -77,9 +89,17 @@ def read(row: dict, opts: IngestOptions) -> Pair:
     winner = _winner(row, opts)
     if winner is None and opts.ties == "drop":
         raise RowError("tie_dropped", "the label marks a tie (ties=drop)", opts.label_field or "label")
-    prompt = _turns(require(row, prompt_key), prompt_key)
-    a = _turns(require(row, key_a), key_a)
-    b = _turns(require(row, key_b), key_b)
+    prompt, a, b = require(row, prompt_key), require(row, key_a), require(row, key_b)
+    declared = opts.json_fields
+    if declared is None:
+        # Arena layout only when all three are turn lists of one length; otherwise they are text.
+        turns = [_turns(prompt), _turns(a), _turns(b)]
+        if all(t is not None for t in turns) and len({len(t) for t in turns}) == 1:
+            prompt, a, b = turns
+    else:
+        prompt, a, b = [(_turns(v) or v) if k in declared else v
+                        for k, v in ((prompt_key, prompt), (key_a, a), (key_b, b))]
+    system = row.get("system")
     if isinstance(prompt, list) and all(isinstance(t, str) or t is None for t in prompt) and prompt:
         # Multi-turn arena row: rebuild each side's conversation, then split off the shared prefix.
         if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == len(prompt)):
@@ -91,8 +111,10 @@ def read(row: dict, opts: IngestOptions) -> Pair:
                 conv += as_prompt(q, f"{prompt_key}[{i}]") + as_response(r, f"{key}[{i}]")
             convs.append(conv)
         pair = split_shared_prefix(*convs)
+        pair.prompt = with_system(pair.prompt, system)
     else:
-        pair = Pair(as_prompt(prompt, prompt_key), as_response(a, key_a), as_response(b, key_b))
+        prompt = with_system(prompt_of(prompt, prompt_key, opts.transcript_template), system)
+        pair = Pair(prompt, as_response(a, key_a), as_response(b, key_b))
     if winner is None:
         pair.tie = True
     elif winner == 1:

@@ -51,11 +51,12 @@ def test_ingest_list_show_quarantine(pairs_file, tmp_path, capsys):
 
     assert main(["quarantine", "demo", "--home", str(home)]) == 0
     text = capsys.readouterr().out
-    assert "pairs.jsonl:41  empty_text: field 'chosen' is empty or whitespace" in text
-    assert "pairs.jsonl:42  malformed_json" in text
+    # 1-based lines, as an editor shows them (row 41 is on line 42).
+    assert "pairs.jsonl:42  empty_text: field 'chosen' is empty or whitespace" in text
+    assert "pairs.jsonl:43  malformed_json" in text
     assert main(["quarantine", "demo", "--reason", "malformed_json", "--json", "--home", str(home)]) == 0
     (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert entry["source"] == {"file": "pairs.jsonl", "row": 42}
+    assert entry["source"] == {"file": "pairs.jsonl", "row": 42, "line": 43}
 
 
 def test_errors_exit_nonzero_with_message(pairs_file, tmp_path, capsys):
@@ -124,3 +125,104 @@ def test_python_dash_m_reward_data(pairs_file, tmp_path):
     r = run("show", "m:latest", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["accepted"] == 40
     assert (tmp_path / "envhome" / "data" / "m" / "1" / "manifest.json").is_file()
+
+
+def _hub_folder(root: Path) -> Path:
+    """A dataset folder laid out like a hub repository: two configs (README `configs:`), each with
+    train/test files, for `datasets.load_dataset` on a local path (offline)."""
+    for config in ("helpful", "harmless"):
+        for split, n in (("train", 4), ("test", 2)):
+            d = root / config
+            d.mkdir(parents=True, exist_ok=True)
+            rows = [{"prompt": f"{config} {split} {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)]
+            (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = "\n".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: test\n    path: {c}/test.jsonl" for c in ("helpful", "harmless"))
+    (root / "README.md").write_text(f"---\nconfigs:\n{files}\n---\n# tiny preference data\n")
+    return root
+
+
+def test_hub_dataset_config_data_dir_and_split(tmp_path, capsys):
+    hub = _hub_folder(tmp_path / "org_name")
+    home = str(tmp_path / "home")
+    assert main(["ingest", str(hub), "--name", "cfg", "--hf-config", "harmless", "--hf-split", "test",
+                 "--split", "0", "--home", home]) == 0
+    capsys.readouterr()
+    assert main(["show", "cfg", "--json", "--home", home]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["accepted"] == 2
+    (src,) = shown["sources"]
+    assert (src["hf_config"], src["hf_split"], src["kind"]) == ("harmless", "test", "hf_hub")
+    prompts = {r["prompt"][0]["content"] for r in __import__("reward_data").read_split(shown["path"], "train")}
+    assert prompts == {"harmless test 0", "harmless test 1"}
+    # data_dir selects one folder; without a split every split of it is read.
+    assert main(["ingest", str(hub), "--name", "dd", "--hf-data-dir", "helpful", "--split", "0", "--home", home]) == 0
+    capsys.readouterr()
+    assert main(["show", "dd", "--json", "--home", home]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert sorted((s["hf_split"], s["rows_in"], s["hf_data_dir"]) for s in shown["sources"]) == [
+        ("test", 2, "helpful"), ("train", 4, "helpful")]
+    # A split that does not exist is a one-line error naming what does.
+    assert main(["ingest", str(hub), "--name", "bad", "--hf-config", "helpful", "--hf-split", "dev",
+                 "--home", home]) == 1
+    assert "dev" in capsys.readouterr().err
+
+
+def test_misconfigured_ingest_exits_nonzero_and_publishes_nothing(tmp_path, capsys):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,good,bad\nq1,a,b\nq2,c,d\n")
+    home = tmp_path / "home"
+    rc = main(["ingest", str(path), "--name", "qa", "--map", "prompt=qestion", "--map", "chosen=good",
+               "--map", "rejected=bad", "--home", str(home)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no such column" in err and "'qestion' -> 'question'" in err
+    rc = main(["ingest", str(path), "--name", "qa", "--format", "shp", "--home", str(home)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nothing was accepted from 2 rows" in err and "columns seen: bad, good, question" in err
+    assert not (home / "data" / "qa").exists() or not any((home / "data" / "qa").iterdir())
+    assert main(["ingest", str(path), "--name", "qa", "--format", "shp", "--allow-partial", "--home", str(home)]) == 0
+
+
+def test_show_prints_resolved_options_and_shortcut_warnings(tmp_path, capsys):
+    path = tmp_path / "pku.jsonl"
+    rows = [{"prompt": f"q{i}", "response_0": f"Sure, here it is {i}", "response_1": f" no{i}",
+             "better_response_id": 0, "safer_response_id": 1} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    home = str(tmp_path / "home")
+    assert main(["ingest", str(path), "--name", "pku", "--home", home]) == 0
+    assert "possible shortcut" in capsys.readouterr().err
+    assert main(["show", "pku", "--home", home]) == 0
+    text = capsys.readouterr().out
+    assert "resolved: format=two_response label_field=better_response_id" in text
+    assert "options: format=default" in text and "ties=drop" in text
+    assert "warning: possible shortcut: 100% of rejected responses start with whitespace" in text
+    assert main(["show", "pku", "--json", "--home", home]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["resolved_options"]["label_field"] == "better_response_id"
+    assert shown["options"]["label_field"] is None and shown["warnings"]
+
+
+def test_scored_and_system_from_the_command_line(tmp_path, capsys):
+    nemo = "<extra_id_0>System\n{s}\n<extra_id_1>User\n{u}\n<extra_id_1>Assistant\n{a}\n"
+    rows = [{"text": nemo.format(s="Be brief.", u="2+2?", a=ans), "helpfulness": h, "correctness": c}
+            for ans, h, c in (("4", 4, 4), ("5", 1, 0), ("four", 3, 4))]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    home = str(tmp_path / "home")
+    assert main(["ingest", str(path), "--name", "hs", "--score", "helpfulness*0.5+correctness*0.5",
+                 "--transcript-template", "nemo", "--binarize", "all_pairs", "--split", "0", "--home", home]) == 0
+    capsys.readouterr()
+    import reward_data
+
+    recs = list(reward_data.read_split(reward_data.resolve("hs", home), "train"))
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"]) for r in recs] == [
+        ("4", "four", 0.5), ("4", "5", 3.5), ("four", "5", 3.0)]
+    assert recs[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    sys_csv = tmp_path / "sys.csv"
+    sys_csv.write_text("system,question,chosen,rejected\nBe kind.,hi,hello,go\n")
+    assert main(["ingest", str(sys_csv), "--name", "sys", "--map", "system=system", "--map", "prompt=question",
+                 "--map", "chosen=chosen", "--map", "rejected=rejected", "--home", home]) == 0
+    capsys.readouterr()
+    assert main(["show", "sys", "--home", home]) == 0
+    assert "with system prompt: 1" in capsys.readouterr().out

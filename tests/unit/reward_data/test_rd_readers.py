@@ -73,6 +73,11 @@ def test_hh_bad_transcripts(write_jsonl, quarantined):
         {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:   "},
     ]
     info = ingest_rows(write_jsonl, rows, fmt="hh")
+    # An empty rejected answer is kept by default ("an answer beats no answer")...
+    assert [q["reason"] for q in quarantined(info.ref)] == ["bad_transcript"]
+    assert info.manifest["stats"]["empty_rejected"] == 1
+    # ...and quarantined under strict_empty.
+    info = ingest_rows(write_jsonl, rows, fmt="hh", name="strict", strict_empty=True, allow_partial=True)
     assert [q["reason"] for q in quarantined(info.ref)] == ["bad_transcript", "empty_text"]
 
 
@@ -155,10 +160,10 @@ def test_oasst_pair_level_quarantine_and_no_pairs(write_jsonl, quarantined):
     empty = _node("r2", "prompter", "q2", replies=[_node("b1", "assistant", "only one", rank=0)])
     info = ingest_rows(write_jsonl, [bad, empty], fmt="oasst")
     c = info.manifest["counts"]
-    assert (c["rows_in"], c["rows_quarantined"], c["pairs"], c["accepted"], c["pairs_quarantined"]) == (2, 1, 3, 1, 2)
+    # a1>a2 is kept (an empty rejected reply is a preference too); a2>a3 has an empty chosen one.
+    assert (c["rows_in"], c["rows_quarantined"], c["pairs"], c["accepted"], c["pairs_quarantined"]) == (2, 1, 3, 2, 1)
     q = quarantined(info.ref)
-    assert sorted((e["reason"], e["item"]) for e in q) == [
-        ("empty_text", "a1>a2"), ("empty_text", "a2>a3"), ("no_pairs", None)]
+    assert sorted((e["reason"], e["item"]) for e in q) == [("empty_text", "a2>a3"), ("no_pairs", None)]
 
 
 # --- two responses + label ------------------------------------------------------------------------

@@ -58,13 +58,19 @@ def test_summarize_from_feedback(shared_datasets):
     per = {s["name"].split("/")[-1]: s for s in m["sources"]}
     assert {k: v["rows_in"] for k, v in per.items()} == {
         "batch0_cnndm_first300.json": 300, "batch13_first300.json": 300, "edit_b2_eval_test.json": 5}
-    # CNN/DM: 12 comparisons against an empty summary; repeated (post, summaries, choice) triples
-    # from several labelers are exact duplicates.
-    assert per["batch0_cnndm_first300.json"]["quarantined"] == 12
+    # CNN/DM: 12 comparisons against an empty summary, which always lost: kept and counted as
+    # empty rejected responses (quarantined under strict_empty, below); repeated (post,
+    # summaries, choice) triples from several labelers are exact duplicates.
+    assert per["batch0_cnndm_first300.json"]["quarantined"] == 0
+    assert m["stats"]["empty_rejected"] == 6  # the other 6 are exact duplicates of these
     assert per["batch13_first300.json"]["duplicates"] == 56
     assert per["edit_b2_eval_test.json"]["accepted"] == 5
     check_reconciles(m["counts"])
-    assert set(m["quarantine_reasons"]) == {"empty_text"}
+    strict = reward_data.ingest([shared_datasets / "summarize_from_feedback_comparisons" / "batch0_cnndm_first300.json"],
+                                "tldr_strict", strict_empty=True)
+    assert strict.manifest["quarantine_reasons"] == {"empty_text": 12}
+    assert strict.manifest["stats"]["empty_rejected"] == 0
+    assert m["quarantine_reasons"] == {}
     recs = by_position(info.ref)
     (r,) = recs[("summarize_from_feedback_comparisons/batch13_first300.json", 0)]
     prompt = r["prompt"][0]["content"]

@@ -54,7 +54,8 @@ def test_csv_multiline_fields_invalid_utf8_and_ragged_rows(tmp_path):
     )
     info = reward_data.ingest([path], "x")
     q = list(reward_data.read_split(info.ref, "quarantine"))
-    assert [(e["reason"], e["source"]["row"]) for e in q] == [("invalid_utf8", 1), ("wrong_type", 2)]
+    assert [(e["reason"], e["source"]["row"], e["source"]["line"]) for e in q] == [
+        ("invalid_utf8", 1, 4), ("long_row", 2, 5)]
     assert ("line one\nline two", "yes", "no") in contents(info.ref)
 
 
@@ -142,5 +143,7 @@ def test_line_splitter_matches_naive_split(lengths, trailing_newline, limit):
     expected = data.split(b"\n")
     if expected and expected[-1] == b"":
         expected.pop()
-    expected = [(line[:200], len(line)) if len(line) > limit else (line, 0) for line in expected]
+    expected = [(line[:200], len(line), None) if len(line) > limit else (line, 0, None) for line in expected]
+    if expected and not data.endswith(b"\n"):
+        expected[-1] = (*expected[-1][:2], "")  # the last line has no newline
     assert list(_split_lines(io.BytesIO(data), limit)) == expected
