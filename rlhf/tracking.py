@@ -4,7 +4,9 @@ Every stage writes its curves and sample completions into the pipeline run direc
 which is what ``rlhf dashboard`` and ``rlhf report`` read::
 
     <run_dir>/<stage>/metrics.jsonl   {"step": int, "time": float, "<metric>": float, ...} per line
-    <run_dir>/<stage>/samples.jsonl   {"step": int, "prompt": str, "completion": str, "score": float, "gold": float|null}
+    <run_dir>/<stage>/samples.jsonl   {"step": int, "prompt": str, "completion": str, "score": float, "gold": float|null,
+                                       ...any other per-sample number, e.g. "length" (response tokens)}
+    <run_dir>/<stage>/tracker.json    {"stage", "group", "world_size", "refs", "report_to", "rlhf_version", "started"}
 
 The local files are the source of truth and need no network. Remote trackers are extras that
 must never stop a training run: wandb without credentials logs offline (and says how to sync
@@ -232,6 +234,7 @@ class Tracker:
                 ) from err
             self._wandb = wandb
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._write_info()
         # Append mode: a resumed stage continues its curves instead of erasing them.
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
         self._samples_file = open(self.samples_path, "a", encoding="utf-8")
@@ -247,6 +250,28 @@ class Tracker:
         except (OSError, ValueError, AttributeError):
             name = None
         return str(name) if name else self.run_dir.resolve().name
+
+    def _write_info(self) -> None:
+        """tracker.json: what the dashboard needs besides the curves (e.g. the number of
+        processes, which turns PPO updates into episodes), written atomically."""
+        try:
+            from rlhf.distributed import world_size
+
+            world = world_size()
+        except Exception:  # the file is informative; a stage must not fail over it
+            world = 1
+        info = {
+            "stage": self.stage,
+            "group": self.group,
+            "world_size": int(world),
+            "refs": {str(k): str(v) for k, v in self.refs.items()},
+            "report_to": self.report_to,
+            "rlhf_version": rlhf.__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = self.stage_dir / ".tracker.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.stage_dir / "tracker.json")
 
     def _remote_config(self) -> dict[str, Any]:
         return {**self.config, "refs": self.refs, "stage": self.stage, "rlhf_version": rlhf.__version__}
@@ -375,12 +400,16 @@ class Tracker:
 
         Args:
             step: Global step the completions were generated at.
-            rows: Dicts with "prompt", "completion", "score" and optionally "gold".
+            rows: Dicts with "prompt", "completion", "score" and optionally "gold", plus any
+                other per-sample numbers worth a histogram (e.g. "length" in response tokens,
+                "kl"); those are kept in samples.jsonl (non-finite as null) and the wandb
+                table. Other non-numeric extra fields are dropped.
         """
         if not self.enabled:
             return
         self._check_open()
-        table_rows = []
+        records: list[dict[str, Any]] = []
+        extra_columns: list[str] = []
         for index, row in enumerate(rows):
             if "prompt" not in row or "completion" not in row:
                 raise ValueError(
@@ -395,17 +424,25 @@ class Tracker:
                 "score": None if score is None else _json_number(score),
                 "gold": None if gold is None else _json_number(gold),
             }
+            for name, value in row.items():
+                number = _scalar(value)
+                if name not in record and name != "time" and number is not None:
+                    record[str(name)] = _json_number(number)
+                    if name not in extra_columns:
+                        extra_columns.append(str(name))
             self._samples_file.write(json.dumps(record) + "\n")
-            table_rows.append([record[column] for column in SAMPLE_COLUMNS])
+            records.append(record)
         self._samples_file.flush()
+        columns = [*SAMPLE_COLUMNS, *extra_columns]
+        table_rows = [[record.get(column) for column in columns] for record in records]
         key = f"samples/step_{int(step)}"
         if self.wandb_run is not None:
-            table = self._wandb.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)
+            table = self._wandb.Table(columns=columns, data=table_rows)
             self._wandb_call(self.wandb_run.log, {key: table, "trainer/step": int(step)})
         if self._tb_writer is not None:
-            self._tb_writer.add_text(key, _markdown_table(table_rows), int(step))
+            self._tb_writer.add_text(key, _markdown_table(columns, table_rows), int(step))
         if self._trackio_run is not None and hasattr(self._trackio, "Table"):
-            self._trackio.log({key: self._trackio.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)}, step=int(step))
+            self._trackio.log({key: self._trackio.Table(columns=columns, data=table_rows)}, step=int(step))
 
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that forwards the trainer's logs to this tracker.
@@ -466,12 +503,12 @@ class Tracker:
             self.wandb_run = None
 
 
-def _markdown_table(rows: list[list[Any]]) -> str:
-    """Rows of SAMPLE_COLUMNS as a Markdown table (TensorBoard's text plugin renders Markdown)."""
+def _markdown_table(columns: Sequence[str], rows: list[list[Any]]) -> str:
+    """Rows as a Markdown table (TensorBoard's text plugin renders Markdown)."""
 
     def cell(value: Any) -> str:
         return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
