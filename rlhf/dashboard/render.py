@@ -87,6 +87,12 @@ _CHARTS_JS = """
 (function () {
   var specs = JSON.parse(document.getElementById("rlhf-charts").textContent);
   var config = {responsive: true, displaylogo: false};
+  specs.forEach(function (s) {
+    s.extra.forEach(function (x, i) {
+      x.raw = s.figure.data[i].y ? s.figure.data[i].y.slice() : null;
+      x.x_step = s.figure.data[i].x.slice();
+    });
+  });
   function ema(values, w) {
     var out = [], last = 0, n = 0;
     values.forEach(function (v) {
@@ -262,8 +268,9 @@ class _Curve:
 def _line_spec(title: str, curves: Sequence[_Curve], *, x_title: str, x_alt_title: str | None, smooth: bool) -> dict[str, Any]:
     """A chart of one metric: per curve a line, a faint raw copy for smoothing, a s.e. band.
 
-    ``extra`` (index-aligned with the traces) keeps what the page's controls need: the raw
-    values to smooth and both x-axes.
+    ``extra`` (index-aligned with the traces) keeps what the page's controls need besides the
+    trace itself: its role and the second x-axis. The page copies each trace's logged x and
+    y before drawing, to smooth and switch axes from (not sent twice).
     """
     data: list[dict[str, Any]] = []
     extra: list[dict[str, Any]] = []
@@ -289,7 +296,7 @@ def _line_spec(title: str, curves: Sequence[_Curve], *, x_title: str, x_alt_titl
                         "hoverinfo": "skip",
                     }
                 )
-                extra.append({"role": "band", "edge": edge, "raw": ys, "x_step": steps, "x_alt": alt})
+                extra.append({"role": "band", "edge": edge, "x_alt": alt})
         if smooth:
             data.append(
                 {
@@ -305,7 +312,7 @@ def _line_spec(title: str, curves: Sequence[_Curve], *, x_title: str, x_alt_titl
                     "hoverinfo": "skip",
                 }
             )
-            extra.append({"role": "raw", "raw": values, "x_step": steps, "x_alt": alt})
+            extra.append({"role": "raw", "x_alt": alt})
         data.append(
             {
                 "type": "scatter",
@@ -317,7 +324,7 @@ def _line_spec(title: str, curves: Sequence[_Curve], *, x_title: str, x_alt_titl
                 "connectgaps": False,
             }
         )
-        extra.append({"role": "line", "raw": values, "x_step": steps, "x_alt": alt})
+        extra.append({"role": "line", "x_alt": alt})
     legend = len(curves) > 1
     return {
         "figure": {"data": data, "layout": _layout(title, x_title, legend=legend)},
