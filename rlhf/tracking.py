@@ -17,10 +17,16 @@ Typical use inside a stage::
 
     tracker = Tracker(run_dir, "ppo", config=resolved, report_to=["local", "wandb"],
                       group=run_name, refs={"base": base_ref, "sft": sft_ref})
-    for step in progress(range(total_steps), desc="ppo"):
+    bar = StageProgress("ppo", total_updates, unit="update")  # bar on a TTY, record lines elsewhere
+    for update in range(total_updates):
         ...
-        tracker.log({"reward/score_mean": 0.3, "kl/mean": 0.01}, step=step)
+        tracker.log({"reward/score_mean": 0.3, "kl/mean": 0.01}, step=update + 1)
+        bar.update(1, {"score": 0.3, "kl": 0.01})
+    bar.close()
     tracker.finish()
+
+A TRL/transformers stage calls ``tracker.attach(trainer)`` instead: the trainer's log dicts
+go to the tracker (not the console) and the console shows one progress bar or record line.
 """
 
 from __future__ import annotations
@@ -40,7 +46,15 @@ from tqdm.auto import tqdm
 
 import rlhf
 
-__all__ = ["REPORT_TO_CHOICES", "StageProgress", "Tracker", "progress", "progress_interval", "normalize_report_to"]
+__all__ = [
+    "REPORT_TO_CHOICES",
+    "StageProgress",
+    "Tracker",
+    "filter_third_party_noise",
+    "normalize_report_to",
+    "progress",
+    "progress_interval",
+]
 
 #: Tracker names accepted in a recipe's ``report_to``. "local" is always on.
 REPORT_TO_CHOICES = ("local", "wandb", "tensorboard", "trackio")
@@ -86,6 +100,23 @@ def progress(
         options["bar_format"] = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
     options.update(kwargs)
     return tqdm(iterable, total=total, desc=desc, **options)
+
+
+# Warnings raised inside third-party code that our code cannot fix at the source, each
+# silenced by its exact message (and category), never by module or category alone: a new
+# warning from the same library still shows. Known warnings our own calls cause are fixed
+# where we make the call instead.
+THIRD_PARTY_NOISE = (
+    # peft and TRL read PreTrainedModel.is_gradient_checkpointing, deprecated in transformers 5
+    # (trl/models/utils.py, peft/mixed_model.py); nothing we pass changes that.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6"),
+)
+
+
+def filter_third_party_noise() -> None:
+    """Silence the warnings of :data:`THIRD_PARTY_NOISE` (by message) for this process."""
+    for category, message in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 #: Seconds between progress records when stderr is not a terminal, unless set otherwise.

@@ -482,3 +482,18 @@ def test_attach_replaces_the_trainers_printed_dicts_with_one_progress_line(tmp_p
     assert [line.split(" elapsed")[0] for line in lines] == ["[sft] step 1/4 (25%)", "[sft] step 4/4 (100%)"] * 2
     losses = [r["loss"] for r in _lines(tmp_path / "run" / "sft" / "metrics.jsonl") if "loss" in r]
     assert lines[-1].endswith(f"loss={losses[-1]:.4g}")
+
+
+def test_third_party_noise_is_filtered_by_message_only():
+    from rlhf.tracking import filter_third_party_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_third_party_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use x instead.", FutureWarning)
+        warnings.warn("`something_else` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", UserWarning)
+    assert [(w.category, str(w.message)[:16]) for w in caught] == [
+        (FutureWarning, "`something_else`"),
+        (UserWarning, "`is_gradient_che"),
+    ]
