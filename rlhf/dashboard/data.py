@@ -536,7 +536,7 @@ def policy_summary(run: RunData) -> dict[str, Any]:
         still = stage.status == "running"
         policies.append(
             {
-                "label": f"{stage.name.upper()} policy" + (f" (update {step}, still training)" if still else ""),
+                "label": _policy_label(stage) + (f" (update {step}, still training)" if still else ""),
                 "stage": stage.name,
                 "step": step,
                 "ref": stage.outputs.get("policy") if isinstance(stage.outputs.get("policy"), str) else None,
@@ -559,6 +559,13 @@ def policy_summary(run: RunData) -> dict[str, Any]:
     if "gold_accuracy" not in reward_model and isinstance(run.summary.get("rm_accuracy_gold"), (int, float)):
         reward_model["gold_accuracy"] = float(run.summary["rm_accuracy_gold"])
     return {"columns": columns, "policies": policies, "reward_model": reward_model, "sft": sft}
+
+
+def _policy_label(stage: StageData) -> str:
+    """"PPO policy", or "PPO policy (rloo)" when the stage ran another advantage estimator."""
+    estimator = stage.config.get("advantage_estimator")
+    suffix = f" ({estimator})" if isinstance(estimator, str) and estimator != "gae" else ""
+    return f"{stage.name.upper()} policy{suffix}"
 
 
 def _final_or_last(stage: StageData, key: str) -> float | None:

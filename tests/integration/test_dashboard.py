@@ -394,6 +394,16 @@ def test_summary_puts_sft_against_the_trained_policy(server, runs_root):
     assert "Win rate vs SFT" in page and "Gold reward (objective)" in page
 
 
+def test_summary_names_the_advantage_estimator(tmp_path):
+    from rlhf.dashboard.data import policy_summary
+
+    make_run(tmp_path / "runs", "gamma", 0.0)
+    with (tmp_path / "runs" / "gamma" / "ppo" / "config.yaml").open("a") as handle:
+        handle.write("advantage_estimator: rloo\n")
+    policies = policy_summary(load_run(tmp_path / "runs" / "gamma"))["policies"]
+    assert [(p["label"], p["ref"]) for p in policies] == [("SFT policy", "gamma-sft:1"), ("PPO policy (rloo)", "gamma-policy:1")]
+
+
 def test_histograms_at_each_evaluation(server, runs_root):
     _, logged = runs_root
     page = _get(server.url + "run/alpha")[1]
