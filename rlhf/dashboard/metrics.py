@@ -186,7 +186,7 @@ class StagePlan:
     charts: dict[str, list[ChartPlan]] = field(default_factory=dict, metadata={"help": "section id -> charts"})
     constants: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=dict,
-        metadata={"help": "section id -> metric -> {'value': number, 'steps': [int], 'se': number|None}"},
+        metadata={"help": "section id -> metric -> {'value': number|None (never finite), 'steps': [int], 'se': number|None}"},
     )
 
 
@@ -213,9 +213,11 @@ def plan_stage(series: dict[str, dict[str, list]]) -> StagePlan:
         if key in bands or key in AXIS_COUNTERS:
             continue
         values = _finite_values(series[key]["value"])
-        if not values:
-            continue
         section = section_of(key)
+        if not values:
+            # Never finite (NaN or infinite every time): worth seeing, but there is no curve.
+            plan.constants.setdefault(section, {})[key] = {"value": None, "steps": series[key]["step"], "se": None}
+            continue
         se_key = band_of.get(key)
         if len(values) == 1 or all(v == values[0] for v in values):
             se_values = _finite_values(series[se_key]["value"]) if se_key else []

@@ -540,9 +540,13 @@ def _improvement(sft: dict[str, Any], policy: dict[str, Any]) -> str:
 def _constants_html(constants: dict[str, dict[str, Any]], step_word: str) -> str:
     items = []
     for key, info in constants.items():
-        value = _pm(info["value"], info["se"])
         steps = info["steps"]
-        when = f"logged once, at {step_word} {steps[0]}" if len(steps) == 1 else f"same at all {len(steps)} logged {step_word}s"
+        if info["value"] is None:
+            value = "not finite"
+            when = f"NaN or infinite at all {len(steps)} logged {step_word}s"
+        else:
+            value = _pm(info["value"], info["se"])
+            when = f"logged once, at {step_word} {steps[0]}" if len(steps) == 1 else f"same at all {len(steps)} logged {step_word}s"
         items.append(
             f'<div class="constant" data-key="{_e(key)}" data-value="{_e(info["value"])}" title="{_e(when)}">'
             f'{_e(label(key))}: <span class="value">{value}</span> {_key(key)}</div>'

@@ -556,6 +556,18 @@ def test_bad_lines_are_reported_not_fatal(runs_root, server):
     assert status == 200 and "not valid JSON" in page
 
 
+def test_a_metric_that_is_never_finite_is_shown_not_dropped(tmp_path):
+    run_dir = tmp_path / "runs" / "diverged"
+    run_dir.mkdir(parents=True)
+    (run_dir / "pipeline.json").write_text(json.dumps({"name": "diverged", "stages": {"sft": {"status": "failed"}}}))
+    _write_jsonl(run_dir / "sft" / "metrics.jsonl", [{"step": s, "loss": None, "grad_norm": 1.0 + s} for s in (1, 2, 3)])
+    out = tmp_path / "r.html"
+    assert dashboard_main(["report", str(run_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert re.search(r'<div class="constant" data-key="loss" data-value="" title="NaN or infinite at all 3 logged steps">'
+                     r'Training loss: <span class="value">not finite</span>', page)
+
+
 def test_a_step_logged_again_keeps_its_last_value(tmp_path):
     run_dir = tmp_path / "runs" / "resumed"
     run_dir.mkdir(parents=True)
