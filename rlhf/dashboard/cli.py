@@ -77,7 +77,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="also answer requests addressed to NAME (repeatable); by default only localhost, 127.0.0.1, "
-        "[::1] and the bound address are answered, which stops DNS-rebinding pages from reading runs",
+        "[::1] and the bound address are answered, which stops DNS-rebinding pages from reading runs "
+        "('*' answers any name: only behind another access control)",
     )
     return parser
 

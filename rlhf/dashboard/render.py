@@ -335,14 +335,14 @@ def _line_spec(title: str, curves: Sequence[_Curve], *, x_title: str, x_alt_titl
     }
 
 
-def _hist_spec(title: str, x_title: str, groups: list[tuple[Any, list[float]]]) -> dict[str, Any]:
+def _hist_spec(title: str, step_word: str, groups: list[tuple[Any, list[float]]]) -> dict[str, Any]:
     """Overlaid histograms, one per evaluation step; first and last shown, the rest a click away."""
     data = []
     for index, (step, values) in enumerate(groups):
         data.append(
             {
                 "type": "histogram",
-                "name": f"step {step} (n={len(values)})",
+                "name": f"{step_word} {step} (n={len(values)})",
                 "x": values,
                 "opacity": 0.55,
                 "visible": True if index in (0, len(groups) - 1) else "legendonly",
@@ -445,6 +445,10 @@ def render_index(runs: list[dict[str, Any]], runs_root: str) -> str:
 def _summary_html(run: RunData) -> str:
     """The top of a run page: policies side by side, the reward model, what was produced."""
     summary = policy_summary(run)
+    alts = {stage.name: alternate_x(stage) for stage in run.stages}
+    for policy in summary["policies"]:
+        alt = alts.get(policy["stage"])
+        policy["step_word"] = "update" if alt and alt[0] == "episodes" else "step"
     parts = ['<h2 id="summary">Summary</h2>']
     policies, columns = summary["policies"], summary["columns"]
     if policies:
@@ -466,7 +470,7 @@ def _summary_html(run: RunData) -> str:
                 )
             if has_gold:
                 cells.append(f'<td class="num">{_improvement(sft, policy)}</td>')
-            where = f"step {policy['step']} of {policy['stage']}" if policy["step"] is not None else policy["stage"]
+            where = f"{policy['step_word']} {policy['step']} of {policy['stage']}" if policy["step"] is not None else policy["stage"]
             ref = f"<br><code>{_e(policy['ref'])}</code>" if policy["ref"] else ""
             rows.append(
                 f'<tr data-policy="{_e(policy["label"])}"><th>{_e(policy["label"])}'
@@ -554,7 +558,7 @@ def _constants_html(constants: dict[str, dict[str, Any]], step_word: str) -> str
     return f'<div class="constants">{"".join(items)}</div>' if items else ""
 
 
-def _histograms(stage: StageData, charts: _Charts) -> list[str]:
+def _histograms(stage: StageData, charts: _Charts, step_word: str) -> list[str]:
     """Score and length histograms of the logged samples, one trace per evaluation step."""
     by_step: dict[Any, list[dict[str, Any]]] = {}
     for row in stage.samples:
@@ -572,7 +576,7 @@ def _histograms(stage: StageData, charts: _Charts) -> list[str]:
             title = "Response length (words; samples carry no token count)"
         if groups:
             divs.append(
-                charts.add(f"{stage.name}-hist-{field_name}", _hist_spec(f"{title}, by evaluation", title, groups))
+                charts.add(f"{stage.name}-hist-{field_name}", _hist_spec(f"{title}, by evaluation", step_word, groups))
             )
     return divs
 
@@ -587,7 +591,7 @@ def _stage_html(run: RunData, stage: StageData, charts: _Charts) -> str:
     for section, title in SECTIONS:
         section_charts = plan.charts.get(section, [])
         constants = plan.constants.get(section, {})
-        hist_divs = _histograms(stage, charts) if section == "evaluation" and stage.samples else []
+        hist_divs = _histograms(stage, charts, step_word) if section == "evaluation" and stage.samples else []
         if not (section_charts or constants or hist_divs):
             continue
         divs = []

@@ -414,7 +414,7 @@ def test_histograms_at_each_evaluation(server, runs_root):
         assert [t["type"] for t in traces] == ["histogram"] * len(EVAL_STEPS)
         for trace, step in zip(traces, EVAL_STEPS):
             assert trace["x"] == [row[field] for row in logged["alpha"]["samples"] if row["step"] == step]
-            assert trace["name"].startswith(f"step {step} ")
+            assert trace["name"] == f"update {step} (n=3)"
         # The first and the last evaluation are shown, the others one legend click away.
         assert [t["visible"] for t in traces] == [True, "legendonly", "legendonly", True]
 
@@ -537,6 +537,13 @@ def test_host_header_is_checked_against_dns_rebinding(runs_root):
     finally:
         srv.shutdown()
         srv.server_close()
+    anyone = make_server(root, "127.0.0.1", 0, allowed_hosts=["*"])  # explicitly configured
+    threading.Thread(target=anyone.serve_forever, daemon=True).start()
+    try:
+        assert _status_for_host(anyone, "evil.example") == 200
+    finally:
+        anyone.shutdown()
+        anyone.server_close()
 
 
 def test_bad_lines_are_reported_not_fatal(runs_root, server):
