@@ -4,7 +4,10 @@ Every stage writes its curves and sample completions into the pipeline run direc
 which is what ``rlhf dashboard`` and ``rlhf report`` read::
 
     <run_dir>/<stage>/metrics.jsonl   {"step": int, "time": float, "<metric>": float, ...} per line
-    <run_dir>/<stage>/samples.jsonl   {"step": int, "prompt": str, "completion": str, "score": float, "gold": float|null}
+    <run_dir>/<stage>/samples.jsonl   {"step": int, "prompt": str, "completion": str, "score": float, "gold": float|null,
+                                       ...any other per-sample number, e.g. "length" (response tokens)}
+    <run_dir>/<stage>/log.txt         one text line per logged step and per note(): what --verbose prints
+    <run_dir>/<stage>/tracker.json    {"stage", "group", "world_size", "refs", "report_to", "rlhf_version", "started"}
 
 The local files are the source of truth and need no network. Remote trackers are extras that
 must never stop a training run: wandb without credentials logs offline (and says how to sync
@@ -14,10 +17,16 @@ Typical use inside a stage::
 
     tracker = Tracker(run_dir, "ppo", config=resolved, report_to=["local", "wandb"],
                       group=run_name, refs={"base": base_ref, "sft": sft_ref})
-    for step in progress(range(total_steps), desc="ppo"):
+    bar = StageProgress("ppo", total_updates, unit="update")  # bar on a TTY, record lines elsewhere
+    for update in range(total_updates):
         ...
-        tracker.log({"reward/score_mean": 0.3, "kl/mean": 0.01}, step=step)
+        tracker.log({"reward/score_mean": 0.3, "kl/mean": 0.01}, step=update + 1)
+        bar.update(1, {"score": 0.3, "kl": 0.01})
+    bar.close()
     tracker.finish()
+
+A TRL/transformers stage calls ``tracker.attach(trainer)`` instead: the trainer's log dicts
+go to the tracker (not the console) and the console shows one progress bar or record line.
 """
 
 from __future__ import annotations
@@ -37,7 +46,15 @@ from tqdm.auto import tqdm
 
 import rlhf
 
-__all__ = ["REPORT_TO_CHOICES", "Tracker", "progress", "normalize_report_to"]
+__all__ = [
+    "REPORT_TO_CHOICES",
+    "StageProgress",
+    "Tracker",
+    "filter_third_party_noise",
+    "normalize_report_to",
+    "progress",
+    "progress_interval",
+]
 
 #: Tracker names accepted in a recipe's ``report_to``. "local" is always on.
 REPORT_TO_CHOICES = ("local", "wandb", "tensorboard", "trackio")
@@ -83,6 +100,181 @@ def progress(
         options["bar_format"] = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
     options.update(kwargs)
     return tqdm(iterable, total=total, desc=desc, **options)
+
+
+# Warnings raised inside third-party code that our code cannot fix at the source, each
+# silenced by its exact message (and category), never by module or category alone: a new
+# warning from the same library still shows. Known warnings our own calls cause are fixed
+# where we make the call instead.
+THIRD_PARTY_NOISE = (
+    # peft and TRL read PreTrainedModel.is_gradient_checkpointing, deprecated in transformers 5
+    # (trl/models/utils.py, peft/mixed_model.py); nothing we pass changes that.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6"),
+)
+
+
+def filter_third_party_noise() -> None:
+    """Silence the warnings of :data:`THIRD_PARTY_NOISE` (by message) for this process."""
+    for category, message in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+#: Seconds between progress records when stderr is not a terminal, unless set otherwise.
+DEFAULT_PROGRESS_INTERVAL_S = 30.0
+
+#: What a trainer's progress line shows, when logged (TRL's SFT and reward trainers).
+TRAINER_PROGRESS_KEYS = ("loss", "eval_loss", "accuracy", "eval_accuracy", "mean_token_accuracy")
+
+
+def progress_interval(interval_s: float | None = None) -> float:
+    """Seconds between non-terminal progress records: the argument, else ``$RLHF_PROGRESS_INTERVAL``,
+    else :data:`DEFAULT_PROGRESS_INTERVAL_S`.
+
+    Raises:
+        ValueError: if the value is not a positive number (naming where it came from).
+    """
+    source, value = "interval_s", interval_s
+    if value is None and os.environ.get("RLHF_PROGRESS_INTERVAL", "").strip():
+        source, value = "RLHF_PROGRESS_INTERVAL", os.environ["RLHF_PROGRESS_INTERVAL"].strip()
+    if value is None:
+        return DEFAULT_PROGRESS_INTERVAL_S
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{source}: progress interval must be a positive number of seconds, got {value!r}")
+    return number
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _metric_text(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+
+
+class StageProgress:
+    """A stage's progress for whoever watches it: a bar on a terminal, one-line records elsewhere.
+
+    On a terminal this is a tqdm bar (rate, ETA) with the key metrics after it. When the
+    stream is not a terminal (a file, a pipe, a batch job's log) tqdm would print nothing;
+    instead one line is printed for the first step, then at most every ``interval_s``
+    seconds, and once at the end::
+
+        [ppo] update 16/64 (25%) elapsed 0:00:12 eta 0:00:36 score=0.412 kl=0.52
+
+    Args:
+        stage: Stage name, printed first.
+        total: Number of steps (updates for PPO, optimizer steps for TRL stages).
+        unit: What a step is called in the line ("update", "step").
+        initial: Steps already done (a resumed stage); the ETA counts only this run's pace.
+        interval_s: Seconds between records off a terminal; see :func:`progress_interval`.
+        stream: Where to write; stderr by default.
+        tty: Force terminal (True) or record (False) mode; by default ``stream.isatty()``.
+        enabled: False on non-main processes of a distributed run: nothing is printed.
+        clock: Monotonic clock in seconds (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        *,
+        unit: str = "step",
+        initial: int = 0,
+        interval_s: float | None = None,
+        stream: Any = None,
+        tty: bool | None = None,
+        enabled: bool = True,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.stage, self.total, self.unit = stage, int(total), unit
+        self.n = self.initial = int(initial)
+        self.interval_s = progress_interval(interval_s)
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.metrics: dict[str, float] = {}
+        self._clock = clock
+        self._start = clock()
+        self._last_print: float | None = None
+        self._printed_n: int | None = None
+        self._closed = False
+        is_tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = None
+        if enabled and is_tty:
+            self._bar = tqdm(
+                total=self.total, initial=self.initial, desc=stage, unit=unit, file=self.stream, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+            )
+
+    def line(self) -> str:
+        """The one-line record of where the stage is now."""
+        elapsed = self._clock() - self._start
+        done = self.n - self.initial
+        eta = _duration(elapsed / done * (self.total - self.n)) if done > 0 and self.total >= self.n else "?"
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total > 0 else ""
+        text = f"[{self.stage}] {self.unit} {self.n}/{self.total}{percent} elapsed {_duration(elapsed)} eta {eta}"
+        return text + (f" {_metric_text(self.metrics)}" if self.metrics else "")
+
+    def set_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Replace the key metrics shown (numbers only; others are ignored)."""
+        clean = {str(k): v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        self.metrics.update(clean)
+        if self._bar is not None:
+            self._bar.set_postfix_str(_metric_text(self.metrics), refresh=False)
+
+    def update(self, n: int = 1, metrics: Mapping[str, Any] | None = None, *, report: bool = True) -> None:
+        """Advance by ``n`` steps (and show ``metrics``).
+
+        Args:
+            report: Print a record if one is due (off a terminal). A caller whose metrics for
+                this step arrive later passes False and calls :meth:`report_if_due` then.
+        """
+        if not self.enabled:
+            return
+        if metrics:
+            self.set_metrics(metrics)
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif report:
+            self.report_if_due()
+
+    def update_to(self, n: int, metrics: Mapping[str, Any] | None = None, *, report: bool = True) -> None:
+        """Advance to absolute step ``n`` (a trainer's ``global_step``)."""
+        self.update(max(0, n - self.n), metrics, report=report)
+
+    def report_if_due(self) -> None:
+        """Off a terminal, print a record for the first step, when ``interval_s`` passed since
+        the last one, and on reaching ``total``."""
+        if not self.enabled or self._bar is not None or self._closed or self.n in (self._printed_n, self.initial):
+            return
+        now = self._clock()
+        if self._last_print is None or now - self._last_print >= self.interval_s or self.n >= self.total:
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        print(self.line(), file=self.stream, flush=True)
+        self._last_print, self._printed_n = now, self.n
+
+    def close(self) -> None:
+        """Close the bar, or print the final record if the last one is not it. Safe twice."""
+        if self._closed or not self.enabled:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        elif self._printed_n != self.n:
+            self._print(self._clock())
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def normalize_report_to(report_to: str | Sequence[str] | None) -> list[str]:
@@ -180,6 +372,9 @@ class Tracker:
             dataset versions), logged with the config so a run can be traced to its inputs.
         is_main_process: Only the main process of a distributed run logs; on the others
             every method is a no-op and nothing is written.
+        verbose: Also print every logged step to stderr (``rlhf ... --verbose``). Either
+            way each step is a line of ``<run_dir>/<stage>/log.txt``. Default:
+            ``$RLHF_VERBOSE`` set to 1/true/yes/on.
 
     Raises:
         ValueError: for an unknown tracker name in ``report_to``.
@@ -196,6 +391,7 @@ class Tracker:
         group: str | None = None,
         refs: Mapping[str, str] | None = None,
         is_main_process: bool = True,
+        verbose: bool | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.stage = stage
@@ -207,6 +403,10 @@ class Tracker:
         self.stage_dir = self.run_dir / stage
         self.metrics_path = self.stage_dir / "metrics.jsonl"
         self.samples_path = self.stage_dir / "samples.jsonl"
+        self.log_path = self.stage_dir / "log.txt"
+        if verbose is None:
+            verbose = os.environ.get("RLHF_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
+        self.verbose = bool(verbose)
         self.wandb_run: Any = None
         self.wandb_sync_dir: Path | None = None
         self._wandb: Any = None
@@ -232,9 +432,11 @@ class Tracker:
                 ) from err
             self._wandb = wandb
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._write_info()
         # Append mode: a resumed stage continues its curves instead of erasing them.
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
         self._samples_file = open(self.samples_path, "a", encoding="utf-8")
+        self._log_file = open(self.log_path, "a", encoding="utf-8")
         if "wandb" in self.report_to:
             self._open_wandb()
 
@@ -247,6 +449,28 @@ class Tracker:
         except (OSError, ValueError, AttributeError):
             name = None
         return str(name) if name else self.run_dir.resolve().name
+
+    def _write_info(self) -> None:
+        """tracker.json: what the dashboard needs besides the curves (e.g. the number of
+        processes, which turns PPO updates into episodes), written atomically."""
+        try:
+            from rlhf.distributed import world_size
+
+            world = world_size()
+        except Exception:  # the file is informative; a stage must not fail over it
+            world = 1
+        info = {
+            "stage": self.stage,
+            "group": self.group,
+            "world_size": int(world),
+            "refs": {str(k): str(v) for k, v in self.refs.items()},
+            "report_to": self.report_to,
+            "rlhf_version": rlhf.__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = self.stage_dir / ".tracker.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.stage_dir / "tracker.json")
 
     def _remote_config(self) -> dict[str, Any]:
         return {**self.config, "refs": self.refs, "stage": self.stage, "rlhf_version": rlhf.__version__}
@@ -359,6 +583,11 @@ class Tracker:
         record.update({key: _json_number(value) for key, value in clean.items()})
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
+        text = f"{self.stage} step {int(step)}: {_metric_text(clean)}"
+        self._log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        self._log_file.flush()
+        if self.verbose:
+            tqdm.write(text, file=sys.stderr)  # above any progress bar, not through it
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.log, {**clean, "trainer/step": int(step)})
         if self._tb_writer is not None:
@@ -375,12 +604,16 @@ class Tracker:
 
         Args:
             step: Global step the completions were generated at.
-            rows: Dicts with "prompt", "completion", "score" and optionally "gold".
+            rows: Dicts with "prompt", "completion", "score" and optionally "gold", plus any
+                other per-sample numbers worth a histogram (e.g. "length" in response tokens,
+                "kl"); those are kept in samples.jsonl (non-finite as null) and the wandb
+                table. Other non-numeric extra fields are dropped.
         """
         if not self.enabled:
             return
         self._check_open()
-        table_rows = []
+        records: list[dict[str, Any]] = []
+        extra_columns: list[str] = []
         for index, row in enumerate(rows):
             if "prompt" not in row or "completion" not in row:
                 raise ValueError(
@@ -395,35 +628,111 @@ class Tracker:
                 "score": None if score is None else _json_number(score),
                 "gold": None if gold is None else _json_number(gold),
             }
+            for name, value in row.items():
+                number = _scalar(value)
+                if name not in record and name != "time" and number is not None:
+                    record[str(name)] = _json_number(number)
+                    if name not in extra_columns:
+                        extra_columns.append(str(name))
             self._samples_file.write(json.dumps(record) + "\n")
-            table_rows.append([record[column] for column in SAMPLE_COLUMNS])
+            records.append(record)
         self._samples_file.flush()
+        columns = [*SAMPLE_COLUMNS, *extra_columns]
+        table_rows = [[record.get(column) for column in columns] for record in records]
         key = f"samples/step_{int(step)}"
         if self.wandb_run is not None:
-            table = self._wandb.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)
+            table = self._wandb.Table(columns=columns, data=table_rows)
             self._wandb_call(self.wandb_run.log, {key: table, "trainer/step": int(step)})
         if self._tb_writer is not None:
-            self._tb_writer.add_text(key, _markdown_table(table_rows), int(step))
+            self._tb_writer.add_text(key, _markdown_table(columns, table_rows), int(step))
         if self._trackio_run is not None and hasattr(self._trackio, "Table"):
-            self._trackio.log({key: self._trackio.Table(columns=list(SAMPLE_COLUMNS), data=table_rows)}, step=int(step))
+            self._trackio.log({key: self._trackio.Table(columns=columns, data=table_rows)}, step=int(step))
 
-    def callback(self) -> Any:
+    def callback(
+        self,
+        *,
+        progress: bool = False,
+        keys: Sequence[str] = TRAINER_PROGRESS_KEYS,
+        interval_s: float | None = None,
+        stream: Any = None,
+        tty: bool | None = None,
+    ) -> Any:
         """A ``transformers.TrainerCallback`` that forwards the trainer's logs to this tracker.
 
         Use with TRL's SFTTrainer / RewardTrainer and ``report_to="none"`` in their args:
         train logs ("loss", "learning_rate", "grad_norm", ...) and eval logs ("eval_loss",
         "eval_accuracy", ...) arrive through ``on_log`` and are logged at ``state.global_step``.
+
+        Args:
+            progress: Also show the stage's progress (a :class:`StageProgress` over
+                ``state.max_steps``, with ``keys`` from the latest logs as its metrics).
+                Use :meth:`attach`, which also removes transformers' own printers.
+            keys: Logged metrics shown on the progress line.
+            interval_s, stream, tty: Passed to :class:`StageProgress`.
         """
         from transformers import TrainerCallback
 
         tracker = self
 
         class _TrackerCallback(TrainerCallback):
+            bar: StageProgress | None = None
+
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102 (transformers hook)
+                if progress:
+                    self.bar = StageProgress(
+                        tracker.stage, state.max_steps, initial=state.global_step, interval_s=interval_s,
+                        stream=stream, tty=tty, enabled=tracker.enabled,
+                    )
+
+            # transformers calls on_step_end, then on_log for that step (when it logs): the
+            # record waits for the step's metrics, or for the next step to begin.
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: D102 (transformers hook)
+                if self.bar is not None:
+                    self.bar.update_to(state.global_step, report=False)
+
+            def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102 (transformers hook)
+                if self.bar is not None:
+                    self.bar.report_if_due()
+
             def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102 (transformers hook)
                 if logs:
                     tracker.log(logs, step=state.global_step)
+                    if self.bar is not None:
+                        self.bar.set_metrics({k: logs[k] for k in keys if k in logs})
+                        self.bar.report_if_due()
+
+            def on_train_end(self, args, state, control, **kwargs):  # noqa: D102 (transformers hook)
+                if self.bar is not None:
+                    self.bar.close()
 
         return _TrackerCallback()
+
+    def attach(self, trainer: Any, *, progress: bool = True, **options: Any) -> None:
+        """Make a transformers/TRL trainer report through this tracker only.
+
+        Removes transformers' ``ProgressCallback`` and ``PrinterCallback`` (which print every
+        log dict, ``{'loss': '3.781', ...}``, to the console) and adds :meth:`callback`: the
+        dicts go to metrics.jsonl and the stage log file (and the console with ``verbose``),
+        and the console shows one progress bar or record line.
+
+        Args:
+            trainer: A ``transformers.Trainer`` (TRL's trainers are ones).
+            progress: Show the stage's progress (see :meth:`callback`).
+            **options: ``keys``, ``interval_s``, ``stream``, ``tty`` for :meth:`callback`.
+        """
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(self.callback(progress=progress, **options))
+
+    def note(self, message: str) -> None:
+        """Append a line of text (a stage message, a warning) to the stage log file."""
+        if not self.enabled:
+            return
+        self._check_open()
+        self._log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+        self._log_file.flush()
 
     def finish(self) -> None:
         """Close files and remote runs. Safe to call twice."""
@@ -432,6 +741,7 @@ class Tracker:
         self._finished = True
         self._metrics_file.close()
         self._samples_file.close()
+        self._log_file.close()
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.finish)
             self.wandb_run = None
@@ -466,12 +776,12 @@ class Tracker:
             self.wandb_run = None
 
 
-def _markdown_table(rows: list[list[Any]]) -> str:
-    """Rows of SAMPLE_COLUMNS as a Markdown table (TensorBoard's text plugin renders Markdown)."""
+def _markdown_table(columns: Sequence[str], rows: list[list[Any]]) -> str:
+    """Rows as a Markdown table (TensorBoard's text plugin renders Markdown)."""
 
     def cell(value: Any) -> str:
         return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

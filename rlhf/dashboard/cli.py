@@ -1,8 +1,10 @@
 """Command line for the dashboard: ``serve`` a local web page, or write one run's ``report``.
 
-The main CLI maps ``rlhf dashboard ...`` to ``main(["serve", ...])`` and
-``rlhf report RUN --out F`` to ``main(["report", RUN, "--out", F])``; ``python -m
-rlhf.dashboard`` runs this directly.
+The main CLI maps ``rlhf dashboard ...`` to ``main(["serve", ...])`` and ``rlhf report RUN
+--out F`` to ``main(["report", RUN, "--out", F])``; :func:`serve_main` and
+:func:`report_main` are the same two commands without the leading word. Their usage lines
+read ``rlhf dashboard`` and ``rlhf report``, the commands a user types. ``python -m
+rlhf.dashboard serve|report`` runs this directly.
 """
 
 from __future__ import annotations
@@ -13,28 +15,47 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["main", "write_report"]
+__all__ = ["main", "report_main", "serve_main", "write_report"]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (threads may be running)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_report(run_dir: str | Path, out: str | Path) -> Path:
     """Write one run's page as a single self-contained HTML file (plotly.js inlined).
 
     The file is written to a temporary name beside ``out`` and renamed into place, so a
-    reader never sees half a report.
+    reader never sees half a report. Its permissions follow the user's umask like any file
+    the user creates (a temporary file starts private, 0600).
 
     Raises:
         FileNotFoundError: if ``run_dir`` has no pipeline.json.
+        IsADirectoryError: if ``out`` is a directory.
     """
     from rlhf.dashboard.data import load_run
     from rlhf.dashboard.render import render_run
 
     out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out}: is a directory; pass a file name such as {out / 'report.html'}")
     page = render_run(load_run(run_dir), standalone=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(page)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,31 +63,54 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf dashboard", description="Browse local rlhf pipeline runs.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a web page over the runs under --runs-root (no network needed)")
-    serve.add_argument("--port", type=int, default=8765, help="TCP port (0 picks a free one; default 8765)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--runs-root", default="runs", help="folder whose subfolders are pipeline runs (default ./runs)")
-    report = commands.add_parser("report", help="write one run as a self-contained HTML file to share")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory (holds pipeline.json)")
-    report.add_argument("--out", default="report.html", help="output HTML file (default report.html)")
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf dashboard",
+        description="Serve a local web page over the pipeline runs under --runs-root (no network needed).",
+    )
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (0 picks a free one; default 8765)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--runs-root", default="runs", help="folder whose subfolders are pipeline runs (default ./runs)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests addressed to NAME (repeatable); by default only localhost, 127.0.0.1, "
+        "[::1] and the bound address are answered, which stops DNS-rebinding pages from reading runs "
+        "('*' answers any name: only behind another access control)",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the dashboard CLI; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    if args.command == "report":
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "pipeline.json").is_file():
-            print(f"rlhf report: {run_dir / 'pipeline.json'} not found; pass a pipeline run directory", file=sys.stderr)
-            return 2
-        out = write_report(run_dir, args.out)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained)")
-        return 0
+def _report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf report", description="Write one pipeline run as a self-contained HTML file to share."
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory (holds pipeline.json)")
+    parser.add_argument("--out", default="report.html", help="output HTML file (default report.html)")
+    return parser
 
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``rlhf report RUN_DIR [--out FILE]``; returns the process exit code."""
+    args = _report_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "pipeline.json").is_file():
+        print(f"rlhf report: {run_dir / 'pipeline.json'} not found; pass a pipeline run directory", file=sys.stderr)
+        return 2
+    try:
+        out = write_report(run_dir, args.out)
+    except OSError as err:
+        print(f"rlhf report: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained)")
+    return 0
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``rlhf dashboard [--port P] [--runs-root DIR] ...``; returns the process exit code."""
+    args = _serve_parser().parse_args(argv)
     from rlhf.dashboard.data import list_runs
     from rlhf.dashboard.server import make_server
 
@@ -74,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs_root.is_dir():
         print(f"rlhf dashboard: note: {runs_root} does not exist yet; the page lists runs once it does", file=sys.stderr)
     try:
-        server = make_server(runs_root, args.host, args.port)
+        server = make_server(runs_root, args.host, args.port, allowed_hosts=args.allow_host)
     except OSError as err:
         print(f"rlhf dashboard: cannot listen on {args.host}:{args.port} ({err}); try --port 0", file=sys.stderr)
         return 1
@@ -86,6 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+_COMMANDS = {"serve": serve_main, "report": report_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``serve ...`` or ``report ...``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in _COMMANDS:
+        print(
+            "usage: python -m rlhf.dashboard {serve,report} ...\n"
+            "  serve   serve a web page over local pipeline runs (rlhf dashboard)\n"
+            "  report  write one run as a self-contained HTML file (rlhf report)",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve" and rest[:1] == ["serve"]:
+        rest = rest[1:]  # `rlhf dashboard serve`: the main CLI already added "serve"
+    return _COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

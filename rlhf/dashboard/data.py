@@ -23,7 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunData", "StageData", "find_run", "list_runs", "load_run", "run_refs", "run_summary", "to_jsonable"]
+__all__ = [
+    "RunData",
+    "StageData",
+    "alternate_x",
+    "find_run",
+    "list_runs",
+    "load_run",
+    "policy_summary",
+    "run_refs",
+    "run_summary",
+    "to_jsonable",
+]
 
 # Known metrics first, in the order a reader scans a stage; anything else follows sorted.
 PREFERRED_METRIC_ORDER = (
@@ -34,12 +45,12 @@ PREFERRED_METRIC_ORDER = (
     "accuracy",
     "margin",
     "reward/score_mean",
-    "eval/score_mean",
     "eval/gold_mean",
+    "eval/score_mean",
     "kl/mean",
-    "eval/kl",
+    "eval/kl_mean",
     "entropy/mean",
-    "eval/entropy",
+    "eval/entropy_mean",
     "response/length_mean",
     "eval/length_mean",
     "loss/value",
@@ -60,6 +71,7 @@ class StageData:
     status: str = field(default="unknown", metadata={"help": "completed | running | failed | pending | unknown"})
     inputs: dict[str, Any] = field(default_factory=dict, metadata={"help": "registry refs the stage read"})
     outputs: dict[str, Any] = field(default_factory=dict, metadata={"help": "registry refs the stage wrote"})
+    run: str | None = field(default=None, metadata={"help": "registry ref of the stage's run record, if any"})
     final_metrics: dict[str, Any] = field(default_factory=dict, metadata={"help": "final numbers from pipeline.json"})
     series: dict[str, dict[str, list]] = field(
         default_factory=dict,
@@ -67,6 +79,10 @@ class StageData:
     )
     samples: list[dict[str, Any]] = field(default_factory=list, metadata={"help": "rows of samples.jsonl"})
     config_text: str | None = field(default=None, metadata={"help": "contents of config.yaml, if present"})
+    config: dict[str, Any] = field(default_factory=dict, metadata={"help": "config.yaml parsed (empty if absent)"})
+    info: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "tracker.json: world_size, refs, trackers (see rlhf.tracking)"}
+    )
 
 
 @dataclass
@@ -144,7 +160,13 @@ def _number(value: Any) -> float | None | bool:
 
 
 def _load_series(path: Path, problems: list[str]) -> dict[str, dict[str, list]]:
-    series: dict[str, dict[str, list]] = {}
+    """Curves of one metrics.jsonl, each sorted by step.
+
+    A step logged twice keeps its last value: TRL logs a final evaluation twice at the same
+    step, and a resumed stage logs again the updates after its checkpoint; the later line is
+    the one the finished run stands on.
+    """
+    by_step: dict[str, dict[int, float | None]] = {}
     for number, row in _read_jsonl(path, problems):
         step = row.get("step")
         if isinstance(step, bool) or not isinstance(step, (int, float)):
@@ -156,9 +178,10 @@ def _load_series(path: Path, problems: list[str]) -> dict[str, dict[str, list]]:
             number_value = _number(value)
             if number_value is False:
                 continue  # strings and nested values are not curves
-            entry = series.setdefault(key, {"step": [], "value": []})
-            entry["step"].append(int(step))
-            entry["value"].append(number_value)
+            by_step.setdefault(key, {})[int(step)] = number_value
+    series = {
+        key: {"step": sorted(points), "value": [points[s] for s in sorted(points)]} for key, points in by_step.items()
+    }
     return _sorted_metrics(series)
 
 
@@ -168,37 +191,61 @@ def _sorted_metrics(series: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_samples(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """Rows of samples.jsonl: step, prompt, completion, score, gold, plus any other numeric
+    field the stage logged per sample (e.g. ``length`` in tokens, ``kl``)."""
     samples = []
     for number, row in _read_jsonl(path, problems):
         missing = [name for name in ("step", "prompt", "completion") if name not in row]
         if missing:
             problems.append(f"{path} line {number}: missing field(s) {', '.join(missing)}")
             continue
-        samples.append(
-            {
-                "step": row["step"],
-                "prompt": str(row["prompt"]),
-                "completion": str(row["completion"]),
-                "score": row.get("score"),
-                "gold": row.get("gold"),
-            }
-        )
+        sample = {
+            "step": row["step"],
+            "prompt": str(row["prompt"]),
+            "completion": str(row["completion"]),
+            "score": row.get("score"),
+            "gold": row.get("gold"),
+        }
+        for key, value in row.items():
+            if key not in sample and key != "time" and _number(value) is not False:
+                sample[key] = _number(value)
+        samples.append(sample)
     return samples
 
 
+def _read_config(path: Path, problems: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """config.yaml as text (shown on the page) and as data (read for batch sizes)."""
+    if not path.is_file():
+        return None, {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"{path}: not readable ({err})")
+        return None, {}
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except Exception as err:  # yaml raises several types; the page still shows the text
+        problems.append(f"{path}: not valid YAML ({type(err).__name__}: {err})")
+        return text, {}
+    return text, data if isinstance(data, dict) else {}
+
+
 def _stage_names(run_dir: Path, declared: dict[str, Any]) -> list[str]:
+    """Stages in pipeline order (sft, reward, ppo, then others as found).
+
+    pipeline.json may store its stages in any key order (it is written with sorted keys);
+    stages that logged but are not (yet) in pipeline.json are shown too.
+    """
     names = list(declared)
-    # Stages that logged but are not (yet) in pipeline.json still get shown.
-    extra = [
+    names += [
         child.name
         for child in sorted(run_dir.iterdir())
         if child.is_dir() and child.name not in declared and (child / "metrics.jsonl").is_file()
     ]
-    names += extra
     rank = {name: index for index, name in enumerate(STAGE_ORDER)}
-    if not declared:
-        names.sort(key=lambda name: (rank.get(name, len(rank)), name))
-    return names
+    return sorted(names, key=lambda name: rank.get(name, len(rank)))
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -268,17 +315,20 @@ def load_run(run_dir: str | Path, *, with_lineage: bool = True) -> RunData:
     for name in _stage_names(run_dir, declared):
         info = declared.get(name) or {}
         stage_dir = run_dir / name
-        config_path = stage_dir / "config.yaml"
+        config_text, config = _read_config(stage_dir / "config.yaml", problems)
         run.stages.append(
             StageData(
                 name=name,
                 status=str(info.get("status", "unknown")),
                 inputs=dict(info.get("inputs") or {}),
                 outputs=dict(info.get("outputs") or {}),
+                run=info.get("run") if isinstance(info.get("run"), str) else None,
                 final_metrics=dict(info.get("metrics") or {}),
                 series=_load_series(stage_dir / "metrics.jsonl", problems),
                 samples=_load_samples(stage_dir / "samples.jsonl", problems),
-                config_text=config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
+                config_text=config_text,
+                config=config,
+                info=_read_json(stage_dir / "tracker.json", problems),
             )
         )
     if with_lineage:
@@ -365,3 +415,174 @@ def _attach_lineage(run: RunData) -> None:
             pass
     if failures:
         run.lineage_note = "lineage not found for " + "; ".join(failures)
+
+
+def alternate_x(stage: StageData) -> tuple[str, dict[int, float]] | None:
+    """The second x-axis of a stage's charts: episodes for PPO, epochs for TRL stages.
+
+    Returns ``(axis title, {step: x})`` or None when the stage logged nothing to derive it.
+    PPO: a logged ``episodes`` counter if there is one, else ``step * rollout_batch_size *
+    world_size`` (config.yaml and tracker.json), since each update consumes that many
+    episodes. TRL stages log ``epoch`` with their rows; steps without one are interpolated
+    linearly (TRL's epoch is linear in the step).
+    """
+    steps = sorted({s for entry in stage.series.values() for s in entry["step"]})
+    if not steps:
+        return None
+    counter = stage.series.get("episodes")
+    if counter and any(v is not None for v in counter["value"]):
+        return "episodes", _interpolate(counter["step"], counter["value"], steps)
+    batch = stage.config.get("rollout_batch_size")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0:
+        world = stage.info.get("world_size", 1)
+        world = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
+        return "episodes", {s: float(s * batch * world) for s in steps}
+    epoch = stage.series.get("epoch")
+    if epoch and any(v is not None for v in epoch["value"]):
+        return "epoch", _interpolate(epoch["step"], epoch["value"], steps)
+    return None
+
+
+def _interpolate(xs: list[int], ys: list, at: list[int]) -> dict[int, float]:
+    """Values of a counter (episodes, epoch) at the steps ``at``, from the steps it was logged
+    at: linear between logged points, and along the line through the first and last logged
+    points (through the origin when only one was logged) outside them."""
+    known = sorted((x, float(y)) for x, y in zip(xs, ys) if y is not None)
+    (x_first, y_first), (x_last, y_last) = known[0], known[-1]
+    if x_last != x_first:
+        slope = (y_last - y_first) / (x_last - x_first)
+    else:
+        slope = y_first / x_first if x_first else 0.0
+    out: dict[int, float] = {}
+    for step in at:
+        out[step] = y_first + slope * (step - x_first)
+        for (x0, y0), (x1, y1) in zip(known, known[1:]):
+            if x0 <= step <= x1:
+                out[step] = y0 + (y1 - y0) * (step - x0) / (x1 - x0) if x1 != x0 else y1
+                break
+    return out
+
+
+# Per-policy evaluation numbers the summary shows, in column order: the stages log them as
+# eval/<name>_mean and eval/<name>_se at every evaluation.
+SUMMARY_EVALS = ("gold", "score", "kl", "win_rate", "length")
+
+
+def _eval_names(stage: StageData) -> list[str]:
+    names = set()
+    for key in list(stage.series) + list(stage.final_metrics):
+        for prefix in ("", "initial/", "final/"):
+            if key.startswith(prefix + "eval/") and key.endswith("_mean"):
+                names.add(key[len(prefix) + len("eval/") : -len("_mean")])
+    return sorted(names, key=lambda n: (SUMMARY_EVALS.index(n) if n in SUMMARY_EVALS else len(SUMMARY_EVALS), n))
+
+
+def _eval_at(stage: StageData, name: str, where: str) -> tuple[float | None, float | None, int | None]:
+    """(mean, se, step) of eval/<name> at the first or last evaluation of a stage.
+
+    pipeline.json's ``initial/`` and ``final/`` numbers win (the stage wrote them when it
+    finished); a stage still running falls back to its curves.
+    """
+    prefix = "initial/" if where == "first" else "final/"
+    mean = stage.final_metrics.get(f"{prefix}eval/{name}_mean")
+    if isinstance(mean, (int, float)) and not isinstance(mean, bool):
+        se = stage.final_metrics.get(f"{prefix}eval/{name}_se")
+        curve = stage.series.get(f"eval/{name}_mean")
+        step = (curve["step"][0 if where == "first" else -1]) if curve else None
+        return float(mean), se if isinstance(se, (int, float)) and not isinstance(se, bool) else None, step
+    curve = stage.series.get(f"eval/{name}_mean")
+    if not curve:
+        return None, None, None
+    points = [(s, v) for s, v in zip(curve["step"], curve["value"]) if v is not None]
+    if not points:
+        return None, None, None
+    step, value = points[0] if where == "first" else points[-1]
+    se_curve = stage.series.get(f"eval/{name}_se", {"step": [], "value": []})
+    se = dict(zip(se_curve["step"], se_curve["value"])).get(step)
+    return value, se, step
+
+
+def policy_summary(run: RunData) -> dict[str, Any]:
+    """What the run achieved, for the top of the page.
+
+    Returns:
+        ``{"columns": [eval name], "policies": [row], "reward_model": {key: number},
+        "sft": {key: number}}``. Each row is ``{"label", "stage", "step", "ref", "values":
+        {name: (mean, se)}}``: first the SFT policy (the first evaluation of the first stage
+        that evaluates policies, before any update), then the trained policy of every stage
+        that evaluates one (its last evaluation).
+    """
+    policies: list[dict[str, Any]] = []
+    columns: list[str] = []
+    for stage in run.stages:
+        names = _eval_names(stage)
+        if not names:
+            continue
+        columns += [n for n in names if n not in columns]
+        if not policies:
+            first = {n: _eval_at(stage, n, "first") for n in names}
+            step = next((s for _, _, s in first.values() if s is not None), None)
+            policies.append(
+                {
+                    "label": "SFT policy",
+                    "stage": stage.name,
+                    "step": step,
+                    "ref": _ref_of(run, "sft"),
+                    "values": {n: (m, se) for n, (m, se, _) in first.items() if m is not None},
+                }
+            )
+        last = {n: _eval_at(stage, n, "last") for n in names}
+        step = max((s for _, _, s in last.values() if s is not None), default=None)
+        still = stage.status == "running"
+        policies.append(
+            {
+                "label": _policy_label(stage) + (f" (update {step}, still training)" if still else ""),
+                "stage": stage.name,
+                "step": step,
+                "ref": stage.outputs.get("policy") if isinstance(stage.outputs.get("policy"), str) else None,
+                "values": {n: (m, se) for n, (m, se, _) in last.items() if m is not None},
+            }
+        )
+    reward_model: dict[str, float] = {}
+    sft: dict[str, float] = {}
+    for stage in run.stages:
+        if stage.name == "reward" or "eval_accuracy" in stage.series or "eval_accuracy" in stage.final_metrics:
+            for key in ("eval_accuracy", "gold_accuracy", "eval_margin"):
+                value = _final_or_last(stage, key)
+                if value is not None:
+                    reward_model.setdefault(key, value)
+        if stage.name == "sft":
+            for key in ("eval_loss", "eval_mean_token_accuracy"):
+                value = _final_or_last(stage, key)
+                if value is not None:
+                    sft[key] = value
+    if "gold_accuracy" not in reward_model and isinstance(run.summary.get("rm_accuracy_gold"), (int, float)):
+        reward_model["gold_accuracy"] = float(run.summary["rm_accuracy_gold"])
+    return {"columns": columns, "policies": policies, "reward_model": reward_model, "sft": sft}
+
+
+def _policy_label(stage: StageData) -> str:
+    """"PPO policy", or "PPO policy (rloo)" when the stage ran another advantage estimator."""
+    estimator = stage.config.get("advantage_estimator")
+    suffix = f" ({estimator})" if isinstance(estimator, str) and estimator != "gae" else ""
+    return f"{stage.name.upper()} policy{suffix}"
+
+
+def _final_or_last(stage: StageData, key: str) -> float | None:
+    value = stage.final_metrics.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    curve = stage.series.get(key)
+    if curve:
+        values = [v for v in curve["value"] if v is not None]
+        if values:
+            return values[-1]
+    return None
+
+
+def _ref_of(run: RunData, stage_name: str) -> str | None:
+    for stage in run.stages:
+        if stage.name == stage_name:
+            ref = stage.outputs.get("adapter")
+            return ref if isinstance(ref, str) else None
+    return None

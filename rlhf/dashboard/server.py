@@ -4,6 +4,11 @@ Every request reads the run files afresh (runs may still be training) and keeps 
 between requests, so the threaded server needs no locks; the only shared value is the
 plotly.js bundle, cached once by :func:`rlhf.dashboard.render.plotly_js`.
 
+Requests whose ``Host`` header names anything but this machine (``localhost``,
+``127.0.0.1``, ``[::1]``, the address the server is bound to, or a name given with
+``--allow-host``) get 403: a web page on another site that rebinds its DNS name to
+127.0.0.1 can then not read run data through the visitor's browser (DNS rebinding).
+
 Endpoints:
     ``/``                      run list with checkboxes to overlay runs
     ``/run/<key>``             one run: stages, curves, samples, lineage
@@ -21,7 +26,7 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rlhf.dashboard import render
@@ -32,14 +37,41 @@ __all__ = ["DashboardServer", "make_server"]
 logger = logging.getLogger(__name__)
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(header: str) -> str:
+    """The host part of a Host header, lower-case, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:8765
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class DashboardServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its runs root."""
+    """ThreadingHTTPServer that knows its runs root and the host names it answers to.
+
+    Args:
+        address: (host, port) to bind.
+        runs_root: Folder whose subfolders are pipeline runs.
+        allowed_hosts: Extra host names (or addresses) accepted in the Host header, e.g. the
+            machine's name when serving on 0.0.0.0 for a colleague; "*" accepts any (and with
+            it DNS rebinding).
+    """
 
     daemon_threads = True  # a hung browser connection must not keep the process alive on exit
 
-    def __init__(self, address: tuple[str, int], runs_root: Path) -> None:
+    def __init__(self, address: tuple[str, int], runs_root: Path, allowed_hosts: Sequence[str] = ()) -> None:
         self.runs_root = Path(runs_root)
         super().__init__(address, _Handler)
+        bound = str(self.server_address[0]).lower()
+        self.allowed_hosts = {*LOCAL_HOSTS, bound, *(_host_name(h) for h in allowed_hosts)}
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's Host header names this server (see the module docstring)."""
+        if "*" in self.allowed_hosts:
+            return True
+        return bool(header) and _host_name(header) in self.allowed_hosts
 
     @property
     def url(self) -> str:
@@ -87,6 +119,16 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = unquote(parts.path)
         api = path.startswith("/api/")
+        if not self.server.host_allowed(self.headers.get("Host")):
+            host = self.headers.get("Host")
+            logger.warning("refused a request for Host %r (not this machine; see --allow-host)", host)
+            self._error(
+                HTTPStatus.FORBIDDEN,
+                f"this dashboard answers to {', '.join(sorted(self.server.allowed_hosts))}, not to host {host!r}; "
+                "start it with --allow-host NAME to accept another name",
+                api=api,
+            )
+            return
         try:
             self._route(path, parse_qs(parts.query), api)
         except BrokenPipeError:
@@ -131,6 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"nothing at {path}", api=api)
 
 
-def make_server(runs_root: str | Path, host: str = "127.0.0.1", port: int = 8765) -> DashboardServer:
-    """Bind the dashboard server (port 0 picks a free port); call ``serve_forever()`` to run it."""
-    return DashboardServer((host, port), Path(runs_root))
+def make_server(
+    runs_root: str | Path, host: str = "127.0.0.1", port: int = 8765, allowed_hosts: Sequence[str] = ()
+) -> DashboardServer:
+    """Bind the dashboard server (port 0 picks a free port); call ``serve_forever()`` to run it.
+
+    ``allowed_hosts`` adds names accepted in the Host header (see :class:`DashboardServer`).
+    """
+    return DashboardServer((host, port), Path(runs_root), allowed_hosts)

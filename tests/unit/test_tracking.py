@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rlhf
-from rlhf.tracking import Tracker, normalize_report_to, progress
+from rlhf.tracking import StageProgress, Tracker, normalize_report_to, progress, progress_interval
 
 
 def _lines(path: Path) -> list[dict]:
@@ -351,3 +351,149 @@ def test_missing_wandb_package_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="'wandb' package is not installed"):
         Tracker(tmp_path, "sft", config={}, report_to=["wandb"])
     assert not (tmp_path / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- console helpers
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stage_progress_prints_records_at_the_interval_off_a_terminal():
+    clock, out = _Clock(), io.StringIO()
+    bar = StageProgress("ppo", 10, unit="update", interval_s=5, stream=out, clock=clock)
+    for t, metrics in ((1, {"score": 0.5, "kl": torch.tensor(0.25)}), (2, {}), (4, {}), (7, {"score": 0.75}), (8, {})):
+        clock.now = 100.0 + t
+        bar.update(1, metrics)
+    # First update at once; then only when 5 s passed since the last record (t=1 -> t=7).
+    # ETA = elapsed / done * left: 1/1*9 = 9 s, then 7/4*6 = 10.5 -> 10 s (rounded to even).
+    assert out.getvalue().splitlines() == [
+        "[ppo] update 1/10 (10%) elapsed 0:00:01 eta 0:00:09 score=0.5 kl=0.25",
+        "[ppo] update 4/10 (40%) elapsed 0:00:07 eta 0:00:10 score=0.75 kl=0.25",
+    ]
+    clock.now = 100.0 + 3725  # 1 h 2 min 5 s
+    bar.update(5)  # reaching the total always prints
+    bar.close()
+    bar.close()
+    assert out.getvalue().splitlines()[-1] == "[ppo] update 10/10 (100%) elapsed 1:02:05 eta 0:00:00 score=0.75 kl=0.25"
+    assert len(out.getvalue().splitlines()) == 3
+
+
+def test_stage_progress_close_prints_where_a_stopped_stage_ended():
+    clock, out = _Clock(), io.StringIO()
+    # A resumed stage: 4 of 10 done before; the ETA uses this run's pace only (2 updates in 10 s).
+    bar = StageProgress("ppo", 10, unit="update", initial=4, interval_s=60, stream=out, clock=clock)
+    clock.now += 5
+    bar.update()
+    clock.now += 5
+    bar.update()
+    bar.close()
+    assert out.getvalue().splitlines() == [
+        "[ppo] update 5/10 (50%) elapsed 0:00:05 eta 0:00:25",
+        "[ppo] update 6/10 (60%) elapsed 0:00:10 eta 0:00:20",
+    ]
+
+
+def test_progress_interval_comes_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("RLHF_PROGRESS_INTERVAL", raising=False)
+    assert progress_interval() == 30.0
+    monkeypatch.setenv("RLHF_PROGRESS_INTERVAL", "2.5")
+    assert progress_interval() == 2.5 and progress_interval(7) == 7.0
+    monkeypatch.setenv("RLHF_PROGRESS_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="RLHF_PROGRESS_INTERVAL: progress interval must be a positive number"):
+        progress_interval()
+    with pytest.raises(ValueError, match="interval_s"):
+        progress_interval(0)
+
+
+def test_stage_progress_is_a_bar_on_a_terminal_and_silent_when_disabled():
+    tty = _FakeTTY()
+    bar = StageProgress("sft", 4, stream=tty, interval_s=1)
+    bar.update(2, {"loss": 3.5})
+    bar.close()
+    text = tty.getvalue()
+    assert "sft" in text and "2/4" in text and "loss=3.5" in text and "[sft] step" not in text
+    quiet = io.StringIO()
+    off = StageProgress("sft", 4, stream=quiet, enabled=False)
+    off.update(4)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_every_logged_step_goes_to_the_stage_log_and_to_the_console_only_when_verbose(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RLHF_VERBOSE", raising=False)
+    tracker = Tracker(tmp_path, "sft", config={})
+    tracker.log({"loss": 3.781, "grad_norm": 0.25, "note": "text"}, step=10)
+    tracker.note("eval done")
+    tracker.finish()
+    lines = (tmp_path / "sft" / "log.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["sft step 10: loss=3.781 grad_norm=0.25", "eval done"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RLHF_VERBOSE", "1")
+    with Tracker(tmp_path, "sft", config={}) as loud:
+        loud.log({"loss": 2.5}, step=20)
+    assert capsys.readouterr().err == "sft step 20: loss=2.5\n"
+    assert len((tmp_path / "sft" / "log.txt").read_text().splitlines()) == 3  # appended
+
+
+def test_log_samples_keeps_extra_numbers_and_tracker_json_records_the_world(tmp_path):
+    with Tracker(tmp_path, "ppo", config={}, group="g", refs={"sft_adapter": "a/b"}) as tracker:
+        tracker.log_samples(4, [{"prompt": "p", "completion": "c", "score": 0.5, "length": torch.tensor(7), "kl": math.inf, "tag": "x"}])
+    (row,) = _lines(tmp_path / "ppo" / "samples.jsonl")
+    assert row == {"step": 4, "prompt": "p", "completion": "c", "score": 0.5, "gold": None, "length": 7.0, "kl": None}
+    info = json.loads((tmp_path / "ppo" / "tracker.json").read_text())
+    assert (info["stage"], info["group"], info["world_size"], info["refs"]) == ("ppo", "g", 1, {"sft_adapter": "a/b"})
+    assert not list((tmp_path / "ppo").glob(".*tmp"))
+
+
+def test_attach_replaces_the_trainers_printed_dicts_with_one_progress_line(tmp_path, capsys):
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+    rows = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(16)]
+    records = io.StringIO()
+    for disable_tqdm in (False, True):  # transformers prints dicts through either callback
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                                 logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                                 disable_tqdm=disable_tqdm)
+        tracker = Tracker(tmp_path / "run", "sft", config={})
+        trainer = Trainer(model=Tiny(), args=args, train_dataset=rows)
+        tracker.attach(trainer, stream=records, tty=False, interval_s=3600)
+        kinds = {type(cb) for cb in trainer.callback_handler.callbacks}
+        assert ProgressCallback not in kinds and PrinterCallback not in kinds
+        trainer.train()
+        tracker.finish()
+        console = capsys.readouterr()
+        assert "{'loss'" not in console.out + console.err and "'loss':" not in console.out + console.err
+    lines = records.getvalue().splitlines()
+    assert [line.split(" elapsed")[0] for line in lines] == ["[sft] step 1/4 (25%)", "[sft] step 4/4 (100%)"] * 2
+    losses = [r["loss"] for r in _lines(tmp_path / "run" / "sft" / "metrics.jsonl") if "loss" in r]
+    assert lines[-1].endswith(f"loss={losses[-1]:.4g}")
+
+
+def test_third_party_noise_is_filtered_by_message_only():
+    from rlhf.tracking import filter_third_party_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_third_party_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use x instead.", FutureWarning)
+        warnings.warn("`something_else` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", UserWarning)
+    assert [(w.category, str(w.message)[:16]) for w in caught] == [
+        (FutureWarning, "`something_else`"),
+        (UserWarning, "`is_gradient_che"),
+    ]
