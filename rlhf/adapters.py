@@ -244,6 +244,20 @@ class RoleModel(torch.nn.Module):
         if role in self.heads:
             save_head(self.heads[role], out)
 
+    def load_role(self, role: str, adapter_dir: str | Path) -> None:
+        """Overwrite ``role``'s LoRA weights (and head, for reward/value) with those that
+        :meth:`save_role` wrote to ``adapter_dir``; the role's shape must match."""
+        from peft import set_peft_model_state_dict
+
+        state, _ = read_lora_weights(adapter_dir)
+        set_peft_model_state_dict(self.peft, state, adapter_name=role)
+        if role in self.heads:
+            head = read_head(adapter_dir)
+            with torch.no_grad():
+                self.heads[role].weight.copy_(head["weight"])
+                if "bias" in head and self.heads[role].bias is not None:
+                    self.heads[role].bias.copy_(head["bias"])
+
     def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
         params = [p for n, p in self.peft.named_parameters() if f".{role}." in n and "lora_" in n]
         if role in self.heads:

@@ -12,7 +12,8 @@ the gloo backend on CPU (``ACCELERATE_USE_CPU`` is set so that TRL's trainers ag
 
 PPO under data parallelism (see ``rlhf/stages/ppo.py`` and ``pipelines/accelerate/``):
 each process generates its own share of the rollout, advantages are whitened with global
-statistics (:func:`masked_whiten`), and the trainable LoRA gradients are summed across
+statistics (``rlhf.ppo.masked_whiten`` with
+:func:`all_reduce_sum`), and the trainable LoRA gradients are summed across
 processes (:func:`sum_gradients`) with every loss normalised by the global token count,
 so one optimizer step equals the single-process step on the same global minibatch.
 """
@@ -45,8 +46,6 @@ __all__ = [
     "gather_rows",
     "broadcast_object",
     "gather_objects",
-    "masked_whiten",
-    "masked_mean",
     "sum_gradients",
     "broadcast_parameters",
     "check_ppo_supported",
@@ -231,67 +230,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Token-level mean of ``x`` over the real tokens of every process's batch.
-
-    Args:
-        x: ``(batch, response_len)`` on this process.
-        mask: same shape, 1/True on real tokens.
-
-    Returns:
-        A scalar tensor, equal on every process.
-    """
-    from rlhf import ppo as F
-
-    if not is_distributed():
-        return F.masked_mean(x, mask)
-    sel = mask.bool().expand_as(x)
-    sums = torch.stack([torch.where(sel, x, 0.0).sum().double(), sel.sum().double()])
-    sums = all_reduce_sum(sums)
-    return (sums[0] / sums[1]).to(x.dtype)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``rlhf.ppo.masked_whiten`` with the mean and variance of the global batch.
-
-    Same contract as the single-process function (unbiased variance over every real token,
-    padding set to 0); with several processes the statistics cover all of them, so each
-    process's share is whitened exactly as the concatenated batch would be in one process.
-    Two reductions (sum and count, then the sum of squared deviations) instead of one
-    sum-of-squares pass, because ``E[x^2] - E[x]^2`` loses precision when the mean is
-    large compared with the spread.
-
-    Args:
-        x: ``(batch, response_len)`` values on this process.
-        mask: same shape, 1/True on real tokens.
-        shift_mean: when False the global mean is added back (reward whitening).
-        eps: added to the variance before the square root.
-
-    Returns:
-        Tensor shaped like ``x``.
-
-    Raises:
-        ValueError: if fewer than 2 real tokens exist over all processes.
-    """
-    from rlhf import ppo as F
-
-    if not is_distributed():
-        return F.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    sel = mask.bool().expand_as(x)
-    xd = x.double()
-    s = all_reduce_sum(torch.stack([torch.where(sel, xd, 0.0).sum(), sel.sum().double()]))
-    n = int(s[1].item())
-    if n < 2:
-        raise ValueError(f"masked_whiten needs at least 2 real tokens over all processes, found {n}")
-    mean = s[0] / n
-    ssd = all_reduce_sum(torch.where(sel, (xd - mean) ** 2, 0.0).sum())
-    var = ssd / (n - 1)
-    whitened = (xd - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(sel, whitened, 0.0).to(x.dtype)
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:

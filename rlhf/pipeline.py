@@ -325,7 +325,8 @@ def gold_rm_accuracy(p: Plan, reward_adapter: str, n_pairs: int = 512) -> float:
     from reward_data.synthetic import gold_reward, sample_prompt, sample_response
     from rlhf.adapters import RoleModel
     from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
-    from rlhf.stages.ppo import Rollout, last_token_scores, left_pad
+    from rlhf.ppo.rollout import Sampled
+    from rlhf.stages.ppo import last_token_scores, left_pad
 
     rng = random.Random(p.pipeline.task.seed + 2_000_029)
     base_path = resolve_base(p.pipeline.model.name_or_path, seed=p.pipeline.seed)
@@ -349,7 +350,7 @@ def gold_rm_accuracy(p: Plan, reward_adapter: str, n_pairs: int = 512) -> float:
             seqs.append(tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids)
         ids, mask = left_pad(seqs, tok.pad_token_id, "cpu")
         # the whole conversation as the "response": the score lands on its last real token
-        batch = Rollout(ids[:, :0], mask[:, :0], ids, mask.float(), torch.ones(len(seqs), dtype=torch.bool))
+        batch = Sampled(ids[:, :0], mask[:, :0], ids, mask.float(), torch.ones(len(seqs), dtype=torch.bool))
         return last_token_scores(model, "reward", batch)
 
     with torch.no_grad():
