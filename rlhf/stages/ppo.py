@@ -1,6 +1,6 @@
 """Stage 3: PPO of the SFT policy against the reward model, on one base with LoRA roles.
 
-One update, top to bottom (see ``../shared/docs/ppo.md`` for every default's source):
+One update, top to bottom (each default's source is cited at its field in ``rlhf/config.py``):
 
   1. sample a rollout batch of prompts (deterministic in seed and update number)
   2. generate responses with the policy role (T=0.7, top_k 0, top_p 1, nothing from the
@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rlhf import ppo as F
-from rlhf.config import PPOConfig, save_yaml, to_dict
+from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
+from rlhf.stages import StageResult
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
@@ -221,15 +222,15 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 
 
 def _build_model(cfg: PPOConfig, device):
-    from rlhf.adapters import RoleModel, resolve_adapter
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.adapters import RoleModel
+    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
-    base_path = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    base_path = cfg.model.name_or_path
     tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, resolve_adapter(cfg.sft_adapter) if cfg.sft_adapter else None, resolve_adapter(cfg.reward_adapter),
+    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules if cfg.lora.target_modules != "all-linear" else None})
     model.to(device)
@@ -237,6 +238,31 @@ def _build_model(cfg: PPOConfig, device):
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # dropout is 0 everywhere, so train mode is deterministic (ppo.md test 12)
     return model, tok, base_path
+
+
+def check_engine_supported(config_name: str = "ppo") -> None:
+    """Refuse PPO under an engine that shards the base weights.
+
+    PPO samples from the policy role between updates; with FSDP or ZeRO-3 every
+    generation step would need the full weights gathered, which this loop does not do.
+    Supported: one process, DDP, and ZeRO-1/2 configs (the LoRA loop then runs data
+    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
+    save little).
+
+    Raises:
+        rlhf.config.ConfigError: naming the engine and what is supported.
+    """
+    from rlhf.config import ConfigError
+
+    from rlhf.distributed import engine
+
+    eng = engine()
+    if eng == "fsdp" or eng == "deepspeed-zero3":
+        raise ConfigError(
+            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop does "
+            "not gather sharded weights for generation). Launch PPO with pipelines/accelerate/ddp.yaml or "
+            "deepspeed_zero2.yaml; SFT and reward run under every config in pipelines/accelerate/."
+        )
 
 
 def _stop_id(tok, cfg: PPOConfig) -> int:
@@ -344,8 +370,7 @@ def setup(cfg: PPOConfig) -> PPOSetup:
 
     device = dist.device()
     world, rank = dist.world_size(), dist.rank()
-    with dist.main_first():  # the builtin base is materialised once, by rank 0
-        model, tok, base_path = _build_model(cfg, device)
+    model, tok, base_path = _build_model(cfg, device)
     stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
@@ -533,23 +558,12 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     return step_stats
 
 
-def save_final_adapters(s: PPOSetup, cfg: PPOConfig, out: Path) -> None:
-    """Publish the trained roles as ``out/policy`` (and ``out/value``), each renamed into place."""
-    import tempfile
+def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
+            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None) -> StageResult:
+    """Run PPO; its artifacts are ``policy`` (and ``value`` with a critic).
 
-    from rlhf.stages.common import publish_dir
-
-    for role in _trained_roles(cfg):
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-", dir=out))
-        s.model.save_role(role, tmp)
-        write_json(tmp / "rlhf_adapter.json", {"role": role, "base_path": s.base_path})
-        publish_dir(tmp, out / role)
-
-
-def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "ppo", group: str | None = None,
-            resume: bool = False, gold_fn: Callable[[str, str], float] | None = None,
-            stop_after: int | None = None) -> dict:
-    """Run PPO and return ``{"policy": dir, "value": dir, "metrics": {...}}``.
+    Inputs arrive resolved (:func:`rlhf.resolve.resolve_inputs`): a base directory or hub id,
+    adapter directories, and prompt files or pinned data-store references.
 
     Args:
         gold_fn: optional ``(prompt, response) -> float`` used for evaluation only (the
@@ -557,16 +571,17 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         stop_after: stop after this many updates (tests of resume); checkpoints as usual.
     """
     from rlhf import distributed as dist
+    from rlhf.stages.common import publish
     from rlhf.tracking import Tracker, progress
 
-    dist.check_ppo_supported()
+    check_engine_supported()
     main = dist.is_main()  # only rank 0 writes files
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(to_dict(cfg), out / "config.yaml")
     if not cfg.reward_adapter:
-        raise ValueError("ppo.reward_adapter is required")
+        raise ConfigError("ppo.reward_adapter: required")
     torch.manual_seed(cfg.seed)
 
     # 0. one base, four roles; prompts; optimizer; resume from the newest complete checkpoint
@@ -578,7 +593,7 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         start, d = found
         if main:
             print(f"[ppo] resumed from {d} (update {start} of {s.num_updates})")
-    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg),
+    tracker = Tracker(out.parent, out.name, config=to_dict(cfg),
                       report_to=cfg.report_to, group=group,
                       refs={"base": s.base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
                       is_main_process=main)
@@ -610,12 +625,16 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
                       **{f"initial/{k}": v for k, v in initial_eval.items()},
                       **{f"final/{k}": v for k, v in final_eval.items()}}
+    roles = _trained_roles(cfg)
     if finished and main:
-        save_final_adapters(s, cfg, out)
+        for role in roles:
+            publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
+                    config=to_dict(cfg))
         write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
-    return {"policy": str(out / "policy"), "value": str(out / "value"), "base": s.base_path,
-            "metrics": result_metrics, "finished": finished}
+    return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
+                       artifacts={role: str(out / role) for role in roles} if finished else {},
+                       metrics=result_metrics, finished=finished)
 
 
 def _sync(device) -> None:

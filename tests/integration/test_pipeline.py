@@ -91,7 +91,8 @@ def test_reward_stage_artifacts_and_metrics(run):
 
 def test_artifacts_reload_as_roles(run):
     from rlhf.adapters import RoleModel
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.resolve import resolve_base
 
     p, _ = run
     base_path = resolve_base("builtin:tiny")

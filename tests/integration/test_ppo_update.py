@@ -124,7 +124,8 @@ OPTIONS = {
 def test_option_runs_with_finite_metrics(name, ppo_config):
     cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=6, **OPTIONS[name])
     result = run_ppo(cfg)
-    assert result["finished"]
+    assert result.finished and set(result.artifacts) == (
+        {"policy", "value"} if cfg.advantage_estimator == "gae" else {"policy"})
     metrics = read_metrics(Path(cfg.output_dir))
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
