@@ -87,7 +87,7 @@ def save_head(head: torch.nn.Linear, adapter_dir: str | Path) -> None:
 
 def _lora_config(peft_cfg: dict, target_modules: list[str] | None = None):
     """A LoRA config for a role: the saved adapter's shape, dropout off (PPO needs
-    deterministic train-mode forwards; ppo.md: dropout off in every role)."""
+    deterministic train-mode forwards)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -120,7 +120,7 @@ class RoleModel(torch.nn.Module):
 
         for p in base.parameters():
             p.requires_grad_(False)
-        disable_dropout(base)  # PPO runs its forwards in train mode (ppo.md test 12)
+        disable_dropout(base)  # PPO runs its forwards in train mode
         self.has_sft_adapter = sft_adapter is not None
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter)

@@ -92,7 +92,7 @@ _DROPOUT_FLOAT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout of ``model`` (``nn.Dropout`` modules, float dropout attributes and the
-    config's), so that train-mode forwards are deterministic (ppo.md test 12)."""
+    config's), so that train-mode forwards are deterministic."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

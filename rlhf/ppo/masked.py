@@ -91,7 +91,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_reduce: AllRe
         mask: same shape as ``x``; 1/True on real tokens.
         unbiased: apply Bessel's correction ``n / (n - 1)``. The N+ details
             paper (arXiv 2403.17031) and OpenAI's lm-human-preferences whiten
-            with the unbiased estimate; ppo.md test 8 pins this choice.
+            with the unbiased estimate.
         all_reduce: sums a tensor over processes; with it, the variance is that of
             the real tokens of every process's batch together. None: this batch only.
 

@@ -236,7 +236,7 @@ def _build_model(cfg: PPOConfig, device):
     model.to(device)
     if cfg.gradient_checkpointing:
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # dropout is 0 everywhere, so train mode is deterministic (ppo.md test 12)
+    model.train()  # dropout is 0 everywhere, so train mode is deterministic
     return model, tok, base_path
 
 

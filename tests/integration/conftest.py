@@ -47,7 +47,7 @@ def _write_adapter(base_dir: Path, out: Path, seed: int, with_head: bool) -> Non
 
     tok = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), tok)
-    # lora_dropout > 0 on purpose: PPO must turn it off (ppo.md test 12).
+    # lora_dropout > 0 on purpose: PPO must turn it off.
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=linear_target_modules(base),
                      bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
@@ -68,7 +68,7 @@ def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
     ``rlhf.tasks.synthetic.build_tiny_base`` pretrains for 300 steps (about 30 s on two busy cores);
     40 are enough for the base to end responses with <eos> now and then, which is what the
     PPO tests need (variable response lengths, padding after the stop token). The config
-    also carries attention dropout, which PPO must switch off (ppo.md test 12).
+    also carries attention dropout, which PPO must switch off.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 

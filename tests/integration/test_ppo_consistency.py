@@ -1,7 +1,7 @@
 """PPO on the tiny model: the numbers the loop relies on are the numbers it computes.
 
-ppo.md tests 4 (logprob consistency), 5 (frozen reference), 6 (critic init), 7 (reward
-placement, model level) and 12 (no dropout), all in fp32 on one base with LoRA roles.
+Logprob consistency, the frozen reference, the critic init, reward placement at model level
+and no dropout, all in fp32 on one base with LoRA roles.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ppo.md test 14: a PPO run killed mid-update and resumed from its last checkpoint repeats
+"""A PPO run killed mid-update and resumed from its last checkpoint repeats
 an uninterrupted run with the same seed, update for update."""
 
 from __future__ import annotations

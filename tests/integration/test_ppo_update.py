@@ -1,4 +1,4 @@
-"""The PPO update loop on the tiny model: exact gradient accumulation (ppo.md test 11),
+"""The PPO update loop on the tiny model: exact gradient accumulation,
 the number of optimizer steps, and a smoke run of every estimator / KL option."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Masked reductions and whitening (ppo.md test 8)."""
+"""Masked reductions and whitening."""
 
 from __future__ import annotations
 
