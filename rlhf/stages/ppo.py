@@ -252,8 +252,6 @@ def check_engine_supported(config_name: str = "ppo") -> None:
     Raises:
         rlhf.config.ConfigError: naming the engine and what is supported.
     """
-    from rlhf.config import ConfigError
-
     from rlhf.distributed import engine
 
     eng = engine()
