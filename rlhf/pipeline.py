@@ -5,6 +5,10 @@ stage's status, fingerprint, inputs, outputs and final metrics), one folder per 
 ``summary.json``. A stage is skipped when it completed before with the same fingerprint: a
 hash of its resolved config and of its inputs (data file hashes and the fingerprints of
 the stages it consumes). Every config is validated before any model is loaded.
+
+Each stage runs through :func:`rlhf.stages.run_stage` (the dispatch table the CLI uses too),
+which resolves its inputs first. With a task (``task.enabled``), the task's rows are written
+to ``<run_dir>/task/`` and read like user data, and its gold reward judges the result.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ class Plan:
 
 def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
     data = dict(getattr(pipe, stage))
-    for key in ("model", "seed", "output_dir", "report_to"):
-        if key in data and key != "report_to":
+    for key in ("model", "seed", "output_dir"):
+        if key in data:
             raise ConfigError(f"{stage}.{key}: set it at the top level of the recipe, not per stage")
     data["model"] = to_dict(pipe.model)
     data["seed"] = pipe.seed
