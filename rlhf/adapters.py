@@ -15,9 +15,11 @@ keep one frozen base and switch LoRA adapters:
 When the SFT stage fine-tuned all weights, the base *is* the SFT model: the ``sft`` role
 is the base with adapters disabled, and ``policy`` starts as a zero-initialised LoRA.
 
-Adapter directories hold peft's ``adapter_config.json`` + ``adapter_model.safetensors``;
-reward/value directories also hold ``head.safetensors`` (``weight`` (1, hidden), optional
-``bias`` (1,)). Everything is safetensors; nothing is unpickled.
+The adapter directory layout is defined here once (:data:`ADAPTER_CONFIG` ...): peft's
+``adapter_config.json`` + ``adapter_model.safetensors``; reward/value directories also hold
+``head.safetensors`` (``weight`` (1, hidden), optional ``bias`` (1,)); a published artifact
+adds ``rlhf_adapter.json`` (role, base, provenance) and ``config.yaml`` (the resolved stage
+config). Everything is safetensors or JSON/YAML; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+# The adapter directory layout. The first two names are peft's own (save_pretrained writes
+# them), so a published adapter loads with peft directly.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_FILE = "head.safetensors"  # score head of reward/value roles
+METADATA_FILE = "rlhf_adapter.json"  # {"role", "base_path", ...} written by rlhf.stages.common.publish
+CONFIG_FILE = "config.yaml"  # the resolved config of the stage that produced the artifact
 
 ROLES = ("sft", "policy", "reward", "value")
 TRAINABLE = ("policy", "value")
@@ -45,25 +55,10 @@ def linear_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def resolve_adapter(ref_or_path: str) -> str:
-    """An adapter directory from a path or a model-registry reference ('name', 'name:3', 'name:prod')."""
-    if Path(ref_or_path).exists():
-        return str(ref_or_path)
-    from rlhf.registry import Registry
-
-    try:
-        entry = Registry.open().resolve(ref_or_path)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the reference
-        raise FileNotFoundError(f"adapter {ref_or_path!r} is neither a directory nor a registry reference ({e})") from None
-    if entry.kind != "adapter" or entry.path is None:
-        raise ValueError(f"registry entry {entry.ref} is a {entry.kind}, not an adapter")
-    return str(entry.path)
-
-
 def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
     """LoRA tensors and peft config of a saved adapter (head tensors are not included)."""
     adapter_dir = Path(adapter_dir)
-    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"adapter file missing: {p}")
@@ -74,9 +69,9 @@ def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
 
 
 def read_head(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(adapter_dir) / "head.safetensors"
+    path = Path(adapter_dir) / HEAD_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"score head missing: {path} (reward adapters need head.safetensors)")
+        raise FileNotFoundError(f"score head missing: {path} (reward adapters need {HEAD_FILE})")
     head = load_file(str(path))
     if "weight" not in head or head["weight"].ndim != 2 or head["weight"].shape[0] != 1:
         raise ValueError(f"{path}: 'weight' must have shape (1, hidden)")
@@ -87,12 +82,12 @@ def save_head(head: torch.nn.Linear, adapter_dir: str | Path) -> None:
     tensors = {"weight": head.weight.detach().float().cpu().contiguous()}
     if head.bias is not None:
         tensors["bias"] = head.bias.detach().float().cpu().contiguous()
-    save_file(tensors, str(Path(adapter_dir) / "head.safetensors"))
+    save_file(tensors, str(Path(adapter_dir) / HEAD_FILE))
 
 
 def _lora_config(peft_cfg: dict, target_modules: list[str] | None = None):
     """A LoRA config for a role: the saved adapter's shape, dropout off (PPO needs
-    deterministic train-mode forwards; ppo.md: dropout off in every role)."""
+    deterministic train-mode forwards)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -112,7 +107,7 @@ class RoleModel(torch.nn.Module):
     Args:
         base: the causal LM (frozen).
         sft_adapter: SFT adapter directory, or None when the base itself is the SFT model.
-        reward_adapter: reward adapter directory (with head.safetensors).
+        reward_adapter: reward adapter directory (with its score head).
         policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
             (dict with r, lora_alpha, target_modules).
     """
@@ -125,7 +120,7 @@ class RoleModel(torch.nn.Module):
 
         for p in base.parameters():
             p.requires_grad_(False)
-        disable_dropout(base)  # PPO runs its forwards in train mode (ppo.md test 12)
+        disable_dropout(base)  # PPO runs its forwards in train mode
         self.has_sft_adapter = sft_adapter is not None
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter)
@@ -155,7 +150,7 @@ class RoleModel(torch.nn.Module):
         head = read_head(reward_adapter)
         hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
         if head["weight"].shape[1] != hidden:
-            raise ValueError(f"{reward_adapter}/head.safetensors: hidden size {head['weight'].shape[1]} != base {hidden}")
+            raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
         self.heads = torch.nn.ModuleDict()
         dtype = next(base.parameters()).dtype
         for name, trainable in (("reward", False), ("value", True)):
@@ -237,12 +232,26 @@ class RoleModel(torch.nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.peft, adapter_name=role)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
         cfg = self.peft.peft_config[role].to_dict()
         cfg["target_modules"] = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], (set, list)) else cfg["target_modules"]
-        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
         if role in self.heads:
             save_head(self.heads[role], out)
+
+    def load_role(self, role: str, adapter_dir: str | Path) -> None:
+        """Overwrite ``role``'s LoRA weights (and head, for reward/value) with those that
+        :meth:`save_role` wrote to ``adapter_dir``; the role's shape must match."""
+        from peft import set_peft_model_state_dict
+
+        state, _ = read_lora_weights(adapter_dir)
+        set_peft_model_state_dict(self.peft, state, adapter_name=role)
+        if role in self.heads:
+            head = read_head(adapter_dir)
+            with torch.no_grad():
+                self.heads[role].weight.copy_(head["weight"])
+                if "bias" in head and self.heads[role].bias is not None:
+                    self.heads[role].bias.copy_(head["bias"])
 
     def trainable_parameters(self, role: str) -> list[torch.nn.Parameter]:
         params = [p for n, p in self.peft.named_parameters() if f".{role}." in n and "lora_" in n]

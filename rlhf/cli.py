@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-DELEGATED = {"data", "registry", "dashboard", "report"}
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
@@ -39,13 +38,18 @@ def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
         raise ConfigError("--accelerate-config/--num-processes need --launcher accelerate")
     if args.launcher != "accelerate" or os.environ.get("LOCAL_RANK") is not None:
         return None, rest  # single process, or already one of the launched processes
-    from rlhf import distributed
+    from rlhf.launch import launch
 
-    return distributed.launch([cmd, *rest], args.accelerate_config, args.num_processes), rest
+    return launch([cmd, *rest], args.accelerate_config, args.num_processes), rest
 
 
 def _stage_main(stage: str, argv: list[str]) -> int:
-    from rlhf.config import PPOConfig, RewardConfig, SFTConfig, apply_overrides, from_dict, load_yaml
+    import dataclasses
+    import json
+
+    from rlhf import distributed
+    from rlhf.config import apply_overrides, from_dict, load_yaml
+    from rlhf.stages import STAGES, run_stage
 
     parser = argparse.ArgumentParser(prog=f"rlhf {stage}", description=f"Run the {stage} stage alone.")
     parser.add_argument("--config", help="YAML file with the stage's settings (see rlhf/config.py)")
@@ -54,32 +58,23 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
-    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
-    cfg = from_dict(cls, data, prefix=stage)
-    if stage == "sft":
-        from rlhf.stages.sft import run_sft as run
-    elif stage == "reward":
-        from rlhf.stages.reward import run_reward as run
-    else:
-        from rlhf.stages.ppo import run_ppo as run
-    result = run(cfg, resume=args.resume)
-    import json
-
-    from rlhf import distributed
-
+    cfg = from_dict(STAGES[stage].config, data, prefix=stage)
+    result = run_stage(stage, cfg, resume=args.resume)
     if distributed.is_main():
-        print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]}, indent=2, default=str))
+        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return 0
 
 
 def _run_main(argv: list[str]) -> int:
+    from rlhf import distributed
     from rlhf.pipeline import Pipeline, plan, print_summary
+    from rlhf.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="rlhf run", description="Run a staged recipe: SFT -> reward -> PPO.",
                                      parents=[_launcher_parser()])
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--from", dest="from_stage", choices=["sft", "reward", "ppo"], help="rerun from this stage on")
+    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="rerun from this stage on")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.total_episodes=512")
@@ -89,8 +84,6 @@ def _run_main(argv: list[str]) -> int:
         print(f"{args.recipe}: valid (run dir {p.run_dir})")
         return 0
     summary = Pipeline(p).run(from_stage=args.from_stage, resume=args.resume)
-    from rlhf import distributed
-
     if distributed.is_main():
         print_summary(summary, p.run_dir)
     return 0
@@ -109,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     from rlhf.config import ConfigError
+    from rlhf.stages import STAGES
 
     try:
-        if cmd in ("run", "sft", "reward", "ppo"):
+        if cmd == "run" or cmd in STAGES:
             status, rest = _maybe_launch(cmd, rest)
             if status is not None:
                 return status
         if cmd == "run":
             return _run_main(rest)
-        if cmd in ("sft", "reward", "ppo"):
+        if cmd in STAGES:
             return _stage_main(cmd, rest)
         if cmd == "data":
             from reward_data.cli import main as data_main

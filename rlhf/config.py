@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf.tasks.synthetic import SyntheticTaskConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key (or file) that causes it."""
@@ -202,25 +204,14 @@ class PPOConfig:
 
 
 @dataclass
-class SyntheticTask:
-    """The embedded synthetic task (reward_data.synthetic): generated data with a gold reward."""
-
-    enabled: bool = _help("Generate the synthetic task's data and evaluate against its gold reward.", default=False)
-    seed: int = _help("Seed of the generated data.", default=0)
-    num_sft: int = _help("SFT demonstrations.", default=2000)
-    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", default=4000)
-    num_ppo_prompts: int = _help("PPO training prompts.", default=2048)
-    num_eval_prompts: int = _help("Held-out evaluation prompts.", default=256)
-
-
-@dataclass
 class PipelineConfig:
     """A staged recipe: SFT -> reward -> PPO on one base model."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", default=0)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
-    task: SyntheticTask = _help("Embedded synthetic task (tiny default).", default_factory=SyntheticTask)
+    task: SyntheticTaskConfig = _help("Embedded synthetic task (tiny default), see rlhf/tasks/synthetic.py.",
+                                      default_factory=SyntheticTaskConfig)
     report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)

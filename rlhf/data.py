@@ -1,8 +1,8 @@
-"""Reading stage inputs: SFT examples and PPO prompts from files, datasets or the data store."""
+"""Reading stage inputs (already resolved by rlhf.resolve): SFT examples and PPO prompts
+from files, hub datasets or the data store."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -50,26 +50,14 @@ def prompt_messages(row: dict, where: str) -> list[dict]:
     raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
 
 
-def is_store_ref(source: str) -> bool:
-    """True when ``source`` names a reward_data store entry ('NAME' or 'NAME:VERSION'), not a path."""
-    return not Path(source).exists() and "/" not in source and not Path(source).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}
-
-
 def load_prompts(source: str, split: str = "train") -> list[list[dict]]:
     """PPO prompts as message lists, from a file/dataset or a reward_data reference (its
     ``split``: train prompts for training, test prompts for evaluation)."""
+    from rlhf.resolve import is_store_ref
+
     if is_store_ref(source):
         import reward_data
 
         return [rec["prompt"] for rec in reward_data.read_split(source, split)]
     rows = load_rows(source)
     return [prompt_messages(r, f"{source} row {i}") for i, r in enumerate(rows)]
-
-
-def write_jsonl(path: str | Path, rows) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)

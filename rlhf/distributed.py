@@ -2,8 +2,8 @@
 
 Every stage runs unchanged in one process; under ``accelerate launch`` (or ``torchrun``)
 the same code runs once per process and these helpers turn into collectives. Nothing here
-starts processes itself except :func:`launch`, which re-executes a command line under
-``accelerate launch`` -- the distribution engine (DDP, FSDP, DeepSpeed) is accelerate's.
+starts processes (``rlhf.launch`` re-executes a command line under ``accelerate launch``);
+the distribution engine (DDP, FSDP, DeepSpeed) is accelerate's.
 
 The process group is created lazily by ``accelerate.PartialState`` the first time a helper
 needs it, and only when the environment says there are several processes (``WORLD_SIZE``
@@ -12,7 +12,8 @@ the gloo backend on CPU (``ACCELERATE_USE_CPU`` is set so that TRL's trainers ag
 
 PPO under data parallelism (see ``rlhf/stages/ppo.py`` and ``pipelines/accelerate/``):
 each process generates its own share of the rollout, advantages are whitened with global
-statistics (:func:`masked_whiten`), and the trainable LoRA gradients are summed across
+statistics (``rlhf.ppo.masked_whiten`` with
+:func:`all_reduce_sum`), and the trainable LoRA gradients are summed across
 processes (:func:`sum_gradients`) with every loss normalised by the global token count,
 so one optimizer step equals the single-process step on the same global minibatch.
 """
@@ -21,10 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,13 +43,8 @@ __all__ = [
     "gather_rows",
     "broadcast_object",
     "gather_objects",
-    "masked_whiten",
-    "masked_mean",
     "sum_gradients",
     "broadcast_parameters",
-    "check_ppo_supported",
-    "launch",
-    "accelerate_command",
 ]
 
 # Ranks are far apart in seed space so that rank r's generation seed for update u never
@@ -233,67 +226,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Token-level mean of ``x`` over the real tokens of every process's batch.
-
-    Args:
-        x: ``(batch, response_len)`` on this process.
-        mask: same shape, 1/True on real tokens.
-
-    Returns:
-        A scalar tensor, equal on every process.
-    """
-    from rlhf import ppo as F
-
-    if not is_distributed():
-        return F.masked_mean(x, mask)
-    sel = mask.bool().expand_as(x)
-    sums = torch.stack([torch.where(sel, x, 0.0).sum().double(), sel.sum().double()])
-    sums = all_reduce_sum(sums)
-    return (sums[0] / sums[1]).to(x.dtype)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``rlhf.ppo.masked_whiten`` with the mean and variance of the global batch.
-
-    Same contract as the single-process function (unbiased variance over every real token,
-    padding set to 0); with several processes the statistics cover all of them, so each
-    process's share is whitened exactly as the concatenated batch would be in one process.
-    Two reductions (sum and count, then the sum of squared deviations) instead of one
-    sum-of-squares pass, because ``E[x^2] - E[x]^2`` loses precision when the mean is
-    large compared with the spread.
-
-    Args:
-        x: ``(batch, response_len)`` values on this process.
-        mask: same shape, 1/True on real tokens.
-        shift_mean: when False the global mean is added back (reward whitening).
-        eps: added to the variance before the square root.
-
-    Returns:
-        Tensor shaped like ``x``.
-
-    Raises:
-        ValueError: if fewer than 2 real tokens exist over all processes.
-    """
-    from rlhf import ppo as F
-
-    if not is_distributed():
-        return F.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    sel = mask.bool().expand_as(x)
-    xd = x.double()
-    s = all_reduce_sum(torch.stack([torch.where(sel, xd, 0.0).sum(), sel.sum().double()]))
-    n = int(s[1].item())
-    if n < 2:
-        raise ValueError(f"masked_whiten needs at least 2 real tokens over all processes, found {n}")
-    mean = s[0] / n
-    ssd = all_reduce_sum(torch.where(sel, (xd - mean) ** 2, 0.0).sum())
-    var = ssd / (n - 1)
-    whitened = (xd - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(sel, whitened, 0.0).to(x.dtype)
-
-
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Replace every parameter's ``.grad`` by its sum over all processes, in place.
 
@@ -333,100 +265,3 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> 
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=src)
-
-
-def full_state_dict(trainer) -> dict[str, Tensor] | None:
-    """The whole model's state dict of a TRL/transformers trainer whose weights are sharded.
-
-    Under FSDP or DeepSpeed ZeRO-3 each process holds a shard only, so saving from the
-    module would write empty tensors; accelerate gathers the full weights instead. This is
-    a collective: call it on every process. (ZeRO-3 needs
-    ``zero3_save_16bit_model: true`` in the accelerate config, as deepspeed_zero3.yaml has.)
-
-    Returns:
-        The gathered state dict (complete on rank 0), or None when nothing is sharded, in
-        which case the model's own parameters are complete on every process.
-    """
-    eng = engine()
-    if eng == "fsdp":
-        return trainer.accelerator.get_state_dict(trainer.model)
-    if eng == "deepspeed-zero3":
-        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    return None
-
-
-def check_ppo_supported(config_name: str = "ppo") -> None:
-    """Refuse PPO under an engine that shards the base weights.
-
-    PPO samples from the policy role between updates; with FSDP or ZeRO-3 every
-    generation step would need the full weights gathered, which this loop does not do.
-    Supported: one process, DDP, and ZeRO-1/2 configs (the LoRA loop then runs data
-    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
-    save little).
-
-    Raises:
-        rlhf.config.ConfigError: naming the engine and what is supported.
-    """
-    from rlhf.config import ConfigError
-
-    eng = engine()
-    if eng == "fsdp" or eng == "deepspeed-zero3":
-        raise ConfigError(
-            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop does "
-            "not gather sharded weights for generation). Launch PPO with pipelines/accelerate/ddp.yaml or "
-            "deepspeed_zero2.yaml; SFT and reward run under every config in pipelines/accelerate/."
-        )
-
-
-def accelerate_command(args: Sequence[str], config_file: str | os.PathLike | None = None,
-                       num_processes: int | None = None, main_process_port: int | None = None) -> list[str]:
-    """The ``accelerate launch ... -m rlhf ARGS`` command line for :func:`launch`.
-
-    Without CUDA, ``--multi_gpu`` selects accelerate's torchrun launcher (one process per
-    rank on this machine; ``--cpu`` would start a single process) and the processes then
-    run on CPU with gloo.
-    """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file is not None:
-        cmd += ["--config_file", str(config_file)]
-    if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-        if config_file is None:
-            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            if num_processes > 1:
-                cmd += ["--multi_gpu"]
-    if main_process_port is not None:
-        cmd += ["--main_process_port", str(main_process_port)]
-    return cmd + ["-m", "rlhf", *args]
-
-
-def launch(args: Sequence[str], config_file: str | os.PathLike | None = None, num_processes: int | None = None,
-           env: dict[str, str] | None = None, main_process_port: int | None = None) -> int:
-    """Run ``rlhf ARGS`` under ``accelerate launch`` and return its exit status.
-
-    accelerate's launcher (torchrun underneath) stops every process when one fails and
-    shows that process's traceback, so a failure on any rank ends the run with the error.
-
-    Args:
-        args: the rlhf command line without the launcher options, e.g.
-            ``["run", "pipelines/tiny.yaml", "ppo.total_episodes=64"]``.
-        config_file: one of ``pipelines/accelerate/*.yaml`` (None: accelerate's defaults).
-        num_processes: overrides the config's process count.
-        env: extra environment variables for the processes.
-        main_process_port: rendezvous port (defaults to accelerate's, 29500).
-
-    Raises:
-        rlhf.config.ConfigError: if the config file does not exist.
-    """
-    from rlhf.config import ConfigError
-
-    if config_file is not None and not Path(config_file).is_file():
-        raise ConfigError(f"--accelerate-config: file not found: {config_file}")
-    if num_processes is not None and num_processes < 1:
-        raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
-    cmd = accelerate_command(args, config_file, num_processes, main_process_port)
-    child_env = dict(os.environ, **(env or {}))
-    if not torch.cuda.is_available():
-        child_env["ACCELERATE_USE_CPU"] = "true"
-    child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.run(cmd, env=child_env).returncode

@@ -1,47 +1,14 @@
-"""Loading base models and tokenizers, and building the embedded tiny default.
+"""Loading base models and tokenizers.
 
 One code path for every base: ``load_tokenizer`` / ``load_causal_lm`` /
 ``load_sequence_classifier`` call ``from_pretrained`` on a hub id or a local directory.
-The tiny default ("builtin:tiny") is first materialised into a local directory (a saved
-tokenizer and a randomly initialised 2-layer, 64-wide Llama), after which it is loaded
-exactly like any other local model directory.
+The tiny default ("builtin:tiny") is built into a local directory by ``rlhf.resolve``
+before it gets here, and is then loaded like any other local model directory.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
-
-from rlhf.paths import rlhf_home
-
-BUILTIN_TINY = "builtin:tiny"
-
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-
-# A chat template for the word-level tiny tokenizer. Each turn ends with <eos>, which is
-# also the stop token of generation, so SFT teaches the policy to stop.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <eos> ' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
-)
-
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -50,117 +17,6 @@ def torch_dtype(name: str) -> torch.dtype | str:
     if name not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
     return table[name]
-
-
-def build_tiny_tokenizer():
-    """A word-level fast tokenizer over the synthetic task's vocabulary, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from reward_data.synthetic import VOCABULARY
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + VOCABULARY)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # Word pieces are whole words: decoding joins them with single spaces.
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-    )
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
-
-
-def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny default base model (tokenizer + random-init Llama) to ``out_dir``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = Path(out_dir)
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **TINY_SHAPE,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    _pretrain_tiny(model, tok, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> None:
-    """Give the tiny base what a real pretrained base has: knowledge of its language.
-
-    A random-init model with frozen embeddings cannot be taught anything useful by a LoRA
-    adapter, unlike a real pretrained base. So the tiny base is trained for a few seconds on
-    generic text of the synthetic language: chat-shaped transcripts whose words are drawn
-    uniformly from the whole vocabulary (no task preferences, random lengths). SFT then
-    teaches the task's style on top, as with a real base.
-    """
-    import random
-
-    from reward_data.synthetic import VOCABULARY
-
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-
-    def transcript() -> str:
-        turns = []
-        for _ in range(rng.randint(1, 2)):
-            for role in ("user", "assistant"):
-                words = " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(1, 10)))
-                turns.append(f"<|{role}|> {words} <eos>")
-        return " ".join(turns)
-
-    for _ in range(steps):
-        enc = tok([transcript() for _ in range(batch)], padding=True, return_tensors="pt")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    del gen
-    model.eval()
-
-
-def resolve_base(name_or_path: str, seed: int = 0) -> str:
-    """Turn a base-model reference into something ``from_pretrained`` accepts.
-
-    ``builtin:tiny`` is materialised once under ``$RLHF_HOME/builtin/`` (keyed by its
-    shape, vocabulary and seed) and its directory returned; hub ids and local directories
-    pass through unchanged.
-    """
-    if name_or_path != BUILTIN_TINY:
-        if name_or_path.startswith("builtin:"):
-            raise ValueError(f"model.name_or_path: unknown builtin model {name_or_path!r}; only {BUILTIN_TINY!r} exists")
-        return name_or_path
-    from reward_data.synthetic import VOCABULARY
-
-    key = hashlib.sha256(json.dumps([TINY_SHAPE, VOCABULARY, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, seed]).encode()).hexdigest()[:12]
-    out = rlhf_home() / "builtin" / f"tiny-{key}"
-    if not (out / "config.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_base(out, seed=seed)
-    return str(out)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -183,8 +39,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     tok.padding_side = "left"
     if tok.chat_template is None:
         raise ValueError(
-            f"tokenizer of {name_or_path!r} has no chat template; set sft.chat_template in the recipe "
-            "or use an instruct/chat tokenizer"
+            f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat tokenizer"
         )
     return tok
 
@@ -237,7 +92,7 @@ _DROPOUT_FLOAT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout of ``model`` (``nn.Dropout`` modules, float dropout attributes and the
-    config's), so that train-mode forwards are deterministic (ppo.md test 12)."""
+    config's), so that train-mode forwards are deterministic."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

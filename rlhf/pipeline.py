@@ -5,6 +5,10 @@ stage's status, fingerprint, inputs, outputs and final metrics), one folder per 
 ``summary.json``. A stage is skipped when it completed before with the same fingerprint: a
 hash of its resolved config and of its inputs (data file hashes and the fingerprints of
 the stages it consumes). Every config is validated before any model is loaded.
+
+Each stage runs through :func:`rlhf.stages.run_stage` (the dispatch table the CLI uses too),
+which resolves its inputs first. With a task (``task.enabled``), the task's rows are written
+to ``<run_dir>/task/`` and read like user data, and its gold reward judges the result.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from rlhf.config import (
     load_yaml,
     to_dict,
 )
+from rlhf.resolve import check_base, check_input
+from rlhf.stages import STAGES, StageResult, run_stage
 from rlhf.stages.common import write_json
-
-STAGES = ("sft", "reward", "ppo")
+from rlhf.tasks import TASK_FILES, Task
 
 
 @dataclass
@@ -42,13 +47,21 @@ class Plan:
     sft: SFTConfig
     reward: RewardConfig
     ppo: PPOConfig
-    task_files: dict | None
+    task_files: dict | None  # name -> path of the task's files (None without a task)
+
+    def task(self) -> Task | None:
+        """The recipe's task, or None when it trains on user data."""
+        if not self.pipeline.task.enabled:
+            return None
+        from rlhf.tasks.synthetic import SyntheticTask
+
+        return SyntheticTask(self.pipeline.task)
 
 
 def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
     data = dict(getattr(pipe, stage))
-    for key in ("model", "seed", "output_dir", "report_to"):
-        if key in data and key != "report_to":
+    for key in ("model", "seed", "output_dir"):
+        if key in data:
             raise ConfigError(f"{stage}.{key}: set it at the top level of the recipe, not per stage")
     data["model"] = to_dict(pipe.model)
     data["seed"] = pipe.seed
@@ -69,16 +82,13 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     if not pipe.name:
         pipe.name = recipe.stem
     run_dir = Path(output_dir) if output_dir else Path("runs") / pipe.name
-    if pipe.model.name_or_path.startswith("builtin:") is False:
-        p = Path(pipe.model.name_or_path)
-        if (pipe.model.name_or_path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {p} is not a model directory (no config.json)")
+    check_base(pipe.model.name_or_path)
 
     task_files = None
     stage_data = {s: _stage_dict(pipe, s, run_dir) for s in STAGES}
     if pipe.task.enabled:
         task_dir = run_dir / "task"
-        task_files = {k: str(task_dir / f"{k}.jsonl") for k in ("sft", "pairs", "ppo_prompts", "eval_prompts")}
+        task_files = {k: str(task_dir / f"{k}.jsonl") for k in TASK_FILES}
         stage_data["sft"].setdefault("dataset", task_files["sft"])
         stage_data["reward"].setdefault("dataset", task_files["pairs"])
         stage_data["ppo"].setdefault("prompts", task_files["ppo_prompts"])
@@ -90,9 +100,7 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
     stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
 
-    sft = from_dict(SFTConfig, stage_data["sft"], prefix="sft")
-    reward = from_dict(RewardConfig, stage_data["reward"], prefix="reward")
-    ppo = from_dict(PPOConfig, stage_data["ppo"], prefix="ppo")
+    sft, reward, ppo = (from_dict(STAGES[s].config, stage_data[s], prefix=s) for s in ("sft", "reward", "ppo"))
 
     # incompatible stage outputs: the reward LoRA starts from the SFT LoRA, so shapes must agree
     if sft.finetune == "full":
@@ -107,7 +115,7 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
                 continue
             raise ConfigError(f"{name}: required (or enable task for the synthetic data)")
         if task_files is None and check_inputs:
-            _check_input(name, value)
+            check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
     for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo")):
@@ -116,25 +124,6 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
         except ValueError as e:
             raise ConfigError(f"{name}.report_to: {e}") from None
     return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files)
-
-
-def _check_input(key: str, value: str) -> None:
-    """A data input must be an existing file/dir, a data-store reference that resolves, or a
-    hub dataset id (owner/name, not checkable offline)."""
-    from rlhf.data import is_store_ref
-
-    if Path(value).exists():
-        return
-    if is_store_ref(value):
-        import reward_data
-
-        try:
-            reward_data.resolve(value.split("@")[0])
-        except Exception as e:  # noqa: BLE001 - re-raised naming the key
-            raise ConfigError(f"{key}: {value!r} is not in the data store ({e}); ingest it with `rlhf data ingest`") from None
-        return
-    if value.startswith((".", "/", "~")) or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet", ".gz"}:
-        raise ConfigError(f"{key}: file not found: {value}")
 
 
 def _fingerprint(obj) -> str:
@@ -196,23 +185,21 @@ class Pipeline:
         # every process has read pipeline.json (in __init__) before rank 0 writes it
         dist.barrier()
         p.run_dir.mkdir(parents=True, exist_ok=True)
-        if p.task_files is not None:
-            from reward_data.synthetic import SyntheticTaskConfig, write_task
+        task = p.task()
+        if task is not None:
+            from rlhf.tasks import write_task_files
 
-            t = p.pipeline.task
-            want = _fingerprint(to_dict(t))
+            want = _fingerprint(to_dict(p.pipeline.task))
             with dist.main_first():  # rank 0 writes the task files, the others then read them
                 if dist.is_main() and (self.state.get("task_fingerprint") != want
                                        or not all(Path(f).exists() for f in p.task_files.values())):
-                    write_task(Path(p.task_files["sft"]).parent, SyntheticTaskConfig(
-                        seed=t.seed, num_sft=t.num_sft, num_pairs=t.num_pairs, num_ppo_prompts=t.num_ppo_prompts,
-                        num_eval_prompts=t.num_eval_prompts))
+                    write_task_files(task, Path(p.task_files["sft"]).parent)
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
-        forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+        order = list(STAGES)
+        forced = order[order.index(from_stage):] if from_stage else ()
         # only rank 0 registers runs and artifacts
         registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register and dist.is_main() else None
-        gold = _gold_fn() if p.task_files is not None else None
 
         for stage in STAGES:
             st = self.state["stages"].get(stage, {})
@@ -230,7 +217,7 @@ class Pipeline:
                 print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
             run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
             try:
-                result = self._run_stage(stage, stage_resume, gold)
+                result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task)
             except BaseException:
                 self.state["stages"][stage]["status"] = "failed"
                 self.save()
@@ -239,35 +226,19 @@ class Pipeline:
                 raise
             outputs, inputs = _register_outputs(registry, stage, result, self.state, run_ref, p.pipeline.name)
             if registry and run_ref:
-                registry.finish_run(run_ref, "completed", _numbers(result["metrics"]), outputs=list(outputs.values()))
+                registry.finish_run(run_ref, "completed", _numbers(result.metrics), outputs=list(outputs.values()))
             self.state["stages"][stage].update(
-                status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=_numbers(result["metrics"]),
-                dirs={k: v for k, v in result.items() if k in ("adapter", "policy", "value") and v},
-                outputs=outputs, inputs=inputs, run=run_ref,
+                status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=_numbers(result.metrics),
+                dirs=dict(result.artifacts), outputs=outputs, inputs=inputs, run=run_ref,
             )
             self.save()
-        summary = self.summary(gold)
+        summary = self.summary(task)
         if dist.is_main():
             write_json(p.run_dir / "summary.json", summary)
         return summary
 
-    def _run_stage(self, stage: str, resume: bool, gold) -> dict:
-        p = self.p
-        group = p.pipeline.name
-        if stage == "sft":
-            from rlhf.stages.sft import run_sft
-
-            return run_sft(p.sft, run_dir=p.run_dir, group=group, resume=resume)
-        if stage == "reward":
-            from rlhf.stages.reward import run_reward
-
-            return run_reward(p.reward, run_dir=p.run_dir, group=group, resume=resume)
-        from rlhf.stages.ppo import run_ppo
-
-        return run_ppo(p.ppo, run_dir=p.run_dir, group=group, resume=resume, gold_fn=gold)
-
-    def summary(self, gold) -> dict:
-        """Final numbers of the run (and the synthetic task's gold evaluation)."""
+    def summary(self, task: Task | None) -> dict:
+        """Final numbers of the run (and, with a task, its gold evaluation)."""
         st = self.state["stages"]
         sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in STAGES)
         out = {
@@ -281,7 +252,7 @@ class Pipeline:
             "kl_ppo_sft_se": ppo_m.get("final/eval/kl_se"),
             "response_length_ppo": ppo_m.get("final/eval/length_mean"),
         }
-        if gold is not None:
+        if task is not None:
             out.update(
                 gold_reward_sft=ppo_m.get("initial/eval/gold_mean"),
                 gold_reward_sft_se=ppo_m.get("initial/eval/gold_se"),
@@ -293,7 +264,12 @@ class Pipeline:
 
             if (out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed"
                     and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
-                acc = gold_rm_accuracy(self.p, st["reward"]["dirs"]["adapter"])
+                from rlhf.resolve import resolve_base
+                from rlhf.tasks import gold_rm_accuracy
+
+                model = self.p.pipeline.model
+                acc = gold_rm_accuracy(task, resolve_base(model.name_or_path, seed=self.p.pipeline.seed), model.dtype,
+                                       st["reward"]["dirs"]["adapter"])
                 st["reward"].setdefault("metrics", {})["gold_accuracy"] = acc
                 self.save()
                 out["rm_accuracy_gold"] = acc
@@ -309,60 +285,6 @@ def _numbers(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _gold_fn():
-    from reward_data.synthetic import gold_reward
-
-    return gold_reward
-
-
-def gold_rm_accuracy(p: Plan, reward_adapter: str, n_pairs: int = 512) -> float:
-    """Reward-model accuracy against the noiseless gold preference, on fresh held-out pairs
-    (drawn from the task's distribution with a seed no training file used)."""
-    import random
-
-    import torch
-
-    from reward_data.synthetic import gold_reward, sample_prompt, sample_response
-    from rlhf.adapters import RoleModel
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
-    from rlhf.stages.ppo import Rollout, last_token_scores, left_pad
-
-    rng = random.Random(p.pipeline.task.seed + 2_000_029)
-    base_path = resolve_base(p.pipeline.model.name_or_path, seed=p.pipeline.seed)
-    tok = load_tokenizer(base_path)
-    base = load_causal_lm(base_path, tok, dtype=p.pipeline.model.dtype)
-    model = RoleModel(base, None, reward_adapter)
-    model.eval()
-    correct = total = 0
-    pairs = []
-    while len(pairs) < n_pairs:
-        prompt = sample_prompt(rng)
-        a, b = sample_response(rng, prompt), sample_response(rng, prompt)
-        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if ga != gb:
-            pairs.append((prompt, a, b, ga > gb))
-
-    def scores(texts: list[tuple[str, str]]) -> torch.Tensor:
-        seqs = []
-        for prompt, resp in texts:
-            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": resp}]
-            seqs.append(tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids)
-        ids, mask = left_pad(seqs, tok.pad_token_id, "cpu")
-        # the whole conversation as the "response": the score lands on its last real token
-        batch = Rollout(ids[:, :0], mask[:, :0], ids, mask.float(), torch.ones(len(seqs), dtype=torch.bool))
-        return last_token_scores(model, "reward", batch)
-
-    with torch.no_grad():
-        for s in range(0, len(pairs), 128):
-            chunk = pairs[s: s + 128]
-            sa = scores([(q, a) for q, a, _, _ in chunk])
-            sb = scores([(q, b) for q, _, b, _ in chunk])
-            for (_, _, _, a_better), x, y in zip(chunk, sa, sb):
-                correct += int((x > y).item() == a_better)
-                total += 1
-    return correct / total
-
-
 def _registry_home(home):
     from rlhf.paths import rlhf_home
 
@@ -375,34 +297,37 @@ def _open_registry(home):
     return Registry.open(home=home)
 
 
-def _register_outputs(registry, stage: str, result: dict, state: dict, run_ref, pipeline_name: str):
+def _register_outputs(registry, stage: str, result: StageResult, state: dict, run_ref, pipeline_name: str):
     """Register a stage's artifacts with lineage; returns ``(outputs, inputs)`` refs."""
     if registry is None:
         return {}, {}
     stages = state["stages"]
     base_ref = state.get("base_ref")
     if base_ref is None:
-        base_ref = registry.register_base(_safe_name(Path(result["base"]).name), result["base"]).ref
+        base_ref = registry.register_base(_safe_name(Path(result.base).name), result.base).ref
         state["base_ref"] = base_ref
     name = _safe_name(pipeline_name)
+    metadata = {"metrics": _numbers(result.metrics)}
     if stage == "sft":
-        e = registry.register_adapter(f"{name}-sft", "sft", result["adapter"], base=base_ref, run=run_ref,
-                                      metadata={"metrics": _numbers(result["metrics"])})
+        e = registry.register_adapter(f"{name}-sft", "sft", result.artifacts["adapter"], base=base_ref, run=run_ref,
+                                      metadata=metadata)
         return {"adapter": e.ref}, {"base": base_ref}
     if stage == "reward":
-        ds = registry.register_dataset(_safe_name(result["dataset"].split(":")[0]), result["dataset_dir"]).ref
+        import reward_data
+
+        data_ref = result.inputs["dataset"]
+        ds = registry.register_dataset(_safe_name(data_ref.split(":")[0]), str(reward_data.resolve(data_ref))).ref
         sft_ref = stages["sft"]["outputs"]["adapter"]
-        e = registry.register_adapter(f"{name}-reward", "reward", result["adapter"], base=base_ref,
-                                      parents=[sft_ref, ds], run=run_ref,
-                                      metadata={"metrics": _numbers(result["metrics"])})
+        e = registry.register_adapter(f"{name}-reward", "reward", result.artifacts["adapter"], base=base_ref,
+                                      parents=[sft_ref, ds], run=run_ref, metadata=metadata)
         return {"adapter": e.ref, "dataset": ds}, {"base": base_ref, "sft": sft_ref, "dataset": ds}
     sft_ref = stages["sft"]["outputs"]["adapter"]
     rm_ref = stages["reward"]["outputs"]["adapter"]
-    pol = registry.register_adapter(f"{name}-policy", "policy", result["policy"], base=base_ref,
-                                    parents=[sft_ref, rm_ref], run=run_ref, metadata={"metrics": _numbers(result["metrics"])})
+    pol = registry.register_adapter(f"{name}-policy", "policy", result.artifacts["policy"], base=base_ref,
+                                    parents=[sft_ref, rm_ref], run=run_ref, metadata=metadata)
     outs = {"policy": pol.ref}
-    if Path(result["value"]).exists():
-        val = registry.register_adapter(f"{name}-value", "value", result["value"], base=base_ref,
+    if "value" in result.artifacts:
+        val = registry.register_adapter(f"{name}-value", "value", result.artifacts["value"], base=base_ref,
                                         parents=[rm_ref], run=run_ref)
         outs["value"] = val.ref
     return outs, {"base": base_ref, "sft": sft_ref, "reward": rm_ref}

@@ -143,7 +143,7 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from rlhf.models import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+    from rlhf.tasks.synthetic import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
 
     words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
@@ -296,7 +296,7 @@ def run_ours(workdir: str | Path, out_dir: str | Path, n_batches: int | None = N
         torch.cuda.reset_peak_memory_stats()
         stage.generate, stage.score_rollout = _synchronized(stage.generate), _synchronized(stage.score_rollout)
     try:
-        stage.run_ppo(cfg, run_dir=Path(out_dir), stage_name="ppo")
+        stage.run_ppo(cfg)  # writes under cfg.output_dir = out_dir/ppo
     finally:
         stage.generate, stage.score_rollout = originals
     rows = [json.loads(line) for line in (Path(out_dir) / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]

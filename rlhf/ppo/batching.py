@@ -15,7 +15,7 @@ def ppo_minibatch_indices(
 
     Call once per PPO epoch. Equal sizes keep every optimizer step's gradient
     on the same number of episodes, so "steps per rollout = epochs x
-    minibatches" holds exactly (ppo.md test 11); an uneven last minibatch
+    minibatches" holds exactly; an uneven last minibatch
     would be a noisier, differently scaled step.
 
     Args:

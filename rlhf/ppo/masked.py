@@ -10,10 +10,15 @@ The mask is binary (bool, or float/int holding 0 and 1); it is not a weight.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
+
+# Sums a tensor over every process and returns the result (``rlhf.distributed.all_reduce_sum``).
+AllReduce = Callable[[Tensor], Tensor]
 
 
 def _select(x: Tensor, mask: Tensor) -> Tensor:
@@ -39,7 +44,16 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return selected.sum() if dim is None else selected.sum(dim=dim)
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+def _sum_and_count(x: Tensor, mask: Tensor, all_reduce: AllReduce | None) -> tuple[Tensor, Tensor]:
+    """Sum of ``x`` over real tokens and their count (both scalars, in ``x``'s dtype),
+    summed over every process by ``all_reduce`` when given (one collective for both)."""
+    total, count = masked_sum(x, mask), _select(torch.ones_like(x), mask).sum()
+    if all_reduce is not None:
+        total, count = all_reduce(torch.stack([total, count])).unbind()
+    return total, count
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, all_reduce: AllReduce | None = None) -> Tensor:
     """Mean of ``x`` over the positions where ``mask`` is set.
 
     Args:
@@ -47,27 +61,39 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
         mask: same shape as ``x``; 1/True on real tokens.
         dim: dimension to reduce; ``None`` averages over all real tokens of the
             batch (a token-level mean, not a mean of per-row means).
+        all_reduce: sums a tensor over processes (e.g. ``rlhf.distributed.all_reduce_sum``);
+            with it, the mean covers the real tokens of every process's batch (``dim``
+            must then be None). None: this batch only.
 
     Returns:
         A scalar when ``dim`` is None, else the per-slice means (e.g. ``(batch,)``).
         A slice with no real token gives ``nan`` (0 / 0): there is no mean of
         nothing, and a silent 0 would hide an empty response upstream.
     """
-    count = _select(torch.ones_like(x), mask)
     if dim is None:
-        return masked_sum(x, mask) / count.sum()
+        total, count = _sum_and_count(x, mask, all_reduce)
+        return total / count
+    if all_reduce is not None:
+        raise ValueError("masked_mean: all_reduce needs dim=None (a per-slice mean is local to a process)")
+    count = _select(torch.ones_like(x), mask)
     return masked_sum(x, mask, dim=dim) / count.sum(dim=dim)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_reduce: AllReduce | None = None) -> Tensor:
     """Variance of ``x`` over all real tokens of the batch.
+
+    Two passes (the mean, then the mean squared deviation) rather than
+    ``E[x^2] - E[x]^2``, which loses precision when the mean is large compared
+    with the spread.
 
     Args:
         x: values, e.g. ``(batch, response_len)``.
         mask: same shape as ``x``; 1/True on real tokens.
         unbiased: apply Bessel's correction ``n / (n - 1)``. The N+ details
             paper (arXiv 2403.17031) and OpenAI's lm-human-preferences whiten
-            with the unbiased estimate; ppo.md test 8 pins this choice.
+            with the unbiased estimate.
+        all_reduce: sums a tensor over processes; with it, the variance is that of
+            the real tokens of every process's batch together. None: this batch only.
 
     Returns:
         A scalar tensor.
@@ -76,26 +102,31 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
         ValueError: if the mask selects no token, or a single token with
             ``unbiased=True`` (the correction would divide by zero).
     """
-    mean = masked_mean(x, mask)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
     centered = x - mean
-    var = masked_mean(centered * centered, mask)
+    total, count = _sum_and_count(centered * centered, mask, all_reduce)
+    var = total / count
     if unbiased:
         # One host sync per call; this runs once per rollout, not per token.
-        n = int(mask.bool().expand_as(x).sum().item())
+        n = int(count.item())
         if n < 2:
+            where = " over all processes" if all_reduce is not None else ""
             raise ValueError(
-                f"masked_var(unbiased=True) needs at least 2 real tokens, the mask selects {n}"
+                f"masked_var(unbiased=True) needs at least 2 real tokens{where}, the mask selects {n}"
             )
         var = var * (n / (n - 1))
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: AllReduce | None = None) -> Tensor:
     """Normalise ``x`` to zero mean and unit variance over the real tokens.
 
     Statistics are taken over every real token of the whole batch (not per
     row), which is what the references do for advantages; padding values have
-    no effect on them.
+    no effect on them. Under data parallelism pass ``all_reduce``: each process's
+    share is then whitened exactly as the concatenated batch would be in one
+    process.
 
     Args:
         x: values, e.g. advantages ``(batch, response_len)``.
@@ -105,13 +136,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
             change which responses are rewarded (N+ paper, detail on reward
             normalisation).
         eps: added to the variance before the square root.
+        all_reduce: sums a tensor over processes (global statistics); None: this batch only.
 
     Returns:
         Tensor of the same shape as ``x``: whitened values on real tokens and 0
         on padding.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_var(x, mask, unbiased=True, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

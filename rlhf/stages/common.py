@@ -1,4 +1,5 @@
-"""Plain functions shared by the stages: TRL argument mapping, checkpoints, artifact metadata."""
+"""Plain functions shared by the stages: publishing an artifact, TRL argument mapping,
+TRL checkpoints, and gathering sharded weights from a TRL trainer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from rlhf.config import LoraConfigSpec, TrainArgs
@@ -88,6 +91,31 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: str, base: str, config: dict,
+            **provenance) -> str:
+    """Publish one artifact of a stage as ``out_dir/name``, atomically; returns its path.
+
+    ``write(tmp)`` fills a temporary directory inside ``out_dir`` (adapter weights, head...);
+    the resolved stage config (``config.yaml``) and the metadata (``rlhf_adapter.json``:
+    role, base model and ``provenance`` such as the dataset) are added beside them, and the
+    directory is renamed into place, so a reader never sees half an artifact. Call it on the
+    main process only.
+    """
+    from rlhf.adapters import CONFIG_FILE, METADATA_FILE
+    from rlhf.config import save_yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out_dir))
+    try:
+        write(tmp)
+        save_yaml(config, tmp / CONFIG_FILE)
+        write_json(tmp / METADATA_FILE, {"role": role, "base_path": base, **provenance})
+        publish_dir(tmp, out_dir / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out_dir / name)
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Atomically move a fully written directory into place (replacing an old one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -113,4 +141,26 @@ def final_log_value(log_history: list[dict], key: str) -> float | None:
     for entry in reversed(log_history):
         if key in entry:
             return float(entry[key])
+    return None
+
+
+def full_state_dict(trainer) -> dict | None:
+    """The whole model's state dict of a TRL/transformers trainer whose weights are sharded.
+
+    Under FSDP or DeepSpeed ZeRO-3 each process holds a shard only, so saving from the
+    module would write empty tensors; accelerate gathers the full weights instead. This is
+    a collective: call it on every process. (ZeRO-3 needs
+    ``zero3_save_16bit_model: true`` in the accelerate config, as deepspeed_zero3.yaml has.)
+
+    Returns:
+        The gathered state dict (complete on rank 0), or None when nothing is sharded, in
+        which case the model's own parameters are complete on every process.
+    """
+    from rlhf.distributed import engine
+
+    eng = engine()
+    if eng == "fsdp":
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if eng == "deepspeed-zero3":
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
     return None

@@ -1,6 +1,6 @@
 """Stage 3: PPO of the SFT policy against the reward model, on one base with LoRA roles.
 
-One update, top to bottom (see ``../shared/docs/ppo.md`` for every default's source):
+One update, top to bottom (each default's source is cited at its field in ``rlhf/config.py``):
 
   1. sample a rollout batch of prompts (deterministic in seed and update number)
   2. generate responses with the policy role (T=0.7, top_k 0, top_p 1, nothing from the
@@ -13,6 +13,13 @@ One update, top to bottom (see ``../shared/docs/ppo.md`` for every default's sou
      the unaccumulated ones (losses are normalised by the minibatch's token count)
   7. KL controller update, metrics, guards, evaluation and checkpoints
 
+``run_ppo`` reads as these steps: :func:`setup` (model, prompts), :func:`build_optimization`,
+:func:`load_checkpoint` (resume), then per update :func:`train_update` (steps 1-7, with
+:func:`sample`, :func:`score_rollout`, :func:`shaped_rewards`, :func:`advantages_and_returns`
+and ``_ppo_update``), :func:`evaluate_and_log` and :func:`save_checkpoint`. The rollout
+types (:class:`rlhf.ppo.rollout.Sampled`, :class:`rlhf.ppo.rollout.ScoredRollout`) live in
+``rlhf/ppo/``.
+
 Resume: a checkpoint holds the policy and value adapters (+ value head), optimizer,
 scheduler, KL controller and RNG states and the update number; prompts and minibatch
 shuffles are derived from (seed, update), so a resumed run repeats an uninterrupted one.
@@ -24,12 +31,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from rlhf import ppo as F
-from rlhf.config import PPOConfig, save_yaml, to_dict
+from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
+from rlhf.ppo.masked import AllReduce
+from rlhf.ppo.rollout import Sampled, ScoredRollout
+from rlhf.stages import StageResult
+
+if TYPE_CHECKING:
+    from rlhf.adapters import RoleModel
 from rlhf.stages.common import write_json
 
 
@@ -39,33 +52,6 @@ class GuardTripped(RuntimeError):
     def __init__(self, metric: str, value: float, limit: str):
         super().__init__(f"PPO stopped: {metric} = {value:.6g} ({limit}); the last good checkpoint is kept")
         self.metric, self.value = metric, value
-
-
-@dataclass
-class Rollout:
-    """One rollout batch. P = prompt length (left-padded), T = response length."""
-
-    prompt_ids: torch.Tensor  # (B, P)
-    prompt_mask: torch.Tensor  # (B, P)
-    response_ids: torch.Tensor  # (B, T), pad after the first stop token
-    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the stop token
-    has_stop: torch.Tensor  # (B,) bool
-    logprobs: torch.Tensor | None = None  # (B, T) policy, at temperature T
-    ref_logprobs: torch.Tensor | None = None  # (B, T) sft role
-    entropy: torch.Tensor | None = None  # (B, T)
-    values: torch.Tensor | None = None  # (B, T) value of the state before each token
-    scores: torch.Tensor | None = None  # (B,) reward model score on the last real token
-
-    def index(self, idx: torch.Tensor) -> "Rollout":
-        return Rollout(**{k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,7 +93,7 @@ def generation_config(cfg: PPOConfig, stop_id: int, pad_id: int):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int, response_length: int) -> Rollout:
+def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int, response_length: int) -> Sampled:
     """Sample responses with the policy role; pad/truncate to exactly ``response_length``."""
     from transformers import GenerationConfig
 
@@ -126,10 +112,10 @@ def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int,
         fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
         resp = torch.cat([resp, fill], dim=1)
     ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_id, pad_id)
-    return Rollout(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
 
 
-def response_logprobs(model, role: str, batch: Rollout, temperature: float, with_entropy: bool = False):
+def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
     """Logprobs (B, T) of the response tokens under ``role`` at the sampling temperature;
     only the response positions' logits are materialised."""
     P = batch.prompt_ids.shape[1]
@@ -142,7 +128,7 @@ def response_logprobs(model, role: str, batch: Rollout, temperature: float, with
     return lp, ent
 
 
-def response_values(model, batch: Rollout) -> torch.Tensor:
+def response_values(model, batch: Sampled | ScoredRollout) -> torch.Tensor:
     """Value (B, T) of the state before each response token (value role)."""
     P = batch.prompt_ids.shape[1]
     T = batch.response_ids.shape[1]
@@ -151,7 +137,7 @@ def response_values(model, batch: Rollout) -> torch.Tensor:
     return model.values("value", hidden[:, P - 1: P - 1 + T])
 
 
-def last_token_scores(model, role: str, batch: Rollout) -> torch.Tensor:
+def last_token_scores(model, role: str, batch: Sampled | ScoredRollout) -> torch.Tensor:
     """Head score (B,) of ``role`` at the last real response token (the stop token when
     present), never at the padding after it (TRL 1.12 scored one position late: trl
     issues 1893, 3750)."""
@@ -164,8 +150,9 @@ def last_token_scores(model, role: str, batch: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rollout(model, batch: Rollout, cfg: PPOConfig, chunk: int) -> Rollout:
-    """Fill logprobs, ref_logprobs, entropy, values and scores, ``chunk`` rows at a time."""
+def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int) -> ScoredRollout:
+    """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
+    computed ``chunk`` rows at a time."""
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
     for s in range(0, batch.response_ids.shape[0], chunk):
         mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
@@ -176,29 +163,35 @@ def score_rollout(model, batch: Rollout, cfg: PPOConfig, chunk: int) -> Rollout:
         parts["ref_logprobs"].append(ref)
         parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
         parts["scores"].append(last_token_scores(model, "reward", mb))
-    for k, v in parts.items():
-        setattr(batch, k, torch.cat(v))
-    return batch
+    return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
-def shaped_rewards(batch: Rollout, cfg: PPOConfig, kl_coef: float,
-                   whiten: Callable = F.masked_whiten) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
+                   all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores after the stop-token penalty and clipping, per-token KL, per-token rewards.
 
-    ``whiten`` is ``rlhf.distributed.masked_whiten`` under several processes (global statistics)."""
+    Returns:
+        ``scores`` (B,), ``kl`` (B, T) (0 on padding) and ``rewards`` (B, T).
+        ``all_reduce`` (several processes) makes reward whitening use global statistics.
+    """
     scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     kl = torch.where(batch.response_mask.bool(), F.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator), 0.0)
     rewards = F.per_token_rewards(scores, kl if cfg.kl_in_reward else torch.zeros_like(kl), batch.response_mask, kl_coef)
     if cfg.whiten_rewards:
-        rewards = whiten(rewards, batch.response_mask, shift_mean=False)
+        rewards = F.masked_whiten(rewards, batch.response_mask, shift_mean=False, all_reduce=all_reduce)
     return scores, kl, rewards
 
 
-def advantages_and_returns(batch: Rollout, rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
+def advantages_and_returns(batch: ScoredRollout, rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
                            cfg: PPOConfig, kl_coef: float, group_ids: torch.Tensor | None,
-                           whiten: Callable = F.masked_whiten):
+                           all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened advantages (B, T) (0 on padding) and returns (B, T) of ``cfg.advantage_estimator``.
+
+    ``group_ids`` (B,) names each row's prompt (rloo only); ``all_reduce`` (several
+    processes) makes advantage whitening use global statistics.
+    """
     mask = batch.response_mask
     if cfg.advantage_estimator == "gae":
         adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
@@ -209,7 +202,7 @@ def advantages_and_returns(batch: Rollout, rewards: torch.Tensor, scores: torch.
         seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
         adv = F.rloo_advantages(seq, group_ids)[:, None].expand_as(mask).contiguous()
         returns = adv
-    return whiten(adv, mask) * mask, returns
+    return F.masked_whiten(adv, mask, all_reduce=all_reduce) * mask, returns
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,22 +222,45 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 
 
 def _build_model(cfg: PPOConfig, device):
-    from rlhf.adapters import RoleModel, resolve_adapter
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.adapters import RoleModel
+    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
-    base_path = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    base_path = cfg.model.name_or_path
     tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, resolve_adapter(cfg.sft_adapter) if cfg.sft_adapter else None, resolve_adapter(cfg.reward_adapter),
+    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules if cfg.lora.target_modules != "all-linear" else None})
     model.to(device)
     if cfg.gradient_checkpointing:
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # dropout is 0 everywhere, so train mode is deterministic (ppo.md test 12)
+    model.train()  # dropout is 0 everywhere, so train mode is deterministic
     return model, tok, base_path
+
+
+def check_engine_supported(config_name: str = "ppo") -> None:
+    """Refuse PPO under an engine that shards the base weights.
+
+    PPO samples from the policy role between updates; with FSDP or ZeRO-3 every
+    generation step would need the full weights gathered, which this loop does not do.
+    Supported: one process, DDP, and ZeRO-1/2 configs (the LoRA loop then runs data
+    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
+    save little).
+
+    Raises:
+        rlhf.config.ConfigError: naming the engine and what is supported.
+    """
+    from rlhf.distributed import engine
+
+    eng = engine()
+    if eng == "fsdp" or eng == "deepspeed-zero3":
+        raise ConfigError(
+            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop does "
+            "not gather sharded weights for generation). Launch PPO with pipelines/accelerate/ddp.yaml or "
+            "deepspeed_zero2.yaml; SFT and reward run under every config in pipelines/accelerate/."
+        )
 
 
 def _stop_id(tok, cfg: PPOConfig) -> int:
@@ -256,7 +272,7 @@ def _stop_id(tok, cfg: PPOConfig) -> int:
     return ids
 
 
-def _decode(tok, batch: Rollout) -> list[str]:
+def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
     texts = []
     for ids, m in zip(batch.response_ids, batch.response_mask):
         n = int(m.sum())
@@ -314,10 +330,238 @@ def _check_guards(stats: dict, cfg: PPOConfig) -> None:
         raise GuardTripped("response/length_mean", stats["response/length_mean"], f"above {limit:.1f} tokens")
 
 
-def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "ppo", group: str | None = None,
-            resume: bool = False, gold_fn: Callable[[str, str], float] | None = None,
-            stop_after: int | None = None) -> dict:
-    """Run PPO and return ``{"policy": dir, "value": dir, "metrics": {...}}``.
+@dataclass
+class PPOSetup:
+    """What one PPO run builds before its first update (the same on every process)."""
+
+    model: "RoleModel"  # one frozen base with sft/policy/reward/value roles
+    tok: object  # the tokenizer
+    base_path: str  # the resolved base model
+    stop_id: int
+    pad_id: int
+    gen_cfg: object  # transformers GenerationConfig, every sampling knob set
+    prompt_ids: list[list[int]]  # encoded training prompts
+    eval_ids: list[list[int]]  # encoded held-out prompts (may be empty)
+    eval_texts: list[str]  # their last user turns, passed to the gold reward
+    device: torch.device
+    rank: int
+    world: int  # number of processes
+    per_rollout_prompts: int  # distinct prompts per rollout batch of one process
+    global_batch: int  # episodes per update over all processes
+    num_updates: int
+
+
+@dataclass
+class Optimization:
+    """The trainable state a checkpoint holds besides the adapters."""
+
+    params: list  # policy (+ value) LoRA and value-head parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    kl_ctl: object  # F.FixedKLController or F.AdaptiveKLController
+
+
+def setup(cfg: PPOConfig) -> PPOSetup:
+    """Build the role model, tokenizer, sampling config and encoded prompts."""
+    from rlhf import distributed as dist
+    from rlhf.data import load_prompts
+
+    device = dist.device()
+    world, rank = dist.world_size(), dist.rank()
+    model, tok, base_path = _build_model(cfg, device)
+    stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
+    prompts = load_prompts(cfg.prompts)
+    eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
+    # Several processes (accelerate launch): each generates rollout_batch_size episodes per
+    # update, so the global batch is rollout_batch_size * world.
+    global_batch = cfg.rollout_batch_size * world
+    return PPOSetup(
+        model=model, tok=tok, base_path=base_path, stop_id=stop_id, pad_id=pad_id,
+        gen_cfg=generation_config(cfg, stop_id, pad_id),
+        prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
+        eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
+        eval_texts=[p[-1]["content"] for p in eval_prompts],
+        device=device, rank=rank, world=world,
+        per_rollout_prompts=cfg.rollout_batch_size // (cfg.rloo_k if cfg.advantage_estimator == "rloo" else 1),
+        global_batch=global_batch, num_updates=max(1, cfg.total_episodes // global_batch),
+    )
+
+
+def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
+    """Adam over the trainable roles, the learning-rate schedule and the KL controller."""
+    from rlhf import distributed as dist
+
+    params = model.trainable_parameters("policy") + (
+        model.trainable_parameters("value") if cfg.advantage_estimator == "gae" else [])
+    dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+    total_steps = num_updates * cfg.ppo_epochs * cfg.num_minibatches
+    schedule = (lambda step: 1.0) if cfg.lr_schedule == "constant" else (lambda step: max(0.0, 1.0 - step / total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
+              else F.FixedKLController(cfg.kl_coef))
+    return Optimization(params, optimizer, scheduler, kl_ctl)
+
+
+def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
+    return ("policy", "value") if cfg.advantage_estimator == "gae" else ("policy",)
+
+
+def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, update: int) -> None:
+    """Write ``ckpt_root/update-N`` atomically (trained roles + optimizer, scheduler, KL
+    controller and RNG states) and keep the newest ``cfg.keep_checkpoints``. Rank 0 only:
+    ranks hold identical weights and optimizer states."""
+    import shutil
+
+    from rlhf.checkpoint import complete_checkpoints, rng_state, save_state, write_checkpoint_dir
+
+    def writer(tmp: Path):
+        for role in _trained_roles(cfg):
+            model.save_role(role, tmp / role)
+        save_state({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+                    "kl_controller": opt.kl_ctl.state_dict(), "rng": rng_state(), "update": update}, tmp, "state")
+
+    write_checkpoint_dir(ckpt_root, f"update-{update}", writer)
+    for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Path] | None:
+    """Restore the newest complete checkpoint under ``ckpt_root`` into ``model`` and ``opt``
+    (and the RNG states); returns ``(update, directory)``, or None when there is none."""
+    from rlhf.checkpoint import complete_checkpoints, load_state, set_rng_state
+
+    found = complete_checkpoints(ckpt_root, "update")
+    if not found:
+        return None
+    n, d = found[-1]
+    for role in ("policy", "value"):
+        if (d / role).exists():
+            model.load_role(role, d / role)
+    state = load_state(d, "state", device="cpu")
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    opt.kl_ctl.load_state_dict(state["kl_controller"])
+    set_rng_state(state["rng"])
+    return n, d
+
+
+def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[str, str], float] | None,
+                     step: int) -> dict:
+    """Evaluate on the held-out prompts (rank 0), log the metrics and samples at ``step``,
+    and return the metrics on every rank ({} without held-out prompts)."""
+    from rlhf import distributed as dist
+
+    if not s.eval_ids:
+        return {}
+    # Rank 0 evaluates alone (same prompts and seed as a single-process run, so numbers
+    # compare across launches); the model has no collectives, the others just wait.
+    ev = {}
+    if dist.is_main():
+        ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_id, s.pad_id, s.device,
+                            gold_fn, seed=cfg.seed + 1_000_003)
+        tracker.log(ev, step=step)
+        tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
+    return dist.broadcast_object(ev)
+
+
+def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Tensor | None]:
+    """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
+    policy's responses; returns the batch and, for rloo, each row's prompt group (B,)."""
+    from rlhf import distributed as dist
+
+    # the prompts are a pure function of (seed, update); several processes: the global
+    # batch's prompts, of which this rank takes a disjoint slice
+    idx = _prompt_order(len(s.prompt_ids), cfg.seed, update, s.per_rollout_prompts * s.world)
+    lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
+    rows = [s.prompt_ids[i] for i in idx[lo:hi]]
+    group_ids = None
+    if cfg.advantage_estimator == "rloo":
+        rows = [r for r in rows for _ in range(cfg.rloo_k)]
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.rloo_k)
+    ids, mask = left_pad(rows, s.pad_id, s.device)
+    torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
+    return generate(s.model, ids, mask, s.gen_cfg, s.stop_id, s.pad_id, cfg.response_length), group_ids
+
+
+def _check_finite(batch: ScoredRollout) -> None:
+    for name, t in (("reward/score", batch.scores), ("logprobs/policy", batch.logprobs),
+                    ("logprobs/reference", batch.ref_logprobs), ("value", batch.values)):
+        if not torch.isfinite(t).all():
+            raise GuardTripped(name, float(t[~torch.isfinite(t)][0]), "not finite")
+
+
+def rollout_statistics(batch: ScoredRollout, scores, kl, rewards, adv, kl_coef: float) -> dict:
+    """Statistics of the global batch (rows gathered from every process), so that the KL
+    controller and the guards take the same decision on every rank."""
+    from rlhf import distributed as dist
+
+    mask = batch.response_mask
+    scores_all = dist.gather_rows(scores)
+    kl_per_response = dist.gather_rows(F.masked_sum(kl, mask, dim=1))
+    return {
+        "reward/score_mean": float(scores_all.mean()),
+        "reward/score_std": float(scores_all.std()) if scores_all.numel() > 1 else 0.0,
+        "reward/shaped_mean": float(dist.gather_rows((rewards * mask).sum(1)).mean()),
+        "kl/mean": float(kl_per_response.mean()),
+        "kl/coef": kl_coef,
+        "entropy/mean": float(F.masked_mean(batch.entropy, mask, all_reduce=dist.all_reduce_sum)),
+        "response/length_mean": float(dist.gather_rows(mask.sum(1)).mean()),
+        "response/stop_rate": float(dist.gather_rows(batch.has_stop.float()).mean()),
+        "value/mean": float(F.masked_mean(batch.values, mask, all_reduce=dist.all_reduce_sum)),
+        "advantage/mean": float(F.masked_mean(adv, mask, all_reduce=dist.all_reduce_sum)),
+    }
+
+
+def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) -> dict:
+    """One PPO update (steps 1-7 of the module docstring); returns its metrics."""
+    from rlhf import distributed as dist
+
+    t0 = time.time()
+    # 1-2. this update's prompts; generate with the policy role
+    sampled, group_ids = sample(s, cfg, update)
+    _sync(s.device)
+    t_gen = time.time() - t0
+
+    # 3. score: logprobs (policy, reference), values, reward on the last real token
+    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2)
+    _sync(s.device)
+    t_score = time.time() - t0 - t_gen
+    _check_finite(batch)
+
+    # 4. per-token rewards with the KL penalty
+    beta = float(opt.kl_ctl.value)
+    scores, kl, rewards = shaped_rewards(batch, cfg, beta, all_reduce=dist.all_reduce_sum)
+
+    # 5. advantages, whitened over the whole rollout batch (of all processes)
+    adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, beta, group_ids,
+                                          all_reduce=dist.all_reduce_sum)
+
+    # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
+    stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
+                        rank=s.rank, world=s.world)
+    _sync(s.device)
+    t_update = time.time() - t0 - t_gen - t_score
+
+    # 7. KL controller, metrics, guards
+    step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
+    opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
+    step_stats = {
+        **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
+        "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
+        "episodes_per_s": s.global_batch / max(time.time() - t0, 1e-9),
+        **stats,
+    }
+    _check_guards(step_stats, cfg)
+    return step_stats
+
+
+def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
+            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None) -> StageResult:
+    """Run PPO; its artifacts are ``policy`` (and ``value`` with a critic).
+
+    Inputs arrive resolved (:func:`rlhf.resolve.resolve_inputs`): a base directory or hub id,
+    adapter directories, and prompt files or pinned data-store references.
 
     Args:
         gold_fn: optional ``(prompt, response) -> float`` used for evaluation only (the
@@ -325,203 +569,70 @@ def run_ppo(cfg: PPOConfig, *, run_dir: Path | None = None, stage_name: str = "p
         stop_after: stop after this many updates (tests of resume); checkpoints as usual.
     """
     from rlhf import distributed as dist
-    from rlhf.checkpoint import complete_checkpoints, load_state, rng_state, save_state, set_rng_state, write_checkpoint_dir
-    from rlhf.data import load_prompts
+    from rlhf.stages.common import publish
     from rlhf.tracking import Tracker, progress
 
-    # Several processes (accelerate launch): each generates rollout_batch_size episodes per
-    # update, so the global batch is rollout_batch_size * world; only rank 0 writes files.
-    dist.check_ppo_supported()
-    world, rank, main = dist.world_size(), dist.rank(), dist.is_main()
+    check_engine_supported()
+    main = dist.is_main()  # only rank 0 writes files
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(to_dict(cfg), out / "config.yaml")
     if not cfg.reward_adapter:
-        raise ValueError("ppo.reward_adapter is required")
-    device = dist.device()
+        raise ConfigError("ppo.reward_adapter: required")
     torch.manual_seed(cfg.seed)
 
-    # 0. one base, four roles; prompts
-    with dist.main_first():  # the builtin base is materialised once, by rank 0
-        model, tok, base_path = _build_model(cfg, device)
-    stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
-    prompts = load_prompts(cfg.prompts)
-    eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
-    prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_length)
-    prompt_texts = [p[-1]["content"] for p in prompts]
-    eval_ids = encode_prompts(tok, eval_prompts, cfg.max_prompt_length)
-    eval_texts = [p[-1]["content"] for p in eval_prompts]
-    gen_cfg = generation_config(cfg, stop_id, pad_id)
-
-    per_rollout_prompts = cfg.rollout_batch_size // (cfg.rloo_k if cfg.advantage_estimator == "rloo" else 1)
-    global_batch = cfg.rollout_batch_size * world
-    num_updates = max(1, cfg.total_episodes // global_batch)
-    params = model.trainable_parameters("policy") + (
-        model.trainable_parameters("value") if cfg.advantage_estimator == "gae" else [])
-    dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
-    steps_per_update = cfg.ppo_epochs * cfg.num_minibatches
-    total_steps = num_updates * steps_per_update
-    schedule = (lambda step: 1.0) if cfg.lr_schedule == "constant" else (lambda step: max(0.0, 1.0 - step / total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
-              else F.FixedKLController(cfg.kl_coef))
-
-    # resume from the newest complete checkpoint
+    # 0. one base, four roles; prompts; optimizer; resume from the newest complete checkpoint
+    s = setup(cfg)
+    opt = build_optimization(s.model, cfg, s.num_updates)
     ckpt_root = out / "checkpoints"
     start = 0
-    if resume and (found := complete_checkpoints(ckpt_root, "update")):
-        n, d = found[-1]
-        _load_roles(model, d)
-        state = load_state(d, "state", device="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        set_rng_state(state["rng"])
-        start = n
+    if resume and (found := load_checkpoint(ckpt_root, s.model, opt)):
+        start, d = found
         if main:
-            print(f"[ppo] resumed from {d} (update {n} of {num_updates})")
-
-    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
+            print(f"[ppo] resumed from {d} (update {start} of {s.num_updates})")
+    tracker = Tracker(out.parent, out.name, config=to_dict(cfg),
+                      report_to=cfg.report_to, group=group,
+                      refs={"base": s.base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
                       is_main_process=main)
-    metrics: dict = {}
-
-    def run_eval(update: int) -> dict:
-        if not eval_ids:
-            return {}
-        # Rank 0 evaluates alone (same prompts and seed as a single-process run, so numbers
-        # compare across launches); the model has no collectives, the others just wait.
-        ev = {}
-        if main:
-            ev, rows = evaluate(model, tok, eval_ids, eval_texts, cfg, gen_cfg, stop_id, pad_id, device, gold_fn,
-                                seed=cfg.seed + 1_000_003)
-            tracker.log(ev, step=update)
-            tracker.log_samples(update, [dict(r, step=update) for r in rows[: cfg.num_samples_logged]])
-        return dist.broadcast_object(ev)
-
-    def save_checkpoint(update: int) -> None:
-        if not main:  # ranks hold identical weights and optimizer states; rank 0 writes them
-            return
-
-        def writer(tmp: Path):
-            model.save_role("policy", tmp / "policy")
-            if cfg.advantage_estimator == "gae":
-                model.save_role("value", tmp / "value")
-            save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "kl_controller": kl_ctl.state_dict(), "rng": rng_state(), "update": update}, tmp, "state")
-        write_checkpoint_dir(ckpt_root, f"update-{update}", writer)
-        for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.keep_checkpoints]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-
-    initial_eval = run_eval(0) if start == 0 else _read_json(out / "initial_eval.json")
+    initial_eval = evaluate_and_log(s, cfg, tracker, gold_fn, 0) if start == 0 else _read_json(out / "initial_eval.json")
     if start == 0 and main:
         write_json(out / "initial_eval.json", initial_eval)
 
-    bar = progress(total=num_updates, initial=start, desc="ppo updates", disable=None if main else True)
-    for update in range(start, num_updates):
+    # 1-7. updates, with evaluation and checkpoints between them
+    metrics: dict = {}
+    bar = progress(total=s.num_updates, initial=start, desc="ppo updates", disable=None if main else True)
+    for update in range(start, s.num_updates):
         if stop_after is not None and update >= stop_after:
             break
-        t0 = time.time()
-        # 1. prompts of this update: a pure function of (seed, update)
-        # (several processes: the global batch's prompts, of which this rank takes a disjoint slice)
-        idx = _prompt_order(len(prompt_ids), cfg.seed, update, per_rollout_prompts * world)
-        lo, hi = dist.shard_bounds(len(idx), rank, world)
-        rows = [prompt_ids[i] for i in idx[lo:hi]]
-        group_ids = None
-        if cfg.advantage_estimator == "rloo":
-            rows = [r for r in rows for _ in range(cfg.rloo_k)]
-            group_ids = torch.arange(per_rollout_prompts, device=device).repeat_interleave(cfg.rloo_k)
-        ids, mask = left_pad(rows, pad_id, device)
-
-        # 2. generate with the policy role
-        torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, rank))  # ranks sample differently
-        batch = generate(model, ids, mask, gen_cfg, stop_id, pad_id, cfg.response_length)
-        _sync(device)
-        t_gen = time.time() - t0
-
-        # 3. score: logprobs (policy, reference), values, reward on the last real token
-        batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2)
-        _sync(device)
-        t_score = time.time() - t0 - t_gen
-
-        for name, t in (("reward/score", batch.scores), ("logprobs/policy", batch.logprobs),
-                        ("logprobs/reference", batch.ref_logprobs), ("value", batch.values)):
-            if not torch.isfinite(t).all():
-                raise GuardTripped(name, float(t[~torch.isfinite(t)][0]), "not finite")
-
-        # 4. per-token rewards with the KL penalty
-        beta = float(kl_ctl.value)
-        scores, kl, rewards = shaped_rewards(batch, cfg, beta, whiten=dist.masked_whiten)
-
-        # 5. advantages, whitened over the whole rollout batch (of all processes)
-        adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, beta, group_ids,
-                                              whiten=dist.masked_whiten)
-
-        # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
-        stats = _ppo_update(model, optimizer, scheduler, batch, adv, returns, cfg, beta, update,
-                            rank=rank, world=world)
-        _sync(device)
-        t_update = time.time() - t0 - t_gen - t_score
-
-        # 7. KL controller, metrics, guards, evaluation, checkpoint
-        mask_f = batch.response_mask
-        # Statistics of the global batch (rows gathered from every process), so that the KL
-        # controller and the guards take the same decision on every rank.
-        scores_all = dist.gather_rows(scores)
-        kl_per_response = dist.gather_rows(F.masked_sum(kl, mask_f, dim=1))
-        kl_ctl.update(float(kl_per_response.mean()), global_batch)
-        step_stats = {
-            "reward/score_mean": float(scores_all.mean()),
-            "reward/score_std": float(scores_all.std()) if scores_all.numel() > 1 else 0.0,
-            "reward/shaped_mean": float(dist.gather_rows((rewards * mask_f).sum(1)).mean()),
-            "kl/mean": float(kl_per_response.mean()),
-            "kl/coef": beta,
-            "entropy/mean": float(dist.masked_mean(batch.entropy, mask_f)),
-            "response/length_mean": float(dist.gather_rows(mask_f.sum(1)).mean()),
-            "response/stop_rate": float(dist.gather_rows(batch.has_stop.float()).mean()),
-            "value/mean": float(dist.masked_mean(batch.values, mask_f)),
-            "advantage/mean": float(dist.masked_mean(adv, mask_f)),
-            "lr": float(scheduler.get_last_lr()[0]),
-            "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
-            "episodes_per_s": global_batch / max(time.time() - t0, 1e-9),
-            **stats,
-        }
-        _check_guards(step_stats, cfg)
-        tracker.log(step_stats, step=update + 1)
+        metrics = train_update(s, opt, cfg, update)
+        tracker.log(metrics, step=update + 1)
         bar.update(1)
-        bar.set_postfix(score=f"{step_stats['reward/score_mean']:.3f}", kl=f"{step_stats['kl/mean']:.3f}")
-        metrics = step_stats
+        bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
         done = update + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < num_updates:
-            run_eval(done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == num_updates):
-            save_checkpoint(done)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
+            evaluate_and_log(s, cfg, tracker, gold_fn, done)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates) and main:
+            save_checkpoint(ckpt_root, s.model, opt, cfg, done)
     bar.close()
-    finished = (stop_after is None) or stop_after >= num_updates
-    final_eval = run_eval(num_updates) if finished else {}
-    tracker.finish()
 
+    # final evaluation and the published adapters
+    finished = (stop_after is None) or stop_after >= s.num_updates
+    final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates) if finished else {}
+    tracker.finish()
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
                       **{f"initial/{k}": v for k, v in initial_eval.items()},
                       **{f"final/{k}": v for k, v in final_eval.items()}}
+    roles = _trained_roles(cfg)
     if finished and main:
-        import tempfile
-
-        from rlhf.stages.common import publish_dir
-
-        for role in (("policy", "value") if cfg.advantage_estimator == "gae" else ("policy",)):
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-", dir=out))
-            model.save_role(role, tmp)
-            write_json(tmp / "rlhf_adapter.json", {"role": role, "base_path": base_path})
-            publish_dir(tmp, out / role)
+        for role in roles:
+            publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
+                    config=to_dict(cfg))
         write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
-    return {"policy": str(out / "policy"), "value": str(out / "value"), "base": base_path,
-            "metrics": result_metrics, "finished": finished}
+    return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
+                       artifacts={role: str(out / role) for role in roles} if finished else {},
+                       metrics=result_metrics, finished=finished)
 
 
 def _sync(device) -> None:
@@ -536,26 +647,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _load_roles(model, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
-
-    from rlhf.adapters import read_head, read_lora_weights
-
-    for role in ("policy", "value"):
-        d = ckpt / role
-        if not d.exists():
-            continue
-        state, _ = read_lora_weights(d)
-        set_peft_model_state_dict(model.peft, state, adapter_name=role)
-        if role in model.heads:
-            head = read_head(d)
-            with torch.no_grad():
-                model.heads[role].weight.copy_(head["weight"])
-                if "bias" in head and model.heads[role].bias is not None:
-                    model.heads[role].bias.copy_(head["bias"])
-
-
-def _ppo_update(model, optimizer, scheduler, batch: Rollout, adv, returns, cfg: PPOConfig, beta: float,
+def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
                 update: int, rank: int = 0, world: int = 1) -> dict:
     """PPO epochs over shuffled minibatches of the rollout; returns mean statistics.
 

@@ -1,62 +1,35 @@
 """Stage 2: Bradley-Terry reward model with TRL's RewardTrainer (LoRA + score head).
 
 Preference data comes from the reward_data store (canonical conversational
-prompt/chosen/rejected records); a file or directory given instead is ingested first, so
-every run trains on an immutable, versioned dataset. The reward LoRA sits on the same base
+prompt/chosen/rejected records): ``cfg.dataset`` arrives as a pinned ``NAME:VERSION``
+reference (:func:`rlhf.resolve.resolve_inputs` ingests a file first), so every run trains
+on an immutable, versioned dataset. The reward LoRA sits on the same base
 as the SFT adapter (one base, many adapters). Writes ``<output_dir>/adapter`` with
-``head.safetensors`` (the score head) beside the LoRA weights.
+the score head (``rlhf.adapters.HEAD_FILE``) beside the LoRA weights.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
+from rlhf.stages import StageResult
 from rlhf.stages.common import (
     filter_supported,
+    full_state_dict,
     last_checkpoint,
     peft_lora_config,
-    publish_dir,
+    publish,
     trl_training_kwargs,
     write_json,
 )
 
 
-def resolve_preferences(cfg: RewardConfig) -> tuple[str, Path]:
-    """Return ``(reference, version_dir)`` of the preference data.
-
-    A store reference is used as is. A file or directory is ingested into the store first,
-    unless the newest version of that name was ingested from identical bytes with the same
-    options, in which case that version is reused (reruns do not pile up copies).
-    """
-    import hashlib
-
-    import reward_data
-
-    src = Path(cfg.dataset)
-    if src.exists():
-        name = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.stem.split(".")[0]) or "preferences"
-        if src.is_file() and reward_data.versions(name):
-            digest = hashlib.sha256(src.read_bytes()).hexdigest()
-            latest = reward_data.load_version(name)
-            opts = latest.manifest.get("options", {})
-            if ([s_.get("sha256") for s_ in latest.manifest.get("sources", [])] == [digest]
-                    and opts.get("test_fraction") == cfg.test_fraction and opts.get("format") == cfg.dataset_format):
-                return f"{latest.name}:{latest.version}", Path(latest.path)
-        info = reward_data.ingest([src], name, format=cfg.dataset_format, test_fraction=cfg.test_fraction)
-        return f"{info.name}:{info.version}", Path(info.path)
-    try:
-        return cfg.dataset, Path(reward_data.resolve(cfg.dataset))
-    except Exception as e:  # noqa: BLE001 - re-raised with the config key named
-        raise ConfigError(f"reward.dataset: {cfg.dataset!r} is neither a file nor a data-store reference ({e})") from None
-
-
-def _records(version_dir: Path, split: str) -> list[dict]:
+def _records(data_ref: str, split: str) -> list[dict]:
     import reward_data
 
     rows = []
-    for rec in reward_data.read_split(version_dir, split):
+    for rec in reward_data.read_split(data_ref, split):
         if rec.get("tie"):
             continue  # a tie carries no Bradley-Terry preference
         row = {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]}
@@ -69,36 +42,37 @@ def _records(version_dir: Path, split: str) -> list[dict]:
     return rows
 
 
-def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: str = "reward", group: str | None = None,
-               resume: bool = False) -> dict:
-    """Train the reward model and return ``{"adapter": dir, "dataset": ref, "metrics": {...}}``."""
+def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+    """Train the reward model; its artifact is ``adapter`` (LoRA + score head)."""
     import datasets
     from peft import get_peft_model
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
     from rlhf import distributed as dist
     from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier, load_tokenizer, resolve_base
+    from rlhf.models import disable_dropout, load_sequence_classifier, load_tokenizer
+    from rlhf.resolve import is_store_ref
     from rlhf.tracking import Tracker
 
     # Under accelerate launch every process runs this function; TRL shards the pairs and
-    # syncs gradients, and only the main process writes files, ingests data or logs.
+    # syncs gradients, and only the main process writes files or logs.
     main = dist.is_main()
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(to_dict(cfg), out / "config.yaml")
 
-    # 1. preference data: a versioned store entry, split by prompt hash (ingested once, by
-    # the main process; the others read the same version)
-    data_ref, version_dir = dist.broadcast_object(resolve_preferences(cfg) if main else None)
-    train_rows, test_rows = _records(version_dir, "train"), _records(version_dir, "test")
+    # 1. preference data: a versioned store entry, split by prompt hash
+    data_ref = cfg.dataset
+    if not is_store_ref(data_ref):
+        raise ConfigError(f"reward.dataset: {data_ref!r} is not a data-store reference; resolve the inputs first "
+                          "(rlhf.resolve.resolve_inputs, as `rlhf reward` and `rlhf run` do)")
+    train_rows, test_rows = _records(data_ref, "train"), _records(data_ref, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
-    with dist.main_first():  # the builtin base is materialised once, by the main process
-        base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    base = cfg.model.name_or_path
     tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
@@ -111,7 +85,7 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
               dataset_num_proc=None, eos_token=tok.eos_token, pad_token=tok.pad_token)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
-    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref}, is_main_process=main)
     trainer = RewardTrainer(
         model=model,
@@ -131,10 +105,10 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
         tracker.log({k: metrics[k] for k in ("eval_accuracy", "eval_margin", "eval_loss")}, step=trainer.state.global_step)
     tracker.finish()
 
-    # 4. publish: LoRA weights (peft format) + head.safetensors, atomically
-    state = dist.full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
-    if main:
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out))
+    # 4. publish: LoRA weights (peft format) + score head, atomically
+    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
+
+    def write(tmp: Path) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
         score = trainer.model.base_model.model.score
         # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
@@ -142,13 +116,13 @@ def run_reward(cfg: RewardConfig, *, run_dir: Path | None = None, stage_name: st
         if state:  # sharded: the module holds a shard only, the gathered copy is complete
             head = _head_from_state(state)
         save_head(head, tmp)
-        save_yaml(to_dict(cfg), tmp / "config.yaml")
-        write_json(tmp / "rlhf_adapter.json", {"role": "reward", "base_path": base, "dataset": data_ref})
-        publish_dir(tmp, out / "adapter")
+
+    if main:
+        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), dataset=data_ref)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
-    return {"adapter": str(out / "adapter"), "dataset": data_ref, "dataset_dir": str(version_dir), "base": base,
-            "metrics": metrics}
+    return StageResult(stage="reward", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},
+                       metrics=metrics, inputs={"dataset": data_ref})
 
 
 def _head_from_state(state: dict):

@@ -2,29 +2,33 @@
 
 Reads prompt-completion (or messages) examples, applies the tokenizer's chat template and
 trains on completion tokens only. Writes ``<output_dir>/adapter`` (peft safetensors, or
-``<output_dir>/model`` for full fine-tuning) with the resolved config beside it.
+``<output_dir>/model`` for full fine-tuning) with the resolved config beside it. Inputs
+arrive resolved (:func:`rlhf.resolve.resolve_inputs`): a base directory or hub id, and a
+file, hub id or pinned data-store reference.
 """
 
 from __future__ import annotations
 
 import random
-import tempfile
 from pathlib import Path
 
 from rlhf.config import SFTConfig, save_yaml, to_dict
+from rlhf.resolve import is_store_ref
+from rlhf.stages import StageResult
 from rlhf.stages.common import (
     filter_supported,
     final_log_value,
+    full_state_dict,
     last_checkpoint,
     peft_lora_config,
-    publish_dir,
+    publish,
     trl_training_kwargs,
     write_json,
 )
 
 
 def _examples(cfg: SFTConfig) -> list[dict]:
-    from rlhf.data import is_store_ref, load_rows
+    from rlhf.data import load_rows
 
     if is_store_ref(cfg.dataset):
         # a preference dataset from the store: fine-tune on the preferred responses
@@ -45,14 +49,13 @@ def _examples(cfg: SFTConfig) -> list[dict]:
     )
 
 
-def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "sft", group: str | None = None,
-            resume: bool = False) -> dict:
-    """Train the SFT stage and return ``{"adapter": dir, "model": dir|None, "metrics": {...}}``."""
+def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+    """Train the SFT stage; its artifact is ``adapter`` (LoRA) or ``model`` (full fine-tuning)."""
     import datasets
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
     from rlhf import distributed as dist
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.tracking import Tracker
 
     # Under accelerate launch every process runs this function; TRL shards the data and
@@ -71,8 +74,7 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     eval_ds = datasets.Dataset.from_list(rows[:n_eval]) if n_eval else None
 
     # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base)
-    with dist.main_first():  # the builtin base is materialised once, by the main process
-        base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
+    base = cfg.model.name_or_path
     tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
     model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                            trust_remote_code=cfg.model.trust_remote_code,
@@ -83,7 +85,7 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
     kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token,
               pad_token=tok.pad_token)
     args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
-    tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
+    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base}, is_main_process=main)
     trainer = SFTTrainer(
         model=model,
@@ -107,20 +109,16 @@ def run_sft(cfg: SFTConfig, *, run_dir: Path | None = None, stage_name: str = "s
 
     # 4. publish the artifact atomically: adapter (LoRA) or whole model (full)
     kind = "adapter" if cfg.finetune == "lora" else "model"
-    state = dist.full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
-    if main:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=out))
+    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
+
+    def write(tmp: Path) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
         if kind == "model":
             tok.save_pretrained(tmp)
-        save_yaml(to_dict(cfg), tmp / "config.yaml")
-        write_json(tmp / "rlhf_adapter.json", {"role": "sft", "base_path": base, "finetune": cfg.finetune})
-        publish_dir(tmp, out / kind)
+
+    if main:
+        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), finetune=cfg.finetune)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
-    return {
-        "adapter": str(out / "adapter") if kind == "adapter" else None,
-        "model": str(out / "model") if kind == "model" else None,
-        "base": base,
-        "metrics": metrics,
-    }
+    return StageResult(stage="sft", output_dir=str(out), base=base, artifacts={kind: str(out / kind)},
+                       metrics=metrics, inputs={"dataset": cfg.dataset})

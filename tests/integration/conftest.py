@@ -47,7 +47,7 @@ def _write_adapter(base_dir: Path, out: Path, seed: int, with_head: bool) -> Non
 
     tok = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), tok)
-    # lora_dropout > 0 on purpose: PPO must turn it off (ppo.md test 12).
+    # lora_dropout > 0 on purpose: PPO must turn it off.
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=linear_target_modules(base),
                      bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
@@ -65,21 +65,21 @@ def _write_adapter(base_dir: Path, out: Path, seed: int, with_head: bool) -> Non
 def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
     """The builtin tiny shape and tokenizer, pretrained for a few steps only.
 
-    ``rlhf.models.build_tiny_base`` pretrains for 300 steps (about 30 s on two busy cores);
+    ``rlhf.tasks.synthetic.build_tiny_base`` pretrains for 300 steps (about 30 s on two busy cores);
     40 are enough for the base to end responses with <eos> now and then, which is what the
     PPO tests need (variable response lengths, padding after the stop token). The config
-    also carries attention dropout, which PPO must switch off (ppo.md test 12).
+    also carries attention dropout, which PPO must switch off.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import TINY_SHAPE, _pretrain_tiny, build_tiny_tokenizer
+    from rlhf.tasks.synthetic import TINY_SHAPE, build_tiny_tokenizer, pretrain_tiny
 
     tok = build_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=None, attention_dropout=0.1, **TINY_SHAPE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    _pretrain_tiny(model, tok, seed, steps=pretrain_steps)
+    pretrain_tiny(model, tok, seed, steps=pretrain_steps)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return out
@@ -88,7 +88,7 @@ def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
 def _write_prompts(path: Path, n: int, seed: int) -> None:
     import random
 
-    from reward_data.synthetic import sample_prompt
+    from rlhf.tasks.synthetic import sample_prompt
 
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:

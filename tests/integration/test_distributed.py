@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rlhf import distributed as dist
+from rlhf.launch import accelerate_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DDP = ROOT / "pipelines" / "accelerate" / "ddp.yaml"
@@ -51,7 +52,7 @@ def _env(home: Path) -> dict:
 
 def _launch_script(script: Path, args: list[str], n: int, env: dict, timeout: int = 300):
     """Run a python script on ``n`` processes the way `accelerate launch` does (torchrun)."""
-    cmd = dist.accelerate_command([], None, n, _free_port())
+    cmd = accelerate_command([], None, n, _free_port())
     cmd = cmd[: cmd.index("-m", 3)] + [str(script), *args]  # a script instead of `-m rlhf`
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
@@ -61,7 +62,7 @@ def base_dir(tmp_path_factory) -> Path:
     """A random-init tiny Llama with the synthetic task's tokenizer (no pretraining: fast)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import build_tiny_tokenizer
+    from rlhf.tasks.synthetic import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("base")
     tok = build_tiny_tokenizer()
@@ -146,6 +147,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlhf import distributed as dist
+from rlhf.launch import accelerate_command
 from rlhf import ppo as F
 from rlhf.config import ModelConfig, PPOConfig
 from rlhf.data import load_prompts
@@ -170,8 +172,8 @@ torch.manual_seed(123)
 full = P.generate(model, ids, mask, P.generation_config(cfg, stop_id, pad_id), stop_id, pad_id, cfg.response_length)
 lo, hi = dist.shard_bounds(G)
 batch = P.score_rollout(model, full.index(torch.arange(lo, hi)), cfg, chunk=4)
-scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, whiten=dist.masked_whiten)
-adv, returns = P.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, whiten=dist.masked_whiten)
+scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, all_reduce=dist.all_reduce_sum)
+adv, returns = P.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
 
 opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -246,6 +248,7 @@ def test_rank_seeds_differ_and_shuffles_agree(update_runs):
 FAILING = r'''
 import sys, time
 from rlhf import distributed as dist
+from rlhf.launch import accelerate_command
 
 if dist.rank() == 1:
     raise RuntimeError("rank 1 failed on purpose")

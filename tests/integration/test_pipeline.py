@@ -91,7 +91,8 @@ def test_reward_stage_artifacts_and_metrics(run):
 
 def test_artifacts_reload_as_roles(run):
     from rlhf.adapters import RoleModel
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.resolve import resolve_base
 
     p, _ = run
     base_path = resolve_base("builtin:tiny")
@@ -189,7 +190,7 @@ def test_tiny_default_full(tmp_path):
     assert s["rm_accuracy_gold"] > 0.6, s
 
 
-def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path):
+def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path, capsys):
     """A stage takes its inputs by registry reference (name:version or an alias)."""
     from rlhf.cli import main
     from rlhf.registry import Registry
@@ -205,6 +206,8 @@ def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path):
                  f"output_dir={out}", "total_episodes=16", "rollout_batch_size=16", "micro_batch_size=8",
                  "response_length=8", "eval_every=0", "save_every=0"]) == 0
     assert (out / "policy" / "adapter_model.safetensors").is_file()
-    with pytest.raises(FileNotFoundError, match="no-such-adapter:1"):
-        main(["ppo", "sft_adapter=no-such-adapter:1", f"reward_adapter={rm_alias}",
-              f"prompts={p.task_files['ppo_prompts']}", f"output_dir={tmp_path / 'x'}"])
+    # an unknown reference fails before any model loads, naming the key and the reference
+    assert main(["ppo", "sft_adapter=no-such-adapter:1", f"reward_adapter={rm_alias}",
+                 f"prompts={p.task_files['ppo_prompts']}", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "ppo.sft_adapter: 'no-such-adapter:1'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing was written

@@ -1,7 +1,7 @@
 """PPO on the tiny model: the numbers the loop relies on are the numbers it computes.
 
-ppo.md tests 4 (logprob consistency), 5 (frozen reference), 6 (critic init), 7 (reward
-placement, model level) and 12 (no dropout), all in fp32 on one base with LoRA roles.
+Logprob consistency, the frozen reference, the critic init, reward placement at model level
+and no dropout, all in fp32 on one base with LoRA roles.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhf import ppo as F
+from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.stages.ppo import (
-    Rollout,
     _ppo_update,
     advantages_and_returns,
     generation_config,
@@ -39,15 +39,15 @@ def _update(model, batch, cfg, update: int = 0, beta: float = 0.05):
     return _ppo_update(model, opt, sched, batch, adv, returns, cfg, beta, update)
 
 
-def _trim(batch: Rollout, i: int) -> Rollout:
+def _trim(batch: ScoredRollout, i: int) -> Sampled:
     """Row ``i`` alone, without any padding: its real prompt and its real response tokens."""
     p = batch.prompt_mask[i].bool()
     n = int(batch.response_mask[i].sum())
-    return Rollout(batch.prompt_ids[i:i + 1, p], batch.prompt_mask[i:i + 1, p],
+    return Sampled(batch.prompt_ids[i:i + 1, p], batch.prompt_mask[i:i + 1, p],
                    batch.response_ids[i:i + 1, :n], batch.response_mask[i:i + 1, :n], batch.has_stop[i:i + 1])
 
 
-def _padded_rows(batch: Rollout) -> list[int]:
+def _padded_rows(batch: ScoredRollout) -> list[int]:
     """Rows with left padding in the prompt and right padding after the stop token."""
     rows = [i for i in range(batch.prompt_ids.shape[0])
             if (batch.prompt_mask[i] == 0).any() and (batch.response_mask[i] == 0).any()]
@@ -86,7 +86,7 @@ def test_rollout_logprobs_match_sampling_and_training_forward(role_model):
     T = resp.shape[1]
     assert T <= cfg.response_length
     ids_, mask, has_stop = F.first_stop_truncate(resp, tok.eos_token_id, tok.pad_token_id)
-    batch = score_rollout(model, Rollout(prompt_ids, prompt_mask, ids_, mask.float(), has_stop), cfg, chunk=3)
+    batch = score_rollout(model, Sampled(prompt_ids, prompt_mask, ids_, mask.float(), has_stop), cfg, chunk=3)
     m = batch.response_mask.bool()
     assert (~m).any() and (prompt_mask == 0).any(), "want padding on both sides"
 

@@ -1,4 +1,4 @@
-"""ppo.md test 14: a PPO run killed mid-update and resumed from its last checkpoint repeats
+"""A PPO run killed mid-update and resumed from its last checkpoint repeats
 an uninterrupted run with the same seed, update for update."""
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def test_killed_and_resumed_run_matches_uninterrupted(ppo_config, ppo_assets, tm
 
     resumed = run_ppo(killed, resume=True)
     straight = run_ppo(ppo_config(output_dir=str(tmp_path / "straight" / "ppo"), **common))
-    assert resumed["finished"] and straight["finished"]
+    assert resumed.finished and straight.finished
 
-    got, want = _metrics_by_step(out), _metrics_by_step(Path(straight["policy"]).parent)
+    got, want = _metrics_by_step(out), _metrics_by_step(Path(straight.output_dir))
     assert sorted(got) == sorted(want) == [0, 1, 2, 3, 4]
     for step in want:
         assert set(got[step]) == set(want[step]), step
@@ -108,7 +108,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(ppo_config, ppo_assets, tm
 
     for role in ("policy", "value"):
         a = load_file(str(out / role / "adapter_model.safetensors"))
-        b = load_file(str(Path(straight[role]) / "adapter_model.safetensors"))
+        b = load_file(str(Path(straight.artifacts[role]) / "adapter_model.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
             assert (a[k] - b[k]).abs().max() <= 1e-6, (role, k)

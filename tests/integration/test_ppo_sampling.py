@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhf.config import PPOConfig
+from rlhf.ppo.rollout import Sampled
 from rlhf.stages.ppo import (
-    Rollout,
     _build_model,
     _stop_id,
     encode_prompts,
@@ -127,7 +127,7 @@ def test_missing_stop_token_penalty(mode, value, role_model):
     eos, pad = tok.eos_token_id, tok.pad_token_id
     responses = torch.tensor([[words[0], words[1], eos, pad], words])
     resp_mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]])
-    batch = score_rollout(model, Rollout(ids, mask, responses, resp_mask, torch.tensor([True, False])), cfg, 2)
+    batch = score_rollout(model, Sampled(ids, mask, responses, resp_mask, torch.tensor([True, False])), cfg, 2)
     scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
     raw = batch.scores
     expected_missing = {"replace": torch.tensor(-1.0), "subtract": raw[1] - 0.5, "none": raw[1]}[mode]

@@ -1,4 +1,4 @@
-"""The PPO update loop on the tiny model: exact gradient accumulation (ppo.md test 11),
+"""The PPO update loop on the tiny model: exact gradient accumulation,
 the number of optimizer steps, and a smoke run of every estimator / KL option."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.stages.ppo import Rollout, _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
+from rlhf.ppo.rollout import ScoredRollout
+from rlhf.stages.ppo import _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
 
 
 def _grads_of_update(model, batch, adv, returns, cfg) -> tuple[list[torch.Tensor], dict]:
@@ -27,7 +28,7 @@ def _grads_of_update(model, batch, adv, returns, cfg) -> tuple[list[torch.Tensor
     return seen[0], stats
 
 
-def _pad_more(batch: Rollout, adv, returns, left: int, right: int, pad_id: int):
+def _pad_more(batch: ScoredRollout, adv, returns, left: int, right: int, pad_id: int):
     """The same rollout with ``left`` more prompt pad columns and ``right`` more response pad
     columns; per-token tensors get junk (not zeros) there, which masks must ignore."""
     B = batch.prompt_ids.shape[0]
@@ -35,7 +36,7 @@ def _pad_more(batch: Rollout, adv, returns, left: int, right: int, pad_id: int):
     def right_pad(x, fill):
         return torch.cat([x, torch.full((B, right), fill, dtype=x.dtype)], dim=1)
 
-    padded = Rollout(
+    padded = ScoredRollout(
         prompt_ids=torch.cat([torch.full((B, left), pad_id, dtype=torch.long), batch.prompt_ids], dim=1),
         prompt_mask=torch.cat([torch.zeros((B, left), dtype=batch.prompt_mask.dtype), batch.prompt_mask], dim=1),
         response_ids=right_pad(batch.response_ids, pad_id),
@@ -123,7 +124,8 @@ OPTIONS = {
 def test_option_runs_with_finite_metrics(name, ppo_config):
     cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=6, **OPTIONS[name])
     result = run_ppo(cfg)
-    assert result["finished"]
+    assert result.finished and set(result.artifacts) == (
+        {"policy", "value"} if cfg.advantage_estimator == "gae" else {"policy"})
     metrics = read_metrics(Path(cfg.output_dir))
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:

@@ -8,13 +8,14 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from reward_data.synthetic import SyntheticTaskConfig, write_task
+from rlhf.tasks import write_task_files
+from rlhf.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from rlhf.cli import main
 
 
 def test_sft_and_reward_stages_alone(tmp_path, capsys):
-    files = write_task(tmp_path / "task", SyntheticTaskConfig(num_sft=96, num_pairs=128, num_ppo_prompts=8,
-                                                               num_eval_prompts=8))
+    files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=96, num_pairs=128, num_ppo_prompts=8,
+                                                               num_eval_prompts=8)), tmp_path / "task")
     sft_yaml = tmp_path / "sft.yaml"
     sft_yaml.write_text(yaml.safe_dump({"dataset": str(files["sft"]), "train": {"batch_size": 16, "max_length": 64}}))
     out = tmp_path / "sft"

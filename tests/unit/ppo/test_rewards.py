@@ -1,4 +1,4 @@
-"""Truncation, score placement and the missing-stop penalty (ppo.md test 7)."""
+"""Truncation, score placement and the missing-stop penalty."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GAE and the critic-free estimators against hand-worked numbers (ppo.md test 1)."""
+"""GAE and the critic-free estimators against hand-worked numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Masked reductions and whitening (ppo.md test 8)."""
+"""Masked reductions and whitening."""
 
 from __future__ import annotations
 
@@ -76,3 +76,78 @@ def test_whiten_is_invariant_to_padding_values(real, pads):
     ref = masked_whiten(torch.tensor([real], dtype=torch.float64), torch.ones(1, n))
     torch.testing.assert_close(out[:, :n], ref)
     assert torch.all(out[:, n:] == 0)
+
+
+class _ThreadedAllReduce:
+    """Two "processes" as two threads: each call deposits this rank's tensor, waits for the
+    other, and returns the sum (what ``torch.distributed.all_reduce`` does across ranks)."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.barrier = threading.Barrier(world)
+        self.slots: list = [None] * world
+
+    def for_rank(self, rank: int):
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before everyone has summed
+            return total
+
+        return all_reduce
+
+
+def _per_rank(fn, xs, masks):
+    """``fn(x, mask, all_reduce)`` on each rank's share, run concurrently."""
+    import threading
+
+    reducer = _ThreadedAllReduce(len(xs))
+    out: list = [None] * len(xs)
+
+    def work(r):
+        out[r] = fn(xs[r], masks[r], reducer.for_rank(r))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_all_reduce_gives_the_statistics_of_the_concatenated_batch():
+    """Rank 0 holds rows 0-1, rank 1 rows 2-4 (different real-token counts and very
+    different values), so per-rank statistics differ from the global ones; with
+    ``all_reduce`` each rank gets the global mean/variance and whitens its share exactly as
+    the concatenated batch is whitened in one process."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    x[2:] = x[2:] * 4 + 3
+    mask = torch.ones(5, 6, dtype=torch.float64)
+    mask[0, 2:] = 0
+    mask[3, 4:] = 0
+    xs, masks = [x[:2], x[2:]], [mask[:2], mask[2:]]
+
+    means = _per_rank(lambda a, m, ar: masked_mean(a, m, all_reduce=ar), xs, masks)
+    variances = _per_rank(lambda a, m, ar: masked_var(a, m, all_reduce=ar), xs, masks)
+    for mean, var in zip(means, variances):
+        torch.testing.assert_close(mean, masked_mean(x, mask))
+        torch.testing.assert_close(var, masked_var(x, mask))
+    for shift in (True, False):
+        parts = _per_rank(lambda a, m, ar: masked_whiten(a, m, shift_mean=shift, all_reduce=ar), xs, masks)
+        torch.testing.assert_close(torch.cat(parts), masked_whiten(x, mask, shift_mean=shift))
+    # without the all-reduce each rank would whiten with its own statistics
+    assert not torch.allclose(masked_whiten(xs[1], masks[1]), masked_whiten(x, mask)[2:])
+
+
+def test_all_reduce_counts_tokens_of_every_process():
+    """One real token per rank: too few alone, enough together for the unbiased variance."""
+    x, m = torch.tensor([[1.0, 9.0]]), torch.tensor([[1.0, 0.0]])
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(x, m)
+    var = _per_rank(lambda a, mm, ar: masked_var(a, mm, all_reduce=ar), [x, x + 2], [m, m])
+    assert var[0].item() == pytest.approx(2.0)  # values 1 and 3: mean 2, (1 + 1) / (2 - 1)
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(x, m, dim=1, all_reduce=lambda t: t)

@@ -1,4 +1,4 @@
-"""KL estimators and KL coefficient controllers (ppo.md tests 2 and 3)."""
+"""KL estimators and KL coefficient controllers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clipped policy and value losses (ppo.md tests 9, 10 and the function-level part of 11)."""
+"""Clipped policy and value losses."""
 
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""The rollout types of PPO: what sampling produces, and what scoring adds to it.
+
+Two types instead of one half-filled one (torchtune keeps its ``Trajectory`` apart from the
+recipe the same way): :class:`Sampled` is built by generation, :class:`ScoredRollout` by
+scoring a ``Sampled``. Every field of either is set when it is built and never changed
+after; nothing is ``None`` waiting to be filled in.
+
+Shapes: ``B`` rows, ``P`` prompt tokens (left-padded), ``T`` response tokens (padded after
+the first stop token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["Sampled", "ScoredRollout"]
+
+
+def _rows(obj, idx: Tensor):
+    """A copy of a rollout dataclass holding only the rows ``idx`` of every tensor field."""
+    return type(obj)(**{f.name: getattr(obj, f.name)[idx] for f in fields(obj)})
+
+
+def _sequence(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+              response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Prompt and response side by side: ``input_ids`` and ``attention_mask``, each (B, P + T)."""
+    return (torch.cat([prompt_ids, response_ids], dim=1),
+            torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1))
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Responses sampled from the policy for a batch of prompts.
+
+    Attributes:
+        prompt_ids: (B, P) prompt tokens, left-padded.
+        prompt_mask: (B, P) 1 on real prompt tokens, 0 on left padding.
+        response_ids: (B, T) response tokens, pad after the first stop token.
+        response_mask: (B, T) float, 1 up to and including the stop token.
+        has_stop: (B,) bool, whether the response ended with the stop token.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    has_stop: Tensor
+
+    def index(self, idx: Tensor) -> "Sampled":
+        """The rows ``idx`` (a 1-D index tensor) of every field."""
+        return _rows(self, idx)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P + T) prompt followed by response."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[0]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P + T) prompt mask followed by response mask, in the prompt mask's dtype."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[1]
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """A sampled batch with everything PPO needs from the four roles, before the update.
+
+    Attributes:
+        prompt_ids, prompt_mask, response_ids, response_mask, has_stop: as in :class:`Sampled`.
+        logprobs: (B, T) policy logprobs of the response tokens at the sampling temperature.
+        ref_logprobs: (B, T) the same under the reference (sft) role.
+        entropy: (B, T) policy entropy at each response position.
+        values: (B, T) value of the state before each response token (zeros without a critic).
+        scores: (B,) reward model score at the last real response token.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    has_stop: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    entropy: Tensor
+    values: Tensor
+    scores: Tensor
+
+    @classmethod
+    def from_sampled(cls, sampled: Sampled, *, logprobs: Tensor, ref_logprobs: Tensor, entropy: Tensor,
+                     values: Tensor, scores: Tensor) -> "ScoredRollout":
+        """``sampled`` plus its scores (every argument required, shapes as in the class doc)."""
+        return cls(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, logprobs=logprobs,
+                   ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores)
+
+    def index(self, idx: Tensor) -> "ScoredRollout":
+        """The rows ``idx`` (a 1-D index tensor) of every field."""
+        return _rows(self, idx)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P + T) prompt followed by response."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[0]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P + T) prompt mask followed by response mask, in the prompt mask's dtype."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[1]

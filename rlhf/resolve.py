@@ -1,0 +1,175 @@
+"""Every input reference of a stage resolves here, once, before any model loads.
+
+A config may name its inputs in several ways; :func:`resolve_inputs` turns each into what
+the stage reads, so a stage never decides where something comes from:
+
+  * base model: ``builtin:tiny`` (built on first use under ``$RLHF_HOME/builtin``), a local
+    model directory, or a hub id (passed through; ``from_pretrained`` fetches it)
+  * adapters: a directory, or a model-registry reference ``name``, ``name:3``, ``name:prod``
+  * data (SFT examples, PPO prompts): a file or ``load_from_disk`` directory, a hub dataset
+    id, or a data-store reference ``NAME[:VERSION]`` (pinned to the version it names now)
+  * preference data: a data-store reference, or a file/directory that is ingested into the
+    store here (reusing the newest version when it came from identical bytes and options)
+
+:func:`check_base` and :func:`check_input` are the side-effect-free checks a recipe gets
+when it is validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import TypeVar
+
+from rlhf.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
+
+BUILTIN_TINY = "builtin:tiny"
+_DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".gz"}
+
+C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig)
+
+
+def resolve_inputs(cfg: C) -> C:
+    """A copy of a stage config with every input reference resolved (see the module doc).
+
+    Under several processes rank 0 resolves (it alone builds the tiny base or ingests data)
+    and every other rank receives its answer.
+
+    Raises:
+        ConfigError: naming the key whose reference does not resolve.
+    """
+    from rlhf import distributed as dist
+
+    if not dist.is_distributed():
+        return _resolve(cfg)
+    resolved = dist.broadcast_object(to_dict(_resolve(cfg)) if dist.is_main() else None)
+    return from_dict(type(cfg), resolved)
+
+
+def _resolve(cfg: C) -> C:
+    model = dataclasses.replace(cfg.model, name_or_path=resolve_base(cfg.model.name_or_path, seed=cfg.seed))
+    if isinstance(cfg, SFTConfig):
+        return dataclasses.replace(cfg, model=model, dataset=resolve_data("sft.dataset", cfg.dataset))
+    if isinstance(cfg, RewardConfig):
+        return dataclasses.replace(cfg, model=model, dataset=resolve_preferences(
+            "reward.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction))
+    return dataclasses.replace(
+        cfg, model=model,
+        sft_adapter=resolve_adapter("ppo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
+        reward_adapter=resolve_adapter("ppo.reward_adapter", cfg.reward_adapter),
+        prompts=resolve_data("ppo.prompts", cfg.prompts),
+        eval_prompts=resolve_data("ppo.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
+    )
+
+
+def resolve_base(name_or_path: str, seed: int = 0) -> str:
+    """Something ``from_pretrained`` accepts: a local model directory or a hub id.
+
+    ``builtin:tiny`` is built once per seed (keyed by shape, vocabulary and seed) under
+    ``$RLHF_HOME/builtin`` and its directory returned.
+    """
+    check_base(name_or_path)
+    if name_or_path == BUILTIN_TINY:
+        from rlhf.paths import rlhf_home
+        from rlhf.tasks.synthetic import tiny_base
+
+        return str(tiny_base(rlhf_home() / "builtin", seed=seed))
+    return name_or_path
+
+
+def check_base(name_or_path: str) -> None:
+    """Check, without building or downloading anything, that a base reference can resolve.
+
+    Raises:
+        ConfigError: an unknown builtin, or a local path that is not a model directory.
+    """
+    if name_or_path.startswith("builtin:") and name_or_path != BUILTIN_TINY:
+        raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r}; only {BUILTIN_TINY!r} exists")
+    p = Path(name_or_path)
+    if (name_or_path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {p} is not a model directory (no config.json)")
+
+
+def resolve_adapter(key: str, ref_or_path: str) -> str:
+    """An adapter directory from a path or a model-registry reference ('name', 'name:3', 'name:prod')."""
+    if not ref_or_path:
+        raise ConfigError(f"{key}: required")
+    if Path(ref_or_path).exists():
+        return str(ref_or_path)
+    from rlhf.registry import Registry
+
+    try:
+        entry = Registry.open().resolve(ref_or_path)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the key
+        raise ConfigError(f"{key}: {ref_or_path!r} is neither a directory nor a registry reference ({e})") from None
+    if entry.kind != "adapter" or entry.path is None:
+        raise ConfigError(f"{key}: registry entry {entry.ref} is a {entry.kind}, not an adapter")
+    return str(entry.path)
+
+
+def is_store_ref(source: str) -> bool:
+    """True when ``source`` names a data-store entry ('NAME' or 'NAME:VERSION'), not a path or hub id."""
+    return not Path(source).exists() and "/" not in source and Path(source).suffix not in _DATA_SUFFIXES
+
+
+def resolve_data(key: str, value: str) -> str:
+    """A readable data source: an existing path, a hub id, or a store reference pinned to
+    ``NAME:VERSION``."""
+    check_input(key, value)
+    if is_store_ref(value):
+        import reward_data
+
+        info = reward_data.load_version(value)
+        return f"{info.name}:{info.version}"
+    return value
+
+
+def resolve_preferences(key: str, value: str, dataset_format: str | None, test_fraction: float) -> str:
+    """The store reference ``NAME:VERSION`` of preference data, ingesting a file or directory.
+
+    A file is not ingested again when the newest version of its name came from identical
+    bytes with the same options (reruns do not pile up copies).
+    """
+    import reward_data
+
+    src = Path(value)
+    if src.exists():
+        name = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.stem.split(".")[0]) or "preferences"
+        if src.is_file() and reward_data.versions(name):
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()
+            latest = reward_data.load_version(name)
+            opts = latest.manifest.get("options", {})
+            if ([s.get("sha256") for s in latest.manifest.get("sources", [])] == [digest]
+                    and opts.get("test_fraction") == test_fraction and opts.get("format") == dataset_format):
+                return f"{latest.name}:{latest.version}"
+        info = reward_data.ingest([src], name, format=dataset_format, test_fraction=test_fraction)
+        return f"{info.name}:{info.version}"
+    try:
+        info = reward_data.load_version(value)
+    except Exception as e:  # noqa: BLE001 - re-raised with the config key named
+        raise ConfigError(f"{key}: {value!r} is neither a file nor a data-store reference ({e})") from None
+    return f"{info.name}:{info.version}"
+
+
+def check_input(key: str, value: str) -> None:
+    """Check, without side effects, that a data input can resolve: an existing file or
+    directory, a store reference that exists, or a hub dataset id (not checkable offline).
+
+    Raises:
+        ConfigError: naming ``key``.
+    """
+    if not value:
+        raise ConfigError(f"{key}: required")
+    if Path(value).exists():
+        return
+    if is_store_ref(value):
+        import reward_data
+
+        try:
+            reward_data.resolve(value.split("@")[0])
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ConfigError(f"{key}: {value!r} is not in the data store ({e}); ingest it with `rlhf data ingest`") from None
+        return
+    if value.startswith((".", "/", "~")) or Path(value).suffix in _DATA_SUFFIXES:
+        raise ConfigError(f"{key}: file not found: {value}")

@@ -1,0 +1,73 @@
+"""The stages and their one dispatch table, shared by ``rlhf <stage>`` and ``rlhf run``.
+
+Each stage is a plain function ``run(cfg, *, group, resume, task) -> StageResult`` in its own
+module; :func:`run_stage` resolves the config's input references first
+(:func:`rlhf.resolve.resolve_inputs`), so a stage only reads what it is given and writes only
+under ``cfg.output_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rlhf.config import PPOConfig, RewardConfig, SFTConfig
+
+if TYPE_CHECKING:
+    from rlhf.tasks import Task
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced; the same shape for every stage."""
+
+    stage: str  # "sft", "reward" or "ppo"
+    output_dir: str  # everything the stage wrote is under here
+    base: str  # the resolved base model (directory or hub id)
+    artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
+    metrics: dict[str, float]  # final numbers
+    inputs: dict[str, str] = field(default_factory=dict)  # resolved data references read, e.g. {"dataset": "pairs:1"}
+    finished: bool = True  # False when stopped early (PPO's stop_after); nothing was published then
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the dispatch table."""
+
+    config: type  # the stage's config dataclass
+    run: Callable[..., StageResult]  # run(cfg, *, group, resume, task)
+
+
+def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+    from rlhf.stages.sft import run_sft
+
+    return run_sft(cfg, group=group, resume=resume)
+
+
+def _reward(cfg: RewardConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+    from rlhf.stages.reward import run_reward
+
+    return run_reward(cfg, group=group, resume=resume)
+
+
+def _ppo(cfg: PPOConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+    from rlhf.stages.ppo import run_ppo
+
+    # the task's gold reward is reported by PPO's evaluation; it never enters training
+    return run_ppo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None)
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage(SFTConfig, _sft),
+    "reward": Stage(RewardConfig, _reward),
+    "ppo": Stage(PPOConfig, _ppo),
+}
+
+
+def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
+              task: Task | None = None) -> StageResult:
+    """Resolve ``cfg``'s inputs, then run stage ``name`` on it."""
+    from rlhf.resolve import resolve_inputs
+
+    return STAGES[name].run(resolve_inputs(cfg), group=group, resume=resume, task=task)

@@ -1,0 +1,362 @@
+"""The embedded synthetic task: a tiny word language with a known gold reward.
+
+Everything of the task lives here: its vocabulary, data generation, gold reward, the
+held-out pairs for the reward model's gold accuracy, the word-level tokenizer and the
+``builtin:tiny`` base model built over that vocabulary, and its one config class.
+:class:`SyntheticTask` implements :class:`rlhf.tasks.Task`; nothing outside this module
+uses the vocabulary.
+
+Why a synthetic task: the default pipeline must run offline on a CPU in minutes and still
+show an honest RLHF effect. A language of ~70 words lets a 2-layer, 64-wide model learn it,
+and a programmatic gold reward lets us measure what real runs cannot: how well the reward
+model agrees with the truth, and whether PPO improved the policy on the truth rather than
+on the learned proxy.
+
+The task:
+  * A prompt asks for a short note on a topic: ``"write a note about cats please"``.
+  * A response is a few words from the content vocabulary.
+  * Gold reward (used for evaluation only, never for training):
+      mean word value over the response words (+1 warm words, +0.5 pleasant, 0 filler,
+      -1 harsh words), plus ``TOPIC_BONUS`` if the prompt's topic word appears in the
+      response, minus ``SHORT_PENALTY`` if the response has fewer than ``MIN_WORDS`` words.
+  * SFT demonstrations are sampled from a broad, mediocre "human writer" distribution, so
+    the SFT policy sits near the middle of the gold scale and there is headroom.
+  * Preference pairs are two samples (mostly demonstration-like, some exploratory, see
+    ``sample_pair_response``) labelled by a
+    Bradley-Terry model of the gold reward with temperature ``LABEL_TEMPERATURE``:
+    ``P(a preferred) = sigmoid((gold(a) - gold(b)) / T)``. This gives realistic label
+    noise (about a quarter of labels disagree with the noiseless gold preference, in the
+    range reported for human preference data, e.g. ~63-69% RM validation accuracy in the
+    N+ implementation-details paper, arXiv 2403.17031).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOPICS = ["cats", "dogs", "rain", "coffee", "music", "trains", "books", "gardens"]
+WARM = ["bright", "warm", "kind", "gentle", "lovely", "joyful", "calm", "brave", "clever", "sweet"]
+PLEASANT = ["fine", "neat", "fresh", "soft", "clear", "quiet", "easy", "bold", "fair", "good"]
+FILLER = ["the", "and", "then", "very", "quite", "some", "many", "often", "still", "just"]
+HARSH = ["dull", "cold", "rude", "harsh", "gloomy", "bitter", "noisy", "lazy", "broken", "grim"]
+PROMPT_WORDS = ["write", "a", "note", "about", "please", "tell", "me", "describe", "short", "on"]
+
+WORD_VALUE: dict[str, float] = {
+    **{w: 1.0 for w in WARM},
+    **{w: 0.5 for w in PLEASANT},
+    **{w: 0.0 for w in FILLER},
+    **{w: -1.0 for w in HARSH},
+}
+CONTENT_WORDS = WARM + PLEASANT + FILLER + HARSH
+TOPIC_BONUS = 0.5
+MIN_WORDS = 3
+SHORT_PENALTY = 1.0
+LABEL_TEMPERATURE = 0.25
+EXPLORATORY_FRACTION = 0.3
+_EXPLORATORY_WORDS = CONTENT_WORDS + TOPICS
+
+#: every word the tokenizer knows (the special tokens are added by build_tiny_tokenizer).
+VOCABULARY = sorted(set(TOPICS + CONTENT_WORDS + PROMPT_WORDS))
+
+_PROMPT_TEMPLATES = [
+    "write a note about {t}",
+    "write a short note about {t} please",
+    "tell me about {t}",
+    "describe {t} please",
+    "a short note on {t}",
+    "please describe {t}",
+]
+
+
+def topic_of(prompt: str) -> str | None:
+    """The topic word of a prompt, or None when it names no known topic."""
+    for word in prompt.split():
+        if word in TOPICS:
+            return word
+    return None
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """Programmatic gold reward of a response to a prompt (see the module docstring).
+
+    Unknown words (anything outside the content vocabulary, including leftover special
+    tokens) count as 0-valued words, so degenerate outputs are not rewarded.
+    """
+    words = response.split()
+    if not words:
+        return -SHORT_PENALTY
+    score = sum(WORD_VALUE.get(w, 0.0) for w in words) / len(words)
+    topic = topic_of(prompt)
+    if topic is not None and topic in words:
+        score += TOPIC_BONUS
+    if len(words) < MIN_WORDS:
+        score -= SHORT_PENALTY
+    return score
+
+
+def sample_prompt(rng: random.Random) -> str:
+    return rng.choice(_PROMPT_TEMPLATES).format(t=rng.choice(TOPICS))
+
+
+def sample_response(rng: random.Random, prompt: str) -> str:
+    """A demonstration from the broad "human writer" distribution: 4-8 words, uniform over
+    the content vocabulary, mentioning the topic half of the time."""
+    n = rng.randint(4, 8)
+    words = [rng.choice(CONTENT_WORDS) for _ in range(n)]
+    topic = topic_of(prompt)
+    if topic is not None and rng.random() < 0.5:
+        words[rng.randrange(n)] = topic
+    return " ".join(words)
+
+
+def sample_pair_response(rng: random.Random, prompt: str) -> str:
+    """A response for preference data: mostly from the demonstration distribution, the rest
+    (``EXPLORATORY_FRACTION``) from a broader exploratory one (1-10 content or topic words in
+    any mix), as preference data
+    gathered from several models covers more than one writer's habits. Without that
+    coverage the reward model is blind to what the demonstrations never show (off-topic
+    words, empty answers) and PPO finds and exploits those blind spots."""
+    if rng.random() >= EXPLORATORY_FRACTION:
+        return sample_response(rng, prompt)
+    return " ".join(rng.choice(_EXPLORATORY_WORDS) for _ in range(rng.randint(1, 10)))
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The embedded synthetic task (the ``task:`` section of a recipe)."""
+
+    enabled: bool = _help("Generate the synthetic task's data and evaluate against its gold reward.", default=False)
+    seed: int = _help("Seed of the generated data.", default=0)
+    num_sft: int = _help("SFT demonstrations.", default=2000)
+    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", default=4000)
+    num_ppo_prompts: int = _help("PPO training prompts.", default=2048)
+    num_eval_prompts: int = _help("Held-out evaluation prompts.", default=256)
+    label_temperature: float = _help(
+        "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
+        "higher is noisier.", default=LABEL_TEMPERATURE)
+
+    def __post_init__(self):
+        for key in ("num_sft", "num_pairs", "num_ppo_prompts", "num_eval_prompts"):
+            if getattr(self, key) < 0:
+                from rlhf.config import ConfigError
+
+                raise ConfigError(f"task.{key} must not be negative, got {getattr(self, key)}")
+        if self.label_temperature <= 0:
+            from rlhf.config import ConfigError
+
+            raise ConfigError(f"task.label_temperature must be positive, got {self.label_temperature}")
+
+
+class SyntheticTask:
+    """The synthetic task behind :class:`rlhf.tasks.Task`.
+
+    The rows are drawn from one seeded stream in a fixed order (SFT demonstrations, then
+    preference pairs, then training prompts); the evaluation prompts and the held-out pairs
+    each come from their own seed, disjoint from the training data's stream.
+    """
+
+    name = "synthetic"
+
+    def __init__(self, cfg: SyntheticTaskConfig):
+        self.cfg = cfg
+        self._rows: dict[str, list[dict]] | None = None
+
+    def _generate(self) -> dict[str, list[dict]]:
+        if self._rows is not None:
+            return self._rows
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        sft = []
+        for _ in range(cfg.num_sft):
+            p = sample_prompt(rng)
+            sft.append({"prompt": _user(p), "completion": _assistant(sample_response(rng, p))})
+        pairs = []
+        for _ in range(cfg.num_pairs):
+            p = sample_prompt(rng)
+            a, b = sample_pair_response(rng, p), sample_pair_response(rng, p)
+            while b == a:
+                b = sample_pair_response(rng, p)
+            ga, gb = gold_reward(p, a), gold_reward(p, b)
+            p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / cfg.label_temperature))
+            if rng.random() >= p_a:
+                a, b, ga, gb = b, a, gb, ga
+            # gold_* are for inspection only: ingestion keeps the canonical fields, so
+            # training never sees them
+            pairs.append({"prompt": _user(p), "chosen": _assistant(a), "rejected": _assistant(b),
+                          "gold_chosen": ga, "gold_rejected": gb})
+        train_prompts = [{"prompt": _user(sample_prompt(rng))} for _ in range(cfg.num_ppo_prompts)]
+        eval_rng = random.Random(cfg.seed + 1_000_003)
+        eval_prompts = [{"prompt": _user(sample_prompt(eval_rng))} for _ in range(cfg.num_eval_prompts)]
+        self._rows = {"sft": sft, "pairs": pairs, "train": train_prompts, "eval": eval_prompts}
+        return self._rows
+
+    def sft_examples(self) -> list[dict]:
+        """``{"prompt": [user msg], "completion": [assistant msg]}`` demonstrations."""
+        return self._generate()["sft"]
+
+    def preference_pairs(self) -> list[dict]:
+        """``{"prompt", "chosen", "rejected"}`` conversational pairs with noisy labels."""
+        return self._generate()["pairs"]
+
+    def prompts(self, split: str) -> list[dict]:
+        """``{"prompt": [user msg]}`` rows of the ``"train"`` or ``"eval"`` split."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return self._generate()[split]
+
+    def evaluate(self, prompt: str, completion: str) -> float:
+        """The gold reward (:func:`gold_reward`)."""
+        return gold_reward(prompt, completion)
+
+    def response_pairs(self) -> Iterator[tuple[str, str, str]]:
+        """Endless ``(prompt, response_a, response_b)`` from the demonstration distribution,
+        with a seed no training file used."""
+        rng = random.Random(self.cfg.seed + 2_000_029)
+        while True:
+            prompt = sample_prompt(rng)
+            yield prompt, sample_response(rng, prompt), sample_response(rng, prompt)
+
+
+# ----------------------------------------------------------------------------------------
+# the tokenizer and the ``builtin:tiny`` base model over the task's language
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# A chat template for the word-level tiny tokenizer. Each turn ends with <eos>, which is
+# also the stop token of generation, so SFT teaches the policy to stop.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <eos> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_tokenizer():
+    """A word-level fast tokenizer over the synthetic task's vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + VOCABULARY)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Word pieces are whole words: decoding joins them with single spaces.
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny base model (tokenizer + briefly pretrained 2-layer Llama) to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        **TINY_SHAPE,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    pretrain_tiny(model, tok, seed)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> None:
+    """Give the tiny base what a real pretrained base has: knowledge of its language.
+
+    A random-init model with frozen embeddings cannot be taught anything useful by a LoRA
+    adapter, unlike a real pretrained base. So the tiny base is trained for a few seconds on
+    generic text of the synthetic language: chat-shaped transcripts whose words are drawn
+    uniformly from the whole vocabulary (no task preferences, random lengths). SFT then
+    teaches the task's style on top, as with a real base.
+    """
+    import torch
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+
+    def transcript() -> str:
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            for role in ("user", "assistant"):
+                words = " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(1, 10)))
+                turns.append(f"<|{role}|> {words} <eos>")
+        return " ".join(turns)
+
+    for _ in range(steps):
+        enc = tok([transcript() for _ in range(batch)], padding=True, return_tensors="pt")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def tiny_base(root: Path, seed: int = 0) -> Path:
+    """The ``builtin:tiny`` base under ``root``, built on first use.
+
+    The directory is keyed by the shape, vocabulary, tokens, template and seed, so a change
+    to any of them builds a new base instead of reusing a stale one.
+    """
+    key = hashlib.sha256(json.dumps([TINY_SHAPE, VOCABULARY, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, seed]).encode()).hexdigest()[:12]
+    out = Path(root) / f"tiny-{key}"
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_base(out, seed=seed)
+    return out
