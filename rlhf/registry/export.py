@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhf.registry.registry import (
+from rlhf.registry.entry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     HEAD_ROLES,
@@ -164,6 +164,11 @@ def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "aut
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        # mkdtemp makes the directory 0700; the export is a model to share, so it gets the
+        # mode any directory the user creates would get (their umask decides).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         steps.set_postfix_str("save")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from rlhf.registry import Registry
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 CHILD = textwrap.dedent(
     """
@@ -118,7 +118,7 @@ def test_sigkill_at_random_times_leaves_complete_entry_or_none(setup):
     # at delay 0 the child is killed before its copy completes: no entry
     assert outcomes[0] == 0
     with Registry.open() as reg:
-        reg.gc()
+        reg.gc(dry_run=False)
         assert not any((reg.artifacts / ".tmp").iterdir())
         e = reg.register_adapter("sft", "sft", setup, base="tiny")
         assert reg.verify(e.ref) == []
@@ -140,7 +140,7 @@ def test_sigkill_at_each_step_of_registration(setup, point, expect_entry):
         e = reg.register_adapter("sft", "sft", setup, base="tiny")
         assert e.ref == ("sft:2" if expect_entry else "sft:1")
         assert reg.verify() == []
-        reg.gc()
+        reg.gc(dry_run=False)
         assert not any((reg.artifacts / ".tmp").iterdir())
         assert reg.verify() == []
 
