@@ -230,10 +230,15 @@ def discard_dir(artifacts: Path, path: Path) -> None:
     never found at its old place."""
     if not path.exists():
         return
-    trash = artifacts / TRASH_DIRNAME
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    os.replace(path, target)
+    try:
+        trash = artifacts / TRASH_DIRNAME
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        os.replace(path, target)
+    except OSError:
+        # On a full disk even the trash directory may not be creatable. Cleanup must not
+        # replace the error being handled, nor leave the directory behind: delete in place.
+        target = path
     shutil.rmtree(target, ignore_errors=True)
 
 
