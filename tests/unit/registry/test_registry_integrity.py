@@ -271,13 +271,22 @@ def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend):
     proc = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     killed = proc.stdout.strip()
-    mine = reg.start_run("ppo", {}, [])
-    assert reg.resolve(killed).metadata["status"] == "running"
-    assert reg.reap_runs() == [killed]
-    meta = reg.resolve(killed).metadata
-    assert meta["status"] == "killed" and meta["ended"] is not None and "ended without finishing" in meta["reason"]
-    assert reg.resolve(mine).metadata["status"] == "running"  # this process is alive
-    assert reg.reap_runs() == []
+    # another process whose run is still going: it waits for a line on stdin
+    alive = subprocess.Popen([sys.executable, "-c", KILLED_CHILD.replace("os.kill(os.getpid(), signal.SIGKILL)",
+                                                                         "input()")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        other = alive.stdout.readline().strip()
+        mine = reg.start_run("ppo", {}, [])
+        assert reg.resolve(killed).metadata["status"] == "running"
+        assert reg.reap_runs() == [killed]
+        meta = reg.resolve(killed).metadata
+        assert meta["status"] == "killed" and meta["ended"] is not None and "ended without finishing" in meta["reason"]
+        assert reg.resolve(mine).metadata["status"] == "running"  # this process is alive
+        assert reg.resolve(other).metadata["status"] == "running"  # and so is the other one
+        assert reg.reap_runs() == []
+    finally:
+        alive.communicate("\n", timeout=60)
 
     reg.mark_run(mine, "interrupted", "KeyboardInterrupt")
     assert (reg.resolve(mine).metadata["status"], reg.resolve(mine).metadata["reason"]) == ("interrupted", "KeyboardInterrupt")
