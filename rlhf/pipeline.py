@@ -211,7 +211,7 @@ class Pipeline:
         fps = self.fingerprints()
         forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
         # only rank 0 registers runs and artifacts
-        registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register and dist.is_main() else None
+        registry = _open_registry(p.pipeline) if p.pipeline.register and dist.is_main() else None
         gold = _gold_fn() if p.task_files is not None else None
 
         for stage in STAGES:
@@ -369,10 +369,10 @@ def _registry_home(home):
     return rlhf_home(home)
 
 
-def _open_registry(home):
+def _open_registry(cfg):
     from rlhf.registry import Registry
 
-    return Registry.open(home=home)
+    return Registry.open(home=cfg.registry_home, url=cfg.registry_url, store_dir=cfg.registry_store)
 
 
 def _register_outputs(registry, stage: str, result: dict, state: dict, run_ref, pipeline_name: str):

@@ -17,5 +17,5 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
 fi
-"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb]"
+"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres]"
 "$VPY" -c "import torch, transformers, trl, peft; print(f'rlhf env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
