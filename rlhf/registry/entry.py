@@ -151,7 +151,10 @@ class Problem:
     Attributes:
         ref: the entry (``name:version``).
         problem: ``missing`` (a recorded file is gone), ``modified`` (its sha256 changed),
-            ``unexpected`` (a file that was not recorded) or ``missing-dir``.
+            ``unexpected`` (a file that was not recorded), ``missing-dir``; or about the
+            store's records: ``no-record``, ``bad-record``, ``record-differs`` (the record
+            disagrees with the database), ``not-in-database`` (a committed version the
+            database lacks, e.g. after restoring an older backup).
         path: the file concerned.
         detail: a human-readable explanation.
     """

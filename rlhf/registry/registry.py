@@ -9,16 +9,23 @@ Entries are of four kinds:
   ``rlhf_adapter.json``).
 - ``dataset``: a preference-dataset version written by ``reward_data`` (its manifest).
 - ``run``: one stage run (stage, resolved config, metrics, package version, git commit,
-  status, start/end).
+  status, start/end, and why it did not complete).
 
 Every entry is ``name:version``; versions are immutable and numbered per name. A name
 belongs to one kind. ``name`` and ``name:latest`` mean the newest version; user aliases
 (``name:prod``) point at one version and can be moved with ``tag``.
 
+The database (SQLite or PostgreSQL, see ``db.py``) is the source of truth. The artifact
+store keeps, beside the artifact directories, a JSON record of every entry and of every
+removed version, rewritten inside the transaction that changes it; from those records a
+lost database can be rebuilt, and an empty database next to a populated store is
+recognised as lost rather than taken for a new registry.
+
 Registration is crash safe: the artifact is copied into a staging directory and hashed,
 renamed to its final place inside the write transaction, and the transaction commits
 last. A process killed before the commit leaves no entry (at most an unreferenced
-directory, which the next registration of that version or ``gc`` removes).
+directory of a version number that was never handed out, which the next registration of
+that version or ``gc --yes`` removes).
 """
 
 from __future__ import annotations
@@ -31,14 +38,14 @@ import shutil
 import socket
 import subprocess
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import rlhf
 from rlhf.paths import pid_alive, rlhf_home
 from rlhf.registry import store
-from rlhf.registry.db import SCHEMA_VERSION, TABLES, Database, DatabaseError, DbUrl, connect, parse_url
+from rlhf.registry.db import SCHEMA_VERSION, TABLES, Database, DbUrl, connect, parse_url
 from rlhf.registry.entry import (
     ADAPTER_CONFIG,
     ADAPTER_META,

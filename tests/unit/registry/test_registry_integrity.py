@@ -6,9 +6,7 @@ full disks. Every test runs on SQLite and PostgreSQL unless it says otherwise.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
