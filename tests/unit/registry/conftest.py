@@ -6,7 +6,8 @@ sets ``$RLHF_REGISTRY_URL``, which subprocesses inherit too). A module limits it
 ``BACKENDS = ("sqlite",)``, a test with ``@pytest.mark.parametrize("backend", [...],
 indirect=True)``. The PostgreSQL server is a real one, started once per session from
 Debian's ``postgresql`` package (``initdb`` + ``pg_ctl`` on a temporary directory, loopback
-only, a free port) and stopped at the end; each test gets a fresh database on it. The
+only, a free port) and stopped at the end; each test gets a fresh schema on it, which the
+registry sees as an empty database. The
 PostgreSQL half skips, saying why, only when no server binaries are installed.
 
 The unit tests exercise bookkeeping only (versions, hashes, lineage), so the "model" here
@@ -97,12 +98,16 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "60", "start")
         import psycopg
 
-        self._admin = psycopg.connect(f"{self.prefix}/postgres", autocommit=True)
+        with psycopg.connect(f"{self.prefix}/postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE rlhf")
+        self._admin = psycopg.connect(f"{self.prefix}/rlhf", autocommit=True)
 
     def new_database(self) -> str:
+        """A URL whose connections see only a fresh, empty schema: to the registry it is an
+        empty database (a schema costs a catalog row; a database copies 7 MB of template)."""
         name = f"reg{next(self._counter)}"
-        self._admin.execute(f"CREATE DATABASE {name}")
-        return f"{self.prefix}/{name}"
+        self._admin.execute(f"CREATE SCHEMA {name}")
+        return f"{self.prefix}/rlhf?options=-csearch_path%3D{name}"
 
     def stop(self) -> None:
         if self._admin is not None:

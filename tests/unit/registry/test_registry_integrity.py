@@ -361,3 +361,26 @@ def test_full_disk_under_the_registry_loses_nothing_and_names_the_path(small_dis
         assert not any((reg.artifacts / ".tmp").iterdir())
         assert reg.verify() == []
         assert reg.register_adapter("a", "sft", make_adapter(seed=2), base="tiny").ref == "a:2"
+
+
+# ---------------------------------------------------------------- SQLite on a network filesystem
+
+
+@SQLITE_ONLY
+def test_sqlite_on_a_network_filesystem_warns(monkeypatch, recwarn):
+    from rlhf.registry import registry as registry_module
+
+    Registry.open().close()
+    assert not [w for w in recwarn if "network filesystem" in str(w.message)]  # a local disk: no warning
+    monkeypatch.setattr(registry_module, "filesystem_type", lambda path: "nfs4")
+    with pytest.warns(RuntimeWarning, match="registry.db: the SQLite registry is on a nfs4 network filesystem"):
+        Registry.open().close()
+
+
+@SQLITE_ONLY
+def test_filesystem_type_reads_the_mount_table(small_disk):
+    from rlhf.registry.registry import filesystem_type
+
+    assert filesystem_type(small_disk / "registry.db") == "tmpfs"
+    (small_disk / "sub").mkdir()
+    assert filesystem_type(small_disk / "sub" / "x.db") == "tmpfs"
