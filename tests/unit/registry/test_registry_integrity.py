@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,3 +385,26 @@ def test_filesystem_type_reads_the_mount_table(small_disk):
     assert filesystem_type(small_disk / "registry.db") == "tmpfs"
     (small_disk / "sub").mkdir()
     assert filesystem_type(small_disk / "sub" / "x.db") == "tmpfs"
+
+
+# ---------------------------------------------------------------- older registries
+
+
+def test_a_schema_version_1_registry_is_upgraded_and_gets_its_records(populated, backend):
+    """Registries written before store ids, tombstones and records open, upgrade in place,
+    and can be rebuilt from then on."""
+    with Registry.open() as reg:
+        db = reg.db
+        db.execute("DROP TABLE tombstones")
+        db.execute("ALTER TABLE runs DROP COLUMN reason")
+        db.execute("ALTER TABLE entries DROP COLUMN record_token")
+        db.execute("DELETE FROM meta WHERE key = 'store_id'")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        artifacts = reg.artifacts
+    shutil.rmtree(artifacts / ".records")
+    (artifacts / ".registry-store.json").unlink()
+    with Registry.open() as reg:
+        assert reg.db.schema_version() == 2
+        assert reg.verify() == []  # every entry has its record again
+        assert len(list((artifacts / ".records").glob("*/*.json"))) == 8
+        assert reg.resolve("rm:prod").ref == "rm:1"
