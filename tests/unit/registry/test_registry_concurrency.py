@@ -172,3 +172,36 @@ def test_several_processes_register_the_same_name_concurrently(setup, tmp_path):
         for ref, run in (pair for o in outputs for pair in o):
             assert reg.resolve(ref).relations == {"tiny:1": ["base"], run: ["run"]}
             assert reg.resolve(run).metadata["status"] == "completed"
+
+
+FRESH_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    go = sys.argv[1]
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    from rlhf.registry import Registry
+
+    with Registry.open() as reg:  # all at once, on a registry nobody has created yet
+        print(reg.start_run("sft", {}, []), flush=True)
+    """
+)
+
+
+def test_several_processes_create_a_fresh_registry_at_once(tmp_path):
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", FRESH_CHILD, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    refs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        refs.append(out.strip())
+    assert sorted(refs) == ["run-sft:1", "run-sft:2", "run-sft:3"]
+    with Registry.open() as reg:
+        assert reg.verify() == [] and len(reg.list()) == 3
