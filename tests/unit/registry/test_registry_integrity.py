@@ -408,3 +408,15 @@ def test_a_schema_version_1_registry_is_upgraded_and_gets_its_records(populated,
         assert reg.verify() == []  # every entry has its record again
         assert len(list((artifacts / ".records").glob("*/*.json"))) == 8
         assert reg.resolve("rm:prod").ref == "rm:1"
+
+
+@SQLITE_ONLY  # needs no server: that is the point
+def test_an_unreachable_postgres_server_is_a_one_line_error(capsys):
+    pytest.importorskip("psycopg")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _cli_error(capsys, ["list", "--url", f"postgresql://rlhf:secret@127.0.0.1:{port}/reg"])
+    assert f"postgresql://rlhf:***@127.0.0.1:{port}/reg: cannot connect" in err and "secret" not in err
