@@ -38,6 +38,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -81,6 +82,41 @@ def _ensure_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RegistryError(f"{path}: cannot create the artifact store ({e.strerror})") from None
+
+
+# Filesystems on which SQLite's WAL mode (shared memory, POSIX locks) is not safe.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "beegfs",
+                        "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "afs")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts), or None if unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path if path.exists() else path.parent)
+    best, fstype = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")  # /proc/mounts escapes spaces
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, fstype = mount, parts[2]
+    return fstype
+
+
+def _warn_if_network_filesystem(db_path: Path) -> None:
+    fstype = filesystem_type(db_path)
+    if fstype in _NETWORK_FILESYSTEMS:
+        warnings.warn(
+            f"{db_path}: the SQLite registry is on a {fstype} network filesystem, where SQLite's WAL mode is not "
+            "safe (it needs shared memory on one host); keep the SQLite file on a local disk, or use a PostgreSQL "
+            "registry (RLHF_REGISTRY_URL=postgresql://...) with the artifact store on the shared filesystem",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _store_has_content(artifacts: Path) -> bool:
@@ -222,13 +258,13 @@ class Registry:
         """
         u, artifacts = locate(home, url, store_dir)
         _ensure_dir(artifacts)
-        if u.dialect == "sqlite" and _store_has_content(artifacts):
+        if u.dialect == "sqlite":
             # Checked before connecting: sqlite3 would create the missing file, and a 0-byte
             # file opens as a valid, empty database.
-            if not u.path.exists():
-                raise _lost_database(u, artifacts, "missing")
-            if u.path.stat().st_size == 0:
-                raise _lost_database(u, artifacts, "empty (0 bytes)")
+            state = "missing" if not u.path.exists() else "empty (0 bytes)" if u.path.stat().st_size == 0 else None
+            if state is not None and _store_has_content(artifacts):
+                raise _lost_database(u, artifacts, state)
+            _warn_if_network_filesystem(u.path)
         db = connect(u)
         try:
             reg = cls(db, artifacts)
@@ -269,6 +305,13 @@ class Registry:
 
     def _adopt_store(self, store_id: str | None) -> None:
         """Check that database and artifact store belong together; pair a fresh store."""
+        if store_id is None:
+            stored = self.db.one("SELECT COUNT(*) FROM entries WHERE stored = 1")[0]
+            if stored and not store.stored_version_dirs(self.artifacts, KINDS):
+                raise IntegrityError(
+                    f"{self.artifacts}: this artifact store is empty, but the database {self.db.where} lists {stored} "
+                    f"stored entr{'y' if stored == 1 else 'ies'}; check the store directory (--store / ${STORE_ENV})"
+                )
         row = self.db.one("SELECT value FROM meta WHERE key = 'store_id'")
         if row is None:
             # A database from before store ids (schema version 1): pair it with this store
@@ -278,19 +321,12 @@ class Registry:
                     self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id or uuid.uuid4().hex,))
                     self._sync_records([eid for (eid,) in self.db.all("SELECT id FROM entries")])
             row = self.db.one("SELECT value FROM meta WHERE key = 'store_id'")
-        db_id = row[0]
         if store_id is None:
-            stored = self.db.one("SELECT COUNT(*) FROM entries WHERE stored = 1")[0]
-            if stored and not store.stored_version_dirs(self.artifacts, KINDS):
-                raise IntegrityError(
-                    f"{self.artifacts}: this artifact store is empty, but the database {self.db.where} lists {stored} "
-                    f"stored entr{'y' if stored == 1 else 'ies'}; check the store directory (--store / ${STORE_ENV})"
-                )
-            store.write_store_id(self.artifacts, db_id)
-        elif store_id != db_id:
+            store.write_store_id(self.artifacts, row[0])
+        elif store_id != row[0]:
             raise IntegrityError(
                 f"{self.db.where} and the artifact store {self.artifacts} belong to different registries "
-                f"(store id {db_id} in the database, {store_id} in {self.artifacts / store.STORE_ID_FILE}); "
+                f"(store id {row[0]} in the database, {store_id} in {self.artifacts / store.STORE_ID_FILE}); "
                 f"check the registry URL and the store directory"
             )
 
