@@ -275,7 +275,15 @@ class Database:
             raise
         else:
             self._in_write = False
-            self.execute("COMMIT")
+            try:
+                self.execute("COMMIT")
+            except DatabaseError:
+                # A failed COMMIT (a full disk) can leave SQLite's transaction open.
+                try:
+                    self.conn.execute("ROLLBACK")
+                except self._errors:
+                    pass
+                raise
 
     def tables(self) -> set[str]:
         """The registry tables present in this database."""
