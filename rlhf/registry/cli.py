@@ -111,6 +111,8 @@ def _summary(e: Entry) -> str:
         detail = f"hash={str(m.get('content_hash'))[:12]} counts={json.dumps(m.get('manifest', {}).get('counts'))}"
     else:
         detail = f"stage={m.get('stage')} status={m.get('status')}"
+        if m.get("reason"):
+            detail += f" ({m['reason']})"
     aliases = f" [{', '.join(e.aliases)}]" if e.aliases else ""
     return f"{e.ref:<32} {e.kind:<8} {detail}{aliases}"
 

@@ -265,7 +265,7 @@ KILLED_CHILD = textwrap.dedent(
 )
 
 
-def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend):
+def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend, capsys):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -294,6 +294,8 @@ def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend):
     with pytest.raises(ValueError, match="failed, killed or interrupted"):
         reg.mark_run(reg.start_run("ppo", {}, []), "completed", "")
     assert reg.verify() == []  # the store's records follow every change
+    assert main(["list", "--kind", "run"]) == 0
+    assert "status=killed (process" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- full disks
