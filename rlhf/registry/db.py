@@ -26,7 +26,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rlhf.registry.entry import RegistryError
 
@@ -209,10 +209,14 @@ class Database:
         url: where it points (for messages and for the dialect).
         paramstyle: the driver's placeholder style; registry SQL is written with ``?`` and
             translated here for ``format``-style drivers.
+        reopen: makes a new connection. A server connection held through a long stage can
+            be dropped (server restart, idle timeout); outside a write transaction the next
+            statement then reconnects once instead of failing the run at its end.
     """
 
-    def __init__(self, conn: Any, url: DbUrl, paramstyle: str):
+    def __init__(self, conn: Any, url: DbUrl, paramstyle: str, reopen: Callable[[], Any] | None = None):
         self.conn = conn
+        self._reopen = reopen
         self.url = url
         self.dialect = url.dialect
         self.where = url.display
@@ -229,6 +233,14 @@ class Database:
         raise ValueError(f"unsupported DB-API paramstyle {self.paramstyle!r}")
 
     def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            cur = self.conn.cursor()
+            cur.execute(self._sql(query), tuple(params))
+            return cur
+        except self._errors as e:
+            if self._in_write or self._reopen is None or not getattr(self.conn, "broken", False):
+                raise DatabaseError(describe_error(self.where, e)) from None
+        self.conn = self._reopen()
         try:
             cur = self.conn.cursor()
             cur.execute(self._sql(query), tuple(params))
@@ -382,12 +394,17 @@ def _connect_postgres(u: DbUrl, busy_timeout_s: float) -> Database:
         raise DatabaseError(
             f"{u.display}: PostgreSQL registries need psycopg 3; install the extra: pip install 'rlhf[postgres]'"
         ) from None
-    try:
-        conn = psycopg.connect(u.conninfo, autocommit=True, connect_timeout=max(1, int(min(busy_timeout_s, 30))))
-    except psycopg.Error as e:
-        raise DatabaseError(f"{u.display}: cannot connect to the PostgreSQL registry ({str(e).strip().splitlines()[0]})") from None
-    db = Database(conn, u, paramstyle="format")
-    # Writers queue on the advisory lock; give up after the same time SQLite would.
-    db.execute(f"SET lock_timeout = '{int(busy_timeout_s * 1000)}ms'")
-    db.execute("SET client_min_messages = warning")  # CREATE ... IF NOT EXISTS notices
-    return db
+
+    def open_connection():
+        try:
+            conn = psycopg.connect(u.conninfo, autocommit=True, connect_timeout=max(1, int(min(busy_timeout_s, 30))))
+            # Writers queue on the advisory lock; give up after the same time SQLite would.
+            conn.execute(f"SET lock_timeout = '{int(busy_timeout_s * 1000)}ms'")
+            conn.execute("SET client_min_messages = warning")  # CREATE ... IF NOT EXISTS notices
+        except psycopg.Error as e:
+            raise DatabaseError(
+                f"{u.display}: cannot connect to the PostgreSQL registry ({str(e).strip().splitlines()[0]})"
+            ) from None
+        return conn
+
+    return Database(open_connection(), u, paramstyle="format", reopen=open_connection)

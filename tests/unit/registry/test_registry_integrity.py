@@ -422,3 +422,17 @@ def test_an_unreachable_postgres_server_is_a_one_line_error(capsys):
         port = s.getsockname()[1]
     err = _cli_error(capsys, ["list", "--url", f"postgresql://rlhf:secret@127.0.0.1:{port}/reg"])
     assert f"postgresql://rlhf:***@127.0.0.1:{port}/reg: cannot connect" in err and "secret" not in err
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_dropped_server_connection_is_reopened_between_transactions(reg, base_dir, pg_server):
+    """A pipeline holds its registry through hours of training; a server restart or idle
+    timeout in between must not fail the run when it registers its outputs."""
+    reg.register_base("tiny", str(base_dir))
+    pid = reg.db.one("SELECT pg_backend_pid()")[0]
+    pg_server._admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert reg.resolve("tiny").ref == "tiny:1"
+    assert reg.db.one("SELECT pg_backend_pid()")[0] != pid
+    run = reg.start_run("sft", {}, ["tiny"])
+    reg.finish_run(run, "completed", {})
+    assert reg.verify() == []
