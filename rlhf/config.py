@@ -215,6 +215,8 @@ class PipelineConfig:
     report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
+    registry_url: str | None = _help("Registry database: a path, sqlite:///path.db or postgresql://user@host:port/db (default $RLHF_REGISTRY_URL, then <home>/registry/registry.db).", default=None)
+    registry_store: str | None = _help("Registry artifact store directory, e.g. on a shared filesystem (default $RLHF_REGISTRY_STORE, then <home>/registry/artifacts).", default=None)
     sft: dict = _help("SFT stage settings (see SFTConfig); model/seed/output_dir are filled in.", default_factory=dict)
     reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
     ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)

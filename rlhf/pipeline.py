@@ -199,7 +199,7 @@ class Pipeline:
         order = list(STAGES)
         forced = order[order.index(from_stage):] if from_stage else ()
         # only rank 0 registers runs and artifacts
-        registry = _open_registry(p.pipeline.registry_home) if p.pipeline.register and dist.is_main() else None
+        registry = _open_registry(p.pipeline) if p.pipeline.register and dist.is_main() else None
 
         for stage in STAGES:
             st = self.state["stages"].get(stage, {})
@@ -291,10 +291,10 @@ def _registry_home(home):
     return rlhf_home(home)
 
 
-def _open_registry(home):
+def _open_registry(cfg):
     from rlhf.registry import Registry
 
-    return Registry.open(home=home)
+    return Registry.open(home=cfg.registry_home, url=cfg.registry_url, store_dir=cfg.registry_store)
 
 
 def _register_outputs(registry, stage: str, result: StageResult, state: dict, run_ref, pipeline_name: str):

@@ -1,8 +1,10 @@
 """The model registry shared by all stages.
 
 It answers: what is this adapter, what base does it sit on, which data, config and code
-produced it, and what came from it. One registry lives under ``<home>/registry``
-(``registry.db``, a SQLite database in WAL mode, and ``artifacts/``).
+produced it, and what came from it. A registry is a database (by default the SQLite file
+``<home>/registry/registry.db``; or a PostgreSQL database named by
+``$RLHF_REGISTRY_URL=postgresql://...``) plus an artifact store directory (by default
+``<home>/registry/artifacts``; ``$RLHF_REGISTRY_STORE``).
 
 Example::
 
@@ -15,25 +17,32 @@ Example::
     reg.finish_run(run, "completed", {"loss": 1.2}, outputs=[sft.ref])
 """
 
-from rlhf.registry.registry import (
+from rlhf.registry.db import DatabaseError
+from rlhf.registry.entry import (
     KINDS,
     ROLES,
+    RUN_STATUSES,
     DependencyError,
     Entry,
+    IntegrityError,
     NotFoundError,
     Problem,
-    Registry,
     RegistryError,
     parse_ref,
     validate_alias,
     validate_name,
 )
+from rlhf.registry.registry import GcResult, Registry
 
 __all__ = [
     "KINDS",
     "ROLES",
+    "RUN_STATUSES",
+    "DatabaseError",
     "DependencyError",
     "Entry",
+    "GcResult",
+    "IntegrityError",
     "NotFoundError",
     "Problem",
     "Registry",

@@ -10,10 +10,14 @@ Usage (also ``python -m rlhf.registry ...``)::
     rlhf registry verify [REF] [--json]
     rlhf registry export REF OUT_DIR [--dtype auto|float32|bfloat16|float16]
     rlhf registry rm REF [--force]
-    rlhf registry gc
+    rlhf registry gc [--yes]
+    rlhf registry rebuild
+    rlhf registry migrate --to URL
 
-Every command takes ``--home DIR`` (default ``$RLHF_HOME``, then ``~/.rlhf``) and
-``--url URL`` (default ``$RLHF_REGISTRY_URL``, then the SQLite file in the home).
+Every command takes ``--home DIR`` (default ``$RLHF_HOME``, then ``~/.rlhf``), ``--url URL``
+(the database: a path, ``sqlite:///path.db`` or ``postgresql://user@host:port/db``;
+default ``$RLHF_REGISTRY_URL``, then ``<home>/registry/registry.db``) and ``--store DIR``
+(the artifact store; default ``$RLHF_REGISTRY_STORE``, then ``<home>/registry/artifacts``).
 Exit status: 0 on success, 1 on an error or a failed verification, 2 on bad usage.
 """
 
@@ -23,7 +27,8 @@ import argparse
 import json
 import sys
 
-from rlhf.registry.registry import KINDS, Entry, Registry, RegistryError, parse_ref
+from rlhf.registry.entry import KINDS, Entry, RegistryError, parse_ref
+from rlhf.registry.registry import Registry
 
 
 def _common() -> argparse.ArgumentParser:
@@ -32,7 +37,10 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--home", default=argparse.SUPPRESS, help="rlhf home directory (default: $RLHF_HOME, then ~/.rlhf)")
     p.add_argument("--url", default=argparse.SUPPRESS,
-                   help="registry database URL, sqlite:///path.db (default: $RLHF_REGISTRY_URL, then <home>/registry/registry.db)")
+                   help="registry database: a path, sqlite:///path.db or postgresql://user@host:port/db "
+                        "(default: $RLHF_REGISTRY_URL, then <home>/registry/registry.db)")
+    p.add_argument("--store", default=argparse.SUPPRESS,
+                   help="artifact store directory (default: $RLHF_REGISTRY_STORE, then <home>/registry/artifacts)")
     return p
 
 
@@ -77,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref")
     p.add_argument("--force", action="store_true", help="remove even if other entries depend on it")
 
-    sub.add_parser("gc", parents=[common], help="delete leftovers of crashed registrations")
+    p = sub.add_parser("gc", parents=[common],
+                       help="list (with --yes: delete) leftovers of crashed registrations and removed versions")
+    p.add_argument("--yes", action="store_true", help="delete them (without it, gc only reports)")
+
+    sub.add_parser("rebuild", parents=[common],
+                   help="re-create a lost, empty or damaged database from the artifact store's records")
+
+    p = sub.add_parser("migrate", parents=[common],
+                       help="copy the registry into another (empty) database, e.g. SQLite -> PostgreSQL, and verify")
+    p.add_argument("--to", required=True, metavar="URL", help="target database: a path, sqlite:///... or postgresql://...")
     return parser
 
 
@@ -94,6 +111,8 @@ def _summary(e: Entry) -> str:
         detail = f"hash={str(m.get('content_hash'))[:12]} counts={json.dumps(m.get('manifest', {}).get('counts'))}"
     else:
         detail = f"stage={m.get('stage')} status={m.get('status')}"
+        if m.get("reason"):
+            detail += f" ({m['reason']})"
     aliases = f" [{', '.join(e.aliases)}]" if e.aliases else ""
     return f"{e.ref:<32} {e.kind:<8} {detail}{aliases}"
 
@@ -108,7 +127,17 @@ def _print_tree(nodes: list[dict], key: str, indent: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with Registry.open(home=getattr(args, "home", None), url=getattr(args, "url", None)) as reg:
+    where = dict(home=getattr(args, "home", None), url=getattr(args, "url", None), store_dir=getattr(args, "store", None))
+    if args.command == "rebuild":
+        with Registry.rebuild(**where) as reg:
+            n = len(reg.list())
+            problems = reg.verify()
+            for p in problems:
+                print(p)
+            print(f"rebuilt {reg.db.where} from {reg.artifacts}: {n} entr{'y' if n == 1 else 'ies'}, "
+                  f"{len(problems)} problem{'s' if len(problems) != 1 else ''}")
+            return 1 if problems else 0
+    with Registry.open(**where) as reg:
         cmd = args.command
         if cmd == "list":
             entries = reg.list(args.kind)
@@ -172,10 +201,19 @@ def _run(args: argparse.Namespace) -> int:
             e = reg.remove(args.ref, force=args.force)
             print(f"removed {e.ref}")
         elif cmd == "gc":
-            removed = reg.gc()
-            for p in removed:
-                print(f"removed {p}")
-            print(f"{len(removed)} leftover director{'y' if len(removed) == 1 else 'ies'} removed")
+            result = reg.gc(dry_run=not args.yes)
+            for path, why in result.remove:
+                print(f"{'removed' if result.deleted else 'would remove'} {path} ({why})")
+            for path, why in result.keep:
+                print(f"kept {path} ({why})")
+            n = len(result.remove)
+            print(f"{n} unreferenced item{'' if n == 1 else 's'} {'removed' if result.deleted else 'found'}"
+                  + ("" if result.deleted or not n else "; run again with --yes to delete them"))
+        elif cmd == "migrate":
+            with reg.migrate(args.to) as target:
+                n = len(target.list())
+                print(f"migrated {n} entr{'y' if n == 1 else 'ies'} from {reg.db.where} to {target.db.where} and "
+                      f"verified the copy; the artifact store stays {reg.artifacts}")
     return 0
 
 
@@ -188,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except (RegistryError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (RegistryError, ValueError, RuntimeError) as e:
         print(f"rlhf registry {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a permission, a missing file: name the path, no traceback
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"rlhf registry {args.command}: error: {what}", file=sys.stderr)
         return 1

@@ -1,26 +1,42 @@
-"""The registry's database layer: plain SQL over a DB-API connection.
+"""The registry's database layer: plain SQL over a DB-API connection, SQLite or PostgreSQL.
 
 Every query in the registry is written once, with ``?`` placeholders and portable SQL
-(``INSERT ... RETURNING``, ``ON DELETE CASCADE``, TEXT/INTEGER columns). This module is
-the only place that knows which database is behind the URL: it opens the connection,
-translates the placeholder style, starts write transactions and creates the schema.
-Pointing the registry at a server database later means adding a branch to ``connect``
-and ``Database.begin_write`` here, not rewriting the registry.
+(``INSERT ... RETURNING``, ``ON CONFLICT``, ``ON DELETE CASCADE``, TEXT/INTEGER columns).
+This module is the only place that knows which database is behind the URL: it parses the
+URL, opens the connection, translates the placeholder style, starts write transactions,
+creates the schema and turns driver errors into one-line :class:`DatabaseError` messages
+that name the file or server.
 
-Only SQLite is implemented in this version.
+- SQLite (a path or ``sqlite:///...``): one machine. WAL mode needs shared memory on one
+  host, so the file must not live on NFS or another network filesystem.
+- PostgreSQL (``postgresql://user@host:port/db``, needs the ``postgres`` extra, psycopg 3):
+  a registry a team or a multi-node run shares.
+
+Both serialise writers the same way: a write transaction takes one registry-wide lock
+before its first statement (SQLite's ``BEGIN IMMEDIATE``; a transaction-scoped advisory
+lock in PostgreSQL), so two writers that both read "next version = 4" cannot both commit
+it, and ``UNIQUE (name, version)`` backs that up. Registry writes are a few small rows
+(artifact copies happen before the lock), so one lock costs nothing measurable.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+from rlhf.registry.entry import RegistryError
+
+SCHEMA_VERSION = 2
+
+# Any constant works; it only has to be the same in every process that writes this registry.
+_PG_WRITE_LOCK = 0x726C6866  # "rlhf"
 
 # ``{pk}`` is the one dialect-specific piece of the DDL (an auto-incrementing integer key).
-_SCHEMA = [
+SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -42,6 +58,7 @@ _SCHEMA = [
         stored INTEGER NOT NULL,
         metadata TEXT NOT NULL,
         created TEXT NOT NULL,
+        record_token TEXT,
         UNIQUE (name, version)
     )""",
     """CREATE TABLE IF NOT EXISTS files (
@@ -75,36 +92,113 @@ _SCHEMA = [
         git_commit TEXT,
         pipeline TEXT,
         started TEXT NOT NULL,
-        ended TEXT
+        ended TEXT,
+        reason TEXT
+    )""",
+    # Versions that were committed and later removed. gc deletes a stored directory only
+    # when the database positively lists it as unreferenced: a tombstone, or a version
+    # number the name's counter never handed out (a registration that died before commit).
+    """CREATE TABLE IF NOT EXISTS tombstones (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT,
+        stored INTEGER NOT NULL,
+        removed TEXT NOT NULL,
+        PRIMARY KEY (name, version)
     )""",
     "CREATE INDEX IF NOT EXISTS edges_parent ON edges(parent_id)",
     "CREATE INDEX IF NOT EXISTS entries_kind ON entries(kind)",
 ]
+TABLES = ("meta", "names", "entries", "files", "aliases", "edges", "runs", "tombstones")
+
+# Schema version 1 (before tombstones and run reasons) upgrades in place.
+_UPGRADE_FROM_1 = [
+    "ALTER TABLE runs ADD COLUMN reason TEXT",
+    "ALTER TABLE entries ADD COLUMN record_token TEXT",
+    SCHEMA[7],
+]
 
 
-def parse_url(url: str) -> Path:
-    """Return the database file of a ``sqlite:///`` URL.
+class DatabaseError(RegistryError):
+    """A database operation failed; the message names the file or server and the cause."""
 
-    Follows the SQLAlchemy convention: ``sqlite:///rel/path.db`` is relative to the current
-    directory and ``sqlite:////abs/path.db`` is absolute.
+
+@dataclass(frozen=True)
+class DbUrl:
+    """A parsed registry location.
+
+    Attributes:
+        dialect: ``"sqlite"`` or ``"postgresql"``.
+        path: the SQLite database file; ``None`` for PostgreSQL.
+        conninfo: the PostgreSQL connection URL; ``None`` for SQLite.
+        display: what messages show (a path, or the URL without its password).
+    """
+
+    dialect: str
+    path: Path | None
+    conninfo: str | None
+    display: str
+
+
+def parse_url(url: str | Path) -> DbUrl:
+    """Parse a registry location: a file path, ``sqlite:///...`` or ``postgresql://...``.
+
+    Follows the SQLAlchemy convention for SQLite: ``sqlite:///rel/path.db`` is relative to
+    the current directory and ``sqlite:////abs/path.db`` is absolute. A plain path (no
+    ``scheme://``) is a SQLite file.
 
     Raises:
-        ValueError: for any other scheme, naming the URL.
+        ValueError: for any other scheme or a malformed URL, naming the URL.
     """
+    url = str(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"registry URL {url!r} is not a URL; expected sqlite:///path/to/registry.db")
+        if not url.strip():
+            raise ValueError("registry URL is empty; expected a path, sqlite:///path.db or postgresql://...")
+        return DbUrl("sqlite", Path(url).expanduser(), None, str(Path(url).expanduser()))
+    if scheme in ("postgresql", "postgres"):
+        if not rest or rest.startswith("/") and len(rest) == 1:
+            raise ValueError(f"registry URL {url!r}: expected postgresql://user@host:port/database")
+        # Messages must not leak a password given in the URL.
+        display = re.sub(r"^(postgres(?:ql)?://[^:@/]*):[^@/]*@", r"\1:***@", url)
+        return DbUrl("postgresql", None, url, display)
     if scheme != "sqlite":
         raise ValueError(
-            f"registry URL {url!r}: only sqlite:/// URLs are supported in this version of rlhf "
-            f"(got scheme {scheme!r}); server databases such as PostgreSQL are not implemented yet"
+            f"registry URL {url!r}: unsupported scheme {scheme!r}; use a path, sqlite:///path.db "
+            "or postgresql://user@host:port/database"
         )
     if not rest.startswith("/") or rest == "/":
         raise ValueError(f"registry URL {url!r}: expected sqlite:///relative.db or sqlite:////absolute.db")
     path = rest[1:]
     if path in ("", ":memory:"):
         raise ValueError(f"registry URL {url!r}: the registry needs a database file, not an in-memory database")
-    return Path(path).expanduser()
+    return DbUrl("sqlite", Path(path).expanduser(), None, str(Path(path).expanduser()))
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import psycopg
+
+        errors.append(psycopg.Error)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def describe_error(where: str, err: BaseException) -> str:
+    """One line naming the database and the cause, with a hint for the common ones."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    low = msg.lower()
+    if "disk is full" in low or "no space left" in low or "could not extend file" in low:
+        return f"{where}: the disk holding the registry database is full ({msg}); nothing was committed; free space and retry"
+    if "not a database" in low or "malformed" in low or "corrupt" in low:
+        return (f"{where}: the registry database is damaged ({msg}); restore it from a backup, or move it aside "
+                "and re-create it from the artifact store with `rlhf registry rebuild`")
+    if "readonly" in low or "read-only" in low:
+        return f"{where}: the registry database is read-only ({msg})"
+    return f"{where}: {msg}"
 
 
 class Database:
@@ -112,15 +206,23 @@ class Database:
 
     Args:
         conn: an open DB-API connection in autocommit mode (transactions are explicit).
+        url: where it points (for messages and for the dialect).
         paramstyle: the driver's placeholder style; registry SQL is written with ``?`` and
             translated here for ``format``-style drivers.
-        dialect: ``"sqlite"`` (the only one implemented).
+        reopen: makes a new connection. A server connection held through a long stage can
+            be dropped (server restart, idle timeout); outside a write transaction the next
+            statement then reconnects once instead of failing the run at its end.
     """
 
-    def __init__(self, conn: Any, paramstyle: str, dialect: str):
+    def __init__(self, conn: Any, url: DbUrl, paramstyle: str, reopen: Callable[[], Any] | None = None):
         self.conn = conn
+        self._reopen = reopen
+        self.url = url
+        self.dialect = url.dialect
+        self.where = url.display
         self.paramstyle = paramstyle
-        self.dialect = dialect
+        self._errors = _driver_errors()
+        self._in_write = False
 
     def _sql(self, query: str) -> str:
         if self.paramstyle == "qmark":
@@ -131,79 +233,178 @@ class Database:
         raise ValueError(f"unsupported DB-API paramstyle {self.paramstyle!r}")
 
     def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
-        cur = self.conn.cursor()
-        cur.execute(self._sql(query), tuple(params))
-        return cur
+        try:
+            cur = self.conn.cursor()
+            cur.execute(self._sql(query), tuple(params))
+            return cur
+        except self._errors as e:
+            if self._in_write or self._reopen is None or not getattr(self.conn, "broken", False):
+                raise DatabaseError(describe_error(self.where, e)) from None
+        self.conn = self._reopen()
+        try:
+            cur = self.conn.cursor()
+            cur.execute(self._sql(query), tuple(params))
+            return cur
+        except self._errors as e:
+            raise DatabaseError(describe_error(self.where, e)) from None
 
     def one(self, query: str, params: Sequence[Any] = ()) -> tuple | None:
-        return self.execute(query, params).fetchone()
+        cur = self.execute(query, params)
+        try:
+            return cur.fetchone()
+        except self._errors as e:
+            raise DatabaseError(describe_error(self.where, e)) from None
 
     def all(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return list(self.execute(query, params).fetchall())
+        cur = self.execute(query, params)
+        try:
+            return list(cur.fetchall())
+        except self._errors as e:
+            raise DatabaseError(describe_error(self.where, e)) from None
 
     @contextmanager
     def write(self) -> Iterator["Database"]:
-        """A write transaction that holds the write lock from its first statement.
+        """A write transaction that holds the registry's write lock from its first statement.
 
-        SQLite's ``BEGIN IMMEDIATE`` takes the write lock up front, so two processes that
-        both read "next version = 4" cannot both commit it: the second waits (busy_timeout)
-        until the first has committed and then reads 5.
+        SQLite's ``BEGIN IMMEDIATE`` takes the write lock up front; PostgreSQL takes a
+        transaction-scoped advisory lock, released by COMMIT, ROLLBACK or the server when
+        the client's connection drops (a killed writer never leaves it held).
         """
-        if self.dialect == "sqlite":
-            self.conn.execute("BEGIN IMMEDIATE")
-        else:  # pragma: no cover - only sqlite is wired up in connect()
-            raise ValueError(f"no write-transaction recipe for dialect {self.dialect!r}")
+        if self._in_write:
+            raise RuntimeError("nested registry write transaction")
+        self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+        self._in_write = True
         try:
+            if self.dialect == "postgresql":
+                self.execute(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
             yield self
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._in_write = False
+            try:
+                self.conn.execute("ROLLBACK")
+            except self._errors:
+                pass  # the connection is gone; the server (or SQLite's journal) rolls back
             raise
         else:
-            self.conn.execute("COMMIT")
+            self._in_write = False
+            try:
+                self.execute("COMMIT")
+            except DatabaseError:
+                # A failed COMMIT (a full disk) can leave SQLite's transaction open.
+                try:
+                    self.conn.execute("ROLLBACK")
+                except self._errors:
+                    pass
+                raise
 
-    def close(self) -> None:
-        self.conn.close()
+    def tables(self) -> set[str]:
+        """The registry tables present in this database."""
+        if self.dialect == "sqlite":
+            rows = self.all("SELECT name FROM sqlite_master WHERE type = 'table'")
+        else:
+            rows = self.all("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return {r[0] for r in rows} & set(TABLES)
 
+    def quick_check(self) -> list[str]:
+        """Structural problems of the database file (SQLite ``PRAGMA quick_check``); [] when sound.
 
-def connect(url: str, busy_timeout_s: float = 60.0) -> Database:
-    """Open the registry database at ``url`` and make sure its schema exists.
+        A PostgreSQL server checks its own pages; reading the catalog is all that is done here.
+        """
+        if self.dialect != "sqlite":
+            self.one("SELECT 1")
+            return []
+        rows = [r[0] for r in self.all("PRAGMA quick_check")]
+        return [] if rows == ["ok"] else rows
 
-    SQLite runs in WAL mode (readers never block the writer) with ``synchronous=FULL``, so
-    a committed registration survives a crash of the process or the machine.
-    """
-    path = parse_url(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: autocommit, so BEGIN/COMMIT are ours and not the module's.
-    conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        conn.close()
-        raise RuntimeError(f"{path}: could not switch SQLite to WAL mode (journal_mode is {mode!r})")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    db = Database(conn, paramstyle=sqlite3.paramstyle, dialect="sqlite")
-    _ensure_schema(db, path)
-    return db
-
-
-def _ensure_schema(db: Database, where: Path) -> None:
-    pk = "INTEGER PRIMARY KEY AUTOINCREMENT" if db.dialect == "sqlite" else "BIGSERIAL PRIMARY KEY"
-    row = None
-    try:
-        row = db.one("SELECT value FROM meta WHERE key = 'schema_version'")
-    except sqlite3.OperationalError:
-        pass  # no meta table yet: a new database
-    if row is not None:
-        if int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{where}: registry schema version {row[0]} is not the version this rlhf expects ({SCHEMA_VERSION})"
-            )
-        return
-    with db.write():
-        for stmt in _SCHEMA:
-            db.execute(stmt.replace("{pk}", pk))
-        db.execute(
+    def create_schema(self) -> None:
+        """Create every table (inside the caller's write transaction)."""
+        pk = "INTEGER PRIMARY KEY AUTOINCREMENT" if self.dialect == "sqlite" else "BIGSERIAL PRIMARY KEY"
+        for stmt in SCHEMA:
+            self.execute(stmt.replace("{pk}", pk))
+        self.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
         )
+
+    def schema_version(self) -> int | None:
+        row = self.one("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(row[0]) if row is not None else None
+
+    def upgrade_schema(self) -> None:
+        """Bring an older schema up to :data:`SCHEMA_VERSION` (inside a write transaction)."""
+        version = self.schema_version()
+        if version == 1:
+            for stmt in _UPGRADE_FROM_1:
+                self.execute(stmt)
+            self.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        elif version != SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{self.where}: registry schema version {version} is not one this rlhf knows (it expects "
+                f"{SCHEMA_VERSION}); use the rlhf version that wrote it"
+            )
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except self._errors:
+            pass
+
+
+def connect(url: str | DbUrl, busy_timeout_s: float = 60.0) -> Database:
+    """Open the database at ``url`` (the schema is the registry's business, not this one's).
+
+    SQLite runs in WAL mode (readers never block the writer) with ``synchronous=FULL``, so
+    a committed registration survives a crash of the process or the machine.
+
+    Raises:
+        DatabaseError: when the database cannot be opened (damaged file, server down,
+            driver missing), naming the file or server.
+    """
+    u = url if isinstance(url, DbUrl) else parse_url(url)
+    if u.dialect == "postgresql":
+        return _connect_postgres(u, busy_timeout_s)
+    assert u.path is not None
+    try:
+        u.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatabaseError(f"{u.path.parent}: cannot create the registry directory ({e.strerror})") from None
+    try:
+        # isolation_level=None: autocommit, so BEGIN/COMMIT are ours and not the module's.
+        conn = sqlite3.connect(str(u.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise DatabaseError(describe_error(u.display, e)) from None
+    db = Database(conn, u, paramstyle=sqlite3.paramstyle)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = db.one("PRAGMA journal_mode = WAL")[0]
+        if str(mode).lower() != "wal":
+            raise DatabaseError(f"{u.path}: could not switch SQLite to WAL mode (journal_mode is {mode!r})")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _connect_postgres(u: DbUrl, busy_timeout_s: float) -> Database:
+    try:
+        import psycopg
+    except ImportError:
+        raise DatabaseError(
+            f"{u.display}: PostgreSQL registries need psycopg 3; install the extra: pip install 'rlhf[postgres]'"
+        ) from None
+
+    def open_connection():
+        try:
+            conn = psycopg.connect(u.conninfo, autocommit=True, connect_timeout=max(1, int(min(busy_timeout_s, 30))))
+            # Writers queue on the advisory lock; give up after the same time SQLite would.
+            conn.execute(f"SET lock_timeout = '{int(busy_timeout_s * 1000)}ms'")
+            conn.execute("SET client_min_messages = warning")  # CREATE ... IF NOT EXISTS notices
+        except psycopg.Error as e:
+            raise DatabaseError(
+                f"{u.display}: cannot connect to the PostgreSQL registry ({str(e).strip().splitlines()[0]})"
+            ) from None
+        return conn
+
+    return Database(open_connection(), u, paramstyle="format", reopen=open_connection)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhf.registry.registry import (
+from rlhf.registry.entry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     HEAD_ROLES,
@@ -145,6 +145,20 @@ def merge_adapter(adapter: Entry, base: Entry, dtype: str = "auto"):
     return merged, tok
 
 
+def _follow_umask(root: Path, umask: int) -> None:
+    """Give ``root`` and everything under it the modes the user's umask gives new files.
+
+    mkdtemp makes the directory 0700 and some savers write through private temp files
+    (0600); an export is a model to share, so it gets what any file the user creates gets.
+    """
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(Path(dirpath) / d, 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(Path(dirpath) / f, 0o666 & ~umask)
+
+
 def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "auto") -> Path:
     """Write the merged model of ``adapter`` on ``base`` to ``out_dir`` (atomically).
 
@@ -164,6 +178,8 @@ def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "aut
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
         steps.set_postfix_str("save")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -178,6 +194,7 @@ def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "aut
             "model_class": "AutoModelForSequenceClassification" if adapter.role in HEAD_ROLES else "AutoModelForCausalLM",
         }
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _follow_umask(tmp, umask)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

@@ -9,16 +9,23 @@ Entries are of four kinds:
   ``rlhf_adapter.json``).
 - ``dataset``: a preference-dataset version written by ``reward_data`` (its manifest).
 - ``run``: one stage run (stage, resolved config, metrics, package version, git commit,
-  status, start/end).
+  status, start/end, and why it did not complete).
 
 Every entry is ``name:version``; versions are immutable and numbered per name. A name
 belongs to one kind. ``name`` and ``name:latest`` mean the newest version; user aliases
 (``name:prod``) point at one version and can be moved with ``tag``.
 
+The database (SQLite or PostgreSQL, see ``db.py``) is the source of truth. The artifact
+store keeps, beside the artifact directories, a JSON record of every entry and of every
+removed version, rewritten inside the transaction that changes it; from those records a
+lost database can be rebuilt, and an empty database next to a populated store is
+recognised as lost rather than taken for a new registry.
+
 Registration is crash safe: the artifact is copied into a staging directory and hashed,
 renamed to its final place inside the write transaction, and the transaction commits
 last. A process killed before the commit leaves no entry (at most an unreferenced
-directory, which the next registration of that version or ``gc`` removes).
+directory of a version number that was never handed out, which the next registration of
+that version or ``gc --yes`` removes).
 """
 
 from __future__ import annotations
@@ -30,87 +37,107 @@ import re
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass, field
+import uuid
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import rlhf
-from rlhf.paths import rlhf_home
+from rlhf.paths import pid_alive, rlhf_home
 from rlhf.registry import store
-from rlhf.registry.db import Database, connect
-
-KINDS = ("base", "adapter", "dataset", "run")
-ROLES = ("sft", "reward", "policy", "value")
-HEAD_ROLES = ("reward", "value")
-RUN_STATUSES = ("completed", "failed")
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-HEAD_WEIGHTS = "head.safetensors"
-ADAPTER_META = "rlhf_adapter.json"
-DATASET_MANIFEST = "manifest.json"
+from rlhf.registry.db import SCHEMA_VERSION, TABLES, Database, DbUrl, connect, parse_url
+from rlhf.registry.entry import (
+    ADAPTER_CONFIG,
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    DATASET_MANIFEST,
+    HEAD_ROLES,
+    HEAD_WEIGHTS,
+    KINDS,
+    ROLES,
+    RUN_STATUSES,
+    DependencyError,
+    Entry,
+    IntegrityError,
+    NotFoundError,
+    Problem,
+    RegistryError,
+    parse_ref,
+    validate_alias,
+    validate_name,
+)
 
 URL_ENV = "RLHF_REGISTRY_URL"
+STORE_ENV = "RLHF_REGISTRY_STORE"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Keys the registry itself writes into an adapter's metadata; user metadata may not shadow them.
 _ADAPTER_RESERVED = ("role", "base", "peft_config", "head")
+_REBUILD_HINT = "re-create it from the artifact store with `rlhf registry rebuild`"
 
 
-class RegistryError(Exception):
-    """A registry operation that cannot be done as asked."""
+def _ensure_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegistryError(f"{path}: cannot create the artifact store ({e.strerror})") from None
 
 
-class NotFoundError(RegistryError, LookupError):
-    """A reference that names no entry."""
+# Filesystems on which SQLite's WAL mode (shared memory, POSIX locks) is not safe.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "beegfs",
+                        "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "afs")
 
 
-class DependencyError(RegistryError):
-    """An entry cannot be removed because other entries depend on it."""
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (from /proc/self/mounts), or None if unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path if path.exists() else path.parent)
+    best, fstype = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")  # /proc/mounts escapes spaces
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, fstype = mount, parts[2]
+    return fstype
 
 
-def validate_name(name: str, what: str = "name") -> str:
-    """Check an entry name (or alias): letters, digits, ``.``, ``_``, ``-``; at most 128 chars.
-
-    Names become directory names in the artifact store, so separators (``/``, ``\\``),
-    ``:`` (the version separator) and ``..`` are refused.
-
-    Raises:
-        ValueError: naming the offending value.
-    """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"invalid registry {what} {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit, without '..', '/', '\\' or ':'"
+def _warn_if_network_filesystem(db_path: Path) -> None:
+    fstype = filesystem_type(db_path)
+    if fstype in _NETWORK_FILESYSTEMS:
+        warnings.warn(
+            f"{db_path}: the SQLite registry is on a {fstype} network filesystem, where SQLite's WAL mode is not "
+            "safe (it needs shared memory on one host); keep the SQLite file on a local disk, or use a PostgreSQL "
+            "registry (RLHF_REGISTRY_URL=postgresql://...) with the artifact store on the shared filesystem",
+            RuntimeWarning,
+            stacklevel=3,
         )
-    return name
 
 
-def validate_alias(alias: str) -> str:
-    """An alias is a name that is neither a version number nor the reserved ``latest``."""
-    validate_name(alias, "alias")
-    if alias.isdigit():
-        raise ValueError(f"invalid alias {alias!r}: all-digit aliases would read as version numbers")
-    if alias == "latest":
-        raise ValueError("alias 'latest' is reserved: it always means the newest version")
-    return alias
+def _store_has_content(artifacts: Path) -> bool:
+    """Whether the artifact store belongs to a registry that has (or had) entries."""
+    return bool(store.record_files(artifacts)) or bool(store.stored_version_dirs(artifacts, KINDS))
 
 
-def parse_ref(ref: str) -> tuple[str, int | str | None]:
-    """Split ``"name"``, ``"name:3"`` or ``"name:alias"`` into ``(name, 3 | "alias" | None)``."""
-    if not isinstance(ref, str) or not ref:
-        raise ValueError(f"invalid registry reference {ref!r}: expected name, name:VERSION or name:ALIAS")
-    name, sep, sel = ref.partition(":")
-    validate_name(name)
-    if not sep:
-        return name, None
-    if sel.isdigit():
-        if int(sel) < 1:
-            raise ValueError(f"invalid registry reference {ref!r}: versions start at 1")
-        return name, int(sel)
-    validate_name(sel, "alias")
-    return name, None if sel == "latest" else sel
+def _lost_database(u: DbUrl, artifacts: Path, state: str) -> IntegrityError:
+    n = sum(1 for p in store.record_files(artifacts) if "removed" not in store.read_json(p))
+    return IntegrityError(
+        f"{u.display}: the registry database is {state}, but the artifact store {artifacts} holds "
+        f"{n} registered entr{'y' if n == 1 else 'ies'}; refusing to treat it as an empty registry. "
+        f"Restore the database from a backup, check the registry URL, or {_REBUILD_HINT}"
+    )
+
+
+def _record_token(path: Path) -> str | None:
+    try:
+        return store.read_json(path).get("token")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _now() -> str:
@@ -154,117 +181,154 @@ def git_commit(cwd: str | os.PathLike | None = None) -> tuple[str | None, bool |
         return None, None
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One registry entry (an immutable version).
-
-    Attributes:
-        kind: ``base``, ``adapter``, ``dataset`` or ``run``.
-        name: the entry's name.
-        version: its version number (1, 2, ...).
-        ref: ``"name:version"``, the pinned reference.
-        path: the directory holding its files (in the artifact store, or the recorded local
-            directory of an external base/dataset); ``None`` for hub bases and runs.
-        metadata: kind-specific facts (adapter: role, base, peft_config, head, user keys;
-            base: source, hub_id/revision or local_path/content_hash; dataset: manifest;
-            run: stage, status, config, metrics, package_version, git_commit, started, ended).
-        files: ``{relpath: sha256}`` of every file under ``path``.
-        created: ISO-8601 UTC time of registration.
-        parents: pinned refs of the entries this one depends on.
-        role: the adapter role, ``None`` for other kinds.
-        aliases: user aliases currently pointing at this version.
-        relations: ``{parent ref: [relations]}`` (``base``, ``parent``, ``run``, ``input``).
-    """
-
-    kind: str
-    name: str
-    version: int
-    ref: str
-    path: Path | None
-    metadata: dict
-    files: dict[str, str]
-    created: str
-    parents: list[str]
-    role: str | None = None
-    aliases: list[str] = field(default_factory=list)
-    relations: dict[str, list[str]] = field(default_factory=dict)
-    id: int = field(default=0, repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready view (what ``show --json`` prints)."""
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "version": self.version,
-            "ref": self.ref,
-            "role": self.role,
-            "path": str(self.path) if self.path is not None else None,
-            "aliases": list(self.aliases),
-            "created": self.created,
-            "parents": list(self.parents),
-            "relations": {k: list(v) for k, v in self.relations.items()},
-            "metadata": self.metadata,
-            "files": dict(self.files),
-        }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of ``verify``.
-
-    Attributes:
-        ref: the entry (``name:version``).
-        problem: ``missing`` (a recorded file is gone), ``modified`` (its sha256 changed),
-            ``unexpected`` (a file that was not recorded) or ``missing-dir``.
-        path: the file concerned.
-        detail: a human-readable explanation.
-    """
-
-    ref: str
-    problem: str
-    path: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.ref}: {self.problem}: {self.path} ({self.detail})"
-
-    def to_dict(self) -> dict:
-        return {"ref": self.ref, "problem": self.problem, "path": self.path, "detail": self.detail}
-
-
 _ENTRY_COLS = "id, kind, name, version, role, path, stored, metadata, created"
 
 
-class Registry:
-    """The registry at one home: a database plus an artifact directory.
+def locate(
+    home: str | os.PathLike | None = None, url: str | None = None, store_dir: str | os.PathLike | None = None
+) -> tuple[DbUrl, Path]:
+    """Where the registry's database and artifact store are.
 
-    Open it with :meth:`Registry.open`. A ``Registry`` holds one database connection; use
-    one per process (it is safe for many processes to open the same registry at once).
+    Database: ``url``, then ``$RLHF_REGISTRY_URL``, then ``<home>/registry/registry.db``.
+    Artifact store: ``store_dir``, then ``$RLHF_REGISTRY_STORE``, then
+    ``<home>/registry/artifacts``. The home is ``home``, then ``$RLHF_HOME``, then ``~/.rlhf``.
+    """
+    root = rlhf_home(home).expanduser().resolve() / "registry"
+    u = parse_url(url or os.environ.get(URL_ENV) or str(root / "registry.db"))
+    artifacts = Path(store_dir or os.environ.get(STORE_ENV) or root / "artifacts").expanduser().resolve()
+    return u, artifacts
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What ``gc`` found.
+
+    Attributes:
+        remove: ``(path, reason)`` of what the database positively lists as unreferenced;
+            deleted unless it was a dry run.
+        keep: ``(path, reason)`` of unowned things gc will not touch, and why.
+        deleted: whether ``remove`` was deleted (False for a dry run).
     """
 
-    def __init__(self, db: Database, root: Path):
+    remove: list[tuple[Path, str]]
+    keep: list[tuple[Path, str]]
+    deleted: bool
+
+
+class Registry:
+    """The registry: a database (SQLite file or PostgreSQL) plus an artifact directory.
+
+    Open it with :meth:`Registry.open`. A ``Registry`` holds one database connection; use
+    one per process (it is safe for many processes, on many machines for PostgreSQL, to
+    open the same registry at once).
+    """
+
+    def __init__(self, db: Database, artifacts: Path):
         self.db = db
-        self.root = root
-        self.artifacts = root / "artifacts"
-        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.artifacts = artifacts
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, url: str | None = None) -> "Registry":
-        """Open (creating if needed) the registry under ``<home>/registry``.
+    def open(
+        cls,
+        home: str | os.PathLike | None = None,
+        url: str | None = None,
+        store_dir: str | os.PathLike | None = None,
+    ) -> "Registry":
+        """Open the registry, creating it when both database and artifact store are new.
+
+        Opening checks the registry's integrity: the schema is present, the SQLite file
+        passes ``PRAGMA quick_check``, and the database and the artifact store belong
+        together (the same store id). A missing, empty or damaged database next to an
+        artifact store that holds entries is an :class:`IntegrityError` with a recovery
+        hint, never an empty registry.
 
         Args:
             home: the rlhf home; defaults to ``$RLHF_HOME``, then ``~/.rlhf``.
-            url: database URL; defaults to ``$RLHF_REGISTRY_URL``, then
-                ``sqlite:///<home>/registry/registry.db``. Only ``sqlite:///`` URLs are
-                supported in this version. Artifacts always live in
-                ``<home>/registry/artifacts``.
+            url: the database: a path, ``sqlite:///path.db`` or
+                ``postgresql://user@host:port/db``; defaults to ``$RLHF_REGISTRY_URL``,
+                then ``<home>/registry/registry.db``.
+            store_dir: the artifact store directory; defaults to ``$RLHF_REGISTRY_STORE``,
+                then ``<home>/registry/artifacts``.
+
+        Raises:
+            IntegrityError: the database is lost, damaged, or belongs to another store.
+            DatabaseError: the database cannot be opened or read.
         """
-        root = rlhf_home(home).resolve() / "registry"
-        root.mkdir(parents=True, exist_ok=True)
-        url = url or os.environ.get(URL_ENV) or f"sqlite:///{root / 'registry.db'}"
-        return cls(connect(url), root)
+        u, artifacts = locate(home, url, store_dir)
+        _ensure_dir(artifacts)
+        if u.dialect == "sqlite":
+            # Checked before connecting: sqlite3 would create the missing file, and a 0-byte
+            # file opens as a valid, empty database.
+            state = "missing" if not u.path.exists() else "empty (0 bytes)" if u.path.stat().st_size == 0 else None
+            if state is not None and _store_has_content(artifacts):
+                raise _lost_database(u, artifacts, state)
+            _warn_if_network_filesystem(u.path)
+        db = connect(u)
+        try:
+            reg = cls(db, artifacts)
+            reg._check_integrity()
+        except BaseException:
+            db.close()
+            raise
+        return reg
+
+    def _check_integrity(self) -> None:
+        store_id = store.read_store_id(self.artifacts)
+        tables = self.db.tables()
+        if not tables:
+            if store_id is not None or _store_has_content(self.artifacts):
+                raise _lost_database(self.db.url, self.artifacts, "empty (it has no registry tables)")
+            with self.db.write():
+                if not self.db.tables():  # another process may have created it meanwhile
+                    self.db.create_schema()
+                    self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id or uuid.uuid4().hex,))
+            self._adopt_store(store.read_store_id(self.artifacts))
+            return
+        problems = self.db.quick_check()
+        if problems:
+            raise IntegrityError(
+                f"{self.db.where}: the registry database is damaged ({'; '.join(problems[:3])}); restore it from a "
+                f"backup, or {_REBUILD_HINT}"
+            )
+        missing = set(TABLES) - tables
+        if missing - {"tombstones"} or self.db.schema_version() is None:
+            raise IntegrityError(
+                f"{self.db.where}: the registry schema is incomplete (tables {', '.join(sorted(missing)) or 'meta rows'} "
+                f"missing); restore it from a backup, or {_REBUILD_HINT}"
+            )
+        if self.db.schema_version() != SCHEMA_VERSION:
+            with self.db.write():
+                self.db.upgrade_schema()
+        self._adopt_store(store_id)
+
+    def _adopt_store(self, store_id: str | None) -> None:
+        """Check that database and artifact store belong together; pair a fresh store."""
+        if store_id is None:
+            stored = self.db.one("SELECT COUNT(*) FROM entries WHERE stored = 1")[0]
+            if stored and not store.stored_version_dirs(self.artifacts, KINDS):
+                raise IntegrityError(
+                    f"{self.artifacts}: this artifact store is empty, but the database {self.db.where} lists {stored} "
+                    f"stored entr{'y' if stored == 1 else 'ies'}; check the store directory (--store / ${STORE_ENV})"
+                )
+        row = self.db.one("SELECT value FROM meta WHERE key = 'store_id'")
+        if row is None:
+            # A database from before store ids (schema version 1): pair it with this store
+            # and give every entry its record, so that it can be rebuilt from the store.
+            with self.db.write():
+                if self.db.one("SELECT value FROM meta WHERE key = 'store_id'") is None:
+                    self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id or uuid.uuid4().hex,))
+                    self._sync_records([eid for (eid,) in self.db.all("SELECT id FROM entries")])
+            row = self.db.one("SELECT value FROM meta WHERE key = 'store_id'")
+        if store_id is None:
+            store.write_store_id(self.artifacts, row[0])
+        elif store_id != row[0]:
+            raise IntegrityError(
+                f"{self.db.where} and the artifact store {self.artifacts} belong to different registries "
+                f"(store id {row[0]} in the database, {store_id} in {self.artifacts / store.STORE_ID_FILE}); "
+                f"check the registry URL and the store directory"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -303,15 +367,16 @@ class Registry:
         meta = json.loads(metadata)
         if kind == "run":
             run = self.db.one(
-                "SELECT stage, status, config, metrics, package_version, git_commit, pipeline, started, ended "
+                "SELECT stage, status, config, metrics, package_version, git_commit, pipeline, started, ended, reason "
                 "FROM runs WHERE entry_id = ?",
                 (eid,),
             )
             if run is not None:
-                stage, status, config, metrics, pkg, commit, pipeline, started, ended = run
+                stage, status, config, metrics, pkg, commit, pipeline, started, ended, reason = run
                 meta.update(
                     stage=stage, status=status, config=json.loads(config), metrics=json.loads(metrics),
                     package_version=pkg, git_commit=commit, pipeline=pipeline, started=started, ended=ended,
+                    reason=reason,
                 )
         files = dict(self.db.all("SELECT relpath, sha256 FROM files WHERE entry_id = ? ORDER BY relpath", (eid,)))
         relations: dict[str, list[str]] = {}
@@ -377,6 +442,7 @@ class Registry:
             run: the ``runs`` row of a run entry.
         """
         final: Path | None = None
+        record: tuple[str, int] | None = None
         try:
             with self.db.write():
                 row = self.db.one("SELECT kind, next_version FROM names WHERE name = ?", (name,))
@@ -427,12 +493,20 @@ class Registry:
                         (eid, run["stage"], run["status"], _dumps(run["config"]), _dumps({}),
                          run["package_version"], run["git_commit"], run["pipeline"], run["started"], None),
                     )
+                # The store's record of the entry is written last, still inside the
+                # transaction: a record without a committed entry (a writer killed right
+                # here) has a version the counter never handed out, which gc recognises.
+                record = (name, version)
+                self._sync_records([eid])
                 store.crash_point("inserted")
         except BaseException:
-            # The transaction rolled back: leave neither the staged nor the moved directory behind.
+            # The transaction rolled back: leave neither the staged nor the moved directory
+            # nor the record behind.
             for d in (staged, final):
                 if d is not None and d.exists():
                     store.discard_dir(self.artifacts, d)
+            if record is not None:
+                store.delete_record(self.artifacts, *record)
             raise
         store.crash_point("committed")
         return self.resolve(f"{name}:{version}")
@@ -680,8 +754,21 @@ class Registry:
         meta = {"host": socket.gethostname(), "pid": os.getpid(), "git_dirty": dirty}
         return self._commit(kind="run", name=f"run-{stage}", metadata=meta, files={}, parents=pinned, run=run).ref
 
-    def finish_run(self, run_ref: str, status: str, metrics: dict, outputs: Iterable[str] = ()) -> None:
-        """Mark a running run completed or failed, store its metrics, and link its outputs."""
+    def finish_run(
+        self, run_ref: str, status: str, metrics: dict, outputs: Iterable[str] = (), reason: str | None = None
+    ) -> None:
+        """End a running run: store its status, metrics and (optional) reason; link its outputs.
+
+        Args:
+            run_ref: the reference :meth:`start_run` returned.
+            status: ``completed``, ``failed``, ``killed`` or ``interrupted``.
+            metrics: final numbers (JSON-serialisable).
+            outputs: references of the entries the run produced.
+            reason: why a run did not complete (an exception's message, a signal).
+
+        Raises:
+            RegistryError: when the run is not running any more.
+        """
         if status not in RUN_STATUSES:
             raise ValueError(f"finish_run({run_ref!r}): status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
         outputs = list(outputs)
@@ -693,9 +780,10 @@ class Registry:
             if current != "running":
                 raise RegistryError(f"finish_run: run {row[2]}:{row[3]} is already {current}")
             self.db.execute(
-                "UPDATE runs SET status = ?, metrics = ?, ended = ? WHERE entry_id = ?",
-                (status, _dumps(metrics), _now(), row[0]),
+                "UPDATE runs SET status = ?, metrics = ?, ended = ?, reason = ? WHERE entry_id = ?",
+                (status, _dumps(metrics), _now(), reason, row[0]),
             )
+            out_ids = []
             for out in outputs:
                 oid = self._row_by_ref(out)[0]
                 if oid == row[0]:
@@ -704,6 +792,54 @@ class Registry:
                     "INSERT INTO edges (child_id, parent_id, relation) VALUES (?, ?, 'run') ON CONFLICT DO NOTHING",
                     (oid, row[0]),
                 )
+                out_ids.append(oid)
+            self._sync_records([row[0], *out_ids])
+
+    def mark_run(self, run_ref: str, status: str, reason: str) -> None:
+        """Mark a running run ``failed``, ``killed`` or ``interrupted``, keeping its metrics.
+
+        The pipeline calls this when a stage raises (failed), on Ctrl-C (interrupted), and
+        for runs found running whose process is gone (killed; see :meth:`reap_runs`).
+        """
+        if status not in ("failed", "killed", "interrupted"):
+            raise ValueError(f"mark_run({run_ref!r}): status must be failed, killed or interrupted, got {status!r}")
+        with self.db.write():
+            row = self._row_by_ref(run_ref)
+            if row[1] != "run":
+                raise ValueError(f"mark_run: {run_ref!r} is a {row[1]}, not a run")
+            current = self.db.one("SELECT status FROM runs WHERE entry_id = ?", (row[0],))[0]
+            if current != "running":
+                raise RegistryError(f"mark_run: run {row[2]}:{row[3]} is already {current}")
+            self.db.execute(
+                "UPDATE runs SET status = ?, ended = ?, reason = ? WHERE entry_id = ?",
+                (status, _now(), reason, row[0]),
+            )
+            self._sync_records([row[0]])
+
+    def reap_runs(self) -> list[str]:
+        """Mark ``killed`` every run still ``running`` whose process on this host is gone.
+
+        A run records its host and process id when it starts; a SIGKILLed or crashed stage
+        never finishes it. Runs of other hosts are left alone (their processes cannot be
+        checked from here). Returns the refs marked.
+        """
+        host = socket.gethostname()
+        marked = []
+        rows = self.db.all(
+            "SELECT e.name, e.version, e.metadata FROM entries e JOIN runs r ON r.entry_id = e.id "
+            "WHERE r.status = 'running' ORDER BY e.name, e.version"
+        )
+        for name, version, metadata in rows:
+            meta = json.loads(metadata)
+            pid = meta.get("pid")
+            if meta.get("host") != host or not isinstance(pid, int) or pid == os.getpid() or pid_alive(pid):
+                continue
+            try:
+                self.mark_run(f"{name}:{version}", "killed", f"process {pid} on {host} ended without finishing the run")
+            except RegistryError:
+                continue  # finished or marked by someone else meanwhile
+            marked.append(f"{name}:{version}")
+        return marked
 
     # ------------------------------------------------------------------ aliases
 
@@ -712,11 +848,13 @@ class Registry:
         validate_alias(alias)
         with self.db.write():
             row = self._row_by_ref(ref)
+            old = self.db.one("SELECT entry_id FROM aliases WHERE name = ? AND alias = ?", (row[2], alias))
             self.db.execute(
                 "INSERT INTO aliases (name, alias, entry_id, updated) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name, alias) DO UPDATE SET entry_id = excluded.entry_id, updated = excluded.updated",
                 (row[2], alias, row[0], _now()),
             )
+            self._sync_records([row[0]] + ([old[0]] if old is not None and old[0] != row[0] else []))
         return self.resolve(f"{row[2]}:{row[3]}")
 
     def untag(self, name: str, alias: str) -> None:
@@ -724,9 +862,124 @@ class Registry:
         validate_name(name)
         validate_alias(alias)
         with self.db.write():
-            cur = self.db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
-            if cur.rowcount == 0:
+            old = self.db.one("SELECT entry_id FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            if old is None:
                 raise NotFoundError(f"no alias {name}:{alias}")
+            self.db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            self._sync_records([old[0]])
+
+    # ------------------------------------------------------------------ the store's records
+
+    def _record(self, eid: int) -> dict:
+        """Everything the database holds about one entry, as the JSON record the store keeps."""
+        _, kind, name, version, role, path, stored, metadata, created = self.db.one(
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?", (eid,))
+        run = self.db.one(
+            "SELECT stage, status, config, metrics, package_version, git_commit, pipeline, started, ended, reason "
+            "FROM runs WHERE entry_id = ?", (eid,))
+        if run is not None:
+            keys = ("stage", "status", "config", "metrics", "package_version", "git_commit", "pipeline", "started",
+                    "ended", "reason")
+            run = dict(zip(keys, run))
+            run["config"], run["metrics"] = json.loads(run["config"]), json.loads(run["metrics"])
+        return {
+            "kind": kind, "name": name, "version": version, "role": role, "path": path, "stored": bool(stored),
+            "metadata": json.loads(metadata), "created": created,
+            "files": [list(r) for r in self.db.all(
+                "SELECT relpath, sha256, size FROM files WHERE entry_id = ? ORDER BY relpath", (eid,))],
+            "parents": [[f"{n}:{v}", rel] for n, v, rel in self.db.all(
+                "SELECT p.name, p.version, e.relation FROM edges e JOIN entries p ON p.id = e.parent_id "
+                "WHERE e.child_id = ? ORDER BY p.name, p.version, e.relation", (eid,))],
+            "aliases": [list(r) for r in self.db.all(
+                "SELECT alias, updated FROM aliases WHERE entry_id = ? ORDER BY alias", (eid,))],
+            "run": run,
+        }
+
+    def _sync_records(self, eids: Iterable[int]) -> None:
+        """Rewrite the store's records of these entries from the database (inside a write).
+
+        Each write carries a fresh token that the same transaction stores in the entry's
+        row. A writer killed after writing a record but before its commit leaves a record
+        whose token the database does not hold: a stale record of a change that never
+        happened, which ``verify`` tells apart from a damaged one and ``gc`` rewrites.
+        """
+        for eid in dict.fromkeys(eids):
+            token = uuid.uuid4().hex
+            self.db.execute("UPDATE entries SET record_token = ? WHERE id = ?", (token, eid))
+            try:
+                store.write_record(self.artifacts, {**self._record(eid), "token": token})
+            except OSError as e:
+                raise RegistryError(
+                    f"{e.filename or self.artifacts / store.RECORDS_DIRNAME}: cannot write the entry's record "
+                    f"({e.strerror}); nothing was committed"
+                ) from None
+
+    def dump(self) -> dict:
+        """The whole registry as JSON data: what ``migrate`` copies and then compares.
+
+        Returns:
+            ``{"store_id", "names": [[name, kind, next_version]], "entries": [record...],
+            "tombstones": [record...]}``, each list sorted.
+        """
+        return {
+            "store_id": self.db.one("SELECT value FROM meta WHERE key = 'store_id'")[0],
+            "names": [list(r) for r in self.db.all("SELECT name, kind, next_version FROM names ORDER BY name")],
+            "entries": [self._record(eid) for (eid,) in self.db.all("SELECT id FROM entries ORDER BY name, version")],
+            "tombstones": [
+                {"kind": k, "name": n, "version": v, "path": p, "stored": bool(st), "removed": r}
+                for n, v, k, p, st, r in self.db.all(
+                    "SELECT name, version, kind, path, stored, removed FROM tombstones ORDER BY name, version")
+            ],
+        }
+
+    def _load(self, data: dict) -> None:
+        """Insert a :meth:`dump` (or records read from a store) into this empty registry."""
+        db = self.db
+        db.execute("DELETE FROM meta WHERE key = 'store_id'")
+        db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (data["store_id"],))
+        for name, kind, next_version in data["names"]:
+            db.execute("INSERT INTO names (name, kind, next_version) VALUES (?, ?, ?)", (name, kind, next_version))
+        ids = {}
+        for rec in data["entries"]:
+            eid = db.one(
+                "INSERT INTO entries (kind, name, version, role, path, stored, metadata, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (rec["kind"], rec["name"], rec["version"], rec["role"], rec["path"], 1 if rec["stored"] else 0,
+                 _dumps(rec["metadata"]), rec["created"]),
+            )[0]
+            ids[f"{rec['name']}:{rec['version']}"] = eid
+            for relpath, sha, size in rec["files"]:
+                db.execute("INSERT INTO files (entry_id, relpath, sha256, size) VALUES (?, ?, ?, ?)",
+                           (eid, relpath, sha, size))
+            run = rec.get("run")
+            if run is not None:
+                db.execute(
+                    "INSERT INTO runs (entry_id, stage, status, config, metrics, package_version, git_commit, "
+                    "pipeline, started, ended, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (eid, run["stage"], run["status"], _dumps(run["config"]), _dumps(run["metrics"]),
+                     run["package_version"], run["git_commit"], run["pipeline"], run["started"], run["ended"],
+                     run.get("reason")),
+                )
+        for rec in data["entries"]:
+            child = ids[f"{rec['name']}:{rec['version']}"]
+            for pref, relation in rec["parents"]:
+                if pref not in ids:
+                    raise IntegrityError(
+                        f"{rec['name']}:{rec['version']} depends on {pref} ({relation}), which is not in the "
+                        "registry being loaded"
+                    )
+                db.execute("INSERT INTO edges (child_id, parent_id, relation) VALUES (?, ?, ?)",
+                           (child, ids[pref], relation))
+            for alias, updated in rec["aliases"]:
+                db.execute("INSERT INTO aliases (name, alias, entry_id, updated) VALUES (?, ?, ?, ?)",
+                           (rec["name"], alias, child, updated))
+        for t in data["tombstones"]:
+            db.execute(
+                "INSERT INTO tombstones (name, version, kind, path, stored, removed) VALUES (?, ?, ?, ?, ?, ?)",
+                (t["name"], t["version"], t["kind"], t["path"], 1 if t["stored"] else 0, t["removed"]),
+            )
+        # The records now belong to this database (fresh tokens).
+        self._sync_records(ids.values())
 
     # ------------------------------------------------------------------ lineage
 
@@ -780,13 +1033,18 @@ class Registry:
     def verify(self, ref: str | None = None) -> list[Problem]:
         """Re-hash the files of one entry (or of all) and report every difference.
 
+        Checking all entries also compares the database with the store's records: an entry
+        without a record could not be rebuilt, and a record of a committed version that
+        the database lacks means the database is older than the store (a restored backup).
+
         Returns:
             Problems: files missing, modified (sha256 differs), or present but unrecorded;
-            an empty list when everything matches.
+            records missing, differing or without an entry; an empty list when all agree.
         """
         entries = [self.resolve(ref)] if ref is not None else self.list()
         problems: list[Problem] = []
         for e in entries:
+            problems.extend(self._verify_record(e))
             if e.path is None:
                 continue  # hub bases and runs have no files of their own
             if not e.path.is_dir():
@@ -806,62 +1064,275 @@ class Registry:
                                                 f"sha256 {actual[:12]}... != recorded {sha[:12]}..."))
             for rel in sorted(present - set(recorded)):
                 problems.append(Problem(e.ref, "unexpected", str(e.path / rel), "file was not part of the entry"))
+        if ref is None:
+            problems.extend(self._verify_orphan_records())
+        return problems
+
+    def _verify_record(self, e: Entry) -> list[Problem]:
+        path = store.record_path(self.artifacts, e.name, e.version)
+        if not path.is_file():
+            return [Problem(e.ref, "no-record", str(path), "the artifact store has no record of this entry")]
+        try:
+            rec = store.read_json(path)
+        except ValueError as err:
+            return [Problem(e.ref, "bad-record", str(path), str(err))]
+        token = self.db.one("SELECT record_token FROM entries WHERE id = ?", (e.id,))[0]
+        if rec.pop("token", None) != token:
+            return []  # written by a writer that died before its commit; gc rewrites it
+        if rec != json.loads(_dumps(self._record(e.id))):
+            return [Problem(e.ref, "record-differs", str(path), "the store's record disagrees with the database")]
+        return []
+
+    def _verify_orphan_records(self) -> list[Problem]:
+        live = {(n, v) for n, v in self.db.all("SELECT name, version FROM entries")}
+        gone = {(n, v) for n, v in self.db.all("SELECT name, version FROM tombstones")}
+        counters = {n: nv for n, nv in self.db.all("SELECT name, next_version FROM names")}
+        problems = []
+        for path in store.record_files(self.artifacts):
+            name, version = path.parent.name, int(path.stem) if path.stem.isdigit() else 0
+            if (name, version) in live or (name, version) in gone:
+                continue
+            # A version the counter never handed out is a registration that died before
+            # its commit, not a lost entry.
+            if version >= counters.get(name, 1):
+                continue
+            problems.append(Problem(f"{name}:{version}", "not-in-database", str(path),
+                                    "the store records this committed version but the database does not "
+                                    f"(an older database?); {_REBUILD_HINT}"))
         return problems
 
     def dependents(self, ref: str) -> list[str]:
         """Pinned refs of the entries that depend on ``ref`` directly."""
         eid = self._row_by_ref(ref)[0]
-        return [f"{n}:{v}" for n, v in self.db.all(
-            "SELECT DISTINCT c.name, c.version FROM edges e JOIN entries c ON c.id = e.child_id "
-            "WHERE e.parent_id = ? ORDER BY c.name, c.version", (eid,))]
+        return [f"{n}:{v}" for n, v in self._dependent_rows(eid)]
+
+    def _dependent_rows(self, eid: int) -> list[tuple]:
+        return self.db.all(
+            "SELECT DISTINCT c.name, c.version, c.id FROM edges e JOIN entries c ON c.id = e.child_id "
+            "WHERE e.parent_id = ? ORDER BY c.name, c.version", (eid,))
 
     def remove(self, ref: str, force: bool = False) -> Entry:
         """Delete one version and its stored files.
 
         Refuses while other entries depend on it (adapters on their base, runs on their
         inputs, ...) unless ``force``; forcing cuts those lineage links. The database row
-        goes first, the files after, so a crash in between leaves an unreferenced
-        directory (removed by ``gc``), never an entry without files.
+        goes first (leaving a tombstone), the files after, so a crash in between leaves a
+        directory the database lists as removed (deleted by ``gc``), never an entry
+        without files.
 
         Raises:
             DependencyError: when dependents exist and ``force`` is false.
         """
         with self.db.write():
             entry = self._entry(self._row_by_ref(ref))
-            deps = self.dependents(entry.ref)
+            deps = self._dependent_rows(entry.id)
             if deps and not force:
+                refs = [f"{n}:{v}" for n, v, _ in deps]
                 raise DependencyError(
-                    f"cannot remove {entry.ref}: {len(deps)} entr{'y' if len(deps) == 1 else 'ies'} depend on it "
-                    f"({', '.join(deps)}); remove those first or force"
+                    f"cannot remove {entry.ref}: {len(refs)} entr{'y' if len(refs) == 1 else 'ies'} depend on it "
+                    f"({', '.join(refs)}); remove those first or force"
                 )
+            row = self.db.one("SELECT path, stored FROM entries WHERE id = ?", (entry.id,))
+            tomb = {"kind": entry.kind, "name": entry.name, "version": entry.version, "path": row[0],
+                    "stored": bool(row[1]), "removed": _now()}
+            self.db.execute(
+                "INSERT INTO tombstones (name, version, kind, path, stored, removed) VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.name, entry.version, entry.kind, row[0], row[1], tomb["removed"]),
+            )
             self.db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+            self._sync_records([eid for _, _, eid in deps])
+            try:
+                store.write_record(self.artifacts, tomb)
+            except OSError as e:
+                raise RegistryError(f"{e.filename}: cannot write the removal record ({e.strerror}); nothing removed") from None
         stored = entry.path is not None and self.artifacts in entry.path.parents
         if stored:
             store.discard_dir(self.artifacts, entry.path)
         return entry
 
-    def gc(self) -> list[Path]:
-        """Delete staging directories of dead processes and stored directories no entry owns."""
-        removed = []
+    def gc(self, dry_run: bool = True) -> GcResult:
+        """Find (and unless ``dry_run``, delete) what no entry needs.
+
+        Deleted are only things the database positively lists as unreferenced: staging
+        directories of dead processes, stored directories of removed versions (tombstones)
+        or of versions the name's counter never handed out (a registration that died
+        before its commit), their records, and the trash. Anything else without an entry
+        (an unknown name, a version the database says was committed) is kept and reported:
+        an empty or wrong database must never make gc delete artifacts.
+        """
+        remove: list[tuple[Path, str]] = []
+        keep: list[tuple[Path, str]] = []
         with self.db.write():
-            for d in store.stale_tmp_dirs(self.artifacts):
-                store.discard_dir(self.artifacts, d)
-                removed.append(d)
+            counters = {n: (k, nv) for n, k, nv in self.db.all("SELECT name, kind, next_version FROM names")}
             owned = {p for (p,) in self.db.all("SELECT path FROM entries WHERE stored = 1")}
-            for kind in KINDS:
-                kdir = self.artifacts / kind
-                if not kdir.is_dir():
+            live = {(n, v) for n, v in self.db.all("SELECT name, version FROM entries")}
+            gone = {(n, v) for n, v in self.db.all("SELECT name, version FROM tombstones")}
+
+            def unreferenced(kind: str | None, name: str, vname: str) -> str | None:
+                if not vname.isdigit():
+                    return None
+                v = int(vname)
+                if (name, v) in gone:
+                    return f"{name}:{v} was removed"
+                known = counters.get(name)
+                if known is not None and (kind is None or known[0] == kind) and v >= known[1]:
+                    return f"{name}:{v} was never committed (the counter of {name!r} is at {known[1]})"
+                return None
+
+            for d in store.stale_tmp_dirs(self.artifacts):
+                remove.append((d, "staging directory of a dead process"))
+            for kind, name, vname, path in store.stored_version_dirs(self.artifacts, KINDS):
+                if f"{kind}/{name}/{vname}" in owned:
                     continue
-                for ndir in kdir.iterdir():
-                    for vdir in ndir.iterdir() if ndir.is_dir() else ():
-                        if f"{kind}/{ndir.name}/{vdir.name}" not in owned:
-                            store.discard_dir(self.artifacts, vdir)
-                            removed.append(vdir)
+                why = unreferenced(kind, name, vname)
+                if why:
+                    remove.append((path, why))
+                else:
+                    keep.append((path, "no entry owns it, but the database does not list it as unreferenced"))
+            for path in store.record_files(self.artifacts):
+                name, vname = path.parent.name, path.stem
+                if vname.isdigit() and (name, int(vname)) in live:
+                    continue
+                if vname.isdigit() and (name, int(vname)) in gone:
+                    continue  # the removal record itself: rebuild needs it
+                why = unreferenced(None, name, vname)
+                if why:
+                    remove.append((path, why))
+                else:
+                    keep.append((path, "a record without an entry that the database does not list as unreferenced"))
             trash = self.artifacts / store.TRASH_DIRNAME
             if trash.is_dir():
-                for d in trash.iterdir():
-                    shutil.rmtree(d, ignore_errors=True)
-        return removed
+                remove.extend((d, "trash") for d in sorted(trash.iterdir()))
+            stale = [eid for eid, token, name, version in self.db.all(
+                "SELECT id, record_token, name, version FROM entries ORDER BY id")
+                if _record_token(store.record_path(self.artifacts, name, version)) != token]
+            if stale:
+                keep.append((self.artifacts / store.RECORDS_DIRNAME,
+                             f"{len(stale)} record(s) stale or missing; {'rewritten' if not dry_run else 'gc --yes rewrites them'}"))
+            if not dry_run:
+                self._sync_records(stale)
+                for path, _ in remove:
+                    if path.is_dir() and path.parent != trash:
+                        store.discard_dir(self.artifacts, path)
+                    elif path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        return GcResult(remove=remove, keep=keep, deleted=not dry_run)
+
+    # ------------------------------------------------------------------ rebuild and migrate
+
+    @classmethod
+    def rebuild(
+        cls,
+        home: str | os.PathLike | None = None,
+        url: str | None = None,
+        store_dir: str | os.PathLike | None = None,
+    ) -> "Registry":
+        """Re-create a lost, empty or damaged database from the artifact store's records.
+
+        A damaged SQLite file (and its ``-wal``/``-shm``) is moved aside to
+        ``<file>.damaged-<time>`` first, never deleted. A database that opens cleanly and
+        holds entries is refused (nothing needs rebuilding); a PostgreSQL database must
+        hold no registry entries.
+
+        Returns:
+            The opened, rebuilt registry.
+
+        Raises:
+            RegistryError: when the database still holds entries or the store has no records.
+        """
+        u, artifacts = locate(home, url, store_dir)
+        records = store.read_records(artifacts)
+        if not records:
+            raise RegistryError(f"{artifacts}: the artifact store holds no entry records; there is nothing to rebuild from")
+        if u.dialect == "sqlite" and u.path.exists():
+            healthy = None
+            try:
+                with cls.open(url=str(u.path), store_dir=artifacts) as reg:
+                    healthy = reg.db.one("SELECT COUNT(*) FROM entries")[0]
+            except RegistryError:
+                pass
+            if healthy:
+                raise RegistryError(f"{u.display}: the database opens cleanly and holds {healthy} entries; not rebuilding it")
+            stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                part = Path(str(u.path) + suffix)
+                if part.exists():
+                    os.replace(part, Path(f"{u.path}.damaged-{stamp}{suffix}"))
+        db = connect(u)
+        try:
+            tables = db.tables()
+            if tables:
+                if "entries" in tables and db.one("SELECT COUNT(*) FROM entries")[0]:
+                    raise RegistryError(f"{u.display}: the database holds registry entries; not rebuilding over them")
+                for table in ("edges", "aliases", "files", "runs", "tombstones", "entries", "names", "meta"):
+                    if table in tables:
+                        db.execute(f"DROP TABLE {table}")
+            live = [r for r in records if "removed" not in r]
+            tombs = [r for r in records if "removed" in r]
+            counters: dict[str, list] = {}
+            for r in records:
+                c = counters.setdefault(r["name"], [r["kind"], 0])
+                if c[0] != r["kind"]:
+                    raise IntegrityError(f"{store.record_path(artifacts, r['name'], r['version'])}: name "
+                                         f"{r['name']!r} is recorded as both {c[0]} and {r['kind']}")
+                c[1] = max(c[1], int(r["version"]))
+            data = {
+                "store_id": store.read_store_id(artifacts) or uuid.uuid4().hex,
+                "names": [[n, k, v + 1] for n, (k, v) in sorted(counters.items())],
+                "entries": sorted(live, key=lambda r: (r["name"], r["version"])),
+                "tombstones": tombs,
+            }
+            reg = cls(db, artifacts)
+            with db.write():
+                db.create_schema()
+                reg._load(data)
+        except BaseException:
+            db.close()
+            raise
+        db.close()
+        reg = cls.open(url=u.conninfo or str(u.path), store_dir=artifacts)
+        store.write_store_id(artifacts, data["store_id"])
+        return reg
+
+    def migrate(self, to_url: str) -> "Registry":
+        """Copy this registry (entries, files, aliases, lineage, runs, removed versions) into
+        the empty database at ``to_url``, then check that the copy reads back identically.
+
+        The artifact store is shared, not copied: the target uses this registry's store.
+
+        Returns:
+            The target registry, open.
+
+        Raises:
+            RegistryError: when the target holds entries, or the copy differs.
+        """
+        u = parse_url(to_url)
+        if u == self.db.url or (u.path is not None and self.db.url.path is not None
+                                and u.path.resolve() == self.db.url.path.resolve()):
+            raise RegistryError(f"migrate: {u.display} is the registry's own database")
+        source = self.dump()
+        db = connect(u)
+        try:
+            tables = db.tables()
+            if "entries" in tables and db.one("SELECT COUNT(*) FROM entries")[0]:
+                raise RegistryError(f"migrate: {u.display} already holds registry entries; migrate into an empty database")
+            target = Registry(db, self.artifacts)
+            with db.write():
+                for table in ("edges", "aliases", "files", "runs", "tombstones", "entries", "names", "meta"):
+                    if table in tables:
+                        db.execute(f"DROP TABLE {table}")
+                db.create_schema()
+                target._load(source)
+            copied = target.dump()
+            if copied != source:
+                diff = [k for k in source if source[k] != copied[k]]
+                raise RegistryError(f"migrate: the copy in {u.display} differs from the source ({', '.join(diff)})")
+        except BaseException:
+            db.close()
+            raise
+        return target
 
     # ------------------------------------------------------------------ export
 

@@ -113,22 +113,32 @@ def copy_file_hashed(src: Path, dst: Path, bar=None) -> tuple[str, int]:
     Hashing what is written (rather than re-reading the source) records the hash of the
     stored copy even if the source changes during the copy.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     size = 0
     delay = _copy_delay()
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while chunk := fi.read(CHUNK):
-            fo.write(chunk)
-            h.update(chunk)
-            size += len(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-            if delay:
-                time.sleep(delay)
-        fo.flush()
-        os.fsync(fo.fileno())
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            while chunk := fi.read(CHUNK):
+                fo.write(chunk)
+                h.update(chunk)
+                size += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+                if delay:
+                    time.sleep(delay)
+            fo.flush()
+            os.fsync(fo.fileno())
+    except OSError as e:
+        raise _named(e, dst) from None
     return h.hexdigest(), size
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """The same OSError, naming ``path`` when the failing call did not (write, fsync, close)."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def copy_tree_hashed(src: Path, dst: Path, rels: list[str], desc: str = "copying") -> dict[str, tuple[str, int]]:
@@ -143,10 +153,13 @@ def copy_tree_hashed(src: Path, dst: Path, rels: list[str], desc: str = "copying
 def write_json_file(path: Path, data: dict) -> tuple[str, int]:
     """Write ``data`` as JSON, fsync it, and return its sha256 and size."""
     raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    with open(path, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _named(e, path) from None
     return hashlib.sha256(raw).hexdigest(), len(raw)
 
 
@@ -217,8 +230,104 @@ def discard_dir(artifacts: Path, path: Path) -> None:
     never found at its old place."""
     if not path.exists():
         return
-    trash = artifacts / TRASH_DIRNAME
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    os.replace(path, target)
+    try:
+        trash = artifacts / TRASH_DIRNAME
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        os.replace(path, target)
+    except OSError:
+        # On a full disk even the trash directory may not be creatable. Cleanup must not
+        # replace the error being handled, nor leave the directory behind: delete in place.
+        target = path
     shutil.rmtree(target, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the store's own metadata
+#
+# The artifact store keeps, beside the artifacts, one JSON record per registry entry
+# (everything its database rows hold: metadata, file hashes, parents, aliases, run status)
+# and one per removed version. They are rewritten inside the write transaction that
+# changes the entry, so a lost or damaged database can be re-created from them
+# (``rlhf registry rebuild``), and the registry can tell "this database lost its entries"
+# from "this is a new registry".
+
+RECORDS_DIRNAME = ".records"
+STORE_ID_FILE = ".registry-store.json"
+
+
+def record_path(artifacts: Path, name: str, version: int) -> Path:
+    return artifacts / RECORDS_DIRNAME / name / f"{version}.json"
+
+
+def write_record(artifacts: Path, record: dict) -> None:
+    """Write ``record`` for ``record["name"]:record["version"]`` atomically (temp file + rename)."""
+    path = record_path(artifacts, record["name"], record["version"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_json_file(tmp, record)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def delete_record(artifacts: Path, name: str, version: int) -> None:
+    path = record_path(artifacts, name, version)
+    if path.exists():
+        path.unlink()
+
+
+def record_files(artifacts: Path) -> list[Path]:
+    """Every record file in the store, sorted (temporary files skipped)."""
+    root = artifacts / RECORDS_DIRNAME
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*/*.json") if not p.name.startswith("."))
+
+
+def read_records(artifacts: Path) -> list[dict]:
+    """All records of the store; a malformed one is an error naming its file."""
+    out = []
+    for path in record_files(artifacts):
+        rec = read_json(path)
+        for key in ("name", "version", "kind"):
+            if key not in rec:
+                raise ValueError(f"{path}: field {key!r} missing; not a registry record")
+        if path.parent.name != rec["name"] or path.stem != str(rec["version"]):
+            raise ValueError(f"{path}: record names {rec['name']}:{rec['version']}, which does not match its file name")
+        out.append(rec)
+    return out
+
+
+def read_store_id(artifacts: Path) -> str | None:
+    path = artifacts / STORE_ID_FILE
+    if not path.exists():
+        return None
+    data = read_json(path)
+    if not isinstance(data.get("store_id"), str):
+        raise ValueError(f"{path}: field 'store_id' missing")
+    return data["store_id"]
+
+
+def write_store_id(artifacts: Path, store_id: str) -> None:
+    artifacts.mkdir(parents=True, exist_ok=True)
+    path = artifacts / STORE_ID_FILE
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write_json_file(tmp, {"store_id": store_id, "note": "identifies this artifact store; its database holds the same id"})
+    os.replace(tmp, path)
+    fsync_dir(artifacts)
+
+
+def stored_version_dirs(artifacts: Path, kinds: tuple[str, ...]) -> list[tuple[str, str, str, Path]]:
+    """``(kind, name, version dir name, path)`` of every ``<kind>/<name>/<version>`` directory."""
+    out = []
+    for kind in kinds:
+        kdir = artifacts / kind
+        if not kdir.is_dir():
+            continue
+        for ndir in sorted(kdir.iterdir()):
+            if ndir.is_dir():
+                out.extend((kind, ndir.name, v.name, v) for v in sorted(ndir.iterdir()))
+    return out

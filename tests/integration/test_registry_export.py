@@ -7,6 +7,8 @@ weights are randomly initialised (not the zero-B default) so that merging matter
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,26 @@ def test_export_value_adapter_trained_on_the_causal_lm(tiny_tied_base, tmp_path)
     with torch.no_grad():
         got = model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_export_follows_the_umask(tiny_base, tmp_path, umask):
+    """An export is a model to share: its directory and files get the modes the user's umask
+    gives anything else they create, not mkdtemp's private 0700."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), _lora_config("CAUSAL_LM"))
+    src = tmp_path / "adapter"
+    peft_model.save_pretrained(src)
+    old = os.umask(umask)
+    try:
+        with Registry.open() as reg:
+            reg.register_base("tiny", str(tiny_base))
+            reg.register_adapter("lm", "sft", src, base="tiny")
+            out = reg.export("lm", tmp_path / "exported")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

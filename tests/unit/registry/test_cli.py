@@ -94,6 +94,7 @@ def test_rm_refuses_then_force(populated, capsys):
     assert [r["ref"] for r in run_json(capsys, ["list", "--json"])] == ["prefs:1", "sft:1", "tiny:1"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the home names the SQLite file
 def test_home_flag_before_or_after_command(tmp_path, base_dir, capsys):
     home = tmp_path / "other_home"
     with Registry.open(home=home) as reg:

@@ -1,4 +1,7 @@
-"""Registry bookkeeping: entries, versions, aliases, runs, lineage, verify, rm, gc, URLs."""
+"""Registry bookkeeping: entries, versions, aliases, runs, lineage, verify, rm, gc, URLs.
+
+Every test runs against SQLite and PostgreSQL (see conftest.py) unless it says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ from rlhf.registry.store import content_hash, sha256_file
 # ---------------------------------------------------------------- storage layout
 
 
+SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+@SQLITE_ONLY
 def test_open_creates_wal_sqlite_under_home(reg, tmp_path):
     root = tmp_path / "rlhf_home" / "registry"
     assert (root / "registry.db").is_file()
@@ -27,12 +34,14 @@ def test_open_creates_wal_sqlite_under_home(reg, tmp_path):
     assert reg.db.one("PRAGMA journal_mode")[0] == "wal"
 
 
+@SQLITE_ONLY
 def test_home_argument_overrides_env(tmp_path):
     with Registry.open(home=tmp_path / "elsewhere") as r:
-        assert r.root == (tmp_path / "elsewhere" / "registry").resolve()
+        assert r.artifacts == (tmp_path / "elsewhere" / "registry" / "artifacts").resolve()
     assert (tmp_path / "elsewhere" / "registry" / "registry.db").is_file()
 
 
+@SQLITE_ONLY
 def test_url_env_points_the_database_elsewhere(tmp_path, monkeypatch, base_dir):
     db = tmp_path / "custom" / "reg.db"
     monkeypatch.setenv("RLHF_REGISTRY_URL", f"sqlite:///{db}")
@@ -44,15 +53,18 @@ def test_url_env_points_the_database_elsewhere(tmp_path, monkeypatch, base_dir):
         assert conn.execute("SELECT name, version FROM entries").fetchall() == [("m", 1)]
 
 
+@SQLITE_ONLY
 def test_url_parsing():
-    assert parse_url("sqlite:////abs/reg.db") == Path("/abs/reg.db")
-    assert parse_url("sqlite:///rel/reg.db") == Path("rel/reg.db")
-    with pytest.raises(ValueError, match="only sqlite"):
-        parse_url("postgresql://user@host/db")
+    assert parse_url("sqlite:////abs/reg.db").path == Path("/abs/reg.db")
+    assert parse_url("sqlite:///rel/reg.db").path == Path("rel/reg.db")
+    assert (parse_url("/just/a/path.db").dialect, parse_url("/just/a/path.db").path) == ("sqlite", Path("/just/a/path.db"))
+    pg = parse_url("postgresql://user:secret@host:5433/db")
+    assert (pg.dialect, pg.path, pg.conninfo) == ("postgresql", None, "postgresql://user:secret@host:5433/db")
+    assert "secret" not in pg.display  # messages never show the password
+    with pytest.raises(ValueError, match="unsupported scheme 'mysql'"):
+        parse_url("mysql://user@host/db")
     with pytest.raises(ValueError, match="in-memory"):
         parse_url("sqlite:///:memory:")
-    with pytest.raises(ValueError, match="not a URL"):
-        parse_url("/just/a/path.db")
 
 
 # ---------------------------------------------------------------- bases
@@ -336,8 +348,12 @@ def test_gc_removes_orphans_but_keeps_entries(reg, base_dir, make_adapter):
     orphan.mkdir()
     dead_tmp = reg.artifacts / ".tmp" / f"{socket.gethostname()}-999999999-deadbeef"
     dead_tmp.mkdir(parents=True)
-    removed = {p.name for p in reg.gc()}
-    assert removed == {"7", dead_tmp.name}
+    dry = reg.gc()  # a dry run by default: reports, deletes nothing
+    assert not dry.deleted and {p.name for p, _ in dry.remove} == {"7", dead_tmp.name}
+    assert orphan.is_dir() and dead_tmp.is_dir()
+    removed = reg.gc(dry_run=False)
+    assert removed.deleted and {p.name for p, _ in removed.remove} == {"7", dead_tmp.name}
+    assert not orphan.exists() and not dead_tmp.exists()
     assert e.path.is_dir() and reg.verify() == []
 
 
@@ -357,6 +373,7 @@ def test_failure_inside_registration_leaves_nothing(reg, base_dir, make_adapter,
     assert reg.list(kind="adapter") == []
     assert not (reg.artifacts / "adapter" / "sft" / "1").exists()
     assert not any((reg.artifacts / ".tmp").iterdir())
+    assert not (reg.artifacts / ".records" / "sft").exists() or not any((reg.artifacts / ".records" / "sft").iterdir())
     monkeypatch.undo()
     # the failed attempt consumed no version number
     assert reg.register_adapter("sft", "sft", make_adapter(), base="tiny").ref == "sft:1"

@@ -6,6 +6,8 @@ import pytest
 
 from rlhf.registry import parse_ref, validate_alias, validate_name
 
+BACKENDS = ("sqlite",)  # pure functions: no database involved
+
 
 @pytest.mark.parametrize("name", ["tiny", "Qwen2.5-0.5B", "sft_v2", "a", "a" * 128, "run-sft", "x.y-z_1"])
 def test_valid_names(name):

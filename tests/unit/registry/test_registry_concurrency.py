@@ -5,8 +5,12 @@ times (the copy is slowed by a test hook so that kills land mid-copy) and at exa
 (after the copy, after the rename into place, after the database insert but before the
 commit). Afterwards the registry must hold either a complete entry that verifies, or none.
 
-Concurrency: two processes register versions of the same name at once; every
-registration succeeds and the versions are distinct.
+Concurrency: several processes register versions of the same name at once; every
+registration succeeds and the versions are distinct and gapless.
+
+Both run against SQLite and PostgreSQL (conftest.py); the children inherit
+$RLHF_REGISTRY_URL. Against PostgreSQL a killed client's transaction is rolled back by the
+server when its connection drops.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from safetensors.torch import save_file
 
 from rlhf.registry import Registry
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 CHILD = textwrap.dedent(
     """
@@ -118,7 +122,7 @@ def test_sigkill_at_random_times_leaves_complete_entry_or_none(setup):
     # at delay 0 the child is killed before its copy completes: no entry
     assert outcomes[0] == 0
     with Registry.open() as reg:
-        reg.gc()
+        reg.gc(dry_run=False)
         assert not any((reg.artifacts / ".tmp").iterdir())
         e = reg.register_adapter("sft", "sft", setup, base="tiny")
         assert reg.verify(e.ref) == []
@@ -140,15 +144,15 @@ def test_sigkill_at_each_step_of_registration(setup, point, expect_entry):
         e = reg.register_adapter("sft", "sft", setup, base="tiny")
         assert e.ref == ("sft:2" if expect_entry else "sft:1")
         assert reg.verify() == []
-        reg.gc()
+        reg.gc(dry_run=False)
         assert not any((reg.artifacts / ".tmp").iterdir())
         assert reg.verify() == []
 
 
-def test_two_processes_register_the_same_name_concurrently(setup, tmp_path):
+def test_several_processes_register_the_same_name_concurrently(setup, tmp_path):
     go = tmp_path / "go"
-    n = 4
-    procs = [_child([str(setup), "shared", str(n), str(go)]) for _ in range(2)]
+    n, writers = 3, 3
+    procs = [_child([str(setup), "shared", str(n), str(go)]) for _ in range(writers)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
     go.touch()
@@ -157,14 +161,47 @@ def test_two_processes_register_the_same_name_concurrently(setup, tmp_path):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         outputs.append([line.split()[1:] for line in out.splitlines() if line.startswith("registered")])
-    assert [len(o) for o in outputs] == [n, n]
+    assert [len(o) for o in outputs] == [n] * writers
     refs = [r for o in outputs for r, _ in o]
     runs = [r for o in outputs for _, r in o]
-    assert sorted(refs, key=lambda r: int(r.split(":")[1])) == [f"shared:{v}" for v in range(1, 2 * n + 1)]
-    assert sorted(runs, key=lambda r: int(r.split(":")[1])) == [f"run-sft:{v}" for v in range(1, 2 * n + 1)]
+    assert sorted(refs, key=lambda r: int(r.split(":")[1])) == [f"shared:{v}" for v in range(1, writers * n + 1)]
+    assert sorted(runs, key=lambda r: int(r.split(":")[1])) == [f"run-sft:{v}" for v in range(1, writers * n + 1)]
     with Registry.open() as reg:
-        assert [e.ref for e in reg.list(kind="adapter")] == [f"shared:{v}" for v in range(1, 2 * n + 1)]
+        assert [e.ref for e in reg.list(kind="adapter")] == [f"shared:{v}" for v in range(1, writers * n + 1)]
         assert reg.verify() == []
         for ref, run in (pair for o in outputs for pair in o):
             assert reg.resolve(ref).relations == {"tiny:1": ["base"], run: ["run"]}
             assert reg.resolve(run).metadata["status"] == "completed"
+
+
+FRESH_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    go = sys.argv[1]
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    from rlhf.registry import Registry
+
+    with Registry.open() as reg:  # all at once, on a registry nobody has created yet
+        print(reg.start_run("sft", {}, []), flush=True)
+    """
+)
+
+
+def test_several_processes_create_a_fresh_registry_at_once(tmp_path):
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", FRESH_CHILD, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    refs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        refs.append(out.strip())
+    assert sorted(refs) == ["run-sft:1", "run-sft:2", "run-sft:3"]
+    with Registry.open() as reg:
+        assert reg.verify() == [] and len(reg.list()) == 3
