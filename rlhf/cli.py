@@ -137,6 +137,9 @@ def _setup_console(verbose: bool, progress_interval: float | None) -> None:
     from rlhf.config import ConfigError
     from rlhf.tracking import filter_third_party_noise, progress_interval as check_interval
 
+    # stage headers (stdout) and progress records (stderr) stay in order in a batch job's log
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     if progress_interval is not None:
         try:
             os.environ["RLHF_PROGRESS_INTERVAL"] = str(check_interval(progress_interval))
@@ -206,8 +209,8 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
     cfg = from_dict(STAGES[stage].config, data, prefix=stage)
-    if distributed.is_main():
-        print(f"[{stage}] running")
+    if distributed.is_main():  # stderr, with the progress: stdout is the result's JSON alone
+        print(f"[{stage}] running", file=sys.stderr)
     result = run_stage(stage, cfg, resume=args.resume)
     if distributed.is_main():
         print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
