@@ -14,7 +14,7 @@ import yaml
 
 from rlhf import cli
 from rlhf.cli import config_keys, main
-from rlhf.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, from_dict
+from rlhf.config import ConfigError, PPOConfig, RewardConfig, from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +34,8 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
     assert "unknown command 'nosuch'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage, cls", [("sft", SFTConfig), ("reward", None), ("ppo", PPOConfig)])
-def test_stage_help_lists_every_config_key_with_type_default_and_help(stage, cls, capsys):
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_stage_help_lists_every_config_key_with_type_default_and_help(stage, capsys):
     from rlhf.stages import STAGES
 
     assert main([stage, "--help"]) == 0
