@@ -8,6 +8,7 @@ is loaded. Overrides use ``key.sub=value`` with the value parsed as YAML.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"did you mean {where}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} ({hint}valid keys: {', '.join(sorted(names))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

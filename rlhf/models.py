@@ -66,12 +66,53 @@ def load_causal_lm(name_or_path: str, tokenizer, *, dtype: str = "float32", revi
 def load_sequence_classifier(name_or_path: str, tokenizer, *, dtype: str = "float32", revision: str | None = None,
                              trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Load the base as a 1-output sequence classifier (the reward model's shape)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=1, **_model_kwargs(dtype, revision, trust_remote_code, attn_implementation)
+    model = classifier_from_pretrained(
+        name_or_path, **_model_kwargs(dtype, revision, trust_remote_code, attn_implementation)
     )
     _align_with_tokenizer(model, tokenizer)
+    return model
+
+
+class _DropLoadReport:
+    """A logging filter dropping transformers' state-dict "LOAD REPORT" (checked by hand after)."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+#: Head layers a sequence classifier gets on top of a causal-LM checkpoint.
+HEAD_PREFIXES = ("score.", "classifier.")
+
+
+def classifier_from_pretrained(name_or_path: str, **kwargs):
+    """``AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)`` without the
+    load report for the head it creates.
+
+    A causal-LM checkpoint has no score head, so transformers prints a "score.weight
+    MISSING" table on every reward-model load; that head is new by design (it is trained,
+    or replaced by head.safetensors). Any other missing weight is still reported, as a
+    warning naming the keys.
+    """
+    import logging
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    # a filter, not a level: transformers reads this logger's level to decide other checks
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _DropLoadReport()
+    logger.addFilter(drop_report)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, output_loading_info=True, **kwargs
+        )
+    finally:
+        logger.removeFilter(drop_report)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in info.get("unexpected_keys", []) if "lm_head" not in k]
+    if missing or unexpected:
+        warnings.warn(f"{name_or_path}: loading as a sequence classifier, missing weights {missing[:5]}, "
+                      f"unexpected weights {unexpected[:5]}", RuntimeWarning, stacklevel=2)
     return model
 
 

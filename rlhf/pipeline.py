@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,8 @@ class Pipeline:
             self.save()
             if dist.is_main():
                 print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
-            run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
+            run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name,
+                                         name=f"{_safe_name(p.pipeline.name)}-{stage}-run") if registry else None
             try:
                 result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task)
             except BaseException:
@@ -338,8 +340,9 @@ def _safe_name(s: str) -> str:
     return cleaned[:100]
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
-    """Print what the run achieved as a table."""
+def print_summary(summary: dict, run_dir: Path, file=None) -> None:
+    """Print what the run achieved, the artifacts it produced (registry refs and directories,
+    from ``pipeline.json``) and the commands a user runs next."""
     from rich.console import Console
     from rich.table import Table
 
@@ -351,6 +354,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             return f"{v:.4f} ± {summary[se_key]:.4f}"
         return f"{v:.4f}"
 
+    console = Console(file=file, soft_wrap=True)
     table = Table(title=f"rlhf run: {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -368,5 +372,40 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     for k, v in rows:
         if v not in ("-", "- -> -"):
             table.add_row(k, v)
-    Console().print(table)
-    print(f"summary written to {run_dir / 'summary.json'}")
+    console.print(table)
+
+    state_path = Path(run_dir) / "pipeline.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    stages = state.get("stages", {})
+    artifacts = Table(title="artifacts")
+    for column in ("stage", "artifact", "registry ref", "directory"):
+        artifacts.add_column(column)
+    for stage in (s for s in STAGES if s in stages):  # pipeline.json keeps its keys sorted
+        st = stages[stage]
+        outputs, dirs = st.get("outputs", {}), st.get("dirs", {})
+        for name in sorted(set(outputs) | set(dirs), key=lambda n: (n not in dirs, n)):
+            artifacts.add_row(stage, name, outputs.get(name, "-"), dirs.get(name, "-"))
+        if st.get("run"):
+            artifacts.add_row(stage, "run", st["run"], "")
+    if artifacts.rows:
+        console.print(artifacts)
+
+    home = state.get("registry_home")
+    q = shlex.quote
+    home_opt = f" --home {q(home)}" if home and Path(home) != _registry_home(None) else ""
+    policy = stages.get("ppo", {}).get("outputs", {}).get("policy")
+    reward = stages.get("reward", {}).get("outputs", {}).get("adapter")
+    report = Path(run_dir) / "report.html"
+    lines = [f"summary written to {Path(run_dir) / 'summary.json'}", "next:"]
+    if policy:
+        export_dir = Path("exports") / policy.replace(":", "-")
+        lines += [f"  rlhf registry export {policy} {q(str(export_dir))}{home_opt}    # the policy as a standalone HF model",
+                  f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
+    elif "policy" in stages.get("ppo", {}).get("dirs", {}):
+        lines.append("  (register: false, so nothing is in the registry to export or generate from)")
+    if reward:
+        lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
+                     "    # the reward model as a sequence classifier")
+    lines += [f"  rlhf report {q(str(run_dir))} --out {q(str(report))}    # a self-contained HTML report",
+              f"  rlhf dashboard --runs-root {q(str(Path(run_dir).parent))}    # browse this and other runs"]
+    console.print("\n".join(lines), markup=False, highlight=False)

@@ -18,7 +18,17 @@ def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval:
     """Map our TrainArgs onto transformers/TRL TrainingArguments keyword arguments.
 
     Trackers are driven by rlhf.tracking through a callback, so TRL's own report_to is off.
+    Options are spelled the way the installed transformers wants them, so that it warns
+    about nothing: ``activation_checkpointing`` where ``gradient_checkpointing`` is a
+    deprecated alias (transformers 5), and pinned memory only where there is a GPU to pin for.
     """
+    import dataclasses
+
+    import torch
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     kw = dict(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=train.epochs,
@@ -37,7 +47,8 @@ def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval:
         save_safetensors=True,
         eval_strategy=("steps" if train.eval_steps > 0 else "no") if has_eval else "no",
         eval_steps=train.eval_steps if train.eval_steps > 0 else None,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **{checkpointing: train.gradient_checkpointing},
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=train.bf16,
         report_to="none",
         seed=seed,
@@ -109,11 +120,29 @@ def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: st
         write(tmp)
         save_yaml(config, tmp / CONFIG_FILE)
         write_json(tmp / METADATA_FILE, {"role": role, "base_path": base, **provenance})
+        # mkdtemp makes the directory private (0700); the published one follows the umask
+        # like every other directory the user creates
+        os.chmod(tmp, 0o777 & ~current_umask())
         publish_dir(tmp, out_dir / name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(out_dir / name)
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (``os.umask`` sets it to read it,
+    which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

@@ -305,7 +305,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
             gold = gold_fn(prompt, text) if gold_fn is not None else None
             if gold is not None:
                 per["gold"].append(gold)
-            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]), "gold": gold})
+            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]), "gold": gold,
+                         "length": per["length"][-1], "kl": per["kl"][-1]})
     out = {}
     for k, vals in per.items():
         if vals:
@@ -513,6 +514,18 @@ def rollout_statistics(batch: ScoredRollout, scores, kl, rewards, adv, kl_coef: 
     }
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       all_reduce: AllReduce | None = None) -> dict:
+    """``{"value/explained_variance": 1 - Var[returns - values] / Var[returns]}`` over the
+    response tokens (values, returns, mask: (B, T)); 1 is a perfect critic, 0 no better than
+    a constant, negative worse. Empty when the returns do not vary (the ratio is undefined)."""
+    var_returns = float(F.masked_var(returns, mask, unbiased=False, all_reduce=all_reduce))
+    if var_returns <= 0.0:
+        return {}
+    var_error = float(F.masked_var(returns - values, mask, unbiased=False, all_reduce=all_reduce))
+    return {"value/explained_variance": 1.0 - var_error / var_returns}
+
+
 def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) -> dict:
     """One PPO update (steps 1-7 of the module docstring); returns its metrics."""
     from rlhf import distributed as dist
@@ -546,6 +559,9 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     # 7. KL controller, metrics, guards
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
+    step_stats["episodes"] = (update + 1) * s.global_batch
+    if cfg.advantage_estimator == "gae":
+        step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
     step_stats = {
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
@@ -570,7 +586,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     """
     from rlhf import distributed as dist
     from rlhf.stages.common import publish
-    from rlhf.tracking import Tracker, progress
+    from rlhf.tracking import StageProgress, Tracker
 
     check_engine_supported()
     main = dist.is_main()  # only rank 0 writes files
@@ -601,14 +617,13 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
 
     # 1-7. updates, with evaluation and checkpoints between them
     metrics: dict = {}
-    bar = progress(total=s.num_updates, initial=start, desc="ppo updates", disable=None if main else True)
+    bar = StageProgress("ppo", s.num_updates, unit="update", initial=start, enabled=main)
     for update in range(start, s.num_updates):
         if stop_after is not None and update >= stop_after:
             break
         metrics = train_update(s, opt, cfg, update)
         tracker.log(metrics, step=update + 1)
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
+        bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
             evaluate_and_log(s, cfg, tracker, gold_fn, done)

@@ -83,7 +83,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     # 3. train with TRL's Bradley-Terry loss; eval reports accuracy and margin on held-out pairs
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
-              dataset_num_proc=None, eos_token=tok.eos_token, pad_token=tok.pad_token)
+              dataset_num_proc=None, eos_token=tok.eos_token)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref}, is_main_process=main)
@@ -93,8 +93,8 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(test_rows) if test_rows else None,
         processing_class=tok,
-        callbacks=[tracker.callback()],
     )
+    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}

@@ -82,8 +82,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
 
     # 3. train; completion_only_loss masks the prompt tokens out of the loss
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=eval_ds is not None)
-    kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token,
-              pad_token=tok.pad_token)
+    kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token)
     args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base}, is_main_process=main)
@@ -94,8 +93,8 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
         eval_dataset=eval_ds,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
-        callbacks=[tracker.callback()],
     )
+    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
