@@ -94,8 +94,9 @@ def test_rollout_logprobs_match_sampling_and_training_forward(role_model):
     sampled_lp = sampled_from.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
     assert (sampled_lp - batch.logprobs)[m].abs().max() < 1e-5
 
-    lp, _ = response_logprobs(model, "policy", batch, cfg.temperature)  # train mode, with grad
-    assert model.training and lp.requires_grad
+    model.train()  # the update's mode, with grad
+    lp, _ = response_logprobs(model, "policy", batch, cfg.temperature)
+    assert lp.requires_grad
     assert (lp.detach() - batch.logprobs)[m].abs().max() < 1e-5
     # the comparison is sharp: another temperature or the reference role is far off
     lp_t1, _ = response_logprobs(model, "policy", batch, 1.0)
@@ -243,7 +244,7 @@ def test_train_mode_forwards_are_deterministic(role_model, make_rollout, ppo_ass
 
     model, tok, cfg = role_model
     batch = make_rollout(model, tok, cfg)
-    assert model.training
+    model.train()  # the update's mode
     for role in ("sft", "policy", "reward", "value"):
         with model.role(role):
             a = model.hidden_states(batch.input_ids, batch.attention_mask)

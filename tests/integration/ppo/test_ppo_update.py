@@ -112,7 +112,7 @@ def read_metrics(out: Path) -> list[dict]:
 OPTIONS = {
     "rloo": dict(advantage_estimator="rloo", rloo_k=2),
     "reinforce++": dict(advantage_estimator="reinforce++"),
-    "kl_as_loss": dict(kl_in_reward=False),
+    "kl_as_loss": dict(kl_in_reward=False, kl_estimator="k3"),
     "k3": dict(kl_estimator="k3"),
     "adaptive_kl": dict(kl_controller="adaptive", kl_coef=0.15, kl_target=6.0, kl_horizon=10000),
     "entropy_bonus": dict(entropy_coef=0.01),
