@@ -24,19 +24,22 @@ ARCHS = ("llama", "qwen2_tied", "qwen2_untied", "gemma2", "granite", "llama_full
 
 
 def chatml_tokenizer():
-    """A word-level tokenizer with a ChatML template, a newline token and Qwen's two EOS tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A small byte-level BPE tokenizer (Qwen2's kind: transformers loads it as a Qwen2
+    tokenizer) with a ChatML template and Qwen's two EOS tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from reward_data.synthetic import VOCABULARY
 
-    specials = ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + ["\n", "user", "assistant", "system"] + VOCABULARY)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" +"), "removed"),
-                                                     pre_tokenizers.Split("\n", "isolated")])
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
+    specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(VOCABULARY), "user\n assistant\n system\n"] + [f" {w}\n" for w in VOCABULARY]
+    backend.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
                                   additional_special_tokens=["<|endoftext|>", "<|im_start|>"])
     tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
                          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
