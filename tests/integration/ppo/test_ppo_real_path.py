@@ -339,7 +339,7 @@ def test_ppo_scores_where_the_reward_model_was_trained_to_score(arch_assets):
     clf = load_sequence_classifier(base, rtok)
     state, lcfg = read_lora_weights(assets["reward_adapter"])
     clf = get_peft_model(clf, LoraConfig(r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], target_modules=lcfg["target_modules"],
-                                         lora_dropout=0.0, task_type="SEQ_CLS"))
+                                         lora_dropout=0.0))
     set_peft_model_state_dict(clf, state)
     head = read_head(assets["reward_adapter"])
     with torch.no_grad():
