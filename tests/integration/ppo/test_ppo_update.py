@@ -140,3 +140,69 @@ def test_option_runs_with_finite_metrics(name, ppo_config):
         assert metrics[1]["kl/coef"] == pytest.approx(0.15 * (1 - 0.2 * 4 / 10000), rel=1e-12)
     if name == "entropy_bonus":
         assert "loss/policy" in metrics[0]
+
+
+# --------------------------------------------------------------------------- options that must act
+
+
+def _kl_loss_setup(role_model, make_rollout, **overrides):
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0, **overrides)
+    with torch.no_grad():  # policy != sft: the KL and its gradient are non-zero
+        for n, p in model.peft.named_parameters():
+            if ".policy." in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = make_rollout(model, tok, cfg)
+    zeros = torch.zeros_like(batch.logprobs)  # no advantage: the KL term is the whole policy gradient
+    return model, cfg, batch, zeros
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+def test_kl_loss_gradient_depends_on_the_reference(estimator, role_model, make_rollout):
+    """KL as a loss (k3 or k2): replacing ref_logprobs by noise changes the policy gradient
+    (with k1 it would not: d(logp - ref)/dθ = d logp/dθ)."""
+    from dataclasses import replace as dc_replace
+
+    model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator=estimator)
+    n_policy = len(model.trainable_parameters("policy"))
+    real, _ = _grads_of_update(model, batch, zeros, zeros, cfg)
+    noisy_ref = batch.ref_logprobs + torch.randn(batch.ref_logprobs.shape, generator=torch.Generator().manual_seed(0))
+    noisy, _ = _grads_of_update(model, dc_replace(batch, ref_logprobs=noisy_ref), zeros, zeros, cfg)
+    assert max(float(g.abs().max()) for g in real[:n_policy]) > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(real[:n_policy], noisy[:n_policy])) > 1e-4
+
+
+def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout):
+    """With zero advantages, a KL loss step (k3) lowers the policy's KL to the reference;
+    ignored, nothing would move; inverted, the KL would grow."""
+    from rlhf.stages.ppo import score_rollout
+
+    model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator="k3",
+                                              learning_rate=3e-3)
+    before = float((F_kl := (batch.logprobs - batch.ref_logprobs))[batch.response_mask.bool()].mean())
+    params = model.trainable_parameters("policy")
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros,
+                replace(cfg, advantage_estimator="reinforce++"), 1.0, update=0)
+    after = score_rollout(model, batch, cfg, chunk=8)
+    kl_after = float((after.logprobs - after.ref_logprobs)[batch.response_mask.bool()].mean())
+    assert before > 0 and kl_after < before - 1e-3, (before, kl_after)
+    del F_kl
+
+
+def test_entropy_bonus_raises_entropy(role_model, make_rollout):
+    """With zero advantages and no KL loss, the only policy gradient is the entropy bonus:
+    one step raises the policy's mean entropy on the batch (inverted, it would fall)."""
+    from rlhf.stages.ppo import score_rollout
+
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, entropy_coef=1.0, max_grad_norm=0.0,
+                  advantage_estimator="reinforce++", learning_rate=3e-3)
+    batch = make_rollout(model, tok, cfg)
+    zeros = torch.zeros_like(batch.logprobs)
+    m = batch.response_mask.bool()
+    params = model.trainable_parameters("policy")
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros, cfg, 0.0, update=0)
+    after = score_rollout(model, batch, cfg, chunk=8)
+    assert float(after.entropy[m].mean()) > float(batch.entropy[m].mean()) + 1e-3
