@@ -145,6 +145,12 @@ def test_option_runs_with_finite_metrics(name, ppo_config):
 # --------------------------------------------------------------------------- options that must act
 
 
+def _sampled(batch: ScoredRollout):
+    from rlhf.ppo.rollout import Sampled
+
+    return Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.has_stop)
+
+
 def _kl_loss_setup(role_model, make_rollout, **overrides):
     model, tok, cfg = role_model
     cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0, **overrides)
@@ -179,15 +185,14 @@ def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout
 
     model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator="k3",
                                               learning_rate=3e-3)
-    before = float((F_kl := (batch.logprobs - batch.ref_logprobs))[batch.response_mask.bool()].mean())
+    before = float((batch.logprobs - batch.ref_logprobs)[batch.response_mask.bool()].mean())
     params = model.trainable_parameters("policy")
     opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros,
                 replace(cfg, advantage_estimator="reinforce++"), 1.0, update=0)
-    after = score_rollout(model, batch, cfg, chunk=8)
+    after = score_rollout(model, _sampled(batch), cfg, chunk=8)
     kl_after = float((after.logprobs - after.ref_logprobs)[batch.response_mask.bool()].mean())
     assert before > 0 and kl_after < before - 1e-3, (before, kl_after)
-    del F_kl
 
 
 def test_entropy_bonus_raises_entropy(role_model, make_rollout):
@@ -204,5 +209,5 @@ def test_entropy_bonus_raises_entropy(role_model, make_rollout):
     params = model.trainable_parameters("policy")
     opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros, cfg, 0.0, update=0)
-    after = score_rollout(model, batch, cfg, chunk=8)
+    after = score_rollout(model, _sampled(batch), cfg, chunk=8)
     assert float(after.entropy[m].mean()) > float(batch.entropy[m].mean()) + 1e-3
