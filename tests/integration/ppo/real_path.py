@@ -70,14 +70,14 @@ def build_base(arch: str, out: Path, seed: int = 0) -> Path:
                                  **common)
         cls = tf.Gemma2ForCausalLM
     elif arch == "granite":
-        config = tf.GraniteConfig(logits_scaling=0.25, tie_word_embeddings=True, **common)  # logits x 4
+        config = tf.GraniteConfig(logits_scaling=0.5, tie_word_embeddings=True, **common)  # logits x 2
         cls = tf.GraniteForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
     model = cls(config)
     with torch.no_grad():  # larger logits than the default init, so the temperature and transforms matter
-        model.get_output_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(4.0)
     model.generation_config.eos_token_id = eos
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf import ppo as F
 from rlhf.ppo.rollout import ScoredRollout
 from rlhf.stages.ppo import _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
 
@@ -184,15 +185,17 @@ def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout
     from rlhf.stages.ppo import score_rollout
 
     model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator="k3",
-                                              learning_rate=3e-3)
-    before = float((batch.logprobs - batch.ref_logprobs)[batch.response_mask.bool()].mean())
-    params = model.trainable_parameters("policy")
-    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+                                              learning_rate=0.05)
+    m = batch.response_mask.bool()
+    before = float(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k3")[m].mean())  # k3 >= 0 per token
+    # plain gradient descent: a small step along -grad lowers the loss (Adam's sign-like
+    # steps of fixed size can overshoot a KL this small)
+    opt = torch.optim.SGD(model.trainable_parameters("policy"), lr=cfg.learning_rate)
     _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros,
                 replace(cfg, advantage_estimator="reinforce++"), 1.0, update=0)
     after = score_rollout(model, _sampled(batch), cfg, chunk=8)
-    kl_after = float((after.logprobs - after.ref_logprobs)[batch.response_mask.bool()].mean())
-    assert before > 0 and kl_after < before - 1e-3, (before, kl_after)
+    kl_after = float(F.kl_penalty(after.logprobs, after.ref_logprobs, "k3")[m].mean())
+    assert before > 0 and kl_after < 0.9 * before, (before, kl_after)
 
 
 def test_entropy_bonus_raises_entropy(role_model, make_rollout):
