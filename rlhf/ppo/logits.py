@@ -9,6 +9,12 @@ log-normaliser; backward recomputes each chunk's softmax from the original
 (possibly bf16) logits. Peak extra memory is one chunk of fp32 vocabulary rows,
 and results equal the naive fp32 computation: upcasting per chunk is the same
 arithmetic as upcasting everything first.
+
+:func:`head_logprobs` goes one step further for PPO: from hidden states, it applies the
+LM head and the architecture's own logit post-processing (:class:`LogitTransform`:
+Granite's scaling, Gemma's soft-capping, ...) inside each chunk, so no ``(batch, len,
+vocab)`` logits exist in any dtype and the logprobs are those of the distribution the
+model samples from.
 """
 
 from __future__ import annotations
