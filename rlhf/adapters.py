@@ -224,15 +224,16 @@ class RoleModel(torch.nn.Module):
         """Last hidden states of the active role. Positions come from the attention mask so
         left padding does not shift them. Returns (B, L, H)."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with self._adapter_ctx(), self._autocast(input_ids.device):
+        with self._adapter_ctx(), self.autocast(input_ids.device):
             out = self.base_lm.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
         return out.last_hidden_state
 
-    def _autocast(self, device: torch.device):
+    def autocast(self, device: torch.device):
         """bf16 autocast on CUDA when the base is bf16: the LoRA matrices (kept in fp32 by
-        peft) then run on the bf16 tensor cores too. Elsewhere exact: no autocast."""
+        peft) then run on the bf16 tensor cores too. Elsewhere exact: no autocast. Used by
+        every forward of the roles (generation, scoring, update), so all compute alike."""
         if device.type == "cuda" and self._compute_dtype == torch.bfloat16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()

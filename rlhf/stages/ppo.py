@@ -126,7 +126,7 @@ def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int],
     lm = model.base_lm
     saved, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
-        with _mode(model, False), model.role("policy"):
+        with _mode(model, False), model.role("policy"), model.autocast(prompt_ids.device):
             out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
     finally:
         lm.generation_config = saved
