@@ -403,7 +403,6 @@ class PPOSetup:
     per_rollout_prompts: int  # distinct prompts per rollout batch of one process
     global_batch: int  # episodes per update over all processes
     num_updates: int
-    length_streak: list[int] = field(default_factory=lambda: [0])  # length guard's count
 
 
 @dataclass
@@ -414,6 +413,7 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     kl_ctl: object  # F.FixedKLController or F.AdaptiveKLController
+    length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
 def setup(cfg: PPOConfig) -> PPOSetup:
@@ -475,7 +475,8 @@ def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, u
         for role in _trained_roles(cfg):
             model.save_role(role, tmp / role)
         save_state({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
-                    "kl_controller": opt.kl_ctl.state_dict(), "rng": rng_state(), "update": update}, tmp, "state")
+                    "kl_controller": opt.kl_ctl.state_dict(), "rng": rng_state(), "update": update,
+                    "length_streak": opt.length_streak[0]}, tmp, "state")
 
     write_checkpoint_dir(ckpt_root, f"update-{update}", writer)
     if cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
@@ -499,6 +500,7 @@ def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Pat
     opt.optimizer.load_state_dict(state["optimizer"])
     opt.scheduler.load_state_dict(state["scheduler"])
     opt.kl_ctl.load_state_dict(state["kl_controller"])
+    opt.length_streak[0] = int(state.get("length_streak", 0))
     set_rng_state(state["rng"])
     return n, d
 
@@ -609,7 +611,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
         "episodes_per_s": s.global_batch / max(time.time() - t0, 1e-9),
         **stats,
     }
-    _check_guards(step_stats, cfg, s.length_streak)
+    _check_guards(step_stats, cfg, opt.length_streak)
     return step_stats
 
 

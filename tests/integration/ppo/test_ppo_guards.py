@@ -132,3 +132,15 @@ def test_keep_checkpoints(keep, expected, ppo_config):
     run_ppo(cfg)
     root = Path(cfg.output_dir) / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == expected
+
+
+def test_length_guard_count_survives_resume(ppo_config):
+    """The count of updates in a row above the length limit is checkpointed: one update,
+    stop, resume; with patience 2 the guard trips on update 2 (a fresh count would wait
+    for update 3), before update 2's checkpoint."""
+    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1,
+                     guard_max_length_fraction=0.5, guard_length_patience=2)
+    assert not run_ppo(cfg, stop_after=1)["finished"]
+    with pytest.raises(GuardTripped, match="2 updates in a row"):
+        run_ppo(cfg, resume=True)
+    assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()) == ["update-1"]
