@@ -365,3 +365,15 @@ def test_ppo_scores_where_the_reward_model_was_trained_to_score(arch_assets):
             at_stop = last_token_scores(model, "reward", batch)[0]
         assert (ppo_score - trl_score).abs() < 1e-5
         assert (at_stop - trl_score).abs() > 1e-3  # scoring the stop token instead is a different number
+
+
+def test_an_unknown_logit_post_processing_is_refused(arch_model, monkeypatch):
+    """An architecture whose forward post-processes logits in a way rlhf.models does not
+    know is refused when the role model is built (here: Granite with its entry removed),
+    instead of training on a distribution it does not sample from."""
+    import rlhf.models
+    from rlhf.ppo import LogitTransform
+
+    monkeypatch.setattr(rlhf.models, "logit_transform", lambda model: LogitTransform())
+    with pytest.raises(ValueError, match="'granite'.*post-processes logits"):
+        arch_model("granite")
