@@ -142,7 +142,9 @@ class PPOConfig:
     max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", default=256)
     response_length: int = _help("Maximum new tokens per response.", default=128)
     temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", default=0.7)
-    stop_token: str | None = _help("Stop token (default: the tokenizer's EOS).", default=None)
+    stop_token: str | list[str] | None = _help(
+        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS and every "
+        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>).", default=None)
     missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
         "What to do with the score of a response without the stop token.", default="replace"
     )
@@ -152,8 +154,11 @@ class PPOConfig:
     kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
     kl_target: float = _help("Adaptive controller's target KL per response.", default=6.0)
     kl_horizon: int = _help("Adaptive controller's horizon.", default=10000)
-    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = logp - logp_ref, k3 = (r-1) - log r.", default="k1")
-    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false).", default=True)
+    kl_estimator: Literal["k1", "k2", "k3"] = _help(
+        "Per-token KL estimator, r = p_ref / p: k1 = logp - logp_ref, k2 = 0.5 (log r)^2, k3 = (r-1) - log r. "
+        "A KL loss term (kl_in_reward: false) needs k2 or k3: k1's gradient ignores the reference.", default="k1")
+    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false; GRPO-style, "
+                               "with kl_estimator k3 or k2).", default=True)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", default=None)
     # advantages and losses
@@ -179,13 +184,18 @@ class PPOConfig:
     eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", default=10)
     num_samples_logged: int = _help("Sample completions logged per evaluation.", default=8)
     save_every: int = _help("Checkpoint every N updates.", default=10)
-    keep_checkpoints: int = _help("How many checkpoints to keep.", default=2)
+    keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
+                                  "(0 keeps every checkpoint).", default=2)
     guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", default=50.0)
     guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this.", default=0.01)
     guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", default=1.0)
-    guard_max_length_fraction: float = _help(
-        "Stop when the mean response length exceeds this fraction of response_length (responses "
-        "blow up into the length limit).", default=0.95)
+    guard_max_length_fraction: float | None = _help(
+        "Stop when the mean response length stays above this fraction of response_length for "
+        "guard_length_patience updates in a row (responses blowing up into the limit). Off (null) by default: "
+        "an SFT policy that often writes up to response_length is healthy. 0.95 suits a policy that "
+        "normally stops well before the limit.", default=None)
+    guard_length_patience: int = _help("Updates in a row above guard_max_length_fraction before the length guard trips.",
+                                       default=3)
     seed: int = _help("Random seed.", default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
@@ -202,6 +212,14 @@ class PPOConfig:
             raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
         if self.advantage_estimator == "rloo" and self.rollout_batch_size % self.rloo_k:
             raise ConfigError("ppo.rollout_batch_size must be divisible by ppo.rloo_k")
+        if not self.kl_in_reward and self.kl_estimator == "k1":
+            raise ConfigError(
+                "ppo.kl_estimator: k1 cannot be a loss term (ppo.kl_in_reward: false): the gradient of "
+                "logp - logp_ref is that of logp alone and ignores the reference; use kl_estimator k3 or k2")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"ppo.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
+        if self.guard_length_patience < 1:
+            raise ConfigError(f"ppo.guard_length_patience must be >= 1, got {self.guard_length_patience}")
 
 
 @dataclass

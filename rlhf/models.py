@@ -145,3 +145,68 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for key in _DROPOUT_FLOAT_ATTRS + ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, 0.0)
+
+
+# What each architecture's CausalLM forward does to the LM head's output (transformers'
+# modeling_*.py). Sampling sees the post-processed logits, so PPO's logprobs must too.
+_DIVIDE_BY_LOGITS_SCALING = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa")
+_SOFTCAPPED = ("gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "vaultgemma",
+               "nanochat")
+
+
+def logit_transform(model):
+    """The :class:`rlhf.ppo.LogitTransform` of ``model``'s architecture, read from its config.
+
+    Granite divides the head's output by ``logits_scaling`` (HyperCLOVA X multiplies by
+    it), Cohere multiplies by ``logit_scale``, Falcon-H1 by ``lm_head_multiplier``, the
+    Gemma-2/3 family and Recurrent-Gemma soft-cap. :func:`check_logit_transform` verifies
+    the result against the model's own forward, so an architecture missing here is refused
+    rather than trained on the wrong distribution.
+    """
+    from rlhf.ppo import LogitTransform
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kind = getattr(cfg, "model_type", "")
+    if kind in _DIVIDE_BY_LOGITS_SCALING:
+        return LogitTransform(scale=1.0 / float(cfg.logits_scaling))
+    if kind == "hyperclovax":
+        return LogitTransform(scale=float(cfg.logits_scaling))
+    if kind.startswith("cohere"):
+        return LogitTransform(scale=float(cfg.logit_scale))
+    if kind == "falcon_h1":
+        return LogitTransform(scale=float(cfg.lm_head_multiplier))
+    if kind in _SOFTCAPPED and getattr(cfg, "final_logit_softcapping", None):
+        return LogitTransform(softcap=float(cfg.final_logit_softcapping))
+    if kind == "recurrent_gemma":
+        return LogitTransform(softcap=float(cfg.logits_soft_cap))
+    return LogitTransform()
+
+
+@torch.no_grad()
+def check_logit_transform(model, transform, vocab_size: int | None = None) -> None:
+    """Refuse a model whose own forward's logits differ from ``transform(lm_head(hidden))``.
+
+    Two forwards of 8 random tokens in eval mode; the tolerance is relative to the logits'
+    magnitude (2e-2 in half precision, where the model post-processes in bf16 and we in
+    fp32; 1e-4 in fp32).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        emb = model.get_input_embeddings().weight
+        n = vocab_size or emb.shape[0]
+        ids = torch.randint(0, n, (1, 8), generator=torch.Generator().manual_seed(0)).to(emb.device)
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        ours = transform.apply(model.get_output_embeddings()(hidden).float())
+        theirs = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    scale = theirs.abs().max().clamp(min=1e-6)
+    tol = 1e-4 if emb.dtype == torch.float32 else 2e-2
+    err = float((ours - theirs).abs().max() / scale)
+    if not err <= tol:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(
+            f"model type {kind!r}: its forward post-processes logits in a way rlhf does not reproduce "
+            f"(relative difference {err:.3g}); PPO would train on a different distribution than it samples "
+            "from. Add the architecture to rlhf.models.logit_transform.")
