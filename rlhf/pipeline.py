@@ -27,6 +27,7 @@ from rlhf.config import (
     RewardConfig,
     SFTConfig,
     apply_overrides,
+    check_run_name,
     from_dict,
     load_yaml,
     to_dict,
@@ -80,8 +81,12 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     data = apply_overrides(load_yaml(recipe), list(overrides))
     pipe = from_dict(PipelineConfig, data)
     if not pipe.name:
+        check_run_name(recipe.stem, f"name (from the recipe file name {recipe.name})")
         pipe.name = recipe.stem
     run_dir = Path(output_dir) if output_dir else Path("runs") / pipe.name
+    for d in (run_dir, *run_dir.parents):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"--output-dir {run_dir}: {d} exists and is not a directory")
     check_base(pipe.model.name_or_path)
 
     task_files = None
