@@ -10,6 +10,7 @@ model is loaded. Overrides use ``key.sub=value`` with the value parsed as YAML.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import re
@@ -429,5 +430,11 @@ def save_yaml(data: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    try:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
+        raise

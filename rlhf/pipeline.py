@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +212,10 @@ class Pipeline:
         killed here and in the registry (whose reap_runs catches this host's other dead runs)."""
         from rlhf.runs import KILLED_REASON
 
-        for st in self.state["stages"].values():
+        for stage, st in self.state["stages"].items():
             if st.get("status") == "running":
                 st.update(status="killed", reason=KILLED_REASON)
+                print(f"[pipeline] {stage}: the attempt started {st.get('started', '?')} never finished; marked killed")
                 if registry is not None and st.get("run"):
                     from rlhf.registry import RegistryError
 
@@ -226,11 +228,10 @@ class Pipeline:
         self.save()
 
     def _run(self, from_stage: str | None, resume: bool) -> dict:
+        from rlhf import distributed as dist
         from rlhf.tracking import Tracker  # noqa: F401  (fail early if tracking is broken)
 
         p = self.p
-        from rlhf import distributed as dist
-
         # every process reads pipeline.json now that rank 0 holds the lock, before rank 0 writes it
         if self.state_path.exists():
             on_disk = json.loads(self.state_path.read_text())
@@ -264,7 +265,8 @@ class Pipeline:
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
             stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in _RESUMABLE
-            run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
+            run_ref = (registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name)
+                       if registry else None)
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
@@ -283,7 +285,10 @@ class Pipeline:
                                                    ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 self.save()
                 if registry and run_ref:
-                    registry.mark_run(run_ref, status, reason)
+                    try:
+                        registry.mark_run(run_ref, status, reason)
+                    except Exception as mark_error:  # noqa: BLE001 - never hide the stage's own error
+                        print(f"[pipeline] could not mark {run_ref} {status}: {mark_error}", file=sys.stderr)
                 raise
             outputs = registration.outputs if registration else {}
             inputs = registration.inputs if registration else {}

@@ -198,10 +198,17 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically; a failed write leaves ``path`` as it was and no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
+        raise
 
 
 def final_log_value(log_history: list[dict], key: str) -> float | None:

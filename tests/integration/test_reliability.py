@@ -399,6 +399,29 @@ def test_a_full_disk_during_publish_names_the_path_and_leaves_no_temp_files(tmp_
     assert (out / "adapter" / "adapter_model.safetensors").read_text() == "v1"  # the old artifact is intact
 
 
+@pytest.mark.parametrize("writer", ["write_json", "save_yaml"])
+def test_a_full_disk_during_a_state_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, writer):
+    from rlhf.config import save_yaml
+    from rlhf.stages.common import write_json
+
+    write = {"write_json": write_json, "save_yaml": save_yaml}[writer]
+    target = tmp_path / "pipeline.json"
+    write({"status": "completed"}, target) if writer == "save_yaml" else write(target, {"status": "completed"})
+    before = target.read_text()
+    real_write_text = Path.write_text
+
+    def full(self, text, *a, **k):
+        real_write_text(self, text[: len(text) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=re.escape(f"while writing {target}")):
+        write({"status": "x"}, target) if writer == "save_yaml" else write(target, {"status": "x"})
+    monkeypatch.undo()
+    assert target.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.json"]
+
+
 def test_a_really_full_disk_during_publish(tmp_path):
     """The same on a 4 MiB tmpfs that fills up (needs root; skipped elsewhere)."""
     disk = tmp_path / "disk"
