@@ -192,11 +192,12 @@ class PPOConfig:
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many checkpoints to keep.", range="> 0", default=2)
     guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", range="> 0", default=50.0)
-    guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this.", range=">= 0", default=0.01)
+    guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this (a negative value disables it).",
+                                     range="any", default=0.01)
     guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", range=">= 0", default=1.0)
     guard_max_length_fraction: float = _help(
         "Stop when the mean response length exceeds this fraction of response_length (responses "
-        "blow up into the length limit).", range="(0, 1]", default=0.95)
+        "blow up into the length limit; above 1 disables it).", range="> 0", default=0.95)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
