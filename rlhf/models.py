@@ -45,7 +45,8 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 
 def _model_kwargs(dtype: str, revision: str | None, trust_remote_code: bool, attn_implementation: str | None) -> dict:
-    kw = dict(dtype=torch_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code)
+    # use_safetensors: a hub model stored only as a pickled .bin fails here instead of being unpickled
+    kw = dict(dtype=torch_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     return kw

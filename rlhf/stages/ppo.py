@@ -656,7 +656,8 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
 
 
 def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
-            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None) -> StageResult:
+            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None,
+            registration=None) -> StageResult:
     """Run PPO; its artifacts are ``policy`` (and ``value`` with a critic).
 
     Inputs arrive resolved (:func:`rlhf.resolve.resolve_inputs`): a base directory or hub id,
@@ -666,6 +667,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         gold_fn: optional ``(prompt, response) -> float`` used for evaluation only (the
             synthetic task's gold reward); it never enters training.
         stop_after: stop after this many updates (tests of resume); checkpoints as usual.
+        registration: where :func:`rlhf.stages.common.publish` registers the adapters (rank 0).
     """
     from rlhf import distributed as dist
     from rlhf.stages.common import publish
@@ -725,7 +727,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     if finished and main:
         for role in roles:
             publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
-                    config=to_dict(cfg))
+                    config=to_dict(cfg), registration=registration)
         write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,

@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    Registration,
     filter_supported,
     full_state_dict,
     last_checkpoint,
@@ -42,7 +43,8 @@ def _records(data_ref: str, split: str) -> list[dict]:
     return rows
 
 
-def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
+               registration: Registration | None = None) -> StageResult:
     """Train the reward model; its artifact is ``adapter`` (LoRA + score head)."""
     import datasets
     from peft import get_peft_model
@@ -118,7 +120,8 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         save_head(head, tmp)
 
     if main:
-        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), dataset=data_ref)
+        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), registration=registration,
+                dataset=data_ref)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
     return StageResult(stage="reward", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},

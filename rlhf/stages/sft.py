@@ -16,6 +16,7 @@ from rlhf.config import SFTConfig, save_yaml, to_dict
 from rlhf.resolve import is_store_ref
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    Registration,
     filter_supported,
     final_log_value,
     full_state_dict,
@@ -49,7 +50,8 @@ def _examples(cfg: SFTConfig) -> list[dict]:
     )
 
 
-def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
+            registration: Registration | None = None) -> StageResult:
     """Train the SFT stage; its artifact is ``adapter`` (LoRA) or ``model`` (full fine-tuning)."""
     import datasets
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
@@ -116,7 +118,8 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
             tok.save_pretrained(tmp)
 
     if main:
-        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), finetune=cfg.finetune)
+        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), registration=registration,
+                finetune=cfg.finetune)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
     return StageResult(stage="sft", output_dir=str(out), base=base, artifacts={kind: str(out / kind)},

@@ -28,8 +28,9 @@ def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_p
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
     seen = {}
 
-    def fake_run(cfg, *, group, resume, task):
+    def fake_run(cfg, *, group, resume, task, registration):
         seen["cfg"] = cfg
+        assert registration is None  # a stage run alone registers nothing
         return StageResult(stage="ppo", output_dir=cfg.output_dir, base=cfg.model.name_or_path,
                            artifacts={"policy": "p"}, metrics={"m": 1.0})
 
