@@ -40,6 +40,10 @@ class ModelConfig:
     )
     attn_implementation: str | None = _help("Attention kernel, e.g. 'sdpa' or 'flash_attention_2'.", default=None)
     trust_remote_code: bool = _help("Run code shipped with a hub model. Off unless you trust the repository.", default=False)
+    chat_template: str = _help(
+        "Chat template for every stage: '' (the tokenizer's own; a base model without one gets 'plain'), a "
+        "built-in name ('chatml', 'plain'), a Jinja template string, or a .jinja file (relative to the recipe).",
+        default="")
 
 
 @dataclass
@@ -94,6 +98,8 @@ class SFTConfig:
     )
     dataset_split: str = _help("Split to read when the dataset has several.", default="train")
     eval_fraction: float = _help("Fraction of the data held out for eval loss.", default=0.05)
+    min_eval_examples: int = _help(
+        "Least held-out examples when eval_fraction > 0; a smaller split warns and uses this many.", default=16)
     finetune: Literal["lora", "full"] = _help("Train a LoRA adapter (default) or all weights.", default="lora")
     lora: LoraConfigSpec = _help("LoRA settings (finetune: lora).", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
@@ -118,6 +124,12 @@ class RewardConfig:
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
     test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", default=0.05)
+    min_test_pairs: int = _help(
+        "Least held-out pairs: a smaller test split (few pairs, small test_fraction) warns and moves whole "
+        "prompts from the training pairs until it has this many.", default=64)
+    keep_best: bool = _help(
+        "Evaluate at every checkpoint (train.save_steps) and publish the checkpoint with the best held-out "
+        "accuracy, not the last one.", default=True)
     lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", default=0.01)
@@ -176,6 +188,15 @@ class PPOConfig:
     lora: LoraConfigSpec = _help("LoRA settings for newly created roles (policy/value copy their source's).", default_factory=LoraConfigSpec)
     # evaluation, logging, checkpoints, guards
     eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", default=10)
+    eval_max_prompts: int = _help(
+        "Periodic evaluations sample at most this many held-out prompts (a fixed subset); the first and the "
+        "final evaluation use them all.", default=64)
+    eval_fraction: float = _help(
+        "Without eval_prompts: the fraction of the PPO prompts held out (never trained on) for evaluation.",
+        default=0.05)
+    eval_min_prompts: int = _help(
+        "Least held-out prompts; a smaller split (eval_fraction of few prompts) warns and uses this many.",
+        default=32)
     num_samples_logged: int = _help("Sample completions logged per evaluation.", default=8)
     save_every: int = _help("Checkpoint every N updates.", default=10)
     keep_checkpoints: int = _help("How many checkpoints to keep.", default=2)
@@ -199,8 +220,27 @@ class PPOConfig:
             raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide the minibatch size ({mb})")
         if self.temperature <= 0:
             raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
+        if self.eval_max_prompts <= 0 or self.eval_min_prompts <= 0:
+            raise ConfigError("ppo.eval_max_prompts and ppo.eval_min_prompts must be positive")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"ppo.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.advantage_estimator == "rloo" and self.rollout_batch_size % self.rloo_k:
             raise ConfigError("ppo.rollout_batch_size must be divisible by ppo.rloo_k")
+
+
+@dataclass
+class RewardGateConfig:
+    """The reward model's quality gate, checked between the reward stage and PPO."""
+
+    enabled: bool = _help("Stop the pipeline before PPO when the reward model fails the thresholds.", default=True)
+    min_accuracy: float = _help(
+        "Least held-out preference accuracy (0.5 is chance). PPO against a reward model near chance "
+        "optimises noise and can make the policy worse.", default=0.55)
+    min_margin: float = _help("Least mean held-out margin, reward(chosen) - reward(rejected).", default=0.0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ConfigError(f"reward_gate.min_accuracy must be in [0, 1], got {self.min_accuracy}")
 
 
 @dataclass
@@ -210,8 +250,11 @@ class PipelineConfig:
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", default=0)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
-    task: SyntheticTaskConfig = _help("Embedded synthetic task (tiny default), see rlhf/tasks/synthetic.py.",
-                                      default_factory=SyntheticTaskConfig)
+    task: SyntheticTaskConfig = _help(
+        "The task: an embedded one (task.enabled, task.name) or your own (task.module); it supplies prompts, "
+        "optionally data, and the objective the summary evaluates. See rlhf/tasks/.",
+        default_factory=SyntheticTaskConfig)
+    reward_gate: RewardGateConfig = _help("Reward-model quality gate before PPO.", default_factory=RewardGateConfig)
     report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
@@ -293,12 +336,21 @@ def from_dict(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], names, where)} "
+                          f"(valid keys: {', '.join(sorted(names))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def did_you_mean(key: str, names, prefix: str = "") -> str:
+    """``"; did you mean PREFIX.NAME?"`` for the closest of ``names`` to ``key``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def to_dict(obj) -> dict:
