@@ -9,6 +9,9 @@ Commands:
   rlhf registry ...    model registry
   rlhf dashboard [--port P] [--runs-root DIR]
   rlhf report RUN_DIR --out report.html
+  rlhf generate REF --prompts FILE     sample from a policy (registry ref, adapter or exported model)
+  rlhf chat REF                        talk to a policy (one user turn per line)
+  rlhf eval ...                        score policies (RM / objective, win rates, best-of-n); RM accuracy
 """
 
 from __future__ import annotations
@@ -125,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf.dashboard.cli import main as dash_main
 
             return dash_main(["serve", *rest])
+        if cmd in ("generate", "chat"):
+            from rlhf.generate import chat_main, generate_main
+
+            return generate_main(rest) if cmd == "generate" else chat_main(rest)
+        if cmd == "eval":
+            from rlhf.evaluate import main as eval_main
+
+            return eval_main(rest)
         if cmd == "report":
             from rlhf.dashboard.cli import main as dash_main
 
