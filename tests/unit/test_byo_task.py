@@ -257,3 +257,21 @@ def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
     _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate()
     _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate()
     _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate()
+
+
+def test_hh_recipe_ingests_the_subset_its_header_names():
+    """The qwen recipe's header command reads helpful-base only, into the name the stages use."""
+    import shlex
+
+    from reward_data.cli import build_parser
+    from rlhf.pipeline import plan
+
+    recipe = ROOT / "pipelines" / "qwen2.5-0.5b-hh.yaml"
+    header = recipe.read_text().split("\nname:")[0]
+    assert "(helpful-base)" in header
+    line = next(x for x in header.splitlines() if "rlhf data ingest" in x)
+    args = build_parser().parse_args(shlex.split(line.split("rlhf data ", 1)[1]))
+    assert args.hf_data_dir == "helpful-base" and args.sources == ["Anthropic/hh-rlhf"]
+    p = plan(recipe, check_inputs=False)
+    assert {p.sft.dataset, p.reward.dataset, p.ppo.prompts, p.ppo.eval_prompts} == {args.name}
+    assert p.ppo.eval_max_prompts < p.ppo.rollout_batch_size * p.ppo.eval_every
