@@ -126,9 +126,7 @@ def test_eval_scores_policies_win_rates_and_best_of_n(run, tmp_path):
     for e in pol.values():
         assert e["rm_score"]["n"] == 4 and e["objective"]["se"] is not None
     best = pol[f"best-of-3({refs['sft']})"]
-    # the reward model picked each best-of-3 sample, so it never loses to a sample it beat...
-    # ... on average it scores at least the single sample's level
-    assert best["rm_score"]["mean"] >= pol[refs["sft"]]["rm_score"]["mean"] - 1e-6 or best["win_rate_rm"]["mean"] >= 0.5
+    assert "win_rate_rm" in best and "win_rate_rm" not in pol[refs["sft"]]  # the baseline is not compared to itself
     assert 0 <= pol[refs["policy"]]["win_rate_rm"]["mean"] <= 1 and "win_rate_objective" in pol[refs["policy"]]
 
 
@@ -156,7 +154,6 @@ def test_eval_reward_accuracy_per_subset(run, tmp_path):
     assert main(["eval", "--reward", _refs(p)["reward"], "--preferences", f"{info.name}:{info.version}",
                  "--split", "train", "--out", str(out)]) == 0
     acc_o = json.loads(out.read_text())["reward_accuracy"]["overall"]["accuracy"]["mean"]
-    assert "subsets" not in json.loads(out.read_text())["reward_accuracy"] or True
     assert acc_o > 0.5 > acc_f
 
 
@@ -181,6 +178,22 @@ def test_reward_stage_is_deterministic_and_keeps_its_best_checkpoint(run, tmp_pa
     logged = [json.loads(x) for x in (tmp_path / "rm0" / "metrics.jsonl").read_text().splitlines()]
     during = [m["eval_accuracy"] for m in logged if "eval_accuracy" in m][:-1]  # the last is the final report
     assert len(during) >= 2 and results[0]["eval_accuracy"] == pytest.approx(max(during))
+
+
+def test_a_reward_model_at_chance_stops_the_pipeline_before_ppo(tmp_path, capsys):
+    """Labels independent of the objective (huge label temperature): the reward model is at
+    chance, the gate stops the run with advice, PPO never starts."""
+    run_dir = tmp_path / "chance"
+    code = main(["run", str(EXAMPLE), "--output-dir", str(run_dir),
+                 "task.options={seed: 1, num_sft: 128, num_pairs: 500, num_prompts: 64, label_temperature: 1000.0}",
+                 "sft.train.epochs=1", "reward.train.epochs=1", "reward.test_fraction=0.4", "reward.keep_best=false",
+                 "reward_gate.min_accuracy=0.6"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reward model failed the quality gate" in err and "Try:" in err, err
+    assert not (run_dir / "ppo").exists()
+    state = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert state["reward"]["status"] == "completed" and state["ppo"]["status"] == "blocked"
+    assert "reward_gate.min_accuracy" in json.loads((run_dir / "summary.json").read_text())["ppo_blocked"]
 
 
 @pytest.mark.slow
