@@ -157,14 +157,17 @@ def test_eval_reward_accuracy_per_subset(run, tmp_path):
     assert acc_o > 0.5 > acc_f
 
 
-def test_reward_stage_is_deterministic_and_keeps_its_best_checkpoint(run, tmp_path):
+def test_reward_stage_is_deterministic_and_keeps_its_best_checkpoint(tmp_path):
     import torch
 
     from rlhf.config import RewardConfig, from_dict
     from rlhf.stages import run_stage
+    from rlhf.tasks import write_task_files
+    from rlhf.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
-    p, _ = run
-    cfg = {"dataset": p.task_files["pairs"], "train": {"epochs": 1, "batch_size": 32, "learning_rate": 5e-3,
+    files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=1, num_pairs=640, num_ppo_prompts=1,
+                                                               num_eval_prompts=0)), tmp_path / "task")
+    cfg = {"dataset": files["pairs"], "train": {"epochs": 1, "batch_size": 32, "learning_rate": 5e-3,
                                                        "save_steps": 8, "max_length": 64, "logging_steps": 4},
            "report_to": ["local"]}
     results = []
