@@ -30,7 +30,9 @@ COMMANDS = {
     "config": "print a stage's or a recipe's fully resolved config (config show STAGE|RECIPE)",
     "data": "ingest and inspect preference data (the versioned data store)",
     "registry": "list, inspect, export and tag models in the model registry",
-    "generate": "sample completions from a trained model (registry ref or directory)",
+    "generate": "sample completions from a trained policy (registry ref, adapter or model directory)",
+    "chat": "talk to a trained policy (one user turn per line)",
+    "eval": "score policies (reward model / objective, win rates, best-of-n); reward-model accuracy",
     "dashboard": "serve a local web page over pipeline runs",
     "report": "write one run as a self-contained HTML report",
 }
@@ -294,59 +296,6 @@ def _config_main(argv: list[str]) -> int:
     return 0
 
 
-def _generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rlhf generate",
-        description="Sample completions from a trained model: a registry reference of an sft or policy adapter "
-        "(e.g. tiny-policy:1, merged onto its base in memory), or a model directory (an `rlhf registry export` "
-        "or any Hugging Face causal LM).",
-    )
-    parser.add_argument("model", metavar="REF|DIR", help="registry reference or model directory")
-    parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--home", help="rlhf home of the registry (default: $RLHF_HOME, then ~/.rlhf)")
-    args = parser.parse_args(argv)
-    from rlhf.config import ConfigError
-
-    if args.max_new_tokens <= 0 or args.temperature < 0:
-        raise ConfigError("generate: --max-new-tokens must be positive and --temperature at least 0")
-    _setup_console(False, None)
-    import torch
-
-    if Path(args.model).is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not (Path(args.model) / "config.json").is_file():
-            raise ConfigError(f"generate: {args.model} has no config.json; pass a model directory or a registry ref")
-        tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    else:
-        from rlhf.registry import Registry
-        from rlhf.registry.export import merge_adapter
-
-        reg = Registry.open(home=args.home)
-        entry = reg.resolve(args.model)
-        if entry.kind != "adapter" or entry.role not in ("sft", "policy"):
-            raise ConfigError(f"generate: {entry.ref} is a {entry.role or entry.kind} {entry.kind}; "
-                              "pass an sft or policy adapter")
-        model, tok = merge_adapter(entry, reg.resolve(entry.metadata["base"]))
-    model.eval()
-    torch.manual_seed(args.seed)
-    for prompt in args.prompt:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature if args.temperature > 0 else None,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        completion = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(f"prompt: {prompt}\ncompletion: {completion}\n")
-    return 0
-
-
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_top_help())
@@ -370,8 +319,6 @@ def _dispatch(argv: list[str]) -> int:
             return _stage_main(cmd, rest)
         if cmd == "config":
             return _config_main(rest)
-        if cmd == "generate":
-            return _generate_main(rest)
         if cmd == "data":
             from reward_data.cli import main as data_main
 
@@ -384,6 +331,18 @@ def _dispatch(argv: list[str]) -> int:
             from rlhf.dashboard.cli import main as dash_main
 
             return dash_main(["serve", *rest])
+        if cmd in ("generate", "chat"):
+            if not _wants_help(rest):  # no third-party bars or load reports around the completions
+                _setup_console(False, None)
+            from rlhf.generate import chat_main, generate_main
+
+            return generate_main(rest) if cmd == "generate" else chat_main(rest)
+        if cmd == "eval":
+            if not _wants_help(rest):
+                _setup_console(False, None)
+            from rlhf.evaluate import main as eval_main
+
+            return eval_main(rest)
         if cmd == "report":
             from rlhf.dashboard.cli import main as dash_main
 

@@ -56,6 +56,10 @@ class ModelConfig:
     )
     attn_implementation: str | None = _help("Attention kernel, e.g. 'sdpa' or 'flash_attention_2'.", default=None)
     trust_remote_code: bool = _help("Run code shipped with a hub model. Off unless you trust the repository.", default=False)
+    chat_template: str = _help(
+        "Chat template for every stage: '' (the tokenizer's own; a base model without one gets 'plain'), a "
+        "built-in name ('chatml', 'plain'), a Jinja template string, or a .jinja file (relative to the recipe).",
+        default="")
 
 
 @dataclass
@@ -105,6 +109,9 @@ class SFTConfig:
     )
     dataset_split: str = _help("Split to read when the dataset has several.", default="train")
     eval_fraction: float = _help("Fraction of the data held out for eval loss.", range="[0, 1)", default=0.05)
+    min_eval_examples: int = _help(
+        "Least held-out examples when eval_fraction > 0; a smaller split warns and uses this many.",
+        range=">= 1", default=16)
     finetune: Literal["lora", "full"] = _help("Train a LoRA adapter (default) or all weights.", default="lora")
     lora: LoraConfigSpec = _help("LoRA settings (finetune: lora).", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
@@ -128,6 +135,12 @@ class RewardConfig:
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
     test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", range="[0, 1)", default=0.05)
+    min_test_pairs: int = _help(
+        "Least held-out pairs: a smaller test split (few pairs, small test_fraction) warns and moves whole "
+        "prompts from the training pairs until it has this many.", range=">= 1", default=64)
+    keep_best: bool = _help(
+        "Evaluate at every checkpoint (train.save_steps) and publish the checkpoint with the best held-out "
+        "accuracy, not the last one.", default=True)
     lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
@@ -194,6 +207,15 @@ class PPOConfig:
     lora: LoraConfigSpec = _help("LoRA settings for newly created roles (policy/value copy their source's).", default_factory=LoraConfigSpec)
     # evaluation, logging, checkpoints, guards
     eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", range=">= 0", default=10)
+    eval_max_prompts: int = _help(
+        "Periodic evaluations sample at most this many held-out prompts (a fixed subset); the first and the "
+        "final evaluation use them all.", range=">= 1", default=64)
+    eval_fraction: float = _help(
+        "Without eval_prompts: the fraction of the PPO prompts held out (never trained on) for evaluation.",
+        range="[0, 1)", default=0.05)
+    eval_min_prompts: int = _help(
+        "Least held-out prompts; a smaller split (eval_fraction of few prompts) warns and uses this many.",
+        range=">= 1", default=32)
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
@@ -231,14 +253,29 @@ class PPOConfig:
 
 
 @dataclass
+class RewardGateConfig:
+    """The reward model's quality gate, checked between the reward stage and PPO."""
+
+    enabled: bool = _help("Stop the pipeline before PPO when the reward model fails the thresholds.", default=True)
+    min_accuracy: float = _help(
+        "Least held-out preference accuracy (0.5 is chance). PPO against a reward model near chance "
+        "optimises noise and can make the policy worse.", range="[0, 1]", default=0.55)
+    min_margin: float = _help("Least mean held-out margin, reward(chosen) - reward(rejected).", range="any",
+                              default=0.0)
+
+
+@dataclass
 class PipelineConfig:
     """A staged recipe: SFT -> reward -> PPO on one base model."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
-    task: SyntheticTaskConfig = _help("Embedded synthetic task (tiny default), see rlhf/tasks/synthetic.py.",
-                                      default_factory=SyntheticTaskConfig)
+    task: SyntheticTaskConfig = _help(
+        "The task: an embedded one (task.enabled, task.name) or your own (task.module); it supplies prompts, "
+        "optionally data, and the objective the summary evaluates. See rlhf/tasks/.",
+        default_factory=SyntheticTaskConfig)
+    reward_gate: RewardGateConfig = _help("Reward-model quality gate before PPO.", default_factory=RewardGateConfig)
     report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
@@ -384,9 +421,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-        hint = f"did you mean {where}{close[0]}? " if close else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} ({hint}valid keys: {', '.join(sorted(fields))})")
+        raise ConfigError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], fields, where)} "
+                          f"(valid keys: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     # ranges before construction, so that __post_init__'s cross-field checks never divide by 0
     for k, v in kwargs.items():
@@ -396,6 +432,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+
+
+def did_you_mean(key: str, names, prefix: str = "") -> str:
+    """``"; did you mean PREFIX.NAME?"`` for the closest of ``names`` to ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def to_dict(obj) -> dict:

@@ -40,14 +40,27 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     raise FileNotFoundError(f"dataset not found: {source}")
 
 
+def as_messages(value, role: str, where: str, field: str) -> list[dict]:
+    """The one formatting path of every stage: a field as a message list.
+
+    A plain string becomes one ``role`` turn, so that SFT rows, preference pairs and PPO
+    prompts given as strings reach the chat template exactly like conversational rows (one
+    token layout for all stages); a message list passes through.
+
+    Raises:
+        ValueError: naming ``where`` (file and row) and ``field``.
+    """
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        return value
+    raise ValueError(f"{where}: field {field!r} must be a string or a list of {{role, content}} messages")
+
+
 def prompt_messages(row: dict, where: str) -> list[dict]:
     """The prompt of a row as a message list (a plain string becomes one user turn)."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        return prompt
-    raise ValueError(f"{where}: field 'prompt' must be a string or a list of {{role, content}} messages")
+    return as_messages(row.get("prompt"), "user", where, "prompt")
 
 
 def load_prompts(source: str, split: str = "train") -> list[list[dict]]:

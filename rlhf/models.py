@@ -19,11 +19,56 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return table[name]
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+# Built-in chat templates (``model.chat_template``). "plain" ends every turn with the
+# tokenizer's EOS, the stop token of generation, so a base model without a template of its
+# own learns in SFT to stop where PPO stops sampling.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "plain": (
+        "{% for message in messages %}"
+        "{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    ),
+}
+
+
+def chat_template_text(spec: str) -> str:
+    """The Jinja text of a ``model.chat_template`` value: a built-in name, a file, or Jinja.
+
+    Raises:
+        rlhf.config.ConfigError: an unknown name (with the closest built-in) or a missing file.
+    """
+    from pathlib import Path
+
+    from rlhf.config import ConfigError, did_you_mean
+
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.suffix in (".jinja", ".j2", ".txt") or "/" in spec:
+        raise ConfigError(f"model.chat_template: file not found: {spec}")
+    raise ConfigError(f"model.chat_template: unknown built-in {spec!r}{did_you_mean(spec, CHAT_TEMPLATES)} "
+                      f"(built-ins: {', '.join(CHAT_TEMPLATES)}; or give a Jinja string or file)")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str = ""):
     """Load a tokenizer for generation: left padding and a pad token that is not EOS.
 
     Queries must be left-padded, and the pad token must differ from EOS so that padding
     is never mistaken for a stop (N+ implementation details, arXiv 2403.17031).
+    ``chat_template`` (``model.chat_template``) replaces the tokenizer's own template; a
+    tokenizer without one gets the built-in "plain" template.
     """
     from transformers import AutoTokenizer
 
@@ -37,10 +82,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         else:
             tok.add_special_tokens({"pad_token": "<|rlhf_pad|>"})
     tok.padding_side = "left"
-    if tok.chat_template is None:
-        raise ValueError(
-            f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat tokenizer"
-        )
+    if chat_template:
+        tok.chat_template = chat_template_text(chat_template)
+    elif tok.chat_template is None:
+        import warnings
+
+        warnings.warn(f"tokenizer of {name_or_path!r} has no chat template; using the built-in 'plain' one "
+                      "(set model.chat_template to choose another)", stacklevel=2)
+        tok.chat_template = CHAT_TEMPLATES["plain"]
     return tok
 
 

@@ -51,14 +51,47 @@ class Plan:
     reward: RewardConfig
     ppo: PPOConfig
     task_files: dict | None  # name -> path of the task's files (None without a task)
+    task_obj: Task | None = None  # the recipe's task, built once by plan()
 
     def task(self) -> Task | None:
-        """The recipe's task, or None when it trains on user data."""
-        if not self.pipeline.task.enabled:
-            return None
-        from rlhf.tasks.synthetic import SyntheticTask
+        """The recipe's task (embedded or the user's task.module), or None without one."""
+        return self.task_obj
 
-        return SyntheticTask(self.pipeline.task)
+
+class RewardGateFailed(ConfigError):
+    """The reward model failed the quality gate; the pipeline stops before PPO. (A
+    ConfigError, so the CLI reports it as one line: the fix is in the recipe or the data.)"""
+
+
+# Recipe values that may be paths; relative ones resolve against the recipe's folder.
+_PATH_KEYS = (("model", "name_or_path"), ("model", "chat_template"), ("sft", "dataset"), ("reward", "dataset"),
+              ("ppo", "prompts"), ("ppo", "eval_prompts"))
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".jinja", ".j2", ".py")
+
+
+def _recipe_relative(value, base: Path):
+    """``value`` resolved against ``base`` when it is a relative path: it starts with ./ or
+    ../, ends like a file, or exists under ``base``. Hub ids, store references and built-in
+    names pass through."""
+    if not isinstance(value, str) or not value or value.startswith(("/", "~", "builtin:")):
+        return value
+    if "{{" in value or "{%" in value:  # an inline Jinja template
+        return value
+    if value.startswith(("./", "../")) or value.lower().endswith(_DATA_SUFFIXES) or (base / value).exists():
+        return str((base / value).resolve())
+    return value
+
+
+def _resolve_recipe_paths(data: dict, base: Path) -> dict:
+    for section, key in _PATH_KEYS:
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = _recipe_relative(node[key], base)
+    task = data.get("task")
+    if isinstance(task, dict) and isinstance(task.get("module"), str) and ".py:" in task["module"]:
+        path, _, attr = task["module"].rpartition(":")
+        task["module"] = f"{_recipe_relative(path, base)}:{attr}"
+    return data
 
 
 def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
@@ -80,7 +113,7 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     ``check_inputs`` also checks that data files and store references exist (off to validate
     a recipe's schema on a machine without its data)."""
     recipe = Path(recipe)
-    data = apply_overrides(load_yaml(recipe), list(overrides))
+    data = apply_overrides(_resolve_recipe_paths(load_yaml(recipe), recipe.resolve().parent), list(overrides))
     pipe = from_dict(PipelineConfig, data)
     if not pipe.name:
         check_run_name(recipe.stem, f"name (from the recipe file name {recipe.name})")
@@ -93,13 +126,20 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
 
     task_files = None
     stage_data = {s: _stage_dict(pipe, s, run_dir) for s in STAGES}
-    if pipe.task.enabled:
+    from rlhf.tasks import load_task, provided_files
+
+    task = load_task(pipe.task, recipe.resolve().parent)
+    if task is not None:
         task_dir = run_dir / "task"
-        task_files = {k: str(task_dir / f"{k}.jsonl") for k in TASK_FILES}
-        stage_data["sft"].setdefault("dataset", task_files["sft"])
-        stage_data["reward"].setdefault("dataset", task_files["pairs"])
-        stage_data["ppo"].setdefault("prompts", task_files["ppo_prompts"])
-        stage_data["ppo"].setdefault("eval_prompts", task_files["eval_prompts"])
+        provided = provided_files(task)
+        task_files = {k: str(task_dir / f"{k}.jsonl") for k in provided}
+        for name, key in provided.items():
+            stage, field = key.split(".")
+            if field in stage_data[stage]:
+                raise ConfigError(
+                    f"{key}: the task ({task.name}) supplies it, so the recipe must not; remove {key} to train on the "
+                    f"task's data, or disable the task (task.enabled: false, no task.module) to use your own")
+            stage_data[stage][field] = task_files[name]
     # The pipeline wires stage outputs into the next stages.
     for key in ("sft_adapter", "reward_adapter"):
         if key in stage_data["ppo"] or key in stage_data["reward"]:
@@ -120,8 +160,8 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
         if not value:
             if name == "ppo.eval_prompts":
                 continue
-            raise ConfigError(f"{name}: required (or enable task for the synthetic data)")
-        if task_files is None and check_inputs:
+            raise ConfigError(f"{name}: required (or a task that supplies it: task.enabled or task.module)")
+        if (task_files is None or value not in task_files.values()) and check_inputs:
             check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
@@ -130,7 +170,7 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             normalize_report_to(stage_cfg.report_to)
         except ValueError as e:
             raise ConfigError(f"{name}.report_to: {e}") from None
-    return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files)
+    return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files, task)
 
 
 def _fingerprint(obj) -> str:
@@ -249,7 +289,9 @@ class Pipeline:
 
             want = _fingerprint(to_dict(p.pipeline.task))
             with dist.main_first():  # rank 0 writes the task files, the others then read them
-                if dist.is_main() and (self.state.get("task_fingerprint") != want
+                # a user's task is rewritten every run (its code may have changed); the stage
+                # fingerprints hash the files, so unchanged rows still skip the stages
+                if dist.is_main() and (self.state.get("task_fingerprint") != want or p.pipeline.task.module
                                        or not all(Path(f).exists() for f in p.task_files.values())):
                     write_task_files(task, Path(p.task_files["sft"]).parent)
             self.state["task_fingerprint"] = want
@@ -261,6 +303,8 @@ class Pipeline:
             st = self.state["stages"].get(stage, {})
             cached = (st.get("status") == "completed" and st.get("fingerprint") == fps[stage]
                       and stage not in forced and all(Path(v).exists() for v in st.get("dirs", {}).values()))
+            if stage == "ppo":
+                self._check_reward_gate()
             if cached:
                 if dist.is_main():
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
@@ -318,6 +362,38 @@ class Pipeline:
                     known[str(Path(path).resolve())] = (stage, st["outputs"][name])
         return known
 
+    def _check_reward_gate(self) -> None:
+        """Stop before PPO when the reward model's held-out accuracy or margin is below the
+        recipe's ``reward_gate`` thresholds (the summary is written first)."""
+        gate = self.p.pipeline.reward_gate
+        if not gate.enabled:
+            return
+        m = self.state["stages"].get("reward", {}).get("metrics", {})
+        acc, margin = m.get("eval_accuracy"), m.get("eval_margin")
+        problems = []
+        if acc is None:
+            problems.append("no held-out accuracy (no test pairs)")
+        elif acc < gate.min_accuracy:
+            problems.append(f"held-out accuracy {acc:.3f} < reward_gate.min_accuracy {gate.min_accuracy}")
+        if margin is not None and margin < gate.min_margin:
+            problems.append(f"held-out margin {margin:.3f} < reward_gate.min_margin {gate.min_margin}")
+        if not problems:
+            return
+        from rlhf import distributed as dist
+
+        self.state["stages"]["ppo"] = {"status": "blocked", "reason": "; ".join(problems)}
+        self.save()
+        if dist.is_main():
+            write_json(self.p.run_dir / "summary.json", self.summary(self.p.task()))
+        n = m.get("test_pairs")
+        raise RewardGateFailed(
+            f"reward model failed the quality gate ({'; '.join(problems)}{f', on {n} held-out pairs' if n else ''}); "
+            "PPO was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
+            "cleaner preference pairs (are chosen and rejected swapped?), more reward.train.epochs or another "
+            "reward.train.learning_rate, a larger reward.lora.r, a larger reward.test_fraction for a steadier "
+            "estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run PPO anyway. "
+            f"Rerun with `--from reward` (run dir {self.p.run_dir}).")
+
     def summary(self, task: Task | None) -> dict:
         """Final numbers of the run (and, with a task, its gold evaluation)."""
         st = self.state["stages"]
@@ -328,12 +404,26 @@ class Pipeline:
             "rm_accuracy": rm_m.get("eval_accuracy"),
             "rm_margin": rm_m.get("eval_margin"),
             "reward_score_sft": ppo_m.get("initial/eval/score_mean"),
+            "reward_score_sft_se": ppo_m.get("initial/eval/score_se"),
             "reward_score_ppo": ppo_m.get("final/eval/score_mean"),
+            "reward_score_ppo_se": ppo_m.get("final/eval/score_se"),
+            "kl_sft": ppo_m.get("initial/eval/kl_mean"),
             "kl_ppo_sft": ppo_m.get("final/eval/kl_mean"),
             "kl_ppo_sft_se": ppo_m.get("final/eval/kl_se"),
+            "response_length_sft": ppo_m.get("initial/eval/length_mean"),
+            "response_length_sft_se": ppo_m.get("initial/eval/length_se"),
             "response_length_ppo": ppo_m.get("final/eval/length_mean"),
+            "response_length_ppo_se": ppo_m.get("final/eval/length_se"),
+            "win_rate_rm": ppo_m.get("final/eval/win_rate_mean"),
+            "win_rate_rm_se": ppo_m.get("final/eval/win_rate_se"),
+            "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
+        if st.get("ppo", {}).get("status") == "blocked":
+            out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:
+            out["task"] = getattr(task, "name", None)
+            out["win_rate_gold"] = ppo_m.get("final/eval/gold_win_rate_mean")
+            out["win_rate_gold_se"] = ppo_m.get("final/eval/gold_win_rate_se")
             out.update(
                 gold_reward_sft=ppo_m.get("initial/eval/gold_mean"),
                 gold_reward_sft_se=ppo_m.get("initial/eval/gold_se"),
@@ -344,13 +434,13 @@ class Pipeline:
             from rlhf import distributed as dist
 
             if (out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed"
-                    and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
+                    and callable(getattr(task, "response_pairs", None)) and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
                 from rlhf.resolve import resolve_base
                 from rlhf.tasks import gold_rm_accuracy
 
                 model = self.p.pipeline.model
                 acc = gold_rm_accuracy(task, resolve_base(model.name_or_path, seed=self.p.pipeline.seed), model.dtype,
-                                       st["reward"]["dirs"]["adapter"])
+                                       st["reward"]["dirs"]["adapter"], chat_template=model.chat_template)
                 st["reward"].setdefault("metrics", {})["gold_accuracy"] = acc
                 self.save()
                 out["rm_accuracy_gold"] = acc
@@ -408,7 +498,11 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("gold reward, PPO policy (± s.e.)", fmt("gold_reward_ppo", "gold_reward_ppo_se")),
         ("gold improvement (in s.e. of the difference)", fmt("gold_improvement_in_se")),
         ("RM score, SFT -> PPO", f"{fmt('reward_score_sft')} -> {fmt('reward_score_ppo')}"),
+        ("win rate PPO over SFT, by the RM (± s.e.)", fmt("win_rate_rm", "win_rate_rm_se")),
+        ("win rate PPO over SFT, by the objective (± s.e.)", fmt("win_rate_gold", "win_rate_gold_se")),
         ("KL(PPO || SFT) per response (± s.e.)", fmt("kl_ppo_sft", "kl_ppo_sft_se")),
+        ("response length, SFT -> PPO", f"{fmt('response_length_sft')} -> {fmt('response_length_ppo')}"),
+        ("PPO not run", summary.get("ppo_blocked") or "-"),
     ]
     for k, v in rows:
         if v not in ("-", "- -> -"):

@@ -282,7 +282,7 @@ def _build_model(cfg: PPOConfig, device):
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
     base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
@@ -350,13 +350,55 @@ def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
     return texts
 
 
+def split_eval_prompts(prompts: list, eval_prompts: list, cfg: PPOConfig) -> tuple[list, list]:
+    """``(train, eval)`` prompts. Without ``eval_prompts`` a seeded ``cfg.eval_fraction`` of
+    the prompts is held out (never trained on), at least ``cfg.eval_min_prompts`` (with a
+    warning) and at most half of them; a single prompt is both trained on and evaluated."""
+    if eval_prompts:
+        return prompts, eval_prompts
+    n = int(len(prompts) * cfg.eval_fraction)
+    if n < cfg.eval_min_prompts:
+        import warnings
+
+        want = min(cfg.eval_min_prompts, len(prompts) // 2)
+        warnings.warn(f"ppo: no eval_prompts and eval_fraction {cfg.eval_fraction} of {len(prompts)} prompts is {n}; "
+                      f"holding out {max(want, 1)} of the training prompts for evaluation (ppo.eval_min_prompts)",
+                      stacklevel=2)
+        n = want
+    if n == 0:
+        return prompts, prompts[:1]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + 7)).tolist()
+    held = set(order[:n])
+    return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)]
+
+
+def mean_se(vals: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for a single value)."""
+    t = torch.tensor(vals, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
+
+
+def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
+    """Per prompt, 1 when ``rows[i][key]`` beats ``reference[i][key]`` (same prompt), 0.5 on
+    a tie, 0 otherwise; prompts without a value on either side are skipped."""
+    out = []
+    for r, ref in zip(rows, reference):
+        a, b = r.get(key), ref.get(key)
+        if a is None or b is None:
+            continue
+        out.append(1.0 if a > b else 0.5 if a == b else 0.0)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
              stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = ()) -> tuple[dict, list[dict]]:
+             suffix: list[int] | tuple = (), reference: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """Sample once per held-out prompt (fixed seed, so every evaluation sees the same random
     stream) and report score, KL to the reference, entropy, length, and gold reward if known.
-    Means come with standard errors over prompts."""
+    With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
+    rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
+    (``eval/gold_win_rate_*``). Means come with standard errors over prompts."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
@@ -378,12 +420,13 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]), "gold": gold,
                          "length": per["length"][-1], "kl": per["kl"][-1]})
-    out = {}
+    if reference:
+        per["win_rate"] = win_rates(rows, reference, "score")
+        per["gold_win_rate"] = win_rates(rows, reference, "gold")
+    out = {"eval/prompts": float(len(rows))}
     for k, vals in per.items():
         if vals:
-            t = torch.tensor(vals, dtype=torch.float64)
-            out[f"eval/{k}_mean"] = float(t.mean())
-            out[f"eval/{k}_se"] = float(t.std(unbiased=True) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
+            out[f"eval/{k}_mean"], out[f"eval/{k}_se"] = mean_se(vals)
     return out, rows
 
 
@@ -451,8 +494,8 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     world, rank = dist.world_size(), dist.rank()
     model, tok, base_path = _build_model(cfg, device)
     stop_ids, pad_id = _stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
-    prompts = load_prompts(cfg.prompts)
-    eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
+    prompts, eval_prompts = split_eval_prompts(
+        load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else [], cfg)
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
@@ -531,9 +574,15 @@ def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Pat
 
 
 def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[str, str], float] | None,
-                     step: int) -> dict:
+                     step: int, limit: int | None = None, reference_file: Path | None = None) -> dict:
     """Evaluate on the held-out prompts (rank 0), log the metrics and samples at ``step``,
-    and return the metrics on every rank ({} without held-out prompts)."""
+    and return the metrics on every rank ({} without held-out prompts).
+
+    ``limit`` evaluates only the first ``limit`` prompts (periodic evaluations, to bound
+    their cost). ``reference_file`` holds the SFT policy's per-prompt rows: the evaluation
+    at step 0 (the policy is still the SFT policy) writes it, later ones compute win rates
+    over it on the same prompts.
+    """
     from rlhf import distributed as dist
 
     if not s.eval_ids:
@@ -542,8 +591,14 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     # compare across launches); the model has no collectives, the others just wait.
     ev = {}
     if dist.is_main():
-        ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_ids, s.pad_id, s.device,
-                            gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix)
+        n = len(s.eval_ids) if limit is None else min(limit, len(s.eval_ids))
+        reference = None
+        if reference_file is not None and step > 0 and reference_file.exists():
+            reference = _read_json(reference_file).get("rows", [])[:n]
+        ev, rows = evaluate(s.model, s.tok, s.eval_ids[:n], s.eval_texts[:n], cfg, s.gen_cfg, s.stop_ids, s.pad_id,
+                            s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, reference=reference)
+        if reference_file is not None and step == 0:
+            write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
         tracker.log(ev, step=step)
         tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
     return dist.broadcast_object(ev)
@@ -696,7 +751,9 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
                       report_to=cfg.report_to, group=group,
                       refs={"base": s.base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
                       is_main_process=main)
-    initial_eval = evaluate_and_log(s, cfg, tracker, gold_fn, 0) if start == 0 else _read_json(out / "initial_eval.json")
+    sft_rows = out / "initial_eval_rows.json"  # the SFT policy's per-prompt results, for win rates
+    initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows) if start == 0
+                    else _read_json(out / "initial_eval.json"))
     if start == 0 and main:
         write_json(out / "initial_eval.json", initial_eval)
 
@@ -711,14 +768,14 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
-            evaluate_and_log(s, cfg, tracker, gold_fn, done)
+            evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows)
         if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates) and main:
             save_checkpoint(ckpt_root, s.model, opt, cfg, done)
     bar.close()
 
     # final evaluation and the published adapters
     finished = (stop_after is None) or stop_after >= s.num_updates
-    final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates) if finished else {}
+    final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows) if finished else {}
     tracker.finish()
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
                       **{f"initial/{k}": v for k, v in initial_eval.items()},

@@ -43,6 +43,37 @@ def _records(data_ref: str, split: str) -> list[dict]:
     return rows
 
 
+def ensure_test_split(train_rows: list[dict], test_rows: list[dict], minimum: int,
+                      where: str) -> tuple[list[dict], list[dict]]:
+    """Top up a held-out split smaller than ``minimum`` pairs with whole prompts from the
+    training pairs (in a fixed hash order, so the split is the same every run), with a
+    warning; never takes more than half of the training pairs.
+
+    Without it a small dataset's test fraction can round to no pairs at all, and the reward
+    model would go into PPO unmeasured.
+    """
+    import hashlib
+    import json
+    import warnings
+
+    if len(test_rows) >= minimum or not train_rows:
+        return train_rows, test_rows
+    by_prompt: dict[str, list[dict]] = {}
+    for r in train_rows:
+        by_prompt.setdefault(hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).hexdigest(), []).append(r)
+    moved, keep = list(test_rows), []
+    budget = len(train_rows) // 2
+    for key in sorted(by_prompt):
+        group = by_prompt[key]
+        if len(moved) < minimum and len(moved) - len(test_rows) + len(group) <= budget:
+            moved.extend(group)
+        else:
+            keep.extend(group)
+    warnings.warn(f"{where}: the test split has {len(test_rows)} pairs, fewer than reward.min_test_pairs={minimum}; "
+                  f"holding out {len(moved) - len(test_rows)} training pairs more ({len(moved)} in all)", stacklevel=2)
+    return keep, moved
+
+
 def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
                registration: Registration | None = None) -> StageResult:
     """Train the reward model; its artifact is ``adapter`` (LoRA + score head)."""
@@ -72,10 +103,17 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     train_rows, test_rows = _records(data_ref, "train"), _records(data_ref, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
+    train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_test_pairs, f"reward.dataset {data_ref}")
+
+    # the score head and the LoRA matrices are drawn from the global RNG when the model is
+    # built, before the Trainer seeds it: seed here so a fixed seed gives one reward model
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -86,6 +124,10 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
               dataset_num_proc=None, eos_token=tok.eos_token)
+    if cfg.keep_best and test_rows:
+        # evaluate at every checkpoint and reload the most accurate one when training ends
+        kw.update(eval_strategy="steps", eval_steps=cfg.train.save_steps, load_best_model_at_end=True,
+                  metric_for_best_model="accuracy", greater_is_better=True)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref}, is_main_process=main)

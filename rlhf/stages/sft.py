@@ -29,7 +29,10 @@ from rlhf.stages.common import (
 
 
 def _examples(cfg: SFTConfig) -> list[dict]:
-    from rlhf.data import load_rows
+    """The SFT rows as conversations: plain-string prompts and completions become one user
+    and one assistant turn (:func:`rlhf.data.as_messages`), so SFT trains on the chat
+    template's layout, the one PPO samples in."""
+    from rlhf.data import as_messages, load_rows
 
     if is_store_ref(cfg.dataset):
         # a preference dataset from the store: fine-tune on the preferred responses
@@ -42,9 +45,12 @@ def _examples(cfg: SFTConfig) -> list[dict]:
         raise ValueError(f"sft.dataset {cfg.dataset}: no rows")
     keys = set(rows[0])
     if {"prompt", "completion"} <= keys:
-        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        return [{"prompt": as_messages(r["prompt"], "user", f"{cfg.dataset} row {i}", "prompt"),
+                 "completion": as_messages(r["completion"], "assistant", f"{cfg.dataset} row {i}", "completion")}
+                for i, r in enumerate(rows)]
     if "messages" in keys:
-        return [{"messages": r["messages"]} for r in rows]
+        return [{"messages": as_messages(r["messages"], "user", f"{cfg.dataset} row {i}", "messages")}
+                for i, r in enumerate(rows)]
     raise ValueError(
         f"sft.dataset {cfg.dataset}: rows need 'prompt' and 'completion' (or 'messages'); found {sorted(keys)}"
     )
@@ -72,12 +78,24 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     rows = _examples(cfg)
     random.Random(cfg.seed).shuffle(rows)
     n_eval = int(len(rows) * cfg.eval_fraction)
+    if cfg.eval_fraction > 0 and n_eval < cfg.min_eval_examples:
+        import warnings
+
+        # a small dataset's fraction rounds to (almost) nothing: keep a minimum held out
+        want = min(cfg.min_eval_examples, len(rows) // 2)
+        warnings.warn(f"sft.dataset {cfg.dataset}: eval_fraction {cfg.eval_fraction} of {len(rows)} rows is {n_eval}; "
+                      f"holding out {want} (sft.min_eval_examples)", stacklevel=2)
+        n_eval = want
     train_ds = datasets.Dataset.from_list(rows[n_eval:])
     eval_ds = datasets.Dataset.from_list(rows[:n_eval]) if n_eval else None
 
-    # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base)
+    # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base);
+    # seeded first, as LoRA's initial matrices come from the global RNG
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
     model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                            trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation)

@@ -6,8 +6,12 @@ pipeline writes the task's rows to files (:func:`write_task_files`) that the sta
 any other data, passes ``task.evaluate`` to PPO's evaluation (never to training), and
 measures the reward model against the gold preference (:func:`gold_rm_accuracy`).
 
-The embedded task is :class:`rlhf.tasks.synthetic.SyntheticTask`; another task implements
-the :class:`Task` protocol.
+The embedded tasks (``task.name: synthetic`` or ``format``) are
+:class:`rlhf.tasks.synthetic.SyntheticTask`; your own task is any class with the methods of
+:class:`Task` (only ``prompts`` and ``evaluate`` are required), named in the recipe by import
+path (``task.module: my_pkg.my_task:MyTask`` or ``path/to/my_task.py:MyTask``) and built by
+:func:`load_task` with ``task.options`` as keyword arguments. Nothing imports a user's
+module unless a recipe names it.
 """
 
 from __future__ import annotations
@@ -18,48 +22,141 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["TASK_FILES", "Task", "gold_rm_accuracy", "write_task_files"]
+__all__ = ["TASK_FILES", "Task", "gold_rm_accuracy", "load_task", "provided_files", "write_task_files"]
 
 # The files a task becomes (name -> what it holds); the stages read them like user data.
 TASK_FILES = ("sft", "pairs", "ppo_prompts", "eval_prompts")
 
 
 class Task(Protocol):
-    """What the pipeline needs from a task. Messages are ``{"role", "content"}`` dicts."""
+    """What the pipeline needs from a task. Messages are ``{"role", "content"}`` dicts; a
+    plain string prompt or response is accepted too (it becomes one user or assistant turn).
+
+    Required: ``prompts`` and ``evaluate``. Optional (leave the method out): ``sft_examples``
+    and ``preference_pairs`` (otherwise the recipe's ``sft.dataset`` / ``reward.dataset``
+    supply them) and ``response_pairs`` (the reward model's accuracy against the gold one).
+    """
 
     name: str
 
-    def sft_examples(self) -> list[dict]:
-        """``{"prompt": [messages], "completion": [messages]}`` rows (TRL's conversational
-        prompt-completion format)."""
-
-    def preference_pairs(self) -> list[dict]:
-        """``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`` rows."""
-
     def prompts(self, split: str) -> list[dict]:
-        """``{"prompt": [messages]}`` rows of the ``"train"`` (PPO) or ``"eval"`` split."""
+        """``{"prompt": [messages]}`` rows of the ``"train"`` (PPO) or ``"eval"`` split; an
+        empty eval split means a held-out slice of the training prompts is evaluated."""
 
     def evaluate(self, prompt: str, completion: str) -> float:
         """The gold reward of ``completion`` (text) to the last user turn ``prompt`` (text)."""
 
+    def sft_examples(self) -> list[dict]:
+        """(optional) ``{"prompt": [messages], "completion": [messages]}`` rows (TRL's
+        conversational prompt-completion format)."""
+
+    def preference_pairs(self) -> list[dict]:
+        """(optional) ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`` rows."""
+
     def response_pairs(self) -> Iterator[tuple[str, str, str]]:
-        """Endless ``(prompt, response_a, response_b)`` texts, held out from the training
-        data, on which the reward model's preference is compared with the gold one."""
+        """(optional) Endless ``(prompt, response_a, response_b)`` texts, held out from the
+        training data, on which the reward model's preference is compared with the gold one."""
+
+
+# which optional method fills which file, and the recipe key the file replaces
+_FILE_SOURCE = {"sft": ("sft_examples", "sft.dataset"), "pairs": ("preference_pairs", "reward.dataset"),
+                "ppo_prompts": ("prompts", "ppo.prompts"), "eval_prompts": ("prompts", "ppo.eval_prompts")}
+
+
+def provided_files(task: Task) -> dict[str, str]:
+    """``{file name: recipe key}`` of the files ``task`` provides (see :data:`TASK_FILES`);
+    the eval prompts count only when the task has some."""
+    out = {}
+    for name, (method, key) in _FILE_SOURCE.items():
+        if callable(getattr(task, method, None)) and (name != "eval_prompts" or task.prompts("eval")):
+            out[name] = key
+    return out
+
+
+def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
+    """The task a recipe's ``task:`` section names, or None when it names none.
+
+    Args:
+        cfg: the section (:class:`rlhf.tasks.synthetic.SyntheticTaskConfig`).
+        base_dir: where a relative ``module`` file path is looked up (the recipe's folder).
+
+    Raises:
+        rlhf.config.ConfigError: naming ``task.module`` when it does not import, lacks the
+            attribute, or builds something without ``prompts`` and ``evaluate``.
+    """
+    from rlhf.config import ConfigError
+
+    if not cfg.module:
+        if not cfg.enabled:
+            return None
+        from rlhf.tasks.synthetic import SyntheticTask
+
+        return SyntheticTask(cfg)
+    target, sep, attr = cfg.module.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"task.module: {cfg.module!r} must look like 'my_pkg.my_task:MyTask' or 'path/to/file.py:MyTask'")
+    try:
+        if target.endswith(".py"):
+            import importlib.util
+
+            path = Path(target) if Path(target).is_absolute() else Path(base_dir) / target
+            if not path.is_file():
+                raise ConfigError(f"task.module: file not found: {path}")
+            spec = importlib.util.spec_from_file_location(f"rlhf_user_task_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            import importlib
+
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's import error, named with the key
+        raise ConfigError(f"task.module: cannot import {target!r}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"task.module: {target!r} has no attribute {attr!r}")
+    try:
+        task = getattr(module, attr)(**cfg.options)
+    except TypeError as e:
+        raise ConfigError(f"task.module: {cfg.module} rejected task.options {cfg.options}: {e}") from None
+    missing = [m for m in ("prompts", "evaluate") if not callable(getattr(task, m, None))]
+    if missing:
+        raise ConfigError(f"task.module: {cfg.module} has no {' or '.join(missing)} method (see rlhf.tasks.Task)")
+    if not getattr(task, "name", None):
+        task.name = attr
+    return task
 
 
 def write_task_files(task: Task, out_dir: str | Path) -> dict[str, str]:
     """Write ``task``'s rows as JSONL files under ``out_dir`` (each renamed into place) and
-    return ``{name: path}`` for the names in :data:`TASK_FILES`."""
+    return ``{name: path}`` for the names in :data:`TASK_FILES` the task provides
+    (:func:`provided_files`). String prompts and responses become one-turn message lists.
+
+    Raises:
+        ValueError: naming the task, file and row of a row without the fields it needs.
+    """
+    from rlhf.data import as_messages
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, Iterable[dict]] = {
-        "sft": task.sft_examples(),
-        "pairs": task.preference_pairs(),
-        "ppo_prompts": task.prompts("train"),
-        "eval_prompts": task.prompts("eval"),
-    }
+    fields = {"sft": (("prompt", "user"), ("completion", "assistant")),
+              "pairs": (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")),
+              "ppo_prompts": (("prompt", "user"),), "eval_prompts": (("prompt", "user"),)}
+    calls = {"sft": lambda: task.sft_examples(), "pairs": lambda: task.preference_pairs(),
+             "ppo_prompts": lambda: task.prompts("train"), "eval_prompts": lambda: task.prompts("eval")}
+    rows: dict[str, Iterable[dict]] = {}
+    for name in provided_files(task):
+        got = []
+        for i, row in enumerate(calls[name]() or []):
+            if not isinstance(row, dict):
+                raise ValueError(f"task {task.name}: {name} row {i}: expected a mapping, got {type(row).__name__}")
+            got.append({**row, **{k: as_messages(row.get(k), role, f"task {task.name}: {name} row {i}", k)
+                                  for k, role in fields[name]}})
+        rows[name] = got
+    if not rows.get("ppo_prompts"):
+        raise ValueError(f"task {task.name}: prompts('train') returned no prompts")
     paths = {}
-    for name in TASK_FILES:
+    for name in rows:
         path = out / f"{name}.jsonl"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -70,7 +167,8 @@ def write_task_files(task: Task, out_dir: str | Path) -> dict[str, str]:
     return paths
 
 
-def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str, n_pairs: int = 512) -> float:
+def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str, n_pairs: int = 512,
+                     chat_template: str = "") -> float:
     """Reward-model accuracy against the noiseless gold preference on ``n_pairs`` held-out
     pairs of ``task`` (pairs the gold reward scores equally are skipped).
 
@@ -78,6 +176,7 @@ def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str
         base_path: resolved base model directory or hub id.
         dtype: weights dtype name (``ModelConfig.dtype``).
         reward_adapter: reward adapter directory (with its score head).
+        chat_template: ``ModelConfig.chat_template`` of the run.
     """
     pairs = []
     for prompt, a, b in task.response_pairs():
@@ -86,7 +185,7 @@ def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str
             pairs.append((prompt, a, b, ga > gb))
         if len(pairs) == n_pairs:
             break
-    score = _reward_scorer(base_path, dtype, reward_adapter)
+    score = _reward_scorer(base_path, dtype, reward_adapter, chat_template)
     correct = 0
     for chunk in _chunks(pairs, 128):
         sa = score([(q, a) for q, a, _, _ in chunk])
@@ -101,7 +200,8 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _reward_scorer(base_path: str, dtype: str, reward_adapter: str) -> Callable[[list[tuple[str, str]]], list[float]]:
+def _reward_scorer(base_path: str, dtype: str, reward_adapter: str,
+                   chat_template: str = "") -> Callable[[list[tuple[str, str]]], list[float]]:
     """``score([(prompt, response), ...])``: the reward model's score of each conversation."""
     import torch
 
@@ -110,7 +210,7 @@ def _reward_scorer(base_path: str, dtype: str, reward_adapter: str) -> Callable[
     from rlhf.ppo.rollout import Sampled
     from rlhf.stages.ppo import last_token_scores, left_pad
 
-    tok = load_tokenizer(base_path)
+    tok = load_tokenizer(base_path, chat_template=chat_template)
     model = RoleModel(load_causal_lm(base_path, tok, dtype=dtype), None, reward_adapter)
     model.eval()
 

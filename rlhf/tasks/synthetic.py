@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 TOPICS = ["cats", "dogs", "rain", "coffee", "music", "trains", "books", "gardens"]
 WARM = ["bright", "warm", "kind", "gentle", "lovely", "joyful", "calm", "brave", "clever", "sweet"]
@@ -103,6 +104,29 @@ def gold_reward(prompt: str, response: str) -> float:
     return score
 
 
+#: the format task's gold reward (see :func:`format_gold_reward`)
+FORMAT_TARGET_WORDS = 5
+FORMAT_OPENING_BONUS = 1.0
+FORMAT_LENGTH_PENALTY = 0.25
+
+
+def format_gold_reward(prompt: str, response: str) -> float:
+    """Gold reward of the embedded ``format`` task: a format and a counting constraint,
+    blind to what the words mean (unlike :func:`gold_reward`).
+
+    ``FORMAT_OPENING_BONUS`` when the response opens with the prompt's topic word, minus
+    ``FORMAT_LENGTH_PENALTY`` per word away from exactly ``FORMAT_TARGET_WORDS`` words.
+    """
+    words = response.split()
+    topic = topic_of(prompt)
+    score = FORMAT_OPENING_BONUS if words and topic is not None and words[0] == topic else 0.0
+    return score - FORMAT_LENGTH_PENALTY * abs(len(words) - FORMAT_TARGET_WORDS)
+
+
+#: gold reward of each embedded task (``task.name``)
+GOLD_REWARDS = {"synthetic": gold_reward, "format": format_gold_reward}
+
+
 def sample_prompt(rng: random.Random) -> str:
     return rng.choice(_PROMPT_TEMPLATES).format(t=rng.choice(TOPICS))
 
@@ -145,9 +169,19 @@ def _help(text: str, range: str | None = None, **kw):
 
 @dataclass
 class SyntheticTaskConfig:
-    """The embedded synthetic task (the ``task:`` section of a recipe)."""
+    """The ``task:`` section of a recipe: an embedded task, or the user's own by import path."""
 
-    enabled: bool = _help("Generate the synthetic task's data and evaluate against its gold reward.", default=False)
+    enabled: bool = _help("Train on an embedded task's data and evaluate against its gold reward (see name).",
+                          default=False)
+    name: Literal["synthetic", "format"] = _help(
+        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty) or 'format' "
+        "(gold = open with the topic word, exactly 5 words); same prompts and data distributions.",
+        default="synthetic")
+    module: str = _help(
+        "Your own task instead of an embedded one: 'my_pkg.my_task:MyTask' (importable) or "
+        "'path/to/my_task.py:MyTask' (relative to the recipe). Its code runs only when named here; "
+        "see rlhf/tasks/__init__.py for the interface. Enables the task.", default="")
+    options: dict = _help("Keyword arguments for the task.module class.", default_factory=dict)
     seed: int = _help("Seed of the generated data.", range="[0, 4294967295]", default=0)
     num_sft: int = _help("SFT demonstrations.", range=">= 0", default=2000)
     num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", range=">= 0", default=4000)
@@ -158,23 +192,25 @@ class SyntheticTaskConfig:
         "higher is noisier.", range="> 0", default=LABEL_TEMPERATURE)
 
     def __post_init__(self):
-        from rlhf.config import check_ranges
+        from rlhf.config import ConfigError, check_ranges
 
+        if self.options and not self.module:
+            raise ConfigError("task.options: only used with task.module (the embedded tasks use the fields above)")
         check_ranges(self, "task")
 
 
 class SyntheticTask:
-    """The synthetic task behind :class:`rlhf.tasks.Task`.
+    """The embedded tasks behind :class:`rlhf.tasks.Task` (``cfg.name`` picks the gold reward).
 
     The rows are drawn from one seeded stream in a fixed order (SFT demonstrations, then
     preference pairs, then training prompts); the evaluation prompts and the held-out pairs
     each come from their own seed, disjoint from the training data's stream.
     """
 
-    name = "synthetic"
-
     def __init__(self, cfg: SyntheticTaskConfig):
         self.cfg = cfg
+        self.name = cfg.name
+        self._gold = GOLD_REWARDS[cfg.name]
         self._rows: dict[str, list[dict]] | None = None
 
     def _generate(self) -> dict[str, list[dict]]:
@@ -192,7 +228,7 @@ class SyntheticTask:
             a, b = sample_pair_response(rng, p), sample_pair_response(rng, p)
             while b == a:
                 b = sample_pair_response(rng, p)
-            ga, gb = gold_reward(p, a), gold_reward(p, b)
+            ga, gb = self._gold(p, a), self._gold(p, b)
             p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / cfg.label_temperature))
             if rng.random() >= p_a:
                 a, b, ga, gb = b, a, gb, ga
@@ -221,8 +257,8 @@ class SyntheticTask:
         return self._generate()[split]
 
     def evaluate(self, prompt: str, completion: str) -> float:
-        """The gold reward (:func:`gold_reward`)."""
-        return gold_reward(prompt, completion)
+        """The gold reward (:func:`gold_reward` or :func:`format_gold_reward`)."""
+        return self._gold(prompt, completion)
 
     def response_pairs(self) -> Iterator[tuple[str, str, str]]:
         """Endless ``(prompt, response_a, response_b)`` from the demonstration distribution,

@@ -720,9 +720,10 @@ def test_a_real_ppo_run_fills_every_section(ppo_config, ppo_assets, tmp_path):
     cfg = ppo_config(output_dir=str(run_dir / "ppo"), eval_prompts=str(ppo_assets.eval_prompts), total_episodes=12,
                      rollout_batch_size=4, eval_every=1, num_samples_logged=4)
     calls = iter(range(10_000))  # a gold reward that rises with every call, so it is never constant
-    result = run_ppo(cfg, run_dir=run_dir, group="real", gold_fn=lambda prompt, response: float(next(calls)))
+    # the stage logs under its output_dir (run_dir/ppo), as inside a pipeline run
+    metrics = run_ppo(cfg, group="real", gold_fn=lambda prompt, response: float(next(calls))).metrics
     (run_dir / "pipeline.json").write_text(json.dumps(
-        {"name": "real", "stages": {"ppo": {"status": "completed", "metrics": result["metrics"]}}}))
+        {"name": "real", "stages": {"ppo": {"status": "completed", "metrics": metrics}}}))
     run = load_run(run_dir)
     (stage,) = run.stages
     plan = plan_stage(stage.series)
@@ -741,8 +742,8 @@ def test_a_real_ppo_run_fills_every_section(ppo_config, ppo_assets, tmp_path):
     summary = policy_summary(run)
     sft, ppo = summary["policies"]
     for name in ("gold", "score", "kl", "length"):
-        assert sft["values"][name] == (result["metrics"][f"initial/eval/{name}_mean"], result["metrics"][f"initial/eval/{name}_se"])
-        assert ppo["values"][name] == (result["metrics"][f"final/eval/{name}_mean"], result["metrics"][f"final/eval/{name}_se"])
+        assert sft["values"][name] == (metrics[f"initial/eval/{name}_mean"], metrics[f"initial/eval/{name}_se"])
+        assert ppo["values"][name] == (metrics[f"final/eval/{name}_mean"], metrics[f"final/eval/{name}_se"])
     out = tmp_path / "real.html"
     assert dashboard_main(["report", str(run_dir), "--out", str(out)]) == 0
     page = out.read_text()

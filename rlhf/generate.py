@@ -1,0 +1,261 @@
+"""Sampling from any trained policy: ``rlhf generate`` and the interactive ``rlhf chat``.
+
+A policy reference is what the model registry or a run directory holds: an adapter
+(``NAME[:VERSION|:ALIAS]`` of the registry, or an adapter directory such as
+``runs/tiny/ppo/policy``), or a standalone model (a registered base, or a directory written
+by ``rlhf registry export``). An adapter is loaded on the base it was trained on, with the
+chat template of its run (``model.chat_template`` in the ``config.yaml`` beside it), so
+prompts are formatted exactly as in training.
+
+  rlhf generate REF --prompts FILE [--out OUT.jsonl] [--max-new-tokens N] [--temperature T] [--seed S]
+  rlhf generate REF --prompt TEXT [--prompt TEXT ...]      (prints "prompt: ... / completion: ..." pairs)
+  rlhf chat REF [--max-new-tokens N] [--temperature T]     (one user turn per line; /reset, /exit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Policy:
+    """A loaded policy: a causal LM (base + adapter, or a standalone model) and its tokenizer."""
+
+    model: torch.nn.Module
+    tok: object
+    ref: str  # what the user named
+    base: str  # the base model directory or hub id it runs on
+
+
+def _adapter_facts(adapter_dir: Path) -> tuple[str | None, str, str]:
+    """``(base path, chat template, dtype)`` recorded beside a published adapter."""
+    import yaml
+
+    from rlhf.adapters import CONFIG_FILE, METADATA_FILE
+
+    base = None
+    meta = adapter_dir / METADATA_FILE
+    if meta.is_file():
+        base = json.loads(meta.read_text()).get("base_path")
+    template, dtype = "", "float32"
+    cfg = adapter_dir / CONFIG_FILE
+    if cfg.is_file():
+        model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}) or {}
+        template, dtype = model.get("chat_template") or "", model.get("dtype") or "float32"
+    return base, template, dtype
+
+
+def resolve_policy(ref: str, home: str | None = None) -> tuple[str, Path | str]:
+    """``("adapter", dir)`` or ``("model", dir or hub id)`` for a policy reference; registry
+    references are looked up in the registry of ``home`` (default ``$RLHF_HOME``, then ~/.rlhf).
+
+    Raises:
+        rlhf.config.ConfigError: naming ``ref`` when it is neither a directory nor in the registry.
+    """
+    from rlhf.adapters import ADAPTER_CONFIG
+    from rlhf.config import ConfigError
+
+    path = Path(ref)
+    if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file():
+            return "adapter", path
+        if (path / "config.json").is_file():
+            return "model", path
+        raise ConfigError(f"{ref}: neither an adapter directory ({ADAPTER_CONFIG}) nor a model directory (config.json)")
+    from rlhf.registry import Registry
+
+    try:
+        entry = Registry.open(home=home).resolve(ref)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the reference
+        raise ConfigError(f"{ref!r} is neither a directory nor a registry reference ({e})") from None
+    if entry.kind == "adapter" and entry.path is not None:
+        return "adapter", Path(entry.path)
+    if entry.kind == "base":
+        from rlhf.registry.export import base_source
+
+        return "model", base_source(entry)[0]
+    raise ConfigError(f"{ref}: registry entry {entry.ref} is a {entry.kind}, not a policy")
+
+
+def load_policy(ref: str, dtype: str | None = None, device: str | None = None, home: str | None = None) -> Policy:
+    """Load the policy ``ref`` names (see the module docstring) for generation, in eval mode.
+
+    Raises:
+        rlhf.config.ConfigError: when ``ref`` is not a policy (e.g. a reward adapter) or its
+            adapter does not name its base model.
+    """
+    from peft import PeftModel
+
+    from rlhf.adapters import METADATA_FILE
+    from rlhf.config import ConfigError
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    kind, where = resolve_policy(ref, home)
+    template, saved_dtype = "", "float32"
+    if kind == "adapter":
+        meta = Path(where) / METADATA_FILE
+        role = json.loads(meta.read_text()).get("role") if meta.is_file() else None
+        if role not in (None, "sft", "policy"):
+            # a reward or value adapter has a score head, not a language model to sample from
+            raise ConfigError(f"{ref}: a {role} adapter, not a policy; pass an sft or policy adapter")
+        base, template, saved_dtype = _adapter_facts(Path(where))
+        if base is None:
+            raise ConfigError(f"{ref}: the adapter at {where} does not name its base model (no rlhf_adapter.json)")
+    else:
+        base = str(where)
+    tok = load_tokenizer(base, chat_template=template)
+    model = load_causal_lm(base, tok, dtype=dtype or saved_dtype)
+    if kind == "adapter":
+        model = PeftModel.from_pretrained(model, str(where))
+    model.eval()
+    if device:
+        model.to(device)
+    return Policy(model, tok, ref, base)
+
+
+@torch.no_grad()
+def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 64, temperature: float = 0.7,
+           seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512) -> list[str]:
+    """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
+
+    Prompts are formatted like PPO's (:func:`rlhf.stages.ppo.encode_prompts`) and decoding
+    stops, as in PPO, at the tokenizer's EOS or any EOS id of the model's generation config
+    (Qwen2.5 ships two: ``<|im_end|>`` and ``<|endoftext|>``).
+    """
+    from transformers import GenerationConfig
+
+    from rlhf.stages.ppo import encode_prompts, left_pad
+
+    tok, model = policy.tok, policy.model
+    device = next(model.parameters()).device
+    stop = [tok.eos_token_id]
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+    stop = [i for i in dict.fromkeys(stop) if i is not None and i != tok.pad_token_id]
+    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                           top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
+                           max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id, device)
+        seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        for row in seqs[:, ids.shape[1]:].tolist():
+            ends = [row.index(i) for i in stop if i in row]
+            if ends:
+                row = row[: min(ends)]
+            out.append(tok.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Prompts as message lists from a data file with a ``prompt`` column (string or
+    messages), a data-store reference (its test split), or a ``.txt`` file (one per line)."""
+    from rlhf.data import load_prompts
+
+    p = Path(path)
+    if p.suffix == ".txt":
+        return [[{"role": "user", "content": line.strip()}] for line in p.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    return load_prompts(path, split="test")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per completion (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the run's)")
+    parser.add_argument("--home", help="rlhf home of the registry (default: $RLHF_HOME, then ~/.rlhf)")
+
+
+def _check_sampling(prog: str, args: argparse.Namespace) -> None:
+    from rlhf.config import ConfigError
+
+    if args.max_new_tokens <= 0 or args.temperature < 0:
+        raise ConfigError(f"{prog}: --max-new-tokens must be positive and --temperature at least 0")
+
+
+def generate_main(argv: list[str]) -> int:
+    """``rlhf generate REF --prompts FILE``: JSONL ``{"prompt", "completion"}`` per prompt;
+    ``rlhf generate REF --prompt TEXT ...``: readable ``prompt:`` / ``completion:`` pairs."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf generate",
+        description="Sample completions from a trained policy: a registry reference of an sft or policy adapter "
+        "(e.g. tiny-policy:1, loaded on its base with its run's chat template), an adapter directory "
+        "(runs/tiny/ppo/policy), or a model directory (an `rlhf registry export` or any Hugging Face causal LM).",
+    )
+    parser.add_argument("ref", metavar="REF|DIR", help="registry reference (NAME[:VERSION]) or adapter / model directory")
+    parser.add_argument("--prompts", help="JSONL/JSON/CSV/Parquet with a 'prompt' column, .txt, or NAME[:VERSION]; "
+                        "writes JSONL")
+    parser.add_argument("--prompt", action="append", default=[], help="a user message (repeatable); prints "
+                        "'prompt: ...' / 'completion: ...' pairs unless --out is given")
+    parser.add_argument("--out", help="write JSONL here (default: stdout)")
+    _sampling_args(parser)
+    args = parser.parse_args(argv)
+    if not args.prompts and not args.prompt:
+        parser.error("give --prompts FILE or at least one --prompt TEXT")
+    _check_sampling("generate", args)
+    prompts = read_prompts(args.prompts) if args.prompts else []
+    prompts += [[{"role": "user", "content": text}] for text in args.prompt]
+    policy = load_policy(args.ref, dtype=args.dtype, home=args.home)
+    texts = sample(policy, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if not args.prompts and not args.out:
+        for text, completion in zip(args.prompt, texts):
+            print(f"prompt: {text}\ncompletion: {completion}\n")
+        return 0
+    lines = [json.dumps({"prompt": p, "completion": t}) for p, t in zip(prompts, texts)]
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.replace(out)
+        print(f"{len(lines)} completions written to {out}", file=sys.stderr)
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+def chat_main(argv: list[str], stdin=None, stdout=None) -> int:
+    """``rlhf chat REF``: a conversation with a policy, one user turn per input line."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    parser = argparse.ArgumentParser(prog="rlhf chat", description="Chat with a policy (one user turn per line; "
+                                     "/reset starts over, /exit or end of input quits).")
+    parser.add_argument("ref", help="registry reference (NAME[:VERSION]) or adapter / exported model directory")
+    parser.add_argument("--system", help="a system message opening the conversation")
+    _sampling_args(parser)
+    args = parser.parse_args(argv)
+    _check_sampling("chat", args)
+    policy = load_policy(args.ref, dtype=args.dtype, home=args.home)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
+    interactive = stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = list(opening)
+            stdout.write("(conversation reset)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        reply = sample(policy, [history], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       seed=args.seed + turn)[0]
+        turn += 1
+        history.append({"role": "assistant", "content": reply})
+        stdout.write(f"assistant> {reply}\n")
+        stdout.flush()
+    return 0
