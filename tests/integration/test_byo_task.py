@@ -98,6 +98,20 @@ def test_generate_from_a_registry_ref_an_adapter_dir_and_an_export(run, tmp_path
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_generate_prompt_option_prints_pairs_and_refuses_a_reward_adapter(run, capsys):
+    p, _ = run
+    refs = _refs(p)
+    assert main(["generate", refs["policy"], "--prompt", "tell me about cats", "--prompt", "describe rain",
+                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prompt: tell me about cats\ncompletion: ") and "\nprompt: describe rain\ncompletion: " in out
+    # a reward adapter has a score head, no language model to sample from
+    assert main(["generate", refs["reward"], "--prompt", "hi"]) == 2
+    assert "a reward adapter, not a policy" in capsys.readouterr().err
+    assert main(["generate", refs["policy"]]) == 2  # neither --prompts nor --prompt
+    assert "--prompts FILE or at least one --prompt" in capsys.readouterr().err
+
+
 def test_chat_reads_turns_from_stdin(run, home):
     p, _ = run
     env = dict(os.environ, RLHF_HOME=str(home), PYTHONPATH=str(ROOT))
