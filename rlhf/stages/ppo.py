@@ -221,7 +221,7 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
             parts["logprobs"].append(lp)
             parts["entropy"].append(ent)
             parts["ref_logprobs"].append(ref)
-            parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
+            parts["values"].append(response_values(model, mb) if uses_critic(cfg) else torch.zeros_like(lp))
             parts["scores"].append(last_token_scores(model, "reward", mb, suffix))
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
@@ -664,8 +664,10 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
     step_stats["episodes"] = (update + 1) * s.global_batch
-    if cfg.advantage_estimator == "gae":
+    if uses_critic(cfg):
         step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
+    else:  # no critic: no value metrics (a constant 0 would show up as a value section in the dashboard)
+        del step_stats["value/mean"]
     step_stats = {
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,

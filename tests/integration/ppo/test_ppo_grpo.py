@@ -130,8 +130,24 @@ def test_grpo_run_uses_group_advantages_and_trains(ppo_config, ppo_assets, monke
     for m in metrics:
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, (int, float)))
         assert m["grad_norm"] > 0
-        assert "loss/kl" in m and "loss/value" not in m and "value/explained_variance" not in m
+        assert "loss/kl" in m and not [k for k in m if k.startswith("value/") or k == "loss/value"]
     assert metrics[-1]["loss/kl"] > 0  # the policy has left the reference
     trained = load_file(str(out / "policy" / "adapter_model.safetensors"))
     start = load_file(str(Path(ppo_assets.sft_adapter) / "adapter_model.safetensors"))
     assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_grpo_run_renders_in_the_report_without_a_value_section(ppo_config, tmp_path):
+    """The dashboard's report of a GRPO run: its metrics render (policy, KL sections), the
+    policy is labelled with its estimator, and there is no value section (no critic)."""
+    from rlhf.dashboard.cli import write_report
+
+    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, total_episodes=8, rollout_batch_size=4,
+                     response_length=6)
+    run_ppo(cfg)
+    run_dir = Path(cfg.output_dir).parent  # the stage alone: a one-stage pipeline record around it
+    (run_dir / "pipeline.json").write_text('{"name": "grpo", "stages": {"ppo": {"status": "done"}}}')
+    page = write_report(run_dir, tmp_path / "report.html").read_text()
+    assert 'data-stage="ppo"' in page and 'data-section="policy"' in page
+    assert "loss/kl" in page
+    assert 'data-section="value"' not in page and "explained variance is not logged" not in page
