@@ -237,7 +237,7 @@ class PPOConfig:
                 raise ConfigError(f"ppo.rloo_k ({self.rloo_k}) is a deprecated alias of ppo.samples_per_prompt "
                                   f"({self.samples_per_prompt}); set only samples_per_prompt")
             warnings.warn(f"ppo.rloo_k is deprecated: use ppo.samples_per_prompt: {self.rloo_k} (it now applies to "
-                          "every advantage estimator)", DeprecationWarning, stacklevel=2)
+                          "every advantage estimator)", FutureWarning, stacklevel=2)
             self.samples_per_prompt, self.rloo_k = self.rloo_k, None
         if self.samples_per_prompt < 1:
             raise ConfigError(f"ppo.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
@@ -304,6 +304,9 @@ def _convert(tp, value, key: str):
                 return _convert(arg, value, key)
             except ConfigError as e:
                 errors.append(str(e))
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and typing.get_origin(others[0]) is Literal:  # a choice or null: list the choices
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:

@@ -135,7 +135,7 @@ def test_samples_per_prompt_checks_and_the_deprecated_rloo_k():
         PPOConfig(advantage_estimator="grpo")
     with pytest.raises(ConfigError, match="divisible by ppo.samples_per_prompt"):
         PPOConfig(samples_per_prompt=3, rollout_batch_size=64)
-    with pytest.warns(DeprecationWarning, match="use ppo.samples_per_prompt: 4"):
+    with pytest.warns(FutureWarning, match="use ppo.samples_per_prompt: 4"):  # shown by default, unlike DeprecationWarning
         cfg = PPOConfig(advantage_estimator="rloo", rloo_k=4)
     assert cfg.samples_per_prompt == 4 and cfg.rloo_k is None
     with pytest.raises(ConfigError, match="deprecated alias"):
