@@ -110,9 +110,12 @@ class RoleModel(torch.nn.Module):
         reward_adapter: reward adapter directory (with its score head).
         policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
             (dict with r, lora_alpha, target_modules).
+        with_value: build the ``value`` role (LoRA + head). False for critic-free
+            estimators: no memory, parameters or optimizer state for a critic.
     """
 
-    def __init__(self, base, sft_adapter: str | None, reward_adapter: str, policy_lora: dict | None = None):
+    def __init__(self, base, sft_adapter: str | None, reward_adapter: str, policy_lora: dict | None = None,
+                 with_value: bool = True):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
@@ -122,6 +125,7 @@ class RoleModel(torch.nn.Module):
             p.requires_grad_(False)
         disable_dropout(base)  # PPO runs its forwards in train mode
         self.has_sft_adapter = sft_adapter is not None
+        self.roles = ROLES if with_value else tuple(r for r in ROLES if r != "value")
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter)
         if sft_adapter is not None:
@@ -142,7 +146,7 @@ class RoleModel(torch.nn.Module):
             load.append(("policy", policy_state))
             self.peft.add_adapter("sft", _lora_config(sft_cfg))
             load.append(("sft", sft_state))
-        for name in ("reward", "value"):
+        for name in ("reward", "value") if with_value else ("reward",):
             self.peft.add_adapter(name, _lora_config(reward_cfg))
             load.append((name, reward_state))
         for name, state in load:
@@ -157,7 +161,7 @@ class RoleModel(torch.nn.Module):
             raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
         self.heads = torch.nn.ModuleDict()
         dtype = next(base.parameters()).dtype
-        for name, trainable in (("reward", False), ("value", True)):
+        for name, trainable in (("reward", False), ("value", True))[: 2 if with_value else 1]:
             lin = torch.nn.Linear(hidden, 1, bias="bias" in head)
             with torch.no_grad():
                 lin.weight.copy_(head["weight"])
@@ -180,8 +184,8 @@ class RoleModel(torch.nn.Module):
 
     def activate(self, role: str) -> None:
         """Make ``role`` the active adapter; trainable roles keep requires_grad=True."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+        if role not in self.roles:
+            raise ValueError(f"unknown role {role!r}; roles of this model: {self.roles}")
         if role == "sft" and not self.has_sft_adapter:
             self.active_role = role  # handled by disabling adapters in forward
             return
