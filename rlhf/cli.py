@@ -2,7 +2,7 @@
 
 Commands:
   rlhf run RECIPE [--output-dir D] [--from STAGE] [--resume] [key=value ...]
-  rlhf sft|reward|ppo --config FILE [key=value ...]    one stage alone
+  rlhf sft|reward|ppo|dpo --config FILE [key=value ...]    one stage alone
       both take  --launcher accelerate --accelerate-config FILE --num-processes N
       (re-runs the command under `accelerate launch`; see pipelines/accelerate/)
   rlhf data ...        preference-data ingestion (reward_data)
@@ -45,7 +45,7 @@ def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
 
 
 def _stage_main(stage: str, argv: list[str]) -> int:
-    from rlhf.config import PPOConfig, RewardConfig, SFTConfig, apply_overrides, from_dict, load_yaml
+    from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, apply_overrides, from_dict, load_yaml
 
     parser = argparse.ArgumentParser(prog=f"rlhf {stage}", description=f"Run the {stage} stage alone.")
     parser.add_argument("--config", help="YAML file with the stage's settings (see rlhf/config.py)")
@@ -54,12 +54,14 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
-    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
+    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}[stage]
     cfg = from_dict(cls, data, prefix=stage)
     if stage == "sft":
         from rlhf.stages.sft import run_sft as run
     elif stage == "reward":
         from rlhf.stages.reward import run_reward as run
+    elif stage == "dpo":
+        from rlhf.stages.dpo import run_dpo as run
     else:
         from rlhf.stages.ppo import run_ppo as run
     result = run(cfg, resume=args.resume)
@@ -79,7 +81,7 @@ def _run_main(argv: list[str]) -> int:
                                      parents=[_launcher_parser()])
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--from", dest="from_stage", choices=["sft", "reward", "ppo"], help="rerun from this stage on")
+    parser.add_argument("--from", dest="from_stage", choices=["sft", "reward", "ppo", "dpo"], help="rerun from this stage on")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.total_episodes=512")
@@ -111,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
 
     try:
-        if cmd in ("run", "sft", "reward", "ppo"):
+        if cmd in ("run", "sft", "reward", "ppo", "dpo"):
             status, rest = _maybe_launch(cmd, rest)
             if status is not None:
                 return status
         if cmd == "run":
             return _run_main(rest)
-        if cmd in ("sft", "reward", "ppo"):
+        if cmd in ("sft", "reward", "ppo", "dpo"):
             return _stage_main(cmd, rest)
         if cmd == "data":
             from reward_data.cli import main as data_main

@@ -23,12 +23,13 @@ from rlhf.stages.common import (
 )
 
 
-def resolve_preferences(cfg: RewardConfig) -> tuple[str, Path]:
+def resolve_preferences(cfg: RewardConfig, key: str = "reward.dataset") -> tuple[str, Path]:
     """Return ``(reference, version_dir)`` of the preference data.
 
     A store reference is used as is. A file or directory is ingested into the store first,
     unless the newest version of that name was ingested from identical bytes with the same
-    options, in which case that version is reused (reruns do not pile up copies).
+    options, in which case that version is reused (reruns do not pile up copies). ``cfg`` is
+    any stage config with dataset, dataset_format and test_fraction; ``key`` names it in errors.
     """
     import hashlib
 
@@ -49,7 +50,7 @@ def resolve_preferences(cfg: RewardConfig) -> tuple[str, Path]:
     try:
         return cfg.dataset, Path(reward_data.resolve(cfg.dataset))
     except Exception as e:  # noqa: BLE001 - re-raised with the config key named
-        raise ConfigError(f"reward.dataset: {cfg.dataset!r} is neither a file nor a data-store reference ({e})") from None
+        raise ConfigError(f"{key}: {cfg.dataset!r} is neither a file nor a data-store reference ({e})") from None
 
 
 def _records(version_dir: Path, split: str) -> list[dict]:
