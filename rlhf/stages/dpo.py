@@ -56,13 +56,8 @@ def run_dpo(cfg: DPOConfig, *, run_dir: Path | None = None, stage_name: str = "d
         gold_fn: optional ``(prompt, response) -> float`` for the evaluation only (the
             synthetic task's gold reward).
     """
-    import datasets
-    from peft import PeftModel
-    from trl import DPOConfig as TRLDPOConfig, DPOTrainer
-
     from rlhf import distributed as dist
-    from rlhf.adapters import resolve_adapter
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_base
+    from rlhf.models import load_tokenizer, resolve_base
     from rlhf.tracking import Tracker
 
     main = dist.is_main()
@@ -77,41 +72,14 @@ def run_dpo(cfg: DPOConfig, *, run_dir: Path | None = None, stage_name: str = "d
     if not train_rows:
         raise ValueError(f"dpo.dataset {data_ref}: no training pairs")
 
-    # 2. base + the SFT adapter, loaded as the trainable "default" adapter (the policy's start)
+    # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
     with dist.main_first():
         base = resolve_base(cfg.model.name_or_path, seed=cfg.seed)
     tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
-    model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                           trust_remote_code=cfg.model.trust_remote_code,
-                           attn_implementation=cfg.model.attn_implementation)
-    disable_dropout(model)
-    sft_dir = resolve_adapter(cfg.sft_adapter) if cfg.sft_adapter else None
-    if sft_dir is not None:
-        model = PeftModel.from_pretrained(model, sft_dir, is_trainable=True)
-        peft_config = None  # TRL then clones "default" into a "ref" adapter: see pin_sft_reference
-    else:
-        # the base is the SFT model (full fine-tuning): a fresh LoRA, whose disabled state is the reference
-        peft_config = peft_lora_config(cfg.lora, model, "CAUSAL_LM")
-
-    # 3. train with TRL's DPO loss; eval reports loss, reward accuracy and margins on held-out pairs
-    kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
-    kw.update(beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing, disable_dropout=True,
-              dataset_num_proc=None, precompute_ref_log_probs=False, truncation_mode="keep_start")
-    args = TRLDPOConfig(**filter_supported(TRLDPOConfig, kw))
     tracker = Tracker(run_dir or out.parent, stage_name if run_dir else out.name, config=to_dict(cfg),
                       report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        eval_dataset=datasets.Dataset.from_list(test_rows) if test_rows else None,
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[tracker.callback()],
-    )
-    if sft_dir is not None:
-        pin_sft_reference(trainer, sft_dir)
+    trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
@@ -135,8 +103,9 @@ def run_dpo(cfg: DPOConfig, *, run_dir: Path | None = None, stage_name: str = "d
         publish_dir(tmp, out / "adapter")
     dist.barrier()
 
-    # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics)
-    del trainer, model
+    # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
+    # the training model is freed first, the evaluation loads the base once more
+    del trainer
     if cfg.eval_prompts and main:
         metrics.update(evaluate_against_sft(cfg, str(out / "adapter"), gold_fn))
         tracker.log({k: v for k, v in metrics.items() if k.startswith(("sft/", "dpo/"))}, step=0)
@@ -146,6 +115,51 @@ def run_dpo(cfg: DPOConfig, *, run_dir: Path | None = None, stage_name: str = "d
     metrics = dist.broadcast_object(metrics)
     return {"adapter": str(out / "adapter"), "dataset": data_ref, "dataset_dir": str(version_dir), "base": base,
             "metrics": metrics}
+
+
+def trl_args(cfg: DPOConfig, has_eval: bool):
+    """TRL's DPOConfig for our stage config (TrainArgs mapping plus the DPO loss settings)."""
+    from trl import DPOConfig as TRLDPOConfig
+
+    kw = trl_training_kwargs(cfg.train, Path(cfg.output_dir), cfg.seed, has_eval=has_eval)
+    kw.update(beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing, disable_dropout=True,
+              dataset_num_proc=None, precompute_ref_log_probs=False, truncation_mode="keep_start")
+    return TRLDPOConfig(**filter_supported(TRLDPOConfig, kw))
+
+
+def build_trainer(cfg: DPOConfig, base: str, tok, train_rows: list[dict], test_rows: list[dict], callbacks=()):
+    """TRL's DPOTrainer on ``base`` with the SFT adapter as the trainable "default" adapter and
+    the frozen SFT adapter as the reference (checked, see ``pin_sft_reference``)."""
+    import datasets
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    from rlhf.adapters import resolve_adapter
+    from rlhf.models import disable_dropout, load_causal_lm
+
+    model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                           trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation)
+    disable_dropout(model)
+    sft_dir = resolve_adapter(cfg.sft_adapter) if cfg.sft_adapter else None
+    if sft_dir is not None:
+        model = PeftModel.from_pretrained(model, sft_dir, is_trainable=True)
+        peft_config = None  # TRL then clones "default" into a "ref" adapter: see pin_sft_reference
+    else:
+        # the base is the SFT model (full fine-tuning): a fresh LoRA, whose disabled state is the reference
+        peft_config = peft_lora_config(cfg.lora, model, "CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=model,
+        args=trl_args(cfg, has_eval=bool(test_rows)),
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(test_rows) if test_rows else None,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    if sft_dir is not None:
+        pin_sft_reference(trainer, sft_dir)
+    return trainer
 
 
 def pin_sft_reference(trainer, sft_dir: str) -> None:
