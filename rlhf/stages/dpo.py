@@ -279,11 +279,17 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
         ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_id, pad_id, device, gold_fn,
                                   seed=seed)
         out.update({f"{name}/{k}": v for k, v in ev.items()})
-    for key in ("score", "gold"):
+    for key, name in (("score", "rm"), ("gold", "gold")):
         pairs = [(d[key], s[key]) for d, s in zip(rows["dpo"], rows["sft"]) if d[key] is not None and s[key] is not None]
         if pairs:
-            wins = torch.tensor([1.0 if d > s else 0.5 if d == s else 0.0 for d, s in pairs], dtype=torch.float64)
-            name = "rm" if key == "score" else "gold"
-            out[f"dpo/win_rate_{name}"] = float(wins.mean())
-            out[f"dpo/win_rate_{name}_se"] = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
+            out[f"dpo/win_rate_{name}"], out[f"dpo/win_rate_{name}_se"] = win_rate(*zip(*pairs))
     return out
+
+
+def win_rate(new: list[float], old: list[float]) -> tuple[float, float]:
+    """Fraction of prompts where ``new`` scores above ``old`` (a tie counts 1/2), with its
+    standard error over prompts. ``new[i]`` and ``old[i]`` are two policies' scores on prompt i."""
+    wins = torch.tensor([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old, strict=True)],
+                        dtype=torch.float64)
+    se = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
+    return float(wins.mean()), se

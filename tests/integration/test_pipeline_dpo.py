@@ -53,6 +53,10 @@ def test_summary_compares_dpo_with_sft(run):
         assert isinstance(s[key], float), key
     assert s["gold_reward_ppo"] is None  # no PPO stage ran
     assert s["kl_dpo_sft"] != 0.0 and 0.0 <= s["win_rate_dpo_sft"] <= 1.0
+    assert s["gold_improvement_dpo"] == pytest.approx(s["gold_reward_dpo"] - s["gold_reward_sft"])
+    metrics = _state(p.run_dir)["stages"]["dpo"]["metrics"]
+    assert s["gold_reward_sft"] == metrics["sft/eval/gold_mean"] and s["kl_dpo_sft"] == metrics["dpo/eval/kl_mean"]
+    assert metrics["sft/eval/kl_mean"] == 0.0  # the SFT policy's own KL to SFT
     assert json.loads((p.run_dir / "summary.json").read_text()) == s
 
 

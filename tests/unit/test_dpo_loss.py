@@ -84,6 +84,16 @@ def test_ipo_loss_is_the_closed_form(tmp_path):
 
 
 def test_hinge_loss_is_the_closed_form(tmp_path):
-    beta = 0.25
-    # SLiC hinge: relu(1 - beta * delta): pair 1 delta 2 -> 0.5; pair 2 delta -2 -> 1.5; mean 1.0
-    assert _loss(_trainer(tmp_path, beta=beta, loss_type="hinge")) == pytest.approx(1.0, abs=1e-5)
+    beta = 1.0
+    # SLiC hinge: relu(1 - beta * delta): pair 1 delta 2 -> relu(-1) = 0; pair 2 delta -2 -> 3; mean 1.5
+    assert _loss(_trainer(tmp_path, beta=beta, loss_type="hinge")) == pytest.approx(1.5, abs=1e-5)
+
+
+def test_win_rate_counts_ties_as_half():
+    from rlhf.stages.dpo import win_rate
+
+    # prompt 1: 1 > 0 win; prompt 2: 2 == 2 tie (1/2); prompt 3: 3 < 4 loss -> (1 + 0.5 + 0) / 3 = 0.5
+    # s.e.: sample std of (1, 0.5, 0) is 0.5, over sqrt(3)
+    mean, se = win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])
+    assert mean == pytest.approx(0.5) and se == pytest.approx(0.5 / math.sqrt(3))
+    assert win_rate([1.0, 1.0], [0.0, 0.5]) == (1.0, 0.0)
