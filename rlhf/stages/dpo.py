@@ -170,7 +170,8 @@ def pin_sft_reference(trainer, sft_dir: str) -> None:
     versions disabled the adapters instead, i.e. used the bare base. We do not take the clone
     on trust: the "ref" weights are reloaded from the SFT adapter's own files and frozen, and on
     one training batch TRL's reference logprobs must equal the SFT adapter's (the untrained
-    policy, loaded from the same files) and be further from the base's (adapters disabled).
+    policy, loaded from the same files). A base reference fails this unless the SFT adapter
+    does not change the base on that batch, in which case the two references agree anyway.
 
     Raises:
         RuntimeError: the installed TRL made no "ref" adapter or computes the reference otherwise.
@@ -199,9 +200,9 @@ def pin_sft_reference(trainer, sft_dir: str) -> None:
     with model.disable_adapter():
         bare = torch.cat(sequence_logps(model, batch))
     err_sft, err_base = (trl_ref - sft).abs().max().item(), (trl_ref - bare).abs().max().item()
-    tol = 1e-3 * (1.0 + sft.abs().max().item()) if next(model.parameters()).dtype == torch.float32 else 0.05 * (
-        1.0 + sft.abs().max().item())
-    if err_sft > tol or err_sft > err_base:
+    # fp32 forwards agree to rounding; half-precision ones (GPU recipes) to a few per cent
+    rel = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if err_sft > rel * (1.0 + sft.abs().max().item()):
         raise RuntimeError(f"trl {trl.__version__}: DPOTrainer's reference logprobs are not the SFT adapter's "
                            f"(max diff {err_sft:.4g} to the SFT adapter, {err_base:.4g} to the bare base)")
 

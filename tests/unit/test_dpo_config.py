@@ -50,6 +50,14 @@ def test_tiny_dpo_recipe_wires_sft_into_dpo(tmp_path):
     assert both.dpo.reward_adapter == str(tmp_path / "run" / "reward" / "adapter")
 
 
+@pytest.mark.parametrize("recipe", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda r: r.name)
+def test_every_recipe_validates_with_dpo_beside_ppo(recipe, tmp_path):
+    p = plan(recipe, tmp_path / "run", ["stages=[sft,reward,ppo,dpo]"], check_inputs=False)
+    assert p.dpo.dataset, "a recipe that can run DPO names its preference data"
+    assert p.dpo.model == p.sft.model and p.dpo.seed == p.sft.seed
+    assert p.dpo.eval_prompts == p.ppo.eval_prompts  # both policies are evaluated on the same prompts
+
+
 def test_stages_without_ppo_need_no_ppo_inputs(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("{}\n")
