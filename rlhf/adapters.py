@@ -107,12 +107,13 @@ class RoleModel(torch.nn.Module):
     Args:
         base: the causal LM (frozen).
         sft_adapter: SFT adapter directory, or None when the base itself is the SFT model.
-        reward_adapter: reward adapter directory (with its score head).
+        reward_adapter: reward adapter directory (with its score head), or None for a model
+            without reward and value roles (sampling and KL only, e.g. DPO's evaluation).
         policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
             (dict with r, lora_alpha, target_modules).
     """
 
-    def __init__(self, base, sft_adapter: str | None, reward_adapter: str, policy_lora: dict | None = None):
+    def __init__(self, base, sft_adapter: str | None, reward_adapter: str | None, policy_lora: dict | None = None):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
@@ -122,8 +123,9 @@ class RoleModel(torch.nn.Module):
             p.requires_grad_(False)
         disable_dropout(base)  # PPO runs its forwards in train mode
         self.has_sft_adapter = sft_adapter is not None
+        self.has_reward = reward_adapter is not None
 
-        reward_state, reward_cfg = read_lora_weights(reward_adapter)
+        reward_state, reward_cfg = read_lora_weights(reward_adapter) if self.has_reward else (None, None)
         if sft_adapter is not None:
             sft_state, sft_cfg = read_lora_weights(sft_adapter)
             policy_cfg, policy_state = sft_cfg, sft_state
@@ -138,7 +140,7 @@ class RoleModel(torch.nn.Module):
             load.append(("policy", policy_state))
             self.peft.add_adapter("sft", _lora_config(sft_cfg))
             load.append(("sft", sft_state))
-        for name in ("reward", "value"):
+        for name in ("reward", "value") if self.has_reward else ():
             self.peft.add_adapter(name, _lora_config(reward_cfg))
             load.append((name, reward_state))
         for name, state in load:
@@ -147,13 +149,13 @@ class RoleModel(torch.nn.Module):
             if missing:
                 raise ValueError(f"adapter for role {name!r} does not fit the base model: unexpected keys {missing[:3]}")
 
-        head = read_head(reward_adapter)
-        hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
-        if head["weight"].shape[1] != hidden:
-            raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
         self.heads = torch.nn.ModuleDict()
         dtype = next(base.parameters()).dtype
-        for name, trainable in (("reward", False), ("value", True)):
+        head = read_head(reward_adapter) if self.has_reward else None
+        hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
+        if head is not None and head["weight"].shape[1] != hidden:
+            raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
+        for name, trainable in (("reward", False), ("value", True)) if self.has_reward else ():
             lin = torch.nn.Linear(hidden, 1, bias="bias" in head)
             with torch.no_grad():
                 lin.weight.copy_(head["weight"])

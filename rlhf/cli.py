@@ -2,7 +2,7 @@
 
 Commands:
   rlhf run RECIPE [--output-dir D] [--from STAGE] [--resume] [key=value ...]
-  rlhf sft|reward|ppo --config FILE [key=value ...]    one stage alone
+  rlhf sft|reward|ppo|dpo --config FILE [key=value ...]    one stage alone
       both take  --launcher accelerate --accelerate-config FILE --num-processes N
       (re-runs the command under `accelerate launch`; see pipelines/accelerate/)
   rlhf data ...        preference-data ingestion (reward_data)

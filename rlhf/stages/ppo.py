@@ -162,7 +162,9 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int) -> ScoredRo
         parts["entropy"].append(ent)
         parts["ref_logprobs"].append(ref)
         parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
-        parts["scores"].append(last_token_scores(model, "reward", mb))
+        # a model without a reward role (DPO's evaluation without a reward stage) has no score
+        parts["scores"].append(last_token_scores(model, "reward", mb) if model.has_reward
+                               else torch.full_like(lp[:, 0], float("nan")))
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -298,14 +300,16 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
         texts = _decode(tok, batch)
         for i, text in enumerate(texts):
             prompt = eval_texts[s + i]
-            per["score"].append(float(scores[i]))
+            if model.has_reward:
+                per["score"].append(float(scores[i]))
             per["kl"].append(float(kl[i]))
             per["entropy"].append(float(ent[i]))
             per["length"].append(float(batch.response_mask[i].sum()))
             gold = gold_fn(prompt, text) if gold_fn is not None else None
             if gold is not None:
                 per["gold"].append(gold)
-            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]), "gold": gold})
+            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
+                         "gold": gold})
     out = {}
     for k, vals in per.items():
         if vals:
