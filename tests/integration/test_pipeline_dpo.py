@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.config import ConfigError
 from rlhf.pipeline import Pipeline, plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,13 @@ def test_rerun_skips_and_from_dpo_reruns_dpo_only(run, capsys):
     after = _state(p.run_dir)["stages"]
     assert after["sft"]["finished"] == before["sft"]["finished"]
     assert after["dpo"]["outputs"]["adapter"] != before["dpo"]["outputs"]["adapter"]  # a new registry version
+    # --from dpo: DPO reruns although nothing changed, the stages before it are kept
+    Pipeline(plan(RECIPE, p.run_dir, overrides + ["dpo.beta=0.2"])).run(from_stage="dpo")
+    out = capsys.readouterr().out
+    assert out.count("unchanged since its last run, skipped") == 2 and "dpo: running" in out
+    assert _state(p.run_dir)["stages"]["dpo"]["outputs"]["adapter"] != after["dpo"]["outputs"]["adapter"]
+    with pytest.raises(ConfigError, match="--from: 'ppo' is not a stage of this recipe"):
+        Pipeline(plan(RECIPE, p.run_dir, overrides)).run(from_stage="ppo")
 
 
 @pytest.mark.slow
