@@ -130,7 +130,11 @@ class RoleModel(torch.nn.Module):
             sft_state, sft_cfg = read_lora_weights(sft_adapter)
             policy_cfg, policy_state = sft_cfg, sft_state
         else:
-            policy_cfg = policy_lora or {"r": 16, "lora_alpha": 32, "target_modules": linear_target_modules(base)}
+            policy_cfg = dict(policy_lora or {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+            if policy_cfg["target_modules"] == "all-linear":
+                # resolved like every other role's; left to peft, a fresh adapter would get
+                # its model-type default (q_proj, v_proj only)
+                policy_cfg["target_modules"] = linear_target_modules(base)
             policy_state = None
 
         first = "policy"
@@ -165,6 +169,12 @@ class RoleModel(torch.nn.Module):
             lin.requires_grad_(trainable)
             self.heads[name] = lin
         self._compute_dtype = dtype
+        # the logits generate() samples from are the head's output post-processed by the
+        # architecture (Granite scaling, Gemma soft-capping, ...); verified once here
+        from rlhf.models import check_logit_transform, logit_transform
+
+        self.logit_transform = logit_transform(base)
+        check_logit_transform(base, self.logit_transform)
         self.active_role: str | None = None
         self.activate("policy")
 
@@ -211,15 +221,33 @@ class RoleModel(torch.nn.Module):
         """Last hidden states of the active role. Positions come from the attention mask so
         left padding does not shift them. Returns (B, L, H)."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with self._adapter_ctx():
+        with self._adapter_ctx(), self.autocast(input_ids.device):
             out = self.base_lm.get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
         return out.last_hidden_state
 
+    def autocast(self, device: torch.device):
+        """bf16 autocast on CUDA when the base is bf16: the LoRA matrices (kept in fp32 by
+        peft) then run on the bf16 tensor cores too. Elsewhere exact: no autocast. Used by
+        every forward of the roles (generation, scoring, update), so all compute alike."""
+        if device.type == "cuda" and self._compute_dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits of selected hidden states (..., H) -> (..., V)."""
-        return self.base_lm.get_output_embeddings()(hidden)
+        """Vocabulary logits of selected hidden states (..., H) -> (..., V), post-processed
+        as the model's own forward does (the logits it samples from)."""
+        return self.logit_transform.apply(self.base_lm.get_output_embeddings()(hidden))
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float):
+        """Logprobs of ``labels`` (B, T) and entropies (B, T), fp32, at ``temperature`` from
+        hidden states (B, T, H) whose position t predicts ``labels[:, t]``; the vocabulary
+        logits exist one chunk of tokens at a time (:func:`rlhf.ppo.head_logprobs`)."""
+        from rlhf.ppo import head_logprobs
+
+        head = self.base_lm.get_output_embeddings()
+        return head_logprobs(hidden, head.weight, head.bias, labels, temperature, self.logit_transform)
 
     def values(self, role: str, hidden: torch.Tensor) -> torch.Tensor:
         """Scalar head of the reward or value role on hidden states (..., H) -> (...,) fp32."""

@@ -1,31 +1,162 @@
 """The one entry point: ``rlhf <command>``. Thin: parses arguments and calls into the stages.
 
-Commands:
-  rlhf run RECIPE [--output-dir D] [--from STAGE] [--resume] [key=value ...]
-  rlhf sft|reward|ppo|dpo --config FILE [key=value ...]    one stage alone
-      both take  --launcher accelerate --accelerate-config FILE --num-processes N
-      (re-runs the command under `accelerate launch`; see pipelines/accelerate/)
-  rlhf data ...        preference-data ingestion (reward_data)
-  rlhf registry ...    model registry
-  rlhf dashboard [--port P] [--runs-root DIR]
-  rlhf report RUN_DIR --out report.html
+Each command has its own ``--help``; the stage commands list every config key (type,
+default, help) generated from the dataclasses in rlhf/config.py, and ``rlhf config show``
+prints a stage's or a recipe's fully resolved config. ``--help`` never starts anything.
+
+The console shows stage headers, progress and the final table; the trainers' per-step
+numbers go to the tracker and ``<run_dir>/<stage>/log.txt`` (``--verbose`` prints them too).
+A broken pipe (``rlhf data show X | head``) and Ctrl-C end quietly with the conventional
+exit status, 141 and 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
 
+#: Every command with its one-line description, in the order ``rlhf --help`` lists them.
+COMMANDS = {
+    "run": "run a staged recipe: SFT -> reward model -> PPO (cached, resumable)",
+    "sft": "run the supervised fine-tuning stage alone",
+    "reward": "run the reward-model stage alone",
+    "ppo": "run the PPO stage alone",
+    "dpo": "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
+    "config": "print a stage's or a recipe's fully resolved config (config show STAGE|RECIPE)",
+    "data": "ingest and inspect preference data (the versioned data store)",
+    "registry": "list, inspect, export and tag models in the model registry",
+    "generate": "sample completions from a trained model (registry ref or directory)",
+    "dashboard": "serve a local web page over pipeline runs",
+    "report": "write one run as a self-contained HTML report",
+}
+
+STAGE_NAMES = ("sft", "reward", "ppo", "dpo")  # rlhf.stages.STAGES, without importing torch for --help
+
+
+def _top_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: rlhf <command> [options]",
+        "",
+        "Staged RLHF: SFT -> Bradley-Terry reward model -> PPO, with a model registry and dashboards.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help  show this message and exit",
+        "  --version   print the version and exit",
+        "",
+        "`rlhf <command> --help` shows a command's options; e.g. `rlhf run pipelines/tiny.yaml`.",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# config keys in --help, generated from the dataclasses
+
+
+def _type_text(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list[{_type_text(args[0])}]" if args else "list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _yaml_value(value) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type, default, help)`` for every leaf field of config dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += config_keys(tp, prefix=f"{key}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default_text = "(required)" if default is dataclasses.MISSING else _yaml_value(default)
+        rows.append((key, _type_text(tp), default_text, f.metadata.get("help", "")))
+    return rows
+
+
+def config_help(cls, title: str) -> str:
+    """The config-key section of a command's --help."""
+    lines = [title]
+    for key, tp, default, text in config_keys(cls):
+        lines.append(f"  {key}  ({tp}, default {default})")
+        lines += textwrap.wrap(text, width=88, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# options shared by the commands that train
 
 
 def _launcher_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--launcher", choices=["none", "accelerate"], default="none",
-                        help="accelerate: run the command on several processes via `accelerate launch`")
-    parser.add_argument("--accelerate-config", help="accelerate config, e.g. pipelines/accelerate/ddp.yaml")
-    parser.add_argument("--num-processes", type=int, help="processes to launch (overrides the config's)")
+    group = parser.add_argument_group("launcher")
+    group.add_argument("--launcher", choices=["none", "accelerate"], default="none",
+                       help="accelerate: run the command on several processes via `accelerate launch`")
+    group.add_argument("--accelerate-config", help="accelerate config, e.g. pipelines/accelerate/ddp.yaml")
+    group.add_argument("--num-processes", type=int, help="processes to launch (overrides the config's)")
     return parser
+
+
+def _console_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("console")
+    group.add_argument("--verbose", action="store_true",
+                       help="also print every logged step (the trainers' dicts) and third-party progress "
+                            "bars; without it the steps go to <run_dir>/<stage>/log.txt only")
+    group.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                       help="seconds between progress records when the console is not a terminal (file, pipe, "
+                            "batch job); default $RLHF_PROGRESS_INTERVAL, then 30")
+    return parser
+
+
+def _setup_console(verbose: bool, progress_interval: float | None) -> None:
+    """Quiet the third-party printers unless ``--verbose``; pass the console settings on to
+    the stages (and to processes started by ``accelerate launch``) through the environment."""
+    from rlhf.config import ConfigError
+    from rlhf.tracking import filter_third_party_noise, progress_interval as check_interval
+
+    # stage headers (stdout) and progress records (stderr) stay in order in a batch job's log
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    if progress_interval is not None:
+        try:
+            os.environ["RLHF_PROGRESS_INTERVAL"] = str(check_interval(progress_interval))
+        except ValueError as e:
+            raise ConfigError(f"--progress-interval: {e}") from None
+    if verbose:
+        os.environ["RLHF_VERBOSE"] = "1"
+        return
+    filter_third_party_noise()
+    # datasets' "Generating train split" / "Map" bars and transformers' "Loading weights"
+    # bars: one run prints dozens of them, the stage's own progress line says enough.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
@@ -43,42 +174,76 @@ def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
     return launch([cmd, *rest], args.accelerate_config, args.num_processes), rest
 
 
+def _wants_help(argv: list[str]) -> bool:
+    # overrides are key=value, so a bare -h/--help token is always the option
+    return any(a in ("-h", "--help") for a in argv)
+
+
+# ----------------------------------------------------------------------------------------
+# commands
+
+
+def _stage_parser(stage: str) -> argparse.ArgumentParser:
+    from rlhf.stages import STAGES
+
+    cls = STAGES[stage].config
+    parser = argparse.ArgumentParser(
+        prog=f"rlhf {stage}", description=f"{COMMANDS[stage].capitalize()}. {cls.__doc__}",
+        parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help(cls, "config keys (in --config FILE, or as key.sub=value overrides):"),
+    )
+    parser.add_argument("--config", help="YAML file with the stage's settings (keys below)")
+    parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. train.max_steps=20")
+    return parser
+
+
 def _stage_main(stage: str, argv: list[str]) -> int:
-    import dataclasses
     import json
 
+    args = _stage_parser(stage).parse_intermixed_args(argv)
+    _setup_console(args.verbose, args.progress_interval)
     from rlhf import distributed
     from rlhf.config import apply_overrides, from_dict, load_yaml
     from rlhf.stages import STAGES, run_stage
 
-    parser = argparse.ArgumentParser(prog=f"rlhf {stage}", description=f"Run the {stage} stage alone.")
-    parser.add_argument("--config", help="YAML file with the stage's settings (see rlhf/config.py)")
-    parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_intermixed_args(argv)
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
     cfg = from_dict(STAGES[stage].config, data, prefix=stage)
+    if distributed.is_main():  # stderr, with the progress: stdout is the result's JSON alone
+        print(f"[{stage}] running", file=sys.stderr)
     result = run_stage(stage, cfg, resume=args.resume)
     if distributed.is_main():
         print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return 0
 
 
-def _run_main(argv: list[str]) -> int:
-    from rlhf import distributed
-    from rlhf.pipeline import Pipeline, plan, print_summary
-    from rlhf.stages import STAGES
+def _run_parser() -> argparse.ArgumentParser:
+    from rlhf.config import PipelineConfig
 
-    parser = argparse.ArgumentParser(prog="rlhf run", description="Run a staged recipe: SFT -> reward -> PPO.",
-                                     parents=[_launcher_parser()])
+    parser = argparse.ArgumentParser(
+        prog="rlhf run", description="Run a staged recipe: SFT -> reward model -> PPO. A stage whose config and "
+        "inputs did not change since its last completed run is skipped.",
+        parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help(PipelineConfig, "recipe keys (in RECIPE, or as key.sub=value overrides; the stage "
+                           "sections take the keys of `rlhf sft|reward|ppo|dpo --help`):"),
+    )
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="rerun from this stage on")
+    parser.add_argument("--from", dest="from_stage", choices=list(STAGE_NAMES), help="rerun from this stage on")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.total_episodes=512")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="overrides, e.g. ppo.total_episodes=512")
+    return parser
+
+
+def _run_main(argv: list[str]) -> int:
+    args = _run_parser().parse_intermixed_args(argv)
+    _setup_console(args.verbose, args.progress_interval)
+    from rlhf import distributed
+    from rlhf.pipeline import Pipeline, plan, print_summary
+
     p = plan(args.recipe, args.output_dir, args.overrides)
     if args.validate_only:
         print(f"{args.recipe}: valid (run dir {p.run_dir})")
@@ -89,11 +254,103 @@ def _run_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _config_main(argv: list[str]) -> int:
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="rlhf config", description="Inspect configuration.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{show}")
+    show = sub.add_parser(
+        "show", prog="rlhf config show", help="print a stage's or a recipe's fully resolved config as YAML",
+        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo, dpo) with "
+        "--config and overrides applied, or a recipe with every stage's config as the pipeline builds it.",
+    )
+    show.add_argument("target", metavar="STAGE|RECIPE",
+                      help="sft, reward, ppo or dpo; or a recipe file (pipelines/tiny.yaml, or just tiny)")
+    show.add_argument("--config", help="(stages) YAML file with the stage's settings")
+    show.add_argument("--output-dir", help="(recipes) run directory the paths are resolved against")
+    show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, as for run or the stage")
+    if argv[:1] != ["show"]:
+        parser.parse_args(argv)  # --help, or a usage error naming the choices; both exit
+    args = show.parse_intermixed_args(argv[1:])  # (argparse cannot intermix through subparsers)
+    from rlhf.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+    if args.target in STAGE_NAMES:
+        from rlhf.stages import STAGES
+
+        data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
+        resolved = to_dict(from_dict(STAGES[args.target].config, data, prefix=args.target))
+    else:
+        from rlhf.pipeline import plan
+
+        recipe = Path(args.target)
+        if not recipe.exists() and not recipe.suffix and Path("pipelines", f"{args.target}.yaml").is_file():
+            recipe = Path("pipelines", f"{args.target}.yaml")
+        if not recipe.is_file():
+            raise ConfigError(f"config show: {args.target!r} is neither a stage ({', '.join(STAGE_NAMES)}) "
+                              "nor a recipe file")
+        p = plan(recipe, args.output_dir, args.overrides, check_inputs=False)
+        top = {k: v for k, v in to_dict(p.pipeline).items() if k not in STAGE_NAMES}
+        resolved = {**top, "run_dir": str(p.run_dir), **{s: to_dict(getattr(p, s)) for s in STAGE_NAMES}}
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+    return 0
+
+
+def _generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhf generate",
+        description="Sample completions from a trained model: a registry reference of an sft or policy adapter "
+        "(e.g. tiny-policy:1, merged onto its base in memory), or a model directory (an `rlhf registry export` "
+        "or any Hugging Face causal LM).",
+    )
+    parser.add_argument("model", metavar="REF|DIR", help="registry reference or model directory")
+    parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--home", help="rlhf home of the registry (default: $RLHF_HOME, then ~/.rlhf)")
+    args = parser.parse_args(argv)
+    from rlhf.config import ConfigError
+
+    if args.max_new_tokens <= 0 or args.temperature < 0:
+        raise ConfigError("generate: --max-new-tokens must be positive and --temperature at least 0")
+    _setup_console(False, None)
+    import torch
+
+    if Path(args.model).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (Path(args.model) / "config.json").is_file():
+            raise ConfigError(f"generate: {args.model} has no config.json; pass a model directory or a registry ref")
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        from rlhf.registry import Registry
+        from rlhf.registry.export import merge_adapter
+
+        reg = Registry.open(home=args.home)
+        entry = reg.resolve(args.model)
+        if entry.kind != "adapter" or entry.role not in ("sft", "policy"):
+            raise ConfigError(f"generate: {entry.ref} is a {entry.role or entry.kind} {entry.kind}; "
+                              "pass an sft or policy adapter")
+        model, tok = merge_adapter(entry, reg.resolve(entry.metadata["base"]))
+    model.eval()
+    torch.manual_seed(args.seed)
+    for prompt in args.prompt:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature if args.temperature > 0 else None,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        completion = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"prompt: {prompt}\ncompletion: {completion}\n")
+    return 0
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(_top_help())
         return 0
     if argv[0] == "--version":
         from rlhf import __version__
@@ -102,17 +359,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     from rlhf.config import ConfigError
-    from rlhf.stages import STAGES
 
     try:
-        if cmd == "run" or cmd in STAGES:
+        if (cmd == "run" or cmd in STAGE_NAMES) and not _wants_help(rest):
             status, rest = _maybe_launch(cmd, rest)
             if status is not None:
                 return status
         if cmd == "run":
             return _run_main(rest)
-        if cmd in STAGES:
+        if cmd in STAGE_NAMES:
             return _stage_main(cmd, rest)
+        if cmd == "config":
+            return _config_main(rest)
+        if cmd == "generate":
+            return _generate_main(rest)
         if cmd == "data":
             from reward_data.cli import main as data_main
 
@@ -130,10 +390,35 @@ def main(argv: list[str] | None = None) -> int:
 
             return dash_main(["report", *rest])
     except ConfigError as e:
-        print(f"rlhf: config error: {e}", file=sys.stderr)
+        print(f"rlhf {cmd}: config error: {e}", file=sys.stderr)
         return 2
-    print(f"rlhf: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    print(f"rlhf: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rlhf ARGV``; returns the exit status (argparse's exits included, so tests can call it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        try:
+            status = _dispatch(argv)
+        except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+            if not (e.code is None or isinstance(e.code, int)):
+                raise
+            status = e.code or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback; 128 + SIGINT, as shells report it
+        print("\nrlhf: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `rlhf ... | head` closed our stdout: stop quietly, 128 + SIGPIPE as shells report it;
+        # point stdout at /dev/null so that the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

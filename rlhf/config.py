@@ -1,13 +1,20 @@
 """Stage and pipeline configuration: dataclasses with help text, YAML first, CLI overrides.
 
-Every field carries ``metadata={"help": ...}``. ``from_dict`` is strict: an unknown key or a
-value of the wrong type fails with the dotted key path (``ppo.kl_coef``) before any model
-is loaded. Overrides use ``key.sub=value`` with the value parsed as YAML.
+Every field carries ``metadata={"help": ...}``, and every numeric field a ``"range"`` too
+(``"> 0"``, ``">= 0"``, ``"[0, 1)"``, ``"-1 or > 0"``; see :func:`check_range`).
+``from_dict`` is strict: an unknown key, a value of the wrong type, a value outside its
+range or a non-finite number fails with the dotted key path (``ppo.kl_coef``) before any
+model is loaded. Overrides use ``key.sub=value`` with the value parsed as YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +30,17 @@ class ConfigError(ValueError):
     """A configuration problem, with the dotted key (or file) that causes it."""
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, range: str | None = None, **kw) -> Any:
+    """A dataclass field with help text and, for a number, its allowed range (see check_range)."""
+    meta = {"help": text} if range is None else {"help": text, "range": range}
+    return field(metadata=meta, **kw)
+
+
+# A run name becomes a directory under runs/: one path component, never '.', '..' or hidden.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+# Seeds feed numpy and torch generators, which take 0 <= seed < 2**32.
+SEED_RANGE = "[0, 4294967295]"
 
 
 @dataclass
@@ -44,41 +60,36 @@ class ModelConfig:
 
 @dataclass
 class LoraConfigSpec:
-    r: int = _help("LoRA rank.", default=16)
-    alpha: int = _help("LoRA alpha (scaling = alpha / r).", default=32)
-    dropout: float = _help("LoRA dropout during SFT and reward training (always 0 during PPO).", default=0.0)
+    r: int = _help("LoRA rank.", range="> 0", default=16)
+    alpha: int = _help("LoRA alpha (scaling = alpha / r).", range="> 0", default=32)
+    dropout: float = _help("LoRA dropout during SFT and reward training (always 0 during PPO).", range="[0, 1)", default=0.0)
     target_modules: list[str] | str = _help("Modules to adapt; 'all-linear' adapts every linear layer.", default="all-linear")
 
     def __post_init__(self):
-        if self.r <= 0:
-            raise ConfigError(f"lora.r must be positive, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_ranges(self, "lora")
 
 
 @dataclass
 class TrainArgs:
     """Optimisation settings shared by the TRL-backed stages (SFT and reward)."""
 
-    epochs: float = _help("Passes over the training data.", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (-1: use epochs).", default=-1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
-    batch_size: int = _help("Per-device micro-batch size.", default=8)
-    grad_accum: int = _help("Gradient accumulation steps.", default=1)
-    warmup_ratio: float = _help("Fraction of steps spent warming up the learning rate.", default=0.0)
+    epochs: float = _help("Passes over the training data.", range="> 0", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use epochs).", range="-1 or > 0", default=-1)
+    learning_rate: float = _help("Peak learning rate.", range="> 0", default=2e-4)
+    batch_size: int = _help("Per-device micro-batch size.", range="> 0", default=8)
+    grad_accum: int = _help("Gradient accumulation steps.", range="> 0", default=1)
+    warmup_ratio: float = _help("Fraction of steps spent warming up the learning rate.", range="[0, 1)", default=0.0)
     lr_scheduler: str = _help("transformers learning-rate schedule name.", default="linear")
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    max_length: int = _help("Truncate tokenized examples to this length.", default=512)
-    logging_steps: int = _help("Log every N optimizer steps.", default=10)
-    save_steps: int = _help("Checkpoint every N optimizer steps (for --resume).", default=100)
-    eval_steps: int = _help("Evaluate on held-out data every N steps (0: only at the end).", default=0)
+    weight_decay: float = _help("AdamW weight decay.", range=">= 0", default=0.0)
+    max_length: int = _help("Truncate tokenized examples to this length.", range="> 0", default=512)
+    logging_steps: int = _help("Log every N optimizer steps.", range="> 0", default=10)
+    save_steps: int = _help("Checkpoint every N optimizer steps (for --resume).", range="> 0", default=100)
+    eval_steps: int = _help("Evaluate on held-out data every N steps (0: only at the end).", range=">= 0", default=0)
     gradient_checkpointing: bool = _help("Trade compute for memory in the backward pass.", default=False)
     bf16: bool = _help("bfloat16 mixed precision (GPUs).", default=False)
 
     def __post_init__(self):
-        for key in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        check_ranges(self, "train")
 
 
 @dataclass
@@ -93,17 +104,16 @@ class SFTConfig:
         default="",
     )
     dataset_split: str = _help("Split to read when the dataset has several.", default="train")
-    eval_fraction: float = _help("Fraction of the data held out for eval loss.", default=0.05)
+    eval_fraction: float = _help("Fraction of the data held out for eval loss.", range="[0, 1)", default=0.05)
     finetune: Literal["lora", "full"] = _help("Train a LoRA adapter (default) or all weights.", default="lora")
     lora: LoraConfigSpec = _help("LoRA settings (finetune: lora).", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
-    seed: int = _help("Random seed.", default=0)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/sft")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"sft.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check_ranges(self, "sft")
 
 
 @dataclass
@@ -117,13 +127,16 @@ class RewardConfig:
         default="",
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
-    test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", default=0.05)
+    test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", range="[0, 1)", default=0.05)
     lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
-    center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", default=0.01)
-    seed: int = _help("Random seed.", default=0)
+    center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+    def __post_init__(self):
+        check_ranges(self, "reward")
 
 
 @dataclass
@@ -136,60 +149,72 @@ class PPOConfig:
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout
-    total_episodes: int = _help("Total sampled responses to train on.", default=10240)
-    rollout_batch_size: int = _help("Prompts per rollout (per process).", default=64)
-    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", default=256)
-    response_length: int = _help("Maximum new tokens per response.", default=128)
-    temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", default=0.7)
-    stop_token: str | None = _help("Stop token (default: the tokenizer's EOS).", default=None)
+    total_episodes: int = _help("Total sampled responses to train on.", range="> 0", default=10240)
+    rollout_batch_size: int = _help("Prompts per rollout (per process).", range="> 0", default=64)
+    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", range="> 0", default=256)
+    response_length: int = _help("Maximum new tokens per response.", range="> 0", default=128)
+    temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", range="> 0", default=0.7)
+    stop_token: str | list[str] | None = _help(
+        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS and every "
+        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>).", default=None)
     missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
         "What to do with the score of a response without the stop token.", default="replace"
     )
-    missing_stop_value: float = _help("Replacement score, or amount subtracted.", default=-1.0)
+    missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
     # reward shaping / KL
-    kl_coef: float = _help("Initial KL coefficient beta.", default=0.05)
+    kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
     kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
-    kl_target: float = _help("Adaptive controller's target KL per response.", default=6.0)
-    kl_horizon: int = _help("Adaptive controller's horizon.", default=10000)
-    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = logp - logp_ref, k3 = (r-1) - log r.", default="k1")
-    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false).", default=True)
+    kl_target: float = _help("Adaptive controller's target KL per response.", range="> 0", default=6.0)
+    kl_horizon: int = _help("Adaptive controller's horizon.", range="> 0", default=10000)
+    kl_estimator: Literal["k1", "k2", "k3"] = _help(
+        "Per-token KL estimator, r = p_ref / p: k1 = logp - logp_ref, k2 = 0.5 (log r)^2, k3 = (r-1) - log r. "
+        "A KL loss term (kl_in_reward: false) needs k2 or k3: k1's gradient ignores the reference.", default="k1")
+    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false; GRPO-style, "
+                               "with kl_estimator k3 or k2).", default=True)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
-    reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", default=None)
+    reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
     advantage_estimator: Literal["gae", "reinforce++", "rloo"] = _help("GAE with a critic, or a critic-free estimator.", default="gae")
-    gamma: float = _help("Discount.", default=1.0)
-    lam: float = _help("GAE lambda.", default=0.95)
-    rloo_k: int = _help("Samples per prompt for the RLOO baseline.", default=2)
-    cliprange: float = _help("Policy ratio clip.", default=0.2)
-    cliprange_value: float = _help("Value clip.", default=0.2)
-    vf_coef: float = _help("Value loss coefficient.", default=0.1)
-    entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    gamma: float = _help("Discount.", range="[0, 1]", default=1.0)
+    lam: float = _help("GAE lambda.", range="[0, 1]", default=0.95)
+    rloo_k: int = _help("Samples per prompt for the RLOO baseline.", range=">= 2", default=2)
+    cliprange: float = _help("Policy ratio clip.", range="> 0", default=0.2)
+    cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
+    vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
+    entropy_coef: float = _help("Entropy bonus coefficient.", range=">= 0", default=0.0)
     # optimisation
-    ppo_epochs: int = _help("Passes over each rollout batch.", default=4)
-    num_minibatches: int = _help("Minibatches per epoch (optimizer steps per epoch).", default=4)
-    micro_batch_size: int = _help("Rows per forward/backward; gradients accumulate to the minibatch.", default=16)
-    learning_rate: float = _help("Adam learning rate (LoRA needs more than full fine-tuning's 3e-6).", default=1e-4)
-    adam_eps: float = _help("Adam epsilon (1e-5 per the N+ details).", default=1e-5)
+    ppo_epochs: int = _help("Passes over each rollout batch.", range="> 0", default=4)
+    num_minibatches: int = _help("Minibatches per epoch (optimizer steps per epoch).", range="> 0", default=4)
+    micro_batch_size: int = _help("Rows per forward/backward; gradients accumulate to the minibatch.", range="> 0", default=16)
+    learning_rate: float = _help("Adam learning rate (LoRA needs more than full fine-tuning's 3e-6).", range="> 0", default=1e-4)
+    adam_eps: float = _help("Adam epsilon (1e-5 per the N+ details).", range="> 0", default=1e-5)
     lr_schedule: Literal["constant", "linear"] = _help("Learning-rate schedule over all updates.", default="linear")
-    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", range=">= 0", default=1.0)
     gradient_checkpointing: bool = _help("Gradient checkpointing in the update.", default=False)
     lora: LoraConfigSpec = _help("LoRA settings for newly created roles (policy/value copy their source's).", default_factory=LoraConfigSpec)
     # evaluation, logging, checkpoints, guards
-    eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", default=10)
-    num_samples_logged: int = _help("Sample completions logged per evaluation.", default=8)
-    save_every: int = _help("Checkpoint every N updates.", default=10)
-    keep_checkpoints: int = _help("How many checkpoints to keep.", default=2)
-    guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", default=50.0)
-    guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this.", default=0.01)
-    guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", default=1.0)
-    guard_max_length_fraction: float = _help(
-        "Stop when the mean response length exceeds this fraction of response_length (responses "
-        "blow up into the length limit).", default=0.95)
-    seed: int = _help("Random seed.", default=0)
+    eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", range=">= 0", default=10)
+    num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
+    save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
+    keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
+                                  "(0 keeps every checkpoint).", range=">= 0", default=2)
+    guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", range="> 0", default=50.0)
+    guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this (a negative value disables it).",
+                                     range="any", default=0.01)
+    guard_min_length: float = _help("Stop when mean response length falls below this many tokens.", range=">= 0", default=1.0)
+    guard_max_length_fraction: float | None = _help(
+        "Stop when the mean response length stays above this fraction of response_length for "
+        "guard_length_patience updates in a row (responses blowing up into the limit). Off (null) by default: "
+        "an SFT policy that often writes up to response_length is healthy. 0.95 suits a policy that "
+        "normally stops well before the limit.", range="> 0", default=None)
+    guard_length_patience: int = _help("Updates in a row above guard_max_length_fraction before the length guard trips.",
+                                       range="> 0", default=3)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
+        check_ranges(self, "ppo")
         if self.rollout_batch_size % self.num_minibatches:
             raise ConfigError(
                 f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by ppo.num_minibatches ({self.num_minibatches})"
@@ -197,10 +222,12 @@ class PPOConfig:
         mb = self.rollout_batch_size // self.num_minibatches
         if mb % self.micro_batch_size and self.micro_batch_size < mb:
             raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide the minibatch size ({mb})")
-        if self.temperature <= 0:
-            raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
         if self.advantage_estimator == "rloo" and self.rollout_batch_size % self.rloo_k:
             raise ConfigError("ppo.rollout_batch_size must be divisible by ppo.rloo_k")
+        if not self.kl_in_reward and self.kl_estimator == "k1":
+            raise ConfigError(
+                "ppo.kl_estimator: k1 cannot be a loss term (ppo.kl_in_reward: false): the gradient of "
+                "logp - logp_ref is that of logp alone and ignores the reference; use kl_estimator k3 or k2")
 
 
 # The loss variants of TRL's DPOTrainer (trl 1.16, DPOConfig.loss_type); each is a function of
@@ -225,15 +252,17 @@ class DPOConfig:
         default="",
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
-    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).", default=0.05)
+    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
+                                 range="[0, 1)", default=0.05)
     beta: float = _help(
         "KL strength beta: how far the policy may move from the reference (higher: closer). For loss_type ipo it "
-        "is the regulariser tau of Azar et al. 2023.", default=0.1)
+        "is the regulariser tau of Azar et al. 2023.", range="> 0", default=0.1)
     loss_type: Literal[DPO_LOSS_TYPES] = _help(
         "TRL's DPO loss variant: sigmoid (DPO, Rafailov et al. 2023), ipo, hinge (SLiC), robust, exo_pair, "
         "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft.",
         default="sigmoid")
-    label_smoothing: float = _help("Probability that a label is flipped (loss_type robust; eps of exo_pair).", default=0.0)
+    label_smoothing: float = _help("Probability that a label is flipped (loss_type robust; eps of exo_pair).",
+                                   range="[0, 0.5)", default=0.0)
     lora: LoraConfigSpec = _help(
         "LoRA settings of a fresh adapter when sft_adapter is empty; with an SFT adapter the policy keeps its shape.",
         default_factory=LoraConfigSpec)
@@ -243,24 +272,15 @@ class DPOConfig:
     reward_adapter: str = _help(
         "Reward adapter for the evaluation's RM score and win rate over SFT (optional; set by the pipeline when a "
         "reward stage ran before).", default="")
-    eval_max_prompt_length: int = _help("Evaluation prompts are truncated from the left to this many tokens.", default=256)
-    eval_response_length: int = _help("Maximum new tokens per evaluation response.", default=128)
-    eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", default=0.7)
-    eval_batch_size: int = _help("Prompts sampled at once during evaluation.", default=64)
-    seed: int = _help("Random seed.", default=0)
+    eval_max_prompt_length: int = _help("Evaluation prompts are truncated from the left to this many tokens.",
+                                        range="> 0", default=256)
+    eval_response_length: int = _help("Maximum new tokens per evaluation response.", range="> 0", default=128)
+    eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
+                                     default=0.7)
+    eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
-
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.eval_temperature <= 0:
-            raise ConfigError(f"dpo.eval_temperature must be positive, got {self.eval_temperature}")
-        for key in ("eval_max_prompt_length", "eval_response_length", "eval_batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"dpo.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -268,7 +288,7 @@ class PipelineConfig:
     """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``)."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
-    seed: int = _help("Seed applied to every stage unless the stage sets its own.", default=0)
+    seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
     task: SyntheticTaskConfig = _help("Embedded synthetic task (tiny default), see rlhf/tasks/synthetic.py.",
                                       default_factory=SyntheticTaskConfig)
@@ -285,6 +305,18 @@ class PipelineConfig:
         "Stages to run, in order: sft, reward, ppo, dpo. E.g. [sft, dpo], or [sft, reward, ppo, dpo] to compare "
         "PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward and dpo "
         "need sft).", default_factory=lambda: ["sft", "reward", "ppo"])
+
+    def __post_init__(self):
+        check_ranges(self, "")
+        if self.name:
+            check_run_name(self.name)
+
+
+def check_run_name(name: str, key: str = "name") -> None:
+    """The run directory is ``runs/<name>``: a name must not climb out of ``runs/`` or nest in it."""
+    if not _RUN_NAME.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not a valid run name (1-100 letters, digits, '.', '_' or '-', "
+                          "not starting with '.'; no path separators)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,15 +385,71 @@ def _convert(tp, value, key: str):
     return value
 
 
+_BOUND = re.compile(r"(>=|>|<=|<)\s*(-?[\d.e+-]+)")
+_INTERVAL = re.compile(r"([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])])")
+
+
+@functools.cache
+def _range_tests(spec: str) -> tuple:
+    """Parse a range spec into predicates; alternatives are joined by ``or``.
+
+    Each alternative is ``any`` (every finite number), a bound (``> 0``, ``>= 2``), an
+    interval (``[0, 1)``, ``(0, 1]``) or one exact number (``-1``, a sentinel)."""
+    tests = []
+    for alt in (a.strip() for a in spec.split(" or ")):
+        if alt == "any":
+            tests.append(lambda v: True)
+        elif m := _BOUND.fullmatch(alt):
+            op, b = m.group(1), float(m.group(2))
+            tests.append({">": lambda v, b=b: v > b, ">=": lambda v, b=b: v >= b,
+                          "<": lambda v, b=b: v < b, "<=": lambda v, b=b: v <= b}[op])
+        elif m := _INTERVAL.fullmatch(alt):
+            lo_open, lo, hi, hi_open = m.group(1) == "(", float(m.group(2)), float(m.group(3)), m.group(4) == ")"
+            tests.append(lambda v, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open:
+                         (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+        else:
+            tests.append(lambda v, x=float(alt): v == x)
+    return tuple(tests)
+
+
+def check_range(key: str, value, spec: str) -> None:
+    """Raise ConfigError naming ``key`` when number ``value`` is not finite or outside ``spec``.
+
+    ``None`` (an optional field left unset) passes; see :func:`_range_tests` for the spec.
+    """
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # unset optional, or a type error that _convert reports
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number ({spec}), got {value}")
+    if not any(test(value) for test in _range_tests(spec)):
+        raise ConfigError(f"{key} must be {'in ' + spec if spec[0] in '[(' else spec}, got {value}")
+
+
+def check_ranges(obj, prefix: str | None = None) -> None:
+    """Check every field of dataclass instance ``obj`` that declares a ``range``; errors name
+    the field as ``prefix.field`` (default: the class name)."""
+    where = type(obj).__name__ if prefix is None else prefix
+    for f in dataclasses.fields(obj):
+        if "range" in f.metadata:
+            check_range(f"{where}.{f.name}" if where else f.name, getattr(obj, f.name), f.metadata["range"])
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types, non-finite numbers
+    and values outside a field's range raise ConfigError naming the dotted key."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f"did you mean {where}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} ({hint}valid keys: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    # ranges before construction, so that __post_init__'s cross-field checks never divide by 0
+    for k, v in kwargs.items():
+        if "range" in fields[k].metadata:
+            check_range(f"{prefix}.{k}" if prefix else k, v, fields[k].metadata["range"])
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -377,12 +465,20 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -391,7 +487,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: invalid YAML value {raw!r}: {_one_line(e)}") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -407,5 +506,11 @@ def save_yaml(data: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    try:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
+        raise

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +34,14 @@ from rlhf.config import (
     RewardConfig,
     SFTConfig,
     apply_overrides,
+    check_run_name,
     from_dict,
     load_yaml,
     to_dict,
 )
 from rlhf.resolve import check_base, check_input
-from rlhf.stages import STAGES, StageResult, run_stage
-from rlhf.stages.common import write_json
+from rlhf.stages import STAGES, run_stage
+from rlhf.stages.common import Registration, safe_name as _safe_name, write_json
 from rlhf.tasks import TASK_FILES, Task
 
 
@@ -87,8 +90,12 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     data = apply_overrides(load_yaml(recipe), list(overrides))
     pipe = from_dict(PipelineConfig, data)
     if not pipe.name:
+        check_run_name(recipe.stem, f"name (from the recipe file name {recipe.name})")
         pipe.name = recipe.stem
     run_dir = Path(output_dir) if output_dir else Path("runs") / pipe.name
+    for d in (run_dir, *run_dir.parents):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"--output-dir {run_dir}: {d} exists and is not a directory")
     check_base(pipe.model.name_or_path)
 
     stages = _check_stages(pipe.stages)
@@ -224,16 +231,68 @@ class Pipeline:
         return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
+        """Run the stages not cached, holding the run directory's lock throughout.
+
+        Raises:
+            RunDirLocked: another process is running in the same run directory.
+        """
+        from rlhf import distributed as dist
+        from rlhf.runs import RunDirLocked, RunLock
+
+        if from_stage is not None and from_stage not in self.p.stages:
+            raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe "
+                              f"(stages: {', '.join(self.p.stages)})")
+        # Rank 0 holds the lock (the kernel drops it when the process dies, however it dies);
+        # every rank learns whether it got it, so no rank waits forever in a barrier.
+        lock, error = RunLock(self.p.run_dir), None
+        if dist.is_main():
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise RunDirLocked(error)
+        try:
+            return self._run(from_stage, resume)
+        finally:
+            lock.release()
+
+    def _mark_dead_stages(self, registry) -> None:
+        """Stages still "running" under our lock belong to a process that is gone: mark them
+        killed here and in the registry (whose reap_runs catches this host's other dead runs)."""
+        from rlhf.runs import KILLED_REASON
+
+        for stage, st in self.state["stages"].items():
+            if st.get("status") == "running":
+                st.update(status="killed", reason=KILLED_REASON)
+                print(f"[pipeline] {stage}: the attempt started {st.get('started', '?')} never finished; marked killed")
+                if registry is not None and st.get("run"):
+                    from rlhf.registry import RegistryError
+
+                    try:
+                        registry.mark_run(st["run"], "killed", KILLED_REASON)
+                    except RegistryError:
+                        pass  # already marked (by reap_runs) or finished
+        if registry is not None:
+            registry.reap_runs()
+        self.save()
+
+    def _run(self, from_stage: str | None, resume: bool) -> dict:
+        from rlhf import distributed as dist
         from rlhf.tracking import Tracker  # noqa: F401  (fail early if tracking is broken)
 
         p = self.p
-        if from_stage is not None and from_stage not in p.stages:
-            raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe (stages: {', '.join(p.stages)})")
-        from rlhf import distributed as dist
-
-        # every process has read pipeline.json (in __init__) before rank 0 writes it
+        # every process reads pipeline.json now that rank 0 holds the lock, before rank 0 writes it
+        if self.state_path.exists():
+            on_disk = json.loads(self.state_path.read_text())
+            self.state.update({k: on_disk[k] for k in ("stages", "base_ref", "task_fingerprint") if k in on_disk})
         dist.barrier()
         p.run_dir.mkdir(parents=True, exist_ok=True)
+        # only rank 0 registers runs and artifacts
+        registry = _open_registry(p.pipeline) if p.pipeline.register and dist.is_main() else None
+        if dist.is_main():
+            self._mark_dead_stages(registry)
         task = p.task()
         if task is not None:
             from rlhf.tasks import write_task_files
@@ -246,8 +305,6 @@ class Pipeline:
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
         forced = p.stages[p.stages.index(from_stage):] if from_stage else ()
-        # only rank 0 registers runs and artifacts
-        registry = _open_registry(p.pipeline) if p.pipeline.register and dist.is_main() else None
 
         for stage in p.stages:
             st = self.state["stages"].get(stage, {})
@@ -257,22 +314,36 @@ class Pipeline:
                 if dist.is_main():
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
-            stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in ("running", "failed")
-            self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage],
+            stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in _RESUMABLE
+            run_ref = (registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name,
+                                          name=f"{_safe_name(p.pipeline.name)}-{stage}-run") if registry else None)
+            self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
             if dist.is_main():
                 print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
-            run_ref = registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name) if registry else None
+            registration = (Registration(registry, _safe_name(p.pipeline.name), run_ref, self._known_artifacts(),
+                                         base=self.state.get("base_ref")) if registry else None)
             try:
-                result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task)
-            except BaseException:
-                self.state["stages"][stage]["status"] = "failed"
+                result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task,
+                                   registration=registration)
+            except BaseException as e:
+                # Ctrl-C is an interruption; anything else (an error, SystemExit) a failure
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                reason = f"{type(e).__name__}: {e}".strip().rstrip(":")
+                self.state["stages"][stage].update(status=status, reason=reason,
+                                                   ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 self.save()
                 if registry and run_ref:
-                    registry.finish_run(run_ref, "failed", {}, [])
+                    try:
+                        registry.mark_run(run_ref, status, reason)
+                    except Exception as mark_error:  # noqa: BLE001 - never hide the stage's own error
+                        print(f"[pipeline] could not mark {run_ref} {status}: {mark_error}", file=sys.stderr)
                 raise
-            outputs, inputs = _register_outputs(registry, stage, result, self.state, run_ref, p.pipeline.name)
+            outputs = registration.outputs if registration else {}
+            inputs = registration.inputs if registration else {}
+            if registration and registration.base:
+                self.state["base_ref"] = registration.base
             if registry and run_ref:
                 registry.finish_run(run_ref, "completed", _numbers(result.metrics), outputs=list(outputs.values()))
             self.state["stages"][stage].update(
@@ -284,6 +355,17 @@ class Pipeline:
         if dist.is_main():
             write_json(p.run_dir / "summary.json", summary)
         return summary
+
+    def _known_artifacts(self) -> dict[str, tuple[str, str]]:
+        """Registered artifacts of the completed stages: directory -> (stage, registry ref)."""
+        known = {}
+        for stage, st in self.state["stages"].items():
+            if st.get("status") != "completed":
+                continue
+            for name, path in st.get("dirs", {}).items():
+                if name in st.get("outputs", {}):
+                    known[str(Path(path).resolve())] = (stage, st["outputs"][name])
+        return known
 
     def summary(self, task: Task | None) -> dict:
         """Final numbers of the run (and, with a task, its gold evaluation)."""
@@ -377,60 +459,12 @@ def _open_registry(cfg):
     return Registry.open(home=cfg.registry_home, url=cfg.registry_url, store_dir=cfg.registry_store)
 
 
-def _register_outputs(registry, stage: str, result: StageResult, state: dict, run_ref, pipeline_name: str):
-    """Register a stage's artifacts with lineage; returns ``(outputs, inputs)`` refs."""
-    if registry is None:
-        return {}, {}
-    stages = state["stages"]
-    base_ref = state.get("base_ref")
-    if base_ref is None:
-        base_ref = registry.register_base(_safe_name(Path(result.base).name), result.base).ref
-        state["base_ref"] = base_ref
-    name = _safe_name(pipeline_name)
-    metadata = {"metrics": _numbers(result.metrics)}
-    if stage == "sft":
-        e = registry.register_adapter(f"{name}-sft", "sft", result.artifacts["adapter"], base=base_ref, run=run_ref,
-                                      metadata=metadata)
-        return {"adapter": e.ref}, {"base": base_ref}
-    if stage == "reward":
-        ds = _register_dataset(registry, result.inputs["dataset"])
-        sft_ref = stages["sft"]["outputs"]["adapter"]
-        e = registry.register_adapter(f"{name}-reward", "reward", result.artifacts["adapter"], base=base_ref,
-                                      parents=[sft_ref, ds], run=run_ref, metadata=metadata)
-        return {"adapter": e.ref, "dataset": ds}, {"base": base_ref, "sft": sft_ref, "dataset": ds}
-    if stage == "dpo":
-        # the DPO policy: derived from the SFT adapter and the preference data (its config is the run's)
-        ds = _register_dataset(registry, result.inputs["dataset"])
-        sft_ref = stages["sft"]["outputs"]["adapter"]
-        e = registry.register_adapter(f"{name}-dpo", "policy", result.artifacts["adapter"], base=base_ref,
-                                      parents=[sft_ref, ds], run=run_ref, metadata={"method": "dpo", **metadata})
-        return {"adapter": e.ref, "dataset": ds}, {"base": base_ref, "sft": sft_ref, "dataset": ds}
-    sft_ref = stages["sft"]["outputs"]["adapter"]
-    rm_ref = stages["reward"]["outputs"]["adapter"]
-    pol = registry.register_adapter(f"{name}-policy", "policy", result.artifacts["policy"], base=base_ref,
-                                    parents=[sft_ref, rm_ref], run=run_ref, metadata=metadata)
-    outs = {"policy": pol.ref}
-    if "value" in result.artifacts:
-        val = registry.register_adapter(f"{name}-value", "value", result.artifacts["value"], base=base_ref,
-                                        parents=[rm_ref], run=run_ref)
-        outs["value"] = val.ref
-    return outs, {"base": base_ref, "sft": sft_ref, "reward": rm_ref}
+_RESUMABLE = ("running", "failed", "killed", "interrupted")
 
 
-def _register_dataset(registry, data_ref: str) -> str:
-    """The registry ref of the preference-data store version ``data_ref`` ('NAME:VERSION')."""
-    import reward_data
-
-    return registry.register_dataset(_safe_name(data_ref.split(":")[0]), str(reward_data.resolve(data_ref))).ref
-
-
-def _safe_name(s: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in s).strip("-.") or "run"
-    return cleaned[:100]
-
-
-def print_summary(summary: dict, run_dir: Path) -> None:
-    """Print what the run achieved as a table."""
+def print_summary(summary: dict, run_dir: Path, file=None) -> None:
+    """Print what the run achieved, the artifacts it produced (registry refs and directories,
+    from ``pipeline.json``) and the commands a user runs next."""
     from rich.console import Console
     from rich.table import Table
 
@@ -442,6 +476,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             return f"{v:.4f} ± {summary[se_key]:.4f}"
         return f"{v:.4f}"
 
+    console = Console(file=file, soft_wrap=True)
     table = Table(title=f"rlhf run: {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -465,5 +500,45 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     for k, v in rows:
         if v not in ("-", "- -> -"):
             table.add_row(k, v)
-    Console().print(table)
-    print(f"summary written to {run_dir / 'summary.json'}")
+    console.print(table)
+
+    state_path = Path(run_dir) / "pipeline.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    stages = state.get("stages", {})
+    artifacts = Table(title="artifacts")
+    for column in ("stage", "artifact", "registry ref", "directory"):
+        artifacts.add_column(column)
+    for stage in (s for s in STAGES if s in stages):  # pipeline.json keeps its keys sorted
+        st = stages[stage]
+        outputs, dirs = st.get("outputs", {}), st.get("dirs", {})
+        for name in sorted(set(outputs) | set(dirs), key=lambda n: (n not in dirs, n)):
+            artifacts.add_row(stage, name, outputs.get(name, "-"), dirs.get(name, "-"))
+        if st.get("run"):
+            artifacts.add_row(stage, "run", st["run"], "")
+    if artifacts.rows:
+        console.print(artifacts)
+
+    home = state.get("registry_home")
+    q = shlex.quote
+    home_opt = f" --home {q(home)}" if home and Path(home) != _registry_home(None) else ""
+    policy = stages.get("ppo", {}).get("outputs", {}).get("policy")
+    reward = stages.get("reward", {}).get("outputs", {}).get("adapter")
+    report = Path(run_dir) / "report.html"
+    lines = [f"summary written to {Path(run_dir) / 'summary.json'}", "next:"]
+    if policy:
+        export_dir = Path("exports") / policy.replace(":", "-")
+        lines += [f"  rlhf registry export {policy} {q(str(export_dir))}{home_opt}    # the policy as a standalone HF model",
+                  f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
+    elif "policy" in stages.get("ppo", {}).get("dirs", {}):
+        lines.append("  (register: false, so nothing is in the registry to export or generate from)")
+    dpo_policy = stages.get("dpo", {}).get("outputs", {}).get("adapter")
+    if dpo_policy:
+        export_dir = Path("exports") / dpo_policy.replace(":", "-")
+        lines += [f"  rlhf registry export {dpo_policy} {q(str(export_dir))}{home_opt}    # the DPO policy as a standalone HF model",
+                  f"  rlhf generate {dpo_policy} --prompt 'Hello'{home_opt}    # sample from the DPO policy"]
+    if reward:
+        lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
+                     "    # the reward model as a sequence classifier")
+    lines += [f"  rlhf report {q(str(run_dir))} --out {q(str(report))}    # a self-contained HTML report",
+              f"  rlhf dashboard --runs-root {q(str(Path(run_dir).parent))}    # browse this and other runs"]
+    console.print("\n".join(lines), markup=False, highlight=False)

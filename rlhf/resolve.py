@@ -12,7 +12,8 @@ the stage reads, so a stage never decides where something comes from:
     is ingested into the store here (reusing the newest version when it came from identical bytes and options)
 
 :func:`check_base` and :func:`check_input` are the side-effect-free checks a recipe gets
-when it is validated.
+when it is validated; model and adapter directories must hold safetensors weights
+(:func:`check_safetensors`), so a pickled ``pytorch_model.bin`` is refused before any stage.
 """
 
 from __future__ import annotations
@@ -102,9 +103,35 @@ def check_base(name_or_path: str) -> None:
     """
     if name_or_path.startswith("builtin:") and name_or_path != BUILTIN_TINY:
         raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r}; only {BUILTIN_TINY!r} exists")
-    p = Path(name_or_path)
-    if (name_or_path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
+    p = Path(name_or_path).expanduser()
+    if not (name_or_path.startswith((".", "/", "~")) or p.exists()):
+        return  # a hub id: fetched by from_pretrained, which is told to load safetensors only
+    if not (p / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {p} is not a model directory (no config.json)")
+    check_safetensors("model.name_or_path", p)
+
+
+# Weight files that torch.load would unpickle (arbitrary code on load); never read.
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(key: str, directory: Path) -> None:
+    """Check that a model or adapter directory holds safetensors weights, before anything trains.
+
+    Raises:
+        ConfigError: naming ``key`` and the directory when its weights are only pickled
+            (``pytorch_model.bin``, ``adapter_model.bin``...) or absent.
+    """
+    files = [f.name for f in directory.iterdir() if f.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickled = sorted(name for name in files if name.endswith(_PICKLED))
+    if pickled:
+        raise ConfigError(
+            f"{key}: {directory} holds only pickled weights ({', '.join(pickled)}), which rlhf never loads; "
+            "convert them to safetensors first (e.g. load once where you trust the file, then "
+            "save_pretrained(..., safe_serialization=True))")
+    raise ConfigError(f"{key}: {directory} holds no *.safetensors weights")
 
 
 def resolve_adapter(key: str, ref_or_path: str) -> str:
@@ -112,6 +139,9 @@ def resolve_adapter(key: str, ref_or_path: str) -> str:
     if not ref_or_path:
         raise ConfigError(f"{key}: required")
     if Path(ref_or_path).exists():
+        if not Path(ref_or_path).is_dir():
+            raise ConfigError(f"{key}: {ref_or_path} is not an adapter directory")
+        check_safetensors(key, Path(ref_or_path))
         return str(ref_or_path)
     from rlhf.registry import Registry
 

@@ -10,7 +10,7 @@ loop in :mod:`rlhf.stages.ppo` reads as a sequence of these calls. Shapes use
 from rlhf.ppo.advantages import compute_gae, reinforce_pp_returns, rloo_advantages
 from rlhf.ppo.batching import ppo_minibatch_indices
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from rlhf.ppo.logits import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.logits import LogitTransform, entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.ppo.losses import policy_loss, value_loss
 from rlhf.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf.ppo.rewards import (
@@ -23,10 +23,12 @@ from rlhf.ppo.rewards import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "LogitTransform",
     "apply_missing_stop_penalty",
     "compute_gae",
     "entropy_from_logits",
     "first_stop_truncate",
+    "head_logprobs",
     "kl_penalty",
     "last_token_index",
     "logprobs_from_logits",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ _PENALTY_MODES = ("none", "replace", "subtract")
 
 
 def first_stop_truncate(
-    response_ids: Tensor, stop_token_id: int, pad_token_id: int
+    response_ids: Tensor, stop_token_id: int | Sequence[int], pad_token_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Keep each response up to and including its first stop token; pad the rest.
 
@@ -28,7 +30,8 @@ def first_stop_truncate(
     Args:
         response_ids: sampled response tokens ``(batch, response_len)``, without
             the query.
-        stop_token_id: the token that ends a response (usually EOS).
+        stop_token_id: the token that ends a response (usually EOS), or several (Qwen2.5
+            ships two EOS ids); a response ends at the first of any of them.
         pad_token_id: written into every position after the first stop token.
 
     Returns:
@@ -37,11 +40,12 @@ def first_stop_truncate(
         ``mask`` ``(batch, response_len)`` bool, True up to and including the
         first stop token, all True for a row with no stop token (the response
         ran to the length limit, every token is real);
-        ``has_stop`` ``(batch,)`` bool, whether the row contains the stop token.
+        ``has_stop`` ``(batch,)`` bool, whether the row contains a stop token.
     """
     if response_ids.dim() != 2:
         raise ValueError(f"response_ids must be (batch, response_len), got {tuple(response_ids.shape)}")
-    is_stop = response_ids == stop_token_id
+    stop_ids = [stop_token_id] if isinstance(stop_token_id, int) else list(stop_token_id)
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, dtype=response_ids.dtype, device=response_ids.device))
     has_stop = is_stop.any(dim=1)
     response_len = response_ids.shape[1]
     # argmax returns the first maximal index, i.e. the first stop token; rows

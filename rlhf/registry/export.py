@@ -82,14 +82,16 @@ def merge_adapter(adapter: Entry, base: Entry, dtype: str = "auto"):
     import torch
     from peft import PeftConfig, PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     role = adapter.role
     src, revision = base_source(base)
     tok = _load_tokenizer(adapter, src, revision)
     kw = dict(revision=revision, dtype=_torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
     if role in HEAD_ROLES:
-        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, **kw)
+        from rlhf.models import classifier_from_pretrained  # no load report for the new head
+
+        model = classifier_from_pretrained(src, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src, **kw)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:

@@ -738,8 +738,10 @@ class Registry:
 
     # ------------------------------------------------------------------ runs
 
-    def start_run(self, stage: str, config: dict, inputs: Iterable[str], pipeline: str | None = None) -> str:
-        """Record the start of a stage run; returns its reference (``run-<stage>:N``).
+    def start_run(self, stage: str, config: dict, inputs: Iterable[str], pipeline: str | None = None,
+                  name: str | None = None) -> str:
+        """Record the start of a stage run; returns its reference (``NAME:N``, by default
+        ``run-<stage>:N``; a pipeline passes e.g. ``tiny-sft-run``).
 
         Inputs are pinned to their versions now, so the run's lineage does not drift when
         ``name:latest`` moves later.
@@ -752,7 +754,9 @@ class Registry:
             "git_commit": commit, "pipeline": pipeline, "started": _now(),
         }
         meta = {"host": socket.gethostname(), "pid": os.getpid(), "git_dirty": dirty}
-        return self._commit(kind="run", name=f"run-{stage}", metadata=meta, files={}, parents=pinned, run=run).ref
+        if name is not None:
+            validate_name(name, "run name")
+        return self._commit(kind="run", name=name or f"run-{stage}", metadata=meta, files={}, parents=pinned, run=run).ref
 
     def finish_run(
         self, run_ref: str, status: str, metrics: dict, outputs: Iterable[str] = (), reason: str | None = None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 if TYPE_CHECKING:
+    from rlhf.stages.common import Registration
     from rlhf.tasks import Task
 
 
@@ -36,34 +37,40 @@ class Stage:
     """One row of the dispatch table."""
 
     config: type  # the stage's config dataclass
-    run: Callable[..., StageResult]  # run(cfg, *, group, resume, task)
+    run: Callable[..., StageResult]  # run(cfg, *, group, resume, task, registration)
     requires: tuple[str, ...] = ()  # stages whose artifacts it consumes: a recipe lists them before it
 
 
-def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
     from rlhf.stages.sft import run_sft
 
-    return run_sft(cfg, group=group, resume=resume)
+    return run_sft(cfg, group=group, resume=resume, registration=registration)
 
 
-def _reward(cfg: RewardConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+def _reward(cfg: RewardConfig, *, group: str | None, resume: bool, task: Task | None,
+            registration: Registration | None) -> StageResult:
     from rlhf.stages.reward import run_reward
 
-    return run_reward(cfg, group=group, resume=resume)
+    return run_reward(cfg, group=group, resume=resume, registration=registration)
 
 
-def _ppo(cfg: PPOConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+def _ppo(cfg: PPOConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
     from rlhf.stages.ppo import run_ppo
 
     # the task's gold reward is reported by PPO's evaluation; it never enters training
-    return run_ppo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None)
+    return run_ppo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None,
+                   registration=registration)
 
 
-def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None) -> StageResult:
+def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
     from rlhf.stages.dpo import run_dpo
 
     # as for PPO: the gold reward judges the sampled evaluation only, DPO trains on the pairs
-    return run_dpo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None)
+    return run_dpo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None,
+                   registration=registration)
 
 
 STAGES: dict[str, Stage] = {
@@ -75,8 +82,18 @@ STAGES: dict[str, Stage] = {
 
 
 def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
-              task: Task | None = None) -> StageResult:
-    """Resolve ``cfg``'s inputs, then run stage ``name`` on it."""
-    from rlhf.resolve import resolve_inputs
+              task: Task | None = None, registration: Registration | None = None) -> StageResult:
+    """Resolve ``cfg``'s inputs, then run stage ``name`` on it.
 
-    return STAGES[name].run(resolve_inputs(cfg), group=group, resume=resume, task=task)
+    The stage's step logs are trimmed first: a resumed stage logs again every step after
+    the checkpoint it resumes from, a stage started afresh every step, so no row repeats.
+    With a ``registration`` (rank 0 of a pipeline), publishing registers the artifacts.
+    """
+    from rlhf import distributed as dist
+    from rlhf.resolve import resolve_inputs
+    from rlhf.runs import resume_step, trim_logs
+
+    resolved = resolve_inputs(cfg)
+    if dist.is_main():
+        trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
+    return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)

@@ -3,13 +3,16 @@ TRL checkpoints, and gathering sharded weights from a TRL trainer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlhf.config import LoraConfigSpec, TrainArgs
 
@@ -18,7 +21,17 @@ def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval:
     """Map our TrainArgs onto transformers/TRL TrainingArguments keyword arguments.
 
     Trackers are driven by rlhf.tracking through a callback, so TRL's own report_to is off.
+    Options are spelled the way the installed transformers wants them, so that it warns
+    about nothing: ``activation_checkpointing`` where ``gradient_checkpointing`` is a
+    deprecated alias (transformers 5), and pinned memory only where there is a GPU to pin for.
     """
+    import dataclasses
+
+    import torch
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     kw = dict(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=train.epochs,
@@ -37,7 +50,8 @@ def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval:
         save_safetensors=True,
         eval_strategy=("steps" if train.eval_steps > 0 else "no") if has_eval else "no",
         eval_steps=train.eval_steps if train.eval_steps > 0 else None,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **{checkpointing: train.gradient_checkpointing},
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=train.bf16,
         report_to="none",
         seed=seed,
@@ -91,29 +105,115 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+@dataclass
+class Registration:
+    """Where :func:`publish` records a stage's artifacts in the model registry.
+
+    The pipeline builds one per stage on global rank 0 (every other process, and a stage run
+    alone, passes None). Lineage comes from the stage's resolved inputs: a config value that
+    is the directory of an artifact registered earlier (``known``) and the ``dataset`` the
+    stage names become the new entry's parents.
+    """
+
+    registry: Any  # an open rlhf.registry.Registry
+    prefix: str  # entries are named "<prefix>-<role>"
+    run: str | None  # the registry run that produces the artifacts
+    known: dict[str, tuple[str, str]] = field(default_factory=dict)  # artifact dir -> (input key, registry ref)
+    base: str | None = None  # the base model's ref; registered by the first publish when None
+    outputs: dict[str, str] = field(default_factory=dict)  # filled by publish: artifact name -> ref
+    inputs: dict[str, str] = field(default_factory=dict)  # filled by publish: input key -> ref
+
+
 def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: str, base: str, config: dict,
-            **provenance) -> str:
+            registration: Registration | None = None, entry: str | None = None, **provenance) -> str:
     """Publish one artifact of a stage as ``out_dir/name``, atomically; returns its path.
 
     ``write(tmp)`` fills a temporary directory inside ``out_dir`` (adapter weights, head...);
     the resolved stage config (``config.yaml``) and the metadata (``rlhf_adapter.json``:
     role, base model and ``provenance`` such as the dataset) are added beside them, and the
-    directory is renamed into place, so a reader never sees half an artifact. Call it on the
-    main process only.
+    directory is renamed into place, so a reader never sees half an artifact. With a
+    ``registration`` the artifact is then recorded in the registry with its lineage, as
+    ``<prefix>-<entry>`` (``entry`` defaults to the role; DPO's policy is ``<prefix>-dpo``, apart
+    from PPO's) with the ``provenance`` other than the dataset (a parent) as metadata. Call it
+    on the main process only.
+
+    Raises:
+        OSError: ``ENOSPC`` naming ``out_dir/name`` when the disk fills up; nothing
+            temporary is left behind and an earlier ``out_dir/name`` stays intact.
     """
     from rlhf.adapters import CONFIG_FILE, METADATA_FILE
     from rlhf.config import save_yaml
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out_dir))
+    final = out_dir / name
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out_dir))
         write(tmp)
         save_yaml(config, tmp / CONFIG_FILE)
         write_json(tmp / METADATA_FILE, {"role": role, "base_path": base, **provenance})
-        publish_dir(tmp, out_dir / name)
+        # mkdtemp makes the directory private (0700); the published one follows the umask
+        # like every other directory the user creates
+        os.chmod(tmp, 0o777 & ~current_umask())
+        publish_dir(tmp, final)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on the device of {out_dir} while publishing {final} "
+                                    f"({e.filename or e}); free space and rerun with --resume") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(out_dir / name)
+    if registration is not None:
+        _register(registration, final, role, entry or role, base, config, provenance)
+    return str(final)
+
+
+def _register(reg: Registration, path: Path, role: str, entry: str, base: str, config: dict,
+              provenance: dict) -> None:
+    """Record a published artifact in the registry: base, dataset and parent adapters first."""
+    if reg.base is None:
+        reg.base = reg.registry.register_base(safe_name(Path(base).name), base).ref
+    reg.inputs["base"] = reg.base
+    parents = []
+    for value in config.values():  # the stage's resolved inputs that are registered artifacts
+        if isinstance(value, str) and value and str(Path(value).resolve()) in reg.known:
+            key, ref = reg.known[str(Path(value).resolve())]
+            reg.inputs[key] = ref
+            parents.append(ref)
+    dataset = provenance.get("dataset")
+    if dataset:  # a pinned data-store version the stage trained on
+        if "dataset" not in reg.outputs:
+            import reward_data
+
+            reg.outputs["dataset"] = reg.registry.register_dataset(
+                safe_name(dataset.split(":")[0]), str(reward_data.resolve(dataset))).ref
+        reg.inputs["dataset"] = reg.outputs["dataset"]
+        parents.append(reg.outputs["dataset"])
+    metadata = {k: v for k, v in provenance.items() if k != "dataset"}
+    registered = reg.registry.register_adapter(f"{reg.prefix}-{entry}", role, str(path), base=reg.base,
+                                               parents=parents, run=reg.run, metadata=metadata or None)
+    reg.outputs[path.name] = registered.ref
+
+
+def safe_name(s: str) -> str:
+    """``s`` as a registry name: other characters become '-', at most 100 long."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in s).strip("-.") or "run"
+    return cleaned[:100]
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (``os.umask`` sets it to read it,
+    which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -131,10 +231,17 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically; a failed write leaves ``path`` as it was and no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
+        raise
 
 
 def final_log_value(log_history: list[dict], key: str) -> float | None:

@@ -30,6 +30,7 @@ import torch
 from rlhf.config import ConfigError, DPOConfig, PPOConfig, save_yaml, to_dict
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    Registration,
     filter_supported,
     final_log_value,
     full_state_dict,
@@ -52,12 +53,15 @@ def _pairs(data_ref: str, split: str) -> list[dict]:
 
 
 def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
-            gold_fn: Callable[[str, str], float] | None = None) -> StageResult:
+            gold_fn: Callable[[str, str], float] | None = None,
+            registration: Registration | None = None) -> StageResult:
     """Train the DPO policy; its artifact is ``adapter`` (the policy LoRA).
 
     Args:
         gold_fn: optional ``(prompt, response) -> float`` for the evaluation only (a task's
             gold reward).
+        registration: where publishing records the adapter in the registry (a pipeline's
+            rank 0), or None.
     """
     from rlhf import distributed as dist
     from rlhf.models import load_tokenizer
@@ -106,8 +110,8 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
                                       **({"state_dict": state} if state else {}))
 
     if main:
-        publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), method="dpo",
-                sft_adapter=cfg.sft_adapter, dataset=data_ref)
+        publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
+                entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter, dataset=data_ref)
     dist.barrier()
 
     # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
@@ -250,7 +254,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     from rlhf.adapters import RoleModel, read_lora_weights
     from rlhf.data import load_prompts
     from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.stages.ppo import _stop_id, encode_prompts, evaluate, generation_config
+    from rlhf.stages.ppo import _stop_ids, encode_prompts, evaluate, generation_config, score_suffix
 
     # the PPO stage's evaluation settings, from DPO's eval_* keys; a critic-free estimator, so
     # that scoring skips the value role (evaluation uses no values)
@@ -270,8 +274,9 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     prompts = load_prompts(cfg.eval_prompts, split="test")
     eval_ids = encode_prompts(tok, prompts, pcfg.max_prompt_length)
     eval_texts = [p[-1]["content"] for p in prompts]
-    stop_id, pad_id = _stop_id(tok, pcfg), tok.pad_token_id
-    gen_cfg = generation_config(pcfg, stop_id, pad_id)
+    stop_ids, pad_id = _stop_ids(tok, pcfg, model.base_lm), tok.pad_token_id
+    gen_cfg = generation_config(pcfg, stop_ids, pad_id)
+    suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
     seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
 
     out: dict = {}
@@ -282,8 +287,8 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
             bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if bad:
                 raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
-        ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_id, pad_id, device, gold_fn,
-                                  seed=seed)
+        ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device, gold_fn,
+                                  seed=seed, suffix=suffix)
         out.update({f"{name}/{k}": v for k, v in ev.items()})
     for key, name in (("score", "rm"), ("gold", "gold")):
         pairs = [(d[key], s[key]) for d, s in zip(rows["dpo"], rows["sft"]) if d[key] is not None and s[key] is not None]

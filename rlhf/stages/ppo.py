@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -79,22 +80,45 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def generation_config(cfg: PPOConfig, stop_id: int, pad_id: int):
+def generation_config(cfg: PPOConfig, stop_ids: int | list[int], pad_id: int):
     """A complete sampling config: every knob set, so the model's generation_config.json
-    (e.g. a baked-in top_k or repetition penalty) cannot leak into PPO sampling."""
+    (e.g. a baked-in top_k or repetition penalty) cannot leak into PPO sampling. Generation
+    ends at any of ``stop_ids``."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=cfg.response_length, min_new_tokens=0,
-        eos_token_id=stop_id, pad_token_id=pad_id, bos_token_id=None, num_beams=1, use_cache=True,
+        eos_token_id=_as_list(stop_ids), pad_token_id=pad_id, bos_token_id=None, num_beams=1, use_cache=True,
         suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, forced_eos_token_id=None,
     )
 
 
+def _as_list(ids: int | list[int]) -> list[int]:
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+@contextmanager
+def _mode(model, training: bool):
+    """Train (``True``) or eval mode for the block, then the previous mode again.
+
+    Generation and scoring run in eval mode: with gradient checkpointing on, transformers
+    5.17 turns the KV cache off in train mode, and each token would be sampled without its
+    context. The update runs in train mode (dropout is 0 everywhere, so both modes compute
+    the same function; ppo.md test 12)."""
+    previous = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(previous)
+
+
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int, response_length: int) -> Sampled:
-    """Sample responses with the policy role; pad/truncate to exactly ``response_length``."""
+def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int], pad_id: int,
+             response_length: int) -> Sampled:
+    """Sample responses with the policy role (eval mode); truncate each after its first stop
+    token (any of ``stop_ids``) and pad to exactly ``response_length``."""
     from transformers import GenerationConfig
 
     # transformers fills every field we leave unset (None) from the model's own
@@ -103,7 +127,7 @@ def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int,
     lm = model.base_lm
     saved, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
-        with model.role("policy"):
+        with _mode(model, False), model.role("policy"), model.autocast(prompt_ids.device):
             out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
     finally:
         lm.generation_config = saved
@@ -111,25 +135,28 @@ def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int,
     if resp.shape[1] < response_length:
         fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
         resp = torch.cat([resp, fill], dim=1)
-    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_id, pad_id)
+    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
     return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
 
 
 def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
-    """Logprobs (B, T) of the response tokens under ``role`` at the sampling temperature;
-    only the response positions' logits are materialised."""
+    """Logprobs (B, T) of the response tokens under ``role`` at the sampling temperature,
+    from the logits the model samples from (its own post-processing included), and the
+    entropies (B, T) when ``with_entropy``. No (B, T, vocab) logits are materialised.
+
+    With gradient checkpointing, call ``backward`` on anything computed from these inside
+    ``model.role(role)``: the recomputed forward uses whichever adapter is active then."""
     P = batch.prompt_ids.shape[1]
     T = batch.response_ids.shape[1]
     with model.role(role):
         hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
-    logits = model.lm_logits(hidden[:, P - 1: P - 1 + T])
-    lp = F.logprobs_from_logits(logits, batch.response_ids, temperature)
-    ent = F.entropy_from_logits(logits, temperature) if with_entropy else None
-    return lp, ent
+    lp, ent = model.token_logprobs(hidden[:, P - 1: P - 1 + T], batch.response_ids, temperature)
+    return lp, (ent if with_entropy else None)
 
 
 def response_values(model, batch: Sampled | ScoredRollout) -> torch.Tensor:
-    """Value (B, T) of the state before each response token (value role)."""
+    """Value (B, T) of the state before each response token (value role; backward inside
+    ``model.role("value")``, as for :func:`response_logprobs`)."""
     P = batch.prompt_ids.shape[1]
     T = batch.response_ids.shape[1]
     with model.role("value"):
@@ -137,34 +164,63 @@ def response_values(model, batch: Sampled | ScoredRollout) -> torch.Tensor:
     return model.values("value", hidden[:, P - 1: P - 1 + T])
 
 
-def last_token_scores(model, role: str, batch: Sampled | ScoredRollout) -> torch.Tensor:
-    """Head score (B,) of ``role`` at the last real response token (the stop token when
-    present), never at the padding after it (TRL 1.12 scored one position late: trl
-    issues 1893, 3750)."""
+def score_suffix(tok, stop_ids: list[int]) -> list[int]:
+    """Tokens the chat template writes after an assistant turn's stop token.
+
+    TRL's RewardTrainer scores the last token of the chat-templated conversation; for
+    ChatML that is the newline after ``<|im_end|>``, not the stop token. PPO appends these
+    tokens after a response's stop token before scoring, so the reward model scores where
+    it was trained to. Empty when the template ends the turn with the stop token."""
+    sentinel = "rlhfscoresentinel"
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": sentinel}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    tail = tok(text[text.rindex(sentinel) + len(sentinel):], add_special_tokens=False).input_ids
+    while tail and tail[0] not in stop_ids:  # whitespace the template puts before the stop token
+        tail = tail[1:]
+    return [t for t in tail[1:]] if tail else []
+
+
+def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
+    """Head score (B,) of ``role`` where the reward model was trained to score: the last
+    real response token (the stop token when present), or, for rows that stopped, the last
+    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
+    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
     P = batch.prompt_ids.shape[1]
+    ids, mask = batch.response_ids, batch.response_mask
+    if len(suffix):
+        B, T, k = ids.shape[0], ids.shape[1], len(suffix)
+        ids = torch.cat([ids, ids.new_zeros(B, k)], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(B, k)], dim=1)
+        offset = torch.arange(T + k, device=ids.device)[None] - mask.sum(1).long()[:, None]
+        inside = (offset >= 0) & (offset < k) & batch.has_stop[:, None]
+        ids = torch.where(inside, torch.tensor(list(suffix), device=ids.device)[offset.clamp(0, k - 1)], ids)
+        mask = torch.where(inside, torch.ones_like(mask), mask)
+    input_ids = torch.cat([batch.prompt_ids, ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1)
     with model.role(role):
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
-    pos = P + F.last_token_index(batch.response_mask)
+        hidden = model.hidden_states(input_ids, attention_mask)
+    pos = P + F.last_token_index(mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
     return model.values(role, picked)
 
 
 @torch.no_grad()
-def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int) -> ScoredRollout:
-    """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
-    computed ``chunk`` rows at a time."""
+def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: list[int] | tuple = ()) -> ScoredRollout:
+    """Policy and reference logprobs, entropy, values and reward scores of ``batch`` (eval
+    mode), computed ``chunk`` rows at a time; ``suffix`` as in :func:`last_token_scores`."""
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
-    for s in range(0, batch.response_ids.shape[0], chunk):
-        mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
-        lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-        ref, _ = response_logprobs(model, "sft", mb, cfg.temperature)
-        parts["logprobs"].append(lp)
-        parts["entropy"].append(ent)
-        parts["ref_logprobs"].append(ref)
-        parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
-        # a model without a reward role (DPO's evaluation without a reward stage) has no score
-        parts["scores"].append(last_token_scores(model, "reward", mb) if model.has_reward
-                               else torch.full_like(lp[:, 0], float("nan")))
+    with _mode(model, False):
+        for s in range(0, batch.response_ids.shape[0], chunk):
+            mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
+            lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
+            ref, _ = response_logprobs(model, "sft", mb, cfg.temperature)
+            parts["logprobs"].append(lp)
+            parts["entropy"].append(ent)
+            parts["ref_logprobs"].append(ref)
+            parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
+            # a model without a reward role (DPO's evaluation without a reward stage) has no score
+            parts["scores"].append(last_token_scores(model, "reward", mb, suffix) if model.has_reward
+                                   else torch.full_like(lp[:, 0], float("nan")))
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -234,11 +290,13 @@ def _build_model(cfg: PPOConfig, device):
     disable_dropout(base)
     model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
-                                   "target_modules": cfg.lora.target_modules if cfg.lora.target_modules != "all-linear" else None})
+                                   "target_modules": cfg.lora.target_modules})
     model.to(device)
     if cfg.gradient_checkpointing:
+        # non-reentrant: the frozen base's inputs need no grad; each role's backward runs
+        # inside that role (_ppo_update), so the recomputed forwards use the right adapter
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # dropout is 0 everywhere, so train mode is deterministic
+    model.eval()  # rollouts run in eval mode; _ppo_update switches to train mode
     return model, tok, base_path
 
 
@@ -265,12 +323,24 @@ def check_engine_supported(config_name: str = "ppo") -> None:
         )
 
 
-def _stop_id(tok, cfg: PPOConfig) -> int:
+def _stop_ids(tok, cfg: PPOConfig, lm=None) -> list[int]:
+    """Token ids that end a response: ``ppo.stop_token`` (one token or a list), or by default
+    the tokenizer's EOS and every EOS id of the model's generation config (Qwen2.5 ships
+    two: ``<|im_end|>`` and ``<|endoftext|>``)."""
     if cfg.stop_token is None:
-        return tok.eos_token_id
-    ids = tok.convert_tokens_to_ids(cfg.stop_token)
-    if ids is None or ids == tok.unk_token_id:
-        raise ValueError(f"ppo.stop_token {cfg.stop_token!r} is not a single token of the tokenizer")
+        ids = [tok.eos_token_id]
+        gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        ids += _as_list(gen_eos) if gen_eos is not None else []
+    else:
+        ids = []
+        for name in cfg.stop_token if isinstance(cfg.stop_token, list) else [cfg.stop_token]:
+            i = tok.convert_tokens_to_ids(name)
+            if i is None or i == tok.unk_token_id:
+                raise ValueError(f"ppo.stop_token {name!r} is not a single token of the tokenizer")
+            ids.append(i)
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if tok.pad_token_id in ids:
+        raise ValueError(f"ppo.stop_token: the pad token {tok.pad_token!r} cannot also be a stop token")
     return ids
 
 
@@ -283,8 +353,9 @@ def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg, stop_id: int,
-             pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int) -> tuple[dict, list[dict]]:
+def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
+             stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
+             suffix: list[int] | tuple = ()) -> tuple[dict, list[dict]]:
     """Sample once per held-out prompt (fixed seed, so every evaluation sees the same random
     stream) and report score, KL to the reference, entropy, length, and gold reward if known.
     Means come with standard errors over prompts."""
@@ -292,8 +363,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
-        batch = generate(model, ids, mask, gen_cfg, stop_id, pad_id, cfg.response_length)
-        batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2)
+        batch = generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length)
+        batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2, suffix=suffix)
         scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
         ent = F.masked_mean(batch.entropy, batch.response_mask, dim=1)
@@ -309,7 +380,7 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
             if gold is not None:
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
-                         "gold": gold})
+                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
     out = {}
     for k, vals in per.items():
         if vals:
@@ -319,7 +390,9 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
     return out, rows
 
 
-def _check_guards(stats: dict, cfg: PPOConfig) -> None:
+def _check_guards(stats: dict, cfg: PPOConfig, length_streak: list[int]) -> None:
+    """Raise :class:`GuardTripped` when a watched metric left its range. ``length_streak``
+    ([n]) counts consecutive updates above the length limit, across calls."""
     for k, v in stats.items():
         if not math.isfinite(v):
             raise GuardTripped(k, v, "not finite")
@@ -329,9 +402,14 @@ def _check_guards(stats: dict, cfg: PPOConfig) -> None:
         raise GuardTripped("entropy/mean", stats["entropy/mean"], f"below guard_min_entropy={cfg.guard_min_entropy}")
     if stats["response/length_mean"] < cfg.guard_min_length:
         raise GuardTripped("response/length_mean", stats["response/length_mean"], f"below guard_min_length={cfg.guard_min_length}")
-    limit = cfg.guard_max_length_fraction * cfg.response_length
-    if stats["response/length_mean"] > limit:
-        raise GuardTripped("response/length_mean", stats["response/length_mean"], f"above {limit:.1f} tokens")
+    # Length blow-up: off by default, since an SFT policy that often writes up to the limit
+    # is healthy; when set it trips only on a sustained excess, not on one long batch.
+    if cfg.guard_max_length_fraction is not None:
+        limit = cfg.guard_max_length_fraction * cfg.response_length
+        length_streak[0] = length_streak[0] + 1 if stats["response/length_mean"] > limit else 0
+        if length_streak[0] >= cfg.guard_length_patience:
+            raise GuardTripped("response/length_mean", stats["response/length_mean"],
+                               f"above {limit:.1f} tokens for {length_streak[0]} updates in a row")
 
 
 @dataclass
@@ -341,7 +419,8 @@ class PPOSetup:
     model: "RoleModel"  # one frozen base with sft/policy/reward/value roles
     tok: object  # the tokenizer
     base_path: str  # the resolved base model
-    stop_id: int
+    stop_ids: list[int]  # any of them ends a response
+    score_suffix: list[int]  # tokens the chat template writes after the stop token (score_suffix)
     pad_id: int
     gen_cfg: object  # transformers GenerationConfig, every sampling knob set
     prompt_ids: list[list[int]]  # encoded training prompts
@@ -363,6 +442,7 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     kl_ctl: object  # F.FixedKLController or F.AdaptiveKLController
+    length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
 def setup(cfg: PPOConfig) -> PPOSetup:
@@ -373,15 +453,15 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     device = dist.device()
     world, rank = dist.world_size(), dist.rank()
     model, tok, base_path = _build_model(cfg, device)
-    stop_id, pad_id = _stop_id(tok, cfg), tok.pad_token_id
+    stop_ids, pad_id = _stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else []
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
     return PPOSetup(
-        model=model, tok=tok, base_path=base_path, stop_id=stop_id, pad_id=pad_id,
-        gen_cfg=generation_config(cfg, stop_id, pad_id),
+        model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
+        pad_id=pad_id, gen_cfg=generation_config(cfg, stop_ids, pad_id),
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
@@ -423,11 +503,13 @@ def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, u
         for role in _trained_roles(cfg):
             model.save_role(role, tmp / role)
         save_state({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
-                    "kl_controller": opt.kl_ctl.state_dict(), "rng": rng_state(), "update": update}, tmp, "state")
+                    "kl_controller": opt.kl_ctl.state_dict(), "rng": rng_state(), "update": update,
+                    "length_streak": opt.length_streak[0]}, tmp, "state")
 
     write_checkpoint_dir(ckpt_root, f"update-{update}", writer)
-    for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    if cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
+        for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Path] | None:
@@ -446,6 +528,7 @@ def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Pat
     opt.optimizer.load_state_dict(state["optimizer"])
     opt.scheduler.load_state_dict(state["scheduler"])
     opt.kl_ctl.load_state_dict(state["kl_controller"])
+    opt.length_streak[0] = int(state.get("length_streak", 0))
     set_rng_state(state["rng"])
     return n, d
 
@@ -462,8 +545,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     # compare across launches); the model has no collectives, the others just wait.
     ev = {}
     if dist.is_main():
-        ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_id, s.pad_id, s.device,
-                            gold_fn, seed=cfg.seed + 1_000_003)
+        ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_ids, s.pad_id, s.device,
+                            gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix)
         tracker.log(ev, step=step)
         tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
     return dist.broadcast_object(ev)
@@ -485,7 +568,7 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
         group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.rloo_k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
-    return generate(s.model, ids, mask, s.gen_cfg, s.stop_id, s.pad_id, cfg.response_length), group_ids
+    return generate(s.model, ids, mask, s.gen_cfg, s.stop_ids, s.pad_id, cfg.response_length), group_ids
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -517,6 +600,18 @@ def rollout_statistics(batch: ScoredRollout, scores, kl, rewards, adv, kl_coef: 
     }
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       all_reduce: AllReduce | None = None) -> dict:
+    """``{"value/explained_variance": 1 - Var[returns - values] / Var[returns]}`` over the
+    response tokens (values, returns, mask: (B, T)); 1 is a perfect critic, 0 no better than
+    a constant, negative worse. Empty when the returns do not vary (the ratio is undefined)."""
+    var_returns = float(F.masked_var(returns, mask, unbiased=False, all_reduce=all_reduce))
+    if var_returns <= 0.0:
+        return {}
+    var_error = float(F.masked_var(returns - values, mask, unbiased=False, all_reduce=all_reduce))
+    return {"value/explained_variance": 1.0 - var_error / var_returns}
+
+
 def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) -> dict:
     """One PPO update (steps 1-7 of the module docstring); returns its metrics."""
     from rlhf import distributed as dist
@@ -528,7 +623,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     t_gen = time.time() - t0
 
     # 3. score: logprobs (policy, reference), values, reward on the last real token
-    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2)
+    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
@@ -550,18 +645,22 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     # 7. KL controller, metrics, guards
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
+    step_stats["episodes"] = (update + 1) * s.global_batch
+    if cfg.advantage_estimator == "gae":
+        step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
     step_stats = {
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
         "episodes_per_s": s.global_batch / max(time.time() - t0, 1e-9),
         **stats,
     }
-    _check_guards(step_stats, cfg)
+    _check_guards(step_stats, cfg, opt.length_streak)
     return step_stats
 
 
 def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
-            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None) -> StageResult:
+            gold_fn: Callable[[str, str], float] | None = None, stop_after: int | None = None,
+            registration=None) -> StageResult:
     """Run PPO; its artifacts are ``policy`` (and ``value`` with a critic).
 
     Inputs arrive resolved (:func:`rlhf.resolve.resolve_inputs`): a base directory or hub id,
@@ -571,10 +670,11 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         gold_fn: optional ``(prompt, response) -> float`` used for evaluation only (the
             synthetic task's gold reward); it never enters training.
         stop_after: stop after this many updates (tests of resume); checkpoints as usual.
+        registration: where :func:`rlhf.stages.common.publish` registers the adapters (rank 0).
     """
     from rlhf import distributed as dist
     from rlhf.stages.common import publish
-    from rlhf.tracking import Tracker, progress
+    from rlhf.tracking import StageProgress, Tracker
 
     check_engine_supported()
     main = dist.is_main()  # only rank 0 writes files
@@ -605,14 +705,13 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
 
     # 1-7. updates, with evaluation and checkpoints between them
     metrics: dict = {}
-    bar = progress(total=s.num_updates, initial=start, desc="ppo updates", disable=None if main else True)
+    bar = StageProgress("ppo", s.num_updates, unit="update", initial=start, enabled=main)
     for update in range(start, s.num_updates):
         if stop_after is not None and update >= stop_after:
             break
         metrics = train_update(s, opt, cfg, update)
         tracker.log(metrics, step=update + 1)
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
+        bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
             evaluate_and_log(s, cfg, tracker, gold_fn, done)
@@ -631,7 +730,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     if finished and main:
         for role in roles:
             publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
-                    config=to_dict(cfg))
+                    config=to_dict(cfg), registration=registration)
         write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
@@ -653,7 +752,7 @@ def _read_json(path: Path) -> dict:
 
 def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
                 update: int, rank: int = 0, world: int = 1) -> dict:
-    """PPO epochs over shuffled minibatches of the rollout; returns mean statistics.
+    """PPO epochs over shuffled minibatches of the rollout (train mode); returns mean statistics.
 
     With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
     global batch of ``world*B`` rows. Every rank draws the same permutation of the global
@@ -661,62 +760,54 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     normalised by the global minibatch token count and gradients summed over ranks before
     the step, so each step equals the single-process step on the same global batch (the
     number of rows a rank holds in a minibatch varies; a rank may hold none).
+
+    Each role's forward *and backward* run inside that role: gradient checkpointing
+    recomputes a layer's forward during backward with whichever adapter is active then.
+    Statistics stay on the device; the host reads them once per minibatch, before the
+    optimizer step, which is skipped (GuardTripped) when a loss or the gradient is not finite.
     """
     from rlhf import distributed as dist
 
     B_local = batch.response_ids.shape[0]
     B = B_local * world
     lo = rank * B_local
+    device = batch.response_ids.device
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
     use_critic = cfg.advantage_estimator == "gae"
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for _epoch in range(cfg.ppo_epochs):
-        for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
-            mb_idx = mb_idx.to(batch.response_ids.device)
-            mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo  # this rank's rows
-            optimizer.zero_grad(set_to_none=True)
-            n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
-            acc: dict[str, float] = {}
-            for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
-                mb = batch.index(micro)
-                a, r = adv[micro], returns[micro]
-                # policy: clipped surrogate (+ optional KL loss, entropy bonus)
-                lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-                pg, pg_stats = F.policy_loss(lp, mb.logprobs, a, mb.response_mask, cfg.cliprange, normalizer=n_tokens)
-                loss = pg
-                if not cfg.kl_in_reward:
-                    kl_tok = F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator)
-                    loss = loss + beta * (kl_tok * mb.response_mask).sum() / n_tokens
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * (ent * mb.response_mask).sum() / n_tokens
-                if not torch.isfinite(loss):
-                    raise GuardTripped("loss/policy", float(loss), "not finite")
-                loss.backward()
-                w = float(mb.response_mask.sum() / n_tokens)
-                acc["loss/policy"] = acc.get("loss/policy", 0.0) + float(pg.detach())
-                for k, v in pg_stats.items():
-                    acc[f"policy/{k}"] = acc.get(f"policy/{k}", 0.0) + float(v) * w
-                # value: clipped value loss on the value role
-                if use_critic:
-                    v = response_values(model, mb)
-                    vf, vf_stats = F.value_loss(v, mb.values, r, mb.response_mask, cfg.cliprange_value, normalizer=n_tokens)
-                    if not torch.isfinite(vf):
-                        raise GuardTripped("loss/value", float(vf), "not finite")
-                    (cfg.vf_coef * vf).backward()
-                    acc["loss/value"] = acc.get("loss/value", 0.0) + float(vf.detach())
-                    for k, val in vf_stats.items():
-                        acc[f"value/{k}"] = acc.get(f"value/{k}", 0.0) + float(val) * w
-            dist.sum_gradients(params)  # no-op in one process
-            if cfg.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                acc["grad_norm"] = float(norm)
-            optimizer.step()
-            scheduler.step()
-            for k, v in acc.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+    with _mode(model, True):
+        for _epoch in range(cfg.ppo_epochs):
+            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
+                if world > 1:  # this rank's rows, selected on the CPU (no device sync)
+                    mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo
+                mb_idx = mb_idx.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
+                acc: dict[str, torch.Tensor] = {}
+                for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
+                    mb = batch.index(micro)
+                    w = mb.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, n_tokens, w).items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    if use_critic:
+                        for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
+                            acc[k] = acc.get(k, 0.0) + v
+                dist.sum_gradients(params)  # no-op in one process
+                if cfg.max_grad_norm > 0:
+                    acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                names = list(acc)
+                values = torch.stack([torch.as_tensor(acc[k], device=device).float() for k in names]).tolist() if names else []
+                host = dict(zip(names, values))  # the one host sync of this minibatch
+                for k in ("loss/policy", "loss/value", "grad_norm"):
+                    if k in host and not math.isfinite(host[k]):
+                        raise GuardTripped(k, host[k], "not finite")
+                optimizer.step()
+                scheduler.step()
+                for k, v in host.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
     if world > 1:  # per-rank partial sums add up to the global minibatch statistics
         parts = dist.gather_objects(sums)
         norm = sums.get("grad_norm")  # computed after the gradient sum: equal on every rank
@@ -724,3 +815,36 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
         if norm is not None:
             sums["grad_norm"] = norm
     return {k: v / count for k, v in sums.items()} | {"optimizer_steps": float(count)}
+
+
+def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
+                     n_tokens: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus),
+    forward and backward under the policy role; returns detached statistics (on device)."""
+    with model.role("policy"):
+        lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, normalizer=n_tokens)
+        loss = pg
+        stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
+        if not cfg.kl_in_reward:
+            # k3 or k2 (the config refuses k1): their gradients are those of a KL, while k1's
+            # gradient is d logp alone, whose expectation is 0 (the reference drops out)
+            kl_loss = (F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator) * mb.response_mask).sum() / n_tokens
+            loss = loss + beta * kl_loss
+            stats["loss/kl"] = kl_loss.detach()
+        if cfg.entropy_coef > 0:  # a bonus: maximising entropy lowers the loss
+            ent_mean = (ent * mb.response_mask).sum() / n_tokens
+            loss = loss - cfg.entropy_coef * ent_mean
+            stats["loss/entropy"] = ent_mean.detach()
+        loss.backward()
+    return stats
+
+
+def _value_backward(model, mb: ScoredRollout, returns: torch.Tensor, cfg: PPOConfig, n_tokens: torch.Tensor,
+                    w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Clipped value loss of one micro-batch, forward and backward under the value role."""
+    with model.role("value"):
+        v = response_values(model, mb)
+        vf, vf_stats = F.value_loss(v, mb.values, returns, mb.response_mask, cfg.cliprange_value, normalizer=n_tokens)
+        (cfg.vf_coef * vf).backward()
+    return {"loss/value": vf.detach()} | {f"value/{k}": val * w for k, val in vf_stats.items()}

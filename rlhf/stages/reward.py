@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    Registration,
     filter_supported,
     full_state_dict,
     last_checkpoint,
@@ -42,7 +43,8 @@ def _records(data_ref: str, split: str) -> list[dict]:
     return rows
 
 
-def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
+               registration: Registration | None = None) -> StageResult:
     """Train the reward model; its artifact is ``adapter`` (LoRA + score head)."""
     import datasets
     from peft import get_peft_model
@@ -83,7 +85,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     # 3. train with TRL's Bradley-Terry loss; eval reports accuracy and margin on held-out pairs
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
-              dataset_num_proc=None, eos_token=tok.eos_token, pad_token=tok.pad_token)
+              dataset_num_proc=None, eos_token=tok.eos_token)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref}, is_main_process=main)
@@ -93,8 +95,8 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(test_rows) if test_rows else None,
         processing_class=tok,
-        callbacks=[tracker.callback()],
     )
+    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}
@@ -118,7 +120,8 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         save_head(head, tmp)
 
     if main:
-        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), dataset=data_ref)
+        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), registration=registration,
+                dataset=data_ref)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
     return StageResult(stage="reward", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},

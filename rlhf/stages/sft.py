@@ -16,6 +16,7 @@ from rlhf.config import SFTConfig, save_yaml, to_dict
 from rlhf.resolve import is_store_ref
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    Registration,
     filter_supported,
     final_log_value,
     full_state_dict,
@@ -49,7 +50,8 @@ def _examples(cfg: SFTConfig) -> list[dict]:
     )
 
 
-def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -> StageResult:
+def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
+            registration: Registration | None = None) -> StageResult:
     """Train the SFT stage; its artifact is ``adapter`` (LoRA) or ``model`` (full fine-tuning)."""
     import datasets
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
@@ -82,8 +84,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
 
     # 3. train; completion_only_loss masks the prompt tokens out of the loss
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=eval_ds is not None)
-    kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token,
-              pad_token=tok.pad_token)
+    kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token)
     args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base}, is_main_process=main)
@@ -94,8 +95,8 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
         eval_dataset=eval_ds,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
-        callbacks=[tracker.callback()],
     )
+    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
     metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
@@ -117,7 +118,8 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False) -
             tok.save_pretrained(tmp)
 
     if main:
-        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), finetune=cfg.finetune)
+        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), registration=registration,
+                finetune=cfg.finetune)
         write_json(out / "metrics.json", metrics)
     dist.barrier()  # the others return once the artifact exists
     return StageResult(stage="sft", output_dir=str(out), base=base, artifacts={kind: str(out / kind)},

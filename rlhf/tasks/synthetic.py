@@ -138,8 +138,9 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, range: str | None = None, **kw):
+    # the same metadata as rlhf.config's fields: help text and, for a number, its range
+    return field(metadata={"help": text} if range is None else {"help": text, "range": range}, **kw)
 
 
 @dataclass
@@ -147,25 +148,19 @@ class SyntheticTaskConfig:
     """The embedded synthetic task (the ``task:`` section of a recipe)."""
 
     enabled: bool = _help("Generate the synthetic task's data and evaluate against its gold reward.", default=False)
-    seed: int = _help("Seed of the generated data.", default=0)
-    num_sft: int = _help("SFT demonstrations.", default=2000)
-    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", default=4000)
-    num_ppo_prompts: int = _help("PPO training prompts.", default=2048)
-    num_eval_prompts: int = _help("Held-out evaluation prompts.", default=256)
+    seed: int = _help("Seed of the generated data.", range="[0, 4294967295]", default=0)
+    num_sft: int = _help("SFT demonstrations.", range=">= 0", default=2000)
+    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", range=">= 0", default=4000)
+    num_ppo_prompts: int = _help("PPO training prompts.", range=">= 0", default=2048)
+    num_eval_prompts: int = _help("Held-out evaluation prompts.", range=">= 0", default=256)
     label_temperature: float = _help(
         "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
-        "higher is noisier.", default=LABEL_TEMPERATURE)
+        "higher is noisier.", range="> 0", default=LABEL_TEMPERATURE)
 
     def __post_init__(self):
-        for key in ("num_sft", "num_pairs", "num_ppo_prompts", "num_eval_prompts"):
-            if getattr(self, key) < 0:
-                from rlhf.config import ConfigError
+        from rlhf.config import check_ranges
 
-                raise ConfigError(f"task.{key} must not be negative, got {getattr(self, key)}")
-        if self.label_temperature <= 0:
-            from rlhf.config import ConfigError
-
-            raise ConfigError(f"task.label_temperature must be positive, got {self.label_temperature}")
+        check_ranges(self, "task")
 
 
 class SyntheticTask:

@@ -163,7 +163,7 @@ torch.manual_seed(cfg.seed)
 model, tok, _ = P._build_model(cfg, torch.device("cpu"))
 params = model.trainable_parameters("policy") + model.trainable_parameters("value")
 dist.broadcast_parameters(params)
-stop_id, pad_id = P._stop_id(tok, cfg), tok.pad_token_id
+stop_id, pad_id = P._stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
 
 # The same global batch as one process: every rank samples all G rows with one seed, then
 # keeps its slice (run_ppo instead samples only its slice, with a per-rank seed).

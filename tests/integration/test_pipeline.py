@@ -147,6 +147,7 @@ def test_rerun_skips_unchanged_stages_and_from_reruns(run, capsys):
     assert "sft: unchanged" in out and "reward: unchanged" in out and "ppo: running" in out
 
 
+@pytest.mark.reliability
 def test_killed_run_resumes_from_its_last_checkpoint(run, tmp_path, home):
     """SIGKILL mid-PPO, then --resume continues from the last checkpoint, not from scratch."""
     p, _ = run
@@ -168,6 +169,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(run, tmp_path, home):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _state(run_dir)["stages"]["ppo"]["status"] == "running"
+    killed_run = _state(run_dir)["stages"]["ppo"]["run"]
 
     out = subprocess.run(cmd[:-len(overrides)] [:-2] + ["--resume", *overrides], env=env, capture_output=True,
                          text=True, cwd=ROOT, timeout=600)
@@ -179,6 +181,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(run, tmp_path, home):
     steps = [json.loads(line)["step"] for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
              if "kl/mean" in line]
     assert steps[-1] == 8  # 256 episodes / 32 per rollout
+    # the rows logged after the checkpoint by the killed process were dropped on resume
+    assert steps == sorted(set(steps)), steps
+    from rlhf.registry import Registry
+
+    assert Registry.open().resolve(killed_run).metadata["status"] == "killed"
 
 
 @pytest.mark.slow

@@ -26,11 +26,13 @@ def test_loss_types_are_those_trl_exposes():
 
 @pytest.mark.parametrize("data, needle", [
     ({"loss_type": "dpo"}, "dpo.loss_type: must be one of"),
-    ({"beta": 0}, "dpo.beta must be positive"),
-    ({"label_smoothing": 0.5}, "dpo.label_smoothing"),
-    ({"eval_temperature": 0.0}, "dpo.eval_temperature"),
+    ({"beta": 0}, "dpo.beta must be > 0"),
+    ({"beta": float("nan")}, "dpo.beta must be a finite number"),
+    ({"label_smoothing": 0.5}, r"dpo.label_smoothing must be in \[0, 0.5\)"),
+    ({"eval_temperature": 0.0}, "dpo.eval_temperature must be > 0"),
+    ({"eval_batch_size": 0}, "dpo.eval_batch_size must be > 0"),
     ({"betta": 0.1}, "unknown key dpo.betta"),
-    ({"train": {"batch_size": 0}}, "batch_size must be positive"),
+    ({"train": {"batch_size": 0}}, "dpo.train.batch_size must be > 0"),
 ])
 def test_bad_dpo_settings_are_named(data, needle):
     with pytest.raises(ConfigError, match=needle):

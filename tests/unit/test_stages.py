@@ -18,6 +18,9 @@ def test_table_lists_the_stages_in_pipeline_order():
     # what a recipe's stage list must put before each stage
     assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"),
                                                        "dpo": ("sft",)}
+    from rlhf.cli import STAGE_NAMES
+
+    assert STAGE_NAMES == tuple(STAGES)  # the CLI's copy (for a torch-free --help) is the table's
 
 
 def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_path, monkeypatch, capsys):
@@ -31,8 +34,9 @@ def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_p
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
     seen = {}
 
-    def fake_run(cfg, *, group, resume, task):
+    def fake_run(cfg, *, group, resume, task, registration):
         seen["cfg"] = cfg
+        assert registration is None  # a stage run alone registers nothing
         return StageResult(stage="ppo", output_dir=cfg.output_dir, base=cfg.model.name_or_path,
                            artifacts={"policy": "p"}, metrics={"m": 1.0})
 

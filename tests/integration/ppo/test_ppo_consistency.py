@@ -94,8 +94,9 @@ def test_rollout_logprobs_match_sampling_and_training_forward(role_model):
     sampled_lp = sampled_from.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
     assert (sampled_lp - batch.logprobs)[m].abs().max() < 1e-5
 
-    lp, _ = response_logprobs(model, "policy", batch, cfg.temperature)  # train mode, with grad
-    assert model.training and lp.requires_grad
+    model.train()  # the update's mode, with grad
+    lp, _ = response_logprobs(model, "policy", batch, cfg.temperature)
+    assert lp.requires_grad
     assert (lp.detach() - batch.logprobs)[m].abs().max() < 1e-5
     # the comparison is sharp: another temperature or the reference role is far off
     lp_t1, _ = response_logprobs(model, "policy", batch, 1.0)
@@ -243,7 +244,7 @@ def test_train_mode_forwards_are_deterministic(role_model, make_rollout, ppo_ass
 
     model, tok, cfg = role_model
     batch = make_rollout(model, tok, cfg)
-    assert model.training
+    model.train()  # the update's mode
     for role in ("sft", "policy", "reward", "value"):
         with model.role(role):
             a = model.hidden_states(batch.input_ids, batch.attention_mask)
@@ -257,3 +258,28 @@ def test_train_mode_forwards_are_deterministic(role_model, make_rollout, ppo_ass
     assert raw.config.attention_dropout > 0
     assert not torch.equal(raw(batch.input_ids, attention_mask=batch.attention_mask).logits,
                            raw(batch.input_ids, attention_mask=batch.attention_mask).logits)
+
+
+def test_generate_and_score_in_eval_mode_update_in_train_mode(role_model, make_rollout, monkeypatch):
+    """Every forward of generation and scoring runs in eval mode (transformers 5.17 turns
+    the KV cache off in train mode under gradient checkpointing); the update's in train
+    mode; the model comes back in the mode it was in."""
+    model, tok, cfg = role_model
+    seen: list[tuple[str, bool]] = []
+    phase = {"name": "rollout"}
+    decoder = model.base_lm.get_decoder()
+    original = type(decoder).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((phase["name"], self.training))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    model.train()  # whatever mode the caller left it in
+    batch = make_rollout(model, tok, cfg)
+    assert model.training
+    phase["name"] = "update"
+    _update(model, batch, cfg)
+    assert not any(training for name, training in seen if name == "rollout")
+    assert all(training for name, training in seen if name == "update")
+    assert {name for name, _ in seen} == {"rollout", "update"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf import ppo as F
 from rlhf.ppo.rollout import ScoredRollout
 from rlhf.stages.ppo import _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
 
@@ -112,7 +113,7 @@ def read_metrics(out: Path) -> list[dict]:
 OPTIONS = {
     "rloo": dict(advantage_estimator="rloo", rloo_k=2),
     "reinforce++": dict(advantage_estimator="reinforce++"),
-    "kl_as_loss": dict(kl_in_reward=False),
+    "kl_as_loss": dict(kl_in_reward=False, kl_estimator="k3"),
     "k3": dict(kl_estimator="k3"),
     "adaptive_kl": dict(kl_controller="adaptive", kl_coef=0.15, kl_target=6.0, kl_horizon=10000),
     "entropy_bonus": dict(entropy_coef=0.01),
@@ -141,3 +142,76 @@ def test_option_runs_with_finite_metrics(name, ppo_config):
         assert metrics[1]["kl/coef"] == pytest.approx(0.15 * (1 - 0.2 * 4 / 10000), rel=1e-12)
     if name == "entropy_bonus":
         assert "loss/policy" in metrics[0]
+
+
+# --------------------------------------------------------------------------- options that must act
+
+
+def _sampled(batch: ScoredRollout):
+    from rlhf.ppo.rollout import Sampled
+
+    return Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.has_stop)
+
+
+def _kl_loss_setup(role_model, make_rollout, **overrides):
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0, **overrides)
+    with torch.no_grad():  # policy != sft: the KL and its gradient are non-zero
+        for n, p in model.peft.named_parameters():
+            if ".policy." in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = make_rollout(model, tok, cfg)
+    zeros = torch.zeros_like(batch.logprobs)  # no advantage: the KL term is the whole policy gradient
+    return model, cfg, batch, zeros
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+def test_kl_loss_gradient_depends_on_the_reference(estimator, role_model, make_rollout):
+    """KL as a loss (k3 or k2): replacing ref_logprobs by noise changes the policy gradient
+    (with k1 it would not: d(logp - ref)/dθ = d logp/dθ)."""
+    from dataclasses import replace as dc_replace
+
+    model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator=estimator)
+    n_policy = len(model.trainable_parameters("policy"))
+    real, _ = _grads_of_update(model, batch, zeros, zeros, cfg)
+    noisy_ref = batch.ref_logprobs + torch.randn(batch.ref_logprobs.shape, generator=torch.Generator().manual_seed(0))
+    noisy, _ = _grads_of_update(model, dc_replace(batch, ref_logprobs=noisy_ref), zeros, zeros, cfg)
+    assert max(float(g.abs().max()) for g in real[:n_policy]) > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(real[:n_policy], noisy[:n_policy])) > 1e-4
+
+
+def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout):
+    """With zero advantages, a KL loss step (k3) lowers the policy's KL to the reference;
+    ignored, nothing would move; inverted, the KL would grow."""
+    from rlhf.stages.ppo import score_rollout
+
+    model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator="k3",
+                                              learning_rate=0.05)
+    m = batch.response_mask.bool()
+    before = float(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k3")[m].mean())  # k3 >= 0 per token
+    # plain gradient descent: a small step along -grad lowers the loss (Adam's sign-like
+    # steps of fixed size can overshoot a KL this small)
+    opt = torch.optim.SGD(model.trainable_parameters("policy"), lr=cfg.learning_rate)
+    _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros,
+                replace(cfg, advantage_estimator="reinforce++"), 1.0, update=0)
+    after = score_rollout(model, _sampled(batch), cfg, chunk=8)
+    kl_after = float(F.kl_penalty(after.logprobs, after.ref_logprobs, "k3")[m].mean())
+    assert before > 0 and kl_after < 0.9 * before, (before, kl_after)
+
+
+def test_entropy_bonus_raises_entropy(role_model, make_rollout):
+    """With zero advantages and no KL loss, the only policy gradient is the entropy bonus:
+    one step raises the policy's mean entropy on the batch (inverted, it would fall)."""
+    from rlhf.stages.ppo import score_rollout
+
+    model, tok, cfg = role_model
+    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, entropy_coef=1.0, max_grad_norm=0.0,
+                  advantage_estimator="reinforce++", learning_rate=3e-3)
+    batch = make_rollout(model, tok, cfg)
+    zeros = torch.zeros_like(batch.logprobs)
+    m = batch.response_mask.bool()
+    params = model.trainable_parameters("policy")
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
+    _ppo_update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), batch, zeros, zeros, cfg, 0.0, update=0)
+    after = score_rollout(model, _sampled(batch), cfg, chunk=8)
+    assert float(after.entropy[m].mean()) > float(batch.entropy[m].mean()) + 1e-3

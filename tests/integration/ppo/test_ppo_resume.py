@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rlhf.stages.ppo import run_ppo
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # Runs PPO and parks inside the third update (after checkpoint update-2 was written) until
 # it is killed, so the kill always lands mid-update, never between files of a checkpoint.

@@ -15,7 +15,7 @@ from rlhf.config import PPOConfig
 from rlhf.ppo.rollout import Sampled
 from rlhf.stages.ppo import (
     _build_model,
-    _stop_id,
+    _stop_ids,
     encode_prompts,
     generate,
     generation_config,
@@ -99,9 +99,9 @@ def test_responses_stop_at_the_configured_stop_token(role_model, ppo_config):
     """With ``stop_token`` set, truncation and has_stop use that token, not EOS."""
     model, tok, _ = role_model
     with pytest.raises(ValueError, match="stop_token"):
-        _stop_id(tok, ppo_config(stop_token="not-a-token"))
+        _stop_ids(tok, ppo_config(stop_token="not-a-token"))
     cfg = ppo_config(stop_token="the", response_length=8)
-    stop = _stop_id(tok, cfg)
+    (stop,) = _stop_ids(tok, cfg)
     assert stop == tok.convert_tokens_to_ids("the") != tok.eos_token_id
     ids, mask = _prompt_batch(tok, cfg, 32)
     torch.manual_seed(0)

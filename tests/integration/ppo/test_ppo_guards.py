@@ -59,7 +59,7 @@ def _set(**values):
 @pytest.mark.parametrize("arm, metric, words", [
     (_set(guard_min_entropy=1e9), "entropy/mean", "below guard_min_entropy"),
     (_set(guard_min_length=1e6), "response/length_mean", "below guard_min_length"),
-    (_set(guard_max_length_fraction=0.01), "response/length_mean", "above"),
+    (_set(guard_max_length_fraction=0.01, guard_length_patience=1), "response/length_mean", "above"),
 ], ids=["entropy_collapse", "length_collapse", "length_blowup"])
 def test_guard_stops_run_and_keeps_checkpoint(arm, metric, words, ppo_config, monkeypatch):
     cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6)
@@ -95,3 +95,52 @@ def test_nan_reward_stops_run(ppo_config, monkeypatch):
     assert math.isnan(err.value)
     assert err.metric in str(err) and "nan" in str(err) and "not finite" in str(err)
     _assert_stopped_cleanly(cfg, ckpt, digest)
+
+
+def test_length_guard_default_lets_a_run_that_hits_the_limit_train(ppo_config):
+    """A policy whose responses nearly all run to response_length (2 tokens here) is healthy:
+    the default length guard must not stop it at its first update. The premise is checked
+    (mean length above 95% of the limit, the old default's trip point)."""
+    from test_ppo_update import read_metrics
+
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=2)
+    assert run_ppo(cfg)["finished"]
+    lengths = [m["response/length_mean"] for m in read_metrics(Path(cfg.output_dir))]
+    assert len(lengths) == 2 and min(lengths) > 0.95 * cfg.response_length
+
+
+@pytest.mark.parametrize("patience, trips", [(2, True), (3, False)])
+def test_length_guard_trips_only_when_sustained(patience, trips, ppo_config):
+    """Set, the guard trips once the excess lasted ``guard_length_patience`` updates in a row."""
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=2, guard_max_length_fraction=0.5,
+                     guard_length_patience=patience)
+    if trips:
+        with pytest.raises(GuardTripped, match="2 updates in a row"):
+            run_ppo(cfg)
+    else:
+        assert run_ppo(cfg)["finished"]
+
+
+@pytest.mark.parametrize("keep, expected", [(0, ["update-1", "update-2", "update-3"]), (1, ["update-3"]),
+                                            (2, ["update-2", "update-3"])])
+def test_keep_checkpoints(keep, expected, ppo_config):
+    """keep_checkpoints N keeps the newest N checkpoints; 0 keeps every one (as its help says)."""
+    from rlhf.config import PPOConfig
+
+    assert "0 keeps every checkpoint" in PPOConfig.__dataclass_fields__["keep_checkpoints"].metadata["help"]
+    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1, keep_checkpoints=keep)
+    run_ppo(cfg)
+    root = Path(cfg.output_dir) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == expected
+
+
+def test_length_guard_count_survives_resume(ppo_config):
+    """The count of updates in a row above the length limit is checkpointed: one update,
+    stop, resume; with patience 2 the guard trips on update 2 (a fresh count would wait
+    for update 3), before update 2's checkpoint."""
+    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1,
+                     guard_max_length_fraction=0.5, guard_length_patience=2)
+    assert not run_ppo(cfg, stop_after=1)["finished"]
+    with pytest.raises(GuardTripped, match="2 updates in a row"):
+        run_ppo(cfg, resume=True)
+    assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()) == ["update-1"]

@@ -1,0 +1,80 @@
+"""Each advantage / reward option of the PPO stage changes the numbers the way it claims:
+hand-made batches through the stage's own functions. Each test fails if its option were
+ignored or inverted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf import ppo as F
+from rlhf.config import ConfigError, PPOConfig
+from rlhf.ppo.rollout import ScoredRollout
+from rlhf.stages.ppo import advantages_and_returns, shaped_rewards
+
+
+def _batch(scores, logprobs, ref_logprobs, mask=None) -> ScoredRollout:
+    lp = torch.tensor(logprobs)
+    B, T = lp.shape
+    mask = torch.ones(B, T) if mask is None else torch.tensor(mask)
+    return ScoredRollout(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                         response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=mask,
+                         has_stop=torch.ones(B, dtype=torch.bool), logprobs=lp, ref_logprobs=torch.tensor(ref_logprobs),
+                         entropy=torch.ones(B, T), values=torch.zeros(B, T), scores=torch.tensor(scores))
+
+
+def test_rloo_baseline_is_the_other_samples_of_the_same_prompt():
+    """Groups (0, 0, 1, 1), scores (1, 3, 0, 10), no KL: raw advantages (-2, 2, -10, 10);
+    whitening (mean 0 here) keeps their ratios. Ignoring the grouping (one group) gives a
+    leave-one-out baseline over all four: (1 - 13/3, ...) with other ratios."""
+    cfg = PPOConfig(advantage_estimator="rloo", rloo_k=2, rollout_batch_size=4, num_minibatches=1, micro_batch_size=4)
+    b = _batch([1.0, 3.0, 0.0, 10.0], [[-1.0, -1.0]] * 4, [[-1.0, -1.0]] * 4)
+    scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
+    adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, torch.tensor([0, 0, 1, 1]))
+    raw = torch.tensor([-2.0, 2.0, -10.0, 10.0])
+    assert torch.allclose(adv[:, 0] / adv[3, 0], raw / raw[3], atol=1e-6)
+    assert torch.allclose(adv[:, 0], adv[:, 1])
+
+
+def test_reinforce_pp_advantages_are_whitened_discounted_returns():
+    """Scores 1 and 2 on each row's last real token, no KL: returns with gamma 1 carry the
+    score to every earlier token, [[1, 1, 1], [2, 2, pad]]; advantages are those whitened."""
+    cfg = PPOConfig(advantage_estimator="reinforce++", rollout_batch_size=2, num_minibatches=1, micro_batch_size=2)
+    b = _batch([1.0, 2.0], [[-1.0] * 3] * 2, [[-1.0] * 3] * 2, mask=[[1.0, 1, 1], [1, 1, 0]])
+    scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
+    adv, returns = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, None)
+    assert torch.allclose(returns * b.response_mask, torch.tensor([[1.0, 1, 1], [2, 2, 0]]))
+    want = F.masked_whiten(torch.tensor([[1.0, 1, 1], [2, 2, 0]]), b.response_mask) * b.response_mask
+    assert torch.allclose(adv, want, atol=1e-6)
+    gae, _ = advantages_and_returns(b, rewards, scores, kl, PPOConfig(rollout_batch_size=2, num_minibatches=1,
+                                                                      micro_batch_size=2), 0.05, None)
+    assert not torch.allclose(adv, gae, atol=1e-3)  # GAE (lambda .95, values 0) is another answer
+
+
+def test_k3_in_the_reward():
+    """p = .5, p_ref = .25 at every token: k3 = 0.193147 (k1 would be 0.693147)."""
+    cfg = PPOConfig(kl_estimator="k3", rollout_batch_size=1, num_minibatches=1, micro_batch_size=1)
+    lp, ref = torch.log(torch.tensor(0.5)).item(), torch.log(torch.tensor(0.25)).item()
+    b = _batch([0.0], [[lp, lp]], [[ref, ref]])
+    _, kl, rewards = shaped_rewards(b, cfg, 0.1)
+    assert torch.allclose(kl, torch.full((1, 2), 0.193147), atol=1e-6)
+    assert torch.allclose(rewards, -0.1 * kl)
+
+
+def test_kl_as_a_loss_keeps_it_out_of_the_reward_and_refuses_k1():
+    cfg = PPOConfig(kl_in_reward=False, kl_estimator="k3", rollout_batch_size=1, num_minibatches=1, micro_batch_size=1)
+    b = _batch([1.0], [[-1.0, -2.0]], [[-3.0, -1.0]])
+    _, kl, rewards = shaped_rewards(b, cfg, 0.1)
+    assert kl.abs().sum() > 0 and torch.equal(rewards, torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ConfigError, match="kl_estimator.*kl_in_reward.*k3 or k2"):
+        PPOConfig(kl_in_reward=False, kl_estimator="k1")
+
+
+def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
+    cfg = PPOConfig(whiten_rewards=True, rollout_batch_size=2, num_minibatches=1, micro_batch_size=2)
+    b = _batch([4.0, -2.0], [[-1.0, -2.0, -1.0]] * 2, [[-1.5, -1.0, -3.0]] * 2)
+    _, kl, rewards = shaped_rewards(b, cfg, 0.5)
+    raw = F.per_token_rewards(b.scores, kl, b.response_mask, 0.5)
+    assert F.masked_var(rewards, b.response_mask) == pytest.approx(1.0, rel=1e-5)
+    assert F.masked_mean(rewards, b.response_mask) == pytest.approx(float(F.masked_mean(raw, b.response_mask)), abs=1e-6)
+    assert F.masked_var(raw, b.response_mask) > 2.0  # the premise: unwhitened variance is far from 1
