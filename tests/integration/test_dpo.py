@@ -192,3 +192,22 @@ def test_bad_dataset_is_named(ppo_assets, tmp_path, capsys):
     assert main(["dpo", f"sft_adapter={ppo_assets.sft_adapter}", "dataset=no-such-data:3",
                  f"output_dir={tmp_path / 'x'}"]) == 2
     assert "dpo.dataset" in capsys.readouterr().err
+
+
+def test_evaluation_without_a_reward_model(ppo_assets, sft_adapter):
+    """[sft, dpo] has no reward stage: the roles hold no reward or value adapter, scores are
+    skipped (not made up), and the gold reward alone decides the win rate. Evaluating the SFT
+    adapter against itself (same weights, same sampling seed) gives identical samples: zero
+    KL for both and every prompt a tie, a win rate of exactly 1/2."""
+    from rlhf.config import DPOConfig, from_dict
+    from rlhf.stages.dpo import evaluate_against_sft
+    from rlhf.tasks.synthetic import gold_reward
+
+    cfg = from_dict(DPOConfig, {"model": {"name_or_path": str(ppo_assets.base)}, "sft_adapter": str(sft_adapter),
+                                "eval_prompts": str(ppo_assets.eval_prompts), "eval_response_length": 6},
+                    prefix="dpo")
+    m = evaluate_against_sft(cfg, str(sft_adapter), gold_reward)
+    assert not any("score" in k or "win_rate_rm" in k for k in m), sorted(m)
+    assert m["sft/eval/kl_mean"] == 0.0 and m["dpo/eval/kl_mean"] == 0.0
+    assert m["dpo/eval/gold_mean"] == m["sft/eval/gold_mean"]
+    assert m["dpo/win_rate_gold"] == 0.5 and m["dpo/win_rate_gold_se"] == 0.0

@@ -70,6 +70,7 @@ def test_dpo_adapter_registered_with_lineage(run):
     ref = st["dpo"]["outputs"]["adapter"]
     entry = reg.resolve(ref)
     assert entry.kind == "adapter" and entry.role == "policy" and entry.metadata["method"] == "dpo"
+    assert ref.split(":")[0] == "tiny-dpo-dpo"  # apart from a PPO policy of the same run ("tiny-dpo-policy")
     lineage = json.dumps(reg.lineage(ref))
     for parent in (st["sft"]["outputs"]["adapter"], st["dpo"]["outputs"]["dataset"], st["dpo"]["run"],
                    _state(p.run_dir)["base_ref"]):
