@@ -111,9 +111,12 @@ class RoleModel(torch.nn.Module):
             without reward and value roles (sampling and KL only, e.g. DPO's evaluation).
         policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
             (dict with r, lora_alpha, target_modules).
+        with_value: build the ``value`` role (LoRA + head). False for critic-free
+            estimators: no memory, parameters or optimizer state for a critic.
     """
 
-    def __init__(self, base, sft_adapter: str | None, reward_adapter: str | None, policy_lora: dict | None = None):
+    def __init__(self, base, sft_adapter: str | None, reward_adapter: str | None, policy_lora: dict | None = None,
+                 with_value: bool = True):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
 
@@ -124,6 +127,8 @@ class RoleModel(torch.nn.Module):
         disable_dropout(base)  # PPO runs its forwards in train mode
         self.has_sft_adapter = sft_adapter is not None
         self.has_reward = reward_adapter is not None
+        with_value = with_value and self.has_reward  # the value role starts as a copy of the reward role
+        self.roles = tuple(r for r in ROLES if (r != "value" or with_value) and (r != "reward" or self.has_reward))
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter) if self.has_reward else (None, None)
         if sft_adapter is not None:
@@ -144,7 +149,7 @@ class RoleModel(torch.nn.Module):
             load.append(("policy", policy_state))
             self.peft.add_adapter("sft", _lora_config(sft_cfg))
             load.append(("sft", sft_state))
-        for name in ("reward", "value") if self.has_reward else ():
+        for name in ("reward", "value")[: 2 if with_value else 1] if self.has_reward else ():
             self.peft.add_adapter(name, _lora_config(reward_cfg))
             load.append((name, reward_state))
         for name, state in load:
@@ -159,7 +164,7 @@ class RoleModel(torch.nn.Module):
         hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
         if head is not None and head["weight"].shape[1] != hidden:
             raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
-        for name, trainable in (("reward", False), ("value", True)) if self.has_reward else ():
+        for name, trainable in (("reward", False), ("value", True))[: 2 if with_value else 1] if self.has_reward else ():
             lin = torch.nn.Linear(hidden, 1, bias="bias" in head)
             with torch.no_grad():
                 lin.weight.copy_(head["weight"])
@@ -182,8 +187,8 @@ class RoleModel(torch.nn.Module):
 
     def activate(self, role: str) -> None:
         """Make ``role`` the active adapter; trainable roles keep requires_grad=True."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+        if role not in self.roles:
+            raise ValueError(f"unknown role {role!r}; roles of this model: {self.roles}")
         if role == "sft" and not self.has_sft_adapter:
             self.active_role = role  # handled by disabling adapters in forward
             return

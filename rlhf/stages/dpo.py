@@ -268,7 +268,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     dpo_state, dpo_cfg = read_lora_weights(dpo_adapter)
     model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
-                      policy_lora={k: dpo_cfg[k] for k in ("r", "lora_alpha", "target_modules")})
+                      policy_lora={k: dpo_cfg[k] for k in ("r", "lora_alpha", "target_modules")}, with_value=False)
     device = dist.device()
     model.to(device).eval()
     prompts = load_prompts(cfg.eval_prompts, split="test")

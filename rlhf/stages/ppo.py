@@ -8,9 +8,11 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
      model's score on the last real token (reward role)
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
-  5. advantages with GAE (or a critic-free estimator), whitened over the whole batch
+  5. advantages with GAE (or a critic-free estimator: reinforce++, rloo, grpo), whitened
+     over the whole batch (grpo: already normalised within each prompt's group)
   6. PPO epochs over shuffled minibatches; micro-batches accumulate gradients that equal
-     the unaccumulated ones (losses are normalised by the minibatch's token count)
+     the unaccumulated ones (per-token loss weights come from counts of the whole minibatch,
+     for each ``loss_aggregation``)
   7. KL controller update, metrics, guards, evaluation and checkpoints
 
 ``run_ppo`` reads as these steps: :func:`setup` (model, prompts), :func:`build_optimization`,
@@ -19,6 +21,8 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
 and ``_ppo_update``), :func:`evaluate_and_log` and :func:`save_checkpoint`. The rollout
 types (:class:`rlhf.ppo.rollout.Sampled`, :class:`rlhf.ppo.rollout.ScoredRollout`) live in
 ``rlhf/ppo/``.
+
+Critic-free estimators build no value role at all (no LoRA, head or optimizer state).
 
 Resume: a checkpoint holds the policy and value adapters (+ value head), optimizer,
 scheduler, KL controller and RNG states and the update number; prompts and minibatch
@@ -217,7 +221,7 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
             parts["logprobs"].append(lp)
             parts["entropy"].append(ent)
             parts["ref_logprobs"].append(ref)
-            parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
+            parts["values"].append(response_values(model, mb) if uses_critic(cfg) else torch.zeros_like(lp))
             # a model without a reward role (DPO's evaluation without a reward stage) has no score
             parts["scores"].append(last_token_scores(model, "reward", mb, suffix) if model.has_reward
                                    else torch.full_like(lp[:, 0], float("nan")))
@@ -247,10 +251,19 @@ def advantages_and_returns(batch: ScoredRollout, rewards: torch.Tensor, scores: 
                            all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Whitened advantages (B, T) (0 on padding) and returns (B, T) of ``cfg.advantage_estimator``.
 
-    ``group_ids`` (B,) names each row's prompt (rloo only); ``all_reduce`` (several
-    processes) makes advantage whitening use global statistics.
+    ``group_ids`` (B,) names each row's prompt (rloo and grpo); ``all_reduce`` (several
+    processes) makes advantage whitening use global statistics. grpo's advantages are
+    not whitened again: they are already normalised within each group, and whitening
+    over the batch would bring back the std division that Dr. GRPO
+    (``grpo_scale_by_std: false``) leaves out.
     """
     mask = batch.response_mask
+    if cfg.advantage_estimator == "grpo":
+        # the same advantage on every token of the response; KL is in the reward only
+        # when asked (kl_in_reward: true), by default it is a loss term (_policy_backward)
+        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
+        adv = F.grpo_advantages(seq, group_ids, scale_by_std=cfg.grpo_scale_by_std)[:, None] * mask
+        return adv, adv
     if cfg.advantage_estimator == "gae":
         adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
     elif cfg.advantage_estimator == "reinforce++":
@@ -290,7 +303,8 @@ def _build_model(cfg: PPOConfig, device):
     disable_dropout(base)
     model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
-                                   "target_modules": cfg.lora.target_modules})
+                                   "target_modules": cfg.lora.target_modules},
+                      with_value=uses_critic(cfg))
     model.to(device)
     if cfg.gradient_checkpointing:
         # non-reentrant: the frozen base's inputs need no grad; each role's backward runs
@@ -466,7 +480,7 @@ def setup(cfg: PPOConfig) -> PPOSetup:
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
-        per_rollout_prompts=cfg.rollout_batch_size // (cfg.rloo_k if cfg.advantage_estimator == "rloo" else 1),
+        per_rollout_prompts=cfg.rollout_batch_size // cfg.samples_per_prompt,
         global_batch=global_batch, num_updates=max(1, cfg.total_episodes // global_batch),
     )
 
@@ -476,7 +490,7 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     from rlhf import distributed as dist
 
     params = model.trainable_parameters("policy") + (
-        model.trainable_parameters("value") if cfg.advantage_estimator == "gae" else [])
+        model.trainable_parameters("value") if uses_critic(cfg) else [])
     dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
     total_steps = num_updates * cfg.ppo_epochs * cfg.num_minibatches
@@ -487,8 +501,13 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     return Optimization(params, optimizer, scheduler, kl_ctl)
 
 
+def uses_critic(cfg: PPOConfig) -> bool:
+    """Whether the run has a value role: only GAE needs a critic."""
+    return cfg.advantage_estimator == "gae"
+
+
 def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
-    return ("policy", "value") if cfg.advantage_estimator == "gae" else ("policy",)
+    return ("policy", "value") if uses_critic(cfg) else ("policy",)
 
 
 def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, update: int) -> None:
@@ -554,7 +573,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
 
 def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Tensor | None]:
     """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
-    policy's responses; returns the batch and, for rloo, each row's prompt group (B,)."""
+    policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
+    and each row's prompt group (B,) (None with one sample per prompt)."""
     from rlhf import distributed as dist
 
     # the prompts are a pure function of (seed, update); several processes: the global
@@ -563,9 +583,10 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
     lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
     rows = [s.prompt_ids[i] for i in idx[lo:hi]]
     group_ids = None
-    if cfg.advantage_estimator == "rloo":
-        rows = [r for r in rows for _ in range(cfg.rloo_k)]
-        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.rloo_k)
+    if cfg.samples_per_prompt > 1:
+        k = cfg.samples_per_prompt
+        rows = [r for r in rows for _ in range(k)]
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
     return generate(s.model, ids, mask, s.gen_cfg, s.stop_ids, s.pad_id, cfg.response_length), group_ids
@@ -646,8 +667,10 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
     step_stats["episodes"] = (update + 1) * s.global_batch
-    if cfg.advantage_estimator == "gae":
+    if uses_critic(cfg):
         step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
+    else:  # no critic: no value metrics (a constant 0 would show up as a value section in the dashboard)
+        del step_stats["value/mean"]
     step_stats = {
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
@@ -775,7 +798,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
-    use_critic = cfg.advantage_estimator == "gae"
+    use_critic = uses_critic(cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with _mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
@@ -785,11 +808,16 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                 mb_idx = mb_idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
+                n_seqs = dist.all_reduce_sum(torch.tensor(float(mb_idx.numel()), device=device)).clamp(min=1.0)
                 acc: dict[str, torch.Tensor] = {}
                 for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
                     mb = batch.index(micro)
                     w = mb.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch
-                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, n_tokens, w).items():
+                    # per-token loss weights from the whole minibatch's counts: the micro-batch
+                    # losses add up to the minibatch loss exactly, for every aggregation
+                    weights = F.aggregation_weights(mb.response_mask, cfg.loss_aggregation, n_tokens, n_seqs,
+                                                    cfg.response_length)
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w).items():
                         acc[k] = acc.get(k, 0.0) + v
                     if use_critic:
                         for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
@@ -818,22 +846,23 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
 
 
 def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
-                     n_tokens: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus),
+                     weights: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus), each
+    per-token term aggregated with ``weights`` (B, T) (:func:`rlhf.ppo.aggregation_weights`),
     forward and backward under the policy role; returns detached statistics (on device)."""
     with model.role("policy"):
         lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, normalizer=n_tokens)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, weights=weights)
         loss = pg
         stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
         if not cfg.kl_in_reward:
             # k3 or k2 (the config refuses k1): their gradients are those of a KL, while k1's
             # gradient is d logp alone, whose expectation is 0 (the reference drops out)
-            kl_loss = (F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator) * mb.response_mask).sum() / n_tokens
+            kl_loss = (F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator) * weights).sum()
             loss = loss + beta * kl_loss
             stats["loss/kl"] = kl_loss.detach()
         if cfg.entropy_coef > 0:  # a bonus: maximising entropy lowers the loss
-            ent_mean = (ent * mb.response_mask).sum() / n_tokens
+            ent_mean = (ent * weights).sum()
             loss = loss - cfg.entropy_coef * ent_mean
             stats["loss/entropy"] = ent_mean.detach()
         loss.backward()
