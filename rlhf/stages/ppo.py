@@ -91,27 +91,12 @@ def generation_config(cfg: PPOConfig, stop_id: int, pad_id: int):
     )
 
 
-@torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id: int, pad_id: int, response_length: int) -> Sampled:
-    """Sample responses with the policy role; pad/truncate to exactly ``response_length``."""
-    from transformers import GenerationConfig
+    """Sample responses with the policy role through HF ``generate`` (the ``hf`` engine of
+    :mod:`rlhf.generation`); pad/truncate to exactly ``response_length``."""
+    from rlhf.generation import HFEngine
 
-    # transformers fills every field we leave unset (None) from the model's own
-    # generation_config.json (min_p, min_length, suppress_tokens, bad_words_ids, ...), so the
-    # model's defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
-    lm = model.base_lm
-    saved, lm.generation_config = lm.generation_config, GenerationConfig()
-    try:
-        with model.role("policy"):
-            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
-    finally:
-        lm.generation_config = saved
-    resp = out[:, prompt_ids.shape[1]:]
-    if resp.shape[1] < response_length:
-        fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
-        resp = torch.cat([resp, fill], dim=1)
-    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_id, pad_id)
-    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+    return HFEngine(model, gen_cfg, stop_id, pad_id, response_length).sample(prompt_ids, prompt_mask)
 
 
 def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
@@ -258,15 +243,17 @@ def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg, stop_id: int,
-             pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int) -> tuple[dict, list[dict]]:
-    """Sample once per held-out prompt (fixed seed, so every evaluation sees the same random
+             pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
+             engine=None) -> tuple[dict, list[dict]]:
+    """Sample once per held-out prompt (with ``engine``, default the hf engine) (fixed seed, so every evaluation sees the same random
     stream) and report score, KL to the reference, entropy, length, and gold reward if known.
     Means come with standard errors over prompts."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
-        batch = generate(model, ids, mask, gen_cfg, stop_id, pad_id, cfg.response_length)
+        batch = (engine.sample(ids, mask) if engine is not None
+                 else generate(model, ids, mask, gen_cfg, stop_id, pad_id, cfg.response_length))
         batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2)
         scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
@@ -316,6 +303,7 @@ class PPOSetup:
     stop_id: int
     pad_id: int
     gen_cfg: object  # transformers GenerationConfig, every sampling knob set
+    engine: object  # the sampling engine of ppo.generation (rlhf.generation)
     prompt_ids: list[list[int]]  # encoded training prompts
     eval_ids: list[list[int]]  # encoded held-out prompts (may be empty)
     eval_texts: list[str]  # their last user turns, passed to the gold reward
@@ -352,9 +340,13 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
+    from rlhf.generation import make_engine
+
+    gen_cfg = generation_config(cfg, stop_id, pad_id)
+    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_id=stop_id, pad_id=pad_id,
+                         response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
-        model=model, tok=tok, base_path=base_path, stop_id=stop_id, pad_id=pad_id,
-        gen_cfg=generation_config(cfg, stop_id, pad_id),
+        model=model, tok=tok, base_path=base_path, stop_id=stop_id, pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
@@ -436,7 +428,7 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     ev = {}
     if dist.is_main():
         ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_id, s.pad_id, s.device,
-                            gold_fn, seed=cfg.seed + 1_000_003)
+                            gold_fn, seed=cfg.seed + 1_000_003, engine=s.engine)
         tracker.log(ev, step=step)
         tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
     return dist.broadcast_object(ev)
@@ -458,7 +450,7 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
         group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.rloo_k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
-    return generate(s.model, ids, mask, s.gen_cfg, s.stop_id, s.pad_id, cfg.response_length), group_ids
+    return s.engine.sample(ids, mask), group_ids
 
 
 def _check_finite(batch: ScoredRollout) -> None:
