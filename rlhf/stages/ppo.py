@@ -133,20 +133,60 @@ def last_token_scores(model, role: str, batch: Sampled | ScoredRollout) -> torch
     return model.values(role, picked)
 
 
+def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float,
+                       mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (sft role) logprobs (B, T) and reward scores (B,) of ``batch``.
+
+    With ``mixed`` (and a model in eval mode), both frozen roles run as one forward over the
+    batch stacked twice, each half under its own adapter (peft's mixed-adapter batches,
+    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of 2B rows
+    instead of two passes of B, fewer kernel launches and better-filled matrix units. The
+    trainable roles are not mixed in: their rollout numbers must come from exactly the
+    computation the training forward repeats (ratio 1 on the first minibatch).
+    """
+    P = batch.prompt_ids.shape[1]
+    T = batch.response_ids.shape[1]
+    B = batch.response_ids.shape[0]
+    hooks = getattr(model.peft.base_model, "_enable_peft_forward_hooks", None)
+    if not mixed or hooks is None or model.training:
+        ref, _ = response_logprobs(model, "sft", batch, temperature)
+        return ref, last_token_scores(model, "reward", batch)
+    ids, mask = batch.input_ids, batch.attention_mask
+    names = [model.adapter_name("sft")] * B + [model.adapter_name("reward")] * B
+    with hooks(adapter_names=names):
+        hidden = model.hidden_states(torch.cat([ids, ids]), torch.cat([mask, mask]))
+    ref_hidden, reward_hidden = hidden[:B], hidden[B:]
+    ref = F.logprobs_from_logits(model.lm_logits(ref_hidden[:, P - 1: P - 1 + T]), batch.response_ids, temperature)
+    pos = P + F.last_token_index(batch.response_mask)
+    scores = model.values("reward", reward_hidden[torch.arange(B, device=hidden.device), pos])
+    return ref, scores
+
+
 @torch.no_grad()
 def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int) -> ScoredRollout:
     """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
-    computed ``chunk`` rows at a time."""
+    computed ``chunk`` rows at a time, in eval mode (dropout is off anyway; eval mode also
+    keeps gradient checkpointing out of no-grad passes and allows mixed-adapter batches).
+
+    Each role's forward runs once per chunk: policy (logprobs and entropy from one set of
+    logits), value (only with a critic), and the two frozen roles together
+    (:func:`frozen_role_scores`).
+    """
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
-    for s in range(0, batch.response_ids.shape[0], chunk):
-        mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
-        lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-        ref, _ = response_logprobs(model, "sft", mb, cfg.temperature)
-        parts["logprobs"].append(lp)
-        parts["entropy"].append(ent)
-        parts["ref_logprobs"].append(ref)
-        parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
-        parts["scores"].append(last_token_scores(model, "reward", mb))
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, batch.response_ids.shape[0], chunk):
+            mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
+            lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
+            ref, scores = frozen_role_scores(model, mb, cfg.temperature)
+            parts["logprobs"].append(lp)
+            parts["entropy"].append(ent)
+            parts["ref_logprobs"].append(ref)
+            parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
+            parts["scores"].append(scores)
+    finally:
+        model.train(was_training)
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
