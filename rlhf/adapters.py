@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,8 +61,26 @@ def resolve_adapter(ref_or_path: str) -> str:
     return str(entry.path)
 
 
-def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
+@dataclass(frozen=True)
+class InMemoryAdapter:
+    """An adapter that was never written to disk (the benchmark's size probe builds 14B-32B
+    shapes on the GPU and must not write tens of GB): what an adapter directory holds.
+
+    Attributes:
+        state: peft LoRA tensors, keyed as in ``adapter_model.safetensors``.
+        config: the ``adapter_config.json`` fields (r, lora_alpha, target_modules, ...).
+        head: ``{"weight": (1, hidden), optional "bias": (1,)}`` for reward adapters, else None.
+    """
+
+    state: dict
+    config: dict
+    head: dict | None = None
+
+
+def read_lora_weights(adapter_dir: str | Path | InMemoryAdapter) -> tuple[dict, dict]:
     """LoRA tensors and peft config of a saved adapter (head tensors are not included)."""
+    if isinstance(adapter_dir, InMemoryAdapter):
+        return adapter_dir.state, adapter_dir.config
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for p in (cfg_path, weights_path):
@@ -73,7 +92,11 @@ def read_lora_weights(adapter_dir: str | Path) -> tuple[dict, dict]:
     return state, json.loads(cfg_path.read_text())
 
 
-def read_head(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+def read_head(adapter_dir: str | Path | InMemoryAdapter) -> dict[str, torch.Tensor]:
+    if isinstance(adapter_dir, InMemoryAdapter):
+        if adapter_dir.head is None:
+            raise ValueError("in-memory reward adapter has no head")
+        return adapter_dir.head
     path = Path(adapter_dir) / "head.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"score head missing: {path} (reward adapters need head.safetensors)")
