@@ -617,14 +617,15 @@ def _lora_state(model, targets: list[str], r: int, seed: int, device) -> dict:
     return state
 
 
-def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
-    """One full PPO update of ``spec.shape`` built in memory; returns its peak memory.
+def build_in_memory(spec: BenchSpec, device):
+    """Our PPO setup for ``spec`` with nothing read from or written to disk.
 
-    The base is initialised directly on the GPU (random bf16 weights), the sft and reward
-    adapters are random in-memory LoRA states, prompts are random token ids: nothing is
-    read from or written to disk. Gradient checkpointing is on (``spec``), micro-batches of
-    ``spec.micro_batch_size``. ``memory_limit_gb`` caps this process's CUDA memory (e.g. 80
-    on a 141 GB H200 asks "does it fit on an 80 GB GPU?").
+    The base is initialised directly on ``device`` (random weights of ``spec.dtype``), the sft
+    and reward adapters are random in-memory LoRA states (the policy starts as a copy of sft,
+    the value role as a copy of reward), prompts are random token ids.
+
+    Returns:
+        ``(setup, cfg)``: a :class:`rlhf.stages.ppo.PPOSetup` and the :class:`PPOConfig`.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -635,12 +636,6 @@ def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
     from rlhf.models import disable_dropout
     from rlhf.stages import ppo as stage
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda and memory_limit_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gb * 2**30 / total))
-    t0 = time.time()
     tok = build_tokenizer(spec.vocab)
     config = qwen2_config(spec.shape, tok, spec.vocab)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
@@ -658,7 +653,6 @@ def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
     if spec.gradient_checkpointing:
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    build_s = time.time() - t0
 
     cfg = PPOConfig(
         model=ModelConfig(name_or_path="in-memory", dtype=spec.dtype), total_episodes=spec.batch,
@@ -676,14 +670,33 @@ def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
     first_word = len(tok.all_special_tokens)
     prompts = [[rng.randrange(first_word, spec.vocab) for _ in range(spec.prompt_len)] for _ in range(spec.batch)]
     s = stage.PPOSetup(model=model, tok=tok, base_path="in-memory", stop_id=stop_id, pad_id=pad_id, gen_cfg=gen_cfg,
-                       engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=device, rank=0, world=1,
-                       per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
-    opt = stage.build_optimization(model, cfg, 1)
+                       engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=torch.device(device),
+                       rank=0, world=1, per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
+    return s, cfg
+
+
+def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
+    """One full PPO update of ``spec.shape`` built in memory (:func:`build_in_memory`);
+    returns its peak memory. ``memory_limit_gb`` caps this process's CUDA memory (e.g. 80
+    on a 141 GB H200 asks "does it fit on an 80 GB GPU?")."""
+    import torch
+
+    from rlhf.stages import ppo as stage
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda and memory_limit_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gb * 2**30 / total))
+    t0 = time.time()
+    s, cfg = build_in_memory(spec, device)
+    build_s = time.time() - t0
+    opt = stage.build_optimization(s.model, cfg, 1)
     t1 = time.time()
     stats = stage.train_update(s, opt, cfg, 0)
     peak, kind = peak_memory_gb()
     return {"shape": spec.shape, "peak_gb": peak, "peak_kind": kind, "device": device_name(),
-            "params_b": sum(p.numel() for p in base.parameters()) / 1e9, "build_s": build_s,
+            "params_b": sum(p.numel() for p in s.model.base_lm.parameters()) / 1e9, "build_s": build_s,
             "update_s": time.time() - t1, "generate_s": stats["time/generate_s"], "score_s": stats["time/score_s"],
             "train_s": stats["time/update_s"], "optimizer_steps": stats.get("optimizer_steps"),
             "memory_limit_gb": memory_limit_gb}
