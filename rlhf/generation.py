@@ -145,6 +145,7 @@ class StaticEngine:
         self._caches: dict[tuple, object] = {}  # (batch, length, dtype, device) -> StaticCache
         self._step = None  # the (compiled) decode step of the sampling LM
         self.shapes_seen: set[tuple[int, int]] = set()  # (batch, bucketed width): one graph each
+        self._params: dict[type, set[str]] = {}  # forward() parameter names per model class
 
     def _lm(self):
         """The causal LM that samples (the shared base with the policy LoRA)."""
@@ -168,7 +169,9 @@ class StaticEngine:
         return cache
 
     def _forward_kwargs(self, lm, cache, position: int, q_len: int, device) -> dict:
-        params = inspect.signature(type(lm).forward).parameters
+        params = self._params.get(type(lm))
+        if params is None:  # read once per model class, not per decode step
+            params = self._params[type(lm)] = set(inspect.signature(type(lm).forward).parameters)
         # transformers renamed past_key_values to cache (5.2x; the old name warns until 5.40)
         kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
         # transformers <= 5.2x takes the cache write position explicitly; later versions track
