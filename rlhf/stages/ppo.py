@@ -3,10 +3,11 @@
 One update, top to bottom (see ``../shared/docs/ppo.md`` for every default's source):
 
   1. sample a rollout batch of prompts (deterministic in seed and update number)
-  2. generate responses with the policy role (T=0.7, top_k 0, top_p 1, nothing from the
-     model's generation_config leaks); truncate each after its first stop token
+  2. generate responses with the policy role through the ``ppo.generation`` engine
+     (rlhf/generation.py; T=0.7, top_k 0, top_p 1, nothing from the model's
+     generation_config leaks); truncate each after its first stop token
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
-     model's score on the last real token (reward role)
+     model's score on the last real token (reward role); sft and reward in one mixed-adapter batch
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
   5. advantages with GAE (or a critic-free estimator), whitened over the whole batch
   6. PPO epochs over shuffled minibatches; micro-batches accumulate gradients that equal
@@ -285,8 +286,8 @@ def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg, stop_id: int,
              pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
              engine=None) -> tuple[dict, list[dict]]:
-    """Sample once per held-out prompt (with ``engine``, default the hf engine) (fixed seed, so every evaluation sees the same random
-    stream) and report score, KL to the reference, entropy, length, and gold reward if known.
+    """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
+    seed so that every evaluation sees the same random stream, and report score, KL to the reference, entropy, length, and gold reward if known.
     Means come with standard errors over prompts."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
