@@ -301,7 +301,7 @@ def test_resume_with_checkpointing_matches_uninterrupted(arch_model, arch_assets
                                          output_dir=str(tmp_path / name / "ppo")))
 
     killed = cfg("killed")
-    assert not run_ppo(killed, stop_after=1)["finished"]
+    assert not run_ppo(killed, stop_after=1).finished
     resumed = run_ppo(killed, resume=True)
     straight = run_ppo(cfg("straight"))
     for role in ("policy", "value"):
