@@ -58,6 +58,7 @@ def test_engine_choice():
 def test_static_samples_the_hf_tokens_and_logprobs_match_training(role_model):
     model, tok, cfg = role_model
     _perturb_policy(model)
+    model.train()  # the engine samples in eval mode and must hand back train mode
     T = 12  # rows stop (the tiny base emits <eos>) at different steps: padding after the stop
     hf, static = _engines(model, tok, cfg, T)
     ids, mask = _prompts(tok, cfg)
@@ -134,3 +135,45 @@ def test_compiled_static_engine_samples_the_hf_tokens(role_model):
     ids, mask = _prompts(tok, cfg)
     a, b = _sample(hf, ids, mask, 0), _sample(compiled, ids, mask, 0)
     assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_engines_stop_at_any_of_several_stop_tokens(role_model):
+    """A stop list (Qwen2.5 ships two EOS ids): the static engine stops a row at the first of
+    any stop token, exactly where HF generate stops it."""
+    model, tok, cfg = role_model
+    _perturb_policy(model)
+    T = 12
+    ids, mask = _prompts(tok, cfg)
+    hf, _ = _engines(model, tok, cfg, T)
+    first = _sample(hf, ids, mask, 0)
+    row = int(first.response_mask.sum(1).argmax())  # the longest row: its token 2 is not a stop
+    other = int(first.response_ids[row, 1])
+    assert other != tok.eos_token_id
+    stops = [tok.eos_token_id, other]
+    gen_cfg = generation_config(cfg, stops, tok.pad_token_id)
+    gen_cfg.max_new_tokens = T
+    hf2 = HFEngine(model, gen_cfg, stops, tok.pad_token_id, T)
+    static2 = StaticEngine(model, cfg.temperature, stops, tok.pad_token_id, T, compile=False)
+    a, b = _sample(hf2, ids, mask, 0), _sample(static2, ids, mask, 0)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.has_stop, b.has_stop)
+    # the row stops at the second stop token, at the latest at position 2
+    assert b.has_stop[row] and b.response_mask[row].sum() <= 2
+    assert int(b.response_ids[row, int(b.response_mask[row].sum()) - 1]) in stops
+
+
+def test_static_engine_ends_the_loop_once_every_row_hit_any_stop_token(role_model):
+    """The decode loop ends at the first check after every row stopped, whichever of the
+    stop tokens each row drew (here every row stops at its first token)."""
+    model, tok, cfg = role_model
+    T = 12
+    ids, mask = _prompts(tok, cfg)
+    hf, _ = _engines(model, tok, cfg, T)
+    first = _sample(hf, ids, mask, 0)
+    stops = sorted({tok.eos_token_id, *first.response_ids[:, 0].tolist()})
+    static = StaticEngine(model, cfg.temperature, stops, tok.pad_token_id, T, compile=False, stop_check_every=4)
+    draws = []
+    draw = static._draw
+    static._draw = lambda logits: (draws.append(1), draw(logits))[1]
+    b = _sample(static, ids, mask, 0)
+    assert b.has_stop.all() and (b.response_mask.sum(1) == 1).all()
+    assert len(draws) == 4  # the first check, not the length limit
