@@ -214,7 +214,14 @@ def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float
     forward repeats (ratio 1 on the first minibatch).
     """
     hooks = getattr(model.peft.base_model, "_enable_peft_forward_hooks", None)
-    if not mixed or hooks is None or model.training:
+    # peft's mixed-batch LoRA forward rounds each adapter's output to the base dtype before
+    # adding it, the plain forward adds in fp32 first: without autocast on a bf16/fp16 base
+    # (a CPU run) the two differ by rounding, and the step-0 KL would no longer be exactly 0
+    # (ppo.md test 5); there the frozen roles run apart. fp32, and bf16 under the CUDA
+    # autocast of every role forward, add in the same dtype either way.
+    device = batch.input_ids.device
+    same_rounding = model._compute_dtype == torch.float32 or (device.type == "cuda" and model._compute_dtype == torch.bfloat16)
+    if not mixed or hooks is None or model.training or not same_rounding:
         ref, _ = response_logprobs(model, "sft", batch, temperature)
         return ref, last_token_scores(model, "reward", batch, suffix)
     P = batch.prompt_ids.shape[1]

@@ -305,8 +305,8 @@ def test_resume_with_checkpointing_matches_uninterrupted(arch_model, arch_assets
     resumed = run_ppo(killed, resume=True)
     straight = run_ppo(cfg("straight"))
     for role in ("policy", "value"):
-        a = load_file(f"{resumed[role]}/adapter_model.safetensors")
-        b = load_file(f"{straight[role]}/adapter_model.safetensors")
+        a = load_file(f"{resumed.artifacts[role]}/adapter_model.safetensors")
+        b = load_file(f"{straight.artifacts[role]}/adapter_model.safetensors")
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
 
 
