@@ -162,6 +162,15 @@ class PPOConfig:
         "What to do with the score of a response without the stop token.", default="replace"
     )
     missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
+    generation: Literal["auto", "hf", "static", "merged"] = _help(
+        "Sampling engine (rlhf/generation.py). 'hf': transformers generate with a dynamic cache. 'static': "
+        "our decode loop over a preallocated KV cache, prompt widths bucketed (multiples of 64) so a run "
+        "compiles a bounded number of graphs, policy LoRA active, eval mode. 'merged': the static loop on a "
+        "separate merged copy of base+policy, refreshed after each update (the shared base is never "
+        "merged in place). 'auto': static on CUDA, hf on CPU.", default="auto")
+    compile: Literal["auto", "on", "off"] = _help(
+        "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
+        "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
     # reward shaping / KL
     kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
     kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
