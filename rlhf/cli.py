@@ -27,6 +27,7 @@ COMMANDS = {
     "sft": "run the supervised fine-tuning stage alone",
     "reward": "run the reward-model stage alone",
     "ppo": "run the PPO stage alone",
+    "dpo": "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
     "config": "print a stage's or a recipe's fully resolved config (config show STAGE|RECIPE)",
     "data": "ingest and inspect preference data (the versioned data store)",
     "registry": "list, inspect, export and tag models in the model registry",
@@ -37,7 +38,7 @@ COMMANDS = {
     "report": "write one run as a self-contained HTML report",
 }
 
-STAGE_NAMES = ("sft", "reward", "ppo")  # rlhf.stages.STAGES, without importing torch for --help
+STAGE_NAMES = ("sft", "reward", "ppo", "dpo")  # rlhf.stages.STAGES, without importing torch for --help
 
 
 def _top_help() -> str:
@@ -185,9 +186,9 @@ def _wants_help(argv: list[str]) -> bool:
 
 
 def _stage_parser(stage: str) -> argparse.ArgumentParser:
-    from rlhf.config import PPOConfig, RewardConfig, SFTConfig
+    from rlhf.stages import STAGES
 
-    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[stage]
+    cls = STAGES[stage].config
     parser = argparse.ArgumentParser(
         prog=f"rlhf {stage}", description=f"{COMMANDS[stage].capitalize()}. {cls.__doc__}",
         parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -227,7 +228,7 @@ def _run_parser() -> argparse.ArgumentParser:
         "inputs did not change since its last completed run is skipped.",
         parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(PipelineConfig, "recipe keys (in RECIPE, or as key.sub=value overrides; the stage "
-                           "sections take the keys of `rlhf sft|reward|ppo --help`):"),
+                           "sections take the keys of `rlhf sft|reward|ppo|dpo --help`):"),
     )
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
@@ -262,11 +263,11 @@ def _config_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{show}")
     show = sub.add_parser(
         "show", prog="rlhf config show", help="print a stage's or a recipe's fully resolved config as YAML",
-        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo) with "
+        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo, dpo) with "
         "--config and overrides applied, or a recipe with every stage's config as the pipeline builds it.",
     )
     show.add_argument("target", metavar="STAGE|RECIPE",
-                      help="sft, reward or ppo; or a recipe file (pipelines/tiny.yaml, or just tiny)")
+                      help="sft, reward, ppo or dpo; or a recipe file (pipelines/tiny.yaml, or just tiny)")
     show.add_argument("--config", help="(stages) YAML file with the stage's settings")
     show.add_argument("--output-dir", help="(recipes) run directory the paths are resolved against")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, as for run or the stage")

@@ -175,6 +175,15 @@ class PPOConfig:
         "What to do with the score of a response without the stop token.", default="replace"
     )
     missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
+    generation: Literal["auto", "hf", "static", "merged"] = _help(
+        "Sampling engine (rlhf/generation.py). 'hf': transformers generate with a dynamic cache. 'static': "
+        "our decode loop over a preallocated KV cache, prompt widths bucketed (multiples of 64) so a run "
+        "compiles a bounded number of graphs, policy LoRA active, eval mode. 'merged': the static loop on a "
+        "separate merged copy of base+policy, refreshed after each update (the shared base is never "
+        "merged in place). 'auto': static on CUDA, hf on CPU.", default="auto")
+    compile: Literal["auto", "on", "off"] = _help(
+        "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
+        "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
     # reward shaping / KL
     kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
     kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
@@ -289,6 +298,59 @@ class PPOConfig:
                 "logp - logp_ref is that of logp alone and ignores the reference; use kl_estimator k3 or k2")
 
 
+# The loss variants of TRL's DPOTrainer (trl 1.16, DPOConfig.loss_type); each is a function of
+# the policy/reference log-ratios of the chosen and rejected responses.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation with TRL's DPOTrainer: the SFT adapter is trained on the
+    preference pairs against the frozen SFT adapter as reference (no reward model, no sampling)."""
+
+    model: ModelConfig = _help("Base model (the same base as the SFT stage).", default_factory=ModelConfig)
+    sft_adapter: str = _help(
+        "SFT adapter: a directory or a registry reference. The policy starts from it and a frozen copy is the "
+        "reference. Empty: the base itself is the SFT model (full fine-tuning), a fresh LoRA is trained and the "
+        "reference is the base. Set by the pipeline.", default="")
+    dataset: str = _help(
+        "Preference data: a reward_data store reference 'NAME[:VERSION]', or a file/directory that is ingested "
+        "into the store first (see `rlhf data ingest`). Trains on its train split, reports on its test split.",
+        default="",
+    )
+    dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
+    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
+                                 range="[0, 1)", default=0.05)
+    beta: float = _help(
+        "KL strength beta: how far the policy may move from the reference (higher: closer). For loss_type ipo it "
+        "is the regulariser tau of Azar et al. 2023.", range="> 0", default=0.1)
+    loss_type: Literal[DPO_LOSS_TYPES] = _help(
+        "TRL's DPO loss variant: sigmoid (DPO, Rafailov et al. 2023), ipo, hinge (SLiC), robust, exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft.",
+        default="sigmoid")
+    label_smoothing: float = _help("Probability that a label is flipped (loss_type robust; eps of exo_pair).",
+                                   range="[0, 0.5)", default=0.0)
+    lora: LoraConfigSpec = _help(
+        "LoRA settings of a fresh adapter when sft_adapter is empty; with an SFT adapter the policy keeps its shape.",
+        default_factory=LoraConfigSpec)
+    train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
+    # evaluation: DPO trains offline, sampling is only for the report (the PPO stage's sampler)
+    eval_prompts: str = _help("Held-out prompts to sample the SFT and DPO policies on (empty: no sampling evaluation).", default="")
+    reward_adapter: str = _help(
+        "Reward adapter for the evaluation's RM score and win rate over SFT (optional; set by the pipeline when a "
+        "reward stage ran before).", default="")
+    eval_max_prompt_length: int = _help("Evaluation prompts are truncated from the left to this many tokens.",
+                                        range="> 0", default=256)
+    eval_response_length: int = _help("Maximum new tokens per evaluation response.", range="> 0", default=128)
+    eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
+                                     default=0.7)
+    eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
+    output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+
 @dataclass
 class RewardGateConfig:
     """The reward model's quality gate, checked between the reward stage and PPO."""
@@ -303,7 +365,7 @@ class RewardGateConfig:
 
 @dataclass
 class PipelineConfig:
-    """A staged recipe: SFT -> reward -> PPO on one base model."""
+    """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``)."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
@@ -321,6 +383,11 @@ class PipelineConfig:
     sft: dict = _help("SFT stage settings (see SFTConfig); model/seed/output_dir are filled in.", default_factory=dict)
     reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
     ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)
+    dpo: dict = _help("DPO stage settings (see DPOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
+    stages: list[str] = _help(
+        "Stages to run, in order: sft, reward, ppo, dpo. E.g. [sft, dpo], or [sft, reward, ppo, dpo] to compare "
+        "PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward and dpo "
+        "need sft).", default_factory=lambda: ["sft", "reward", "ppo"])
 
     def __post_init__(self):
         check_ranges(self, "")

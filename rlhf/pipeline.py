@@ -1,10 +1,14 @@
-"""Run a staged recipe: SFT -> reward model -> PPO, with caching, --from and --resume.
+"""Run a staged recipe: SFT -> reward model -> PPO (and/or DPO), with caching, --from and --resume.
 
 The run directory (``runs/<recipe stem>`` by default) holds ``pipeline.json`` (each
 stage's status, fingerprint, inputs, outputs and final metrics), one folder per stage, and
 ``summary.json``. A stage is skipped when it completed before with the same fingerprint: a
 hash of its resolved config and of its inputs (data file hashes and the fingerprints of
 the stages it consumes). Every config is validated before any model is loaded.
+
+The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]`` or
+``[sft, reward, ppo, dpo]``) names the stages that run, in order; each must come after the
+stages it consumes (``Stage.requires`` in the dispatch table).
 
 Each stage runs through :func:`rlhf.stages.run_stage` (the dispatch table the CLI uses too),
 which resolves its inputs first. With a task (``task.enabled``), the task's rows are written
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from rlhf.config import (
     ConfigError,
+    DPOConfig,
     PipelineConfig,
     PPOConfig,
     RewardConfig,
@@ -50,7 +55,9 @@ class Plan:
     sft: SFTConfig
     reward: RewardConfig
     ppo: PPOConfig
+    dpo: DPOConfig
     task_files: dict | None  # name -> path of the task's files (None without a task)
+    stages: tuple[str, ...]  # the recipe's stages, in the order they run (validated: _check_stages)
     task_obj: Task | None = None  # the recipe's task, built once by plan()
 
     def task(self) -> Task | None:
@@ -124,6 +131,7 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             raise ConfigError(f"--output-dir {run_dir}: {d} exists and is not a directory")
     check_base(pipe.model.name_or_path)
 
+    stages = _check_stages(pipe.stages)
     task_files = None
     stage_data = {s: _stage_dict(pipe, s, run_dir) for s in STAGES}
     from rlhf.tasks import load_task, provided_files
@@ -142,12 +150,13 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             stage_data[stage][field] = task_files[name]
     # The pipeline wires stage outputs into the next stages.
     for key in ("sft_adapter", "reward_adapter"):
-        if key in stage_data["ppo"] or key in stage_data["reward"]:
+        if key in stage_data["ppo"] or key in stage_data["reward"] or key in stage_data["dpo"]:
             raise ConfigError(f"{key}: set by the pipeline from the earlier stages; remove it from the recipe")
     stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
     stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
 
     sft, reward, ppo = (from_dict(STAGES[s].config, stage_data[s], prefix=s) for s in ("sft", "reward", "ppo"))
+    dpo = _dpo_config(stage_data["dpo"], ppo, stages, run_dir, task_files)
 
     # incompatible stage outputs: the reward LoRA starts from the SFT LoRA, so shapes must agree
     if sft.finetune == "full":
@@ -156,21 +165,56 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             "model.name_or_path of a LoRA pipeline; the one-base-many-adapters PPO needs a shared base"
         )
     for name, value in (("sft.dataset", sft.dataset), ("reward.dataset", reward.dataset),
-                        ("ppo.prompts", ppo.prompts), ("ppo.eval_prompts", ppo.eval_prompts)):
+                        ("ppo.prompts", ppo.prompts), ("ppo.eval_prompts", ppo.eval_prompts),
+                        ("dpo.dataset", dpo.dataset), ("dpo.eval_prompts", dpo.eval_prompts)):
+        if name.split(".")[0] not in stages:
+            continue  # a stage the recipe does not run needs no inputs
         if not value:
-            if name == "ppo.eval_prompts":
+            if name in ("ppo.eval_prompts", "dpo.eval_prompts"):
                 continue
             raise ConfigError(f"{name}: required (or a task that supplies it: task.enabled or task.module)")
         if (task_files is None or value not in task_files.values()) and check_inputs:
             check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
-    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo")):
+    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo"), (dpo, "dpo")):
         try:
             normalize_report_to(stage_cfg.report_to)
         except ValueError as e:
             raise ConfigError(f"{name}.report_to: {e}") from None
-    return Plan(recipe, run_dir, pipe, sft, reward, ppo, task_files, task)
+    return Plan(recipe, run_dir, pipe, sft, reward, ppo, dpo, task_files, stages, task)
+
+
+def _check_stages(stages: list[str]) -> tuple[str, ...]:
+    """The recipe's stage list: known names, each once, each after the stages it consumes."""
+    for i, s in enumerate(stages):
+        if s not in STAGES:
+            raise ConfigError(f"stages[{i}]: unknown stage {s!r} (stages: {', '.join(STAGES)})")
+        if s in stages[:i]:
+            raise ConfigError(f"stages[{i}]: {s!r} is listed twice")
+        missing = [r for r in STAGES[s].requires if r not in stages[:i]]
+        if missing:
+            raise ConfigError(f"stages[{i}]: {s!r} needs {', '.join(missing)} listed before it (got {stages})")
+    if not stages:
+        raise ConfigError("stages: empty; list at least sft")
+    return tuple(stages)
+
+
+def _dpo_config(data: dict, ppo: PPOConfig, stages: tuple[str, ...], run_dir: Path, task_files: dict | None) -> DPOConfig:
+    """The DPO stage's config: the task's pairs and eval prompts, the SFT adapter (and the reward
+    adapter when a reward stage runs before it, for RM score and win rate), and the PPO stage's
+    evaluation settings, so that both policies are sampled alike on the same prompts."""
+    for name, key in (("pairs", "dataset"), ("eval_prompts", "eval_prompts")):
+        if task_files is not None and name in task_files:  # a user's task may supply neither
+            data.setdefault(key, task_files[name])
+    data.setdefault("eval_prompts", ppo.eval_prompts)
+    data["sft_adapter"] = str(run_dir / "sft" / "adapter")
+    if "dpo" in stages and "reward" in stages[: stages.index("dpo")]:
+        data["reward_adapter"] = str(run_dir / "reward" / "adapter")
+    for key, value in (("eval_max_prompt_length", ppo.max_prompt_length), ("eval_response_length", ppo.response_length),
+                       ("eval_temperature", ppo.temperature), ("eval_batch_size", ppo.rollout_batch_size)):
+        data.setdefault(key, value)
+    return from_dict(DPOConfig, data, prefix="dpo")
 
 
 def _fingerprint(obj) -> str:
@@ -219,7 +263,12 @@ class Pipeline:
         sft = _fingerprint([_without_paths(to_dict(p.sft)), data_fp["sft"]])
         reward = _fingerprint([_without_paths(to_dict(p.reward)), data_fp["reward"], sft])
         ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft, reward])
-        return {"sft": sft, "reward": reward, "ppo": ppo}
+        fps = {"sft": sft, "reward": reward, "ppo": ppo}
+        if "dpo" in p.stages:  # DPO: its pairs and eval prompts, the SFT stage, and the RM it is scored with
+            fps["dpo"] = _fingerprint([_without_paths(to_dict(p.dpo)), _file_hash(p.dpo.dataset),
+                                       _file_hash(p.dpo.eval_prompts) if p.dpo.eval_prompts else None, sft,
+                                       reward if p.dpo.reward_adapter else None])
+        return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
         """Run the stages not cached, holding the run directory's lock throughout.
@@ -230,8 +279,9 @@ class Pipeline:
         from rlhf import distributed as dist
         from rlhf.runs import RunDirLocked, RunLock
 
-        if from_stage is not None and from_stage not in STAGES:
-            raise ConfigError(f"--from: unknown stage {from_stage!r} (stages: {', '.join(STAGES)})")
+        if from_stage is not None and from_stage not in self.p.stages:
+            raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe "
+                              f"(stages: {', '.join(self.p.stages)})")
         # Rank 0 holds the lock (the kernel drops it when the process dies, however it dies);
         # every rank learns whether it got it, so no rank waits forever in a barrier.
         lock, error = RunLock(self.p.run_dir), None
@@ -296,10 +346,9 @@ class Pipeline:
                     write_task_files(task, Path(p.task_files["sft"]).parent)
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
-        order = list(STAGES)
-        forced = order[order.index(from_stage):] if from_stage else ()
+        forced = p.stages[p.stages.index(from_stage):] if from_stage else ()
 
-        for stage in STAGES:
+        for stage in p.stages:
             st = self.state["stages"].get(stage, {})
             cached = (st.get("status") == "completed" and st.get("fingerprint") == fps[stage]
                       and stage not in forced and all(Path(v).exists() for v in st.get("dirs", {}).values()))
@@ -397,7 +446,7 @@ class Pipeline:
     def summary(self, task: Task | None) -> dict:
         """Final numbers of the run (and, with a task, its gold evaluation)."""
         st = self.state["stages"]
-        sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in STAGES)
+        sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in ("sft", "reward", "ppo"))
         out = {
             "sft_loss": sft_m.get("loss"),
             "sft_eval_loss": sft_m.get("eval_loss"),
@@ -449,7 +498,39 @@ class Pipeline:
                 se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
                 out["gold_improvement"] = diff
                 out["gold_improvement_in_se"] = diff / se if se > 0 else None
+        if "dpo" in self.p.stages and st.get("dpo", {}).get("status") == "completed":
+            _add_dpo_summary(out, st["dpo"].get("metrics", {}), task is not None)
         return out
+
+
+def _add_dpo_summary(out: dict, m: dict, has_gold: bool) -> None:
+    """DPO's numbers next to PPO's. The DPO stage sampled the SFT and the DPO policy on the
+    same held-out prompts as PPO's evaluation, with PPO's sampler, settings and seed; without
+    a PPO stage its SFT numbers stand in for the SFT row."""
+    out.update(
+        dpo_eval_loss=m.get("eval_loss"),
+        dpo_reward_accuracy=m.get("eval_rewards_accuracies"),
+        reward_score_dpo=m.get("dpo/eval/score_mean"),
+        kl_dpo_sft=m.get("dpo/eval/kl_mean"),
+        kl_dpo_sft_se=m.get("dpo/eval/kl_se"),
+        response_length_dpo=m.get("dpo/eval/length_mean"),
+        win_rate_dpo_sft=m.get("dpo/win_rate_rm"),
+        win_rate_dpo_sft_se=m.get("dpo/win_rate_rm_se"),
+    )
+    if out.get("reward_score_sft") is None:
+        out["reward_score_sft"] = m.get("sft/eval/score_mean")
+    if not has_gold:
+        return
+    out.update(gold_reward_dpo=m.get("dpo/eval/gold_mean"), gold_reward_dpo_se=m.get("dpo/eval/gold_se"),
+               gold_win_rate_dpo_sft=m.get("dpo/win_rate_gold"), gold_win_rate_dpo_sft_se=m.get("dpo/win_rate_gold_se"))
+    sft, sft_se = m.get("sft/eval/gold_mean"), m.get("sft/eval/gold_se")
+    if out.get("gold_reward_sft") is None:
+        out.update(gold_reward_sft=sft, gold_reward_sft_se=sft_se)
+    if None not in (sft, out["gold_reward_dpo"]):
+        diff = out["gold_reward_dpo"] - sft
+        se = math.hypot(sft_se, out["gold_reward_dpo_se"])
+        out["gold_improvement_dpo"] = diff
+        out["gold_improvement_dpo_in_se"] = diff / se if se > 0 else None
 
 
 def _numbers(d: dict) -> dict:
@@ -503,6 +584,12 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("KL(PPO || SFT) per response (± s.e.)", fmt("kl_ppo_sft", "kl_ppo_sft_se")),
         ("response length, SFT -> PPO", f"{fmt('response_length_sft')} -> {fmt('response_length_ppo')}"),
         ("PPO not run", summary.get("ppo_blocked") or "-"),
+        ("gold reward, DPO policy (± s.e.)", fmt("gold_reward_dpo", "gold_reward_dpo_se")),
+        ("DPO gold improvement (in s.e. of the difference)", fmt("gold_improvement_dpo_in_se")),
+        ("RM score, DPO policy", fmt("reward_score_dpo")),
+        ("DPO win rate over SFT, by RM (± s.e.)", fmt("win_rate_dpo_sft", "win_rate_dpo_sft_se")),
+        ("DPO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_dpo_sft", "gold_win_rate_dpo_sft_se")),
+        ("KL(DPO || SFT) per response (± s.e.)", fmt("kl_dpo_sft", "kl_dpo_sft_se")),
     ]
     for k, v in rows:
         if v not in ("-", "- -> -"):
@@ -538,6 +625,11 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
                   f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
     elif "policy" in stages.get("ppo", {}).get("dirs", {}):
         lines.append("  (register: false, so nothing is in the registry to export or generate from)")
+    dpo_policy = stages.get("dpo", {}).get("outputs", {}).get("adapter")
+    if dpo_policy:
+        export_dir = Path("exports") / dpo_policy.replace(":", "-")
+        lines += [f"  rlhf registry export {dpo_policy} {q(str(export_dir))}{home_opt}    # the DPO policy as a standalone HF model",
+                  f"  rlhf generate {dpo_policy} --prompt 'Hello'{home_opt}    # sample from the DPO policy"]
     if reward:
         lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
                      "    # the reward model as a sequence classifier")

@@ -6,10 +6,10 @@ the stage reads, so a stage never decides where something comes from:
   * base model: ``builtin:tiny`` (built on first use under ``$RLHF_HOME/builtin``), a local
     model directory, or a hub id (passed through; ``from_pretrained`` fetches it)
   * adapters: a directory, or a model-registry reference ``name``, ``name:3``, ``name:prod``
-  * data (SFT examples, PPO prompts): a file or ``load_from_disk`` directory, a hub dataset
+  * data (SFT examples, PPO prompts, DPO's evaluation prompts): a file or ``load_from_disk`` directory, a hub dataset
     id, or a data-store reference ``NAME[:VERSION]`` (pinned to the version it names now)
-  * preference data: a data-store reference, or a file/directory that is ingested into the
-    store here (reusing the newest version when it came from identical bytes and options)
+  * preference data (reward model, DPO): a data-store reference, or a file/directory that
+    is ingested into the store here (reusing the newest version when it came from identical bytes and options)
 
 :func:`check_base` and :func:`check_input` are the side-effect-free checks a recipe gets
 when it is validated; model and adapter directories must hold safetensors weights
@@ -23,12 +23,12 @@ import hashlib
 from pathlib import Path
 from typing import TypeVar
 
-from rlhf.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
+from rlhf.config import ConfigError, DPOConfig, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
 
 BUILTIN_TINY = "builtin:tiny"
 _DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".gz"}
 
-C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig)
+C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig, DPOConfig)
 
 
 def resolve_inputs(cfg: C) -> C:
@@ -49,14 +49,30 @@ def resolve_inputs(cfg: C) -> C:
 
 
 def _resolve(cfg: C) -> C:
-    model = dataclasses.replace(cfg.model, name_or_path=resolve_base(cfg.model.name_or_path, seed=cfg.seed))
+    # the data and adapter references first: a bad one fails before builtin:tiny is built (tens of seconds)
+    check_base(cfg.model.name_or_path)
+    cfg = _resolve_references(cfg)
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, name_or_path=resolve_base(cfg.model.name_or_path, seed=cfg.seed)))
+
+
+def _resolve_references(cfg: C) -> C:
     if isinstance(cfg, SFTConfig):
-        return dataclasses.replace(cfg, model=model, dataset=resolve_data("sft.dataset", cfg.dataset))
+        return dataclasses.replace(cfg, dataset=resolve_data("sft.dataset", cfg.dataset))
     if isinstance(cfg, RewardConfig):
-        return dataclasses.replace(cfg, model=model, dataset=resolve_preferences(
+        return dataclasses.replace(cfg, dataset=resolve_preferences(
             "reward.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction))
+    if isinstance(cfg, DPOConfig):
+        # the same preference store as the reward stage (the same version, for the same file and options)
+        return dataclasses.replace(
+            cfg,
+            dataset=resolve_preferences("dpo.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction),
+            sft_adapter=resolve_adapter("dpo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
+            reward_adapter=resolve_adapter("dpo.reward_adapter", cfg.reward_adapter) if cfg.reward_adapter else "",
+            eval_prompts=resolve_data("dpo.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
+        )
     return dataclasses.replace(
-        cfg, model=model,
+        cfg,
         sft_adapter=resolve_adapter("ppo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
         reward_adapter=resolve_adapter("ppo.reward_adapter", cfg.reward_adapter),
         prompts=resolve_data("ppo.prompts", cfg.prompts),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rlhf.config import PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 if TYPE_CHECKING:
     from rlhf.stages.common import Registration
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class StageResult:
     """What a stage produced; the same shape for every stage."""
 
-    stage: str  # "sft", "reward" or "ppo"
+    stage: str  # a name in STAGES: "sft", "reward", "ppo" or "dpo"
     output_dir: str  # everything the stage wrote is under here
     base: str  # the resolved base model (directory or hub id)
     artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
@@ -38,6 +38,7 @@ class Stage:
 
     config: type  # the stage's config dataclass
     run: Callable[..., StageResult]  # run(cfg, *, group, resume, task, registration)
+    requires: tuple[str, ...] = ()  # stages whose artifacts it consumes: a recipe lists them before it
 
 
 def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None,
@@ -63,10 +64,20 @@ def _ppo(cfg: PPOConfig, *, group: str | None, resume: bool, task: Task | None,
                    registration=registration)
 
 
+def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
+    from rlhf.stages.dpo import run_dpo
+
+    # as for PPO: the gold reward judges the sampled evaluation only, DPO trains on the pairs
+    return run_dpo(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None,
+                   registration=registration)
+
+
 STAGES: dict[str, Stage] = {
     "sft": Stage(SFTConfig, _sft),
-    "reward": Stage(RewardConfig, _reward),
-    "ppo": Stage(PPOConfig, _ppo),
+    "reward": Stage(RewardConfig, _reward, requires=("sft",)),
+    "ppo": Stage(PPOConfig, _ppo, requires=("sft", "reward")),
+    "dpo": Stage(DPOConfig, _dpo, requires=("sft",)),
 }
 
 

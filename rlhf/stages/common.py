@@ -125,14 +125,16 @@ class Registration:
 
 
 def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: str, base: str, config: dict,
-            registration: Registration | None = None, **provenance) -> str:
+            registration: Registration | None = None, entry: str | None = None, **provenance) -> str:
     """Publish one artifact of a stage as ``out_dir/name``, atomically; returns its path.
 
     ``write(tmp)`` fills a temporary directory inside ``out_dir`` (adapter weights, head...);
     the resolved stage config (``config.yaml``) and the metadata (``rlhf_adapter.json``:
     role, base model and ``provenance`` such as the dataset) are added beside them, and the
     directory is renamed into place, so a reader never sees half an artifact. With a
-    ``registration`` the artifact is then recorded in the registry with its lineage. Call it
+    ``registration`` the artifact is then recorded in the registry with its lineage, as
+    ``<prefix>-<entry>`` (``entry`` defaults to the role; DPO's policy is ``<prefix>-dpo``, apart
+    from PPO's) with the ``provenance`` other than the dataset (a parent) as metadata. Call it
     on the main process only.
 
     Raises:
@@ -162,11 +164,12 @@ def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: st
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if registration is not None:
-        _register(registration, final, role, base, config, provenance)
+        _register(registration, final, role, entry or role, base, config, provenance)
     return str(final)
 
 
-def _register(reg: Registration, path: Path, role: str, base: str, config: dict, provenance: dict) -> None:
+def _register(reg: Registration, path: Path, role: str, entry: str, base: str, config: dict,
+              provenance: dict) -> None:
     """Record a published artifact in the registry: base, dataset and parent adapters first."""
     if reg.base is None:
         reg.base = reg.registry.register_base(safe_name(Path(base).name), base).ref
@@ -186,9 +189,10 @@ def _register(reg: Registration, path: Path, role: str, base: str, config: dict,
                 safe_name(dataset.split(":")[0]), str(reward_data.resolve(dataset))).ref
         reg.inputs["dataset"] = reg.outputs["dataset"]
         parents.append(reg.outputs["dataset"])
-    entry = reg.registry.register_adapter(f"{reg.prefix}-{role}", role, str(path), base=reg.base, parents=parents,
-                                          run=reg.run)
-    reg.outputs[path.name] = entry.ref
+    metadata = {k: v for k, v in provenance.items() if k != "dataset"}
+    registered = reg.registry.register_adapter(f"{reg.prefix}-{entry}", role, str(path), base=reg.base,
+                                               parents=parents, run=reg.run, metadata=metadata or None)
+    reg.outputs[path.name] = registered.ref
 
 
 def safe_name(s: str) -> str:

@@ -3,10 +3,11 @@
 One update, top to bottom (each default's source is cited at its field in ``rlhf/config.py``):
 
   1. sample a rollout batch of prompts (deterministic in seed and update number)
-  2. generate responses with the policy role (T=0.7, top_k 0, top_p 1, nothing from the
-     model's generation_config leaks); truncate each after its first stop token
+  2. generate responses with the policy role through the ``ppo.generation`` engine
+     (rlhf/generation.py; T=0.7, top_k 0, top_p 1, nothing from the model's
+     generation_config leaks); truncate each after its first stop token
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
-     model's score on the last real token (reward role)
+     model's score on the last real token (reward role); sft and reward in one mixed-adapter batch
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
   5. advantages with GAE (or a critic-free estimator: reinforce++, rloo, grpo), whitened
      over the whole batch (grpo: already normalised within each prompt's group)
@@ -118,29 +119,14 @@ def _mode(model, training: bool):
         model.train(previous)
 
 
-@torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int], pad_id: int,
              response_length: int) -> Sampled:
-    """Sample responses with the policy role (eval mode); truncate each after its first stop
-    token (any of ``stop_ids``) and pad to exactly ``response_length``."""
-    from transformers import GenerationConfig
+    """Sample responses with the policy role (eval mode) through HF ``generate`` (the ``hf``
+    engine of :mod:`rlhf.generation`); truncate each after its first stop token (any of
+    ``stop_ids``) and pad to exactly ``response_length``."""
+    from rlhf.generation import HFEngine
 
-    # transformers fills every field we leave unset (None) from the model's own
-    # generation_config.json (min_p, min_length, suppress_tokens, bad_words_ids, ...), so the
-    # model's defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
-    lm = model.base_lm
-    saved, lm.generation_config = lm.generation_config, GenerationConfig()
-    try:
-        with _mode(model, False), model.role("policy"), model.autocast(prompt_ids.device):
-            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
-    finally:
-        lm.generation_config = saved
-    resp = out[:, prompt_ids.shape[1]:]
-    if resp.shape[1] < response_length:
-        fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
-        resp = torch.cat([resp, fill], dim=1)
-    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
-    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+    return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length).sample(prompt_ids, prompt_mask)
 
 
 def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
@@ -184,11 +170,11 @@ def score_suffix(tok, stop_ids: list[int]) -> list[int]:
     return [t for t in tail[1:]] if tail else []
 
 
-def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
-    """Head score (B,) of ``role`` where the reward model was trained to score: the last
-    real response token (the stop token when present), or, for rows that stopped, the last
-    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
-    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
+def _score_inputs(batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()):
+    """Input ids and mask (B, P + T + len(suffix)) that a reward or value head scores, and
+    the position (B,) it scores: the last real response token (the stop token when
+    present), or, for rows that stopped, the last of ``suffix`` written after the stop
+    token. Rows are right-padded (mask 0) to one width."""
     P = batch.prompt_ids.shape[1]
     ids, mask = batch.response_ids, batch.response_mask
     if len(suffix):
@@ -201,28 +187,84 @@ def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: 
         mask = torch.where(inside, torch.ones_like(mask), mask)
     input_ids = torch.cat([batch.prompt_ids, ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1)
+    return input_ids, attention_mask, P + F.last_token_index(mask)
+
+
+def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
+    """Head score (B,) of ``role`` where the reward model was trained to score: the last
+    real response token (the stop token when present), or, for rows that stopped, the last
+    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
+    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
+    input_ids, attention_mask, pos = _score_inputs(batch, suffix)
     with model.role(role):
         hidden = model.hidden_states(input_ids, attention_mask)
-    pos = P + F.last_token_index(mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
     return model.values(role, picked)
 
 
+def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float, suffix: list[int] | tuple = (),
+                       mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (sft role) logprobs (B, T) and reward scores (B,) of ``batch``; the logprobs
+    as :func:`response_logprobs` computes them, the scores at :func:`last_token_scores`'
+    position (``suffix`` included).
+
+    With ``mixed`` (and a model in eval mode), both frozen roles run as one forward over the
+    batch stacked twice, each half under its own adapter (peft's mixed-adapter batches,
+    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of 2B rows
+    instead of two passes of B, fewer kernel launches and better-filled matrix units. The
+    reference half is right-padded (mask 0) to the width of the scored inputs, which
+    changes none of its earlier positions (causal attention). The trainable roles are not
+    mixed in: their rollout numbers must come from exactly the computation the training
+    forward repeats (ratio 1 on the first minibatch).
+    """
+    if not model.has_reward:  # no reward role (DPO's evaluation without a reward stage): no score, not a made-up one
+        ref, _ = response_logprobs(model, "sft", batch, temperature)
+        return ref, torch.full_like(ref[:, 0], float("nan"))
+    hooks = getattr(model.peft.base_model, "_enable_peft_forward_hooks", None)
+    # peft's mixed-batch LoRA forward rounds each adapter's output to the base dtype before
+    # adding it, the plain forward adds in fp32 first: without autocast on a bf16/fp16 base
+    # (a CPU run) the two differ by rounding, and the step-0 KL would no longer be exactly 0
+    # (ppo.md test 5); there the frozen roles run apart. fp32, and bf16 under the CUDA
+    # autocast of every role forward, add in the same dtype either way.
+    device = batch.input_ids.device
+    same_rounding = model._compute_dtype == torch.float32 or (device.type == "cuda" and model._compute_dtype == torch.bfloat16)
+    if not mixed or hooks is None or model.training or not same_rounding:
+        ref, _ = response_logprobs(model, "sft", batch, temperature)
+        return ref, last_token_scores(model, "reward", batch, suffix)
+    P = batch.prompt_ids.shape[1]
+    B, T = batch.response_ids.shape
+    score_ids, score_mask, pos = _score_inputs(batch, suffix)
+    extra = score_ids.shape[1] - batch.input_ids.shape[1]
+    ref_ids = torch.nn.functional.pad(batch.input_ids, (0, extra), value=0)
+    ref_mask = torch.nn.functional.pad(batch.attention_mask, (0, extra), value=0)
+    names = [model.adapter_name("sft")] * B + [model.adapter_name("reward")] * B
+    with hooks(adapter_names=names):
+        hidden = model.hidden_states(torch.cat([ref_ids, score_ids]), torch.cat([ref_mask, score_mask]))
+    ref, _ = model.token_logprobs(hidden[:B, P - 1: P - 1 + T], batch.response_ids, temperature)
+    scores = model.values("reward", hidden[B:][torch.arange(B, device=hidden.device), pos])
+    return ref, scores
+
+
 @torch.no_grad()
 def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: list[int] | tuple = ()) -> ScoredRollout:
-    """Policy and reference logprobs, entropy, values and reward scores of ``batch`` (eval
-    mode), computed ``chunk`` rows at a time; ``suffix`` as in :func:`last_token_scores`."""
+    """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
+    computed ``chunk`` rows at a time, in eval mode (which also allows mixed-adapter
+    batches); ``suffix`` as in :func:`last_token_scores`.
+
+    Each role's forward runs once per chunk: policy (logprobs and entropy together), value
+    (only with a critic), and the two frozen roles together (:func:`frozen_role_scores`).
+    """
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
     with _mode(model, False):
         for s in range(0, batch.response_ids.shape[0], chunk):
             mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
             lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-            ref, _ = response_logprobs(model, "sft", mb, cfg.temperature)
+            ref, scores = frozen_role_scores(model, mb, cfg.temperature, suffix)
             parts["logprobs"].append(lp)
             parts["entropy"].append(ent)
             parts["ref_logprobs"].append(ref)
             parts["values"].append(response_values(model, mb) if uses_critic(cfg) else torch.zeros_like(lp))
-            parts["scores"].append(last_token_scores(model, "reward", mb, suffix))
+            parts["scores"].append(scores)
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -407,9 +449,10 @@ def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
              stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = (), reference: list[dict] | None = None) -> tuple[dict, list[dict]]:
-    """Sample once per held-out prompt (fixed seed, so every evaluation sees the same random
-    stream) and report score, KL to the reference, entropy, length, and gold reward if known.
+             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
+    seed so that every evaluation sees the same random stream, and report score, KL to the
+    reference, entropy, length, and gold reward if known.
     With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
     rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
     (``eval/gold_win_rate_*``). Means come with standard errors over prompts."""
@@ -417,7 +460,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
-        batch = generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length)
+        batch = (engine.sample(ids, mask) if engine is not None
+                 else generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length))
         batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2, suffix=suffix)
         scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
@@ -425,15 +469,16 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
         texts = _decode(tok, batch)
         for i, text in enumerate(texts):
             prompt = eval_texts[s + i]
-            per["score"].append(float(scores[i]))
+            if model.has_reward:
+                per["score"].append(float(scores[i]))
             per["kl"].append(float(kl[i]))
             per["entropy"].append(float(ent[i]))
             per["length"].append(float(batch.response_mask[i].sum()))
             gold = gold_fn(prompt, text) if gold_fn is not None else None
             if gold is not None:
                 per["gold"].append(gold)
-            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]), "gold": gold,
-                         "length": per["length"][-1], "kl": per["kl"][-1]})
+            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
+                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
     if reference:
         per["win_rate"] = win_rates(rows, reference, "score")
         per["gold_win_rate"] = win_rates(rows, reference, "gold")
@@ -477,6 +522,7 @@ class PPOSetup:
     score_suffix: list[int]  # tokens the chat template writes after the stop token (score_suffix)
     pad_id: int
     gen_cfg: object  # transformers GenerationConfig, every sampling knob set
+    engine: object  # the sampling engine of ppo.generation (rlhf.generation)
     prompt_ids: list[list[int]]  # encoded training prompts
     eval_ids: list[list[int]]  # encoded held-out prompts (may be empty)
     eval_texts: list[str]  # their last user turns, passed to the gold reward
@@ -513,9 +559,14 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
+    from rlhf.generation import make_engine
+
+    gen_cfg = generation_config(cfg, stop_ids, pad_id)
+    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+                         response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
-        pad_id=pad_id, gen_cfg=generation_config(cfg, stop_ids, pad_id),
+        pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
@@ -615,7 +666,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
         if reference_file is not None and step > 0 and reference_file.exists():
             reference = _read_json(reference_file).get("rows", [])[:n]
         ev, rows = evaluate(s.model, s.tok, s.eval_ids[:n], s.eval_texts[:n], cfg, s.gen_cfg, s.stop_ids, s.pad_id,
-                            s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, reference=reference)
+                            s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine,
+                            reference=reference)
         if reference_file is not None and step == 0:
             write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
         tracker.log(ev, step=step)
@@ -641,7 +693,7 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
         group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
-    return generate(s.model, ids, mask, s.gen_cfg, s.stop_ids, s.pad_id, cfg.response_length), group_ids
+    return s.engine.sample(ids, mask), group_ids
 
 
 def _check_finite(batch: ScoredRollout) -> None:

@@ -34,7 +34,7 @@ def test_top_level_help_lists_every_command_with_a_description(capsys):
     assert "unknown command 'nosuch'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
 def test_stage_help_lists_every_config_key_with_type_default_and_help(stage, capsys):
     from rlhf.stages import STAGES
 
@@ -58,7 +58,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     return parsers
 
 
-@pytest.mark.parametrize("command", ["run", "sft", "reward", "ppo"])
+@pytest.mark.parametrize("command", ["run", "sft", "reward", "ppo", "dpo"])
 def test_every_option_appears_in_its_commands_help(command, capsys):
     parser = _parsers()[command]
     assert main([command, "--help"]) == 0

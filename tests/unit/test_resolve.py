@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import reward_data
-from rlhf.config import ConfigError, PPOConfig, RewardConfig, from_dict
+from rlhf.config import ConfigError, DPOConfig, PPOConfig, RewardConfig, from_dict
 from rlhf.resolve import (
     check_input,
     resolve_adapter,
@@ -112,3 +112,32 @@ def test_resolve_inputs_resolves_every_reference_of_a_stage(tiny_assets, tmp_pat
     pairs = _pairs(tmp_path / "prefs.jsonl")
     rcfg = from_dict(RewardConfig, {"model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs)})
     assert resolve_inputs(rcfg).dataset == "prefs:1"
+
+
+def test_dpo_resolves_its_pairs_like_the_reward_stage(tiny_assets, tmp_path):
+    """DPO's preference file goes through the same store entry as the reward model's (one
+    version for the same bytes and options); its adapters and eval prompts resolve too."""
+    from rlhf.registry import Registry
+
+    reg = Registry.open()
+    base = reg.register_base("tiny", str(tiny_assets.base)).ref
+    sft = reg.register_adapter("sft", "sft", str(tiny_assets.sft_adapter), base=base)
+    pairs = _pairs(tmp_path / "prefs.jsonl")
+    rcfg = from_dict(RewardConfig, {"model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs)})
+    assert resolve_inputs(rcfg).dataset == "prefs:1"
+    reward_data.ingest([pairs], "evalset")
+    got = resolve_inputs(from_dict(DPOConfig, {
+        "model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs), "sft_adapter": "sft:1",
+        "reward_adapter": str(tiny_assets.reward_adapter), "eval_prompts": "evalset"}, prefix="dpo"))
+    assert (got.dataset, got.sft_adapter, got.reward_adapter, got.eval_prompts) == (
+        "prefs:1", str(sft.path), str(tiny_assets.reward_adapter), "evalset:1")
+
+    def dpo(**kw) -> DPOConfig:
+        return from_dict(DPOConfig, {"model": {"name_or_path": str(tiny_assets.base)}, **kw}, prefix="dpo")
+
+    assert resolve_inputs(dpo(dataset=str(pairs), test_fraction=0.5)).dataset == "prefs:2"  # other options
+    assert resolve_inputs(dpo(dataset="prefs:1")).sft_adapter == ""  # optional: the base is the SFT model
+    with pytest.raises(ConfigError, match="dpo.dataset: 'nothing' is neither a file"):
+        resolve_inputs(dpo(dataset="nothing"))
+    with pytest.raises(ConfigError, match="dpo.sft_adapter: 'nope' is neither"):
+        resolve_inputs(dpo(dataset="prefs:1", sft_adapter="nope"))

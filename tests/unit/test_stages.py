@@ -8,13 +8,19 @@ import json
 import pytest
 
 from rlhf import stages
-from rlhf.config import PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.stages import STAGES, Stage, StageResult
 
 
 def test_table_lists_the_stages_in_pipeline_order():
-    assert list(STAGES) == ["sft", "reward", "ppo"]
-    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig]
+    assert list(STAGES) == ["sft", "reward", "ppo", "dpo"]
+    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig]
+    # what a recipe's stage list must put before each stage
+    assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"),
+                                                       "dpo": ("sft",)}
+    from rlhf.cli import STAGE_NAMES
+
+    assert STAGE_NAMES == tuple(STAGES)  # the CLI's copy (for a torch-free --help) is the table's
 
 
 def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_path, monkeypatch, capsys):

@@ -51,7 +51,7 @@ def build_base(arch: str, out: Path, seed: int = 0) -> Path:
     """Write tokenizer + random-init model of ``arch`` to ``out``."""
     import transformers as tf
 
-    from rlhf.models import build_tiny_tokenizer
+    from rlhf.tasks.synthetic import build_tiny_tokenizer
 
     chatml = arch.startswith("qwen2")
     tok = chatml_tokenizer() if chatml else build_tiny_tokenizer()
