@@ -1,0 +1,226 @@
+"""FSDP2 on CPU (gloo, 2 processes): the PPO update, checkpoints and memory per rank
+(rlhf/fsdp.py), and the SFT -> reward -> PPO pipeline under pipelines/accelerate/fsdp2.yaml.
+
+`-k fsdp` selects these. The update test launches one worker script with 1 process and
+with 2 (FSDP2) on the same global batch and compares the adapters after the update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.launch import accelerate_command
+
+ROOT = Path(__file__).resolve().parents[2]
+FSDP2 = ROOT / "pipelines" / "accelerate" / "fsdp2.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, fsdp: bool) -> dict:
+    env = dict(os.environ, RLHF_HOME=str(home), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
+        env.pop(key, None)
+    if fsdp:
+        env["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch sets for fsdp2.yaml
+    return env
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A random 2-layer, 64-wide Llama with tied embeddings (as builtin:tiny), a random
+    SFT adapter and a reward adapter with a score head (no training: fast)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.tasks.synthetic import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("fsdp_base")
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
+    base_dir = out / "base"
+    LlamaForCausalLM(cfg).save_pretrained(base_dir, safe_serialization=True)
+    tok.save_pretrained(base_dir)
+    dirs = []
+    for name in ("sft", "reward"):
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                          lora_dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)  # non-zero, so the roles differ from the base
+        model.save_pretrained(out / name)
+        if name == "reward":
+            save_file({"weight": torch.randn(1, 64) * 0.1, "bias": torch.zeros(1)}, str(out / name / "head.safetensors"))
+        dirs.append(out / name)
+    return base_dir, dirs[0], dirs[1]
+
+
+WORKER = r'''
+import json, sys
+import torch
+from safetensors.torch import save_file
+
+from rlhf import distributed as dist
+from rlhf import fsdp
+from rlhf.config import ModelConfig, PPOConfig
+from rlhf.stages import ppo as P
+
+base, sft, rm, out = sys.argv[1:5]
+G = 8  # global batch
+world, rank = dist.world_size(), dist.rank()
+cfg = PPOConfig(model=ModelConfig(name_or_path=base), sft_adapter=sft, reward_adapter=rm,
+                rollout_batch_size=G // world, num_minibatches=2, micro_batch_size=1, ppo_epochs=2,
+                response_length=8, max_prompt_length=32, learning_rate=1e-3, seed=3, max_grad_norm=1.0)
+
+
+def build():
+    torch.manual_seed(cfg.seed)
+    model, tok, _ = P._build_model(cfg, torch.device("cpu"))  # shards under FSDP
+    return model, tok, P.build_optimization(model, cfg, num_updates=2)
+
+
+model, tok, opt = build()
+stop_id, pad_id = P._stop_id(tok, cfg), tok.pad_token_id
+frozen_bytes = fsdp.parameter_bytes(model, trainable=False)
+
+# The same global batch as one process: every rank samples all G rows with one seed (with
+# the gathered policy), then keeps its slice. Prompts of different lengths: left padding.
+prompts = [[{"role": "user", "content": "write about " + " ".join(["rain", "tea", "cats", "snow"][: 1 + i % 4])}]
+           for i in range(G)]
+ids, mask = P.left_pad(P.encode_prompts(tok, prompts, cfg.max_prompt_length), pad_id, "cpu")
+gen = P.generation_config(cfg, stop_id, pad_id)
+torch.manual_seed(123)
+with fsdp.full_params_for_generation(model):
+    full = P.generate(model, ids, mask, gen, stop_id, pad_id, cfg.response_length)
+lo, hi = dist.shard_bounds(G)
+local = full.index(torch.arange(lo, hi))
+# each rank trims its slice's prompt padding, as run_ppo's per-rank left_pad does
+keep = int(local.prompt_mask.sum(0).nonzero()[0])
+local = type(local)(local.prompt_ids[:, keep:], local.prompt_mask[:, keep:], local.response_ids,
+                    local.response_mask, local.has_stop)
+
+
+def one_update(model, opt, update):
+    batch = P.score_rollout(model, local, cfg, chunk=2)
+    scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, all_reduce=dist.all_reduce_sum)
+    adv, returns = P.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
+    stats = P._ppo_update(model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, 0.05, update=update,
+                          rank=rank, world=world)
+    return batch, stats
+
+
+def full_trainable(model, opt):
+    with fsdp.full_state(model, opt.optimizer):
+        return {f"{r}.{i}": p.detach().clone() for r in ("policy", "value")
+                for i, p in enumerate(model.trainable_parameters(r))}
+
+
+before = full_trainable(model, opt)
+batch, stats = one_update(model, opt, 0)
+after = full_trainable(model, opt)
+tensors = {"logprobs": dist.gather_rows(batch.logprobs).contiguous(),
+           "scores": dist.gather_rows(batch.scores).contiguous()}
+tensors.update({f"delta.{k}": (after[k] - before[k]).contiguous() for k in after})
+
+# checkpoint after update 1 (rank 0 writes full tensors), resume into a fresh sharded model,
+# then update 2 on both: the resumed run must equal the uninterrupted one
+ckpt = out + "_ckpt"
+with fsdp.full_state(model, opt.optimizer):
+    if dist.is_main():
+        P.save_checkpoint(P.Path(ckpt), model, opt, cfg, 1)
+dist.barrier()
+model2, _, opt2 = build()
+with fsdp.full_state(model2, opt2.optimizer):
+    found = P.load_checkpoint(P.Path(ckpt), model2, opt2)
+resumed = full_trainable(model2, opt2)
+one_update(model, opt, 1)
+one_update(model2, opt2, 1)
+cont, res = full_trainable(model, opt), full_trainable(model2, opt2)
+resume_err = max(float((cont[k] - res[k]).abs().max()) for k in cont)
+reload_err = max(float((after[k] - resumed[k]).abs().max()) for k in after)
+sharded = [type(p).__name__ for p in opt.params]
+bytes_all = dist.gather_objects(frozen_bytes)
+if dist.is_main():
+    save_file(tensors, out + ".safetensors")
+    with open(out + ".json", "w") as f:
+        json.dump({"stats": stats, "world": world, "sharded": fsdp.is_sharded(model), "param_types": sorted(set(sharded)),
+                   "frozen_bytes": bytes_all, "resume_err": resume_err, "reload_err": reload_err,
+                   "found": found[0] if found else None}, f)
+'''
+
+
+def _launch_script(script: Path, args: list[str], n: int, env: dict, timeout: int = 300):
+    cmd = accelerate_command([], None, n, _free_port())
+    cmd = cmd[: cmd.index("-m", 3)] + [str(script), *args]  # a script instead of `-m rlhf`
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def fsdp_update_runs(adapters, tmp_path_factory):
+    """One PPO update (+ checkpoint, resume and a second update) from 1 process and from 2 under FSDP2."""
+    from safetensors.torch import load_file
+
+    base, sft, rm = adapters
+    tmp = tmp_path_factory.mktemp("fsdp_update")
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    results = {}
+    for n in (1, 2):
+        out = tmp / f"w{n}"
+        p = _launch_script(script, [str(base), str(sft), str(rm), str(out)], n, _env(tmp / f"home{n}", fsdp=True))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-8000:]
+        results[n] = (load_file(str(out) + ".safetensors"), json.loads(Path(str(out) + ".json").read_text()))
+    return results
+
+
+def test_fsdp_ppo_update_on_two_processes_equals_one(fsdp_update_runs):
+    (t1, j1), (t2, j2) = fsdp_update_runs[1], fsdp_update_runs[2]
+    assert (j1["world"], j2["world"]) == (1, 2)
+    assert (j1["sharded"], j2["sharded"]) == (False, True)
+    assert j2["param_types"] == ["DTensor"]  # every trainable parameter is sharded
+    # scoring with the sharded model equals one process (frozen base, reward and reference roles)
+    torch.testing.assert_close(t2["scores"], t1["scores"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t2["logprobs"], t1["logprobs"], atol=1e-5, rtol=1e-5)
+    deltas = [k for k in t1 if k.startswith("delta.")]
+    assert deltas and any(t1[k].abs().max() > 1e-4 for k in deltas)  # the update moved the weights
+    assert any(k.startswith("delta.value") for k in deltas) and any(k.startswith("delta.policy") for k in deltas)
+    for k in deltas:  # 4 Adam steps (2 epochs x 2 minibatches) on the adapters
+        torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=0, msg=k)
+    for k, v in j1["stats"].items():
+        assert j2["stats"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_fsdp_checkpoint_resume_equals_uninterrupted(fsdp_update_runs):
+    for n in (1, 2):
+        j = fsdp_update_runs[n][1]
+        assert j["found"] == 1
+        assert j["reload_err"] == 0.0  # the checkpoint holds the full adapters
+        assert j["resume_err"] <= 1e-6, (n, j["resume_err"])  # optimizer state restored into the shards
+
+
+def test_fsdp_base_bytes_per_rank_shrink(fsdp_update_runs):
+    (_, j1), (_, j2) = fsdp_update_runs[1], fsdp_update_runs[2]
+    (one,), (r0, r1) = j1["frozen_bytes"], j2["frozen_bytes"]
+    assert r0 + r1 == one  # the shards partition the frozen weights
+    assert max(r0, r1) <= 0.51 * one, (one, r0, r1)
+    print(f"frozen parameter bytes per rank: 1 process {one}, 2 processes {r0} / {r1}")
