@@ -224,3 +224,49 @@ def test_fsdp_base_bytes_per_rank_shrink(fsdp_update_runs):
     assert r0 + r1 == one  # the shards partition the frozen weights
     assert max(r0, r1) <= 0.51 * one, (one, r0, r1)
     print(f"frozen parameter bytes per rank: 1 process {one}, 2 processes {r0} / {r1}")
+
+
+# SFT/reward 2 steps on a global batch of 16 (8 per process x 2, or 16 in one process); PPO 2 updates.
+PIPELINE = [
+    "task.num_sft=64", "task.num_pairs=64", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
+    "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.logging_steps=1", "reward.train.max_steps=2",
+    "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
+    "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
+    "ppo.save_every=1", "ppo.guard_max_length_fraction=1.01",
+]
+
+
+def _pipeline(tmp: Path, base: Path, n: int) -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp / f"run{n}"
+    per_device = 16 // n
+    cmd = [sys.executable, "-m", "rlhf", "run", str(ROOT / "pipelines" / "tiny.yaml"), "--output-dir", str(run_dir),
+           f"model.name_or_path={base}", f"sft.train.batch_size={per_device}", f"reward.train.batch_size={per_device}",
+           *PIPELINE]
+    if n > 1:
+        cmd += ["--launcher", "accelerate", "--accelerate-config", str(FSDP2), "--num-processes", str(n)]
+    env = _env(tmp / f"home{n}", fsdp=False)
+    env["MASTER_PORT"] = str(_free_port())
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT), run_dir
+
+
+@pytest.mark.slow
+def test_fsdp2_pipeline_adapters_equal_one_process(adapters, tmp_path):
+    """`rlhf run --accelerate-config fsdp2.yaml --num-processes 2`: every stage completes, the
+    SFT and reward adapters written by rank 0 are complete and equal the 1-process run's."""
+    from safetensors.torch import load_file
+
+    base = adapters[0]
+    (p2, run2), (p1, run1) = _pipeline(tmp_path, base, 2), _pipeline(tmp_path, base, 1)
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-6000:]
+    assert p1.returncode == 0, p1.stdout[-2000:] + p1.stderr[-6000:]
+    for d in ("sft/adapter", "reward/adapter"):
+        w1, w2 = (load_file(str(r / d / "adapter_model.safetensors")) for r in (run1, run2))
+        assert sorted(w2) == sorted(w1) and w1, d  # complete: every LoRA tensor, full shapes
+        for k in w1:
+            assert w2[k].shape == w1[k].shape, (d, k)
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3, msg=f"{d}:{k}")
+    h1, h2 = (load_file(str(r / "reward/adapter/head.safetensors")) for r in (run1, run2))
+    torch.testing.assert_close(h2["weight"], h1["weight"], atol=1e-4, rtol=1e-3)
+    for d in ("ppo/policy", "ppo/value"):
+        assert (run2 / d / "adapter_model.safetensors").is_file()
+    assert (run2 / "ppo" / "checkpoints" / "update-2").is_dir()
