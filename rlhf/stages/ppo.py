@@ -37,7 +37,7 @@ import torch
 
 from rlhf import ppo as F
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
-from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded
+from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.stages import StageResult
@@ -223,6 +223,7 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 
 
 def _build_model(cfg: PPOConfig, device):
+    from rlhf import distributed as dist
     from rlhf.adapters import RoleModel
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
@@ -235,10 +236,7 @@ def _build_model(cfg: PPOConfig, device):
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules if cfg.lora.target_modules != "all-linear" else None})
     model.to(device)
-    from rlhf import distributed as dist
     if dist.engine() == "fsdp" and dist.is_distributed():
-        from rlhf.fsdp import shard_model
-
         shard_model(model)  # base and LoRA roles sharded over the processes (rlhf/fsdp.py)
     if cfg.gradient_checkpointing:
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -462,15 +460,17 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     if not s.eval_ids:
         return {}
     # Rank 0 evaluates alone (same prompts and seed as a single-process run, so numbers
-    # compare across launches); the model has no collectives, the others just wait.
+    # compare across launches); the model has no collectives, the others just wait. Under
+    # FSDP its forwards are collectives, so every rank evaluates the same prompts with the
+    # same seed (identical results) with the policy gathered; rank 0 logs.
     ev = {}
-    with full_params_for_generation(s.model):  # FSDP: every rank gathers, so rank 0 runs alone
-        if dist.is_main():
+    with full_params_for_generation(s.model):
+        if dist.is_main() or is_sharded(s.model):
             ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_id, s.pad_id,
                                 s.device, gold_fn, seed=cfg.seed + 1_000_003)
+        if dist.is_main():
             tracker.log(ev, step=step)
             tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
-        dist.barrier()
     return dist.broadcast_object(ev)
 
 
