@@ -16,6 +16,12 @@ statistics (``rlhf.ppo.masked_whiten`` with
 :func:`all_reduce_sum`), and the trainable LoRA gradients are summed across
 processes (:func:`sum_gradients`) with every loss normalised by the global token count,
 so one optimizer step equals the single-process step on the same global minibatch.
+Under ``pipelines/accelerate/fsdp2.yaml`` PPO shards its model itself with FSDP2
+(``rlhf/fsdp.py``: ``shard_model``, ``full_params_for_generation``, ``full_state``); the
+helpers here then skip the sharded parameters, whose gradients FSDP has already summed.
+
+Several machines: the same helpers work across machines (ranks are global; only global
+rank 0 writes), see ``rlhf.launch`` for the launch options.
 """
 
 from __future__ import annotations
