@@ -29,7 +29,7 @@ def chatml_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from reward_data.synthetic import VOCABULARY
+    from rlhf.tasks.synthetic import VOCABULARY
 
     specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     backend = Tokenizer(models.BPE())
@@ -51,7 +51,7 @@ def build_base(arch: str, out: Path, seed: int = 0) -> Path:
     """Write tokenizer + random-init model of ``arch`` to ``out``."""
     import transformers as tf
 
-    from rlhf.models import build_tiny_tokenizer
+    from rlhf.tasks.synthetic import build_tiny_tokenizer
 
     chatml = arch.startswith("qwen2")
     tok = chatml_tokenizer() if chatml else build_tiny_tokenizer()
@@ -112,7 +112,7 @@ def write_adapter(base_dir: Path, out: Path, seed: int, with_head: bool) -> None
 
 def build_assets(arch: str, root: Path) -> dict:
     """Base, adapters and prompts of ``arch`` under ``root``; returns PPOConfig overrides."""
-    from reward_data.synthetic import sample_prompt
+    from rlhf.tasks.synthetic import sample_prompt
 
     base = build_base(arch, root / "base")
     sft = None

@@ -104,7 +104,7 @@ def test_length_guard_default_lets_a_run_that_hits_the_limit_train(ppo_config):
     from test_ppo_update import read_metrics
 
     cfg = ppo_config(total_episodes=8, rollout_batch_size=4, response_length=2)
-    assert run_ppo(cfg)["finished"]
+    assert run_ppo(cfg).finished
     lengths = [m["response/length_mean"] for m in read_metrics(Path(cfg.output_dir))]
     assert len(lengths) == 2 and min(lengths) > 0.95 * cfg.response_length
 
@@ -118,7 +118,7 @@ def test_length_guard_trips_only_when_sustained(patience, trips, ppo_config):
         with pytest.raises(GuardTripped, match="2 updates in a row"):
             run_ppo(cfg)
     else:
-        assert run_ppo(cfg)["finished"]
+        assert run_ppo(cfg).finished
 
 
 @pytest.mark.parametrize("keep, expected", [(0, ["update-1", "update-2", "update-3"]), (1, ["update-3"]),
@@ -140,7 +140,7 @@ def test_length_guard_count_survives_resume(ppo_config):
     for update 3), before update 2's checkpoint."""
     cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1,
                      guard_max_length_fraction=0.5, guard_length_patience=2)
-    assert not run_ppo(cfg, stop_after=1)["finished"]
+    assert not run_ppo(cfg, stop_after=1).finished
     with pytest.raises(GuardTripped, match="2 updates in a row"):
         run_ppo(cfg, resume=True)
     assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()) == ["update-1"]

@@ -301,12 +301,12 @@ def test_resume_with_checkpointing_matches_uninterrupted(arch_model, arch_assets
                                          output_dir=str(tmp_path / name / "ppo")))
 
     killed = cfg("killed")
-    assert not run_ppo(killed, stop_after=1)["finished"]
+    assert not run_ppo(killed, stop_after=1).finished
     resumed = run_ppo(killed, resume=True)
     straight = run_ppo(cfg("straight"))
     for role in ("policy", "value"):
-        a = load_file(f"{resumed[role]}/adapter_model.safetensors")
-        b = load_file(f"{straight[role]}/adapter_model.safetensors")
+        a = load_file(f"{resumed.artifacts[role]}/adapter_model.safetensors")
+        b = load_file(f"{straight.artifacts[role]}/adapter_model.safetensors")
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
 
 
