@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,23 +162,53 @@ class PPOConfig:
         "What to do with the score of a response without the stop token.", default="replace"
     )
     missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
+    generation: Literal["auto", "hf", "static", "merged"] = _help(
+        "Sampling engine (rlhf/generation.py). 'hf': transformers generate with a dynamic cache. 'static': "
+        "our decode loop over a preallocated KV cache, prompt widths bucketed (multiples of 64) so a run "
+        "compiles a bounded number of graphs, policy LoRA active, eval mode. 'merged': the static loop on a "
+        "separate merged copy of base+policy, refreshed after each update (the shared base is never "
+        "merged in place). 'auto': static on CUDA, hf on CPU.", default="auto")
+    compile: Literal["auto", "on", "off"] = _help(
+        "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
+        "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
     # reward shaping / KL
     kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
     kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
     kl_target: float = _help("Adaptive controller's target KL per response.", range="> 0", default=6.0)
     kl_horizon: int = _help("Adaptive controller's horizon.", range="> 0", default=10000)
-    kl_estimator: Literal["k1", "k2", "k3"] = _help(
+    kl_estimator: Literal["k1", "k2", "k3"] | None = _help(
         "Per-token KL estimator, r = p_ref / p: k1 = logp - logp_ref, k2 = 0.5 (log r)^2, k3 = (r-1) - log r. "
-        "A KL loss term (kl_in_reward: false) needs k2 or k3: k1's gradient ignores the reference.", default="k1")
-    kl_in_reward: bool = _help("Put the KL penalty in the reward (true) or add it to the policy loss (false; GRPO-style, "
-                               "with kl_estimator k3 or k2).", default=True)
+        "A KL loss term (kl_in_reward: false) needs k2 or k3: k1's gradient ignores the reference. "
+        "Default (null): k1 in the reward, k3 as a loss term.", default=None)
+    kl_in_reward: bool | None = _help(
+        "Put the KL penalty in the reward (true) or add it to the policy loss (false; GRPO-style, with kl_estimator "
+        "k3 or k2). Default (null): false for advantage_estimator grpo (as in the GRPO paper), true otherwise.",
+        default=None)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
-    advantage_estimator: Literal["gae", "reinforce++", "rloo"] = _help("GAE with a critic, or a critic-free estimator.", default="gae")
+    advantage_estimator: Literal["gae", "reinforce++", "rloo", "grpo"] = _help(
+        "gae: GAE with a critic (the value role). Critic-free (no value role is loaded or trained): reinforce++ "
+        "(whitened reward-to-go), rloo (leave-one-out baseline over samples_per_prompt samples), grpo (group-relative: "
+        "(r - group mean) / group std over samples_per_prompt samples, DeepSeekMath arXiv 2402.03300).", default="gae")
+    samples_per_prompt: int = _help(
+        "Responses sampled per prompt in each rollout (k); rollout_batch_size counts responses, so it holds "
+        "rollout_batch_size / k distinct prompts. Any estimator; rloo and grpo need k >= 2 (their baseline is the "
+        "other samples of the same prompt).", range=">= 1", default=1)
+    rloo_k: int | None = _help("Deprecated alias of samples_per_prompt (kept so old recipes run; prints a warning).",
+                               range=">= 2", default=None)
+    grpo_scale_by_std: bool = _help(
+        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false is Dr. GRPO "
+        "(Liu et al. 2025, arXiv 2503.20783): the std division favours prompts that are too easy or too hard.",
+        default=True)
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = _help(
+        "How per-token policy losses (surrogate, KL term, entropy) become one number per minibatch. token-mean: sum "
+        "over the minibatch's tokens / its token count (PPO default). seq-mean-token-mean: each response's token mean, "
+        "averaged over responses (GRPO paper). token-sum-norm: sum over tokens / (responses x response_length), a "
+        "constant normaliser with no length bias (Dr. GRPO). Micro-batch accumulation is exact for each.",
+        default="token-mean")
     gamma: float = _help("Discount.", range="[0, 1]", default=1.0)
     lam: float = _help("GAE lambda.", range="[0, 1]", default=0.95)
-    rloo_k: int = _help("Samples per prompt for the RLOO baseline.", range=">= 2", default=2)
     cliprange: float = _help("Policy ratio clip.", range="> 0", default=0.2)
     cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
@@ -222,8 +253,23 @@ class PPOConfig:
         mb = self.rollout_batch_size // self.num_minibatches
         if mb % self.micro_batch_size and self.micro_batch_size < mb:
             raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide the minibatch size ({mb})")
-        if self.advantage_estimator == "rloo" and self.rollout_batch_size % self.rloo_k:
-            raise ConfigError("ppo.rollout_batch_size must be divisible by ppo.rloo_k")
+        if self.rloo_k is not None:
+            if self.samples_per_prompt not in (1, self.rloo_k):
+                raise ConfigError(f"ppo.rloo_k ({self.rloo_k}) is a deprecated alias of ppo.samples_per_prompt "
+                                  f"({self.samples_per_prompt}); set only samples_per_prompt")
+            warnings.warn(f"ppo.rloo_k is deprecated: use ppo.samples_per_prompt: {self.rloo_k} (it now applies to "
+                          "every advantage estimator)", FutureWarning, stacklevel=2)
+            self.samples_per_prompt, self.rloo_k = self.rloo_k, None
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                              f"ppo.samples_per_prompt ({self.samples_per_prompt})")
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
+                              f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        if self.kl_in_reward is None:
+            self.kl_in_reward = self.advantage_estimator != "grpo"
+        if self.kl_estimator is None:
+            self.kl_estimator = "k1" if self.kl_in_reward else "k3"
         if not self.kl_in_reward and self.kl_estimator == "k1":
             raise ConfigError(
                 "ppo.kl_estimator: k1 cannot be a loss term (ppo.kl_in_reward: false): the gradient of "
@@ -285,6 +331,9 @@ def _convert(tp, value, key: str):
                 return _convert(arg, value, key)
             except ConfigError as e:
                 errors.append(str(e))
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and typing.get_origin(others[0]) is Literal:  # a choice or null: list the choices
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:

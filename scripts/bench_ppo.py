@@ -3,10 +3,17 @@
 Usage::
 
     python scripts/bench_ppo.py --shape tiny                # CPU: tiny shape, both sides
+    python scripts/bench_ppo.py --shape small               # CPU: 4 layers, 256 wide
     python scripts/bench_ppo.py --shape 0.5B                # GPU: Qwen2.5-0.5B shape, bf16
     python scripts/bench_ppo.py --shape 0.5B --modes lora   # only the LoRA comparison
-    python scripts/bench_ppo.py --max-size                  # largest Qwen2.5 shape ours fits
-    python scripts/bench_ppo.py --fetch-trl-wheel           # put trl 1.12.0's wheel in .bench/wheels
+    python scripts/bench_ppo.py --max-size --memory-limit-gb 80   # largest Qwen2.5 shape (to 32B) in 80 GB
+    python scripts/download_gpu_wheels.py                   # wheels for a GPU image without trl/datasets
+
+The vocabulary is 32000 tokens for every shape (the published anchor's; ``--vocab``), except
+``--max-size``, which builds each shape with its own Qwen2.5 vocabulary. Offline machines:
+the wheels in ``--wheels`` (default ``.whl/``, filled by ``scripts/download_gpu_wheels.py``)
+are installed with ``pip install --no-index`` (what the interpreter lacks into
+``.bench/site``, trl 1.12.0 into the TRL venv).
 
 Both sides get a randomly initialised model of one shape (weights are irrelevant to speed),
 a word-level tokenizer of the shape's vocabulary size built locally (nothing is downloaded),
@@ -31,8 +38,9 @@ installed from ``--trl-wheels`` (default ``.bench/wheels``) when it holds the wh
 the package registry. trl 1.12 is never a dependency of the project.
 
 The last line printed is JSON with ``ours_eps_per_s``, ``trl_eps_per_s``, ``speedup``,
-``ours_peak_gb``, ``trl_peak_gb`` and ``device`` (with ``--max-size``: ``max_shape`` and its
-``peak_gb``). With both modes, the top-level TRL numbers are the harder baseline: TRL's best
+``ours_peak_gb``, ``trl_peak_gb``, ``device`` and the phase times ``ours_generate_s``,
+``ours_score_s``, ``ours_update_s``, ``trl_generate_s``, ... (per TRL mode under ``modes``; with
+``--max-size``: ``max_shape``, its ``peak_gb`` and one row per shape tried). With both modes, the top-level TRL numbers are the harder baseline: TRL's best
 episodes per second and its lowest peak memory over the two modes; per-mode numbers are under
 ``modes``. Targets on one H100 at the 0.5B shape: speedup >= 4 and ours_peak_gb <= trl_peak_gb / 2.
 """
@@ -76,14 +84,22 @@ SHAPES: dict[str, dict] = {
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     "14B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    # a CPU-sized shape between tiny and 0.5B (not a Qwen2.5 release)
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
 }
-MAX_SIZE_ORDER = ["0.5B", "1.5B", "3B", "7B", "14B"]
+MAX_SIZE_ORDER = ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
+# The published anchor (ppo.md: TRL 1.12 at 13.6 s / 16.6 s per batch) used a 32k vocabulary.
+DEFAULT_VOCAB = 32000
 
 # Rollout settings per shape family: the issue's GPU setting for the Qwen shapes, and a CPU
 # setting for tiny that keeps all three runs (ours, TRL full, TRL LoRA) within about three
 # minutes on a busy 2-core machine, where per-call overhead, not arithmetic, sets the pace.
 DEFAULTS = {
     "tiny": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
+    "small": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
     "qwen": dict(batch=64, prompt_len=64, response_len=128, num_minibatches=4, ppo_epochs=4, n_batches=3),
 }
 
@@ -109,11 +125,16 @@ class BenchSpec:
     lora_alpha: int = 32
     dtype: str = "float32"  # "bfloat16" on GPUs
     seed: int = 0
+    vocab: int = DEFAULT_VOCAB  # vocabulary size of the random model and its tokenizer
+    generation: str = "auto"  # our sampling engine (ppo.generation)
+    compile: str = "auto"  # ppo.compile
+    gradient_checkpointing: bool = False
+    micro_batch: int = 0  # rows per forward/backward on our side; 0: the whole minibatch
 
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise ValueError(f"--shape must be one of {list(SHAPES)}, got {self.shape!r}")
-        for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r"):
+        for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r", "vocab"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if self.batch % self.num_minibatches:
@@ -124,6 +145,10 @@ class BenchSpec:
     @property
     def minibatch(self) -> int:
         return self.batch // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return min(self.micro_batch, self.minibatch) if self.micro_batch > 0 else self.minibatch
 
     @property
     def measured_batches(self) -> int:
@@ -157,10 +182,12 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def qwen2_config(shape: str, tok):
+def qwen2_config(shape: str, tok, vocab: int | None = None):
+    """The shape's Qwen2 config; ``vocab`` replaces the published vocabulary size."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    dims = dict(SHAPES[shape], **({"vocab_size": vocab} if vocab else {}))
+    return Qwen2Config(**dims, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                        use_sliding_window=False)
 
@@ -182,8 +209,8 @@ def build_workspace(spec: BenchSpec, workdir: str | Path) -> Path:
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(SHAPES[spec.shape]["vocab_size"])
-    config = qwen2_config(spec.shape, tok)
+    tok = build_tokenizer(spec.vocab)
+    config = qwen2_config(spec.shape, tok, spec.vocab)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
     # Big shapes are initialised on the GPU when there is one: CPU init of 7B+ takes minutes.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,20 +271,6 @@ def peak_memory_gb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS"  # ru_maxrss is in KiB
 
 
-def _synchronized(fn):
-    """Wrap ``fn`` so it returns only when the GPU has finished its work: the stage reads
-    phase times right after generate/score_rollout, and queued kernels would otherwise be
-    billed to the next phase."""
-    import torch
-
-    def wrapper(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out
-
-    return wrapper
-
-
 def our_config(spec: BenchSpec, workdir: str | Path, out_dir: str | Path, n_batches: int | None = None):
     """The PPOConfig of our side of the benchmark."""
     from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
@@ -270,7 +283,8 @@ def our_config(spec: BenchSpec, workdir: str | Path, out_dir: str | Path, n_batc
         prompts=str(work / "prompts.jsonl"),
         total_episodes=spec.batch * n, rollout_batch_size=spec.batch,
         max_prompt_length=spec.prompt_len, response_length=spec.response_len, stop_token=STOP_TOKEN,
-        ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches, micro_batch_size=spec.minibatch,
+        ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches, micro_batch_size=spec.micro_batch_size,
+        generation=spec.generation, compile=spec.compile, gradient_checkpointing=spec.gradient_checkpointing,
         lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
         eval_every=0, save_every=0, seed=spec.seed, output_dir=str(Path(out_dir) / "ppo"), report_to=["local"],
         # A benchmark must not stop on a random model's statistics.
@@ -291,14 +305,10 @@ def run_ours(workdir: str | Path, out_dir: str | Path, n_batches: int | None = N
 
     spec = load_spec(workdir)
     cfg = our_config(spec, workdir, out_dir, n_batches)
-    originals = stage.generate, stage.score_rollout
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        stage.generate, stage.score_rollout = _synchronized(stage.generate), _synchronized(stage.score_rollout)
-    try:
-        stage.run_ppo(cfg)  # writes under cfg.output_dir = out_dir/ppo
-    finally:
-        stage.generate, stage.score_rollout = originals
+    # the stage synchronises the GPU after each phase, so its phase times are the GPU's
+    stage.run_ppo(cfg)  # writes under cfg.output_dir = out_dir/ppo
     rows = [json.loads(line) for line in (Path(out_dir) / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "episodes_per_s" in r]
     updates = [{"total_s": spec.batch / r["episodes_per_s"], "generate_s": r["time/generate_s"],
@@ -340,16 +350,16 @@ def ensure_trl_env(env_dir: Path, wheels: Path | None) -> Path:
         return python
     if env_dir.exists():
         shutil.rmtree(env_dir)
-    print(f"[bench] creating the TRL {TRL_VERSION} environment in {env_dir}", file=sys.stderr)
+    print(f"[bench] creating the TRL {TRL_VERSION} environment in {env_dir}", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     target = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                             check=True, capture_output=True, text=True).stdout.strip()
     # addsitedir also runs the .pth files of those folders, as this interpreter did at start.
     Path(target, "_rlhf_bench_shared.pth").write_text(
         "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in _package_dirs()) + "\n")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target]
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", target]
     if wheels is not None and any(wheels.glob(f"trl-{TRL_VERSION}-*.whl")):
-        cmd += ["--no-index", "--find-links", str(wheels)]
+        cmd += ["--no-index", "--find-links", str(wheels)]  # offline, from download_gpu_wheels.py's folder
     cmd.append(f"trl=={TRL_VERSION}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -361,6 +371,42 @@ def ensure_trl_env(env_dir: Path, wheels: Path | None) -> Path:
                            f"{check.stderr[-500:]}")
     ready.write_text(stamp)
     return python
+
+
+def _wheel_dist(path: Path) -> str:
+    """Normalised distribution name of a wheel file (``pandas-3.1.1-cp312-...whl`` -> ``pandas``)."""
+    return path.name.split("-")[0].lower().replace("_", "-")
+
+
+def install_missing_wheels(wheels: Path, target: Path) -> list[str]:
+    """Install, offline, every wheel of ``wheels`` whose distribution this interpreter lacks,
+    into ``target``; put ``target`` on this process's path and on the workers' PYTHONPATH.
+
+    The GPU image has no trl, datasets (and what datasets needs); scripts/download_gpu_wheels.py
+    fills ``wheels``. trl itself goes into the TRL venv (``ensure_trl_env``), never here, so
+    our side never sees a trl that is not the project's. Returns the installed names.
+    """
+    from importlib import metadata
+
+    missing = []
+    for whl in sorted(wheels.glob("*.whl")):
+        name = _wheel_dist(whl)
+        if name == "trl":
+            continue
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(whl)
+    if missing:
+        target.mkdir(parents=True, exist_ok=True)
+        print(f"[bench] installing offline from {wheels}: {', '.join(_wheel_dist(w) for w in missing)}",
+              file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, missing)], check=True)
+    if target.is_dir():
+        sys.path.insert(0, str(target))
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(target)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return [_wheel_dist(w) for w in missing]
 
 
 def fetch_trl_wheel(wheels: Path) -> Path:
@@ -421,7 +467,9 @@ def format_table(spec: BenchSpec, device: str, ours: dict, trl: dict[str, dict])
     shape = SHAPES[spec.shape]
     lines = [
         f"PPO benchmark: shape {spec.shape} (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
-        f"vocab {shape['vocab_size']}), {spec.dtype}, device {device}",
+        f"vocab {spec.vocab}), {spec.dtype}, device {device}; ours: generation {spec.generation}, "
+        f"compile {spec.compile}, micro-batch {spec.micro_batch_size}, gradient checkpointing "
+        f"{'on' if spec.gradient_checkpointing else 'off'}",
         f"batch {spec.batch} prompts x {spec.prompt_len} tokens, {spec.response_len}-token responses, "
         f"{spec.num_minibatches} minibatches x {spec.ppo_epochs} PPO epochs; {spec.n_batches} batches, "
         f"first excluded as warm-up; peak = {ours['peak_kind']}",
@@ -473,17 +521,29 @@ def summary_json(ours: dict, trl: dict[str, dict], device: str, spec: BenchSpec)
         "trl_peak_mode": low_peak[0],
         "peak_kind": ours["peak_kind"],
         "ours_sec_per_batch": round(ours["sec_per_batch"], 4),
+        **_phases("ours", ours),
+        **_phases("trl", best_eps[1]),
         "modes": {m: {"trl_eps_per_s": round(r["eps_per_s"], 4), "speedup": round(ours["eps_per_s"] / r["eps_per_s"], 4),
                       "trl_sec_per_batch": round(r["sec_per_batch"], 4), "trl_peak_gb": round(r["peak_gb"], 4),
-                      "peak_ratio": round(ours["peak_gb"] / r["peak_gb"], 4)} for m, r in trl.items()},
+                      "peak_ratio": round(ours["peak_gb"] / r["peak_gb"], 4), **_phases("trl", r)}
+                  for m, r in trl.items()},
     }
+
+
+def _phases(side: str, r: dict) -> dict:
+    """``{side}_generate_s``, ``{side}_score_s``, ``{side}_update_s``: mean seconds per batch."""
+    return {f"{side}_{k}": round(r[k], 4) for k in ("generate_s", "score_s", "update_s")}
 
 
 def _spec_from_args(args, shape: str, cuda: bool) -> BenchSpec:
     base = DEFAULTS["tiny" if shape == "tiny" else "qwen"]
     kw = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, **kw)
+    vocab = getattr(args, "vocab", None) or DEFAULT_VOCAB
+    return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                     vocab=vocab, generation=getattr(args, "generation", "auto"), compile=getattr(args, "compile", "auto"),
+                     gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
+                     micro_batch=getattr(args, "micro_batch", None) or 0, **kw)
 
 
 def _has_cuda() -> bool:
@@ -501,6 +561,8 @@ def bench(args) -> dict:
     cuda = _has_cuda()
     shape = args.shape or ("0.5B" if cuda else "tiny")
     spec = _spec_from_args(args, shape, cuda)
+    if Path(args.trl_wheels).is_dir():
+        install_missing_wheels(Path(args.trl_wheels), REPO / ".bench" / "site")
     if not cuda and shape != "tiny":
         print(f"[bench] warning: no GPU; the {shape} shape on a CPU will be very slow", file=sys.stderr)
     trl_python = None
@@ -526,7 +588,8 @@ def bench(args) -> dict:
         device = ours_raw["device"]
         if not trl:
             out = {"ours_eps_per_s": round(ours["eps_per_s"], 4), "trl_eps_per_s": None, "speedup": None,
-                   "ours_peak_gb": round(ours["peak_gb"], 4), "trl_peak_gb": None, "device": device, "shape": shape}
+                   "ours_peak_gb": round(ours["peak_gb"], 4), "trl_peak_gb": None, "device": device, "shape": shape,
+                   "ours_sec_per_batch": round(ours["sec_per_batch"], 4), **_phases("ours", ours)}
             print(f"ours: {ours['eps_per_s']:.2f} episodes/s, {ours['sec_per_batch']:.3f} s/batch, "
                   f"peak {ours['peak_gb']:.3f} GB ({ours['peak_kind']}); no TRL run completed")
         else:
@@ -540,38 +603,150 @@ def bench(args) -> dict:
             print(f"[bench] workspace kept: {work}", file=sys.stderr)
 
 
+def _lora_state(model, targets: list[str], r: int, seed: int, device) -> dict:
+    """Random LoRA tensors for every targeted decoder linear, keyed as peft saves them."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head":
+            for key, shape in (("lora_A", (r, mod.in_features)), ("lora_B", (mod.out_features, r))):
+                state[f"base_model.model.{name}.{key}.weight"] = torch.randn(
+                    shape, generator=gen, device=device) * 0.01
+    return state
+
+
+def build_in_memory(spec: BenchSpec, device):
+    """Our PPO setup for ``spec`` with nothing read from or written to disk.
+
+    The base is initialised directly on ``device`` (random weights of ``spec.dtype``), the sft
+    and reward adapters are random in-memory LoRA states (the policy starts as a copy of sft,
+    the value role as a copy of reward), prompts are random token ids.
+
+    Returns:
+        ``(setup, cfg)``: a :class:`rlhf.stages.ppo.PPOSetup` and the :class:`PPOConfig`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.adapters import InMemoryAdapter, RoleModel, linear_target_modules
+    from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
+    from rlhf.generation import make_engine
+    from rlhf.models import disable_dropout
+    from rlhf.stages import ppo as stage
+
+    tok = build_tokenizer(spec.vocab)
+    config = qwen2_config(spec.shape, tok, spec.vocab)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    disable_dropout(base)
+    targets = linear_target_modules(base)
+    peft_cfg = {"r": spec.lora_r, "lora_alpha": spec.lora_alpha, "target_modules": targets}
+    head = {"weight": torch.randn(1, config.hidden_size) / config.hidden_size ** 0.5}
+    sft = InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 1, device), peft_cfg)
+    reward = InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 2, device), peft_cfg, head)
+    model = RoleModel(base, sft, reward).to(device)
+    del sft, reward
+    if spec.gradient_checkpointing:
+        model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # as rlhf.stages.ppo._build_model: rollouts in eval mode, _ppo_update switches to train
+
+    cfg = PPOConfig(
+        model=ModelConfig(name_or_path="in-memory", dtype=spec.dtype), total_episodes=spec.batch,
+        rollout_batch_size=spec.batch, max_prompt_length=spec.prompt_len, response_length=spec.response_len,
+        stop_token=STOP_TOKEN, ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches,
+        micro_batch_size=spec.micro_batch_size, generation=spec.generation, compile=spec.compile,
+        gradient_checkpointing=spec.gradient_checkpointing, lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
+        eval_every=0, save_every=0, seed=spec.seed, output_dir="/nonexistent", report_to=["local"],
+        guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0, guard_max_length_fraction=1.01)
+    stop_ids, pad_id = stage._stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
+    gen_cfg = stage.generation_config(cfg, stop_ids, pad_id)
+    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+                         response_length=cfg.response_length, compile=cfg.compile, device=device)
+    rng = random.Random(spec.seed)
+    first_word = len(tok.all_special_tokens)
+    prompts = [[rng.randrange(first_word, spec.vocab) for _ in range(spec.prompt_len)] for _ in range(spec.batch)]
+    s = stage.PPOSetup(model=model, tok=tok, base_path="in-memory", stop_ids=stop_ids,
+                       score_suffix=stage.score_suffix(tok, stop_ids), pad_id=pad_id, gen_cfg=gen_cfg,
+                       engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=torch.device(device),
+                       rank=0, world=1, per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
+    return s, cfg
+
+
+def run_probe(spec: BenchSpec, memory_limit_gb: float | None = None) -> dict:
+    """One full PPO update of ``spec.shape`` built in memory (:func:`build_in_memory`);
+    returns its peak memory. ``memory_limit_gb`` caps this process's CUDA memory (e.g. 80
+    on a 141 GB H200 asks "does it fit on an 80 GB GPU?")."""
+    import torch
+
+    from rlhf.stages import ppo as stage
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda and memory_limit_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gb * 2**30 / total))
+    t0 = time.time()
+    s, cfg = build_in_memory(spec, device)
+    build_s = time.time() - t0
+    opt = stage.build_optimization(s.model, cfg, 1)
+    t1 = time.time()
+    stats = stage.train_update(s, opt, cfg, 0)
+    peak, kind = peak_memory_gb()
+    return {"shape": spec.shape, "peak_gb": peak, "peak_kind": kind, "device": device_name(),
+            "params_b": sum(p.numel() for p in s.model.base_lm.parameters()) / 1e9, "build_s": build_s,
+            "update_s": time.time() - t1, "generate_s": stats["time/generate_s"], "score_s": stats["time/score_s"],
+            "train_s": stats["time/update_s"], "optimizer_steps": stats.get("optimizer_steps"),
+            "memory_limit_gb": memory_limit_gb}
+
+
 def max_size(args) -> dict:
-    """Largest Qwen2.5 shape whose LoRA PPO (one base, four adapters) completes a batch."""
+    """Largest Qwen2.5 shape whose LoRA PPO (one base, four adapters) completes one update.
+
+    Each shape runs in its own process (an out-of-memory error leaves nothing behind), built
+    in memory (:func:`run_probe`), with gradient checkpointing and micro-batches of
+    ``--micro-batch`` (default 8), smallest shape first; the first failure ends the search.
+    """
     cuda = _has_cuda()
     shapes = args.shapes or MAX_SIZE_ORDER
+    if Path(args.trl_wheels).is_dir():
+        install_missing_wheels(Path(args.trl_wheels), REPO / ".bench" / "site")
     if not cuda:
         print("[bench] warning: no GPU; --max-size measures peak RSS on the CPU", file=sys.stderr)
     results, best = [], None
     for shape in shapes:
         spec = _spec_from_args(args, shape, cuda)
-        # One warm-up batch is not needed: the question is whether a batch completes.
-        spec = dataclasses.replace(spec, n_batches=1)
-        work = Path(tempfile.mkdtemp(prefix=f"bench-ppo-{shape}-", dir=args.workdir))
+        spec = dataclasses.replace(spec, n_batches=1, gradient_checkpointing=True, micro_batch=args.micro_batch or 8,
+                                   vocab=args.vocab or SHAPES[shape]["vocab_size"],
+                                   ppo_epochs=args.ppo_epochs or 1)
+        work = Path(tempfile.mkdtemp(prefix=f"bench-probe-{shape}-", dir=args.workdir))
         try:
             (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
-            built, tail = run_worker(_self_cmd("--_worker", "build", "--workspace", str(work)), work, "build", args.timeout)
-            res, tail = (run_worker(_self_cmd("--_worker", "ours", "--workspace", str(work)), work, "ours", args.timeout)
-                         if built else (None, tail))
+            cmd = _self_cmd("--_worker", "probe", "--workspace", str(work))
+            if args.memory_limit_gb:
+                cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
+            res, tail = run_worker(cmd, work, "probe", args.timeout)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         oom = "OutOfMemoryError" in tail or "out of memory" in tail.lower()
         row = {"shape": shape, "ok": res is not None, "device": res["device"] if res else None,
                "peak_gb": round(res["peak_gb"], 3) if res else None,
-               "sec_per_batch": round(res["updates"][0]["total_s"], 3) if res else None,
+               "update_s": round(res["update_s"], 3) if res else None,
                "failure": None if res else ("out of memory" if oom else "error (see log above)")}
+        if res:
+            row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if k not in row})
         results.append(row)
-        print(f"{shape:>5}: " + (f"completed a batch, peak {row['peak_gb']:.2f} GB, {row['sec_per_batch']:.1f} s"
+        print(f"{shape:>5}: " + (f"one PPO update done, peak {row['peak_gb']:.2f} GB, {row['update_s']:.1f} s"
                                  if res else f"failed: {row['failure']}"), flush=True)
         if res is None:
             break  # bigger shapes need more memory still
         best = row
     return {"max_shape": best["shape"] if best else None, "peak_gb": best["peak_gb"] if best else None,
-            "device": best["device"] if best else ("cuda" if cuda else "cpu"), "results": results}
+            "device": best["device"] if best else ("cuda" if cuda else "cpu"),
+            "memory_limit_gb": args.memory_limit_gb, "results": results}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -589,6 +764,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-batches", type=int, default=None,
                    help="Rollout batches per side, the first is warm-up (tiny 2, Qwen shapes 3).")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on both sides (alpha = 2r).")
+    p.add_argument("--vocab", type=int, default=None,
+                   help=f"Vocabulary size (default {DEFAULT_VOCAB}, the published anchor's; --max-size: the shape's own).")
+    p.add_argument("--generation", choices=["auto", "hf", "static", "merged"], default="auto",
+                   help="Our sampling engine (ppo.generation; auto: static on a GPU, hf on a CPU).")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile our static engine's decode step (ppo.compile; auto: on a GPU only).")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="Gradient checkpointing on our side.")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="Our rows per forward/backward (default: the whole minibatch; --max-size: 8).")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="--max-size: cap this process's GPU memory (e.g. 80 on an H200 to ask about 80 GB GPUs).")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="Weights dtype (default: bfloat16 on a GPU, float32 on a CPU).")
     p.add_argument("--seed", type=int, default=0)
@@ -596,14 +782,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Find the largest Qwen2.5 shape whose LoRA PPO completes a batch on this GPU.")
     p.add_argument("--shapes", default=None, help="Shapes tried by --max-size, comma-separated, smallest first.")
     p.add_argument("--trl-env", default=str(REPO / ".bench" / "trl112"), help="Where the TRL 1.12 venv lives.")
-    p.add_argument("--trl-wheels", default=str(REPO / ".bench" / "wheels"),
-                   help="Folder with trl-1.12.0's wheel, used instead of the registry when present.")
+    p.add_argument("--trl-wheels", "--wheels", default=str(REPO / ".whl"),
+                   help="Wheel folder of scripts/download_gpu_wheels.py: trl 1.12.0 and what the GPU image lacks "
+                        "(datasets, ...), installed offline from it when present.")
     p.add_argument("--trl-python", default=None, help="A python that already has trl 1.12.0 (skips the venv).")
-    p.add_argument("--fetch-trl-wheel", action="store_true", help="Download trl 1.12.0's wheel into --trl-wheels and exit.")
+    p.add_argument("--fetch-trl-wheel", action="store_true",
+                   help="Download trl 1.12.0's wheel into --trl-wheels and exit (all wheels: download_gpu_wheels.py).")
     p.add_argument("--workdir", default=None, help="Workspace folder (default: a temporary one, removed after).")
     p.add_argument("--keep", action="store_true", help="Keep the temporary workspace (models, logs).")
     p.add_argument("--timeout", type=float, default=None, help="Seconds allowed per worker process.")
-    p.add_argument("--_worker", choices=["build", "ours"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=["build", "ours", "probe"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--workspace", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -617,7 +805,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [s for s in args.shapes if s not in SHAPES]
         if bad:
             p.error(f"--shapes: unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
-    for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r"):
+    for key in ("batch", "prompt_len", "response_len", "num_minibatches", "ppo_epochs", "n_batches", "lora_r", "vocab",
+                "micro_batch"):
         v = getattr(args, key)
         if v is not None and v <= 0:
             p.error(f"--{key.replace('_', '-')} must be positive, got {v}")
@@ -631,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         if args._worker == "build":
             build_workspace(load_spec(work), work)
             result = {"workspace": str(work)}
+        elif args._worker == "probe":
+            result = run_probe(load_spec(work), args.memory_limit_gb)
         else:
             result = run_ours(work, work / "ours_run")
         tmp = Path(args.out).with_suffix(".tmp")

@@ -7,11 +7,11 @@ loop in :mod:`rlhf.stages.ppo` reads as a sequence of these calls. Shapes use
 (up to and including the stop token) and 0 on the padding after it.
 """
 
-from rlhf.ppo.advantages import compute_gae, reinforce_pp_returns, rloo_advantages
+from rlhf.ppo.advantages import compute_gae, grpo_advantages, reinforce_pp_returns, rloo_advantages
 from rlhf.ppo.batching import ppo_minibatch_indices
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf.ppo.logits import LogitTransform, entropy_from_logits, head_logprobs, logprobs_from_logits
-from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.losses import aggregation_weights, policy_loss, value_loss
 from rlhf.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf.ppo.rewards import (
     apply_missing_stop_penalty,
@@ -21,11 +21,13 @@ from rlhf.ppo.rewards import (
 )
 
 __all__ = [
+    "aggregation_weights",
     "AdaptiveKLController",
     "FixedKLController",
     "LogitTransform",
     "apply_missing_stop_penalty",
     "compute_gae",
+    "grpo_advantages",
     "entropy_from_logits",
     "first_stop_truncate",
     "head_logprobs",

@@ -1,4 +1,4 @@
-"""Advantage estimators: GAE (with a critic) and two critic-free options.
+"""Advantage estimators: GAE (with a critic) and three critic-free options.
 
 All per-token inputs are ``(batch, response_len)`` with a binary ``mask`` that
 is 1 on real response tokens (up to and including the stop token) and 0 on the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_gae", "reinforce_pp_returns", "rloo_advantages"]
+__all__ = ["compute_gae", "grpo_advantages", "reinforce_pp_returns", "rloo_advantages"]
 
 
 def _check_per_token(name: str, x: Tensor, mask: Tensor) -> None:
@@ -144,3 +144,54 @@ def rloo_advantages(scores: Tensor, group_ids: Tensor) -> Tensor:
     k = group_count[inverse]
     others_mean = (group_sum[inverse] - scores) / (k - 1).clamp(min=1)
     return torch.where(k > 1, scores - others_mean, torch.zeros_like(scores))
+
+
+def _group_index(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, int]:
+    if scores.dim() != 1 or group_ids.shape != scores.shape:
+        raise ValueError(
+            f"scores and group_ids must both be (batch,); got {tuple(scores.shape)} "
+            f"and {tuple(group_ids.shape)}"
+        )
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
+
+
+def grpo_advantages(scores: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, arXiv 2402.03300).
+
+    Each prompt is sampled k times; ``A_i = (s_i - mean_group) / (std_group + eps)``
+    with the unbiased (k - 1) standard deviation, as in the paper's and TRL's
+    implementations. With ``scale_by_std=False`` (Dr. GRPO, Liu et al. 2025,
+    arXiv 2503.20783) the advantage is just ``s_i - mean_group``: dividing by the
+    std up-weights prompts whose samples all score alike (too easy or too hard).
+
+    A group whose scores are all equal carries no signal: its advantages are
+    exactly 0 (they are set to 0 before any division, so no 0/0), and a group of
+    size 1 is such a group.
+
+    Args:
+        scores: sequence-level scores ``(batch,)``.
+        group_ids: ``(batch,)`` integer id of the prompt each sample came from;
+            any values, in any order.
+        scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
+        eps: added to the std so a nearly constant group stays finite.
+
+    Returns:
+        ``(batch,)`` advantages in the dtype of ``scores``; the caller broadcasts
+        them over every token of the response.
+    """
+    inverse, num_groups = _group_index(scores, group_ids)
+    zeros = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device)
+    count = zeros.index_add(0, inverse, torch.ones_like(scores))
+    mean = zeros.index_add(0, inverse, scores) / count
+    # sum / k need not give back the common value of a constant group exactly (0.1 * 3 / 3
+    # is 0.10000000000000002), so constant groups are found by max == min and zeroed
+    high = zeros.scatter_reduce(0, inverse, scores, "amax", include_self=False)
+    low = zeros.scatter_reduce(0, inverse, scores, "amin", include_self=False)
+    constant = (high == low)[inverse]
+    centred = torch.where(constant, torch.zeros_like(scores), scores - mean[inverse])
+    if not scale_by_std:
+        return centred
+    k = count[inverse]
+    var = zeros.index_add(0, inverse, centred.square())[inverse] / (k - 1).clamp(min=1)
+    return centred / (var.sqrt() + eps)

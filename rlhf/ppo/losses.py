@@ -8,6 +8,11 @@ then exactly the gradient of the unsplit minibatch. Averaging per-micro-batch
 means instead weights tokens of short micro-batches more, a known source of
 divergence between accumulated and unaccumulated runs (the "gradient
 accumulation loss bug" fixed in transformers 4.46).
+
+:func:`aggregation_weights` generalises the normalizer to the other ways of
+turning per-token losses into one number (the ``loss_aggregation`` option): a
+weight per token computed from counts of the *whole* minibatch, so the same
+exactness holds for each of them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import Tensor
 
 from rlhf.ppo.masked import masked_mean, masked_sum
 
-__all__ = ["policy_loss", "value_loss"]
+__all__ = ["aggregation_weights", "policy_loss", "value_loss"]
 
 
 def _zero_padding(x: Tensor, real: Tensor) -> Tensor:
@@ -30,6 +35,49 @@ def _normalise(total: Tensor, mask: Tensor, normalizer: float | Tensor | None) -
     return total / normalizer
 
 
+def aggregation_weights(
+    mask: Tensor,
+    aggregation: str,
+    num_tokens: float | Tensor,
+    num_sequences: float | Tensor,
+    response_length: int,
+) -> Tensor:
+    """Per-token weights ``w`` such that the aggregated loss is ``sum(w * loss_t)``.
+
+    The counts are those of the whole minibatch (every micro-batch, every
+    process), so the weights of a row do not depend on how the minibatch is
+    split: summing the micro-batch losses gives the minibatch loss exactly.
+
+    * ``token-mean``: ``1 / num_tokens``; every token counts alike, so long
+      responses weigh more (PPO's usual choice).
+    * ``seq-mean-token-mean``: ``1 / (len_i * num_sequences)``; the mean over
+      responses of each response's token mean (the GRPO paper's formula).
+    * ``token-sum-norm``: ``1 / (num_sequences * response_length)``; a constant
+      normaliser, so no length bias either way (Dr. GRPO, arXiv 2503.20783).
+
+    Args:
+        mask: ``(batch, response_len)``, 1 on real tokens, 0 on padding.
+        aggregation: one of the three names above.
+        num_tokens: real tokens in the whole minibatch.
+        num_sequences: responses in the whole minibatch.
+        response_length: the configured maximum response length (the constant).
+
+    Returns:
+        ``(batch, response_len)`` weights in the dtype of ``mask`` as float,
+        0 on padding (and on rows with no real token).
+    """
+    m = mask.float()
+    if aggregation == "token-mean":
+        return m / num_tokens
+    if aggregation == "seq-mean-token-mean":
+        lengths = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return m / (lengths * num_sequences)
+    if aggregation == "token-sum-norm":
+        return m / (num_sequences * response_length)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected token-mean, seq-mean-token-mean "
+                     "or token-sum-norm")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -37,6 +85,7 @@ def policy_loss(
     mask: Tensor,
     clip_range: float = 0.2,
     normalizer: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017), token level.
 
@@ -57,6 +106,9 @@ def policy_loss(
         normalizer: divisor of the masked sum; defaults to the number of real
             tokens in ``mask``. Pass the token count of the whole minibatch
             when accumulating micro-batches.
+        weights: per-token weights ``(batch, response_len)`` from
+            :func:`aggregation_weights`; when given, the loss is
+            ``sum(weights * pg)`` and ``normalizer`` is ignored.
 
     Returns:
         ``(loss, stats)``: the scalar loss, and detached scalar tensors
@@ -83,7 +135,10 @@ def policy_loss(
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     pg = torch.maximum(pg_unclipped, pg_clipped)
-    loss = _normalise(masked_sum(pg, mask), mask, normalizer)
+    if weights is None:
+        loss = _normalise(masked_sum(pg, mask), mask, normalizer)
+    else:
+        loss = masked_sum(pg * weights.detach(), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(pg.dtype), mask),

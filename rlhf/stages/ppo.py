@@ -3,14 +3,17 @@
 One update, top to bottom (each default's source is cited at its field in ``rlhf/config.py``):
 
   1. sample a rollout batch of prompts (deterministic in seed and update number)
-  2. generate responses with the policy role (T=0.7, top_k 0, top_p 1, nothing from the
-     model's generation_config leaks); truncate each after its first stop token
+  2. generate responses with the policy role through the ``ppo.generation`` engine
+     (rlhf/generation.py; T=0.7, top_k 0, top_p 1, nothing from the model's
+     generation_config leaks); truncate each after its first stop token
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
-     model's score on the last real token (reward role)
+     model's score on the last real token (reward role); sft and reward in one mixed-adapter batch
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
-  5. advantages with GAE (or a critic-free estimator), whitened over the whole batch
+  5. advantages with GAE (or a critic-free estimator: reinforce++, rloo, grpo), whitened
+     over the whole batch (grpo: already normalised within each prompt's group)
   6. PPO epochs over shuffled minibatches; micro-batches accumulate gradients that equal
-     the unaccumulated ones (losses are normalised by the minibatch's token count)
+     the unaccumulated ones (per-token loss weights come from counts of the whole minibatch,
+     for each ``loss_aggregation``)
   7. KL controller update, metrics, guards, evaluation and checkpoints
 
 ``run_ppo`` reads as these steps: :func:`setup` (model, prompts), :func:`build_optimization`,
@@ -19,6 +22,8 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
 and ``_ppo_update``), :func:`evaluate_and_log` and :func:`save_checkpoint`. The rollout
 types (:class:`rlhf.ppo.rollout.Sampled`, :class:`rlhf.ppo.rollout.ScoredRollout`) live in
 ``rlhf/ppo/``.
+
+Critic-free estimators build no value role at all (no LoRA, head or optimizer state).
 
 Resume: a checkpoint holds the policy and value adapters (+ value head), optimizer,
 scheduler, KL controller and RNG states and the update number; prompts and minibatch
@@ -115,29 +120,14 @@ def _mode(model, training: bool):
         model.train(previous)
 
 
-@torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int], pad_id: int,
              response_length: int) -> Sampled:
-    """Sample responses with the policy role (eval mode); truncate each after its first stop
-    token (any of ``stop_ids``) and pad to exactly ``response_length``."""
-    from transformers import GenerationConfig
+    """Sample responses with the policy role (eval mode) through HF ``generate`` (the ``hf``
+    engine of :mod:`rlhf.generation`); truncate each after its first stop token (any of
+    ``stop_ids``) and pad to exactly ``response_length``."""
+    from rlhf.generation import HFEngine
 
-    # transformers fills every field we leave unset (None) from the model's own
-    # generation_config.json (min_p, min_length, suppress_tokens, bad_words_ids, ...), so the
-    # model's defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
-    lm = model.base_lm
-    saved, lm.generation_config = lm.generation_config, GenerationConfig()
-    try:
-        with _mode(model, False), model.role("policy"), model.autocast(prompt_ids.device):
-            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
-    finally:
-        lm.generation_config = saved
-    resp = out[:, prompt_ids.shape[1]:]
-    if resp.shape[1] < response_length:
-        fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
-        resp = torch.cat([resp, fill], dim=1)
-    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
-    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+    return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length).sample(prompt_ids, prompt_mask)
 
 
 def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
@@ -181,11 +171,11 @@ def score_suffix(tok, stop_ids: list[int]) -> list[int]:
     return [t for t in tail[1:]] if tail else []
 
 
-def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
-    """Head score (B,) of ``role`` where the reward model was trained to score: the last
-    real response token (the stop token when present), or, for rows that stopped, the last
-    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
-    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
+def _score_inputs(batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()):
+    """Input ids and mask (B, P + T + len(suffix)) that a reward or value head scores, and
+    the position (B,) it scores: the last real response token (the stop token when
+    present), or, for rows that stopped, the last of ``suffix`` written after the stop
+    token. Rows are right-padded (mask 0) to one width."""
     P = batch.prompt_ids.shape[1]
     ids, mask = batch.response_ids, batch.response_mask
     if len(suffix):
@@ -198,28 +188,81 @@ def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: 
         mask = torch.where(inside, torch.ones_like(mask), mask)
     input_ids = torch.cat([batch.prompt_ids, ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1)
+    return input_ids, attention_mask, P + F.last_token_index(mask)
+
+
+def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
+    """Head score (B,) of ``role`` where the reward model was trained to score: the last
+    real response token (the stop token when present), or, for rows that stopped, the last
+    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
+    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
+    input_ids, attention_mask, pos = _score_inputs(batch, suffix)
     with model.role(role):
         hidden = model.hidden_states(input_ids, attention_mask)
-    pos = P + F.last_token_index(mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
     return model.values(role, picked)
 
 
+def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float, suffix: list[int] | tuple = (),
+                       mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (sft role) logprobs (B, T) and reward scores (B,) of ``batch``; the logprobs
+    as :func:`response_logprobs` computes them, the scores at :func:`last_token_scores`'
+    position (``suffix`` included).
+
+    With ``mixed`` (and a model in eval mode), both frozen roles run as one forward over the
+    batch stacked twice, each half under its own adapter (peft's mixed-adapter batches,
+    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of 2B rows
+    instead of two passes of B, fewer kernel launches and better-filled matrix units. The
+    reference half is right-padded (mask 0) to the width of the scored inputs, which
+    changes none of its earlier positions (causal attention). The trainable roles are not
+    mixed in: their rollout numbers must come from exactly the computation the training
+    forward repeats (ratio 1 on the first minibatch).
+    """
+    hooks = getattr(model.peft.base_model, "_enable_peft_forward_hooks", None)
+    # peft's mixed-batch LoRA forward rounds each adapter's output to the base dtype before
+    # adding it, the plain forward adds in fp32 first: without autocast on a bf16/fp16 base
+    # (a CPU run) the two differ by rounding, and the step-0 KL would no longer be exactly 0
+    # (ppo.md test 5); there the frozen roles run apart. fp32, and bf16 under the CUDA
+    # autocast of every role forward, add in the same dtype either way.
+    device = batch.input_ids.device
+    same_rounding = model._compute_dtype == torch.float32 or (device.type == "cuda" and model._compute_dtype == torch.bfloat16)
+    if not mixed or hooks is None or model.training or not same_rounding:
+        ref, _ = response_logprobs(model, "sft", batch, temperature)
+        return ref, last_token_scores(model, "reward", batch, suffix)
+    P = batch.prompt_ids.shape[1]
+    B, T = batch.response_ids.shape
+    score_ids, score_mask, pos = _score_inputs(batch, suffix)
+    extra = score_ids.shape[1] - batch.input_ids.shape[1]
+    ref_ids = torch.nn.functional.pad(batch.input_ids, (0, extra), value=0)
+    ref_mask = torch.nn.functional.pad(batch.attention_mask, (0, extra), value=0)
+    names = [model.adapter_name("sft")] * B + [model.adapter_name("reward")] * B
+    with hooks(adapter_names=names):
+        hidden = model.hidden_states(torch.cat([ref_ids, score_ids]), torch.cat([ref_mask, score_mask]))
+    ref, _ = model.token_logprobs(hidden[:B, P - 1: P - 1 + T], batch.response_ids, temperature)
+    scores = model.values("reward", hidden[B:][torch.arange(B, device=hidden.device), pos])
+    return ref, scores
+
+
 @torch.no_grad()
 def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: list[int] | tuple = ()) -> ScoredRollout:
-    """Policy and reference logprobs, entropy, values and reward scores of ``batch`` (eval
-    mode), computed ``chunk`` rows at a time; ``suffix`` as in :func:`last_token_scores`."""
+    """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
+    computed ``chunk`` rows at a time, in eval mode (which also allows mixed-adapter
+    batches); ``suffix`` as in :func:`last_token_scores`.
+
+    Each role's forward runs once per chunk: policy (logprobs and entropy together), value
+    (only with a critic), and the two frozen roles together (:func:`frozen_role_scores`).
+    """
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
     with _mode(model, False):
         for s in range(0, batch.response_ids.shape[0], chunk):
             mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
             lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-            ref, _ = response_logprobs(model, "sft", mb, cfg.temperature)
+            ref, scores = frozen_role_scores(model, mb, cfg.temperature, suffix)
             parts["logprobs"].append(lp)
             parts["entropy"].append(ent)
             parts["ref_logprobs"].append(ref)
-            parts["values"].append(response_values(model, mb) if cfg.advantage_estimator == "gae" else torch.zeros_like(lp))
-            parts["scores"].append(last_token_scores(model, "reward", mb, suffix))
+            parts["values"].append(response_values(model, mb) if uses_critic(cfg) else torch.zeros_like(lp))
+            parts["scores"].append(scores)
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -246,10 +289,19 @@ def advantages_and_returns(batch: ScoredRollout, rewards: torch.Tensor, scores: 
                            all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Whitened advantages (B, T) (0 on padding) and returns (B, T) of ``cfg.advantage_estimator``.
 
-    ``group_ids`` (B,) names each row's prompt (rloo only); ``all_reduce`` (several
-    processes) makes advantage whitening use global statistics.
+    ``group_ids`` (B,) names each row's prompt (rloo and grpo); ``all_reduce`` (several
+    processes) makes advantage whitening use global statistics. grpo's advantages are
+    not whitened again: they are already normalised within each group, and whitening
+    over the batch would bring back the std division that Dr. GRPO
+    (``grpo_scale_by_std: false``) leaves out.
     """
     mask = batch.response_mask
+    if cfg.advantage_estimator == "grpo":
+        # the same advantage on every token of the response; KL is in the reward only
+        # when asked (kl_in_reward: true), by default it is a loss term (_policy_backward)
+        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
+        adv = F.grpo_advantages(seq, group_ids, scale_by_std=cfg.grpo_scale_by_std)[:, None] * mask
+        return adv, adv
     if cfg.advantage_estimator == "gae":
         adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
     elif cfg.advantage_estimator == "reinforce++":
@@ -290,7 +342,8 @@ def _build_model(cfg: PPOConfig, device):
     disable_dropout(base)
     model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
-                                   "target_modules": cfg.lora.target_modules})
+                                   "target_modules": cfg.lora.target_modules},
+                      with_value=uses_critic(cfg))
     model.to(device)
     if dist.engine() == "fsdp" and dist.is_distributed():
         shard_model(model)  # base and LoRA roles sharded over the processes (rlhf/fsdp.py)
@@ -358,15 +411,17 @@ def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
              stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = ()) -> tuple[dict, list[dict]]:
-    """Sample once per held-out prompt (fixed seed, so every evaluation sees the same random
-    stream) and report score, KL to the reference, entropy, length, and gold reward if known.
+             suffix: list[int] | tuple = (), engine=None) -> tuple[dict, list[dict]]:
+    """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
+    seed so that every evaluation sees the same random stream, and report score, KL to the
+    reference, entropy, length, and gold reward if known.
     Means come with standard errors over prompts."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
-        batch = generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length)
+        batch = (engine.sample(ids, mask) if engine is not None
+                 else generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length))
         batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2, suffix=suffix)
         scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
@@ -425,6 +480,7 @@ class PPOSetup:
     score_suffix: list[int]  # tokens the chat template writes after the stop token (score_suffix)
     pad_id: int
     gen_cfg: object  # transformers GenerationConfig, every sampling knob set
+    engine: object  # the sampling engine of ppo.generation (rlhf.generation)
     prompt_ids: list[list[int]]  # encoded training prompts
     eval_ids: list[list[int]]  # encoded held-out prompts (may be empty)
     eval_texts: list[str]  # their last user turns, passed to the gold reward
@@ -461,14 +517,19 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
+    from rlhf.generation import make_engine
+
+    gen_cfg = generation_config(cfg, stop_ids, pad_id)
+    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+                         response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
-        pad_id=pad_id, gen_cfg=generation_config(cfg, stop_ids, pad_id),
+        pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
-        per_rollout_prompts=cfg.rollout_batch_size // (cfg.rloo_k if cfg.advantage_estimator == "rloo" else 1),
+        per_rollout_prompts=cfg.rollout_batch_size // cfg.samples_per_prompt,
         global_batch=global_batch, num_updates=max(1, cfg.total_episodes // global_batch),
     )
 
@@ -478,7 +539,7 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     from rlhf import distributed as dist
 
     params = model.trainable_parameters("policy") + (
-        model.trainable_parameters("value") if cfg.advantage_estimator == "gae" else [])
+        model.trainable_parameters("value") if uses_critic(cfg) else [])
     dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
     total_steps = num_updates * cfg.ppo_epochs * cfg.num_minibatches
@@ -489,8 +550,13 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     return Optimization(params, optimizer, scheduler, kl_ctl)
 
 
+def uses_critic(cfg: PPOConfig) -> bool:
+    """Whether the run has a value role: only GAE needs a critic."""
+    return cfg.advantage_estimator == "gae"
+
+
 def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
-    return ("policy", "value") if cfg.advantage_estimator == "gae" else ("policy",)
+    return ("policy", "value") if uses_critic(cfg) else ("policy",)
 
 
 def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, update: int) -> None:
@@ -551,7 +617,7 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     with full_params_for_generation(s.model):
         if dist.is_main() or is_sharded(s.model):
             ev, rows = evaluate(s.model, s.tok, s.eval_ids, s.eval_texts, cfg, s.gen_cfg, s.stop_ids, s.pad_id,
-                                s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix)
+                                s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine)
         if dist.is_main():
             tracker.log(ev, step=step)
             tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
@@ -560,7 +626,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
 
 def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Tensor | None]:
     """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
-    policy's responses; returns the batch and, for rloo, each row's prompt group (B,)."""
+    policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
+    and each row's prompt group (B,) (None with one sample per prompt)."""
     from rlhf import distributed as dist
 
     # the prompts are a pure function of (seed, update); several processes: the global
@@ -569,13 +636,14 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
     lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
     rows = [s.prompt_ids[i] for i in idx[lo:hi]]
     group_ids = None
-    if cfg.advantage_estimator == "rloo":
-        rows = [r for r in rows for _ in range(cfg.rloo_k)]
-        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.rloo_k)
+    if cfg.samples_per_prompt > 1:
+        k = cfg.samples_per_prompt
+        rows = [r for r in rows for _ in range(k)]
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
     with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
-        return generate(s.model, ids, mask, s.gen_cfg, s.stop_ids, s.pad_id, cfg.response_length), group_ids
+        return s.engine.sample(ids, mask), group_ids
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -653,8 +721,10 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
     step_stats["episodes"] = (update + 1) * s.global_batch
-    if cfg.advantage_estimator == "gae":
+    if uses_critic(cfg):
         step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
+    else:  # no critic: no value metrics (a constant 0 would show up as a value section in the dashboard)
+        del step_stats["value/mean"]
     step_stats = {
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
@@ -790,7 +860,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
-    use_critic = cfg.advantage_estimator == "gae"
+    use_critic = uses_critic(cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with _mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
@@ -802,11 +872,16 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                 mb_idx = mb_idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
+                n_seqs = dist.all_reduce_sum(torch.tensor(float(mb_idx.numel()), device=device)).clamp(min=1.0)
                 acc: dict[str, torch.Tensor] = {}
                 for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
                     mb = batch.index(micro)
                     w = mb.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch
-                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, n_tokens, w).items():
+                    # per-token loss weights from the whole minibatch's counts: the micro-batch
+                    # losses add up to the minibatch loss exactly, for every aggregation
+                    weights = F.aggregation_weights(mb.response_mask, cfg.loss_aggregation, n_tokens, n_seqs,
+                                                    cfg.response_length)
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w).items():
                         acc[k] = acc.get(k, 0.0) + v
                     if use_critic:
                         for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
@@ -835,22 +910,23 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
 
 
 def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
-                     n_tokens: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus),
+                     weights: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus), each
+    per-token term aggregated with ``weights`` (B, T) (:func:`rlhf.ppo.aggregation_weights`),
     forward and backward under the policy role; returns detached statistics (on device)."""
     with model.role("policy"):
         lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, normalizer=n_tokens)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, weights=weights)
         loss = pg
         stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
         if not cfg.kl_in_reward:
             # k3 or k2 (the config refuses k1): their gradients are those of a KL, while k1's
             # gradient is d logp alone, whose expectation is 0 (the reference drops out)
-            kl_loss = (F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator) * mb.response_mask).sum() / n_tokens
+            kl_loss = (F.kl_penalty(lp, mb.ref_logprobs, cfg.kl_estimator) * weights).sum()
             loss = loss + beta * kl_loss
             stats["loss/kl"] = kl_loss.detach()
         if cfg.entropy_coef > 0:  # a bonus: maximising entropy lowers the loss
-            ent_mean = (ent * mb.response_mask).sum() / n_tokens
+            ent_mean = (ent * weights).sum()
             loss = loss - cfg.entropy_coef * ent_mean
             stats["loss/entropy"] = ent_mean.detach()
         loss.backward()

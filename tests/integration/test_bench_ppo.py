@@ -35,8 +35,12 @@ def test_defaults_follow_the_shape(bench):
     # the issue's GPU setting: bf16, 64 prompts of 64 tokens, 128-token responses, 4 x 4
     assert (spec.dtype, spec.batch, spec.prompt_len, spec.response_len, spec.num_minibatches, spec.ppo_epochs) == (
         "bfloat16", 64, 64, 128, 4, 4)
+    assert spec.vocab == 32000 and spec.generation == "auto"  # the published anchor's vocabulary
     tiny = bench._spec_from_args(bench.parse_args([]), "tiny", cuda=False)
-    assert tiny.dtype == "float32" and tiny.shape == "tiny"
+    assert tiny.dtype == "float32" and tiny.shape == "tiny" and tiny.vocab == 32000
+    small = bench._spec_from_args(bench.parse_args(["--vocab", "1000", "--generation", "static", "--micro-batch", "2"]),
+                                  "small", cuda=False)
+    assert (small.vocab, small.generation, small.micro_batch_size) == (1000, "static", 2)
 
 
 def test_overrides_and_modes(bench):
@@ -69,7 +73,7 @@ def test_qwen_shapes_match_published_parameter_counts(bench):
 
     tok = bench.build_tokenizer(1000)
     expected = {"0.5B": 494_032_768, "1.5B": 1_543_714_304, "3B": 3_085_938_688,
-                "7B": 7_615_616_512, "14B": 14_770_033_664}
+                "7B": 7_615_616_512, "14B": 14_770_033_664, "32B": 32_763_876_352}
     for shape, n in expected.items():
         with torch.device("meta"):
             model = Qwen2ForCausalLM(bench.qwen2_config(shape, tok))
@@ -105,6 +109,10 @@ def test_summary_excludes_warmup_and_takes_the_harder_baseline(bench, capsys):
     assert out["modes"]["lora"]["speedup"] == 5.0 and out["modes"]["full"]["peak_ratio"] == 0.25
     for key in ("ours_eps_per_s", "trl_eps_per_s", "speedup", "ours_peak_gb", "trl_peak_gb", "device"):
         assert key in out
+    # per-phase seconds: ours, TRL's best-eps mode, and every mode
+    assert (out["ours_generate_s"], out["ours_score_s"], out["ours_update_s"]) == (1.0, 0.5, 0.5)
+    assert (out["trl_generate_s"], out["trl_update_s"]) == (2.0, 5.0)  # the full mode (best eps)
+    assert out["modes"]["lora"]["trl_generate_s"] == 3.0 and out["modes"]["lora"]["trl_score_s"] == 1.0
     table = bench.format_table(spec, "NVIDIA H100", ours, trl)
     assert "ratio ours/TRL LoRA" in table and "5.00x" in table and "generate  50.0%" in table
 
@@ -116,12 +124,13 @@ def test_workspace_and_our_side_run(bench, tmp_path):
     from safetensors.torch import load_file
 
     spec = bench.BenchSpec(shape="tiny", batch=4, prompt_len=8, response_len=4, num_minibatches=2, ppo_epochs=1,
-                           n_batches=2)
+                           n_batches=2, vocab=512, generation="static")
     work = bench.build_workspace(spec, tmp_path / "ws")
     ids = json.loads((work / "prompt_ids.json").read_text())
     assert len(ids) == 8 and all(len(x) == 8 for x in ids)
     assert len((work / "prompts.jsonl").read_text().splitlines()) == 8
     assert load_file(str(work / "reward_adapter" / "head.safetensors"))["weight"].shape == (1, 64)
+    assert json.loads((work / "model" / "config.json").read_text())["vocab_size"] == 512
     assert (work / "sft_adapter" / "adapter_config.json").is_file()
     assert bench.load_spec(work) == spec
 
@@ -137,10 +146,47 @@ def test_workspace_and_our_side_run(bench, tmp_path):
     assert lengths and min(lengths) > 0.5 * spec.response_len
 
 
+def test_size_probe_runs_one_update_in_memory(bench, tmp_path, monkeypatch):
+    """--max-size's worker: a shape built in memory (nothing on disk) runs one PPO update."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    spec = bench.BenchSpec(shape="tiny", batch=4, prompt_len=8, response_len=4, num_minibatches=2, ppo_epochs=1,
+                           n_batches=1, vocab=512, gradient_checkpointing=True, micro_batch=1, generation="static")
+    res = bench.run_probe(spec)
+    assert res["optimizer_steps"] == 2.0 and res["peak_gb"] > 0 and res["shape"] == "tiny"
+    assert list(tmp_path.iterdir()) == []  # wrote nothing
+    assert torch.is_grad_enabled()  # grad mode restored
+
+
+def test_offline_wheel_install_takes_only_missing_ones(bench, tmp_path, monkeypatch):
+    """A wheel of an installed distribution is skipped; a missing one is installed offline."""
+    import zipfile
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    for name in ("torch-9.9.9-py3-none-any.whl", "trl-1.12.0-py3-none-any.whl"):  # present / venv-only
+        (wheels / name).write_bytes(b"not a wheel")
+    dist = "rlhf_bench_probe_pkg-0.1.dist-info"
+    with zipfile.ZipFile(wheels / "rlhf_bench_probe_pkg-0.1-py3-none-any.whl", "w") as z:
+        z.writestr("rlhf_bench_probe_pkg/__init__.py", "VALUE = 7\n")
+        z.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: rlhf-bench-probe-pkg\nVersion: 0.1\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    target = tmp_path / "site"
+    assert bench.install_missing_wheels(wheels, target) == ["rlhf-bench-probe-pkg"]
+    import rlhf_bench_probe_pkg
+
+    assert rlhf_bench_probe_pkg.VALUE == 7 and str(target) in __import__("os").environ["PYTHONPATH"]
+
+
 @pytest.mark.slow
 def test_both_sides_end_to_end(bench, tmp_path, capsys):
     """Creates the TRL 1.12 venv (registry or .bench/wheels) and runs ours, TRL full and TRL LoRA."""
-    code = bench.main(["--shape", "tiny", "--batch", "4", "--prompt-len", "8", "--response-len", "4",
+    code = bench.main(["--shape", "tiny", "--vocab", "512", "--batch", "4", "--prompt-len", "8", "--response-len", "4",
                        "--ppo-epochs", "1", "--num-minibatches", "2", "--trl-env", str(tmp_path / "trl112")])
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -111,7 +111,11 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 OPTIONS = {
-    "rloo": dict(advantage_estimator="rloo", rloo_k=2),
+    "rloo": dict(advantage_estimator="rloo", samples_per_prompt=2),
+    "grpo": dict(advantage_estimator="grpo", samples_per_prompt=2),
+    "dr_grpo": dict(advantage_estimator="grpo", samples_per_prompt=2, grpo_scale_by_std=False,
+                    loss_aggregation="token-sum-norm"),
+    "gae_k2_seq_mean": dict(samples_per_prompt=2, loss_aggregation="seq-mean-token-mean"),
     "reinforce++": dict(advantage_estimator="reinforce++"),
     "kl_as_loss": dict(kl_in_reward=False, kl_estimator="k3"),
     "k3": dict(kl_estimator="k3"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.ppo import compute_gae, reinforce_pp_returns, rloo_advantages
+from rlhf.ppo import compute_gae, grpo_advantages, reinforce_pp_returns, rloo_advantages
 
 
 def test_gae_hand_worked():
@@ -116,3 +116,46 @@ def test_rloo_advantages_sum_to_zero_per_group():
     advantages = rloo_advantages(scores, group_ids)
     for g in range(3):
         assert abs(advantages[group_ids == g].sum().item()) < 1e-5
+
+
+# --------------------------------------------------------------------------- GRPO
+
+# Three groups, interleaved on purpose (group ids need not be sorted or contiguous):
+#   group 7: scores (1, 2, 3)  mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1
+#            GRPO     (-1, 0, 1) / (1 + eps)
+#            Dr. GRPO (-1, 0, 1)
+#   group 3: scores (0, 4)     mean 2, unbiased std sqrt((4 + 4) / 1) = 2 sqrt(2)
+#            GRPO     (-2, 2) / 2.828427 = (-0.707107, 0.707107)
+#            Dr. GRPO (-2, 2)
+#   group 5: scores (5, 5, 5)  identical: no signal, advantage exactly 0 (no 0/0)
+_SCORES = [1.0, 0.0, 5.0, 2.0, 5.0, 4.0, 3.0, 5.0]
+_GROUPS = [7, 3, 5, 7, 5, 3, 7, 5]
+
+
+def test_grpo_hand_worked():
+    adv = grpo_advantages(torch.tensor(_SCORES, dtype=torch.float64), torch.tensor(_GROUPS))
+    want = torch.tensor([-1.0, -0.7071068, 0.0, 0.0, 0.0, 0.7071068, 1.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(adv, want, atol=2e-6)
+    assert (adv[[2, 4, 7]] == 0).all()
+
+
+def test_dr_grpo_skips_the_std_division():
+    adv = grpo_advantages(torch.tensor(_SCORES), torch.tensor(_GROUPS), scale_by_std=False)
+    assert torch.allclose(adv, torch.tensor([-1.0, -2.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grpo_identical_rewards_give_exact_zeros_and_no_nan(scale_by_std, dtype):
+    # 0.1 * 3 / 3 != 0.1 in floating point: a naive (s - mean) / std would be ~1e-8 / ~1e-8,
+    # i.e. O(1) noise, or 0 / 0 = nan with eps 0. A single-sample group is constant too.
+    scores = torch.tensor([0.1, 0.1, 0.1, -3.7, 2.0], dtype=dtype)
+    adv = grpo_advantages(scores, torch.tensor([0, 0, 0, 1, 2]), scale_by_std=scale_by_std)
+    assert torch.isfinite(adv).all()
+    assert (adv == 0).all()
+
+
+def test_grpo_advantages_do_not_mix_groups():
+    # the same scores with every sample in one group give other numbers: grouping is used
+    one = grpo_advantages(torch.tensor(_SCORES), torch.zeros(len(_SCORES), dtype=torch.long))
+    assert not torch.allclose(one, grpo_advantages(torch.tensor(_SCORES), torch.tensor(_GROUPS)), atol=1e-3)

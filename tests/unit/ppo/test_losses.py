@@ -176,3 +176,70 @@ def test_loss_shape_mismatch_is_rejected():
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match="returns"):
         value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 3), torch.ones(2, 3))
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+# Two responses, ratio 1 everywhere (logprobs == old), so every per-token loss is -A:
+#   row 0: 4 real tokens, A = 1   -> per-token losses (-1, -1, -1, -1)
+#   row 1: 1 real token,  A = 2   -> per-token losses (-2, pad, pad, pad)
+# token-mean:           (-4 - 2) / 5 tokens                 = -1.2
+# seq-mean-token-mean:  mean(-4 / 4, -2 / 1) = (-1 - 2) / 2 = -1.5
+# token-sum-norm (L=4): (-4 - 2) / (2 responses * 4)        = -0.75
+_MASK = torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 0]])
+_ADV = torch.tensor([[1.0, 1, 1, 1], [2, 2, 2, 2]])
+
+
+@pytest.mark.parametrize("aggregation,want", [("token-mean", -1.2), ("seq-mean-token-mean", -1.5),
+                                              ("token-sum-norm", -0.75)])
+def test_loss_aggregation_hand_worked(aggregation, want):
+    from rlhf.ppo import aggregation_weights
+
+    lp = torch.zeros(2, 4)
+    w = aggregation_weights(_MASK, aggregation, num_tokens=_MASK.sum(), num_sequences=2, response_length=4)
+    loss, _ = policy_loss(lp, lp, _ADV, _MASK, weights=w)
+    assert float(loss) == pytest.approx(want, abs=1e-6)
+    assert (w[_MASK == 0] == 0).all()
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "token-sum-norm"])
+def test_loss_aggregation_is_exact_under_accumulation(aggregation):
+    """Rows of different lengths: the gradient of the whole minibatch equals the sum of the
+    gradients of its micro-batches (1 row each), weights from the whole minibatch's counts."""
+    from rlhf.ppo import aggregation_weights
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    lengths = torch.tensor([5, 1, 3, 2, 5, 4])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    old = torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    theta = (old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def grad(rows_list):
+        theta.grad = None
+        for rows in rows_list:
+            w = aggregation_weights(mask[rows], aggregation, mask.sum(), B, T)
+            loss, _ = policy_loss(theta[rows], old[rows], adv[rows], mask[rows], weights=w)
+            loss.backward()
+        return theta.grad.clone()
+
+    whole = grad([torch.arange(B)])
+    split = grad([torch.tensor([i]) for i in range(B)])
+    assert whole.abs().sum() > 0
+    assert (whole - split).abs().max() < 1e-6
+    # the naive alternative, each micro-batch normalised by its own counts, is not exact
+    theta.grad = None
+    for i in range(B):
+        m = mask[i:i + 1]
+        w = aggregation_weights(m, aggregation, m.sum(), 1, T) / B
+        policy_loss(theta[i:i + 1], old[i:i + 1], adv[i:i + 1], m, weights=w)[0].backward()
+    if aggregation == "token-mean":
+        assert (whole - theta.grad).abs().max() > 1e-3
+
+
+def test_unknown_loss_aggregation_is_refused():
+    from rlhf.ppo import aggregation_weights
+
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregation_weights(_MASK, "sum", 5, 2, 4)

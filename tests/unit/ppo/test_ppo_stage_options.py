@@ -27,7 +27,7 @@ def test_rloo_baseline_is_the_other_samples_of_the_same_prompt():
     """Groups (0, 0, 1, 1), scores (1, 3, 0, 10), no KL: raw advantages (-2, 2, -10, 10);
     whitening (mean 0 here) keeps their ratios. Ignoring the grouping (one group) gives a
     leave-one-out baseline over all four: (1 - 13/3, ...) with other ratios."""
-    cfg = PPOConfig(advantage_estimator="rloo", rloo_k=2, rollout_batch_size=4, num_minibatches=1, micro_batch_size=4)
+    cfg = PPOConfig(advantage_estimator="rloo", samples_per_prompt=2, rollout_batch_size=4, num_minibatches=1, micro_batch_size=4)
     b = _batch([1.0, 3.0, 0.0, 10.0], [[-1.0, -1.0]] * 4, [[-1.0, -1.0]] * 4)
     scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
     adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, torch.tensor([0, 0, 1, 1]))
@@ -78,3 +78,69 @@ def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
     assert F.masked_var(rewards, b.response_mask) == pytest.approx(1.0, rel=1e-5)
     assert F.masked_mean(rewards, b.response_mask) == pytest.approx(float(F.masked_mean(raw, b.response_mask)), abs=1e-6)
     assert F.masked_var(raw, b.response_mask) > 2.0  # the premise: unwhitened variance is far from 1
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def _grpo_cfg(**kw) -> PPOConfig:
+    return PPOConfig(advantage_estimator="grpo", samples_per_prompt=2, rollout_batch_size=4, num_minibatches=1,
+                     micro_batch_size=4, **kw)
+
+
+def test_grpo_defaults_kl_as_a_k3_loss_term():
+    cfg = _grpo_cfg()
+    assert (cfg.kl_in_reward, cfg.kl_estimator) == (False, "k3")
+    gae = PPOConfig()
+    assert (gae.kl_in_reward, gae.kl_estimator) == (True, "k1")  # the other estimators keep PPO's defaults
+    assert _grpo_cfg(kl_in_reward=True).kl_estimator == "k1"
+
+
+def test_grpo_stage_advantages_are_group_normalised_not_whitened():
+    """Groups (0, 0, 1, 1), scores (1, 3, 0, 10), policy != reference (KL > 0, but a loss term
+    by default, so not in the advantage). Group 0: mean 2, std sqrt(2) -> (-.707107, .707107);
+    group 1: mean 5, std sqrt(50) -> (-.707107, .707107); the same on every real token and 0
+    on padding. Whitening over the batch, or RLOO, or GAE, would give other numbers (RLOO:
+    (-2, 2, -10, 10) up to a scale; the rows would differ)."""
+    b = _batch([1.0, 3.0, 0.0, 10.0], [[-1.0, -1.0]] * 4, [[-2.0, -2.0]] * 4, mask=[[1.0, 1], [1, 1], [1, 0], [1, 1]])
+    cfg = _grpo_cfg()
+    scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
+    assert (kl[b.response_mask.bool()] > 0).all()
+    adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, torch.tensor([0, 0, 1, 1]))
+    s = 0.7071068
+    assert torch.allclose(adv, torch.tensor([[-s, -s], [s, s], [-s, 0.0], [s, s]]), atol=1e-5)
+
+
+def test_dr_grpo_stage_advantages_keep_the_scale():
+    b = _batch([1.0, 3.0, 0.0, 10.0], [[-1.0, -1.0]] * 4, [[-1.0, -1.0]] * 4)
+    cfg = _grpo_cfg(grpo_scale_by_std=False)
+    scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
+    adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(adv[:, 0], torch.tensor([-1.0, 1.0, -5.0, 5.0]), atol=1e-6)
+
+
+def test_grpo_with_kl_in_the_reward_subtracts_the_summed_kl():
+    """kl_in_reward: true, k1, beta 1: sequence reward = score - sum KL. Rows of group 0 share
+    the score 1 but row 1 has KL 2 * (-1 - -2) = 2: rewards (1, -1), advantages (-s, s) flipped."""
+    b = _batch([1.0, 1.0, 0.0, 0.0], [[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]],
+               [[-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0], [-1.0, -1.0]])
+    cfg = _grpo_cfg(kl_in_reward=True)
+    scores, kl, rewards = shaped_rewards(b, cfg, 1.0)
+    adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 1.0, torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(adv[:, 0], torch.tensor([0.7071068, -0.7071068, 0.0, 0.0]), atol=1e-5)
+
+
+def test_samples_per_prompt_checks_and_the_deprecated_rloo_k():
+    with pytest.raises(ConfigError, match="grpo needs ppo.samples_per_prompt >= 2"):
+        PPOConfig(advantage_estimator="grpo")
+    with pytest.raises(ConfigError, match="divisible by ppo.samples_per_prompt"):
+        PPOConfig(samples_per_prompt=3, rollout_batch_size=64)
+    with pytest.warns(FutureWarning, match="use ppo.samples_per_prompt: 4"):  # shown by default, unlike DeprecationWarning
+        cfg = PPOConfig(advantage_estimator="rloo", rloo_k=4)
+    assert cfg.samples_per_prompt == 4 and cfg.rloo_k is None
+    with pytest.raises(ConfigError, match="deprecated alias"):
+        PPOConfig(rloo_k=4, samples_per_prompt=2)
+    with pytest.raises(ConfigError, match="loss_aggregation"):
+        from rlhf.config import from_dict
+
+        from_dict(PPOConfig, {"loss_aggregation": "sum"}, prefix="ppo")

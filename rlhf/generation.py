@@ -1,0 +1,314 @@
+"""Sampling engines of the PPO rollout: ``hf``, ``static`` and ``merged`` (``ppo.generation``).
+
+Generation is the largest piece of a PPO batch (``../shared/docs/ppo.md``: 7.4 s of about 15
+at the Qwen2.5-0.5B shape with HF ``generate``, a dynamic cache and a LoRA adapter; 1.13 s
+with a static cache, compiled). Every engine samples exactly like HF ``generate`` with
+:func:`rlhf.stages.ppo.generation_config`: fp32 logits of the last position divided by the
+temperature, softmax, one ``torch.multinomial`` draw per row and step, finished rows padded.
+So for one seed the engines draw the same tokens (fp32; ``tests/integration/ppo``).
+
+* :class:`HFEngine` (``hf``): ``transformers`` ``generate`` with its dynamic cache.
+* :class:`StaticEngine` (``static``): our own decode loop over a preallocated
+  ``StaticCache``. Prompt widths are rounded up to a multiple of ``bucket`` tokens (extra left
+  padding, masked), so a run sees a few (batch, width) shapes and ``torch.compile`` builds a
+  bounded number of graphs, one per shape (prefill runs eagerly; only the one-token decode
+  step is compiled, with CUDA graphs on a GPU). The policy LoRA is active for the whole
+  loop: the role is set once outside the compiled region, never switched inside it. The
+  model runs in eval mode (some transformers versions turn the KV cache off in train mode
+  with gradient checkpointing on; ppo.md pitfalls).
+* :class:`MergedEngine` (``merged``): the static loop on a separate copy of the base with
+  the policy LoRA merged into its weights (no LoRA matmuls while sampling), refreshed before
+  every rollout, so after every update. The shared base is never merged and unmerged in
+  place: rounding would drift the reference, reward and value roles (ppo.md pitfalls). It
+  costs one more copy of the base's weights.
+
+Whatever the engine, the rollout's logprobs come from the scoring forward
+(:func:`rlhf.stages.ppo.score_rollout`), the same computation as the training forward, so
+the first PPO ratio is 1 even where the sampling forward differs by rounding (merged bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+from rlhf import ppo as F
+from rlhf.ppo.rollout import Sampled
+
+__all__ = ["HFEngine", "StaticEngine", "MergedEngine", "make_engine", "resolve_engine", "resolve_compile",
+           "bucket_width"]
+
+# Prompt widths are rounded up to a multiple of this many tokens; with max_prompt_length 256
+# a run compiles at most 4 widths per batch size.
+DEFAULT_BUCKET = 64
+
+
+def resolve_engine(name: str, device) -> str:
+    """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through."""
+    if name not in ("auto", "hf", "static", "merged"):
+        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged; got {name!r}")
+    if name != "auto":
+        return name
+    return "static" if torch.device(device).type == "cuda" else "hf"
+
+
+def resolve_compile(name: str | bool, device) -> bool:
+    """``auto`` -> compile on CUDA only (on a CPU it needs a C compiler and minutes)."""
+    if isinstance(name, bool):
+        return name
+    if name not in ("auto", "on", "off"):
+        raise ValueError(f"ppo.compile must be one of auto, on, off; got {name!r}")
+    return name == "on" or (name == "auto" and torch.device(device).type == "cuda")
+
+
+def bucket_width(width: int, bucket: int = DEFAULT_BUCKET) -> int:
+    """``width`` rounded up to a multiple of ``bucket`` (at least one bucket)."""
+    return max(bucket, -(-width // bucket) * bucket)
+
+
+def _stop_list(stop_ids: int | list[int]) -> list[int]:
+    return [stop_ids] if isinstance(stop_ids, int) else [int(t) for t in stop_ids]
+
+
+def _finish(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask) -> Sampled:
+    """Pad ``resp`` (B, <=T) to ``response_length`` and truncate each row after its first
+    stop token (any of ``stop_ids``)."""
+    if resp.shape[1] < response_length:
+        fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
+        resp = torch.cat([resp, fill], dim=1)
+    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
+    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+
+
+class _EvalMode:
+    """Eval mode for the block, then the previous mode back (a module walk per rollout, not per step)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+class HFEngine:
+    """``transformers`` ``generate`` with a dynamic cache (the reference engine).
+
+    Args:
+        model: the :class:`rlhf.adapters.RoleModel`; sampling runs under its policy role.
+        gen_cfg: a complete ``GenerationConfig`` (:func:`rlhf.stages.ppo.generation_config`).
+    """
+
+    name = "hf"
+
+    def __init__(self, model, gen_cfg, stop_ids: int | list[int], pad_id: int, response_length: int):
+        self.model, self.gen_cfg = model, gen_cfg
+        self.stop_ids, self.pad_id, self.response_length = _stop_list(stop_ids), pad_id, response_length
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
+        """Responses (B, response_length) to left-padded prompts (B, P), truncated after the stop."""
+        from transformers import GenerationConfig
+
+        # transformers fills every field we leave unset (None) from the model's own
+        # generation_config.json (min_p, min_length, suppress_tokens, ...), so the model's
+        # defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
+        lm = self.model.base_lm
+        saved, lm.generation_config = lm.generation_config, GenerationConfig()
+        try:
+            with self.model.role("policy"), _EvalMode(self.model), self.model.autocast(prompt_ids.device):
+                out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.gen_cfg)
+        finally:
+            lm.generation_config = saved
+        return _finish(out[:, prompt_ids.shape[1]:], self.stop_ids, self.pad_id, self.response_length,
+                       prompt_ids, prompt_mask)
+
+
+class StaticEngine:
+    """Our decode loop over a preallocated static KV cache, optionally compiled.
+
+    Args:
+        model: the :class:`rlhf.adapters.RoleModel`; sampling runs under its policy role.
+        temperature: sampling temperature (top_k 0, top_p 1: nothing else shapes the logits).
+        compile: ``torch.compile`` the one-token decode step (CUDA graphs on a GPU).
+        bucket: prompt widths are rounded up to a multiple of this.
+        stop_check_every: decode steps between checks that every row has stopped (each check
+            is a host sync).
+    """
+
+    name = "static"
+
+    def __init__(self, model, temperature: float, stop_ids: int | list[int], pad_id: int, response_length: int,
+                 compile: bool = False, bucket: int = DEFAULT_BUCKET, stop_check_every: int = 8):
+        self.model, self.temperature = model, float(temperature)
+        self.stop_ids, self.pad_id, self.response_length = _stop_list(stop_ids), pad_id, response_length
+        self.compile, self.bucket, self.stop_check_every = compile, bucket, stop_check_every
+        self._caches: dict[tuple, object] = {}  # (batch, length, dtype, device) -> StaticCache
+        self._step = None  # the (compiled) decode step of the sampling LM
+        self.shapes_seen: set[tuple[int, int]] = set()  # (batch, bucketed width): one graph each
+        self._params: dict[type, set[str]] = {}  # forward() parameter names per model class
+
+    def _lm(self):
+        """The causal LM that samples (the shared base with the policy LoRA)."""
+        return self.model.base_lm
+
+    def _sampling(self, device):
+        """Context of one rollout: the policy role (set once, outside any compiled code), eval
+        mode, and the role model's autocast (bf16 LoRA matmuls on CUDA, as in scoring)."""
+        return _Both(self.model.role("policy"), _EvalMode(self.model), self.model.autocast(device))
+
+    def _cache(self, lm, batch: int, length: int, dtype, device):
+        from transformers import StaticCache
+
+        key = (batch, length, dtype, str(device))
+        cache = self._caches.get(key)
+        if cache is None:
+            # one cache per shape, reused across rollouts: constant addresses for CUDA graphs
+            cache = StaticCache(config=lm.config, max_cache_len=length)
+            self._caches[key] = cache
+        else:
+            cache.reset()
+        return cache
+
+    def _forward_kwargs(self, lm, cache, position: int, q_len: int, device) -> dict:
+        params = self._params.get(type(lm))
+        if params is None:  # read once per model class, not per decode step
+            params = self._params[type(lm)] = set(inspect.signature(type(lm).forward).parameters)
+        # transformers renamed past_key_values to cache (5.2x; the old name warns until 5.40)
+        kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+        # transformers <= 5.2x takes the cache write position explicitly; later versions track
+        # it inside the cache (and no longer accept the argument)
+        if "cache_position" in params:
+            kw["cache_position"] = torch.arange(position, position + q_len, device=device)
+        return kw
+
+    def _decode_step(self, lm):
+        if self._step is None:
+            def step(input_ids, attention_mask, position_ids, **kw):
+                return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=1, **kw).logits[:, -1]
+
+            self._step = step
+            if self.compile:
+                mode = "reduce-overhead" if next(lm.parameters()).is_cuda else None
+                self._step = torch.compile(step, mode=mode, dynamic=False, fullgraph=False)
+        return self._step
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row, exactly as HF sampling: fp32 copy, / T, softmax, multinomial."""
+        scores = logits.to(copy=True, dtype=torch.float32) / self.temperature
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
+        """Responses (B, response_length) to left-padded prompts (B, P), truncated after the stop."""
+        B, P = prompt_ids.shape
+        T = self.response_length
+        W = bucket_width(P, self.bucket)
+        device = prompt_ids.device
+        # extra left padding up to the bucket's width; masked, so it changes nothing
+        ids = torch.nn.functional.pad(prompt_ids, (W - P, 0), value=self.pad_id)
+        mask = torch.nn.functional.pad(prompt_mask.long(), (W - P, 0), value=0)
+        # one (B, W + T) mask for every step: later positions are hidden by causality anyway,
+        # and a fixed shape keeps the compiled decode step to one graph per bucket
+        full_mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype, device=device)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = positions[:, -1:] + 1  # (B, 1): the first response token's position
+        self.shapes_seen.add((B, W))
+        out = torch.full((B, T), self.pad_id, dtype=prompt_ids.dtype, device=device)
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        stops = torch.tensor(self.stop_ids, dtype=prompt_ids.dtype, device=device)
+        with self._sampling(device):
+            lm = self._lm()
+            cache = self._cache(lm, B, W + T, next(lm.parameters()).dtype, device)
+            logits = lm(input_ids=ids, attention_mask=full_mask, position_ids=positions, logits_to_keep=1,
+                        **self._forward_kwargs(lm, cache, 0, W, device)).logits[:, -1]
+            step = self._decode_step(lm)
+            for t in range(T):
+                tok = self._draw(logits)
+                tok = torch.where(unfinished, tok, torch.full_like(tok, self.pad_id))
+                out[:, t] = tok
+                unfinished &= ~torch.isin(tok, stops)
+                if t == T - 1 or ((t + 1) % self.stop_check_every == 0 and not bool(unfinished.any())):
+                    break
+                logits = step(tok[:, None], full_mask, next_pos + t, **self._forward_kwargs(lm, cache, W + t, 1, device))
+        return _finish(out, self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask)
+
+
+class MergedEngine(StaticEngine):
+    """The static loop on a separate merged copy of base + policy LoRA (see the module doc).
+
+    The copy is the base causal LM with every LoRA layer replaced by a plain copy of its base
+    linear layer; before each rollout its weights are set to ``W_base + delta_policy`` (peft's
+    ``get_delta_weight``), computed from the frozen base, so nothing accumulates.
+    """
+
+    name = "merged"
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        from peft.tuners.lora import LoraLayer
+
+        lm = model.base_lm
+        self._merged = copy.deepcopy(lm)
+        self._pairs: list[tuple[object, torch.nn.Linear]] = []
+        sources = dict(lm.named_modules())
+        for name, module in list(self._merged.named_modules()):
+            if isinstance(module, LoraLayer):
+                plain = module.base_layer
+                self._merged.set_submodule(name, plain)
+                self._pairs.append((sources[name], plain))
+        for p in self._merged.parameters():
+            p.requires_grad_(False)
+        self._merged.eval()
+
+    def _lm(self):
+        return self._merged
+
+    def _sampling(self, device):
+        return _Both()  # the copy has no roles, no fp32 LoRA matrices, and is always in eval mode
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Set the copy's weights to base + the policy's current LoRA delta."""
+        for lora_layer, plain in self._pairs:
+            base = lora_layer.base_layer.weight
+            if "policy" in lora_layer.lora_A:
+                delta = lora_layer.get_delta_weight("policy")
+                plain.weight.copy_((base.float() + delta.float()).to(plain.weight.dtype))
+            else:
+                plain.weight.copy_(base)
+
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
+        self.refresh()  # every rollout follows an update (or the start): sample the current policy
+        return super().sample(prompt_ids, prompt_mask)
+
+
+class _Both:
+    """Enter several context managers as one (``contextlib.ExitStack`` without the ceremony)."""
+
+    def __init__(self, *ctxs):
+        self.ctxs = ctxs
+
+    def __enter__(self):
+        for c in self.ctxs:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.ctxs):
+            c.__exit__(*exc)
+
+
+def make_engine(name: str, model, gen_cfg, *, temperature: float, stop_ids: int | list[int], pad_id: int, response_length: int,
+                compile: str | bool = "auto", device=None):
+    """The engine ``name`` (``auto``/``hf``/``static``/``merged``) for ``model`` on ``device``."""
+    device = device if device is not None else next(model.parameters()).device
+    name = resolve_engine(name, device)
+    if name == "hf":
+        return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length)
+    cls = StaticEngine if name == "static" else MergedEngine
+    return cls(model, temperature, stop_ids, pad_id, response_length, compile=resolve_compile(compile, device))
