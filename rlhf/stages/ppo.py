@@ -507,6 +507,27 @@ class Optimization:
     length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
+def generation_engine(name: str, device, sharded: bool) -> str:
+    """The generation engine to build: ``name`` resolved for ``device``.
+
+    Under FSDP2 only ``hf`` has been run inside the weight-gathering context; ``static``
+    (compiled graphs over a static cache) and ``merged`` (a merged copy of base + policy)
+    would hold or bake full weights outside it. ``auto`` therefore falls back to ``hf`` on a
+    sharded model, and an explicit ``static``/``merged`` is refused.
+
+    Raises:
+        ConfigError: naming ``ppo.generation`` when the engine cannot run on a sharded model.
+    """
+    from rlhf.generation import resolve_engine
+
+    resolved = resolve_engine(name, device)
+    if sharded and resolved != "hf":
+        if name != "auto":
+            raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
+        return "hf"
+    return resolved
+
+
 def setup(cfg: PPOConfig) -> PPOSetup:
     """Build the role model, tokenizer, sampling config and encoded prompts."""
     from rlhf import distributed as dist
@@ -524,7 +545,7 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     from rlhf.generation import make_engine
 
     gen_cfg = generation_config(cfg, stop_ids, pad_id)
-    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+    engine = make_engine(generation_engine(cfg.generation, device, sharded=is_sharded(model)), model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                          response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),

@@ -285,3 +285,21 @@ def test_fsdp2_pipeline_adapters_equal_one_process(adapters, tmp_path):
     for d in ("ppo/policy", "ppo/value"):
         assert (run2 / d / "adapter_model.safetensors").is_file()
     assert (run2 / "ppo" / "checkpoints" / "update-2").is_dir()
+
+
+def test_fsdp_generation_engine_falls_back_to_hf_or_refuses():
+    """Under FSDP2 only the hf engine runs inside the gather context: auto falls back to it,
+    an explicit static or merged engine is refused before any rollout."""
+    import torch
+
+    from rlhf.config import ConfigError
+    from rlhf.stages.ppo import generation_engine
+
+    cuda = torch.device("cuda")
+    assert generation_engine("auto", cuda, sharded=False) == "static"
+    assert generation_engine("auto", cuda, sharded=True) == "hf"
+    assert generation_engine("hf", cuda, sharded=True) == "hf"
+    for name in ("static", "merged"):
+        assert generation_engine(name, torch.device("cpu"), sharded=False) == name
+        with pytest.raises(ConfigError, match="ppo.generation"):
+            generation_engine(name, cuda, sharded=True)
