@@ -118,7 +118,11 @@ def _launcher_parser() -> argparse.ArgumentParser:
     group.add_argument("--launcher", choices=["none", "accelerate"], default="none",
                        help="accelerate: run the command on several processes via `accelerate launch`")
     group.add_argument("--accelerate-config", help="accelerate config, e.g. pipelines/accelerate/ddp.yaml")
-    group.add_argument("--num-processes", type=int, help="processes to launch (overrides the config's)")
+    group.add_argument("--num-processes", type=int, help="processes to launch, over all machines (overrides the config's)")
+    group.add_argument("--num-machines", type=int, help="machines taking part; run the same command on each")
+    group.add_argument("--machine-rank", type=int, help="this machine's rank, 0..num-machines-1")
+    group.add_argument("--main-process-ip", help="address of machine 0 (the rendezvous host)")
+    group.add_argument("--main-process-port", type=int, help="rendezvous port on machine 0 (default 29500)")
     return parser
 
 
@@ -165,15 +169,19 @@ def _maybe_launch(cmd: str, argv: list[str]) -> tuple[int | None, list[str]]:
     """Strip the launcher options; with ``--launcher accelerate`` (outside a launched
     process) re-run ``rlhf CMD ...`` under accelerate launch and return its exit status."""
     args, rest = _launcher_parser().parse_known_args(argv)
-    if args.launcher == "none" and (args.accelerate_config or args.num_processes):
+    machine = (args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+    if args.launcher == "none" and (args.accelerate_config or args.num_processes or any(v is not None for v in machine)):
         from rlhf.config import ConfigError
 
-        raise ConfigError("--accelerate-config/--num-processes need --launcher accelerate")
+        raise ConfigError("--accelerate-config/--num-processes/--num-machines/--machine-rank/--main-process-* need "
+                          "--launcher accelerate")
     if args.launcher != "accelerate" or os.environ.get("LOCAL_RANK") is not None:
         return None, rest  # single process, or already one of the launched processes
     from rlhf.launch import launch
 
-    return launch([cmd, *rest], args.accelerate_config, args.num_processes), rest
+    return launch([cmd, *rest], args.accelerate_config, args.num_processes, main_process_port=args.main_process_port,
+                  num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  main_process_ip=args.main_process_ip), rest
 
 
 def _wants_help(argv: list[str]) -> bool:

@@ -16,6 +16,12 @@ statistics (``rlhf.ppo.masked_whiten`` with
 :func:`all_reduce_sum`), and the trainable LoRA gradients are summed across
 processes (:func:`sum_gradients`) with every loss normalised by the global token count,
 so one optimizer step equals the single-process step on the same global minibatch.
+Under ``pipelines/accelerate/fsdp2.yaml`` PPO shards its model itself with FSDP2
+(``rlhf/fsdp.py``: ``shard_model``, ``full_params_for_generation``, ``full_state``); the
+helpers here then skip the sharded parameters, whose gradients FSDP has already summed.
+
+Several machines: the same helpers work across machines (ranks are global; only global
+rank 0 writes), see ``rlhf.launch`` for the launch options.
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ __all__ = [
     "rank_seed",
     "shard_bounds",
     "all_reduce_sum",
+    "all_reduce_max",
     "gather_rows",
     "broadcast_object",
     "gather_objects",
     "sum_gradients",
+    "clip_grad_norm",
     "broadcast_parameters",
 ]
 
@@ -186,6 +194,16 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise maximum of ``x`` over all processes (a new tensor)."""
+    out = x.detach().clone()
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate every process's ``x`` along dim 0, in rank order.
 
@@ -234,8 +252,14 @@ def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     share of a minibatch was empty has no gradient; it takes part with zeros, and a
     parameter without a gradient on every process keeps ``grad=None`` (Adam then skips
     it, as it would in one process). One flat buffer, one all-reduce.
+
+    Parameters sharded by FSDP2 (DTensors, see ``rlhf.fsdp``) are skipped: their gradients
+    were already summed by FSDP's reduce-scatter in the backward.
     """
     if not is_distributed():
+        return
+    params = [p for p in params if not _is_dtensor(p)]
+    if not params:
         return
     dev = next(iter(params)).device
     has = all_reduce_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev))
@@ -264,4 +288,26 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> 
 
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=src)
+            if not _is_dtensor(p):  # FSDP shards were cut from equal weights (rlhf.fsdp.shard_model)
+                dist.broadcast(p.data, src=src)
+
+
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes FSDP2-sharded parameters; returns
+    the total norm before clipping as a plain 0-dim tensor on the parameters' device, the
+    same on every process (no host sync, so callers can batch it with other statistics).
+
+    With sharded gradients torch computes the norm of the whole (global) gradient from
+    the shards; all parameters must then be sharded alike (``rlhf.fsdp.shard_model``
+    shards every parameter of the role model).
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if _is_dtensor(norm):
+        norm = norm.full_tensor()
+    return norm
+
+
+def _is_dtensor(x: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)

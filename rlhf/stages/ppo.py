@@ -43,6 +43,7 @@ import torch
 
 from rlhf import ppo as F
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
+from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.stages import StageResult
@@ -333,6 +334,7 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 
 
 def _build_model(cfg: PPOConfig, device):
+    from rlhf import distributed as dist
     from rlhf.adapters import RoleModel
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
@@ -346,6 +348,8 @@ def _build_model(cfg: PPOConfig, device):
                                    "target_modules": cfg.lora.target_modules},
                       with_value=uses_critic(cfg))
     model.to(device)
+    if dist.engine() == "fsdp" and dist.is_distributed():
+        shard_model(model)  # base and LoRA roles sharded over the processes (rlhf/fsdp.py)
     if cfg.gradient_checkpointing:
         # non-reentrant: the frozen base's inputs need no grad; each role's backward runs
         # inside that role (_ppo_update), so the recomputed forwards use the right adapter
@@ -355,11 +359,11 @@ def _build_model(cfg: PPOConfig, device):
 
 
 def check_engine_supported(config_name: str = "ppo") -> None:
-    """Refuse PPO under an engine that shards the base weights.
+    """Refuse PPO under DeepSpeed ZeRO-3.
 
-    PPO samples from the policy role between updates; with FSDP or ZeRO-3 every
-    generation step would need the full weights gathered, which this loop does not do.
-    Supported: one process, DDP, and ZeRO-1/2 configs (the LoRA loop then runs data
+    PPO samples from the policy role between updates, which needs the sharded weights
+    gathered; this loop does that with FSDP2 (``rlhf/fsdp.py``), not with DeepSpeed.
+    Supported: one process, DDP, FSDP2 and ZeRO-1/2 configs (the LoRA loop then runs data
     parallel with summed gradients; LoRA optimizer state is small, so sharding it would
     save little).
 
@@ -369,11 +373,12 @@ def check_engine_supported(config_name: str = "ppo") -> None:
     from rlhf.distributed import engine
 
     eng = engine()
-    if eng == "fsdp" or eng == "deepspeed-zero3":
+    if eng == "deepspeed-zero3":
         raise ConfigError(
-            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop does "
-            "not gather sharded weights for generation). Launch PPO with pipelines/accelerate/ddp.yaml or "
-            "deepspeed_zero2.yaml; SFT and reward run under every config in pipelines/accelerate/."
+            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop "
+            "gathers sharded weights for generation only under FSDP2). To shard the base, launch PPO with "
+            "pipelines/accelerate/fsdp2.yaml (or ddp.yaml / deepspeed_zero2.yaml if it fits on one device); "
+            "SFT and reward run under every config in pipelines/accelerate/."
         )
 
 
@@ -545,6 +550,27 @@ class Optimization:
     length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
+def generation_engine(name: str, device, sharded: bool) -> str:
+    """The generation engine to build: ``name`` resolved for ``device``.
+
+    Under FSDP2 only ``hf`` has been run inside the weight-gathering context; ``static``
+    (compiled graphs over a static cache) and ``merged`` (a merged copy of base + policy)
+    would hold or bake full weights outside it. ``auto`` therefore falls back to ``hf`` on a
+    sharded model, and an explicit ``static``/``merged`` is refused.
+
+    Raises:
+        ConfigError: naming ``ppo.generation`` when the engine cannot run on a sharded model.
+    """
+    from rlhf.generation import resolve_engine
+
+    resolved = resolve_engine(name, device)
+    if sharded and resolved != "hf":
+        if name != "auto":
+            raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
+        return "hf"
+    return resolved
+
+
 def setup(cfg: PPOConfig) -> PPOSetup:
     """Build the role model, tokenizer, sampling config and encoded prompts."""
     from rlhf import distributed as dist
@@ -562,7 +588,7 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     from rlhf.generation import make_engine
 
     gen_cfg = generation_config(cfg, stop_ids, pad_id)
-    engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+    engine = make_engine(generation_engine(cfg.generation, device, sharded=is_sharded(model)), model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                          response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
@@ -658,20 +684,24 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     if not s.eval_ids:
         return {}
     # Rank 0 evaluates alone (same prompts and seed as a single-process run, so numbers
-    # compare across launches); the model has no collectives, the others just wait.
+    # compare across launches); the model has no collectives, the others just wait. Under
+    # FSDP its forwards are collectives, so every rank evaluates the same prompts with the
+    # same seed (identical results) with the policy gathered; rank 0 logs.
     ev = {}
-    if dist.is_main():
-        n = len(s.eval_ids) if limit is None else min(limit, len(s.eval_ids))
-        reference = None
-        if reference_file is not None and step > 0 and reference_file.exists():
-            reference = _read_json(reference_file).get("rows", [])[:n]
-        ev, rows = evaluate(s.model, s.tok, s.eval_ids[:n], s.eval_texts[:n], cfg, s.gen_cfg, s.stop_ids, s.pad_id,
-                            s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine,
-                            reference=reference)
-        if reference_file is not None and step == 0:
-            write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
-        tracker.log(ev, step=step)
-        tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
+    with full_params_for_generation(s.model):
+        if dist.is_main() or is_sharded(s.model):
+            n = len(s.eval_ids) if limit is None else min(limit, len(s.eval_ids))
+            reference = None
+            if reference_file is not None and step > 0 and reference_file.exists():
+                reference = _read_json(reference_file).get("rows", [])[:n]
+            ev, rows = evaluate(s.model, s.tok, s.eval_ids[:n], s.eval_texts[:n], cfg, s.gen_cfg, s.stop_ids, s.pad_id,
+                                s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine,
+                                reference=reference)
+        if dist.is_main():
+            if reference_file is not None and step == 0:
+                write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
+            tracker.log(ev, step=step)
+            tracker.log_samples(step, [dict(r, step=step) for r in rows[: cfg.num_samples_logged]])
     return dist.broadcast_object(ev)
 
 
@@ -693,7 +723,8 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
         group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
-    return s.engine.sample(ids, mask), group_ids
+    with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
+        return s.engine.sample(ids, mask), group_ids
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -818,7 +849,9 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     opt = build_optimization(s.model, cfg, s.num_updates)
     ckpt_root = out / "checkpoints"
     start = 0
-    if resume and (found := load_checkpoint(ckpt_root, s.model, opt)):
+    with full_state(s.model, opt.optimizer):  # FSDP: every rank loads full tensors, keeps its shard
+        found = load_checkpoint(ckpt_root, s.model, opt) if resume else None
+    if found:
         start, d = found
         if main:
             print(f"[ppo] resumed from {d} (update {start} of {s.num_updates})")
@@ -844,8 +877,10 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
             evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates) and main:
-            save_checkpoint(ckpt_root, s.model, opt, cfg, done)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates):
+            with full_state(s.model, opt.optimizer):  # FSDP: gathered on every rank, written by rank 0
+                if main:
+                    save_checkpoint(ckpt_root, s.model, opt, cfg, done)
     bar.close()
 
     # final evaluation and the published adapters
@@ -856,11 +891,12 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
                       **{f"initial/{k}": v for k, v in initial_eval.items()},
                       **{f"final/{k}": v for k, v in final_eval.items()}}
     roles = _trained_roles(cfg)
-    if finished and main:
-        for role in roles:
-            publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
-                    config=to_dict(cfg), registration=registration)
-        write_json(out / "metrics.json", result_metrics)
+    with full_state(s.model):  # FSDP: the full adapters, gathered on every rank
+        if finished and main:
+            for role in roles:
+                publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
+                        config=to_dict(cfg), registration=registration)
+            write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
                        artifacts={role: str(out / role) for role in roles} if finished else {},
@@ -901,6 +937,9 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     B = B_local * world
     lo = rank * B_local
     device = batch.response_ids.device
+    sharded = world > 1 and is_sharded(model)
+    if sharded:  # FSDP: forwards are collectives, so every rank takes an equal share of each minibatch
+        batch, adv, returns = gather_rollout(batch, adv, returns)
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
@@ -909,7 +948,9 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     with _mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
             for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
-                if world > 1:  # this rank's rows, selected on the CPU (no device sync)
+                if sharded:  # an equal share of the gathered rows (selected on the CPU)
+                    mb_idx = even_share(mb_idx, rank, world)
+                elif world > 1:  # this rank's rows, selected on the CPU (no device sync)
                     mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo
                 mb_idx = mb_idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -930,7 +971,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                             acc[k] = acc.get(k, 0.0) + v
                 dist.sum_gradients(params)  # no-op in one process
                 if cfg.max_grad_norm > 0:
-                    acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    acc["grad_norm"] = dist.clip_grad_norm(params, cfg.max_grad_norm)
                 names = list(acc)
                 values = torch.stack([torch.as_tensor(acc[k], device=device).float() for k in names]).tolist() if names else []
                 host = dict(zip(names, values))  # the one host sync of this minibatch

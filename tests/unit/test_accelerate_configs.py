@@ -18,7 +18,7 @@ CONFIGS = sorted(ACCEL.glob("*.yaml"))
 EXPECTED = {
     "single_gpu.yaml": ("none", True),
     "ddp.yaml": ("ddp", True),
-    "fsdp2.yaml": ("fsdp", False),
+    "fsdp2.yaml": ("fsdp", True),
     "deepspeed_zero2.yaml": ("deepspeed-zero2", True),
     "deepspeed_zero3.yaml": ("deepspeed-zero3", False),
 }
@@ -89,6 +89,7 @@ def test_config_opens_with_when_to_use_and_the_command(path):
     assert f"accelerate launch --config_file {rel}" in text
     if not EXPECTED[path.name][1]:
         assert "NOT supported: PPO" in text
+        assert "fsdp2.yaml" in text  # where to go instead
 
 
 def test_accelerate_command_line(tmp_path):
@@ -115,3 +116,20 @@ def test_single_process_helpers():
     x, m = torch.randn(3, 5), torch.ones(3, 5)
     m[0, 3:] = 0
     torch.testing.assert_close(F.masked_whiten(x, m, all_reduce=dist.all_reduce_sum), F.masked_whiten(x, m), rtol=0, atol=0)
+
+
+def test_deepspeed_configs_without_deepspeed_fail_before_launching(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml"):
+        with pytest.raises(ConfigError, match=r"deepspeed_zero.\.yaml: .*not installed.*rlhf\[deepspeed\]"):
+            launch(["run", "x.yaml"], ACCEL / name, 2)
+
+
+def test_ppo_under_zero3_points_to_fsdp2(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="fsdp2.yaml"):
+        check_engine_supported()
