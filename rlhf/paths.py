@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-# The data library owns these two helpers (it must not import rlhf); re-exported for rlhf's callers.
+# The data library owns these helpers (it must not import rlhf); re-exported for rlhf's callers.
+# ``rlhf_home``: the explicit argument, then ``$RLHF_HOME``, then ``~/.rlhf``; the registry lives
+# in ``<home>/registry`` and the preference-data store in ``<home>/data``.
+from reward_data.paths import default_home as rlhf_home  # noqa: F401
 from reward_data.paths import fsync_dir, pid_alive  # noqa: F401
 
 
-def rlhf_home(home: str | os.PathLike | None = None) -> Path:
-    """Return the rlhf home directory.
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (``os.umask`` sets it to read it,
+    which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    Order: the explicit argument, then ``$RLHF_HOME``, then ``~/.rlhf``.
-    The registry lives in ``<home>/registry`` and the preference-data store in ``<home>/data``.
-    """
-    if home is not None:
-        return Path(home).expanduser()
-    env = os.environ.get("RLHF_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".rlhf"
+

@@ -15,21 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rlhf.paths import current_umask
+
 __all__ = ["main", "report_main", "serve_main", "write_report"]
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (threads may be running)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_report(run_dir: str | Path, out: str | Path) -> Path:
@@ -55,7 +43,7 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

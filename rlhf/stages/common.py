@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import LoraConfigSpec, TrainArgs
+from rlhf.paths import current_umask
 
 
 def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: bool) -> dict:
@@ -199,21 +200,6 @@ def safe_name(s: str) -> str:
     """``s`` as a registry name: other characters become '-', at most 100 long."""
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in s).strip("-.") or "run"
     return cleaned[:100]
-
-
-def current_umask() -> int:
-    """The process umask, read from /proc where it can be (``os.umask`` sets it to read it,
-    which races with other threads creating files)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
