@@ -174,8 +174,10 @@ def value_loss(
 
     Returns:
         ``(loss, stats)``: the scalar loss and ``{"vf_clipfrac": ...}``, the
-        detached fraction of real tokens where the clipped term is strictly
-        larger.
+        detached fraction of real tokens where the clip is active (``|v - V_old| > c``)
+        and the clipped term is the larger one. Testing the clamp itself keeps the
+        statistic exact: ``V_old + (v - V_old)`` need not round back to ``v``, so comparing
+        the two squares alone counts tokens the clip never touched.
     """
     if not (values.shape == old_values.shape == returns.shape == mask.shape):
         raise ValueError(
@@ -193,5 +195,6 @@ def value_loss(
     vf = 0.5 * torch.maximum(vf_unclipped, vf_clipped)
     loss = _normalise(masked_sum(vf, mask), mask, normalizer)
     with torch.no_grad():
-        vf_clipfrac = masked_mean((vf_clipped > vf_unclipped).to(vf.dtype), mask)
+        clipped = ((values - old_values).abs() > clip_range) & (vf_clipped > vf_unclipped)
+        vf_clipfrac = masked_mean(clipped.to(vf.dtype), mask)
     return loss, {"vf_clipfrac": vf_clipfrac.detach()}

@@ -33,6 +33,9 @@ OVERRIDES = [
     "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
     # random weights rarely emit the stop token: every response runs to full length
     "ppo.guard_max_length_fraction=1.01",
+    # two reward steps leave the reward model at chance: these tests are about running the
+    # stages distributed, not about reward quality, so the quality gate is off
+    "reward_gate.enabled=false",
 ]
 
 

@@ -248,6 +248,7 @@ PIPELINE = [
     "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
     "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
     "ppo.save_every=1", "ppo.guard_max_length_fraction=1.01",
+    "reward_gate.enabled=false",  # a few reward steps leave the reward model at chance; not under test here
 ]
 
 

@@ -135,7 +135,7 @@ def test_multinode_tiny_pipeline(tmp_path):
         "reward.train.max_steps=2", "reward.train.batch_size=8",
         "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
         "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
-        "ppo.guard_max_length_fraction=1.01",
+        "ppo.guard_max_length_fraction=1.01", "reward_gate.enabled=false",  # 2 reward steps: at chance
     ]
     m0, m1 = _two_machines(["run", str(ROOT / "pipelines" / "tiny.yaml"), "--output-dir", str(run_dir), *overrides],
                            _env(home), timeout=900)

@@ -91,6 +91,20 @@ def test_value_loss_unclipped_gradient():
     assert stats["vf_clipfrac"].item() == 0.0
 
 
+def test_value_clipfrac_counts_only_tokens_the_clip_touched():
+    # A token seen in a 2-process PPO update: V_old and v have opposite signs, |v - V_old| = .079
+    # is well inside c = .2, yet in fp32 V_old + (v - V_old) does not round back to v, and the
+    # reconstructed value's square loss is larger by an ulp. The clip never touched this token,
+    # so the fraction must be 0 (comparing the two squares alone counted it as clipped).
+    old = torch.tensor([[0.06939398497343063]])
+    v = torch.tensor([[-0.009122999384999275]])
+    returns = torch.tensor([[-0.9150725603103638]])
+    reconstructed = old + torch.clamp(v - old, -0.2, 0.2)
+    assert ((reconstructed - returns).square() > (v - returns).square()).all()  # the trap is real
+    _, stats = value_loss(v, old, returns, torch.ones_like(v))
+    assert stats["vf_clipfrac"].item() == 0.0
+
+
 def _random_batch(seed: int, batch: int = 8, length: int = 6):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, length + 1, (batch,), generator=gen)
