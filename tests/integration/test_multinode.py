@@ -96,6 +96,9 @@ rows = dist.gather_objects(row)
 if dist.is_main():
     with open(sys.argv[1], "w") as f:
         json.dump(rows, f)
+# leave the group together: a gloo group torn down at interpreter exit can abort the process
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 '''
 
 
