@@ -31,8 +31,27 @@ def _sequence(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
             torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1))
 
 
+class _Rows:
+    """Row selection and the joined prompt + response tensors, shared by both batch types
+    (each has ``prompt_ids``, ``prompt_mask``, ``response_ids`` and ``response_mask``)."""
+
+    def index(self, idx: Tensor):
+        """The rows ``idx`` (a 1-D index tensor) of every field, as the same type."""
+        return _rows(self, idx)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P + T) prompt followed by response."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[0]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P + T) prompt mask followed by response mask, in the prompt mask's dtype."""
+        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[1]
+
+
 @dataclass(frozen=True)
-class Sampled:
+class Sampled(_Rows):
     """Responses sampled from the policy for a batch of prompts.
 
     Attributes:
@@ -49,23 +68,9 @@ class Sampled:
     response_mask: Tensor
     has_stop: Tensor
 
-    def index(self, idx: Tensor) -> "Sampled":
-        """The rows ``idx`` (a 1-D index tensor) of every field."""
-        return _rows(self, idx)
-
-    @property
-    def input_ids(self) -> Tensor:
-        """(B, P + T) prompt followed by response."""
-        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[0]
-
-    @property
-    def attention_mask(self) -> Tensor:
-        """(B, P + T) prompt mask followed by response mask, in the prompt mask's dtype."""
-        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[1]
-
 
 @dataclass(frozen=True)
-class ScoredRollout:
+class ScoredRollout(_Rows):
     """A sampled batch with everything PPO needs from the four roles, before the update.
 
     Attributes:
@@ -94,17 +99,3 @@ class ScoredRollout:
         """``sampled`` plus its scores (every argument required, shapes as in the class doc)."""
         return cls(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores)
-
-    def index(self, idx: Tensor) -> "ScoredRollout":
-        """The rows ``idx`` (a 1-D index tensor) of every field."""
-        return _rows(self, idx)
-
-    @property
-    def input_ids(self) -> Tensor:
-        """(B, P + T) prompt followed by response."""
-        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[0]
-
-    @property
-    def attention_mask(self) -> Tensor:
-        """(B, P + T) prompt mask followed by response mask, in the prompt mask's dtype."""
-        return _sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)[1]
