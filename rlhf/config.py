@@ -429,10 +429,10 @@ def _convert(tp, value, key: str):
         others = [a for a in args if a is not type(None)]
         if len(others) == 1 and typing.get_origin(others[0]) is Literal:  # a choice or null: list the choices
             raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -440,11 +440,11 @@ def _convert(tp, value, key: str):
         return from_dict(tp, value, prefix=key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short_repr(value)}")
         return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -454,19 +454,19 @@ def _convert(tp, value, key: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -506,9 +506,9 @@ def check_range(key: str, value, spec: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return  # unset optional, or a type error that _convert reports
     if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number ({spec}), got {value}")
+        raise ConfigError(f"{key} must be a finite number ({spec}), got {short_repr(value)}")
     if not any(test(value) for test in _range_tests(spec)):
-        raise ConfigError(f"{key} must be {'in ' + spec if spec[0] in '[(' else spec}, got {value}")
+        raise ConfigError(f"{key} must be {'in ' + spec if spec[0] in '[(' else spec}, got {short_repr(value)}")
 
 
 def check_ranges(obj, prefix: str | None = None) -> None:
@@ -525,10 +525,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
     and values outside a field's range raise ConfigError naming the dotted key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], fields, where)} "
+        name = str(unknown[0])
+        hint = did_you_mean(name, fields, where) if len(name) <= 100 else ""
+        raise ConfigError(f"unknown key {where}{short_repr(name)[1:-1] if len(name) > 80 else name}{hint} "
                           f"(valid keys: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     # ranges before construction, so that __post_init__'s cross-field checks never divide by 0
@@ -551,18 +553,79 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+#: Deepest nesting a recipe or an override may have; real ones stay under 6 levels.
+MAX_YAML_DEPTH = 100
+
+
+class _RecipeYAMLError(yaml.YAMLError):
+    """A recipe uses an alias or nests too deeply (raised while composing, before expanding)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two limits, checked before anything is built.
+
+    Aliases are refused: nine aliases of nine aliases of ... make a 1 KB "billion laughs"
+    document whose expansion is gigabytes, and a recipe never needs them (write the value
+    twice). Nesting deeper than :data:`MAX_YAML_DEPTH` is refused too, before PyYAML's
+    recursive composer runs out of stack.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RecipeYAMLError(f"YAML aliases (*{event.anchor[:40]}) are not allowed, line "
+                                   f"{event.start_mark.line + 1}; write the value out instead")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_load(text: str):
+    """``yaml.safe_load`` without aliases and without absurd nesting (see :class:`_RecipeLoader`)."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # a deep flow collection can exhaust the scanner's stack first
+        raise _RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's conversion limit)
+        raise _RecipeYAMLError(f"a value cannot be read: {str(e)[:120]}") from None
+    finally:
+        loader.dispose()
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about values of any size.
+
+    A list or mapping is summarised by its type and length instead of being formatted whole
+    (a nested value can be huge; formatting it first and cutting afterwards would not help).
+    """
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value[: limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except _RecipeYAMLError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {_one_line(e)}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(e)[:300]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -576,12 +639,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {short_repr(item)} must look like key.sub=value")
         key, raw = item.split("=", 1)
+        key = key[:200]
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _safe_load(raw) if raw != "" else ""
+        except _RecipeYAMLError as e:
+            raise ConfigError(f"override {key}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: invalid YAML value {raw!r}: {_one_line(e)}") from None
+            raise ConfigError(f"override {key}: invalid YAML value {short_repr(raw)}: {_one_line(e)[:300]}") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
