@@ -84,11 +84,19 @@ def set_rng_state(state: dict) -> None:
 
 def write_checkpoint_dir(root: Path, name: str, writer) -> Path:
     """Create ``root/name`` atomically: ``writer(tmp_dir)`` fills a temporary directory that is
-    then renamed into place, so a killed run never leaves a half checkpoint under ``name``."""
+    then renamed into place, so a killed run never leaves a half checkpoint under ``name``.
+
+    The checkpoint carries ``root``'s config fingerprint (:func:`rlhf.runs.stamp_checkpoint`)
+    and the umask's mode, like the rest of the run directory (mkdtemp's is 0700)."""
+    from rlhf.paths import current_umask
+    from rlhf.runs import stamp_checkpoint
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         writer(tmp)
+        stamp_checkpoint(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())
         (tmp / "COMPLETE").write_text("ok")
         final = root / name
         if final.exists():

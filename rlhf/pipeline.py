@@ -17,7 +17,6 @@ to ``<run_dir>/task/`` and read like user data, and its gold reward judges the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
@@ -40,6 +39,7 @@ from rlhf.config import (
     to_dict,
 )
 from rlhf.resolve import check_base, check_input
+from rlhf.runs import file_hash as _file_hash, fingerprint as _fingerprint
 from rlhf.stages import STAGES, run_stage
 from rlhf.stages.common import Registration, safe_name as _safe_name, write_json
 from rlhf.tasks import TASK_FILES, Task
@@ -217,21 +217,6 @@ def _dpo_config(data: dict, ppo: PPOConfig, stages: tuple[str, ...], run_dir: Pa
     return from_dict(DPOConfig, data, prefix="dpo")
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_hash(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        return f"ref:{path}"
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _without_paths(cfg: dict) -> dict:
     """Config used for fingerprints: the output dir and wiring paths are implied by the run dir."""
     return {k: v for k, v in cfg.items() if k not in ("output_dir", "sft_adapter", "reward_adapter")}
@@ -276,27 +261,13 @@ class Pipeline:
         Raises:
             RunDirLocked: another process is running in the same run directory.
         """
-        from rlhf import distributed as dist
-        from rlhf.runs import RunDirLocked, RunLock
+        from rlhf.runs import locked
 
         if from_stage is not None and from_stage not in self.p.stages:
             raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe "
                               f"(stages: {', '.join(self.p.stages)})")
-        # Rank 0 holds the lock (the kernel drops it when the process dies, however it dies);
-        # every rank learns whether it got it, so no rank waits forever in a barrier.
-        lock, error = RunLock(self.p.run_dir), None
-        if dist.is_main():
-            try:
-                lock.acquire()
-            except RunDirLocked as e:
-                error = str(e)
-        error = dist.broadcast_object(error)
-        if error is not None:
-            raise RunDirLocked(error)
-        try:
+        with locked(self.p.run_dir):
             return self._run(from_stage, resume)
-        finally:
-            lock.release()
 
     def _mark_dead_stages(self, registry) -> None:
         """Stages still "running" under our lock belong to a process that is gone: mark them
@@ -358,7 +329,8 @@ class Pipeline:
                 if dist.is_main():
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
-            stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in _RESUMABLE
+            # the stage refuses a checkpoint written under another fingerprint (rlhf.runs.prepare_checkpoints)
+            stage_resume = resume and st.get("status") in _RESUMABLE
             run_ref = (registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name,
                                           name=f"{_safe_name(p.pipeline.name)}-{stage}-run") if registry else None)
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
@@ -370,7 +342,7 @@ class Pipeline:
                                          base=self.state.get("base_ref")) if registry else None)
             try:
                 result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task,
-                                   registration=registration)
+                                   registration=registration, fingerprint=fps[stage])
             except BaseException as e:
                 # Ctrl-C is an interruption; anything else (an error, SystemExit) a failure
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -82,18 +82,38 @@ STAGES: dict[str, Stage] = {
 
 
 def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
-              task: Task | None = None, registration: Registration | None = None) -> StageResult:
-    """Resolve ``cfg``'s inputs, then run stage ``name`` on it.
+              task: Task | None = None, registration: Registration | None = None,
+              fingerprint: str | None = None) -> StageResult:
+    """Resolve ``cfg``'s inputs, then run stage ``name`` on it, holding its output directory's lock.
 
-    The stage's step logs are trimmed first: a resumed stage logs again every step after
-    the checkpoint it resumes from, a stage started afresh every step, so no row repeats.
-    With a ``registration`` (rank 0 of a pipeline), publishing registers the artifacts.
+    Only one process at a time writes an output directory (:class:`rlhf.runs.RunLock`; a
+    second one fails at once). The checkpoints folder is made to hold only checkpoints of
+    this config (:func:`rlhf.runs.prepare_checkpoints`, with ``fingerprint``, by default
+    :func:`rlhf.runs.config_fingerprint` of ``cfg``): a fresh start moves old ones aside,
+    a resume from another config's checkpoint is refused. The stage's step logs are trimmed
+    next: a resumed stage logs again every step after the checkpoint it resumes from, a
+    stage started afresh every step, so no row repeats. With a ``registration`` (rank 0 of
+    a pipeline), publishing registers the artifacts.
+
+    Raises:
+        RunDirLocked: another process is writing ``cfg.output_dir``.
+        ConfigError: ``resume`` and the newest checkpoint belongs to another config.
     """
     from rlhf import distributed as dist
+    from rlhf.config import ConfigError, to_dict
     from rlhf.resolve import resolve_inputs
-    from rlhf.runs import resume_step, trim_logs
+    from rlhf.runs import config_fingerprint, locked, prepare_checkpoints, resume_step, trim_logs
 
     resolved = resolve_inputs(cfg)
-    if dist.is_main():
-        trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
-    return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)
+    with locked(cfg.output_dir):
+        error = None
+        if dist.is_main():
+            try:
+                resume = prepare_checkpoints(cfg.output_dir, fingerprint or config_fingerprint(to_dict(cfg)), resume)
+                trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
+            except ConfigError as e:
+                error = str(e)
+        error, resume = dist.broadcast_object((error, resume))
+        if error is not None:
+            raise ConfigError(error)
+        return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)

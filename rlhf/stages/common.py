@@ -106,6 +106,24 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+def trainer_checkpoints(trainer, output_dir: Path, resume: bool) -> str | None:
+    """Stamp every checkpoint ``trainer`` saves with the config fingerprint of
+    ``output_dir/checkpoints`` (:func:`rlhf.runs.stamp_checkpoint`); return the checkpoint to
+    resume from (the newest complete one with ``resume``, which :func:`rlhf.stages.run_stage`
+    has checked belongs to this config), else None."""
+    from transformers import TrainerCallback
+
+    from rlhf.runs import stamp_checkpoint
+
+    class StampCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                stamp_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    trainer.add_callback(StampCheckpoints())
+    return last_checkpoint(output_dir) if resume else None
+
+
 @dataclass
 class Registration:
     """Where :func:`publish` records a stage's artifacts in the model registry.

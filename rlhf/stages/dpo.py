@@ -34,9 +34,9 @@ from rlhf.stages.common import (
     filter_supported,
     final_log_value,
     full_state_dict,
-    last_checkpoint,
     peft_lora_config,
     publish,
+    trainer_checkpoints,
     trl_training_kwargs,
     write_json,
 )
@@ -91,7 +91,7 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = trainer_checkpoints(trainer, out, resume)  # stamps new checkpoints with the config fingerprint
     trainer.train(resume_from_checkpoint=ckpt)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
                      "train_loss": final_log_value(trainer.state.log_history, "train_loss")}

@@ -18,9 +18,9 @@ from rlhf.stages.common import (
     Registration,
     filter_supported,
     full_state_dict,
-    last_checkpoint,
     peft_lora_config,
     publish,
+    trainer_checkpoints,
     trl_training_kwargs,
     write_json,
 )
@@ -139,7 +139,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         processing_class=tok,
     )
     tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = trainer_checkpoints(trainer, out, resume)  # stamps new checkpoints with the config fingerprint
     trainer.train(resume_from_checkpoint=ckpt)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}
     if test_rows:

@@ -20,9 +20,9 @@ from rlhf.stages.common import (
     filter_supported,
     final_log_value,
     full_state_dict,
-    last_checkpoint,
     peft_lora_config,
     publish,
+    trainer_checkpoints,
     trl_training_kwargs,
     write_json,
 )
@@ -115,7 +115,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
         peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
     )
     tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = trainer_checkpoints(trainer, out, resume)  # stamps new checkpoints with the config fingerprint
     trainer.train(resume_from_checkpoint=ckpt)
     metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     last = final_log_value(trainer.state.log_history, "loss")

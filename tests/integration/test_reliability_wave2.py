@@ -20,12 +20,12 @@ import pytest
 
 from rlhf.cli import main
 from rlhf.config import ConfigError
+from rlhf.stages import StageResult
 
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "pipelines" / "tiny.yaml"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,8 @@ def _home(tmp_path, monkeypatch):
 
 
 def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
+    """The one line of stderr (after a stage command's "[stage] running" header)."""
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.endswith("] running"))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     for needle in needles:
         assert needle in err, err
@@ -87,3 +88,197 @@ def test_an_integer_of_5000_digits_and_keys_of_mixed_types_are_one_line(tmp_path
     recipe.write_text("1: a\nb: c\n")
     assert main(["run", str(recipe), "--validate-only"]) == 2
     _one_line_error(capsys, "unknown key")
+
+
+# ----------------------------------------------------------------------------------------
+# item 1: --resume continues only what this config produced
+
+
+def _fake_stage(monkeypatch, name: str, body):
+    """Replace stage ``name`` by ``body(cfg, resume)`` and input resolution by the identity."""
+    import rlhf.resolve
+    import rlhf.stages as stages
+
+    def run(cfg, *, group=None, resume=False, task=None, registration=None):
+        return body(cfg, resume)
+
+    monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg: cfg)
+    monkeypatch.setitem(stages.STAGES, name, stages.Stage(stages.STAGES[name].config, run))
+
+
+def _write_update(out: Path, n: int) -> Path:
+    """A PPO-layout checkpoint written the way the PPO stage writes them."""
+    from rlhf.checkpoint import write_checkpoint_dir
+
+    return write_checkpoint_dir(out / "checkpoints", f"update-{n}", lambda d: (d / "state.json").write_text("{}"))
+
+
+def test_a_fresh_start_moves_old_checkpoints_aside_and_every_checkpoint_carries_the_fingerprint(tmp_path, monkeypatch):
+    from rlhf.config import PPOConfig
+    from rlhf.stages import run_stage
+
+    out = tmp_path / "ppo"
+    seen = []
+
+    def body(cfg, resume):
+        seen.append((resume, sorted(p.name for p in (out / "checkpoints").iterdir())))
+        _write_update(out, 1)
+
+    _fake_stage(monkeypatch, "ppo", body)
+    old = _write_update(out, 7)  # another run's checkpoint, newer than anything this run writes
+    run_stage("ppo", PPOConfig(output_dir=str(out), learning_rate=1e-5))
+    assert seen == [(False, ["rlhf_fingerprint.json"])]  # the stage started on an empty folder
+    assert (out / "checkpoints.previous" / old.name / "COMPLETE").is_file()  # moved aside, not deleted
+    stamp = json.loads((out / "checkpoints" / "rlhf_fingerprint.json").read_text())
+    assert json.loads((out / "checkpoints" / "update-1" / "rlhf_fingerprint.json").read_text()) == stamp
+    # resuming the same config continues; a second fresh start replaces the earlier .previous
+    run_stage("ppo", PPOConfig(output_dir=str(out), learning_rate=1e-5), resume=True)
+    assert seen[-1] == (True, ["rlhf_fingerprint.json", "update-1"])
+    run_stage("ppo", PPOConfig(output_dir=str(out), learning_rate=1e-5))
+    assert sorted(p.name for p in (out / "checkpoints.previous").iterdir()) == ["rlhf_fingerprint.json", "update-1"]
+
+
+def test_resuming_a_checkpoint_of_another_config_is_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ppo"
+    calls = []
+    def body(cfg, resume):
+        calls.append(resume)
+        _write_update(out, 2)
+        return StageResult("ppo", str(out), "base", {}, {})
+
+    _fake_stage(monkeypatch, "ppo", body)
+    assert main(["ppo", f"output_dir={out}", "learning_rate=1e-5"]) == 0
+    capsys.readouterr()
+    assert main(["ppo", "--resume", f"output_dir={out}", "learning_rate=2e-5"]) == 2
+    _one_line_error(capsys, "--resume", str(out / "checkpoints" / "update-2"), "another config")
+    assert calls == [False]  # the stage never started
+    assert main(["ppo", "--resume", f"output_dir={out}", "learning_rate=1e-5"]) == 0
+    assert calls == [False, True]
+
+
+def test_resuming_a_checkpoint_without_a_fingerprint_is_refused(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sft"
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")  # written before stamps existed
+    _fake_stage(monkeypatch, "sft", lambda cfg, resume: pytest.fail("the stage must not start"))
+    assert main(["sft", "--resume", f"output_dir={out}", "dataset=d.jsonl"]) == 2
+    _one_line_error(capsys, "--resume", "checkpoint-4", "no config fingerprint")
+
+
+def test_the_issue_case_ppo_resume_after_a_fresh_start_of_another_config(ppo_config, tmp_path, monkeypatch):
+    """PPO at lr 1e-5 to the end; the same directory at 2e-5, killed before its first
+    checkpoint; then --resume at 2e-5 must train 2e-5 from the start (it loaded the 1e-5
+    run's last checkpoint, ran 0 updates and published the 1e-5 weights as 2e-5)."""
+    from safetensors.torch import load_file
+
+    import rlhf.stages.ppo as ppo
+    from rlhf.stages import run_stage
+
+    common = dict(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=4,
+                  output_dir=str(tmp_path / "ppo"))
+    first = run_stage("ppo", ppo_config(learning_rate=1e-5, **common))
+    weights = {k: v.clone() for k, v in load_file(f"{first.artifacts['policy']}/adapter_model.safetensors").items()}
+
+    real_update = ppo.train_update
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for kill -9 before the first checkpoint
+
+    monkeypatch.setattr(ppo, "train_update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("ppo", ppo_config(learning_rate=2e-5, **common))
+    monkeypatch.setattr(ppo, "train_update", real_update)
+    updates = []
+    monkeypatch.setattr(ppo, "train_update", lambda *a, **k: updates.append(1) or real_update(*a, **k))
+    second = run_stage("ppo", ppo_config(learning_rate=2e-5, **common), resume=True)
+    assert len(updates) == 2  # both updates ran: nothing of the 1e-5 run was resumed
+    got = load_file(f"{second.artifacts['policy']}/adapter_model.safetensors")
+    assert any(not (got[k] == weights[k]).all() for k in weights)
+    # and resuming the 2e-5 run's checkpoints under the 1e-5 config is refused
+    with pytest.raises(ConfigError, match="another config"):
+        run_stage("ppo", ppo_config(learning_rate=1e-5, **common), resume=True)
+
+
+def test_sft_checkpoints_carry_the_fingerprint_and_a_changed_config_cannot_resume_them(tmp_path, capsys):
+    from rlhf.tasks import write_task_files
+    from rlhf.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+
+    files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=16, num_pairs=8, num_ppo_prompts=4,
+                                                               num_eval_prompts=4)), tmp_path / "task")
+    out = tmp_path / "sft"
+    args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=2", "train.save_steps=1",
+            "train.batch_size=4", "train.max_length=48", "eval_fraction=0"]
+    assert main([*args, "train.learning_rate=1e-4"]) == 0
+    stamp = (out / "checkpoints" / "rlhf_fingerprint.json").read_text()
+    ckpts = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert [p.name for p in ckpts] == ["checkpoint-1", "checkpoint-2"]
+    for ckpt in ckpts:
+        assert (ckpt / "rlhf_fingerprint.json").read_text() == stamp
+    capsys.readouterr()
+    assert main([*args, "train.learning_rate=2e-4", "--resume"]) == 2
+    _one_line_error(capsys, "--resume", "checkpoint-2", "another config")
+
+
+# ----------------------------------------------------------------------------------------
+# item 2: every command that writes a run directory holds its lock; item 7: SIGTERM
+
+# `rlhf <stage|run>` in a child whose stages are stand-ins that announce themselves and sleep
+_CHILD = textwrap.dedent("""
+    import sys, time
+    import rlhf.resolve, rlhf.stages as stages
+    from rlhf.cli import main
+
+    def sleeper(cfg, **kw):
+        print("stage started", flush=True)
+        time.sleep(120)
+
+    rlhf.resolve.resolve_inputs = lambda cfg: cfg
+    for name, stage in list(stages.STAGES.items()):
+        stages.STAGES[name] = stages.Stage(stage.config, sleeper, stage.requires)
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    lines = []
+    while not lines or not lines[-1].startswith("stage started"):
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines) + proc.stderr.read()
+    return proc
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
+def test_a_second_stage_command_into_the_same_output_dir_fails_at_once(tmp_path, stage):
+    out = tmp_path / stage
+    first = _start([stage, f"output_dir={out}", "dataset=d.jsonl" if stage != "ppo" else "prompts=p.jsonl"])
+    try:
+        second = subprocess.run([sys.executable, "-c", _CHILD, stage, f"output_dir={out}", "dataset=d.jsonl"
+                                 if stage != "ppo" else "prompts=p.jsonl"],
+                                capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"run directory {out} is in use by another rlhf run (pid {first.pid}" in second.stderr
+        assert "stage started" not in second.stdout and "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_sigterm_marks_the_stage_interrupted_releases_the_lock_and_exits_143(tmp_path):
+    from rlhf.registry import Registry
+    from rlhf.runs import RunLock
+
+    run_dir = tmp_path / "run"
+    child = _start(["run", str(RECIPE), "--output-dir", str(run_dir), "task.num_sft=8", "task.num_pairs=8",
+                    "task.num_ppo_prompts=8", "task.num_eval_prompts=8"])
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    assert "Traceback" not in err and "terminated" in err
+    st = json.loads((run_dir / "pipeline.json").read_text())["stages"]["sft"]
+    assert st["status"] == "interrupted", st
+    with Registry.open() as reg:
+        assert reg.resolve(st["run"]).metadata["status"] == "interrupted"
+    RunLock(run_dir).acquire().release()
+    RunLock(run_dir / "sft").acquire().release()
