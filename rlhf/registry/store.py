@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhf.paths import fsync_dir, pid_alive
+from rlhf.paths import current_umask, fsync_dir, pid_alive
 
 CHUNK = 1 << 20
 
@@ -48,20 +49,33 @@ def _copy_delay() -> float:
     return float(raw) if raw else 0.0
 
 
-def iter_files(root: Path) -> list[str]:
+def iter_files(root: Path, contained: bool = False) -> list[str]:
     """Relative POSIX paths of the regular files under ``root``, sorted.
 
     Hidden files and directories (``.git``, ``.cache``, in-progress ``.tmp`` names) are
     skipped: they are tool state, not model content. File symlinks are followed (a Hugging
     Face cache snapshot is made of them); directory symlinks are not, to avoid loops.
+
+    Args:
+        contained: refuse a file symlink whose target lies outside ``root`` (an adapter or
+            dataset folder: the store must not take in, say, a link to ``/etc/shadow``).
+
+    Raises:
+        ValueError: with ``contained``, naming the first link that leaves ``root``.
     """
     out = []
+    real_root = Path(os.path.realpath(root))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             if fn.startswith("."):
                 continue
             full = Path(dirpath) / fn
+            if contained and full.is_symlink():
+                target = Path(os.path.realpath(full))
+                if not target.is_relative_to(real_root):
+                    raise ValueError(f"{full}: a symlink to {target}, outside {root}; the registry stores only "
+                                     "files inside the folder (copy the file in instead)")
             if full.is_file():
                 out.append(full.relative_to(root).as_posix())
     return sorted(out)
@@ -119,6 +133,9 @@ def copy_file_hashed(src: Path, dst: Path, bar=None) -> tuple[str, int]:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fi, open(dst, "wb") as fo:
+            # never more readable than the source (a private file stays private in a shared
+            # store), nor than the umask allows
+            os.fchmod(fo.fileno(), stat.S_IMODE(os.fstat(fi.fileno()).st_mode) & 0o666 & ~current_umask())
             while chunk := fi.read(CHUNK):
                 fo.write(chunk)
                 h.update(chunk)

@@ -282,3 +282,26 @@ def test_sigterm_marks_the_stage_interrupted_releases_the_lock_and_exits_143(tmp
         assert reg.resolve(st["run"]).metadata["status"] == "interrupted"
     RunLock(run_dir).acquire().release()
     RunLock(run_dir / "sft").acquire().release()
+
+
+# ----------------------------------------------------------------------------------------
+# item 6: `rlhf generate` on an adapter whose only weights are pickled
+
+
+def test_generate_on_an_adapter_with_only_a_pickled_bin_is_one_line(tmp_path, capsys):
+    import pickle
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (adapter / "rlhf_adapter.json").write_text(json.dumps({"role": "policy", "base_path": "builtin:tiny"}))
+    ran = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    assert main(["generate", str(adapter), "--prompt", "hi"]) == 2
+    _one_line_error(capsys, str(adapter), "adapter_model.bin", "safetensors")
+    assert not ran.exists()
