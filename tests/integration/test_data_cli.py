@@ -119,7 +119,7 @@ def test_show_with_tokenizer(pairs_file, tmp_path, capsys):
 def test_python_dash_m_reward_data(pairs_file, tmp_path):
     env = dict(os.environ, RLHF_HOME=str(tmp_path / "envhome"), PYTHONPATH=str(REPO))
     run = lambda *args: subprocess.run([sys.executable, "-m", "reward_data", *args], env=env,  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
+                                       capture_output=True, text=True, timeout=900)
     r = run("ingest", str(pairs_file), "--name", "m")
     assert r.returncode == 0, r.stderr
     r = run("show", "m:latest", "--json")

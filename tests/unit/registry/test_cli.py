@@ -115,6 +115,6 @@ def test_usage_errors(capsys):
 def test_python_dash_m(populated):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "rlhf.registry", "list", "--json"], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 5

@@ -135,7 +135,7 @@ def test_sigkill_at_random_times_leaves_complete_entry_or_none(setup):
                                                 ("committed", True)])
 def test_sigkill_at_each_step_of_registration(setup, point, expect_entry):
     proc = _child([str(setup), "sft", "1"], {"CHILD_KILL_AT": point})
-    proc.wait(timeout=120)
+    proc.wait(timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     with Registry.open() as reg:
         refs = _check_consistent(reg)
@@ -161,7 +161,7 @@ def test_several_processes_register_the_same_name_concurrently(setup, tmp_path):
     go.touch()
     outputs = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
         outputs.append([line.split()[1:] for line in out.splitlines() if line.startswith("registered")])
     assert [len(o) for o in outputs] == [n] * writers
@@ -202,7 +202,7 @@ def test_several_processes_create_a_fresh_registry_at_once(tmp_path):
     go.touch()
     refs = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
         refs.append(out.strip())
     assert sorted(refs) == ["run-sft:1", "run-sft:2", "run-sft:3", "run-sft:4"]
