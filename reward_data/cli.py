@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, home)
         return _quarantine(args, home)
+    except BrokenPipeError:
+        raise  # `rlhf data show X | head`: the caller's entry point ends quietly
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"rlhf data {args.command}: error: {msg}", file=sys.stderr)

@@ -171,7 +171,9 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the run's)")
-    parser.add_argument("--home", help="rlhf home of the registry (default: $RLHF_HOME, then ~/.rlhf)")
+    from rlhf.paths import add_home_option
+
+    add_home_option(parser)
 
 
 def _check_sampling(prog: str, args: argparse.Namespace) -> None:

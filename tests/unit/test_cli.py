@@ -170,3 +170,21 @@ def test_ctrl_c_in_a_real_process():
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+def test_every_command_takes_home(capsys):
+    commands = [[c] for c in cli.COMMANDS if c not in ("config", "data", "registry")]
+    commands += [["config", "show"], ["data", "ingest"], ["data", "list"], ["registry", "list"], ["registry", "show"]]
+    for argv in commands:
+        assert main([*argv, "--help"]) == 0
+        assert "--home DIR" in capsys.readouterr().out or argv[0] in ("data", "registry"), argv
+    # data and registry word it their own way; the option is there all the same
+    for argv in (["data", "list", "--help"], ["registry", "list", "--help"]):
+        assert main(argv) == 0
+        assert "--home" in capsys.readouterr().out
+
+
+def test_home_option_sets_the_home_of_the_process_and_its_children(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "default"))
+    assert main(["config", "show", "sft", "--home", str(tmp_path / "chosen")]) == 0
+    assert os.environ["RLHF_HOME"] == str(tmp_path / "chosen")
