@@ -38,6 +38,7 @@ COMMANDS = {
     "eval": "score policies (reward model / objective, win rates, best-of-n); reward-model accuracy",
     "dashboard": "serve a local web page over pipeline runs",
     "report": "write one run as a self-contained HTML report",
+    "env": "print versions, devices and paths (paste it into a bug report)",
 }
 
 STAGE_NAMES = ("sft", "reward", "ppo", "dpo")  # rlhf.stages.STAGES, without importing torch for --help
@@ -358,6 +359,10 @@ def _dispatch(argv: list[str]) -> int:
             from rlhf.evaluate import main as eval_main
 
             return eval_main(rest)
+        if cmd == "env":
+            from rlhf.envinfo import main as env_main
+
+            return env_main(rest)
         if cmd == "report":
             from rlhf.dashboard.cli import main as dash_main
 
