@@ -8,6 +8,7 @@ Usage::
                      [--strict-empty] [--allow-partial] [--score EXPR] [--group-by COL]
                      [--group-mode consecutive|global] [--transcript-template T]
                      [--hf-config NAME] [--hf-data-dir DIR] [--hf-split SPLIT]
+                     [--lower-is-better | --higher-is-better] [--ignore-label-column]
     rlhf data list [--json]
     rlhf data show NAME[:VERSION] [--json] [--tokenizer PATH]
     rlhf data quarantine NAME[:VERSION] [--reason R] [--limit N] [--json]
@@ -57,6 +58,18 @@ def _help(name: str) -> str:
     return next(f.metadata["help"] for f in fields(IngestOptions) if f.name == name)
 
 
+def formats_epilog() -> str:
+    """Every format with one example row (``rlhf data ingest --help``)."""
+    lines = ["formats (detected per file when the columns are unambiguous; --format names one):"]
+    for name, reader in READERS.items():
+        doc = (reader.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        lines.append(f"  {name}: {doc}")
+        lines.append(f"      {json.dumps(reader.EXAMPLE, ensure_ascii=False)}")
+        if getattr(reader, "EXAMPLE_FLAGS", None):
+            lines.append(f"      with {reader.EXAMPLE_FLAGS}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     home = argparse.ArgumentParser(add_help=False)
     home.add_argument("--home", default=argparse.SUPPRESS, help="rlhf home (default: $RLHF_HOME or ~/.rlhf)")
@@ -64,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      parents=[home])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", parents=[home], help="ingest sources into a new dataset version")
+    p = sub.add_parser("ingest", parents=[home], help="ingest sources into a new dataset version",
+                       epilog=formats_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, save_to_disk path or hub id")
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--format", choices=list(READERS), help="reader to use (detected per file when unambiguous)")
@@ -92,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", metavar="COL", help=_help("group_by"))
     p.add_argument("--group-mode", choices=GROUP_MODES, default="consecutive", help=_help("group_mode"))
     p.add_argument("--transcript-template", metavar="PRESET|JSON|role=M;...", help=_help("transcript_template"))
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--lower-is-better", dest="lower_is_better", action="store_true", default=None,
+                       help=_help("lower_is_better"))
+    order.add_argument("--higher-is-better", dest="lower_is_better", action="store_false",
+                       help="Rated and ranked data: a larger score is better (overrides the rank-name default).")
+    p.add_argument("--ignore-label-column", action="store_true", help=_help("ignore_label_column"))
 
     p = sub.add_parser("list", parents=[home], help="list datasets and versions")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -166,9 +186,15 @@ def _ingest(args, home) -> int:
         group_by=args.group_by,
         group_mode=args.group_mode,
         transcript_template=args.transcript_template,
+        lower_is_better=args.lower_is_better,
+        ignore_label_column=args.ignore_label_column,
     )
     m = info.manifest
     c = m["counts"]
+    if info.reused:
+        print(f"{info.ref}: identical content to the latest version (content_hash {info.content_hash[:12]}); "
+              f"reusing it, no new version written -> {info.path}")
+        return 0
     print(f"{info.ref}: {c['accepted']} accepted (train {c['train']}, test {c['test']}), "
           f"{c['duplicates']} duplicates, {c['quarantined']} quarantined from {c['rows_in']} rows -> {info.path}")
     print(f"content_hash {info.content_hash}")
@@ -233,7 +259,8 @@ def _show(args, home) -> int:
     c = m["counts"]
     recon = reconciliation(c)
     out = {
-        "name": m["name"], "version": m["version"], "path": str(path), "format": m["format"],
+        "name": m["name"], "version": m["version"], "path": str(path), "kind": m.get("kind", "pairs"),
+        "format": m["format"],
         "created": m["created"], "content_hash": m["content_hash"], "schema_version": m["schema_version"],
         **{k: c[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "train", "test")},
         "counts": c,
@@ -257,7 +284,11 @@ def _show(args, home) -> int:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
     s = out["stats"]
-    print(f"{m['name']}:{m['version']}  format={m['format']}  created={m['created']}  schema={m['schema_version']}")
+    kind = m.get("kind", "pairs")
+    print(f"{m['name']}:{m['version']}  kind={kind}  format={m['format']}  created={m['created']}  "
+          f"schema={m['schema_version']}")
+    if kind == "unpaired":
+        print("  (an unpaired dataset: the 'pairs' counts below count labelled completions)")
     print(f"  path {path}")
     print(f"  content_hash {m['content_hash']}")
     opts = out["options"]
@@ -292,14 +323,19 @@ def _show(args, home) -> int:
         for reason, n in m["quarantine_reasons"].items():
             print(f"    {reason}: {n}")
     print("  lengths (characters):")
-    for key in ("prompt_chars", "chosen_chars", "rejected_chars"):
-        print(f"    {key:<15} {_fmt_pct(s[key])}")
+    for key in ("prompt_chars", "chosen_chars", "rejected_chars", "completion_chars"):
+        if key in s:
+            print(f"    {key:<15} {_fmt_pct(s[key])}")
     for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
         if key in s:
             print(f"    {key:<15} {_fmt_pct(s[key])}")
     print(f"  prompt turns: {', '.join(f'{k}: {v}' for k, v in s['prompt_turns'].items()) or '-'}")
-    print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}  "
-          f"with system prompt: {s.get('with_system', '-')}  empty rejected: {s.get('empty_rejected', '-')}")
+    if kind == "unpaired":
+        print(f"  desirable: {s['desirable']}  undesirable: {s['undesirable']}  "
+              f"with system prompt: {s.get('with_system', '-')}")
+    else:
+        print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}  "
+              f"with system prompt: {s.get('with_system', '-')}  empty rejected: {s.get('empty_rejected', '-')}")
     for line in out["warnings"]:
         print(f"  warning: {line}")
     return 0
