@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import functools
 import math
 import re
@@ -594,14 +593,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def save_yaml(data: dict, path: str | Path) -> None:
     """Write ``data`` as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
-        raise
+    from rlhf.atomic import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rlhf import ppo as F
+from rlhf.atomic import write_json
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
 from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
@@ -50,7 +51,6 @@ from rlhf.stages import StageResult
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
-from rlhf.stages.common import write_json
 
 
 class GuardTripped(RuntimeError):

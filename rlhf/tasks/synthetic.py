@@ -35,10 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,17 +330,13 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     pretrain_tiny(model, tok, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
-    try:
+    from rlhf.atomic import write_dir
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_dir(out, fill)
 
 
 def pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> None:
