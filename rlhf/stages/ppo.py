@@ -44,6 +44,7 @@ import torch
 from rlhf import ppo as F
 from rlhf.atomic import write_json
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
+from rlhf.estimators import advantages_and_returns, uses_critic
 from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
@@ -285,36 +286,6 @@ def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
     if cfg.whiten_rewards:
         rewards = F.masked_whiten(rewards, batch.response_mask, shift_mean=False, all_reduce=all_reduce)
     return scores, kl, rewards
-
-
-def advantages_and_returns(batch: ScoredRollout, rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
-                           cfg: PPOConfig, kl_coef: float, group_ids: torch.Tensor | None,
-                           all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whitened advantages (B, T) (0 on padding) and returns (B, T) of ``cfg.advantage_estimator``.
-
-    ``group_ids`` (B,) names each row's prompt (rloo and grpo); ``all_reduce`` (several
-    processes) makes advantage whitening use global statistics. grpo's advantages are
-    not whitened again: they are already normalised within each group, and whitening
-    over the batch would bring back the std division that Dr. GRPO
-    (``grpo_scale_by_std: false``) leaves out.
-    """
-    mask = batch.response_mask
-    if cfg.advantage_estimator == "grpo":
-        # the same advantage on every token of the response; KL is in the reward only
-        # when asked (kl_in_reward: true), by default it is a loss term (_policy_backward)
-        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
-        adv = F.grpo_advantages(seq, group_ids, scale_by_std=cfg.grpo_scale_by_std)[:, None] * mask
-        return adv, adv
-    if cfg.advantage_estimator == "gae":
-        adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-    elif cfg.advantage_estimator == "reinforce++":
-        returns = F.reinforce_pp_returns(rewards, mask, cfg.gamma)
-        adv = returns
-    else:  # rloo: sequence reward = score - beta * sum KL, leave-one-out baseline per prompt
-        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
-        adv = F.rloo_advantages(seq, group_ids)[:, None].expand_as(mask).contiguous()
-        returns = adv
-    return F.masked_whiten(adv, mask, all_reduce=all_reduce) * mask, returns
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,11 +587,6 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
               else F.FixedKLController(cfg.kl_coef))
     return Optimization(params, optimizer, scheduler, kl_ctl)
-
-
-def uses_critic(cfg: PPOConfig) -> bool:
-    """Whether the run has a value role: only GAE needs a critic."""
-    return cfg.advantage_estimator == "gae"
 
 
 def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
