@@ -46,9 +46,10 @@ DEFAULT_BUCKET = 64
 
 
 def resolve_engine(name: str, device) -> str:
-    """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through."""
-    if name not in ("auto", "hf", "static", "merged"):
-        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged; got {name!r}")
+    """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through (``vllm``:
+    :mod:`rlhf.generation_vllm`, built by the stage, which knows the base folder)."""
+    if name not in ("auto", "hf", "static", "merged", "vllm"):
+        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged, vllm; got {name!r}")
     if name != "auto":
         return name
     return "static" if torch.device(device).type == "cuda" else "hf"
@@ -356,6 +357,8 @@ def make_engine(name: str, model, gen_cfg, *, temperature: float, stop_ids: int 
     """The engine ``name`` (``auto``/``hf``/``static``/``merged``) for ``model`` on ``device``."""
     device = device if device is not None else next(model.parameters()).device
     name = resolve_engine(name, device)
+    if name == "vllm":
+        raise ValueError("make_engine: the vllm engine is built by rlhf.generation_vllm.make_vllm_engine (it needs the base folder)")
     if name == "hf":
         return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length)
     cls = StaticEngine if name == "static" else MergedEngine

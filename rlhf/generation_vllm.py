@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["VLLMEngine", "check_vllm", "kv_cache_bytes", "lora_rank_slot", "SETUP_HINT"]
+__all__ = ["VLLMEngine", "check_vllm", "kv_cache_bytes", "lora_rank_slot", "make_vllm_engine", "SETUP_HINT"]
 
 SETUP_HINT = "build its environment with `bash scripts/setup_vllm.sh` and run `.venv-vllm/bin/rlhf ...`"
 
@@ -222,3 +222,14 @@ class VLLMEngine:
     def _roles(self) -> set[str]:
         peft = getattr(self.model, "peft", None)
         return set(getattr(peft, "peft_config", {}) or {})
+
+
+def make_vllm_engine(model, cfg, base_path: str, stop_ids: list[int], pad_id: int, device) -> VLLMEngine:
+    """The vllm engine of a PPO (or DPO evaluation) config ``cfg``, for the role model ``model``
+    on the base folder ``base_path``, in the trainer's dtype."""
+    dtype = model.base_lm.get_input_embeddings().weight.dtype  # the trainer's, "auto" resolved
+    return VLLMEngine(model, base_path, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+                      response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
+                      max_num_seqs=cfg.rollout_batch_size, dtype=dtype, lora_rank=cfg.lora.r, device=device,
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gib=cfg.vllm_kv_cache_gib,
+                      seed=cfg.seed)

@@ -38,10 +38,16 @@ fi
 rm -f "$STAMP"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY=$VENV/bin/python
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$VPY" -m pip install -q -r "$REQS"
+LOG=$VENV/setup.log
+echo "building $VENV ($PKG); pip's output goes to $LOG"
+: >"$LOG"
+pipi() {  # pip install, its chatter in the log; on failure the log's tail and exit 1
+  "$VPY" -m pip install -q "$@" >>"$LOG" 2>&1 || { tail -n 30 "$LOG"; echo "setup_vllm.sh: pip install $* failed (log: $LOG)"; exit 1; }
+}
+"$VPY" -m pip install -q --upgrade pip >>"$LOG" 2>&1 || true
+pipi -r "$REQS"
 # the project, with the vLLM environment's transformers kept (pip would otherwise upgrade it)
-"$VPY" -m pip install -q -e ".[test]" -r "$REQS"
-"$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+pipi -e ".[test]" -r "$REQS"
+"$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 "$VPY" -c "import torch, transformers, vllm; print(f'vllm env ready: {\"$VENV\"}: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
 echo "$KEY" >"$STAMP"

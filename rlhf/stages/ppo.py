@@ -564,6 +564,13 @@ def generation_engine(name: str, device, sharded: bool) -> str:
     from rlhf.generation import resolve_engine
 
     resolved = resolve_engine(name, device)
+    if resolved == "vllm":
+        from rlhf import distributed as dist
+
+        if dist.is_distributed():
+            raise ConfigError("ppo.generation: 'vllm' runs in one process only (one engine beside one trainer); "
+                              "use 'hf' or 'auto' under accelerate launch")
+        return resolved
     if sharded and resolved != "hf":
         if name != "auto":
             raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
@@ -588,8 +595,14 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     from rlhf.generation import make_engine
 
     gen_cfg = generation_config(cfg, stop_ids, pad_id)
-    engine = make_engine(generation_engine(cfg.generation, device, sharded=is_sharded(model)), model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
-                         response_length=cfg.response_length, compile=cfg.compile, device=device)
+    engine_name = generation_engine(cfg.generation, device, sharded=is_sharded(model))
+    if engine_name == "vllm":
+        from rlhf.generation_vllm import make_vllm_engine
+
+        engine = make_vllm_engine(model, cfg, base_path, stop_ids, pad_id, device)
+    else:
+        engine = make_engine(engine_name, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids,
+                             pad_id=pad_id, response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
@@ -858,6 +871,10 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     from rlhf.tracking import StageProgress, Tracker
 
     check_engine_supported()
+    if cfg.generation == "vllm":  # before any model loads: vLLM importable, transformers in its range
+        from rlhf.generation_vllm import check_vllm
+
+        check_vllm()
     main = dist.is_main()  # only rank 0 writes files
     out = Path(cfg.output_dir)
     if main:
