@@ -12,7 +12,9 @@ GROUP_MODES = ("consecutive", "global")
 #: Named role-marker templates for ``transcript_template`` (``end`` closes a turn, if the format has one).
 TRANSCRIPT_PRESETS: dict[str, dict[str, str]] = {
     # NeMo / HelpSteer: "<extra_id_0>System\n...\n<extra_id_1>User\n...\n<extra_id_1>Assistant\n..."
-    "nemo": {"system": "<extra_id_0>System\n", "user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n"},
+    # (regression-label files end the text with "<extra_id_2>", where the reward head reads)
+    "nemo": {"system": "<extra_id_0>System\n", "user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n",
+             "end": "<extra_id_2>"},
     "chatml": {"system": "<|im_start|>system\n", "user": "<|im_start|>user\n",
                "assistant": "<|im_start|>assistant\n", "end": "<|im_end|>"},
     "zephyr": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n", "end": "</s>"},
@@ -81,6 +83,11 @@ class IngestOptions:
         metadata={"help": "Rated completions: the per-completion score key. Default: the first present of "
                   "overall_score, score, rating, reward."},
     )
+    lower_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Rated and ranked data: True when a smaller score is better, False when a larger one is. "
+                  "Default: True for rank-like keys (rank, ranking, position, place; rank 1 = best), else False."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for best_random binarisation (per-row, deterministic)."})
     max_row_bytes: int = field(
         default=4 * 1024 * 1024,
@@ -118,7 +125,14 @@ class IngestOptions:
     score: str | None = field(
         default=None,
         metadata={"help": "Scored format: the attribute that ranks responses, or a weighted sum such as "
-                  "'helpfulness*0.6+correctness*0.4'. Default: a single 'score'/'rating'/'reward' column."},
+                  "'helpfulness*0.6+correctness*0.4'; a list column by position, e.g. 'label[4]' (NeMo "
+                  "regression labels; -100 means not labelled). Default: a single 'score'/'rating'/'reward' column."},
+    )
+    ignore_label_column: bool = field(
+        default=False,
+        metadata={"help": "With --map chosen=/rejected=: proceed although the source has a label-like column "
+                  "(winner, label, preference, choice, ...) that the mapping ignores. By default such an ingest is "
+                  "refused: the label usually says which side won, and ignoring it swaps pairs and stores ties."},
     )
     group_by: str | None = field(
         default=None,
@@ -146,6 +160,8 @@ class IngestOptions:
         if self.min_margin < 0:
             raise ValueError(f"option min_margin={self.min_margin}: must be >= 0")
         self.seed = int(self.seed)
+        if self.lower_is_better is not None and not isinstance(self.lower_is_better, bool):
+            raise ValueError(f"option lower_is_better={self.lower_is_better!r}: must be true, false or null")
         self.max_row_bytes = int(self.max_row_bytes)
         if self.max_row_bytes < 64:
             raise ValueError(f"option max_row_bytes={self.max_row_bytes}: must be >= 64")

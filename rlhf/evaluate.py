@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.paths import add_home_option, use_home
+
 Conversation = list[dict]
 
 
@@ -236,7 +238,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the report as JSON here")
+    add_home_option(parser)
     args = parser.parse_args(argv)
+    use_home(args.home)
     report: dict = {}
     if args.preferences:
         if not args.reward:

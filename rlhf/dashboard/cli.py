@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhf.paths import current_umask
+from rlhf.paths import add_home_option, current_umask, use_home
 
 __all__ = ["main", "report_main", "serve_main", "write_report"]
 
@@ -68,6 +68,7 @@ def _serve_parser() -> argparse.ArgumentParser:
         "[::1] and the bound address are answered, which stops DNS-rebinding pages from reading runs "
         "('*' answers any name: only behind another access control)",
     )
+    add_home_option(parser)
     return parser
 
 
@@ -77,12 +78,14 @@ def _report_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory (holds pipeline.json)")
     parser.add_argument("--out", default="report.html", help="output HTML file (default report.html)")
+    add_home_option(parser)
     return parser
 
 
 def report_main(argv: list[str] | None = None) -> int:
     """``rlhf report RUN_DIR [--out FILE]``; returns the process exit code."""
     args = _report_parser().parse_args(argv)
+    use_home(args.home)
     run_dir = Path(args.run_dir)
     if not (run_dir / "pipeline.json").is_file():
         print(f"rlhf report: {run_dir / 'pipeline.json'} not found; pass a pipeline run directory", file=sys.stderr)
@@ -99,6 +102,7 @@ def report_main(argv: list[str] | None = None) -> int:
 def serve_main(argv: list[str] | None = None) -> int:
     """``rlhf dashboard [--port P] [--runs-root DIR] ...``; returns the process exit code."""
     args = _serve_parser().parse_args(argv)
+    use_home(args.home)
     from rlhf.dashboard.data import list_runs
     from rlhf.dashboard.server import make_server
 
