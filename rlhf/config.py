@@ -174,12 +174,27 @@ class PPOConfig:
         "What to do with the score of a response without the stop token.", default="replace"
     )
     missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
-    generation: Literal["auto", "hf", "static", "merged"] = _help(
+    generation: Literal["auto", "hf", "static", "merged", "vllm"] = _help(
         "Sampling engine (rlhf/generation.py). 'hf': transformers generate with a dynamic cache. 'static': "
         "our decode loop over a preallocated KV cache, prompt widths bucketed (multiples of 64) so a run "
         "compiles a bounded number of graphs, policy LoRA active, eval mode. 'merged': the static loop on a "
         "separate merged copy of base+policy, refreshed after each update (the shared base is never "
-        "merged in place). 'auto': static on CUDA, hf on CPU.", default="auto")
+        "merged in place). 'vllm': a vLLM engine beside the trainer, sampling the current policy LoRA "
+        "(rlhf/generation_vllm.py; needs the environment of scripts/setup_vllm.sh). "
+        "'auto': static on CUDA, hf on CPU.", default="auto")
+    rollout_is_cap: float | None = _help(
+        "Truncated importance sampling against the train/inference mismatch: each token's policy loss is "
+        "weighted by min(pi_train / pi_sampler, cap), from the trainer's and the sampler's logprobs of the "
+        "rollout (TRL's vllm_importance_sampling_cap, veRL's rollout_is). Off (null) by default; 2 is a "
+        "common cap. rollout/logprob_diff_mean and _max are logged either way.", range="> 0", default=None)
+    vllm_gpu_memory_utilization: float = _help(
+        "vllm engine on a GPU: the fraction of GPU memory vLLM may take (weights + KV cache); the trainer "
+        "needs the rest. Between rollouts the engine sleeps (weights and KV cache released).",
+        range="(0, 1)", default=0.3)
+    vllm_kv_cache_gib: float | None = _help(
+        "vllm engine on a CPU: KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE). Default (null): sized from the "
+        "config, rollout_batch_size sequences of max_prompt_length + response_length tokens, twice over.",
+        range="> 0", default=None)
     compile: Literal["auto", "on", "off"] = _help(
         "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
         "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
