@@ -8,10 +8,7 @@ plain JSON, written to a temporary directory and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,25 +84,16 @@ def write_checkpoint_dir(root: Path, name: str, writer) -> Path:
     then renamed into place, so a killed run never leaves a half checkpoint under ``name``.
 
     The checkpoint carries ``root``'s config fingerprint (:func:`rlhf.runs.stamp_checkpoint`)
-    and the umask's mode, like the rest of the run directory (mkdtemp's is 0700)."""
-    from rlhf.paths import current_umask
+    and the umask's mode, like the rest of the run directory."""
+    from rlhf.atomic import write_dir
     from rlhf.runs import stamp_checkpoint
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+    def fill(tmp: Path) -> None:
         writer(tmp)
         stamp_checkpoint(tmp)
-        os.chmod(tmp, 0o777 & ~current_umask())
         (tmp / "COMPLETE").write_text("ok")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root / name
+
+    return write_dir(root / name, fill)
 
 
 def complete_checkpoints(root: Path, prefix: str) -> list[tuple[int, Path]]:

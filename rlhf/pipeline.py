@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.atomic import write_json
 from rlhf.config import (
     ConfigError,
     DPOConfig,
@@ -41,7 +43,7 @@ from rlhf.config import (
 from rlhf.resolve import check_base, check_input
 from rlhf.runs import file_hash as _file_hash, fingerprint as _fingerprint
 from rlhf.stages import STAGES, run_stage
-from rlhf.stages.common import Registration, safe_name as _safe_name, write_json
+from rlhf.stages.common import Registration, safe_name as _safe_name
 from rlhf.tasks import TASK_FILES, Task
 
 
@@ -267,6 +269,8 @@ class Pipeline:
             raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe "
                               f"(stages: {', '.join(self.p.stages)})")
         with locked(self.p.run_dir):
+            # every stage (rlhf.stages.make_reproducible) and every launched rank reads it
+            os.environ["RLHF_NUM_THREADS"] = str(self.p.pipeline.num_threads)
             return self._run(from_stage, resume)
 
     def _mark_dead_stages(self, registry) -> None:

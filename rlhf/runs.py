@@ -30,6 +30,7 @@ import socket
 import sys
 from pathlib import Path
 
+from rlhf.atomic import write_text
 from rlhf.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -228,9 +229,7 @@ def prepare_checkpoints(output_dir: str | os.PathLike, fp: str, resume: bool) ->
         os.replace(root, previous)
         print(f"[{out.name}] starting afresh: earlier checkpoints moved to {previous}", file=sys.stderr)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{FINGERPRINT_FILE}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp}))
-    tmp.replace(root / FINGERPRINT_FILE)
+    write_text(root / FINGERPRINT_FILE, json.dumps({"fingerprint": fp}))
     return False
 
 
@@ -256,7 +255,5 @@ def trim_logs(output_dir: str | os.PathLike, keep_through: int | None) -> int:
                 continue
             kept.append(line)
         if dropped > before:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, "".join(kept))
     return dropped
