@@ -371,6 +371,14 @@ def _dispatch(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"rlhf {cmd}: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # a registry that cannot be used (an emptied or damaged database): one line with the
+        # recovery hint, as the registry commands print it. (Only a loaded registry raises one.)
+        entry = sys.modules.get("rlhf.registry.entry")
+        if entry is None or not isinstance(e, entry.RegistryError):
+            raise
+        print(f"rlhf {cmd}: registry error: {e}", file=sys.stderr)
+        return 1
     print(f"rlhf: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
     return 2
 

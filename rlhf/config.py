@@ -510,6 +510,8 @@ def _convert(tp, value, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {short_repr(value)}")
+        if not -(2**63) <= value < 2**63:  # torch and numpy hold 64-bit integers: no run can mean more
+            raise ConfigError(f"{key}: {short_repr(value)} is outside the 64-bit integers (|value| < 2**63)")
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -202,20 +202,37 @@ def safetensors_header(path: Path) -> dict:
     """Tensor names, dtypes and shapes of a safetensors file, read from its JSON header.
 
     The format is an 8-byte little-endian header length followed by a JSON header, so this
-    needs neither torch nor numpy and never touches the tensor bytes.
+    needs neither torch nor numpy and never touches the tensor bytes. The header must be a
+    mapping of tensors whose ``data_offsets`` lie inside the file (a truncated or forged
+    file is refused here, not when a stage loads it).
+
+    Raises:
+        ValueError: naming ``path`` when the file is not a well-formed safetensors file.
     """
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw_len)
-        if n > 100 * CHUNK:
+        if n > 100 * CHUNK or n > size - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
+            raise ValueError(f"{path}: not a safetensors file (bad header: {str(e)[:200]})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a safetensors file (its header nests too deeply)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a mapping)")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"{path}: not a safetensors file (tensor {str(name)[:80]!r} has data_offsets "
+                             f"{str(offsets)[:80]} outside the {data_size} data bytes)")
     return header
 
 

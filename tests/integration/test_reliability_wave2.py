@@ -305,3 +305,70 @@ def test_generate_on_an_adapter_with_only_a_pickled_bin_is_one_line(tmp_path, ca
     assert main(["generate", str(adapter), "--prompt", "hi"]) == 2
     _one_line_error(capsys, str(adapter), "adapter_model.bin", "safetensors")
     assert not ran.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# item 8: the low ones
+
+
+def test_rlhf_run_on_an_emptied_registry_database_is_one_line(tmp_path, capsys):
+    from rlhf.registry import Registry
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    with Registry.open() as reg:
+        reg.register_base("b", str(base), copy=True)
+    (tmp_path / "home" / "registry" / "registry.db").write_bytes(b"")  # the database lost its entries
+    assert main(["run", str(RECIPE), "--output-dir", str(tmp_path / "run"), "task.num_sft=8"]) == 1
+    _one_line_error(capsys, "rlhf run: registry error", "rebuild")
+
+
+def test_an_integer_no_run_can_mean_is_refused(capsys):
+    assert main(["run", str(RECIPE), "--validate-only", "ppo.total_episodes=99999999999999999999999"]) == 2
+    _one_line_error(capsys, "ppo.total_episodes", "64-bit")
+
+
+def test_a_pipeline_checkpoint_folder_follows_the_umask(tmp_path):
+    from rlhf.checkpoint import write_checkpoint_dir
+
+    old = os.umask(0o022)
+    try:
+        d = write_checkpoint_dir(tmp_path / "checkpoints", "update-1", lambda d: None)
+    finally:
+        os.umask(old)
+    assert d.stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 is widened to what the umask gives
+
+
+def test_a_nan_in_samples_jsonl_does_not_break_the_run_page(tmp_path):
+    import threading
+    import urllib.request
+
+    from rlhf.dashboard.cli import main as dashboard_main
+    from rlhf.dashboard.server import make_server
+
+    run = tmp_path / "runs" / "r"
+    (run / "ppo").mkdir(parents=True)
+    (run / "pipeline.json").write_text(json.dumps({"name": "r", "stages": {"ppo": {"status": "completed"}}}))
+    (run / "ppo" / "metrics.jsonl").write_text('{"step": 1, "kl/mean": 0.5}\n')
+    (run / "ppo" / "samples.jsonl").write_text(
+        '{"step": 1, "prompt": "p", "completion": "c", "score": NaN, "gold": Infinity, "length": NaN}\n'
+        '{"step": NaN, "prompt": "p", "completion": "c", "score": 1.0}\n'
+        '{"step": 1, "prompt": "p", "completion": "c d", "score": 0.5, "length": 2}\n')
+    assert dashboard_main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    srv = make_server(tmp_path / "runs", "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with urllib.request.urlopen(srv.url + "run/r", timeout=60) as response:
+            assert response.status == 200
+    finally:
+        srv.shutdown()
+
+
+def test_data_list_with_rlhf_home_pointing_at_a_file_is_an_error(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "a-file"
+    home.write_text("not a folder")
+    monkeypatch.setenv("RLHF_HOME", str(home))
+    assert main(["data", "list"]) == 1
+    _one_line_error(capsys, str(home), "not a directory")

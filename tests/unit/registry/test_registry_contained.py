@@ -71,3 +71,24 @@ def test_verify_reports_a_stored_file_replaced_by_a_symlink(reg, base_dir, make_
     target.symlink_to(outside)
     found = [(p.problem, Path(p.path).name) for p in reg.verify("sft:1")]
     assert found == [("symlink", "adapter_config.json")]
+
+
+def _forge(path: Path, header: bytes, data: bytes = b"") -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("header, why", [
+    (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    (b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}', "outside the 16 data bytes"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 4]}}', "data_offsets"),
+    (b'[1, 2]', "not a mapping"),
+])
+def test_a_forged_safetensors_header_is_refused_naming_the_file(reg, base_dir, make_adapter, header, why):
+    reg.register_base("tiny", str(base_dir))
+    src = make_adapter()
+    _forge(src / "adapter_model.safetensors", header, b"\0" * 16)
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors: not a safetensors file .*{why}"):
+        reg.register_adapter("sft", "sft", src, base="tiny")
+    assert [e.kind for e in reg.list()] == ["base"]
