@@ -249,7 +249,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "ppo"])  # every stage command goes through run_stage
 def test_a_second_stage_command_into_the_same_output_dir_fails_at_once(tmp_path, stage):
     out = tmp_path / stage
     first = _start([stage, f"output_dir={out}", "dataset=d.jsonl" if stage != "ppo" else "prompts=p.jsonl"])
@@ -372,3 +372,12 @@ def test_data_list_with_rlhf_home_pointing_at_a_file_is_an_error(tmp_path, monke
     monkeypatch.setenv("RLHF_HOME", str(home))
     assert main(["data", "list"]) == 1
     _one_line_error(capsys, str(home), "not a directory")
+
+
+def test_a_utf16_jsonl_is_rejected_saying_utf16(tmp_path, capsys):
+    rows = "".join(json.dumps({"prompt": p, "chosen": "b", "rejected": "c"}) + "\n" for p in "xyz")
+    src = tmp_path / "pairs.jsonl"
+    src.write_bytes(rows.encode("utf-16"))  # with its byte-order mark, as Windows tools write it
+    assert main(["data", "ingest", str(src), "--name", "pairs"]) == 1
+    _one_line_error(capsys, "UTF-16", "pairs.jsonl")
+    assert not (tmp_path / "home" / "data" / "pairs").exists()  # a failed ingest leaves no empty dataset folder
