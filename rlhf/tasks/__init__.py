@@ -128,9 +128,10 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
 
 
 def task_file_name(name: str, run_name: str = "") -> str:
-    """The file name of task file ``name``: ``<run_name>-<name>.jsonl``, so that the pairs a
-    recipe ingests are stored under its name (``tiny-dpo-pairs:1``), not as a shared ``pairs``."""
-    return f"{run_name}-{name}.jsonl" if run_name else f"{name}.jsonl"
+    """The file name of task file ``name``; the pairs file is ``<run_name>-pairs.jsonl``, since
+    the data store names what it ingests after the file: a recipe's pairs are then stored under
+    its name (``tiny-dpo-pairs:1``), not as one ``pairs`` shared by every recipe."""
+    return f"{run_name}-{name}.jsonl" if run_name and name == "pairs" else f"{name}.jsonl"
 
 
 def write_task_files(task: Task, out_dir: str | Path, run_name: str = "") -> dict[str, str]:
