@@ -2,7 +2,7 @@
 
 Usage::
 
-    rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--split test=0.05]
+    rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--test-fraction 0.05]
                      [--ties drop|keep] [--label-field COL] [--binarize MODE] [--min-margin X]
                      [--score-field KEY] [--seed N] [--max-row-bytes N] [--json-fields COL,...]
                      [--strict-empty] [--allow-partial] [--score EXPR] [--group-by COL]
@@ -42,6 +42,7 @@ def _parse_map(items: list[str]) -> dict[str, str]:
 
 
 def _parse_split(text: str) -> float:
+    """The deprecated ``--split test=F`` (or ``--split F``) as a fraction."""
     key, sep, value = text.partition("=")
     if not sep:
         key, value = "test", text
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="append", default=[], metavar="KEY=COLUMN",
                    help="map prompt/chosen/rejected/margin/system to a source column (dotted path ok); implies "
                         "generic (with --format scored: prompt/response/transcript/system)")
-    p.add_argument("--split", default="test=0.05", help="test share by prompt hash, e.g. test=0.05")
+    p.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                   help="share of prompts held out as the test split, chosen by prompt hash (default 0.05)")
+    # `--split` names a split to read everywhere else (`rlhf eval --split test`, --hf-split).
+    p.add_argument("--split", help=argparse.SUPPRESS)
     p.add_argument("--ties", choices=TIES, default="drop", help=_help("ties"))
     p.add_argument("--label-field", help=_help("label_field"))
     p.add_argument("--binarize", choices=BINARIZE, default="best_worst", help=_help("binarize"))
@@ -138,10 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, home)
         return _quarantine(args, home)
+    except BrokenPipeError:
+        raise  # `rlhf data show X | head`: the caller's entry point ends quietly
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"rlhf data {args.command}: error: {msg}", file=sys.stderr)
         return 1
+
+
+def _test_fraction(args) -> float:
+    if args.split is None:
+        return 0.05 if args.test_fraction is None else args.test_fraction
+    if args.test_fraction is not None:
+        raise ValueError("give --test-fraction only (--split test=F is its deprecated spelling)")
+    fraction = _parse_split(args.split)
+    message = f"--split {args.split} is deprecated; use --test-fraction {fraction:g}"
+    print(f"rlhf data ingest: warning: {message}", file=sys.stderr)
+    return fraction
 
 
 def _ingest(args, home) -> int:
@@ -150,7 +167,7 @@ def _ingest(args, home) -> int:
         args.name,
         format=args.format,
         mapping=_parse_map(args.map),
-        test_fraction=_parse_split(args.split),
+        test_fraction=_test_fraction(args),
         home=home,
         ties=args.ties,
         label_field=args.label_field,

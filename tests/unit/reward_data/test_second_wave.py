@@ -318,7 +318,7 @@ def test_identical_content_reuses_the_version(write_jsonl, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "same:1: identical content to the latest version" in out and "reusing it" in out
     assert reward_data.versions("same", home) == [1]
-    assert data_main(["ingest", str(path), "--name", "same", "--home", home, "--split", "test=0.5"]) == 0
+    assert data_main(["ingest", str(path), "--name", "same", "--home", home, "--test-fraction", "0.5"]) == 0
     assert reward_data.versions("same", home) == [1, 2]
 
 
