@@ -30,9 +30,9 @@ from rlhf.stages.common import (
     filter_supported,
     final_log_value,
     full_state_dict,
-    last_checkpoint,
     peft_lora_config,
     publish,
+    trainer_checkpoints,
     trl_training_kwargs,
     write_json,
 )
@@ -98,7 +98,7 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = trainer_checkpoints(trainer, out, resume)  # stamps new checkpoints with the config fingerprint
     trainer.train(resume_from_checkpoint=ckpt)
     n_desirable = sum(r["label"] for r in train_rows)
     metrics: dict = {"train_completions": len(train_rows), "train_desirable": n_desirable,
