@@ -226,7 +226,7 @@ def prepare_checkpoints(output_dir: str | os.PathLike, fp: str, resume: bool) ->
         previous = out / PREVIOUS
         if previous.exists():
             shutil.rmtree(previous)
-        os.replace(root, previous)
+        shutil.move(root, previous)  # a rename: the same filesystem
         print(f"[{out.name}] starting afresh: earlier checkpoints moved to {previous}", file=sys.stderr)
     root.mkdir(parents=True, exist_ok=True)
     write_text(root / FINGERPRINT_FILE, json.dumps({"fingerprint": fp}))
