@@ -103,6 +103,19 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced; the same shape for every stage."""
+
+    stage: str  # a name in rlhf.stages.STAGES: "sft", "reward", "ppo", "dpo", ...
+    output_dir: str  # everything the stage wrote is under here
+    base: str  # the resolved base model (directory or hub id)
+    artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
+    metrics: dict[str, float]  # final numbers
+    inputs: dict[str, str] = field(default_factory=dict)  # resolved data references read, e.g. {"dataset": "pairs:1"}
+    finished: bool = True  # False when stopped early (PPO's stop_after); nothing was published then
+
+
 @dataclass
 class Registration:
     """Where :func:`publish` records a stage's artifacts in the model registry.

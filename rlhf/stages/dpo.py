@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
+from rlhf import summary
 from rlhf.config import ConfigError, DPOConfig, PPOConfig, save_yaml, to_dict
-from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    StageResult,
     Registration,
     filter_supported,
     final_log_value,
@@ -116,10 +117,15 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
 
     # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
     # the training model is freed first, the evaluation loads the base once more
+    step = trainer.state.global_step
     del trainer
     if cfg.eval_prompts and main:
-        metrics.update(evaluate_against_sft(cfg, str(out / "adapter"), gold_fn))
-        tracker.log({k: v for k, v in metrics.items() if k.startswith(("sft/", "dpo/"))}, step=0)
+        # the summary convention (rlhf.summary): the SFT policy as the initial evaluation (step
+        # 0), the DPO policy as the final one, as PPO logs and reports its own
+        sft_eval, dpo_eval = evaluate_against_sft(cfg, str(out / "adapter"), gold_fn)
+        metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, dpo_eval)})
+        tracker.log(sft_eval, step=0)
+        tracker.log(dpo_eval, step=step)
     tracker.finish()
     if main:
         write_json(out / "metrics.json", metrics)
@@ -235,7 +241,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return summed.chunk(2, dim=0)
 
 
-def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[str, str], float] | None) -> dict:
+def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str,
+                         gold_fn: Callable[[str, str], float] | None) -> tuple[dict, dict]:
     """Sample the SFT and the DPO policy once per held-out prompt and compare them.
 
     Reuses the PPO stage's roles and ``evaluate`` (same sampler, stop handling, KL and standard
@@ -244,9 +251,10 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     where DPO's response scores higher than SFT's as 1, a tie as 1/2.
 
     Returns:
-        ``sft/eval/*`` and ``dpo/eval/*`` (score when a reward adapter is given, gold when
-        ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors) and
-        ``dpo/win_rate_*`` with standard errors.
+        ``(sft, dpo)``: each policy's ``eval/*`` numbers (score when a reward adapter is given,
+        gold when ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors), the
+        DPO policy's with its win rates over SFT, ``eval/win_rate_*`` (by the RM) and
+        ``eval/gold_win_rate_*``, as PPO's evaluation reports them (see :mod:`rlhf.summary`).
     """
     from peft import set_peft_model_state_dict
 
@@ -279,7 +287,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
     seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
 
-    out: dict = {}
+    out: dict[str, dict] = {}
     rows = {}
     for name in ("sft", "dpo"):
         if name == "dpo":
@@ -289,12 +297,12 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
                 raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
         ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device, gold_fn,
                                   seed=seed, suffix=suffix)
-        out.update({f"{name}/{k}": v for k, v in ev.items()})
-    for key, name in (("score", "rm"), ("gold", "gold")):
+        out[name] = ev
+    for key, name in (("score", "win_rate"), ("gold", "gold_win_rate")):
         pairs = [(d[key], s[key]) for d, s in zip(rows["dpo"], rows["sft"]) if d[key] is not None and s[key] is not None]
         if pairs:
-            out[f"dpo/win_rate_{name}"], out[f"dpo/win_rate_{name}_se"] = win_rate(*zip(*pairs))
-    return out
+            out["dpo"][f"eval/{name}_mean"], out["dpo"][f"eval/{name}_se"] = win_rate(*zip(*pairs))
+    return out["sft"], out["dpo"]
 
 
 def win_rate(new: list[float], old: list[float]) -> tuple[float, float]:

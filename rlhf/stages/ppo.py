@@ -41,14 +41,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rlhf import ppo as F
+from rlhf import ppo as F, summary
 from rlhf.atomic import write_json
+from rlhf.stages.common import StageResult
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
 from rlhf.estimators import advantages_and_returns, uses_critic
 from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
-from rlhf.stages import StageResult
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
@@ -894,8 +894,8 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows) if finished else {}
     tracker.finish()
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
-                      **{f"initial/{k}": v for k, v in initial_eval.items()},
-                      **{f"final/{k}": v for k, v in final_eval.items()}}
+                      **summary.prefixed(summary.REFERENCE, initial_eval),
+                      **summary.prefixed(summary.TRAINED, final_eval)}
     roles = _trained_roles(cfg)
     with full_state(s.model):  # FSDP: the full adapters, gathered on every rank
         if finished and main:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
-from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    StageResult,
     Registration,
     filter_supported,
     full_state_dict,

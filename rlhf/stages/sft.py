@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rlhf.config import SFTConfig, save_yaml, to_dict
 from rlhf.resolve import is_store_ref
-from rlhf.stages import StageResult
 from rlhf.stages.common import (
+    StageResult,
     Registration,
     filter_supported,
     final_log_value,

@@ -264,16 +264,16 @@ def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
 
     monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
     with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 < reward_gate.min_accuracy 0.55.*Try:"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.51, "eval_margin": 0.02, "test_pairs": 300})._check_reward_gate()
+        _gate_pipeline(tmp_path, {"eval_accuracy": 0.51, "eval_margin": 0.02, "test_pairs": 300})._check_reward_gate("ppo")
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["stages"]["ppo"]["status"] == "blocked"
     with pytest.raises(RewardGateFailed, match="margin -0.100 < reward_gate.min_margin"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": -0.1})._check_reward_gate()
+        _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": -0.1})._check_reward_gate("ppo")
     with pytest.raises(RewardGateFailed, match="no held-out accuracy"):
-        _gate_pipeline(tmp_path, {})._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate()
+        _gate_pipeline(tmp_path, {})._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate("ppo")
 
 
 def test_hh_recipe_ingests_the_subset_its_header_names():
