@@ -57,7 +57,8 @@ def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Co
     from rlhf.generate import _adapter_facts, resolve_policy
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.ppo.rollout import Sampled
-    from rlhf.stages.ppo import last_token_scores, left_pad
+    from rlhf.generation import left_pad
+    from rlhf.scoring import last_token_scores
 
     kind, where = resolve_policy(ref)
     if kind != "adapter" or not (Path(where) / "head.safetensors").is_file():

@@ -126,13 +126,13 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
            seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512) -> list[str]:
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
-    Prompts are formatted like PPO's (:func:`rlhf.stages.ppo.encode_prompts`) and decoding
+    Prompts are formatted like PPO's (:func:`rlhf.generation.encode_prompts`) and decoding
     stops, as in PPO, at the tokenizer's EOS or any EOS id of the model's generation config
     (Qwen2.5 ships two: ``<|im_end|>`` and ``<|endoftext|>``).
     """
     from transformers import GenerationConfig
 
-    from rlhf.stages.ppo import encode_prompts, left_pad
+    from rlhf.generation import encode_prompts, left_pad
 
     tok, model = policy.tok, policy.model
     device = next(model.parameters()).device

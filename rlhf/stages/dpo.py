@@ -21,7 +21,6 @@ SFT and the win rate over SFT.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -262,7 +261,8 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str,
     from rlhf.adapters import RoleModel, read_lora_weights
     from rlhf.data import load_prompts
     from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.stages.ppo import _stop_ids, encode_prompts, evaluate, generation_config, score_suffix
+    from rlhf.evaluation import evaluate
+    from rlhf.generation import encode_prompts, generation_config, score_suffix, stop_token_ids
 
     # the PPO stage's evaluation settings, from DPO's eval_* keys; a critic-free estimator, so
     # that scoring skips the value role (evaluation uses no values)
@@ -282,7 +282,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str,
     prompts = load_prompts(cfg.eval_prompts, split="test")
     eval_ids = encode_prompts(tok, prompts, pcfg.max_prompt_length)
     eval_texts = [p[-1]["content"] for p in prompts]
-    stop_ids, pad_id = _stop_ids(tok, pcfg, model.base_lm), tok.pad_token_id
+    stop_ids, pad_id = stop_token_ids(tok, pcfg, model.base_lm), tok.pad_token_id
     gen_cfg = generation_config(pcfg, stop_ids, pad_id)
     suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
     seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
@@ -295,20 +295,10 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str,
             bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if bad:
                 raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
-        ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device, gold_fn,
-                                  seed=seed, suffix=suffix)
-        out[name] = ev
-    for key, name in (("score", "win_rate"), ("gold", "gold_win_rate")):
-        pairs = [(d[key], s[key]) for d, s in zip(rows["dpo"], rows["sft"]) if d[key] is not None and s[key] is not None]
-        if pairs:
-            out["dpo"][f"eval/{name}_mean"], out["dpo"][f"eval/{name}_se"] = win_rate(*zip(*pairs))
+        # the DPO policy's rows are compared with the SFT policy's on the same prompts (its win
+        # rates over SFT, by the reward model and by the gold reward)
+        out[name], rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device,
+                                         gold_fn, seed=seed, suffix=suffix, reference=rows.get("sft"))
     return out["sft"], out["dpo"]
 
 
-def win_rate(new: list[float], old: list[float]) -> tuple[float, float]:
-    """Fraction of prompts where ``new`` scores above ``old`` (a tie counts 1/2), with its
-    standard error over prompts. ``new[i]`` and ``old[i]`` are two policies' scores on prompt i."""
-    wins = torch.tensor([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old, strict=True)],
-                        dtype=torch.float64)
-    se = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
-    return float(wins.mean()), se

@@ -166,7 +166,8 @@ def make_rollout():
     """Factory: ``make_rollout(model, tok, cfg, n=8, seed=0)`` samples ``n`` responses to the
     first ``n`` training prompts (different lengths, so left padding) and scores them."""
     from rlhf.data import load_prompts
-    from rlhf.stages.ppo import encode_prompts, generate, generation_config, left_pad, score_rollout
+    from rlhf.generation import encode_prompts, generate, generation_config, left_pad
+    from rlhf.scoring import score_rollout
 
     def make(model, tok, cfg, n: int = 8, seed: int = 0, stop_id: int | None = None):
         stop_id = tok.eos_token_id if stop_id is None else stop_id

@@ -187,7 +187,7 @@ def test_one_formatting_path_for_sft_and_ppo(tmp_path):
     """Plain-string SFT rows get the chat template like conversational rows and PPO prompts."""
     from rlhf.config import SFTConfig
     from rlhf.models import load_tokenizer
-    from rlhf.stages.ppo import encode_prompts
+    from rlhf.generation import encode_prompts
     from rlhf.stages.sft import _examples
 
     plain, conv = tmp_path / "plain.jsonl", tmp_path / "conv.jsonl"
@@ -207,7 +207,7 @@ def test_one_formatting_path_for_sft_and_ppo(tmp_path):
 
 
 def test_held_out_ppo_prompts():
-    from rlhf.stages.ppo import split_eval_prompts
+    from rlhf.evaluation import split_eval_prompts
 
     prompts = [f"p{i}" for i in range(1000)]
     train, ev = split_eval_prompts(prompts, [], PPOConfig(eval_fraction=0.05))
@@ -223,7 +223,7 @@ def test_held_out_ppo_prompts():
 
 
 def test_win_rates_hand_worked():
-    from rlhf.stages.ppo import mean_se, win_rates
+    from rlhf.evaluation import mean_se, win_rates
 
     rows = [{"score": 2.0, "gold": 1.0}, {"score": 1.0, "gold": 1.0}, {"score": 0.0, "gold": None}]
     ref = [{"score": 1.0, "gold": 0.0}, {"score": 1.0, "gold": 2.0}, {"score": 3.0, "gold": 1.0}]

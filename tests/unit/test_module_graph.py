@@ -121,3 +121,13 @@ def test_the_checks_see_a_circle_and_an_upward_import():
     """The checks above would fail on a graph that breaks them."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert _layer("rlhf.ppo.losses") < _layer("rlhf.stages.ppo") < _layer("rlhf.cli")
+
+
+def test_only_the_stage_table_imports_stage_modules():
+    """A stage module (rlhf/stages/<stage>.py) is a recipe, not a library: the stage table
+    (rlhf/stages/__init__.py) alone imports it; what stages share lives in rlhf/stages/common.py
+    or in the library below (generation, scoring, evaluation, estimators)."""
+    stage_modules = {f"rlhf.stages.{p.stem}" for p in (ROOT / "rlhf" / "stages").glob("*.py")
+                     if p.stem not in ("__init__", "common")}
+    importers = {(m, t) for m, ts in _graph().items() for t in ts if t in stage_modules and m != "rlhf.stages"}
+    assert importers == set()

@@ -11,8 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlhf.stages.ppo import (_ppo_update, advantages_and_returns, encode_prompts, generation_config, left_pad,
-                             score_rollout, shaped_rewards)
+from rlhf.estimators import advantages_and_returns
+from rlhf.generation import encode_prompts, generation_config, left_pad
+from rlhf.scoring import score_rollout
+from rlhf.stages.ppo import _ppo_update, shaped_rewards
 
 T = 12  # response tokens of these tests
 
