@@ -27,18 +27,20 @@ from typing import Callable
 import torch
 
 from rlhf import summary
-from rlhf.config import ConfigError, DPOConfig, PPOConfig, save_yaml, to_dict
+from rlhf.config import ConfigError, DPOConfig, PPOConfig, to_dict
 from rlhf.stages.common import (
-    StageResult,
     Registration,
+    StageResult,
+    begin,
     filter_supported,
     final_log_value,
-    full_state_dict,
-    last_checkpoint,
+    finish,
     peft_lora_config,
-    publish,
+    publish_trained,
+    stage_tokenizer,
+    stage_tracker,
+    train,
     trl_training_kwargs,
-    write_json,
 )
 
 REF_ADAPTER = "ref"  # the adapter name TRL's DPOTrainer uses for the reference (trl >= 1.x refactor)
@@ -63,18 +65,12 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
         registration: where publishing records the adapter in the registry (a pipeline's
             rank 0), or None.
     """
-    from rlhf import distributed as dist
-    from rlhf.models import load_tokenizer
-    from rlhf.resolve import is_store_ref
-    from rlhf.tracking import Tracker
+    from transformers import set_seed
 
-    # Under accelerate launch every process runs this function; TRL shards the pairs and
-    # syncs gradients, and only the main process writes files or logs.
-    main = dist.is_main()
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(to_dict(cfg), out / "config.yaml")
+    from rlhf import distributed as dist
+    from rlhf.resolve import is_store_ref
+
+    out, main = begin(cfg)
 
     # 1. preference data: the versioned store entry the reward stage reads too
     data_ref = cfg.dataset
@@ -85,14 +81,14 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     if not train_rows:
         raise ValueError(f"dpo.dataset {data_ref}: no training pairs")
 
-    # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
+    # 2. base + the SFT adapter as the policy's start (seeded: without an SFT adapter the LoRA
+    # is new); 3. TRL's trainer with the SFT reference
+    set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
-    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
+    tok = stage_tokenizer(cfg)
+    tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    ckpt = last_checkpoint(out) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    train(trainer, tracker, out, resume, attach=False)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
                      "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     if test_rows:
@@ -103,16 +99,13 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
 
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
-    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
-
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
                                       **({"state_dict": state} if state else {}))
 
-    if main:
-        publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
-                entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter, dataset=data_ref)
-    dist.barrier()
+    path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
+                           registration=registration, entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter,
+                           dataset=data_ref)
 
     # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
     # the training model is freed first, the evaluation loads the base once more
@@ -121,16 +114,12 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     if cfg.eval_prompts and main:
         # the summary convention (rlhf.summary): the SFT policy as the initial evaluation (step
         # 0), the DPO policy as the final one, as PPO logs and reports its own
-        sft_eval, dpo_eval = evaluate_against_sft(cfg, str(out / "adapter"), gold_fn)
+        sft_eval, dpo_eval = evaluate_against_sft(cfg, path, gold_fn)
         metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, dpo_eval)})
         tracker.log(sft_eval, step=0)
         tracker.log(dpo_eval, step=step)
     tracker.finish()
-    if main:
-        write_json(out / "metrics.json", metrics)
-    metrics = dist.broadcast_object(metrics)
-    return StageResult(stage="dpo", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},
-                       metrics=metrics, inputs={"dataset": data_ref})
+    return finish(cfg, out, main, "dpo", {"adapter": path}, dist.broadcast_object(metrics), {"dataset": data_ref})
 
 
 def trl_args(cfg: DPOConfig, has_eval: bool):

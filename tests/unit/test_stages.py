@@ -138,3 +138,41 @@ def test_a_new_stage_is_its_module_plus_its_row(tmp_path, monkeypatch, capsys):
     assert main(["toy", "--help"]) == 0
     assert "Run the toy stage alone" in capsys.readouterr().out
     assert "toy" not in COMMANDS  # `rlhf --help` lists the table as it was when rlhf.cli was imported
+
+
+def test_the_trl_stage_skeleton_steps(tmp_path):
+    """The plain functions every TRL-trainer stage is built from (rlhf.stages.common): the
+    resolved config beside the artifacts, training resumed from the last complete checkpoint,
+    an atomic publish of what the trainer holds, metrics.json and the StageResult."""
+    import yaml
+
+    from rlhf.stages import common
+
+    cfg = SFTConfig(output_dir=str(tmp_path / "sft"), dataset="d.jsonl")
+    out, main = common.begin(cfg)
+    assert main and yaml.safe_load((out / "config.yaml").read_text())["dataset"] == "d.jsonl"
+
+    calls = []
+
+    class Trainer:  # the parts of a transformers Trainer the skeleton touches
+        def train(self, resume_from_checkpoint=None):
+            calls.append(("train", resume_from_checkpoint))
+
+    class Tracker:
+        def attach(self, trainer):
+            calls.append(("attach",))
+
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoints" / "checkpoint-8").mkdir()  # incomplete: no trainer_state.json
+    common.train(Trainer(), Tracker(), out, resume=True)
+    common.train(Trainer(), Tracker(), out, resume=False, attach=False)
+    assert calls == [("attach",), ("train", str(out / "checkpoints" / "checkpoint-4")), ("train", None)]
+
+    path = common.publish_trained(Trainer(), out, "adapter", lambda tmp, state: (tmp / "w.safetensors").write_text(
+        str(state)), role="sft", base="b", config={"k": 1})
+    assert (Path(path) / "w.safetensors").read_text() == "None"  # nothing sharded: the model's own weights
+    assert json.loads((Path(path) / "rlhf_adapter.json").read_text())["role"] == "sft"
+    result = common.finish(cfg, out, main, "sft", {"adapter": path}, {"loss": 1.5}, {"dataset": "d.jsonl"})
+    assert json.loads((out / "metrics.json").read_text()) == {"loss": 1.5}
+    assert (result.stage, result.artifacts, result.base) == ("sft", {"adapter": path}, cfg.model.name_or_path)
