@@ -22,11 +22,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        h = tmp_path_factory.mktemp("home")
-        mp.setenv("RLHF_HOME", str(h))
-        yield h
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +32,9 @@ def _module_home(home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(home, tmp_path_factory):
+def run(run_recipe):
     """SFT, reward model and DPO: DPO is scored by the reward model too (RM score, win rate)."""
-    p = plan(RECIPE, tmp_path_factory.mktemp("runs") / "tiny-dpo", SMALL + ["stages=[sft,reward,dpo]"])
-    return p, Pipeline(p).run()
+    return run_recipe(RECIPE, SMALL + ["stages=[sft,reward,dpo]"], "tiny-dpo")
 
 
 def _state(run_dir: Path) -> dict:
