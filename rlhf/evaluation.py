@@ -69,13 +69,15 @@ def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
              stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None) -> tuple[dict, list[dict]]:
+             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
     """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
     seed so that every evaluation sees the same random stream, and report score, KL to the
     reference, entropy, length, and gold reward if known.
     With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
     rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
-    (``eval/gold_win_rate_*``). Means come with standard errors over prompts."""
+    (``eval/gold_win_rate_*``). Means come with standard errors over prompts.
+    ``on_batch(n)`` is called after each batch of ``n`` prompts (progress)."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
@@ -99,6 +101,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
                          "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
+        if on_batch is not None:
+            on_batch(len(texts))
     if reference:
         per["win_rate"] = win_rates(rows, reference, "score")
         per["gold_win_rate"] = win_rates(rows, reference, "gold")
