@@ -48,15 +48,9 @@ from rlhf.atomic import write_json
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
 from rlhf.estimators import advantages_and_returns, uses_critic
 from rlhf.evaluation import evaluate, split_eval_prompts
-from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
-from rlhf.generation import (
-    build_engine,
-    encode_prompts,
-    generation_config,
-    left_pad,
-    score_suffix,
-    stop_token_ids,
-)
+from rlhf.fsdp import (check_engine_supported, even_share, full_params_for_generation, full_state, gather_rollout,
+                       is_sharded, shard_model)
+from rlhf.generation import build_engine, encode_prompts, generation_config, left_pad, score_suffix, stop_token_ids
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.scoring import response_logprobs, response_values, score_rollout, train_mode
@@ -135,30 +129,6 @@ def _build_model(cfg: PPOConfig, device):
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # rollouts run in eval mode; _ppo_update switches to train mode
     return model, tok, base_path
-
-
-def check_engine_supported(config_name: str = "ppo") -> None:
-    """Refuse PPO under DeepSpeed ZeRO-3.
-
-    PPO samples from the policy role between updates, which needs the sharded weights
-    gathered; this loop does that with FSDP2 (``rlhf/fsdp.py``), not with DeepSpeed.
-    Supported: one process, DDP, FSDP2 and ZeRO-1/2 configs (the LoRA loop then runs data
-    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
-    save little).
-
-    Raises:
-        rlhf.config.ConfigError: naming the engine and what is supported.
-    """
-    from rlhf.distributed import engine
-
-    eng = engine()
-    if eng == "deepspeed-zero3":
-        raise ConfigError(
-            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop "
-            "gathers sharded weights for generation only under FSDP2). To shard the base, launch PPO with "
-            "pipelines/accelerate/fsdp2.yaml (or ddp.yaml / deepspeed_zero2.yaml if it fits on one device); "
-            "SFT and reward run under every config in pipelines/accelerate/."
-        )
 
 
 def _check_guards(stats: dict, cfg: PPOConfig, length_streak: list[int]) -> None:
