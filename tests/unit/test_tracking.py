@@ -118,8 +118,8 @@ def test_report_to_validation():
     assert normalize_report_to("none") == ["local"]
     assert normalize_report_to("wandb,tensorboard") == ["local", "wandb", "tensorboard"]
     assert normalize_report_to(["tensorboard", "local", "tensorboard"]) == ["local", "tensorboard"]
-    with pytest.raises(ValueError, match="unknown tracker 'mlflow'"):
-        normalize_report_to(["mlflow"])
+    with pytest.raises(ValueError, match="unknown tracker 'comet'"):
+        normalize_report_to(["comet"])
 
 
 def test_callback_forwards_real_trainer_logs(tmp_path):
