@@ -4,8 +4,8 @@ For each prompt: the reward model's score, the task's gold objective, KL to the 
 entropy and length, and, given the SFT policy's rows on the same prompts, the win rate over
 it by the reward model and by the objective; each as a mean with its standard error over
 prompts. One module for every caller, so their numbers compare: the PPO stage (before,
-during and after training), DPO's evaluation of its policy against SFT, ``rlhf eval`` and
-``rlhf generate``. The names the numbers are reported under follow :mod:`rlhf.summary`.
+during and after training), DPO's and KTO's evaluation of their policy against SFT
+(:func:`evaluate_against_sft`), and the statistics of ``rlhf eval``. The names the numbers are reported under follow :mod:`rlhf.summary`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rlhf.scoring import score_rollout
 if TYPE_CHECKING:
     from rlhf.config import PPOConfig
 
-__all__ = ["evaluate", "mean_se", "split_eval_prompts", "win_rates"]
+__all__ = ["evaluate", "evaluate_against_sft", "mean_se", "split_eval_prompts", "win_rates"]
 
 
 def split_eval_prompts(prompts: list, eval_prompts: list, cfg: PPOConfig) -> tuple[list, list]:
@@ -111,3 +111,67 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
         if vals:
             out[f"eval/{k}_mean"], out[f"eval/{k}_se"] = mean_se(vals)
     return out, rows
+
+
+def evaluate_against_sft(cfg, policy_adapter: str,
+                         gold_fn: Callable[[str, str], float] | None) -> tuple[dict, dict]:
+    """Sample the SFT policy and a policy trained offline from it (DPO, KTO) once per held-out
+    prompt and compare them.
+
+    ``cfg`` is the stage's config (model, sft_adapter, reward_adapter, eval_prompts, seed and
+    the eval_* sampling keys). Reuses PPO's roles and :func:`evaluate` (same sampler, stop
+    handling, KL and standard errors, same evaluation seed), so the numbers compare with PPO's:
+    a RoleModel whose policy role holds first the SFT weights, then ``policy_adapter``. Win
+    rates count a prompt where the policy's response scores higher than SFT's as 1, a tie as 1/2.
+
+    Returns:
+        ``(sft, policy)``: each policy's ``eval/*`` numbers (score when a reward adapter is
+        given, gold when ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors),
+        the trained policy's with its win rates over SFT, ``eval/win_rate_*`` (by the RM) and
+        ``eval/gold_win_rate_*``, as PPO's evaluation reports them (see :mod:`rlhf.summary`).
+    """
+    from peft import set_peft_model_state_dict
+
+    from rlhf import distributed as dist
+    from rlhf.adapters import RoleModel, read_lora_weights
+    from rlhf.data import load_prompts
+    from rlhf.config import PPOConfig
+    from rlhf.generation import encode_prompts, generation_config, score_suffix, stop_token_ids
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    # the PPO stage's evaluation settings, from the stage's eval_* keys; a critic-free estimator, so
+    # that scoring skips the value role (evaluation uses no values)
+    pcfg = PPOConfig(model=cfg.model, response_length=cfg.eval_response_length, temperature=cfg.eval_temperature,
+                     max_prompt_length=cfg.eval_max_prompt_length, rollout_batch_size=cfg.eval_batch_size,
+                     num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
+                     advantage_estimator="reinforce++")
+    base_path = cfg.model.name_or_path
+    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
+    base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                          trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+    policy_state, policy_cfg = read_lora_weights(policy_adapter)
+    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
+                      policy_lora={k: policy_cfg[k] for k in ("r", "lora_alpha", "target_modules")}, with_value=False)
+    device = dist.device()
+    model.to(device).eval()
+    prompts = load_prompts(cfg.eval_prompts, split="test")
+    eval_ids = encode_prompts(tok, prompts, pcfg.max_prompt_length)
+    eval_texts = [p[-1]["content"] for p in prompts]
+    stop_ids, pad_id = stop_token_ids(tok, pcfg, model.base_lm), tok.pad_token_id
+    gen_cfg = generation_config(pcfg, stop_ids, pad_id)
+    suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
+    seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
+
+    out: dict[str, dict] = {}
+    rows = {}
+    for name in ("sft", "policy"):
+        if name == "policy":
+            result = set_peft_model_state_dict(model.peft, policy_state, adapter_name="policy")
+            bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if bad:
+                raise ValueError(f"{policy_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
+        # the trained policy's rows are compared with the SFT policy's on the same prompts (its
+        # win rates over SFT, by the reward model and by the gold reward)
+        out[name], rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device,
+                                         gold_fn, seed=seed, suffix=suffix, reference=rows.get("sft"))
+    return out["sft"], out["policy"]

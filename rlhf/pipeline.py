@@ -1,4 +1,4 @@
-"""Run a staged recipe: SFT -> reward model -> PPO (and/or DPO), with caching, --from and --resume.
+"""Run a staged recipe: SFT -> reward model -> PPO (and/or DPO, KTO), with caching, --from and --resume.
 
 The run directory (``runs/<recipe stem>`` by default) holds ``pipeline.json`` (each
 stage's status, fingerprint, inputs, outputs and final metrics), one folder per stage, and
@@ -6,7 +6,7 @@ stage's status, fingerprint, inputs, outputs and final metrics), one folder per 
 hash of its resolved config and of its inputs (data file hashes and the fingerprints of
 the stages it consumes). Every config is validated before any model is loaded.
 
-The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]`` or
+The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]``, ``[sft, kto]`` or
 ``[sft, reward, ppo, dpo]``) names the stages that run, in order; each must come after the
 stages it consumes (``Stage.requires`` in the stage table, :mod:`rlhf.stages`, which also says
 what each stage reads, publishes and hashes; this module names no stage).
@@ -353,7 +353,7 @@ class Pipeline:
                 # fingerprints hash the files, so unchanged rows still skip the stages
                 if dist.is_main() and (self.state.get("task_fingerprint") != want or p.pipeline.task.module
                                        or not all(Path(f).exists() for f in p.task_files.values())):
-                    write_task_files(task, p.run_dir / "task")
+                    write_task_files(task, p.run_dir / "task", p.pipeline.name)
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
         forced = p.stages[p.stages.index(from_stage):] if from_stage else ()
@@ -511,42 +511,46 @@ class Pipeline:
                 se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
                 out["gold_improvement"] = diff
                 out["gold_improvement_in_se"] = diff / se if se > 0 else None
-        if "dpo" in self.p.stages and st.get("dpo", {}).get("status") == "completed":
-            _add_dpo_summary(out, st["dpo"].get("metrics", {}), task is not None)
+        for name in ("dpo", "kto"):
+            if name in self.p.stages and st.get(name, {}).get("status") == "completed":
+                _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
         return out
 
 
-def _add_dpo_summary(out: dict, m: dict, has_gold: bool) -> None:
-    """DPO's numbers next to PPO's. The DPO stage sampled the SFT and the DPO policy on the
-    same held-out prompts as PPO's evaluation, with PPO's sampler, settings and seed, and
-    reports them by the same convention (:mod:`rlhf.summary`); without a PPO stage its SFT
-    numbers stand in for the SFT row."""
+def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
+    """DPO's or KTO's numbers (stage ``n``) next to PPO's, under the same keys with ``n`` in
+    place of ``ppo`` (``gold_reward_dpo``, ``win_rate_kto_sft``...). The stage sampled the SFT
+    and its policy on the same held-out prompts as PPO's evaluation, with PPO's sampler,
+    settings and seed, and reports them by the same convention (:mod:`rlhf.summary`); without
+    a PPO stage its SFT numbers stand in for the SFT row."""
     ref, trained = summary.REFERENCE, summary.TRAINED
-    out.update(
-        dpo_eval_loss=m.get("eval_loss"),
-        dpo_reward_accuracy=m.get("eval_rewards_accuracies"),
-        reward_score_dpo=m.get(summary.key(trained, "score")),
-        kl_dpo_sft=m.get(summary.key(trained, "kl")),
-        kl_dpo_sft_se=m.get(summary.key(trained, "kl", "se")),
-        response_length_dpo=m.get(summary.key(trained, "length")),
-        win_rate_dpo_sft=m.get(summary.key(trained, "win_rate")),
-        win_rate_dpo_sft_se=m.get(summary.key(trained, "win_rate", "se")),
-    )
+    out.update({
+        f"{n}_eval_loss": m.get("eval_loss"),
+        f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
+        f"{n}_reward_margin": m.get("eval_rewards_margins"),
+        f"reward_score_{n}": m.get(summary.key(trained, "score")),
+        f"kl_{n}_sft": m.get(summary.key(trained, "kl")),
+        f"kl_{n}_sft_se": m.get(summary.key(trained, "kl", "se")),
+        f"response_length_{n}": m.get(summary.key(trained, "length")),
+        f"win_rate_{n}_sft": m.get(summary.key(trained, "win_rate")),
+        f"win_rate_{n}_sft_se": m.get(summary.key(trained, "win_rate", "se")),
+    })
     if out.get("reward_score_sft") is None:
         out["reward_score_sft"] = m.get(summary.key(ref, "score"))
     if not has_gold:
         return
-    out.update(gold_reward_dpo=m.get(summary.key(trained, "gold")), gold_reward_dpo_se=m.get(summary.key(trained, "gold", "se")),
-               gold_win_rate_dpo_sft=m.get(summary.key(trained, "gold_win_rate")),
-               gold_win_rate_dpo_sft_se=m.get(summary.key(trained, "gold_win_rate", "se")))
+    out.update({f"gold_reward_{n}": m.get(summary.key(trained, "gold")),
+                f"gold_reward_{n}_se": m.get(summary.key(trained, "gold", "se")),
+                f"gold_win_rate_{n}_sft": m.get(summary.key(trained, "gold_win_rate")),
+                f"gold_win_rate_{n}_sft_se": m.get(summary.key(trained, "gold_win_rate", "se"))})
     sft, sft_se = m.get(summary.key(ref, "gold")), m.get(summary.key(ref, "gold", "se"))
     if out.get("gold_reward_sft") is None:
         out.update(gold_reward_sft=sft, gold_reward_sft_se=sft_se)
-    if None not in (sft, out["gold_reward_dpo"]):
-        diff = out["gold_reward_dpo"] - sft
-        se = math.hypot(sft_se, out["gold_reward_dpo_se"])
-        out["gold_improvement_dpo"] = diff
-        out["gold_improvement_dpo_in_se"] = diff / se if se > 0 else None
+    if None not in (sft, out[f"gold_reward_{n}"]):
+        diff = out[f"gold_reward_{n}"] - sft
+        se = math.hypot(sft_se, out[f"gold_reward_{n}_se"])
+        out[f"gold_improvement_{n}"] = diff
+        out[f"gold_improvement_{n}_in_se"] = diff / se if se > 0 else None
 
 
 def _numbers(d: dict) -> dict:
@@ -606,6 +610,12 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("DPO win rate over SFT, by RM (± s.e.)", fmt("win_rate_dpo_sft", "win_rate_dpo_sft_se")),
         ("DPO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_dpo_sft", "gold_win_rate_dpo_sft_se")),
         ("KL(DPO || SFT) per response (± s.e.)", fmt("kl_dpo_sft", "kl_dpo_sft_se")),
+        ("gold reward, KTO policy (± s.e.)", fmt("gold_reward_kto", "gold_reward_kto_se")),
+        ("KTO gold improvement (in s.e. of the difference)", fmt("gold_improvement_kto_in_se")),
+        ("RM score, KTO policy", fmt("reward_score_kto")),
+        ("KTO win rate over SFT, by RM (± s.e.)", fmt("win_rate_kto_sft", "win_rate_kto_sft_se")),
+        ("KTO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_kto_sft", "gold_win_rate_kto_sft_se")),
+        ("KL(KTO || SFT) per response (± s.e.)", fmt("kl_kto_sft", "kl_kto_sft_se")),
     ]
     for k, v in rows:
         if v not in ("-", "- -> -"):
@@ -641,11 +651,13 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
                   f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
     elif "policy" in stages.get("ppo", {}).get("dirs", {}):
         lines.append("  (register: false, so nothing is in the registry to export or generate from)")
-    dpo_policy = stages.get("dpo", {}).get("outputs", {}).get("adapter")
-    if dpo_policy:
-        export_dir = Path("exports") / dpo_policy.replace(":", "-")
-        lines += [f"  rlhf registry export {dpo_policy} {q(str(export_dir))}{home_opt}    # the DPO policy as a standalone HF model",
-                  f"  rlhf generate {dpo_policy} --prompt 'Hello'{home_opt}    # sample from the DPO policy"]
+    for name in ("dpo", "kto"):
+        offline_policy = stages.get(name, {}).get("outputs", {}).get("adapter")
+        if offline_policy:
+            export_dir = Path("exports") / offline_policy.replace(":", "-")
+            lines += [f"  rlhf registry export {offline_policy} {q(str(export_dir))}{home_opt}    # the {name.upper()} "
+                      "policy as a standalone HF model",
+                      f"  rlhf generate {offline_policy} --prompt 'Hello'{home_opt}    # sample from the {name.upper()} policy"]
     if reward:
         lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
                      "    # the reward model as a sequence classifier")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rlhf.config import ConfigError, DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.stages.common import StageResult
 
 if TYPE_CHECKING:
@@ -110,6 +110,16 @@ def _sft_in_pipeline(cfg: SFTConfig) -> None:
         )
 
 
+def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
+    from rlhf.stages.kto import run_kto
+
+    # as for DPO: the gold reward judges the sampled evaluation only
+    return run_kto(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None,
+                   registration=registration)
+
+
+
 STAGES: dict[str, Stage] = {
     "sft": Stage(
         SFTConfig, _sft, "run the supervised fine-tuning stage alone",
@@ -146,6 +156,21 @@ STAGES: dict[str, Stage] = {
         task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
         task_files_are_defaults=True,
         # both policies are sampled alike, on the same prompts, when DPO runs beside PPO
+        inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
+                  "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
+                  "eval_batch_size": "ppo.rollout_batch_size"},
+        outputs=("adapter",),
+    ),
+    "kto": Stage(
+        KTOConfig, _kto, "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
+        requires=("sft",),
+        inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
+                "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
+        wired={"sft_adapter": "sft/adapter"},
+        wired_if_run={"reward_adapter": "reward/adapter"},
+        task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
+        task_files_are_defaults=True,
+        # sampled like PPO and DPO, on the same prompts, so the three policies compare
         inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
                   "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
                   "eval_batch_size": "ppo.rollout_batch_size"},

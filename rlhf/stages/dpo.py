@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from rlhf import summary
-from rlhf.config import ConfigError, DPOConfig, PPOConfig, to_dict
+from rlhf.evaluation import evaluate_against_sft
+from rlhf.config import ConfigError, DPOConfig, to_dict
 from rlhf.stages.common import (
     Registration,
     StageResult,
@@ -227,67 +228,5 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     tok = torch.gather(logp, 2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)  # (2B, L-1)
     summed = (tok * batch["completion_mask"][:, 1:]).sum(1)
     return summed.chunk(2, dim=0)
-
-
-def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str,
-                         gold_fn: Callable[[str, str], float] | None) -> tuple[dict, dict]:
-    """Sample the SFT and the DPO policy once per held-out prompt and compare them.
-
-    Reuses the PPO stage's roles and ``evaluate`` (same sampler, stop handling, KL and standard
-    errors, same evaluation seed), so DPO's numbers compare with PPO's: a RoleModel whose
-    policy role holds first the SFT weights, then the DPO adapter. Win rates count a prompt
-    where DPO's response scores higher than SFT's as 1, a tie as 1/2.
-
-    Returns:
-        ``(sft, dpo)``: each policy's ``eval/*`` numbers (score when a reward adapter is given,
-        gold when ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors), the
-        DPO policy's with its win rates over SFT, ``eval/win_rate_*`` (by the RM) and
-        ``eval/gold_win_rate_*``, as PPO's evaluation reports them (see :mod:`rlhf.summary`).
-    """
-    from peft import set_peft_model_state_dict
-
-    from rlhf import distributed as dist
-    from rlhf.adapters import RoleModel, read_lora_weights
-    from rlhf.data import load_prompts
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.evaluation import evaluate
-    from rlhf.generation import encode_prompts, generation_config, score_suffix, stop_token_ids
-
-    # the PPO stage's evaluation settings, from DPO's eval_* keys; a critic-free estimator, so
-    # that scoring skips the value role (evaluation uses no values)
-    pcfg = PPOConfig(model=cfg.model, response_length=cfg.eval_response_length, temperature=cfg.eval_temperature,
-                     max_prompt_length=cfg.eval_max_prompt_length, rollout_batch_size=cfg.eval_batch_size,
-                     num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
-                     advantage_estimator="reinforce++")
-    base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
-    base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                          trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
-    dpo_state, dpo_cfg = read_lora_weights(dpo_adapter)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
-                      policy_lora={k: dpo_cfg[k] for k in ("r", "lora_alpha", "target_modules")}, with_value=False)
-    device = dist.device()
-    model.to(device).eval()
-    prompts = load_prompts(cfg.eval_prompts, split="test")
-    eval_ids = encode_prompts(tok, prompts, pcfg.max_prompt_length)
-    eval_texts = [p[-1]["content"] for p in prompts]
-    stop_ids, pad_id = stop_token_ids(tok, pcfg, model.base_lm), tok.pad_token_id
-    gen_cfg = generation_config(pcfg, stop_ids, pad_id)
-    suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
-    seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
-
-    out: dict[str, dict] = {}
-    rows = {}
-    for name in ("sft", "dpo"):
-        if name == "dpo":
-            result = set_peft_model_state_dict(model.peft, dpo_state, adapter_name="policy")
-            bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if bad:
-                raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
-        # the DPO policy's rows are compared with the SFT policy's on the same prompts (its win
-        # rates over SFT, by the reward model and by the gold reward)
-        out[name], rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device,
-                                         gold_fn, seed=seed, suffix=suffix, reference=rows.get("sft"))
-    return out["sft"], out["dpo"]
 
 

@@ -205,7 +205,7 @@ def test_evaluation_without_a_reward_model(ppo_assets, sft_adapter):
     adapter against itself (same weights, same sampling seed) gives identical samples: zero
     KL for both and every prompt a tie, a win rate of exactly 1/2."""
     from rlhf.config import DPOConfig, from_dict
-    from rlhf.stages.dpo import evaluate_against_sft
+    from rlhf.evaluation import evaluate_against_sft
     from rlhf.tasks.synthetic import gold_reward
 
     cfg = from_dict(DPOConfig, {"model": {"name_or_path": str(ppo_assets.base)}, "sft_adapter": str(sft_adapter),

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from rlhf import stages
-from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.stages import STAGES, Stage, StageResult
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_table_lists_the_stages_in_pipeline_order():
-    assert list(STAGES) == ["sft", "reward", "ppo", "dpo"]
-    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig]
+    assert list(STAGES) == ["sft", "reward", "ppo", "dpo", "kto"]
+    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig]
     # what a recipe's stage list must put before each stage
     assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"),
-                                                       "dpo": ("sft",)}
+                                                       "dpo": ("sft",), "kto": ("sft",)}
     from rlhf.cli import STAGE_NAMES
 
     assert STAGE_NAMES == tuple(STAGES)  # the CLI's copy (for a torch-free --help) is the table's
@@ -67,8 +67,8 @@ def test_an_unknown_stage_section_is_an_error(tmp_path):
     from rlhf.pipeline import plan
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: {enabled: true}\nstages: [sft]\nkto: {beta: 0.1}\n")
-    with pytest.raises(ConfigError, match="kto"):
+    recipe.write_text("task: {enabled: true}\nstages: [sft]\norpo: {beta: 0.1}\n")
+    with pytest.raises(ConfigError, match="orpo"):
         plan(recipe, tmp_path / "run")
     recipe.write_text("task: {enabled: true}\nstages: [sft]\nppo: 3\n")
     with pytest.raises(ConfigError, match="ppo: expected a mapping"):
@@ -178,6 +178,23 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
     result = common.finish(cfg, out, main, "sft", {"adapter": path}, {"loss": 1.5}, {"dataset": "d.jsonl"})
     assert json.loads((out / "metrics.json").read_text()) == {"loss": 1.5}
     assert (result.stage, result.artifacts, result.base) == ("sft", {"adapter": path}, cfg.model.name_or_path)
+
+
+def test_kto_summary_uses_the_dpo_keys_with_kto_in_their_place():
+    """The KTO stage's numbers enter the pipeline summary under DPO's key names, ``kto`` for ``dpo``."""
+    from rlhf.pipeline import _add_offline_summary
+
+    # reported by the summary convention (rlhf.summary): SFT initial/, the KTO policy final/
+    m = {"eval_loss": 0.4, "eval_rewards_margins": 0.2, "initial/eval/gold_mean": -0.2, "initial/eval/gold_se": 0.03,
+         "final/eval/gold_mean": 0.1, "final/eval/gold_se": 0.04, "final/eval/kl_mean": 1.5, "final/eval/kl_se": 0.1,
+         "final/eval/gold_win_rate_mean": 0.7, "final/eval/gold_win_rate_se": 0.02}
+    out: dict = {}
+    _add_offline_summary(out, "kto", m, has_gold=True)
+    assert (out["kto_eval_loss"], out["kto_reward_margin"], out["kl_kto_sft"]) == (0.4, 0.2, 1.5)
+    assert (out["gold_reward_sft"], out["gold_reward_kto"], out["gold_win_rate_kto_sft"]) == (-0.2, 0.1, 0.7)
+    # (0.1 - -0.2) / hypot(0.03, 0.04) = 0.3 / 0.05
+    assert out["gold_improvement_kto_in_se"] == pytest.approx(6.0)
+    assert not any("dpo" in k for k in out)
 
 
 def test_make_reproducible_fixes_threads_and_deterministic_kernels(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,16 @@ def test_a_step_logged_again_keeps_its_last_value(tmp_path):
                  [{"step": s, "kl/mean": float(s)} for s in (1, 2, 3)] + [{"step": s, "kl/mean": 10.0 + s} for s in (3, 4)])
     (stage,) = load_run(run_dir).stages
     assert stage.series["kl/mean"] == {"step": [1, 2, 3, 4], "value": [1.0, 2.0, 13.0, 14.0]}
+
+
+def test_every_stage_status_has_a_styled_badge():
+    from rlhf.dashboard import render
+
+    statuses = set(re.findall(r'"(completed|running|failed|interrupted|killed|blocked)"',
+                              (Path(render.__file__).parents[1] / "pipeline.py").read_text()
+                              + (Path(render.__file__).parents[1] / "runs.py").read_text()))
+    assert {"interrupted", "killed"} <= statuses <= set(render.STAGE_STATUSES)
+    for status in render.STAGE_STATUSES:
+        rule = re.search(rf"\.status-{status}\b[^{{]*\{{([^}}]*)\}}", render._CSS)
+        assert rule and "background" in rule.group(1), status
+        assert f'class="status status-{status}"' in render._status(status)
