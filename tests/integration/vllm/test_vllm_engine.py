@@ -143,3 +143,22 @@ def test_after_an_update_vllm_samples_the_updated_policy(engine, role_model):
     assert after.keys() == frozen.keys()
     for n, v in frozen.items():
         assert torch.equal(after[n], v), n
+
+
+def test_ppo_run_on_vllm(engine, ppo_config):
+    """A PPO run with ``ppo.generation: vllm`` (its own engine, sized from the config): every
+    rollout logs the sampler/trainer gap, small in fp32, and the policy is published."""
+    import json
+    from pathlib import Path
+
+    from rlhf.stages.ppo import run_ppo
+
+    cfg = ppo_config(generation="vllm", total_episodes=8, rollout_batch_size=4, response_length=6, rollout_is_cap=2.0)
+    result = run_ppo(cfg)
+    assert result.finished and (Path(cfg.output_dir) / "policy" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "rollout/logprob_diff_max" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 <= r["rollout/logprob_diff_mean"] <= r["rollout/logprob_diff_max"] < 1e-3, r
+        assert r["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
