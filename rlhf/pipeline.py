@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.atomic import write_json
 from rlhf.config import (
     ConfigError,
     DPOConfig,
@@ -41,7 +43,7 @@ from rlhf.config import (
 )
 from rlhf.resolve import check_base, check_input
 from rlhf.stages import STAGES, run_stage
-from rlhf.stages.common import Registration, safe_name as _safe_name, write_json
+from rlhf.stages.common import Registration, safe_name as _safe_name
 from rlhf.tasks import TASK_FILES, Task
 
 
@@ -293,6 +295,8 @@ class Pipeline:
         error = dist.broadcast_object(error)
         if error is not None:
             raise RunDirLocked(error)
+        # every stage (rlhf.stages.make_reproducible) and every launched rank reads it
+        os.environ["RLHF_NUM_THREADS"] = str(self.p.pipeline.num_threads)
         try:
             return self._run(from_stage, resume)
         finally:
