@@ -155,8 +155,8 @@ class VLLMEngine:
                 else kv_cache_bytes(config, max_num_seqs, self.max_model_len, dtype)))
             # vLLM pins its OpenMP threads to cores by default; beside a trainer on a shared
             # machine that pins the trainer too. And its engine core runs in this process: a
-            # separate engine process polls for work and takes CPU from the trainer's scoring
-            # and update (measured 6x slower scoring with it). The user's settings win.
+            # separate engine process would hold a second copy of the runtime and compete for
+            # the same few cores while the trainer scores and updates. The user's settings win.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.llm = LLM(**kwargs)
