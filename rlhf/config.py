@@ -117,7 +117,7 @@ class SFTConfig:
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/sft")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "sft")
@@ -146,7 +146,7 @@ class RewardConfig:
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "reward")
@@ -278,7 +278,7 @@ class PPOConfig:
                                        range="> 0", default=3)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "ppo")
@@ -368,7 +368,7 @@ class DPOConfig:
         ".venv-vllm, bash scripts/setup_vllm.sh).", default="hf")
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL's KTOConfig.loss_type (trl 1.16)
@@ -487,7 +487,7 @@ class PipelineConfig:
         "optionally data, and the objective the summary evaluates. See rlhf/tasks/.",
         default_factory=SyntheticTaskConfig)
     reward_gate: RewardGateConfig = _help("Reward-model quality gate before PPO.", default_factory=RewardGateConfig)
-    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
     registry_url: str | None = _help("Registry database: a path, sqlite:///path.db or postgresql://user@host:port/db (default $RLHF_REGISTRY_URL, then <home>/registry/registry.db).", default=None)
