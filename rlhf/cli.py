@@ -43,6 +43,16 @@ COMMANDS = {
 
 STAGE_NAMES = tuple(STAGES)  # the table imports no stage module (and no torch): --help stays fast
 
+#: The override shown in each command's --help (tests/unit/test_cli.py applies every one).
+OVERRIDE_EXAMPLES = {
+    "sft": "train.max_steps=20",
+    "reward": "train.max_steps=20",
+    "ppo": "total_episodes=512",
+    "dpo": "train.max_steps=20",
+    "kto": "train.max_steps=20",
+    "run": "ppo.total_episodes=512",
+}
+
 
 def _top_help() -> str:
     width = max(map(len, COMMANDS))
@@ -207,7 +217,8 @@ def _stage_parser(stage: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with the stage's settings (keys below)")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. train.max_steps=20")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES[stage]}")
     return parser
 
 
@@ -247,7 +258,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="overrides, e.g. ppo.total_episodes=512")
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES['run']}")
     return parser
 
 

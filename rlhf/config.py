@@ -363,6 +363,9 @@ class DPOConfig:
     eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
                                      default=0.7)
     eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    eval_generation: Literal["hf", "vllm"] = _help(
+        "Evaluation sampling engine: 'hf' (transformers generate) or 'vllm' (the PPO stage's vllm engine; needs "
+        ".venv-vllm, bash scripts/setup_vllm.sh).", default="hf")
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])

@@ -160,6 +160,12 @@ def evaluate_against_sft(cfg, policy_adapter: str,
     stop_ids, pad_id = stop_token_ids(tok, pcfg, model.base_lm), tok.pad_token_id
     gen_cfg = generation_config(pcfg, stop_ids, pad_id)
     suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
+    engine = None  # the hf engine
+    if getattr(cfg, "eval_generation", "hf") == "vllm":  # samples the policy role: first the SFT weights, then the policy's
+        from rlhf.generation_vllm import check_vllm, make_vllm_engine
+
+        check_vllm(f"{type(cfg).__name__.removesuffix('Config').lower()}.eval_generation: vllm")
+        engine = make_vllm_engine(model, pcfg, base_path, stop_ids, pad_id, device, lora_rank=policy_cfg["r"])
     seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
 
     out: dict[str, dict] = {}
@@ -173,5 +179,5 @@ def evaluate_against_sft(cfg, policy_adapter: str,
         # the trained policy's rows are compared with the SFT policy's on the same prompts (its
         # win rates over SFT, by the reward model and by the gold reward)
         out[name], rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device,
-                                         gold_fn, seed=seed, suffix=suffix, reference=rows.get("sft"))
+                                         gold_fn, seed=seed, suffix=suffix, engine=engine, reference=rows.get("sft"))
     return out["sft"], out["policy"]
