@@ -117,7 +117,7 @@ class SFTConfig:
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/sft")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "sft")
@@ -146,7 +146,7 @@ class RewardConfig:
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "reward")
@@ -278,7 +278,7 @@ class PPOConfig:
                                        range="> 0", default=3)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "ppo")
@@ -363,9 +363,12 @@ class DPOConfig:
     eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
                                      default=0.7)
     eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    eval_generation: Literal["hf", "vllm"] = _help(
+        "Evaluation sampling engine: 'hf' (transformers generate) or 'vllm' (the PPO stage's vllm engine; needs "
+        ".venv-vllm, bash scripts/setup_vllm.sh).", default="hf")
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL's KTOConfig.loss_type (trl 1.16)
@@ -470,7 +473,11 @@ class SyntheticTaskConfig:
 
 @dataclass
 class PipelineConfig:
-    """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``)."""
+    """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``).
+
+    Besides these keys a recipe holds one section per stage it configures (``sft:``, ``ppo:``...),
+    each the typed config of that stage's row in the stage table (rlhf.stages.STAGES); the
+    pipeline fills in model, seed, output_dir and the inputs wired from earlier stages."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
@@ -484,16 +491,11 @@ class PipelineConfig:
         "optionally data, and the objective the summary evaluates. See rlhf/tasks/.",
         default_factory=SyntheticTaskConfig)
     reward_gate: RewardGateConfig = _help("Reward-model quality gate before PPO.", default_factory=RewardGateConfig)
-    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
     registry_url: str | None = _help("Registry database: a path, sqlite:///path.db or postgresql://user@host:port/db (default $RLHF_REGISTRY_URL, then <home>/registry/registry.db).", default=None)
     registry_store: str | None = _help("Registry artifact store directory, e.g. on a shared filesystem (default $RLHF_REGISTRY_STORE, then <home>/registry/artifacts).", default=None)
-    sft: dict = _help("SFT stage settings (see SFTConfig); model/seed/output_dir are filled in.", default_factory=dict)
-    reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
-    ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)
-    dpo: dict = _help("DPO stage settings (see DPOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
-    kto: dict = _help("KTO stage settings (see KTOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
     stages: list[str] = _help(
         "Stages to run, in order: sft, reward, ppo, dpo, kto. E.g. [sft, dpo], [sft, kto], or [sft, reward, ppo, dpo] "
         "to compare PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward, "

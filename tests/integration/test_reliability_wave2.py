@@ -8,6 +8,7 @@ model: stages are replaced by stand-ins where a test needs one under way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -102,8 +103,8 @@ def _fake_stage(monkeypatch, name: str, body):
     def run(cfg, *, group=None, resume=False, task=None, registration=None):
         return body(cfg, resume)
 
-    monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg: cfg)
-    monkeypatch.setitem(stages.STAGES, name, stages.Stage(stages.STAGES[name].config, run))
+    monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg, *args, **kwargs: cfg)
+    monkeypatch.setitem(stages.STAGES, name, dataclasses.replace(stages.STAGES[name], run=run))
 
 
 def _write_update(out: Path, n: int) -> Path:
@@ -224,7 +225,7 @@ def test_sft_checkpoints_carry_the_fingerprint_and_a_changed_config_cannot_resum
 
 # `rlhf <stage|run>` in a child whose stages are stand-ins that announce themselves and sleep
 _CHILD = textwrap.dedent("""
-    import sys, time
+    import dataclasses, sys, time
     import rlhf.resolve, rlhf.stages as stages
     from rlhf.cli import main
 
@@ -232,9 +233,9 @@ _CHILD = textwrap.dedent("""
         print("stage started", flush=True)
         time.sleep(120)
 
-    rlhf.resolve.resolve_inputs = lambda cfg: cfg
+    rlhf.resolve.resolve_inputs = lambda cfg, *args, **kwargs: cfg
     for name, stage in list(stages.STAGES.items()):
-        stages.STAGES[name] = stages.Stage(stage.config, sleeper, stage.requires)
+        stages.STAGES[name] = dataclasses.replace(stage, run=sleeper)
     sys.exit(main(sys.argv[1:]))
 """)
 
