@@ -223,6 +223,35 @@ class PPOConfig:
     gamma: float = _help("Discount.", range="[0, 1]", default=1.0)
     lam: float = _help("GAE lambda.", range="[0, 1]", default=0.95)
     cliprange: float = _help("Policy ratio clip.", range="> 0", default=0.2)
+    clip_low: float | None = _help(
+        "Lower policy ratio clip: the ratio is clipped at 1 - clip_low (null: cliprange).", range="(0, 1)", default=None)
+    clip_high: float | None = _help(
+        "Upper policy ratio clip: 1 + clip_high (null: clip_low). Above clip_low it is DAPO's clip-higher (0.2 / 0.28 "
+        "in arXiv 2503.14476): unlikely tokens with a positive advantage can grow further, against entropy collapse.",
+        range="> 0", default=None)
+    importance_ratio: Literal["token", "sequence"] = _help(
+        "token: PPO's per-token importance ratio. sequence: GSPO's (arXiv 2507.18071) one ratio per response, the "
+        "geometric mean of its token ratios, clipped as a whole; use it with a critic-free estimator, "
+        "loss_aggregation seq-mean-token-mean and much smaller clips (GSPO: 3e-4 / 4e-4).", default="token")
+    overlong_buffer: int = _help(
+        "DAPO's soft overlong punishment: the last overlong_buffer tokens before response_length lower the score "
+        "linearly, down to -overlong_penalty at response_length (0: off).", range=">= 0", default=0)
+    overlong_penalty: float = _help("The score penalty at response_length (overlong_buffer > 0).", range=">= 0",
+                                    default=1.0)
+    mask_truncated: bool = _help(
+        "Take responses that reached response_length without a stop token out of the policy loss (DAPO's overlong "
+        "filtering): their reward judges an unfinished text. They still count in the rollout statistics.",
+        default=False)
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling (needs samples_per_prompt >= 2): drop the prompts whose samples all score alike "
+        "(their group-relative advantages are 0) and sample more prompts until the batch is full again, at most "
+        "dynamic_sampling_max_rounds rollouts per update; a batch still short is filled with dropped groups "
+        "(metrics dynamic_sampling/*).", default=False)
+    dynamic_sampling_max_rounds: int = _help("Most rollouts per update with dynamic_sampling (the first included).",
+                                             range="> 0", default=4)
+    minibatch_whole_groups: bool = _help(
+        "Keep each prompt's samples_per_prompt responses together in one minibatch (the minibatch size must be a "
+        "multiple of samples_per_prompt); false shuffles single responses.", default=False)
     cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
     entropy_coef: float = _help("Entropy bonus coefficient.", range=">= 0", default=0.0)
@@ -288,6 +317,19 @@ class PPOConfig:
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        if self.clip_low is None:
+            self.clip_low = self.cliprange
+        if self.clip_high is None:
+            self.clip_high = self.clip_low
+        if self.overlong_buffer > self.response_length:
+            raise ConfigError(f"ppo.overlong_buffer ({self.overlong_buffer}) must be at most ppo.response_length "
+                              f"({self.response_length})")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ConfigError("ppo.dynamic_sampling needs ppo.samples_per_prompt >= 2 (it drops prompts whose "
+                              f"samples all score alike), got {self.samples_per_prompt}")
+        if self.minibatch_whole_groups and mb % self.samples_per_prompt:
+            raise ConfigError(f"ppo.minibatch_whole_groups: the minibatch size ({mb} = rollout_batch_size / "
+                              f"num_minibatches) must be a multiple of ppo.samples_per_prompt ({self.samples_per_prompt})")
         if self.kl_in_reward is None:
             self.kl_in_reward = self.advantage_estimator != "grpo"
         if self.kl_estimator is None:

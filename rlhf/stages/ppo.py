@@ -269,6 +269,17 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
     return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
 
 
+def final_scores(batch: ScoredRollout, cfg: PPOConfig) -> torch.Tensor:
+    """Scores (B,) after the missing-stop penalty, clipping and the overlong length term."""
+    scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.overlong_buffer:  # DAPO's soft overlong punishment, a length term next to the score
+        scores = scores + F.overlong_penalty(batch.response_mask.sum(1), cfg.response_length, cfg.overlong_buffer,
+                                             cfg.overlong_penalty)
+    return scores
+
+
 def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
                    all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores after the stop-token penalty and clipping, per-token KL, per-token rewards.
@@ -277,9 +288,7 @@ def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
         ``scores`` (B,), ``kl`` (B, T) (0 on padding) and ``rewards`` (B, T).
         ``all_reduce`` (several processes) makes reward whitening use global statistics.
     """
-    scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
-    if cfg.reward_clip is not None:
-        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = final_scores(batch, cfg)
     kl = torch.where(batch.response_mask.bool(), F.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator), 0.0)
     rewards = F.per_token_rewards(scores, kl if cfg.kl_in_reward else torch.zeros_like(kl), batch.response_mask, kl_coef)
     if cfg.whiten_rewards:
@@ -705,15 +714,16 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     return dist.broadcast_object(ev)
 
 
-def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Tensor | None]:
+def sample(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> tuple[Sampled, torch.Tensor | None]:
     """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
     policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
-    and each row's prompt group (B,) (None with one sample per prompt)."""
+    and each row's prompt group (B,) (None with one sample per prompt). ``draw`` > 0 takes
+    further prompts for the same update (dynamic sampling), from another seeded order."""
     from rlhf import distributed as dist
 
-    # the prompts are a pure function of (seed, update); several processes: the global
+    # the prompts are a pure function of (seed, update, draw); several processes: the global
     # batch's prompts, of which this rank takes a disjoint slice
-    idx = _prompt_order(len(s.prompt_ids), cfg.seed, update, s.per_rollout_prompts * s.world)
+    idx = _prompt_order(len(s.prompt_ids), cfg.seed + 7_919 * draw, update, s.per_rollout_prompts * s.world)
     lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
     rows = [s.prompt_ids[i] for i in idx[lo:hi]]
     group_ids = None
@@ -722,9 +732,52 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Ten
         rows = [r for r in rows for _ in range(k)]
         group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
     ids, mask = left_pad(rows, s.pad_id, s.device)
-    torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
+    torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update + 104_723 * draw, s.rank))  # ranks sample differently
     with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
         return s.engine.sample(ids, mask), group_ids
+
+
+def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRollout,
+                     group_ids: torch.Tensor) -> tuple[ScoredRollout, torch.Tensor, dict]:
+    """DAPO's dynamic sampling (arXiv 2503.14476; ``ppo.dynamic_sampling``): the scored
+    rollout with the groups whose final scores are all equal (no group-relative signal)
+    replaced by further prompts, sampled and scored until this process holds a full batch
+    of informative groups or ``dynamic_sampling_max_rounds`` rollouts were drawn. A batch
+    still short is filled with dropped groups, in the order drawn (counted as filler).
+
+    Returns the batch (as many rows as ``batch``, groups adjacent), its group ids (B,) and
+    the metrics ``dynamic_sampling/*`` (counts over every process). Every process draws as
+    many rounds as the one that needs most: generation under FSDP is collective.
+    """
+    from rlhf import distributed as dist
+    from rlhf.ppo.rollout import concat_rows
+
+    k = cfg.samples_per_prompt
+    need = batch.response_ids.shape[0] // k
+    parts: list[ScoredRollout] = []
+    good: list[tuple[int, int]] = []  # (part, group within the part) of informative groups
+    bad: list[tuple[int, int]] = []
+    while True:
+        ok = F.informative_groups(final_scores(batch, cfg), group_ids).view(-1, k)[:, 0].tolist()
+        good += [(len(parts), g) for g, o in enumerate(ok) if o]
+        bad += [(len(parts), g) for g, o in enumerate(ok) if not o]
+        parts.append(batch)
+        short = float(dist.all_reduce_sum(torch.tensor(float(max(need - len(good), 0)), device=s.device)))
+        if short == 0 or len(parts) >= cfg.dynamic_sampling_max_rounds:
+            break
+        sampled, group_ids = sample(s, cfg, update, draw=len(parts))
+        batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+        _check_finite(batch)
+    chosen = good[:need]
+    filler = bad[: need - len(chosen)]
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.response_ids.shape[0])
+    rows = torch.tensor([starts[p] + g * k + j for p, g in chosen + filler for j in range(k)], device=s.device)
+    counts = dist.all_reduce_sum(torch.tensor([float(len(bad)), float(len(filler)), float(len(good))], device=s.device))
+    stats = {"dynamic_sampling/rounds": float(len(parts)), "dynamic_sampling/dropped_groups": float(counts[0]),
+             "dynamic_sampling/filler_groups": float(counts[1]), "dynamic_sampling/informative_groups": float(counts[2])}
+    return concat_rows(parts).index(rows), torch.arange(need, device=s.device).repeat_interleave(k), stats
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -783,6 +836,9 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
+    sampling_stats: dict = {}
+    if cfg.dynamic_sampling:  # drop prompts whose samples all score alike, sample more (DAPO)
+        batch, group_ids, sampling_stats = dynamic_sampling(s, cfg, update, batch, group_ids)
 
     # 4. per-token rewards with the KL penalty
     beta = float(opt.kl_ctl.value)
@@ -793,8 +849,9 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
                                           all_reduce=dist.all_reduce_sum)
 
     # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
+    loss_mask = F.truncated_loss_mask(batch.response_mask, batch.has_stop) if cfg.mask_truncated else None
     stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
-                        rank=s.rank, world=s.world)
+                        rank=s.rank, world=s.world, loss_mask=loss_mask)
     _sync(s.device)
     t_update = time.time() - t0 - t_gen - t_score
 
@@ -810,7 +867,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
         "episodes_per_s": s.global_batch / max(time.time() - t0, 1e-9),
-        **stats,
+        **stats, **sampling_stats,
     }
     _check_guards(step_stats, cfg, opt.length_streak)
     return step_stats
@@ -916,7 +973,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
-                update: int, rank: int = 0, world: int = 1) -> dict:
+                update: int, rank: int = 0, world: int = 1, loss_mask: torch.Tensor | None = None) -> dict:
     """PPO epochs over shuffled minibatches of the rollout (train mode); returns mean statistics.
 
     With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
@@ -930,6 +987,10 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     recomputes a layer's forward during backward with whichever adapter is active then.
     Statistics stay on the device; the host reads them once per minibatch, before the
     optimizer step, which is skipped (GuardTripped) when a loss or the gradient is not finite.
+
+    ``loss_mask`` (B, T) (default: the response mask) selects the tokens of the policy loss
+    and its normalisation (``ppo.mask_truncated`` leaves cut-off responses out); the value
+    loss keeps every real token.
     """
     from rlhf import distributed as dist
 
@@ -938,8 +999,11 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     lo = rank * B_local
     device = batch.response_ids.device
     sharded = world > 1 and is_sharded(model)
+    masked = loss_mask is not None
+    loss_mask = batch.response_mask if loss_mask is None else loss_mask
     if sharded:  # FSDP: forwards are collectives, so every rank takes an equal share of each minibatch
-        batch, adv, returns = gather_rollout(batch, adv, returns)
+        batch, adv, returns, loss_mask = gather_rollout(batch, adv, returns, loss_mask)
+    group_size = cfg.samples_per_prompt if cfg.minibatch_whole_groups else 1
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
@@ -947,27 +1011,32 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with _mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
-            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
+            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen, group_size=group_size):
                 if sharded:  # an equal share of the gathered rows (selected on the CPU)
                     mb_idx = even_share(mb_idx, rank, world)
                 elif world > 1:  # this rank's rows, selected on the CPU (no device sync)
                     mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo
                 mb_idx = mb_idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
-                n_seqs = dist.all_reduce_sum(torch.tensor(float(mb_idx.numel()), device=device)).clamp(min=1.0)
+                n_tokens = dist.all_reduce_sum(loss_mask[mb_idx].sum()).clamp(min=1.0)
+                rows = (loss_mask[mb_idx].sum(1) > 0).sum().float() if masked else float(mb_idx.numel())
+                n_seqs = dist.all_reduce_sum(torch.as_tensor(rows, device=device)).clamp(min=1.0)
+                n_value_tokens = (dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
+                                  if masked else n_tokens)
                 acc: dict[str, torch.Tensor] = {}
                 for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
                     mb = batch.index(micro)
-                    w = mb.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch
+                    w = loss_mask[micro].sum() / n_tokens  # this micro-batch's share of the minibatch
                     # per-token loss weights from the whole minibatch's counts: the micro-batch
                     # losses add up to the minibatch loss exactly, for every aggregation
-                    weights = F.aggregation_weights(mb.response_mask, cfg.loss_aggregation, n_tokens, n_seqs,
+                    weights = F.aggregation_weights(loss_mask[micro], cfg.loss_aggregation, n_tokens, n_seqs,
                                                     cfg.response_length)
-                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w).items():
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w,
+                                                 loss_mask[micro]).items():
                         acc[k] = acc.get(k, 0.0) + v
                     if use_critic:
-                        for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
+                        w_value = mb.response_mask.sum() / n_value_tokens
+                        for k, v in _value_backward(model, mb, returns[micro], cfg, n_value_tokens, w_value).items():
                             acc[k] = acc.get(k, 0.0) + v
                 dist.sum_gradients(params)  # no-op in one process
                 if cfg.max_grad_norm > 0:
@@ -993,15 +1062,21 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
 
 
 def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
-                     weights: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+                     weights: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus), each
     per-token term aggregated with ``weights`` (B, T) (:func:`rlhf.ppo.aggregation_weights`),
-    forward and backward under the policy role; returns detached statistics (on device)."""
+    over the tokens of ``mask`` (B, T) (default: the response mask), forward and backward
+    under the policy role; returns detached statistics (on device)."""
+    mask = mb.response_mask if mask is None else mask
     with model.role("policy"):
         lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, weights=weights)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mask, cfg.clip_low, weights=weights,
+                                     clip_high=cfg.clip_high, ratio_level=cfg.importance_ratio)
         loss = pg
-        stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
+        # a micro-batch without loss tokens (every response cut off, ppo.mask_truncated) has
+        # no statistics (0/0) and no share (w = 0) of the minibatch's
+        stats = {"loss/policy": pg.detach()} | {f"policy/{k}": torch.where(w > 0, v * w, 0.0)
+                                                for k, v in pg_stats.items()}
         if not cfg.kl_in_reward:
             # k3 or k2 (the config refuses k1): their gradients are those of a KL, while k1's
             # gradient is d logp alone, whose expectation is 0 (the reference drops out)
