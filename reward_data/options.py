@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 TIES = ("drop", "keep")
@@ -173,8 +174,6 @@ class IngestOptions:
             self.json_fields = tuple(self.json_fields)
         self.transcript_template = parse_template(self.transcript_template)
         if self.score is not None:
-            from reward_data.readers.scored import parse_score
-
             parse_score(self.score)  # fail fast, naming the option
 
     @classmethod
@@ -188,3 +187,37 @@ class IngestOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The score option: a weighted sum of rating attributes, parsed here (never evaluated) so the
+# option fails fast and the scored reader reads the same terms.
+_NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NAME = r"[A-Za-z_][\w.]*(?:\[[0-9]+\])?"
+_TERM = re.compile(rf"\s*([+-]?)\s*(?:({_NAME})\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*({_NAME}))\s*")
+
+
+def parse_score(spec: str) -> list[tuple[str, float]]:
+    """``"helpfulness*0.6+correctness*0.4"`` -> ``[("helpfulness", 0.6), ("correctness", 0.4)]``.
+
+    Terms are ``attr``, ``attr*w`` or ``w*attr`` joined by ``+``/``-``; nothing is evaluated.
+
+    Raises:
+        ValueError: naming the option and the part that does not parse.
+    """
+    terms: list[tuple[str, float]] = []
+    pos = 0
+    while pos < len(spec):
+        m = _TERM.match(spec, pos)
+        if not m or m.end() == pos or (terms and not m.group(1)):
+            raise ValueError(f"option score={spec!r}: cannot parse at {spec[pos:]!r}; expected e.g. "
+                             "'helpfulness' or 'helpfulness*0.6+correctness*0.4'")
+        sign, name, weight, weight2, name2 = m.groups()
+        try:
+            w = float(weight if weight is not None else weight2 if weight2 is not None else 1.0)
+        except ValueError:
+            raise ValueError(f"option score={spec!r}: {weight or weight2!r} is not a number") from None
+        terms.append((name or name2, -w if sign == "-" else w))
+        pos = m.end()
+    if not terms:
+        raise ValueError(f"option score={spec!r}: empty")
+    return terms

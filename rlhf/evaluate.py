@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.atomic import write_text
 from rlhf.paths import add_home_option, use_home
 
 Conversation = list[dict]
@@ -269,8 +270,6 @@ def main(argv: list[str]) -> int:
         parser.error("give --policy ... --prompts, and/or --reward with --preferences")
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        write_text(out, json.dumps(report, indent=2))
         print(f"report written to {out}", file=sys.stderr)
     return 0

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.atomic import write_lines
+
 
 @dataclass
 class Policy:
@@ -214,9 +216,7 @@ def generate_main(argv: list[str]) -> int:
     lines = [json.dumps({"prompt": p, "completion": t}) for p, t in zip(prompts, texts)]
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(out)
+        write_lines(out, lines)
         print(f"{len(lines)} completions written to {out}", file=sys.stderr)
     else:
         for line in lines:

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from reward_data.options import IngestOptions
+from reward_data.options import IngestOptions, parse_score
 from reward_data.schema import Pair, RowError, as_float, parse_transcript, prompt_of, with_system
 
 NAME = "scored"
@@ -42,39 +42,9 @@ ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosit
 _DEFAULT_SCORE = ("score", "rating", "reward", "overall_score")
 GROUP = "__scored_group__"
 
-_NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-_NAME = r"[A-Za-z_][\w.]*(?:\[[0-9]+\])?"
-_TERM = re.compile(rf"\s*([+-]?)\s*(?:({_NAME})\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*({_NAME}))\s*")
 _INDEXED = re.compile(r"\A(.+)\[([0-9]+)\]\Z")
 #: NeMo-Aligner's regression labels mark an attribute the row was not labelled for with -100.
 NEMO_UNLABELLED = -100.0
-
-
-def parse_score(spec: str) -> list[tuple[str, float]]:
-    """``"helpfulness*0.6+correctness*0.4"`` -> ``[("helpfulness", 0.6), ("correctness", 0.4)]``.
-
-    Terms are ``attr``, ``attr*w`` or ``w*attr`` joined by ``+``/``-``; nothing is evaluated.
-
-    Raises:
-        ValueError: naming the option and the part that does not parse.
-    """
-    terms: list[tuple[str, float]] = []
-    pos = 0
-    while pos < len(spec):
-        m = _TERM.match(spec, pos)
-        if not m or m.end() == pos or (terms and not m.group(1)):
-            raise ValueError(f"option score={spec!r}: cannot parse at {spec[pos:]!r}; expected e.g. "
-                             "'helpfulness' or 'helpfulness*0.6+correctness*0.4'")
-        sign, name, weight, weight2, name2 = m.groups()
-        try:
-            w = float(weight if weight is not None else weight2 if weight2 is not None else 1.0)
-        except ValueError:
-            raise ValueError(f"option score={spec!r}: {weight or weight2!r} is not a number") from None
-        terms.append((name or name2, -w if sign == "-" else w))
-        pos = m.end()
-    if not terms:
-        raise ValueError(f"option score={spec!r}: empty")
-    return terms
 
 
 def attribute(row: dict, name: str) -> Any:

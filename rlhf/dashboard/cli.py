@@ -10,11 +10,10 @@ rlhf.dashboard serve|report`` runs this directly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from rlhf.atomic import write_text
 from rlhf.paths import add_home_option, current_umask, use_home
 
 __all__ = ["main", "report_main", "serve_main", "write_report"]
@@ -38,16 +37,7 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     if out.is_dir():
         raise IsADirectoryError(f"{out}: is a directory; pass a file name such as {out / 'report.html'}")
     page = render_run(load_run(run_dir), standalone=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(out, page, mode=0o666 & ~current_umask())
     return out
 
 

@@ -400,7 +400,7 @@ def test_a_full_disk_during_publish_names_the_path_and_leaves_no_temp_files(tmp_
 @pytest.mark.parametrize("writer", ["write_json", "save_yaml"])
 def test_a_full_disk_during_a_state_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, writer):
     from rlhf.config import save_yaml
-    from rlhf.stages.common import write_json
+    from rlhf.atomic import write_json
 
     write = {"write_json": write_json, "save_yaml": save_yaml}[writer]
     target = tmp_path / "pipeline.json"
