@@ -159,6 +159,13 @@ class PPOConfig:
     model: ModelConfig = _help("Base model (the same base as the earlier stages).", default_factory=ModelConfig)
     sft_adapter: str = _help("SFT adapter: a directory or a registry reference (reference and policy init). Set by the pipeline.", default="")
     reward_adapter: str = _help("Reward adapter (with head.safetensors): a directory or a registry reference. Set by the pipeline.", default="")
+    rewards: list[dict] = _help(
+        "Weighted reward sources; a response's score is sum(weight * value). Entries: {rm: reward} (the reward "
+        "model, i.e. reward_adapter), {fn: 'pkg.mod:func' or 'file.py:func' (recipe-relative) or 'task' (the "
+        "task's evaluate)}, {http: 'https://...', timeout: 30, retries: 2}; each takes weight (1.0) and name. "
+        "Functions get (prompts, completions, metadata) lists and return one float per row; see "
+        "rlhf/reward_sources.py. Empty: [{rm: reward}]. Without an rm source no reward model is loaded.",
+        default_factory=list)
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout
@@ -334,6 +341,13 @@ class PPOConfig:
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        from rlhf.reward_sources import parse_reward_sources
+
+        sources = parse_reward_sources(self.rewards)
+        if self.advantage_estimator == "gae" and not any(src.kind == "rm" for src in sources):
+            raise ConfigError("ppo.rewards: advantage_estimator gae needs a reward model source ({rm: reward}): its "
+                              "critic starts from the reward model; use grpo, rloo or reinforce++ with only fn/http "
+                              "rewards")
         if self.clip_low is None:
             self.clip_low = self.cliprange
         if self.clip_high is None:

@@ -99,6 +99,11 @@ def _resolve_recipe_paths(data: dict, base: Path) -> dict:
     if isinstance(task, dict) and isinstance(task.get("module"), str) and ".py:" in task["module"]:
         path, _, attr = task["module"].rpartition(":")
         task["module"] = f"{_recipe_relative(path, base)}:{attr}"
+    ppo = data.get("ppo")
+    for entry in (ppo.get("rewards") if isinstance(ppo, dict) else None) or []:  # {fn: file.py:func}, recipe-relative
+        if isinstance(entry, dict) and isinstance(entry.get("fn"), str) and ".py:" in entry["fn"]:
+            path, _, attr = entry["fn"].rpartition(":")
+            entry["fn"] = f"{_recipe_relative(path, base)}:{attr}"
     return data
 
 
@@ -154,7 +159,18 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
         if key in stage_data["ppo"] or key in stage_data["reward"] or key in stage_data["dpo"]:
             raise ConfigError(f"{key}: set by the pipeline from the earlier stages; remove it from the recipe")
     stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
-    stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
+    from rlhf.reward_sources import parse_reward_sources
+
+    try:
+        ppo_rm = any(src.kind == "rm" for src in parse_reward_sources(stage_data["ppo"].get("rewards", [])))
+    except ConfigError as e:
+        raise ConfigError(f"ppo: {e}") from None
+    if ppo_rm:  # the reward stage's model scores PPO's responses
+        if "ppo" in stages and "reward" not in stages[: stages.index("ppo")]:
+            raise ConfigError(f"stages: ppo scores with the reward model (ppo.rewards has {{rm: reward}}, the default), "
+                              f"so reward must be listed before ppo (got {list(stages)}); with only fn/http rewards "
+                              "and a critic-free estimator, [sft, ppo] needs no reward stage")
+        stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
 
     sft, reward, ppo = (from_dict(STAGES[s].config, stage_data[s], prefix=s) for s in ("sft", "reward", "ppo"))
     dpo = _dpo_config(stage_data["dpo"], ppo, stages, run_dir, task_files)
@@ -263,7 +279,10 @@ class Pipeline:
                    "ppo": [_file_hash(p.ppo.prompts), _file_hash(p.ppo.eval_prompts) if p.ppo.eval_prompts else None]}
         sft = _fingerprint([_without_paths(to_dict(p.sft)), data_fp["sft"]])
         reward = _fingerprint([_without_paths(to_dict(p.reward)), data_fp["reward"], sft])
-        ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft, reward])
+        reward_files = [_file_hash(e["fn"].rpartition(":")[0]) for e in p.ppo.rewards
+                        if ".py:" in str(e.get("fn", ""))]  # an edited reward function reruns PPO
+        ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft,
+                            reward if p.ppo.reward_adapter else None, *reward_files])
         fps = {"sft": sft, "reward": reward, "ppo": ppo}
         if "dpo" in p.stages:  # DPO: its pairs and eval prompts, the SFT stage, and the RM it is scored with
             fps["dpo"] = _fingerprint([_without_paths(to_dict(p.dpo)), _file_hash(p.dpo.dataset),
@@ -416,7 +435,7 @@ class Pipeline:
         """Stop before PPO when the reward model's held-out accuracy or margin is below the
         recipe's ``reward_gate`` thresholds (the summary is written first)."""
         gate = self.p.pipeline.reward_gate
-        if not gate.enabled:
+        if not gate.enabled or not self.p.ppo.reward_adapter:  # no reward model in PPO: nothing to gate
             return
         m = self.state["stages"].get("reward", {}).get("metrics", {})
         acc, margin = m.get("eval_accuracy"), m.get("eval_margin")

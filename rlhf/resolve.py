@@ -74,7 +74,7 @@ def _resolve_references(cfg: C) -> C:
     return dataclasses.replace(
         cfg,
         sft_adapter=resolve_adapter("ppo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
-        reward_adapter=resolve_adapter("ppo.reward_adapter", cfg.reward_adapter),
+        reward_adapter=resolve_adapter("ppo.reward_adapter", cfg.reward_adapter) if cfg.reward_adapter else "",
         prompts=resolve_data("ppo.prompts", cfg.prompts),
         eval_prompts=resolve_data("ppo.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
     )

@@ -76,7 +76,9 @@ def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None,
 STAGES: dict[str, Stage] = {
     "sft": Stage(SFTConfig, _sft),
     "reward": Stage(RewardConfig, _reward, requires=("sft",)),
-    "ppo": Stage(PPOConfig, _ppo, requires=("sft", "reward")),
+    # ppo needs the reward stage too when ppo.rewards scores with the reward model (the
+    # default); with only function or HTTP rewards it does not (rlhf.pipeline checks that)
+    "ppo": Stage(PPOConfig, _ppo, requires=("sft",)),
     "dpo": Stage(DPOConfig, _dpo, requires=("sft",)),
 }
 

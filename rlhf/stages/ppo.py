@@ -323,7 +323,7 @@ def _build_model(cfg: PPOConfig, device):
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
+    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules},
                       with_value=uses_critic(cfg))
@@ -517,6 +517,8 @@ class PPOSetup:
     per_rollout_prompts: int  # distinct prompts per rollout batch of one process
     global_batch: int  # episodes per update over all processes
     num_updates: int
+    prompts: list = field(default_factory=list)  # the training prompts' message lists (reward sources read them)
+    sources: list = field(default_factory=list)  # (RewardSource, batch function or None) of ppo.rewards; [] : the RM alone
 
 
 @dataclass
@@ -558,8 +560,9 @@ def generation_engine(name: str, device, sharded: bool) -> str:
     return resolved
 
 
-def setup(cfg: PPOConfig) -> PPOSetup:
-    """Build the role model, tokenizer, sampling config and encoded prompts."""
+def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> PPOSetup:
+    """Build the role model, tokenizer, sampling config, encoded prompts and the reward
+    sources of ``ppo.rewards`` (``task_evaluate`` serves ``{fn: task}``)."""
     from rlhf import distributed as dist
     from rlhf.data import load_prompts
 
@@ -586,7 +589,8 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
-        prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
+        prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length), prompts=prompts,
+        sources=reward_sources(cfg, task_evaluate),
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
@@ -693,6 +697,18 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     return dist.broadcast_object(ev)
 
 
+def prompt_indices(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> list[int]:
+    """The training prompt of each row of this rank's rollout ``update`` (``draw`` as in
+    :func:`sample`): a pure function of (seed, update, draw), ``samples_per_prompt`` adjacent
+    rows per prompt. Several processes: the global batch's prompts, of which this rank takes
+    a disjoint slice."""
+    from rlhf import distributed as dist
+
+    idx = _prompt_order(len(s.prompt_ids), cfg.seed + 7_919 * draw, update, s.per_rollout_prompts * s.world)
+    lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
+    return [i for i in idx[lo:hi] for _ in range(cfg.samples_per_prompt)]
+
+
 def sample(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> tuple[Sampled, torch.Tensor | None]:
     """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
     policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
@@ -700,24 +716,18 @@ def sample(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> tuple[Sam
     further prompts for the same update (dynamic sampling), from another seeded order."""
     from rlhf import distributed as dist
 
-    # the prompts are a pure function of (seed, update, draw); several processes: the global
-    # batch's prompts, of which this rank takes a disjoint slice
-    idx = _prompt_order(len(s.prompt_ids), cfg.seed + 7_919 * draw, update, s.per_rollout_prompts * s.world)
-    lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
-    rows = [s.prompt_ids[i] for i in idx[lo:hi]]
+    rows = [s.prompt_ids[i] for i in prompt_indices(s, cfg, update, draw)]
     group_ids = None
     if cfg.samples_per_prompt > 1:
-        k = cfg.samples_per_prompt
-        rows = [r for r in rows for _ in range(k)]
-        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.samples_per_prompt)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update + 104_723 * draw, s.rank))  # ranks sample differently
     with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
         return s.engine.sample(ids, mask), group_ids
 
 
-def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRollout,
-                     group_ids: torch.Tensor) -> tuple[ScoredRollout, torch.Tensor, dict]:
+def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRollout, group_ids: torch.Tensor,
+                     source_values: dict[str, torch.Tensor] | None = None) -> tuple[ScoredRollout, torch.Tensor, dict]:
     """DAPO's dynamic sampling (arXiv 2503.14476; ``ppo.dynamic_sampling``): the scored
     rollout with the groups whose final scores are all equal (no group-relative signal)
     replaced by further prompts, sampled and scored until this process holds a full batch
@@ -726,13 +736,15 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
 
     Returns the batch (as many rows as ``batch``, groups adjacent), its group ids (B,) and
     the metrics ``dynamic_sampling/*`` (counts over every process). Every process draws as
-    many rounds as the one that needs most: generation under FSDP is collective.
+    many rounds as the one that needs most: generation under FSDP is collective. The
+    reward sources' raw values of further draws are appended to ``source_values`` in place.
     """
     from rlhf import distributed as dist
     from rlhf.ppo.rollout import concat_rows
 
     k = cfg.samples_per_prompt
     need = batch.response_ids.shape[0] // k
+    source_values = {} if source_values is None else source_values
     parts: list[ScoredRollout] = []
     good: list[tuple[int, int]] = []  # (part, group within the part) of informative groups
     bad: list[tuple[int, int]] = []
@@ -744,8 +756,12 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
         short = float(dist.all_reduce_sum(torch.tensor(float(max(need - len(good), 0)), device=s.device)))
         if short == 0 or len(parts) >= cfg.dynamic_sampling_max_rounds:
             break
-        sampled, group_ids = sample(s, cfg, update, draw=len(parts))
+        draw = len(parts)
+        sampled, group_ids = sample(s, cfg, update, draw=draw)
         batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+        batch, values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update, draw))
+        for name, v in values.items():
+            source_values[name] = torch.cat([source_values[name], v])
         _check_finite(batch)
     chosen = good[:need]
     filler = bad[: need - len(chosen)]
@@ -757,6 +773,78 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
     stats = {"dynamic_sampling/rounds": float(len(parts)), "dynamic_sampling/dropped_groups": float(counts[0]),
              "dynamic_sampling/filler_groups": float(counts[1]), "dynamic_sampling/informative_groups": float(counts[2])}
     return concat_rows(parts).index(rows), torch.arange(need, device=s.device).repeat_interleave(k), stats
+
+
+def uses_reward_model(cfg: PPOConfig) -> bool:
+    """Whether ``ppo.rewards`` scores with the reward model (the reward role is loaded)."""
+    from rlhf.reward_sources import parse_reward_sources
+
+    return any(src.kind == "rm" for src in parse_reward_sources(cfg.rewards))
+
+
+def reward_sources(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> list:
+    """``(source, batch function)`` pairs of ``ppo.rewards`` (the function is None for rm and
+    http sources); [] when the reward model alone scores (an empty ``ppo.rewards``).
+
+    Raises:
+        ConfigError: ``{fn: task}`` without a task, or a function that does not import.
+    """
+    from rlhf.reward_sources import load_function, parse_reward_sources, per_row
+
+    if not cfg.rewards:
+        return []
+    out = []
+    for i, src in enumerate(parse_reward_sources(cfg.rewards)):
+        fn = None
+        if src.kind == "fn" and src.target == "task":
+            if task_evaluate is None:
+                raise ConfigError(f"ppo.rewards[{i}].fn: 'task' names the task's evaluate, but this run has no task")
+            fn = per_row(task_evaluate)
+        elif src.kind == "fn":
+            fn = load_function(src.target, f"ppo.rewards[{i}].fn")
+        out.append((src, fn))
+    return out
+
+
+def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
+                       rows: list[int]) -> tuple[ScoredRollout, dict[str, torch.Tensor]]:
+    """``batch`` with its scores (B,) replaced by ``sum(weight * value)`` over the reward
+    sources, and each source's raw values (B,) by name. ``rows`` holds the training prompt
+    of each row. Unchanged (and no values) when the reward model alone scores."""
+    from dataclasses import replace
+
+    from rlhf.reward_sources import call_source
+
+    if not s.sources:
+        return batch, {}
+    prompts = [s.prompts[i] for i in rows]
+    texts, completions = [p[-1]["content"] for p in prompts], _decode(s.tok, batch)
+    metadata = [{"messages": p, "truncated": not bool(stop)} for p, stop in zip(prompts, batch.has_stop.tolist())]
+    values: dict[str, torch.Tensor] = {}
+    total = torch.zeros_like(batch.scores)
+    for src, fn in s.sources:
+        if src.kind == "rm":
+            raw = batch.scores
+        else:
+            raw = torch.tensor(call_source(src, fn, texts, completions, metadata), dtype=batch.scores.dtype,
+                               device=batch.scores.device)
+        values[src.name] = raw
+        total = total + src.weight * raw
+    return replace(batch, scores=total), values
+
+
+def source_statistics(s: PPOSetup, values: dict[str, torch.Tensor]) -> dict:
+    """``reward/<name>/raw_mean`` and ``reward/<name>/weighted_mean`` of each reward source,
+    over every row scored this update (every process)."""
+    from rlhf import distributed as dist
+
+    out = {}
+    weights = {src.name: src.weight for src, _ in s.sources}
+    for name, raw in values.items():
+        mean = float(dist.gather_rows(raw).mean())
+        out[f"reward/{name}/raw_mean"] = mean
+        out[f"reward/{name}/weighted_mean"] = weights[name] * mean
+    return out
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -832,12 +920,15 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
 
     # 3. score: logprobs (policy, reference), values, reward on the last real token
     batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+    # the reward sources of ppo.rewards (functions, HTTP, the RM) make the score
+    batch, source_values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update))
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
     sampling_stats: dict = {}
     if cfg.dynamic_sampling:  # drop prompts whose samples all score alike, sample more (DAPO)
-        batch, group_ids, sampling_stats = dynamic_sampling(s, cfg, update, batch, group_ids)
+        batch, group_ids, sampling_stats = dynamic_sampling(s, cfg, update, batch, group_ids, source_values)
+    sampling_stats.update(source_statistics(s, source_values))
 
     # the train/inference mismatch: the sampler's logprobs against the trainer's (rlhf/ppo/mismatch.py)
     mismatch, is_weights = rollout_mismatch(batch, cfg)
@@ -903,12 +994,12 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(to_dict(cfg), out / "config.yaml")
-    if not cfg.reward_adapter:
-        raise ConfigError("ppo.reward_adapter: required")
+    if not cfg.reward_adapter and uses_reward_model(cfg):
+        raise ConfigError("ppo.reward_adapter: required (ppo.rewards scores with the reward model: {rm: reward})")
     torch.manual_seed(cfg.seed)
 
     # 0. one base, four roles; prompts; optimizer; resume from the newest complete checkpoint
-    s = setup(cfg)
+    s = setup(cfg, task_evaluate=gold_fn)
     opt = build_optimization(s.model, cfg, s.num_updates)
     ckpt_root = out / "checkpoints"
     start = 0
