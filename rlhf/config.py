@@ -297,6 +297,17 @@ class PPOConfig:
     eval_min_prompts: int = _help(
         "Least held-out prompts; a smaller split (eval_fraction of few prompts) warns and uses this many.",
         range=">= 1", default=32)
+    watchdog: Literal["auto", "on", "off"] = _help(
+        "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
+        "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
+        "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
+        "on whenever a judge exists (the task's objective when it is not a training reward, or watchdog_judge).",
+        default="auto")
+    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
+                                   "stops the run.", range=">= 1", default=2)
+    watchdog_judge: str = _help(
+        "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
+        "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "

@@ -100,6 +100,9 @@ def _resolve_recipe_paths(data: dict, base: Path) -> dict:
         path, _, attr = task["module"].rpartition(":")
         task["module"] = f"{_recipe_relative(path, base)}:{attr}"
     ppo = data.get("ppo")
+    if isinstance(ppo, dict) and isinstance(ppo.get("watchdog_judge"), str) and ".py:" in ppo["watchdog_judge"]:
+        path, _, attr = ppo["watchdog_judge"].rpartition(":")
+        ppo["watchdog_judge"] = f"{_recipe_relative(path, base)}:{attr}"
     for entry in (ppo.get("rewards") if isinstance(ppo, dict) else None) or []:  # {fn: file.py:func}, recipe-relative
         if isinstance(entry, dict) and isinstance(entry.get("fn"), str) and ".py:" in entry["fn"]:
             path, _, attr = entry["fn"].rpartition(":")
@@ -487,6 +490,9 @@ class Pipeline:
             "win_rate_rm_se": ppo_m.get("final/eval/win_rate_se"),
             "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
+        # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
+        out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
+                    if k.startswith("watchdog/")})
         if st.get("ppo", {}).get("status") == "blocked":
             out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:

@@ -49,6 +49,7 @@ from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.stages import StageResult
+from rlhf.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
@@ -463,7 +464,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
             if gold is not None:
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
-                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
+                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1],
+                         "stopped": bool(batch.has_stop[i])})
     if reference:
         per["win_rate"] = win_rates(rows, reference, "score")
         per["gold_win_rate"] = win_rates(rows, reference, "gold")
@@ -519,6 +521,7 @@ class PPOSetup:
     num_updates: int
     prompts: list = field(default_factory=list)  # the training prompts' message lists (reward sources read them)
     sources: list = field(default_factory=list)  # (RewardSource, batch function or None) of ppo.rewards; [] : the RM alone
+    eval_prompts: list = field(default_factory=list)  # the held-out prompts' message lists
 
 
 @dataclass
@@ -590,7 +593,7 @@ def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = No
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length), prompts=prompts,
-        sources=reward_sources(cfg, task_evaluate),
+        sources=reward_sources(cfg, task_evaluate), eval_prompts=eval_prompts,
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
@@ -662,7 +665,8 @@ def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Pat
 
 
 def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[str, str], float] | None,
-                     step: int, limit: int | None = None, reference_file: Path | None = None) -> dict:
+                     step: int, limit: int | None = None, reference_file: Path | None = None,
+                     judge: Callable | None = None) -> dict:
     """Evaluate on the held-out prompts (rank 0), log the metrics and samples at ``step``,
     and return the metrics on every rank ({} without held-out prompts).
 
@@ -670,6 +674,10 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     their cost). ``reference_file`` holds the SFT policy's per-prompt rows: the evaluation
     at step 0 (the policy is still the SFT policy) writes it, later ones compute win rates
     over it on the same prompts.
+
+    ``judge`` (the watchdog's judge, :func:`watchdog_judge`) adds ``watchdog/reward`` and
+    ``watchdog/judge``: the training reward and the judge, on the first ``eval_max_prompts``
+    prompts (the periodic evaluations' subset, so every evaluation compares the same prompts).
     """
     from rlhf import distributed as dist
 
@@ -690,6 +698,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
                                 s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine,
                                 reference=reference)
         if dist.is_main():
+            if judge is not None:
+                ev.update(watch_metrics(s, cfg, rows[: cfg.eval_max_prompts], judge))
             if reference_file is not None and step == 0:
                 write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
             tracker.log(ev, step=step)
@@ -773,6 +783,53 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
     stats = {"dynamic_sampling/rounds": float(len(parts)), "dynamic_sampling/dropped_groups": float(counts[0]),
              "dynamic_sampling/filler_groups": float(counts[1]), "dynamic_sampling/informative_groups": float(counts[2])}
     return concat_rows(parts).index(rows), torch.arange(need, device=s.device).repeat_interleave(k), stats
+
+
+def watchdog_judge(cfg: PPOConfig, gold_fn: Callable[[str, str], float] | None) -> Callable | str | None:
+    """The watchdog's judge: a batch function ``(prompts, completions, metadata) -> floats``
+    (``ppo.watchdog_judge``), ``"gold"`` (the task's objective, which the evaluation already
+    computes, unless it is a training reward: ``{fn: task}``), or None when the watchdog is
+    off or no held-out judge exists.
+
+    Raises:
+        ConfigError: ``ppo.watchdog: on`` without a judge.
+    """
+    from rlhf.reward_sources import load_function, parse_reward_sources
+
+    if cfg.watchdog == "off":
+        return None
+    if cfg.watchdog_judge:
+        return load_function(cfg.watchdog_judge, "ppo.watchdog_judge")
+    task_trains = any(src.kind == "fn" and src.target == "task" for src in parse_reward_sources(cfg.rewards))
+    if gold_fn is not None and not task_trains:
+        return "gold"
+    if cfg.watchdog == "on":
+        raise ConfigError("ppo.watchdog: on, but there is no held-out judge (no task objective outside the training "
+                          "rewards, no ppo.watchdog_judge)")
+    return None
+
+
+def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable | str) -> dict:
+    """``watchdog/reward`` (the training reward: ``ppo.rewards``, weighted) and
+    ``watchdog/judge`` (:func:`watchdog_judge`), each the mean over the evaluation ``rows``."""
+    from rlhf.reward_sources import RewardSource, call_source
+
+    if not rows:
+        return {}
+    texts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    metadata = [{"messages": m, "truncated": not r["stopped"]} for m, r in zip(s.eval_prompts, rows)]
+    if s.sources:
+        reward = [0.0] * len(rows)
+        for src, fn in s.sources:
+            raw = [r["score"] for r in rows] if src.kind == "rm" else call_source(src, fn, texts, completions, metadata)
+            reward = [a + src.weight * b for a, b in zip(reward, raw)]
+    else:  # the reward model alone
+        reward = [r["score"] for r in rows]
+    if judge == "gold":
+        judged = [r["gold"] for r in rows]
+    else:
+        judged = call_source(RewardSource("fn", cfg.watchdog_judge, name="judge"), judge, texts, completions, metadata)
+    return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged)}
 
 
 def uses_reward_model(cfg: PPOConfig) -> bool:
@@ -1014,23 +1071,33 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
                       refs={"base": s.base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
                       is_main_process=main)
     sft_rows = out / "initial_eval_rows.json"  # the SFT policy's per-prompt results, for win rates
-    initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows) if start == 0
+    # the over-optimisation watchdog: training reward vs a held-out judge at each evaluation
+    # (rlhf/watchdog.py); a resumed run starts watching at its first evaluation
+    judge = watchdog_judge(cfg, gold_fn)
+    watchdog = Watchdog(cfg.watchdog_patience) if judge is not None and s.eval_ids else None
+    best_weights: list[torch.Tensor] = []  # the trainable roles at the judge's best evaluation
+    initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows, judge=judge) if start == 0
                     else _read_json(out / "initial_eval.json"))
+    if watchdog is not None and start == 0:
+        _watch(watchdog, initial_eval, 0, opt, best_weights)
     if start == 0 and main:
         write_json(out / "initial_eval.json", initial_eval)
 
     # 1-7. updates, with evaluation and checkpoints between them
     metrics: dict = {}
     bar = StageProgress("ppo", s.num_updates, unit="update", initial=start, enabled=main)
+    tripped = False
     for update in range(start, s.num_updates):
-        if stop_after is not None and update >= stop_after:
+        if stop_after is not None and update >= stop_after or tripped:
             break
         metrics = train_update(s, opt, cfg, update)
         tracker.log(metrics, step=update + 1)
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
-            evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows)
+            ev = evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows,
+                                  judge=judge)
+            tripped = watchdog is not None and _watch(watchdog, ev, done, opt, best_weights)
         if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates):
             with full_state(s.model, opt.optimizer):  # FSDP: gathered on every rank, written by rank 0
                 if main:
@@ -1038,10 +1105,21 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     bar.close()
 
     # final evaluation and the published adapters
-    finished = (stop_after is None) or stop_after >= s.num_updates
-    final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows) if finished else {}
+    finished = (stop_after is None) or stop_after >= s.num_updates or tripped
+    final_eval = {}
+    if finished and not tripped:
+        final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
+        tripped = watchdog is not None and _watch(watchdog, final_eval, s.num_updates, opt, best_weights)
+    if tripped:  # publish the policy the judge liked best, evaluated again in full
+        _restore(opt, best_weights)
+        if main:
+            print(f"[ppo] watchdog: the training reward rose while the judge fell for {cfg.watchdog_patience} "
+                  f"evaluation(s) in a row (update {watchdog.tripped_at}); stopped, and the published policy is the "
+                  f"one of update {watchdog.best_step}, the judge's best ({watchdog.best_judge:.4g})")
+        final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
     tracker.finish()
-    result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
+    result_metrics = {**(watchdog.summary() if watchdog is not None else {}),
+                      **{f"train/{k}": v for k, v in metrics.items()},
                       **{f"initial/{k}": v for k, v in initial_eval.items()},
                       **{f"final/{k}": v for k, v in final_eval.items()}}
     roles = _trained_roles(cfg)
@@ -1055,6 +1133,24 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
                        artifacts={role: str(out / role) for role in roles} if finished else {},
                        metrics=result_metrics, finished=finished)
+
+
+def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list) -> bool:
+    """Feed one evaluation to the watchdog; keep a copy of the trainable roles when the judge
+    likes it best so far; True when the watchdog trips."""
+    if "watchdog/reward" not in ev:
+        return False
+    tripped = watchdog.observe(step, ev["watchdog/reward"], ev["watchdog/judge"])
+    if watchdog.is_new_best(step):
+        best_weights[:] = [p.detach().clone() for p in opt.params]
+    return tripped
+
+
+@torch.no_grad()
+def _restore(opt: Optimization, best_weights: list) -> None:
+    """Put the trainable roles back to the copy :func:`_watch` kept."""
+    for p, best in zip(opt.params, best_weights):
+        p.copy_(best)
 
 
 def _sync(device) -> None:
