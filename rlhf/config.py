@@ -355,10 +355,10 @@ class PPOConfig:
         from rlhf.reward_sources import parse_reward_sources
 
         sources = parse_reward_sources(self.rewards)
-        if self.advantage_estimator == "gae" and not any(src.kind == "rm" for src in sources):
-            raise ConfigError("ppo.rewards: advantage_estimator gae needs a reward model source ({rm: reward}): its "
-                              "critic starts from the reward model; use grpo, rloo or reinforce++ with only fn/http "
-                              "rewards")
+        if ESTIMATORS[self.advantage_estimator].needs_critic and not any(src.kind == "rm" for src in sources):
+            raise ConfigError(f"ppo.rewards: advantage_estimator {self.advantage_estimator} needs a reward model "
+                              "source ({rm: reward}): its critic starts from the reward model; use a critic-free "
+                              "estimator (grpo, rloo, reinforce++) with only fn/http rewards")
         if self.clip_low is None:
             self.clip_low = self.cliprange
         if self.clip_high is None:
@@ -483,6 +483,10 @@ class PipelineConfig:
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
+    num_threads: int = _help(
+        "CPU threads for torch in every stage (0: torch's default, all cores). A run reproduces its numbers on "
+        "the same thread count and library versions (float sums depend on how work is split over threads).",
+        range="[0, 4096]", default=2)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
     task: SyntheticTaskConfig = _help(
         "The task: an embedded one (task.enabled, task.name) or your own (task.module); it supplies prompts, "
