@@ -7,8 +7,9 @@
   * ``{fn: "pkg.mod:func"}`` or ``{fn: "file.py:func"}`` (a file relative to the recipe): a
     Python function called once per batch as ``func(prompts, completions, metadata)`` with
     three lists of equal length (the last user turn of each prompt, the decoded completion,
-    a dict per row: ``messages``, the whole prompt, and ``truncated``, whether the response
-    hit the length limit without a stop token), returning one float per row.
+    a dict per row: the prompt row's other columns, e.g. a reference answer, plus
+    ``messages``, the whole prompt, and ``truncated``, whether the response hit the length
+    limit without a stop token), returning one float per row.
     ``{fn: task}`` is the pipeline task's ``evaluate(prompt, completion)``, called per row.
   * ``{http: "https://host/path"}``: a remote scorer. One POST per batch with the JSON body
     ``{"prompts": [...], "completions": [...], "metadata": [...]}``; the reply is
@@ -196,7 +197,7 @@ def _post(source: RewardSource, body: dict) -> list:
     import urllib.error
     import urllib.request
 
-    data = json.dumps(body).encode()
+    data = json.dumps(body, default=str).encode()  # row metadata may hold dates and the like
     last = ""
     for attempt in range(source.retries + 1):
         if attempt:

@@ -526,6 +526,8 @@ class PPOSetup:
     prompts: list = field(default_factory=list)  # the training prompts' message lists (reward sources read them)
     sources: list = field(default_factory=list)  # (RewardSource, batch function or None) of ppo.rewards; [] : the RM alone
     eval_prompts: list = field(default_factory=list)  # the held-out prompts' message lists
+    prompt_metadata: list = field(default_factory=list)  # each training prompt row's other columns (dict)
+    eval_metadata: list = field(default_factory=list)  # the same for the held-out prompts
 
 
 @dataclass
@@ -571,14 +573,16 @@ def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = No
     """Build the role model, tokenizer, sampling config, encoded prompts and the reward
     sources of ``ppo.rewards`` (``task_evaluate`` serves ``{fn: task}``)."""
     from rlhf import distributed as dist
-    from rlhf.data import load_prompts
+    from rlhf.data import load_prompt_rows
 
     device = dist.device()
     world, rank = dist.world_size(), dist.rank()
     model, tok, base_path = _build_model(cfg, device)
     stop_ids, pad_id = _stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
-    prompts, eval_prompts = split_eval_prompts(
-        load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else [], cfg)
+    train_rows, eval_rows = split_eval_prompts(  # (messages, the row's other columns) pairs
+        load_prompt_rows(cfg.prompts), load_prompt_rows(cfg.eval_prompts, split="test") if cfg.eval_prompts else [],
+        cfg)
+    prompts, eval_prompts = [m for m, _ in train_rows], [m for m, _ in eval_rows]
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
@@ -598,6 +602,7 @@ def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = No
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length), prompts=prompts,
         sources=reward_sources(cfg, task_evaluate), eval_prompts=eval_prompts,
+        prompt_metadata=[d for _, d in train_rows], eval_metadata=[d for _, d in eval_rows],
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
@@ -825,7 +830,8 @@ def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable
     if not rows:
         return {}
     texts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
-    metadata = [{"messages": m, "truncated": not r["stopped"]} for m, r in zip(s.eval_prompts, rows)]
+    metadata = [{**d, "messages": m, "truncated": not r["stopped"]}
+                for m, d, r in zip(s.eval_prompts, s.eval_metadata, rows)]
     if s.sources:
         reward = [0.0] * len(rows)
         for src, fn in s.sources:
@@ -884,7 +890,8 @@ def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
         return batch, {}
     prompts = [s.prompts[i] for i in rows]
     texts, completions = [p[-1]["content"] for p in prompts], _decode(s.tok, batch)
-    metadata = [{"messages": p, "truncated": not bool(stop)} for p, stop in zip(prompts, batch.has_stop.tolist())]
+    metadata = [{**s.prompt_metadata[i], "messages": s.prompts[i], "truncated": not bool(stop)}
+                for i, stop in zip(rows, batch.has_stop.tolist())]
     values: dict[str, torch.Tensor] = {}
     total = torch.zeros_like(batch.scores)
     for src, fn in s.sources:

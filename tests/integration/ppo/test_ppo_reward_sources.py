@@ -79,3 +79,25 @@ def test_a_failing_source_stops_the_run_with_its_name(ppo_config, tmp_path):
                      rewards=[{"fn": f"{tmp_path}/rewards.py:short"}])
     with pytest.raises(RuntimeError, match=r"reward source fn .*rewards.py:short: expected a list of 8 floats"):
         run_ppo(cfg)
+
+
+def test_functions_get_the_prompt_rows_other_columns(ppo_config, tmp_path):
+    """A verifiable reward reads the answer key from the prompt row: every column but the
+    prompt reaches the function's metadata, for the row's own prompt."""
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}", "answer": i}) + "\n" for i in range(40)))
+    (tmp_path / "rewards.py").write_text(
+        "def answer(prompts, completions, metadata):\n"
+        "    assert all(p == f\"say {m['answer']}\" for p, m in zip(prompts, metadata))\n"
+        "    return [float(m['answer']) for m in metadata]\n")
+    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, prompts=str(prompts), reward_adapter="",
+                     rewards=[{"fn": f"{tmp_path}/rewards.py:answer"}])
+    s = stage.setup(cfg)
+    sampled, _ = stage.sample(s, cfg, 0)
+    rows = stage.prompt_indices(s, cfg, 0)
+    batch, values = stage.score_with_sources(s, cfg, stage.score_rollout(s.model, sampled, cfg, chunk=4), rows)
+    want = [float(s.prompt_metadata[i]["answer"]) for i in rows]
+    assert values["answer"].tolist() == batch.scores.tolist() == want
+    assert len(set(want)) == 4  # four prompts, two samples each
