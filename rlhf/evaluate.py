@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from rlhf import evaluation
 from rlhf.atomic import write_text
 from rlhf.paths import add_home_option, use_home
 
@@ -35,18 +35,18 @@ Conversation = list[dict]
 
 
 def mean_se(vals: list[float]) -> dict:
-    """``{"mean", "se", "n"}`` of ``vals`` (se over items; 0 for one item)."""
-    n = len(vals)
-    if n == 0:
+    """``{"mean", "se", "n"}`` of ``vals`` (se over items; 0 for one item), as the pipeline's
+    evaluation computes them (:func:`rlhf.evaluation.mean_se`)."""
+    if not vals:
         return {"mean": None, "se": None, "n": 0}
-    m = sum(vals) / n
-    var = sum((v - m) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    return {"mean": m, "se": math.sqrt(var / n), "n": n}
+    mean, se = evaluation.mean_se(vals)
+    return {"mean": mean, "se": se, "n": len(vals)}
 
 
 def win_rate(a: list[float], b: list[float]) -> dict:
-    """Win rate of ``a`` over ``b`` item by item (1 win, 0.5 tie, 0 loss), with its s.e."""
-    return mean_se([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
+    """Win rate of ``a`` over ``b`` item by item (1 win, 0.5 tie, 0 loss), with its s.e.
+    (:func:`rlhf.evaluation.win_rates`, as PPO's and DPO's win rates over SFT)."""
+    return mean_se(evaluation.win_rates([{"v": x} for x in a], [{"v": y} for y in b], "v"))
 
 
 def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Conversation, Conversation]]], list[float]]:
@@ -57,7 +57,8 @@ def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Co
     from rlhf.generate import _adapter_facts, resolve_policy
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.ppo.rollout import Sampled
-    from rlhf.stages.ppo import last_token_scores, left_pad
+    from rlhf.generation import left_pad
+    from rlhf.scoring import last_token_scores
 
     kind, where = resolve_policy(ref)
     if kind != "adapter" or not (Path(where) / "head.safetensors").is_file():
@@ -123,7 +124,7 @@ def load_objective(spec: str) -> Callable[[str, str], float]:
 
 def evaluate_policies(policies: list[str], prompts: list[Conversation], *, reward: str | None = None,
                       objective: Callable[[str, str], float] | None = None, best_of: int = 0,
-                      max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0) -> dict:
+                      max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, engine: str = "hf") -> dict:
     """Sample each policy once per prompt; score; win rates over the first policy.
 
     Returns:
@@ -141,13 +142,15 @@ def evaluate_policies(policies: list[str], prompts: list[Conversation], *, rewar
     texts: dict[str, list[str]] = {}
     for i, ref in enumerate(policies):
         policy = load_policy(ref)
-        texts[ref] = sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        texts[ref] = sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            engine=engine)
         if i == 0 and best_of > 1:
             if score is None:
                 from rlhf.config import ConfigError
 
                 raise ConfigError("--best-of needs --reward (the reward model picks the best sample)")
-            cands = [sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 1 + k)
+            cands = [sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 1 + k,
+                            engine=engine)
                      for k in range(best_of)]
             best = []
             for j, p in enumerate(prompts):
@@ -238,6 +241,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="sampling engine: transformers generate (default) or vLLM (bash scripts/setup_vllm.sh)")
     parser.add_argument("--out", help="write the report as JSON here")
     add_home_option(parser)
     args = parser.parse_args(argv)
@@ -260,7 +265,7 @@ def main(argv: list[str]) -> int:
         objective = load_objective(args.objective) if args.objective else None
         report["policies"] = rep = evaluate_policies(
             args.policy, prompts, reward=args.reward, objective=objective, best_of=args.best_of,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, engine=args.engine)
         print(f"{rep['prompts']} prompts; win rates are over {rep['baseline']} on the same prompts")
         cols = ("rm_score", "objective", "length", "win_rate_rm", "win_rate_objective")
         print("policy".ljust(40) + "".join(c.rjust(22) for c in cols))

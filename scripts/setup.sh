@@ -17,7 +17,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
 fi
-"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres]"
+"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres,trackio,mlflow]"
 # The GPU image's library versions, as an overlay directory that scripts/test.sh puts first on
 # PYTHONPATH for a second run of the PPO and stage tests (only these three wheels differ).
 FLOORS=.venv/gpu-image-floors
