@@ -36,7 +36,7 @@ def test_score_is_the_weighted_sum_of_the_sources(ppo_config, tmp_path):
     sampled, _ = stage.sample(s, cfg, 0)
     plain = stage.score_rollout(s.model, sampled, cfg, chunk=4)
     batch, values = stage.score_with_sources(s, cfg, plain, stage.prompt_indices(s, cfg, 0))
-    lengths = torch.tensor([float(len(t)) for t in stage._decode(s.tok, plain)])
+    lengths = torch.tensor([float(len(t)) for t in stage.decode_responses(s.tok, plain)])
     assert torch.allclose(values["length"], lengths) and torch.equal(values["rm"], plain.scores)
     assert torch.allclose(batch.scores, 0.5 * lengths + 2.0 * plain.scores)
     stats = stage.source_statistics(s, values)
