@@ -249,3 +249,15 @@ def test_every_evaluation_metric_has_a_readable_column_header():
     for name in names:
         header = render.SUMMARY_COLUMNS.get(name)
         assert header and "_" not in header, name
+
+
+def test_run_list_shows_stages_in_pipeline_order(tmp_path):
+    from rlhf.dashboard.data import run_summary
+
+    run = tmp_path / "r"
+    run.mkdir()
+    # written with sorted keys, as the pipeline writes it: ppo, reward, sft
+    (run / "pipeline.json").write_text(json.dumps({"name": "r", "stages": {
+        "ppo": {"status": "running"}, "reward": {"status": "completed"}, "sft": {"status": "completed"}}},
+        sort_keys=True))
+    assert list(run_summary(run)["stages"]) == ["sft", "reward", "ppo"]
