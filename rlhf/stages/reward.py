@@ -83,7 +83,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
 
     from rlhf import distributed as dist
     from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier, load_tokenizer
+    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer, tokenizer_for
     from rlhf.resolve import is_store_ref
     from rlhf.tracking import Tracker
 
@@ -113,7 +113,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = tokenizer_for(cfg.model)
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -153,7 +153,9 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
 
     def write(tmp: Path) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
+        trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False,
+                                      **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
         score = trainer.model.base_model.model.score
         # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
         head = score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score

@@ -63,7 +63,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
     from rlhf import distributed as dist
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, save_tokenizer, tokenizer_for
     from rlhf.tracking import Tracker
 
     # Under accelerate launch every process runs this function; TRL shards the data and
@@ -95,7 +95,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
 
     set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = tokenizer_for(cfg.model)
     model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                            trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation)
@@ -131,9 +131,11 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
 
     def write(tmp: Path) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
-        if kind == "model":
-            tok.save_pretrained(tmp)
+        # the adapter holds LoRA weights only (never the embeddings: a pad row added by
+        # load_tokenizer is rebuilt as zeros by every loader); the tokenizer goes beside it
+        extra = {"save_embedding_layers": False} if kind == "adapter" else {}
+        trainer.model.save_pretrained(tmp, safe_serialization=True, **extra, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
 
     if main:
         publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), registration=registration,
