@@ -7,7 +7,8 @@ Run it on the tiny built-in model (a few minutes on a CPU):
 The objective here is "no word twice, and mention the topic": 1 point per distinct word
 minus 1 per repeated one, divided by the length, plus 0.5 for the topic. The tiny base only
 knows the words of the embedded synthetic language, so the example reuses its prompt and
-response samplers; with a real base model you would read your own prompts and data.
+response samplers (its demonstrations are the best of 4 drafts under the objective); with a
+real base model you would read your own prompts and data.
 
 A task needs ``prompts(split)`` and ``evaluate(prompt, completion)``; ``sft_examples`` and
 ``preference_pairs`` are optional (without them, set ``sft.dataset`` / ``reward.dataset``
@@ -30,10 +31,14 @@ class DistinctWordsTask:
     def __init__(self, seed: int = 0, num_sft: int = 2000, num_pairs: int = 6000, num_prompts: int = 2048,
                  label_temperature: float = 0.25):
         rng = random.Random(seed)
+        # Demonstrations written to this task's brief: the best of 4 drafts under the
+        # objective (rejection sampling), so the SFT stage already learns the task, not
+        # just the language.
         self._sft = []
         for _ in range(num_sft):
             p = sample_prompt(rng)
-            self._sft.append({"prompt": p, "completion": sample_response(rng, p)})
+            drafts = [sample_response(rng, p) for _ in range(4)]
+            self._sft.append({"prompt": p, "completion": max(drafts, key=lambda d: self.evaluate(p, d))})
         self._pairs = []
         for _ in range(num_pairs):
             p = sample_prompt(rng)

@@ -6,7 +6,8 @@ data_dir and split selection), converts every row with the reader for its format
 (``reward_data/readers/``), validates it, drops exact duplicates (counted) and quarantines
 everything it cannot use with a reason, then publishes an immutable version. An ingest that
 looks misconfigured (nothing accepted, or most rows failing for one field-level reason) is
-refused and publishes nothing unless ``allow_partial``.
+refused and publishes nothing unless ``allow_partial``. Content identical to the name's latest
+version (same content hash) publishes nothing new: that version is returned, ``reused=True``.
 
 The package stands alone: it imports nothing from ``rlhf`` (``rlhf`` imports it).
 
@@ -23,7 +24,10 @@ Store layout: ``<home>/data/<NAME>/<VERSION>/`` (VERSION = 1, 2, ...) holding
      "source": {"file": "<display name>", "row": 12},
      "item": "..."}                                             # only for multi-pair rows
 
-  The split is by prompt hash, so a prompt never appears on both sides.
+  The split is by prompt hash, so a prompt never appears on both sides. An ``unpaired``
+  dataset (``manifest["kind"] == "unpaired"``: KTO-style labelled completions) stores
+  ``{"id", "prompt", "completion", "label": true|false, "source", "item"?}`` instead; its
+  ``pairs`` counts then count labelled completions.
 * ``quarantine.jsonl`` -- ``{"reason", "detail", "field", "source": {"file", "row", "line"}, "item", "raw"}``
   per rejected row (or pair); ``line`` is the 1-based line to open in an editor (``row`` the
   0-based position records cite); reasons are listed in :data:`reward_data.schema.REASONS`.
@@ -31,6 +35,7 @@ Store layout: ``<home>/data/<NAME>/<VERSION>/`` (VERSION = 1, 2, ...) holding
 * ``manifest.json`` -- keys (stable; the model registry reads them):
 
   - ``schema_version`` (int), ``name`` (str), ``version`` (int), ``created`` (UTC ISO-8601),
+  - ``kind``: ``"pairs"`` or ``"unpaired"`` (absent in versions written before it: pairs),
   - ``content_hash`` (sha256 over the record files; identical for identical input + options),
   - ``format`` (reader name, or ``"mixed"``),
   - ``options`` (``format``, ``mapping``, ``test_fraction`` and every ``IngestOptions`` field, as given),
@@ -40,7 +45,8 @@ Store layout: ``<home>/data/<NAME>/<VERSION>/`` (VERSION = 1, 2, ...) holding
     duplicates, quarantined, rows_quarantined, rows_with_pairs, pairs, pairs_quarantined,
     train, test}`` (``sha256``/``bytes`` are null for ``datasets`` sources, which carry
     ``hf_split``/``hf_fingerprint`` and, for hub ones, ``hf_config``/``hf_data_dir`` instead;
-    scored sources add ``records_in``, since their ``rows_in`` counts prompt groups),
+    scored sources add ``records_in`` (= ``rows_in``, source records) and ``groups``, the prompt
+    groups they formed),
   - ``skipped_files``: non-data files found in source directories,
   - ``counts``: ``rows_in, accepted, duplicates, quarantined, train, test, rows_quarantined,
     rows_with_pairs, pairs, pairs_quarantined`` (see :mod:`reward_data.ingestion` for how they reconcile),

@@ -2,12 +2,13 @@
 
 Usage::
 
-    rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--split test=0.05]
+    rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--test-fraction 0.05]
                      [--ties drop|keep] [--label-field COL] [--binarize MODE] [--min-margin X]
                      [--score-field KEY] [--seed N] [--max-row-bytes N] [--json-fields COL,...]
                      [--strict-empty] [--allow-partial] [--score EXPR] [--group-by COL]
                      [--group-mode consecutive|global] [--transcript-template T]
                      [--hf-config NAME] [--hf-data-dir DIR] [--hf-split SPLIT]
+                     [--lower-is-better | --higher-is-better] [--ignore-label-column]
     rlhf data list [--json]
     rlhf data show NAME[:VERSION] [--json] [--tokenizer PATH]
     rlhf data quarantine NAME[:VERSION] [--reason R] [--limit N] [--json]
@@ -41,6 +42,7 @@ def _parse_map(items: list[str]) -> dict[str, str]:
 
 
 def _parse_split(text: str) -> float:
+    """The deprecated ``--split test=F`` (or ``--split F``) as a fraction."""
     key, sep, value = text.partition("=")
     if not sep:
         key, value = "test", text
@@ -56,6 +58,18 @@ def _help(name: str) -> str:
     return next(f.metadata["help"] for f in fields(IngestOptions) if f.name == name)
 
 
+def formats_epilog() -> str:
+    """Every format with one example row (``rlhf data ingest --help``)."""
+    lines = ["formats (detected per file when the columns are unambiguous; --format names one):"]
+    for name, reader in READERS.items():
+        doc = (reader.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        lines.append(f"  {name}: {doc}")
+        lines.append(f"      {json.dumps(reader.EXAMPLE, ensure_ascii=False)}")
+        if getattr(reader, "EXAMPLE_FLAGS", None):
+            lines.append(f"      with {reader.EXAMPLE_FLAGS}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     home = argparse.ArgumentParser(add_help=False)
     home.add_argument("--home", default=argparse.SUPPRESS, help="rlhf home (default: $RLHF_HOME or ~/.rlhf)")
@@ -63,14 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      parents=[home])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", parents=[home], help="ingest sources into a new dataset version")
+    p = sub.add_parser("ingest", parents=[home], help="ingest sources into a new dataset version",
+                       epilog=formats_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, save_to_disk path or hub id")
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--format", choices=list(READERS), help="reader to use (detected per file when unambiguous)")
     p.add_argument("--map", action="append", default=[], metavar="KEY=COLUMN",
                    help="map prompt/chosen/rejected/margin/system to a source column (dotted path ok); implies "
                         "generic (with --format scored: prompt/response/transcript/system)")
-    p.add_argument("--split", default="test=0.05", help="test share by prompt hash, e.g. test=0.05")
+    p.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                   help="share of prompts held out as the test split, chosen by prompt hash (default 0.05)")
+    # `--split` names a split to read everywhere else (`rlhf eval --split test`, --hf-split).
+    p.add_argument("--split", help=argparse.SUPPRESS)
     p.add_argument("--ties", choices=TIES, default="drop", help=_help("ties"))
     p.add_argument("--label-field", help=_help("label_field"))
     p.add_argument("--binarize", choices=BINARIZE, default="best_worst", help=_help("binarize"))
@@ -88,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", metavar="COL", help=_help("group_by"))
     p.add_argument("--group-mode", choices=GROUP_MODES, default="consecutive", help=_help("group_mode"))
     p.add_argument("--transcript-template", metavar="PRESET|JSON|role=M;...", help=_help("transcript_template"))
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--lower-is-better", dest="lower_is_better", action="store_true", default=None,
+                       help=_help("lower_is_better"))
+    order.add_argument("--higher-is-better", dest="lower_is_better", action="store_false",
+                       help="Rated and ranked data: a larger score is better (overrides the rank-name default).")
+    p.add_argument("--ignore-label-column", action="store_true", help=_help("ignore_label_column"))
 
     p = sub.add_parser("list", parents=[home], help="list datasets and versions")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -118,10 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, home)
         return _quarantine(args, home)
+    except BrokenPipeError:
+        raise  # `rlhf data show X | head`: the caller's entry point ends quietly
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"rlhf data {args.command}: error: {msg}", file=sys.stderr)
         return 1
+
+
+def _test_fraction(args) -> float:
+    if args.split is None:
+        return 0.05 if args.test_fraction is None else args.test_fraction
+    if args.test_fraction is not None:
+        raise ValueError("give --test-fraction only (--split test=F is its deprecated spelling)")
+    fraction = _parse_split(args.split)
+    message = f"--split {args.split} is deprecated; use --test-fraction {fraction:g}"
+    print(f"rlhf data ingest: warning: {message}", file=sys.stderr)
+    return fraction
 
 
 def _ingest(args, home) -> int:
@@ -130,7 +167,7 @@ def _ingest(args, home) -> int:
         args.name,
         format=args.format,
         mapping=_parse_map(args.map),
-        test_fraction=_parse_split(args.split),
+        test_fraction=_test_fraction(args),
         home=home,
         ties=args.ties,
         label_field=args.label_field,
@@ -149,9 +186,15 @@ def _ingest(args, home) -> int:
         group_by=args.group_by,
         group_mode=args.group_mode,
         transcript_template=args.transcript_template,
+        lower_is_better=args.lower_is_better,
+        ignore_label_column=args.ignore_label_column,
     )
     m = info.manifest
     c = m["counts"]
+    if info.reused:
+        print(f"{info.ref}: identical content to the latest version (content_hash {info.content_hash[:12]}); "
+              f"reusing it, no new version written -> {info.path}")
+        return 0
     print(f"{info.ref}: {c['accepted']} accepted (train {c['train']}, test {c['test']}), "
           f"{c['duplicates']} duplicates, {c['quarantined']} quarantined from {c['rows_in']} rows -> {info.path}")
     print(f"content_hash {info.content_hash}")
@@ -216,7 +259,8 @@ def _show(args, home) -> int:
     c = m["counts"]
     recon = reconciliation(c)
     out = {
-        "name": m["name"], "version": m["version"], "path": str(path), "format": m["format"],
+        "name": m["name"], "version": m["version"], "path": str(path), "kind": m.get("kind", "pairs"),
+        "format": m["format"],
         "created": m["created"], "content_hash": m["content_hash"], "schema_version": m["schema_version"],
         **{k: c[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "train", "test")},
         "counts": c,
@@ -240,7 +284,11 @@ def _show(args, home) -> int:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
     s = out["stats"]
-    print(f"{m['name']}:{m['version']}  format={m['format']}  created={m['created']}  schema={m['schema_version']}")
+    kind = m.get("kind", "pairs")
+    print(f"{m['name']}:{m['version']}  kind={kind}  format={m['format']}  created={m['created']}  "
+          f"schema={m['schema_version']}")
+    if kind == "unpaired":
+        print("  (an unpaired dataset: the 'pairs' counts below count labelled completions)")
     print(f"  path {path}")
     print(f"  content_hash {m['content_hash']}")
     opts = out["options"]
@@ -275,14 +323,19 @@ def _show(args, home) -> int:
         for reason, n in m["quarantine_reasons"].items():
             print(f"    {reason}: {n}")
     print("  lengths (characters):")
-    for key in ("prompt_chars", "chosen_chars", "rejected_chars"):
-        print(f"    {key:<15} {_fmt_pct(s[key])}")
+    for key in ("prompt_chars", "chosen_chars", "rejected_chars", "completion_chars"):
+        if key in s:
+            print(f"    {key:<15} {_fmt_pct(s[key])}")
     for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
         if key in s:
             print(f"    {key:<15} {_fmt_pct(s[key])}")
     print(f"  prompt turns: {', '.join(f'{k}: {v}' for k, v in s['prompt_turns'].items()) or '-'}")
-    print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}  "
-          f"with system prompt: {s.get('with_system', '-')}  empty rejected: {s.get('empty_rejected', '-')}")
+    if kind == "unpaired":
+        print(f"  desirable: {s['desirable']}  undesirable: {s['undesirable']}  "
+              f"with system prompt: {s.get('with_system', '-')}")
+    else:
+        print(f"  ties: {s['ties']} (tie rate {s['tie_rate']:.4f})  with margin: {s['with_margin']}  "
+              f"with system prompt: {s.get('with_system', '-')}  empty rejected: {s.get('empty_rejected', '-')}")
     for line in out["warnings"]:
         print(f"  warning: {line}")
     return 0

@@ -14,6 +14,7 @@ For one-pair-per-row formats this is simply ``rows_in = accepted + duplicates + 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import gc
 import json
@@ -33,7 +34,7 @@ from reward_data.fastjson import dumps
 from reward_data.options import IngestOptions
 from reward_data.readers import READERS, scored
 from reward_data.readers.generic import FIELDS
-from reward_data.schema import SCHEMA_VERSION, Pair, RowError, check_pair
+from reward_data.schema import SCHEMA_VERSION, Pair, RowError, Unpaired, check_pair, check_unpaired, is_message_list
 from reward_data.sources import SourceFile, expand_sources, iter_rows
 from reward_data.stats import LengthStats
 
@@ -55,6 +56,14 @@ class IngestRefused(ValueError):
 MAP_KEYS = {"generic": FIELDS, "scored": ("prompt", "response", "transcript", "system")}
 #: Quarantine reasons that follow from an option the user chose, not from a misread column.
 _INTENDED = {"tie_dropped"}
+#: Columns that usually say which response won; ``--map chosen=/rejected=`` next to one is refused.
+LABEL_COLUMNS = ("winner", "label", "labels", "preference", "preferred", "choice", "chosen_id", "better_response_id",
+                 "safer_response_id", "winner_model_a", "ranking", "rank")
+
+
+def kind_of(fmt: str | None) -> str:
+    """The record kind a format stores: ``"unpaired"`` (labelled completions) or ``"pairs"``."""
+    return getattr(READERS[fmt], "KIND", "pairs") if fmt else "pairs"
 
 
 @dataclass
@@ -74,6 +83,7 @@ class VersionInfo:
     path: Path
     manifest: dict
     content_hash: str
+    reused: bool = False  # True when identical content was already the latest version (nothing new was written)
 
     @property
     def ref(self) -> str:
@@ -143,6 +153,49 @@ def check_columns(src: SourceFile, sample: list[dict], mapping: dict, opts: Inge
     label = opts.label_field
     if label and label not in columns and not any(get_path(r, label) is not None for r in sample):
         raise ValueError(f"{src.path}: --label-field {label}: no such column ({_columns_hint(columns, [label])})")
+
+
+def check_label_column(src: SourceFile, sample: list[dict], mapping: dict, opts: IngestOptions) -> None:
+    """Refuse ``--map chosen=A --map rejected=B`` on a source that also has a label-like column
+    the mapping ignores (Chatbot Arena's ``winner``): stored as is, about half the pairs would be
+    swapped and every tie would become a preference. ``ignore_label_column`` overrides.
+    """
+    if opts.ignore_label_column or not sample or not {"chosen", "rejected"} <= set(mapping):
+        return
+    columns = {k for r in sample for k in r}
+    used = {c.split(".")[0] for c in mapping.values()}
+    labels = [c for c in LABEL_COLUMNS if c in columns and c not in used]
+    if labels:
+        raise ValueError(
+            f"{src.path}: --map chosen={mapping['chosen']} --map rejected={mapping['rejected']} ignores the label "
+            f"column {labels[0]!r}, which usually says which side won (ignoring it swaps pairs and stores ties as "
+            f"preferences); use a reader that reads it (--format arena for conversation_a/conversation_b/winner, "
+            f"--format two_response --label-field {labels[0]}), or pass --ignore-label-column if chosen is always "
+            "the preferred side")
+
+
+def json_columns(sample: list[dict], mapping: dict) -> tuple[str, ...]:
+    """The generic reader's fields whose sampled values are all JSON-encoded message lists.
+
+    Decided per column, never per value: a text column where one answer happens to be the text
+    ``[{"role": "assistant", "content": "hi"}]`` stays text, a column of encoded conversations is
+    decoded on every row.
+    """
+    rows = [apply_mapping(r, mapping) for r in sample] if mapping else sample
+    out = []
+    for key in FIELDS:
+        values = [r.get(key) for r in rows if r.get(key) is not None]
+        if values and all(isinstance(v, str) and v.lstrip().startswith("[") for v in values):
+            decoded = []
+            for v in values:
+                try:
+                    decoded.append(json.loads(v))
+                except (ValueError, RecursionError):
+                    break
+            else:
+                if all(is_message_list(d) for d in decoded):
+                    out.append(key)
+    return tuple(out)
 
 
 def detect_format(src: SourceFile, opts: IngestOptions, mapping: dict | None, sample: list[dict] | None = None) -> str | None:
@@ -260,10 +313,23 @@ def ingest(
     samples = [sample_rows(src, opts) for src in files]
     for src, sample in zip(files, samples):
         check_columns(src, sample, mapping, opts)
+        check_label_column(src, sample, mapping, opts)
     formats = [format or detect_format(src, opts, mapping, sample) for src, sample in zip(files, samples)]
+    kinds = {kind_of(f) for f in formats if f}
+    if len(kinds) > 1:
+        raise ValueError("sources mix preference pairs and unpaired labelled completions ("
+                         + ", ".join(f"{src.name}: {f}" for src, f in zip(files, formats)) + "); ingest them as two datasets")
+    kind = kinds.pop() if kinds else "pairs"
     resolved = []
+    source_opts = []
     for src, fmt, sample in zip(files, formats, samples):
         res = {"format": fmt}
+        src_opts = opts
+        if fmt == "generic" and opts.json_fields is None:
+            # Which columns hold encoded message lists is decided once per file, from its sample.
+            src_opts = dataclasses.replace(opts, json_fields=json_columns(sample, mapping))
+            res["json_fields"] = list(src_opts.json_fields)
+        source_opts.append(src_opts)
         hook = getattr(READERS[fmt], "resolved", None) if fmt else None
         if hook is not None and sample:
             try:
@@ -276,17 +342,26 @@ def ingest(
     started = time.time()
     with store.VersionWriter(name, home) as writer:
         with _gc_paused():
-            counts, per_source, reasons, lstats, diag = _run(files, formats, mapping, opts, float(test_fraction), writer)
+            counts, per_source, reasons, lstats, diag = _run(files, formats, mapping, source_opts, float(test_fraction),
+                                                             writer)
         if not opts.allow_partial:
             problem = misconfiguration(counts, diag, mapping)
             if problem:
                 raise IngestRefused(problem)
+        latest = store.versions(name, home)
+        if latest:
+            # Identical records as the latest version: reuse it instead of piling up copies.
+            previous = load_version_dir(store.data_root(home) / name / str(latest[-1]))
+            if previous.content_hash == writer.content_hash():
+                previous.reused = True
+                return previous
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "version": None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "content_hash": writer.content_hash(),
+            "kind": kind,
             "format": formats[0] if len(set(formats)) == 1 else "mixed",
             "options": {"format": format, "mapping": mapping, "test_fraction": float(test_fraction), **opts.to_dict()},
             # What the defaults (format, label column, score key, ...) resolved to, per source.
@@ -303,6 +378,12 @@ def ingest(
         }
         version, path = writer.publish(manifest)
     return VersionInfo(name, version, path, manifest, manifest["content_hash"])
+
+
+def load_version_dir(path: Path) -> VersionInfo:
+    """The :class:`VersionInfo` of a published version directory."""
+    manifest = store.read_manifest(path)
+    return VersionInfo(manifest["name"], manifest["version"], path, manifest, manifest["content_hash"])
 
 
 def _merge_resolved(files, resolved: list[dict]) -> dict:
@@ -344,8 +425,9 @@ def misconfiguration(counts: dict, diag: dict, mapping: dict) -> str | None:
     return "; ".join(parts)
 
 
-def _run(files, formats, mapping, opts, test_fraction, writer):
-    """Stream every source through its reader into the writer; returns the accounting."""
+def _run(files, formats, mapping, source_opts, test_fraction, writer):
+    """Stream every source through its reader (with that source's options) into the writer;
+    returns the accounting."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     dumps_str = json.JSONEncoder(ensure_ascii=True).encode
     threshold = int(test_fraction * (1 << 64))
@@ -353,7 +435,7 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
     lstats = LengthStats()
     reasons: Counter = Counter()
     diag = {"field_reasons": Counter(), "examples": {}, "columns": set()}
-    strict_empty = opts.strict_empty
+    strict_empty = source_opts[0].strict_empty
     totals = Counter()
     per_source = []
     prompt_start = len('{"prompt":')
@@ -361,8 +443,10 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
     quar_w, dup_w = writer.files["quarantine"].write, writer.files["duplicates"].write
     add_stats = lstats.add
 
-    for src, fmt in zip(files, formats):
+    for src, fmt, opts in zip(files, formats, source_opts):
         reader = READERS[fmt].read if fmt else None
+        grouped = fmt == "scored"
+        unpaired_start = len('{"prompt":')
         c = Counter()
         file_json = dumps_str(src.name).encode()
         rows = iter_rows(src, opts.max_row_bytes)
@@ -373,6 +457,11 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
             row_mapping = None
 
         def quarantine(err: RowError, row: int, line: int, raw, value, level: str) -> None:
+            if level == "row" and type(value) is dict and scored.GROUP in value:
+                # A rejected prompt group: one entry per member record, each at its own line.
+                for member in value[scored.GROUP]:
+                    quarantine(err, member[0], member[1], None, {"prompt": member[2], "response": member[3]}, "row")
+                return
             entry = {
                 "reason": err.reason,
                 "detail": err.detail,
@@ -392,11 +481,53 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
             if type(value) is dict and len(diag["columns"]) < 200:
                 diag["columns"].update(map(str, value))
 
+        u = Counter()  # the unpaired path's counters, folded into the locals after the loop
+
+        def store_unpaired(rec: Unpaired, row: int, line: int, raw, value, level: str) -> bool:
+            """Validate, dedup, split and write one labelled completion; False when quarantined."""
+            try:
+                check_unpaired(rec)
+                try:
+                    content = dumps({"prompt": rec.prompt, "completion": rec.completion, "label": rec.label})
+                except UnicodeEncodeError:
+                    raise RowError("invalid_utf8", "text holds a lone surrogate (invalid UTF-8 escape)") from None
+            except RowError as err:
+                err.item = rec.item
+                quarantine(err, row, line, raw, value, level)
+                return False
+            u["emitted"] += 1
+            digest = blake2b(content, digest_size=16).digest()
+            item = b"" if rec.item is None else b',"item":' + dumps_str(rec.item).encode()
+            source = b'"source":{"file":' + file_json + b',"row":' + str(row).encode() + b"}" + item
+            rid = digest.hex().encode()
+            if digest in seen:
+                u["duplicates"] += 1
+                dup_w(b'{"id":"' + rid + b'",' + source + b"}\n")
+                return True
+            seen.add(digest)
+            record = b'{"id":"' + rid + b'",' + content[1:-1] + b"," + source + b"}\n"
+            prompt_bytes = content[unpaired_start:content.index(b'],"completion":[') + 1]
+            if int.from_bytes(blake2b(prompt_bytes, digest_size=8).digest(), "big") < threshold:
+                test_w(record)
+                u["test"] += 1
+            else:
+                train_w(record)
+                u["train"] += 1
+            lstats.add_unpaired(rec)
+            return True
+
         # Hot counters are plain locals (this loop runs once per row); the rest go through ``c``.
         rows_in = emitted_pairs = duplicates = n_train = n_test = rows_with_pairs = 0
+        extra_records = groups = 0  # scored: records beyond the first of each group, and the groups
         progress = tqdm(desc=src.name, unit="row", disable=None, file=sys.stderr, mininterval=1.0)
         for row, value, raw, line in rows:
             rows_in += 1
+            weight = 1
+            if grouped and type(value) is dict:
+                # A prompt group counts as the source records it holds, so counts match the file.
+                weight = len(value[scored.GROUP])
+                extra_records += weight - 1
+                groups += 1
             if not rows_in & 0x3FFF:
                 progress.update(0x4000)
                 if not rows_in & 0x3FFFF:
@@ -415,7 +546,7 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
             except RowError as err:
                 quarantine(err, row, line, raw, value, "row")
                 continue
-            single = type(result) is Pair
+            single = type(result) is Pair or type(result) is Unpaired
             pairs = (result,) if single else result
             if not pairs:
                 quarantine(RowError("no_pairs", "the row yields no pairs"), row, line, raw, value, "row")
@@ -423,6 +554,10 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
             level = "row" if single else "pair"
             emitted = False
             for pair in pairs:
+                if type(pair) is Unpaired:
+                    if store_unpaired(pair, row, line, raw, value, level):
+                        emitted = True
+                    continue
                 if type(pair) is not Pair:
                     quarantine(pair, row, line, raw, value, level)
                     continue
@@ -465,11 +600,15 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
                     n_train += 1
                 add_stats(pair, empty_rejected)
             if not single or emitted:
-                rows_with_pairs += 1
+                rows_with_pairs += weight
         progress.update(rows_in & 0x3FFF)
         progress.close()
+        emitted_pairs += u["emitted"]
+        duplicates += u["duplicates"]
+        n_train += u["train"]
+        n_test += u["test"]
         entry = {
-            "rows_in": rows_in,
+            "rows_in": rows_in + extra_records,
             "rows_quarantined": c["rows_quarantined"],
             "rows_with_pairs": rows_with_pairs,
             # Pairs quarantined on their own count towards ``pairs`` too (see module docstring).
@@ -482,7 +621,8 @@ def _run(files, formats, mapping, opts, test_fraction, writer):
         }
         entry["quarantined"] = entry["rows_quarantined"] + entry["pairs_quarantined"]
         if fmt == "scored":
-            entry["records_in"] = c["records_in"]  # source records; rows_in counts prompt groups
+            entry["records_in"] = c["records_in"]  # source records (= rows_in)
+            entry["groups"] = groups  # the prompt groups they formed
         per_source.append(entry)
         totals.update(entry)
     counts = {k: totals[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "train", "test",

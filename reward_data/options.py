@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 TIES = ("drop", "keep")
@@ -12,7 +13,9 @@ GROUP_MODES = ("consecutive", "global")
 #: Named role-marker templates for ``transcript_template`` (``end`` closes a turn, if the format has one).
 TRANSCRIPT_PRESETS: dict[str, dict[str, str]] = {
     # NeMo / HelpSteer: "<extra_id_0>System\n...\n<extra_id_1>User\n...\n<extra_id_1>Assistant\n..."
-    "nemo": {"system": "<extra_id_0>System\n", "user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n"},
+    # (regression-label files end the text with "<extra_id_2>", where the reward head reads)
+    "nemo": {"system": "<extra_id_0>System\n", "user": "<extra_id_1>User\n", "assistant": "<extra_id_1>Assistant\n",
+             "end": "<extra_id_2>"},
     "chatml": {"system": "<|im_start|>system\n", "user": "<|im_start|>user\n",
                "assistant": "<|im_start|>assistant\n", "end": "<|im_end|>"},
     "zephyr": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n", "end": "</s>"},
@@ -81,6 +84,11 @@ class IngestOptions:
         metadata={"help": "Rated completions: the per-completion score key. Default: the first present of "
                   "overall_score, score, rating, reward."},
     )
+    lower_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Rated and ranked data: True when a smaller score is better, False when a larger one is. "
+                  "Default: True for rank-like keys (rank, ranking, position, place; rank 1 = best), else False."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for best_random binarisation (per-row, deterministic)."})
     max_row_bytes: int = field(
         default=4 * 1024 * 1024,
@@ -118,7 +126,14 @@ class IngestOptions:
     score: str | None = field(
         default=None,
         metadata={"help": "Scored format: the attribute that ranks responses, or a weighted sum such as "
-                  "'helpfulness*0.6+correctness*0.4'. Default: a single 'score'/'rating'/'reward' column."},
+                  "'helpfulness*0.6+correctness*0.4'; a list column by position, e.g. 'label[4]' (NeMo "
+                  "regression labels; -100 means not labelled). Default: a single 'score'/'rating'/'reward' column."},
+    )
+    ignore_label_column: bool = field(
+        default=False,
+        metadata={"help": "With --map chosen=/rejected=: proceed although the source has a label-like column "
+                  "(winner, label, preference, choice, ...) that the mapping ignores. By default such an ingest is "
+                  "refused: the label usually says which side won, and ignoring it swaps pairs and stores ties."},
     )
     group_by: str | None = field(
         default=None,
@@ -146,6 +161,8 @@ class IngestOptions:
         if self.min_margin < 0:
             raise ValueError(f"option min_margin={self.min_margin}: must be >= 0")
         self.seed = int(self.seed)
+        if self.lower_is_better is not None and not isinstance(self.lower_is_better, bool):
+            raise ValueError(f"option lower_is_better={self.lower_is_better!r}: must be true, false or null")
         self.max_row_bytes = int(self.max_row_bytes)
         if self.max_row_bytes < 64:
             raise ValueError(f"option max_row_bytes={self.max_row_bytes}: must be >= 64")
@@ -157,8 +174,6 @@ class IngestOptions:
             self.json_fields = tuple(self.json_fields)
         self.transcript_template = parse_template(self.transcript_template)
         if self.score is not None:
-            from reward_data.readers.scored import parse_score
-
             parse_score(self.score)  # fail fast, naming the option
 
     @classmethod
@@ -172,3 +187,37 @@ class IngestOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The score option: a weighted sum of rating attributes, parsed here (never evaluated) so the
+# option fails fast and the scored reader reads the same terms.
+_NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NAME = r"[A-Za-z_][\w.]*(?:\[[0-9]+\])?"
+_TERM = re.compile(rf"\s*([+-]?)\s*(?:({_NAME})\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*({_NAME}))\s*")
+
+
+def parse_score(spec: str) -> list[tuple[str, float]]:
+    """``"helpfulness*0.6+correctness*0.4"`` -> ``[("helpfulness", 0.6), ("correctness", 0.4)]``.
+
+    Terms are ``attr``, ``attr*w`` or ``w*attr`` joined by ``+``/``-``; nothing is evaluated.
+
+    Raises:
+        ValueError: naming the option and the part that does not parse.
+    """
+    terms: list[tuple[str, float]] = []
+    pos = 0
+    while pos < len(spec):
+        m = _TERM.match(spec, pos)
+        if not m or m.end() == pos or (terms and not m.group(1)):
+            raise ValueError(f"option score={spec!r}: cannot parse at {spec[pos:]!r}; expected e.g. "
+                             "'helpfulness' or 'helpfulness*0.6+correctness*0.4'")
+        sign, name, weight, weight2, name2 = m.groups()
+        try:
+            w = float(weight if weight is not None else weight2 if weight2 is not None else 1.0)
+        except ValueError:
+            raise ValueError(f"option score={spec!r}: {weight or weight2!r} is not a number") from None
+        terms.append((name or name2, -w if sign == "-" else w))
+        pos = m.end()
+    if not terms:
+        raise ValueError(f"option score={spec!r}: empty")
+    return terms

@@ -37,6 +37,7 @@ REASONS: dict[str, str] = {
     "long_row": "a CSV record has more fields than the header",
     "malformed_csv": "the csv module cannot parse the record",
     "too_deep": "the row nests lists/objects too deeply to parse",
+    "non_text_content": "a message holds non-text content parts (image, audio, file, ...)",
 }
 
 #: Accepted role spellings -> canonical role. Anything else is quarantined as ``unknown_role``.
@@ -50,6 +51,7 @@ ROLE_ALIASES: dict[str, str] = {
     "bot": "assistant",
     "model": "assistant",
     "tool": "tool",
+    "developer": "system",  # the OpenAI chat API's newer name for the system role
 }
 
 _CANONICAL_ROLES = frozenset(("system", "user", "assistant", "tool"))
@@ -92,6 +94,23 @@ class Pair:
     rejected: list[Message]
     margin: float | None = None
     tie: bool = False
+    item: str | None = field(default=None)
+
+
+@dataclass(slots=True)
+class Unpaired:
+    """One labelled completion (KTO's unpaired format, thumbs-up/down logs) before hashing.
+
+    Attributes:
+        prompt: conversation up to the completion; ends with a user message.
+        completion: the judged continuation, starting with an assistant message.
+        label: True when the completion is desirable (thumbs up), False when not.
+        item: locator inside a multi-record row, ``None`` for 1:1 rows.
+    """
+
+    prompt: list[Message]
+    completion: list[Message]
+    label: bool
     item: str | None = field(default=None)
 
 
@@ -198,12 +217,42 @@ def normalize_messages(value: Any, key: str, allow_empty: bool = False) -> list[
         canonical = ROLE_ALIASES.get(role.lower())
         if canonical is None:
             raise RowError("unknown_role", f"{where} has unknown role {role!r}", key)
+        if type(content) is list:
+            content = content_parts_text(content, where, key)
         if not isinstance(content, str):
             raise RowError("wrong_type", f"{where}.content must be a string, got {type(content).__name__}", key)
         if not allow_empty and not content.strip():
             raise RowError("empty_text", f"{where}.content is empty or whitespace", key)
         out.append({"role": canonical, "content": content})
     return out
+
+
+def content_parts_text(parts: list, where: str, key: str) -> str:
+    """The text of a typed content-part list (OpenAI / LLaMA-Factory multimodal layout).
+
+    ``[{"type": "text", "text": "a"}, {"type": "text", "value": "b"}]`` -> ``"a\nb"``: text parts
+    are joined with a newline (the parts of one message are separate paragraphs). A non-text part
+    (image, audio, file) is quarantined as ``non_text_content``: a text-only model would train on
+    the message with the image silently missing.
+    """
+    texts = []
+    for i, part in enumerate(parts):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise RowError("wrong_type", f"{where}.content[{i}] must be a content part object, got "
+                           f"{type(part).__name__}", key)
+        kind = part.get("type", "text")
+        if kind not in ("text", "input_text", "output_text"):
+            raise RowError("non_text_content", f"{where}.content[{i}] is a {kind!r} part; only text parts can be "
+                           "stored", key)
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            raise RowError("wrong_type" if text is not None else "missing_field",
+                           f"{where}.content[{i}] has no string 'text' or 'value'", key)
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def as_prompt(value: Any, key: str = "prompt") -> list[Message]:
@@ -217,6 +266,10 @@ def prompt_of(value: Any, key: str, template: dict[str, str] | None) -> list[Mes
     """:func:`as_prompt`, but a string is split by the transcript ``template`` when one is given."""
     if template is not None and isinstance(value, str):
         msgs = parse_transcript(value, template, key)
+        if len(msgs) > 1 and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+            # A trailing empty assistant marker is the generation cue (HH/Nectar prompts end in
+            # "\n\nAssistant:"), not an empty turn.
+            msgs.pop()
         for i, m in enumerate(msgs):
             if not m["content"]:
                 raise RowError("empty_text", f"{key} turn {i} ({m['role']}) is empty", key)
@@ -246,6 +299,8 @@ def as_response(value: Any, key: str) -> list[Message]:
     """
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
+    if type(value) is dict:  # one message object (ShareGPT DPO: {"from": "gpt", "value": ...})
+        value = [value]
     msgs = normalize_messages(value, key, allow_empty=True)
     if msgs[0]["role"] != "assistant":
         raise RowError("bad_value", f"field {key!r} must start with an assistant message, got {msgs[0]['role']!r}", key)
@@ -384,3 +439,22 @@ def parse_transcript(text: str, template: dict[str, str], key: str) -> list[Mess
             continue  # templates often carry an empty system block; it is no message
         out.append({"role": role, "content": content})
     return out
+
+
+def check_unpaired(rec: Unpaired) -> None:
+    """:func:`check_pair` for one labelled completion: a prompt ending on a user turn, a
+    non-blank completion that starts with the assistant.
+
+    Raises:
+        RowError: naming the field at fault.
+    """
+    if not rec.prompt:
+        raise RowError("no_prompt", "the prompt is empty", "prompt")
+    if rec.prompt[-1]["role"] == "assistant":
+        raise RowError("bad_value", "the prompt must not end with an assistant message", "prompt")
+    if _blank(rec.prompt):
+        raise RowError("empty_text", "a prompt message is empty or whitespace", "prompt")
+    if _blank(rec.completion):
+        raise RowError("empty_text", "field 'completion' is empty or whitespace", "completion")
+    if rec.completion[0]["role"] != "assistant":
+        raise RowError("bad_value", "the completion must start with an assistant message", "completion")

@@ -55,6 +55,25 @@ class LengthStats:
         self.chosen_longer = 0
         self.chosen_prefix: str | None = None  # common prefix of every first chosen message
         self.rejected_prefix: str | None = None
+        # Unpaired (labelled completion) datasets only.
+        self.completion = Counter()
+        self.desirable = 0
+        self.undesirable = 0
+
+    def add_unpaired(self, rec) -> None:
+        """Count one accepted :class:`~reward_data.schema.Unpaired` completion."""
+        n = 0
+        for m in rec.prompt:
+            n += len(m["content"])
+        self.prompt[n] += 1
+        self.turns[len(rec.prompt)] += 1
+        if rec.prompt[0]["role"] == "system":
+            self.with_system += 1
+        self.completion[sum(len(m["content"]) for m in rec.completion)] += 1
+        if rec.label:
+            self.desirable += 1
+        else:
+            self.undesirable += 1
 
     def add(self, pair, empty_rejected: bool = False) -> None:
         """Count one accepted :class:`~reward_data.schema.Pair`."""
@@ -100,6 +119,15 @@ class LengthStats:
             self.rejected_prefix = os.path.commonprefix((p, r))
 
     def to_dict(self, accepted: int) -> dict:
+        if self.completion:
+            return {
+                "prompt_chars": summarize(self.prompt),
+                "completion_chars": summarize(self.completion),
+                "prompt_turns": {str(k): v for k, v in sorted(self.turns.items())},
+                "desirable": self.desirable,
+                "undesirable": self.undesirable,
+                "with_system": self.with_system,
+            }
         return {
             "prompt_chars": summarize(self.prompt),
             "chosen_chars": summarize(self.chosen),

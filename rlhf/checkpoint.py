@@ -8,10 +8,7 @@ plain JSON, written to a temporary directory and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +82,13 @@ def set_rng_state(state: dict) -> None:
 def write_checkpoint_dir(root: Path, name: str, writer) -> Path:
     """Create ``root/name`` atomically: ``writer(tmp_dir)`` fills a temporary directory that is
     then renamed into place, so a killed run never leaves a half checkpoint under ``name``."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+    from rlhf.atomic import write_dir
+
+    def fill(tmp: Path) -> None:
         writer(tmp)
         (tmp / "COMPLETE").write_text("ok")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root / name
+
+    return write_dir(root / name, fill)
 
 
 def complete_checkpoints(root: Path, prefix: str) -> list[tuple[int, Path]]:

@@ -21,6 +21,8 @@ import types
 import typing
 from pathlib import Path
 
+from rlhf.paths import add_home_option, use_home
+
 #: Every command with its one-line description, in the order ``rlhf --help`` lists them.
 COMMANDS = {
     "run": "run a staged recipe: SFT -> reward model -> PPO (cached, resumable)",
@@ -36,6 +38,7 @@ COMMANDS = {
     "eval": "score policies (reward model / objective, win rates, best-of-n); reward-model accuracy",
     "dashboard": "serve a local web page over pipeline runs",
     "report": "write one run as a self-contained HTML report",
+    "env": "print versions, devices and paths (paste it into a bug report)",
 }
 
 STAGE_NAMES = ("sft", "reward", "ppo", "dpo")  # rlhf.stages.STAGES, without importing torch for --help
@@ -135,15 +138,17 @@ def _console_parser() -> argparse.ArgumentParser:
     group.add_argument("--progress-interval", type=float, metavar="SECONDS",
                        help="seconds between progress records when the console is not a terminal (file, pipe, "
                             "batch job); default $RLHF_PROGRESS_INTERVAL, then 30")
+    add_home_option(group)
     return parser
 
 
-def _setup_console(verbose: bool, progress_interval: float | None) -> None:
+def _setup_console(verbose: bool, progress_interval: float | None, home: str | None = None) -> None:
     """Quiet the third-party printers unless ``--verbose``; pass the console settings on to
     the stages (and to processes started by ``accelerate launch``) through the environment."""
     from rlhf.config import ConfigError
     from rlhf.tracking import filter_third_party_noise, progress_interval as check_interval
 
+    use_home(home)
     # stage headers (stdout) and progress records (stderr) stay in order in a batch job's log
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
@@ -212,7 +217,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     import json
 
     args = _stage_parser(stage).parse_intermixed_args(argv)
-    _setup_console(args.verbose, args.progress_interval)
+    _setup_console(args.verbose, args.progress_interval, args.home)
     from rlhf import distributed
     from rlhf.config import apply_overrides, from_dict, load_yaml
     from rlhf.stages import STAGES, run_stage
@@ -250,7 +255,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def _run_main(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
-    _setup_console(args.verbose, args.progress_interval)
+    _setup_console(args.verbose, args.progress_interval, args.home)
     from rlhf import distributed
     from rlhf.pipeline import Pipeline, plan, print_summary
 
@@ -279,9 +284,11 @@ def _config_main(argv: list[str]) -> int:
     show.add_argument("--config", help="(stages) YAML file with the stage's settings")
     show.add_argument("--output-dir", help="(recipes) run directory the paths are resolved against")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, as for run or the stage")
+    add_home_option(show)
     if argv[:1] != ["show"]:
         parser.parse_args(argv)  # --help, or a usage error naming the choices; both exit
     args = show.parse_intermixed_args(argv[1:])  # (argparse cannot intermix through subparsers)
+    use_home(args.home)
     from rlhf.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
     if args.target in STAGE_NAMES:
@@ -352,6 +359,10 @@ def _dispatch(argv: list[str]) -> int:
             from rlhf.evaluate import main as eval_main
 
             return eval_main(rest)
+        if cmd == "env":
+            from rlhf.envinfo import main as env_main
+
+            return env_main(rest)
         if cmd == "report":
             from rlhf.dashboard.cli import main as dash_main
 

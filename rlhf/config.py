@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import functools
 import math
 import re
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rlhf.tasks.synthetic import SyntheticTaskConfig
+from rlhf.estimators import ESTIMATORS
 
 
 class ConfigError(ValueError):
@@ -178,12 +177,27 @@ class PPOConfig:
         "What to do with the score of a response without the stop token.", default="replace"
     )
     missing_stop_value: float = _help("Replacement score, or amount subtracted.", range="any", default=-1.0)
-    generation: Literal["auto", "hf", "static", "merged"] = _help(
+    generation: Literal["auto", "hf", "static", "merged", "vllm"] = _help(
         "Sampling engine (rlhf/generation.py). 'hf': transformers generate with a dynamic cache. 'static': "
         "our decode loop over a preallocated KV cache, prompt widths bucketed (multiples of 64) so a run "
         "compiles a bounded number of graphs, policy LoRA active, eval mode. 'merged': the static loop on a "
         "separate merged copy of base+policy, refreshed after each update (the shared base is never "
-        "merged in place). 'auto': static on CUDA, hf on CPU.", default="auto")
+        "merged in place). 'vllm': a vLLM engine beside the trainer, sampling the current policy LoRA "
+        "(rlhf/generation_vllm.py; needs the environment of scripts/setup_vllm.sh). "
+        "'auto': static on CUDA, hf on CPU.", default="auto")
+    rollout_is_cap: float | None = _help(
+        "Truncated importance sampling against the train/inference mismatch: each token's policy loss is "
+        "weighted by min(pi_train / pi_sampler, cap), from the trainer's and the sampler's logprobs of the "
+        "rollout (TRL's vllm_importance_sampling_cap, veRL's rollout_is). Off (null) by default; 2 is a "
+        "common cap. rollout/logprob_diff_mean and _max are logged either way.", range="> 0", default=None)
+    vllm_gpu_memory_utilization: float = _help(
+        "vllm engine on a GPU: the fraction of GPU memory vLLM may take (weights + KV cache); the trainer "
+        "needs the rest. Between rollouts the engine sleeps (weights and KV cache released).",
+        range="(0, 1)", default=0.3)
+    vllm_kv_cache_gib: float | None = _help(
+        "vllm engine on a CPU: KV cache space in GiB (VLLM_CPU_KVCACHE_SPACE). Default (null): sized from the "
+        "config, rollout_batch_size sequences of max_prompt_length + response_length tokens, twice over.",
+        range="> 0", default=None)
     compile: Literal["auto", "on", "off"] = _help(
         "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
         "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
@@ -203,7 +217,7 @@ class PPOConfig:
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
-    advantage_estimator: Literal["gae", "reinforce++", "rloo", "grpo"] = _help(
+    advantage_estimator: Literal[tuple(ESTIMATORS)] = _help(
         "gae: GAE with a critic (the value role). Critic-free (no value role is loaded or trained): reinforce++ "
         "(whitened reward-to-go), rloo (leave-one-out baseline over samples_per_prompt samples), grpo (group-relative: "
         "(r - group mean) / group std over samples_per_prompt samples, DeepSeekMath arXiv 2402.03300).", default="gae")
@@ -288,11 +302,14 @@ class PPOConfig:
         if self.rollout_batch_size % self.samples_per_prompt:
             raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
                               f"ppo.samples_per_prompt ({self.samples_per_prompt})")
-        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+        if self.advantage_estimator not in ESTIMATORS:
+            raise ConfigError(f"ppo.advantage_estimator: unknown estimator {self.advantage_estimator!r}; choose from "
+                              f"{', '.join(ESTIMATORS)}")
+        if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
         if self.kl_in_reward is None:
-            self.kl_in_reward = self.advantage_estimator != "grpo"
+            self.kl_in_reward = ESTIMATORS[self.advantage_estimator].kl_in_reward
         if self.kl_estimator is None:
             self.kl_estimator = "k1" if self.kl_in_reward else "k3"
         if not self.kl_in_reward and self.kl_estimator == "k1":
@@ -364,6 +381,36 @@ class RewardGateConfig:
         "optimises noise and can make the policy worse.", range="[0, 1]", default=0.55)
     min_margin: float = _help("Least mean held-out margin, reward(chosen) - reward(rejected).", range="any",
                               default=0.0)
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The ``task:`` section of a recipe: an embedded task, or the user's own by import path."""
+
+    enabled: bool = _help("Train on an embedded task's data and evaluate against its gold reward (see name).",
+                          default=False)
+    name: Literal["synthetic", "format"] = _help(
+        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty) or 'format' "
+        "(gold = open with the topic word, exactly 5 words); same prompts and data distributions.",
+        default="synthetic")
+    module: str = _help(
+        "Your own task instead of an embedded one: 'my_pkg.my_task:MyTask' (importable) or "
+        "'path/to/my_task.py:MyTask' (relative to the recipe). Its code runs only when named here; "
+        "see rlhf/tasks/__init__.py for the interface. Enables the task.", default="")
+    options: dict = _help("Keyword arguments for the task.module class.", default_factory=dict)
+    seed: int = _help("Seed of the generated data.", range=SEED_RANGE, default=0)
+    num_sft: int = _help("SFT demonstrations.", range=">= 0", default=2000)
+    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", range=">= 0", default=4000)
+    num_ppo_prompts: int = _help("PPO training prompts.", range=">= 0", default=2048)
+    num_eval_prompts: int = _help("Held-out evaluation prompts.", range=">= 0", default=256)
+    label_temperature: float = _help(
+        "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
+        "higher is noisier.", range="> 0", default=0.25)
+
+    def __post_init__(self):
+        if self.options and not self.module:
+            raise ConfigError("task.options: only used with task.module (the embedded tasks use the fields above)")
+        check_ranges(self, "task")
 
 
 @dataclass
@@ -597,14 +644,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def save_yaml(data: dict, path: str | Path) -> None:
     """Write ``data`` as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
-        raise
+    from rlhf.atomic import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False))

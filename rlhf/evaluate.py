@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from rlhf.atomic import write_text
+from rlhf.paths import add_home_option, use_home
+
 Conversation = list[dict]
 
 
@@ -236,7 +239,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the report as JSON here")
+    add_home_option(parser)
     args = parser.parse_args(argv)
+    use_home(args.home)
     report: dict = {}
     if args.preferences:
         if not args.reward:
@@ -265,8 +270,6 @@ def main(argv: list[str]) -> int:
         parser.error("give --policy ... --prompts, and/or --reward with --preferences")
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        write_text(out, json.dumps(report, indent=2))
         print(f"report written to {out}", file=sys.stderr)
     return 0

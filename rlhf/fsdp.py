@@ -204,7 +204,8 @@ def gather_rollout(batch, *tensors: Tensor):
             prompt_ids=torch.nn.functional.pad(batch.prompt_ids, (pad, 0), value=0),
             prompt_mask=torch.nn.functional.pad(batch.prompt_mask, (pad, 0), value=0),
         )
-    gathered = replace(batch, **{f.name: dist.gather_rows(getattr(batch, f.name)) for f in fields(batch)})
+    gathered = replace(batch, **{f.name: dist.gather_rows(getattr(batch, f.name)) for f in fields(batch)
+                                 if getattr(batch, f.name) is not None})
     return (gathered, *(dist.gather_rows(t) for t in tensors))
 
 

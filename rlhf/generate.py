@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.atomic import write_lines
+
 
 @dataclass
 class Policy:
@@ -170,7 +172,9 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the run's)")
-    parser.add_argument("--home", help="rlhf home of the registry (default: $RLHF_HOME, then ~/.rlhf)")
+    from rlhf.paths import add_home_option
+
+    add_home_option(parser)
 
 
 def _check_sampling(prog: str, args: argparse.Namespace) -> None:
@@ -211,9 +215,7 @@ def generate_main(argv: list[str]) -> int:
     lines = [json.dumps({"prompt": p, "completion": t}) for p, t in zip(prompts, texts)]
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(out)
+        write_lines(out, lines)
         print(f"{len(lines)} completions written to {out}", file=sys.stderr)
     else:
         for line in lines:
@@ -221,11 +223,14 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
+CHAT_HELP = "commands: /help (this list), /reset (start the conversation over), /exit (quit; so does end of input)\n"
+
+
 def chat_main(argv: list[str], stdin=None, stdout=None) -> int:
     """``rlhf chat REF``: a conversation with a policy, one user turn per input line."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     parser = argparse.ArgumentParser(prog="rlhf chat", description="Chat with a policy (one user turn per line; "
-                                     "/reset starts over, /exit or end of input quits).")
+                                     "/help lists the commands, /reset starts over, /exit or end of input quits).")
     parser.add_argument("ref", help="registry reference (NAME[:VERSION]) or adapter / exported model directory")
     parser.add_argument("--system", help="a system message opening the conversation")
     _sampling_args(parser)
@@ -249,6 +254,10 @@ def chat_main(argv: list[str], stdin=None, stdout=None) -> int:
         if text == "/reset":
             history = list(opening)
             stdout.write("(conversation reset)\n")
+            continue
+        if text == "/help" or (text.startswith("/") and " " not in text):
+            # a command, never a message to the model: /help, or a mistyped one
+            stdout.write(CHAT_HELP if text == "/help" else f"unknown command {text}; {CHAT_HELP}")
             continue
         history.append({"role": "user", "content": text})
         reply = sample(policy, [history], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

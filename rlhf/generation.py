@@ -46,9 +46,10 @@ DEFAULT_BUCKET = 64
 
 
 def resolve_engine(name: str, device) -> str:
-    """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through."""
-    if name not in ("auto", "hf", "static", "merged"):
-        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged; got {name!r}")
+    """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through (``vllm``:
+    :mod:`rlhf.generation_vllm`, built by the stage, which knows the base folder)."""
+    if name not in ("auto", "hf", "static", "merged", "vllm"):
+        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged, vllm; got {name!r}")
     if name != "auto":
         return name
     return "static" if torch.device(device).type == "cuda" else "hf"
@@ -72,14 +73,53 @@ def _stop_list(stop_ids: int | list[int]) -> list[int]:
     return [stop_ids] if isinstance(stop_ids, int) else [int(t) for t in stop_ids]
 
 
-def _finish(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask) -> Sampled:
+def _finish(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask,
+            sampler_logprobs: torch.Tensor | None = None) -> Sampled:
     """Pad ``resp`` (B, <=T) to ``response_length`` and truncate each row after its first
-    stop token (any of ``stop_ids``)."""
-    if resp.shape[1] < response_length:
-        fill = torch.full((resp.shape[0], response_length - resp.shape[1]), pad_id, dtype=resp.dtype, device=resp.device)
+    stop token (any of ``stop_ids``); ``sampler_logprobs`` (B, <=T), the engine's logprobs of
+    the drawn tokens, is padded alike and zeroed after the stop."""
+    B, width = resp.shape
+    if width < response_length:
+        fill = torch.full((B, response_length - width), pad_id, dtype=resp.dtype, device=resp.device)
         resp = torch.cat([resp, fill], dim=1)
     ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
-    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop)
+    if sampler_logprobs is not None:
+        lp = torch.zeros(B, response_length, dtype=torch.float32, device=resp.device)
+        n = min(sampler_logprobs.shape[1], response_length)
+        lp[:, :n] = sampler_logprobs[:, :n].float()
+        sampler_logprobs = lp * mask
+    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop, sampler_logprobs)
+
+
+class _SamplerLogprobs:
+    """A logits processor that keeps the logprob of each drawn token, as HF ``generate`` drew it.
+
+    transformers applies user processors before its temperature warper, so this one sees the
+    unwarped scores and divides by ``temperature`` itself (top_k 0 and top_p 1 change nothing
+    else). Call ``k`` it keeps the (B, V) log-softmax; call ``k + 1`` reads the token drawn
+    from it off ``input_ids``; :meth:`finish` reads the last one off the output. O(B x V)
+    memory, not O(B x T x V) as ``output_scores`` would hold.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self.last: torch.Tensor | None = None
+        self.drawn: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.drawn.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """(B, T) logprobs of the T tokens of ``response`` (B, T)."""
+        if self.last is not None and len(self.drawn) < response.shape[1]:
+            self.drawn.append(self.last.gather(1, response[:, len(self.drawn):len(self.drawn) + 1]).squeeze(1))
+        self.last = None
+        if not self.drawn:
+            return torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+        return torch.stack(self.drawn, dim=1)
 
 
 class _EvalMode:
@@ -117,15 +157,20 @@ class HFEngine:
         # transformers fills every field we leave unset (None) from the model's own
         # generation_config.json (min_p, min_length, suppress_tokens, ...), so the model's
         # defaults are swapped for neutral ones during the call: only ``gen_cfg`` counts.
+        from transformers import LogitsProcessorList
+
         lm = self.model.base_lm
+        keep = _SamplerLogprobs(self.gen_cfg.temperature if self.gen_cfg.do_sample else 1.0)
         saved, lm.generation_config = lm.generation_config, GenerationConfig()
         try:
             with self.model.role("policy"), _EvalMode(self.model), self.model.autocast(prompt_ids.device):
-                out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.gen_cfg)
+                out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.gen_cfg,
+                                  logits_processor=LogitsProcessorList([keep]))
         finally:
             lm.generation_config = saved
-        return _finish(out[:, prompt_ids.shape[1]:], self.stop_ids, self.pad_id, self.response_length,
-                       prompt_ids, prompt_mask)
+        resp = out[:, prompt_ids.shape[1]:]
+        return _finish(resp, self.stop_ids, self.pad_id, self.response_length, prompt_ids, prompt_mask,
+                       keep.finish(resp))
 
 
 class StaticEngine:
@@ -198,10 +243,12 @@ class StaticEngine:
                 self._step = torch.compile(step, mode=mode, dynamic=False, fullgraph=False)
         return self._step
 
-    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row, exactly as HF sampling: fp32 copy, / T, softmax, multinomial."""
+    def _draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row, exactly as HF sampling: fp32 copy, / T, softmax, multinomial;
+        and the drawn tokens' logprobs (B,)."""
         scores = logits.to(copy=True, dtype=torch.float32) / self.temperature
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+        return tok.squeeze(1), torch.log_softmax(scores, dim=-1).gather(1, tok).squeeze(1)
 
     @torch.no_grad()
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
@@ -220,6 +267,7 @@ class StaticEngine:
         next_pos = positions[:, -1:] + 1  # (B, 1): the first response token's position
         self.shapes_seen.add((B, W))
         out = torch.full((B, T), self.pad_id, dtype=prompt_ids.dtype, device=device)
+        out_lp = torch.zeros(B, T, dtype=torch.float32, device=device)
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         stops = torch.tensor(self.stop_ids, dtype=prompt_ids.dtype, device=device)
         with self._sampling(device):
@@ -229,14 +277,15 @@ class StaticEngine:
                         **self._forward_kwargs(lm, cache, 0, W, device)).logits[:, -1]
             step = self._decode_step(lm)
             for t in range(T):
-                tok = self._draw(logits)
+                tok, lp = self._draw(logits)
                 tok = torch.where(unfinished, tok, torch.full_like(tok, self.pad_id))
                 out[:, t] = tok
+                out_lp[:, t] = lp
                 unfinished &= ~torch.isin(tok, stops)
                 if t == T - 1 or ((t + 1) % self.stop_check_every == 0 and not bool(unfinished.any())):
                     break
                 logits = step(tok[:, None], full_mask, next_pos + t, **self._forward_kwargs(lm, cache, W + t, 1, device))
-        return _finish(out, self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask)
+        return _finish(out, self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask, out_lp)
 
 
 class MergedEngine(StaticEngine):
@@ -308,6 +357,8 @@ def make_engine(name: str, model, gen_cfg, *, temperature: float, stop_ids: int 
     """The engine ``name`` (``auto``/``hf``/``static``/``merged``) for ``model`` on ``device``."""
     device = device if device is not None else next(model.parameters()).device
     name = resolve_engine(name, device)
+    if name == "vllm":
+        raise ValueError("make_engine: the vllm engine is built by rlhf.generation_vllm.make_vllm_engine (it needs the base folder)")
     if name == "hf":
         return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length)
     cls = StaticEngine if name == "static" else MergedEngine

@@ -26,3 +26,19 @@ def current_umask() -> int:
     return mask
 
 
+
+
+def add_home_option(parser) -> None:
+    """The ``--home DIR`` option every command takes (see :func:`use_home`)."""
+    parser.add_argument("--home", metavar="DIR",
+                        help="rlhf home: the registry and the data store (default: $RLHF_HOME, then ~/.rlhf)")
+
+
+def use_home(home: str | None) -> None:
+    """Make ``--home DIR`` the home of this process and of every process it starts.
+
+    Setting ``$RLHF_HOME`` (rather than passing the path down) reaches every reader of the
+    home at once: the registry, the data store, and the ranks ``accelerate launch`` starts.
+    """
+    if home:
+        os.environ["RLHF_HOME"] = os.path.abspath(os.path.expanduser(home))

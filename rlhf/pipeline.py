@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.atomic import write_json
 from rlhf.config import (
     ConfigError,
     DPOConfig,
@@ -41,7 +42,7 @@ from rlhf.config import (
 )
 from rlhf.resolve import check_base, check_input
 from rlhf.stages import STAGES, run_stage
-from rlhf.stages.common import Registration, safe_name as _safe_name, write_json
+from rlhf.stages.common import Registration, safe_name as _safe_name
 from rlhf.tasks import TASK_FILES, Task
 
 

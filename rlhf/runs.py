@@ -19,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 
+from rlhf.atomic import write_text
 from rlhf.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -115,7 +116,5 @@ def trim_logs(output_dir: str | os.PathLike, keep_through: int | None) -> int:
                 continue
             kept.append(line)
         if dropped > before:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, "".join(kept))
     return dropped

@@ -2,9 +2,10 @@
 # Install what is needed, then run the test suite (tests marked slow are left out; run them
 # with: .venv/bin/python -m pytest -m slow).
 #
-# Two environments run: the newest libraries pip resolves (the whole suite), then the GPU
+# Three environments run: the newest libraries pip resolves (the whole suite), then the GPU
 # image's library versions (scripts/gpu-image-versions.txt, overlaid on the same venv) for the
-# tests of the paths real runs take: PPO, the stages and the pipeline. Both must pass.
+# tests of the paths real runs take: PPO, the stages and the pipeline, then the vLLM engine's
+# tests in .venv-vllm (scripts/test_vllm.sh; built on first use, about 6 minutes). All must pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -37,5 +38,8 @@ existing=()
 for t in "${FLOORS_TESTS[@]}"; do [ -e "$t" ] && existing+=("$t"); done
 PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -m pytest -m "not slow" -q "${existing[@]}"
 floors_rc=$?
-echo "== newest libraries: exit $main_rc; GPU image versions: exit $floors_rc"
-[ "$main_rc" = 0 ] && [ "$floors_rc" = 0 ]
+echo "== 3/3: the vLLM engine in its own environment (scripts/test_vllm.sh)"
+bash scripts/test_vllm.sh
+vllm_rc=$?
+echo "== newest libraries: exit $main_rc; GPU image versions: exit $floors_rc; vLLM: exit $vllm_rc"
+[ "$main_rc" = 0 ] && [ "$floors_rc" = 0 ] && [ "$vllm_rc" = 0 ]

@@ -22,9 +22,19 @@ def _isolated_home(tmp_path, monkeypatch):
     yield
 
 
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 @pytest.fixture
 def shared_datasets() -> Path:
-    """The real data samples beside the checkout; tests using them skip when absent."""
+    """The real data samples beside the checkout.
+
+    Tests using them skip when the samples are absent, except under ``CI=true``: a CI job
+    that lost its data must fail, not pass with those tests quietly skipped.
+    """
     if not SHARED_DATASETS.is_dir():
+        if _ci():
+            pytest.fail(f"{SHARED_DATASETS} not present and CI is set: the real-data tests cannot run")
         pytest.skip(f"{SHARED_DATASETS} not present")
     return SHARED_DATASETS

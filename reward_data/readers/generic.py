@@ -14,6 +14,8 @@ from reward_data.readers import explicit, implicit
 from reward_data.schema import Pair, RowError, maybe_json_list
 
 NAME = "generic"
+EXAMPLE = {"question": "Name a prime.", "good": "7", "bad": "8"}
+EXAMPLE_FLAGS = "--map prompt=question --map chosen=good --map rejected=bad"
 FIELDS = ("prompt", "chosen", "rejected", "margin", "system")
 
 

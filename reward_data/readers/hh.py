@@ -14,6 +14,7 @@ from reward_data.options import IngestOptions
 from reward_data.schema import Message, Pair, RowError, require_str, split_shared_prefix
 
 NAME = "hh"
+EXAMPLE = {"chosen": "\n\nHuman: Name a prime.\n\nAssistant: 7", "rejected": "\n\nHuman: Name a prime.\n\nAssistant: 8"}
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLE = {"Human": "user", "Assistant": "assistant"}

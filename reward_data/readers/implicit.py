@@ -10,10 +10,11 @@ from reward_data.options import IngestOptions
 from reward_data.schema import Pair, as_float, normalize_messages, require, split_shared_prefix, with_system
 
 NAME = "implicit"
+EXAMPLE = {"chosen": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}], "rejected": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "8"}]}
 
 
 def detect(row: dict) -> bool:
-    return "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
+    return "prompt" not in row and "conversations" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
 
 
 def read(row: dict, opts: IngestOptions) -> Pair:

@@ -14,6 +14,7 @@ from reward_data.options import IngestOptions
 from reward_data.schema import Pair, RowError, normalize_messages
 
 NAME = "oasst"
+EXAMPLE = {"message_tree_id": "t", "prompt": {"message_id": "p", "role": "prompter", "text": "Name a prime.", "replies": [{"message_id": "a", "role": "assistant", "text": "7", "rank": 0, "replies": []}, {"message_id": "b", "role": "assistant", "text": "8", "rank": 1, "replies": []}]}}
 
 
 def _root(row: dict) -> dict | None:

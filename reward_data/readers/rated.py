@@ -3,23 +3,28 @@
 Layouts: ``completions`` = list of ``{response|text|content|completion, <score>}`` objects, or
 parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. A ``system`` column goes first. The prompt is ``instruction``,
 ``prompt`` or ``question``. Completions without a numeric score (UltraFeedback's ``"N/A"``) take
-part in no pair. ``binarize`` picks best vs worst, best vs a seeded random lower one, or all
+part in no pair. A score key named like a rank (``rank``: 1 = best) is lower-is-better unless
+``lower_is_better`` says otherwise. ``binarize`` picks best vs worst, best vs a seeded random lower one, or all
 pairs; a pair needs a score gap strictly above ``min_margin`` and the gap is its margin.
 """
 
 from __future__ import annotations
 
+import difflib
 import random
 
 from reward_data.options import IngestOptions
 from reward_data.schema import Pair, RowError, as_response, prompt_of, with_system
 
 NAME = "rated"
+EXAMPLE = {"instruction": "Name a prime.", "completions": [{"response": "7", "overall_score": 9}, {"response": "8", "overall_score": 2}]}
 
 _PROMPT_KEYS = ("instruction", "prompt", "question")
 _TEXT_KEYS = ("response", "text", "content", "completion")
 _SCORE_KEYS = ("overall_score", "score", "rating", "reward")
 _LIST_SCORE_KEYS = ("scores", "ratings", "rewards")
+#: Score keys where a smaller value is better (rank 1 = best), unless ``lower_is_better`` says otherwise.
+RANK_NAMES = ("rank", "ranking", "position", "place")
 
 
 def detect(row: dict) -> bool:
@@ -52,6 +57,8 @@ def _candidates(row: dict, opts: IngestOptions) -> list[tuple[float, object, str
                 raise RowError("missing_field", f"completions[{i}] has none of {', '.join(_TEXT_KEYS)}", "completions")
             score_key = opts.score_field or next((k for k in _SCORE_KEYS if k in c), None)
             score = _score(c.get(score_key)) if score_key else None
+            if score is not None and lower_is_better(score_key, opts):
+                score = -score
             if score is not None:
                 out.append((score, c[text_key], f"completions[{i}].{text_key}"))
         return out
@@ -60,29 +67,49 @@ def _candidates(row: dict, opts: IngestOptions) -> list[tuple[float, object, str
     scores = row.get(score_key)
     if not isinstance(responses, list) or not isinstance(scores, list) or len(responses) != len(scores):
         raise RowError("wrong_type", f"'responses' and {score_key!r} must be lists of equal length", "responses")
+    flip = lower_is_better(score_key, opts)
     for i, (r, s) in enumerate(zip(responses, scores)):
         score = _score(s)
+        if score is not None and flip:
+            score = -score
         if score is not None:
             out.append((score, r, f"responses[{i}]"))
     return out
 
 
+def lower_is_better(key: str | None, opts: IngestOptions) -> bool:
+    """Whether a smaller value of score key ``key`` is better: ``opts.lower_is_better`` when set,
+    else True for rank-like names (``rank``, ``ranking``, ``position``, ``place``; rank 1 = best)."""
+    if opts.lower_is_better is not None:
+        return opts.lower_is_better
+    return key is not None and key.split(".")[-1].lower() in RANK_NAMES
+
+
 def resolved(row: dict, opts: IngestOptions) -> dict:
-    """The score key this file is read with (what ``score_field=None`` resolves to)."""
+    """The score key this file is read with (what ``score_field=None`` resolves to); a
+    ``score_field`` that no completion holds fails here, naming it and the keys seen."""
     if isinstance(row.get("completions"), list):
         first = next((c for c in row["completions"] if isinstance(c, dict)), {})
         key = opts.score_field or next((k for k in _SCORE_KEYS if k in first), None)
+        keys = set(first)
     else:
         key = opts.score_field or next((k for k in _LIST_SCORE_KEYS if k in row), None)
-    return {"score_field": key}
+        keys = set(row)
+    if opts.score_field is not None and opts.score_field not in keys:
+        near = difflib.get_close_matches(opts.score_field, sorted(keys), n=3)
+        raise ValueError(f"--score-field {opts.score_field}: no such key in the completions (keys seen: "
+                         f"{', '.join(sorted(keys)) or 'none'})" + (f"; closest: {', '.join(near)}" if near else ""))
+    return {"score_field": key, "order": "lower is better" if lower_is_better(key, opts) else "higher is better"}
 
 
-def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
-    prompt_key = next((k for k in _PROMPT_KEYS if k in row), None)
-    if prompt_key is None or row[prompt_key] is None:
-        raise RowError("missing_field", f"row has none of {', '.join(_PROMPT_KEYS)}", "prompt")
-    prompt = with_system(prompt_of(row[prompt_key], prompt_key, opts.transcript_template), row.get("system"))
-    cands = _candidates(row, opts)
+def pairs_from_candidates(prompt: list, cands: list[tuple[float, object, str]], opts: IngestOptions,
+                          what: str = "completions") -> list[Pair | RowError]:
+    """Binarise scored candidates ``(score, response value, locator)``, higher score = better.
+
+    ``binarize`` picks best vs worst, best vs a seeded random lower one, or all pairs; a pair needs
+    a score gap strictly above ``min_margin`` and the gap is its margin. Shared by rated
+    completions and ranked answers (whose ranks arrive negated).
+    """
     # Stable sort, best first: equal scores keep their input order, so output is deterministic.
     order = sorted(range(len(cands)), key=lambda i: -cands[i][0])
     pairs_idx: list[tuple[int, int]] = []
@@ -99,7 +126,7 @@ def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
                 (i, j) for n, i in enumerate(order) for j in order[n + 1:] if cands[i][0] - cands[j][0] > opts.min_margin
             ]
     if not pairs_idx:
-        raise RowError("no_pairs", f"fewer than two completions with a score gap above {opts.min_margin}", "completions")
+        raise RowError("no_pairs", f"fewer than two {what} with a score gap above {opts.min_margin}", what)
     out: list[Pair | RowError] = []
     for i, j in pairs_idx:
         (si, ri, ki), (sj, rj, kj) = cands[i], cands[j]
@@ -111,3 +138,12 @@ def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
             # Drop the traceback: it references this frame, whose `out` holds err (a cycle).
             out.append(err.with_traceback(None))
     return out
+
+
+def read(row: dict, opts: IngestOptions) -> list[Pair | RowError]:
+    prompt_key = next((k for k in _PROMPT_KEYS if k in row), None)
+    if prompt_key is None or row[prompt_key] is None:
+        raise RowError("missing_field", f"row has none of {', '.join(_PROMPT_KEYS)}", "prompt")
+    prompt = with_system(prompt_of(row[prompt_key], prompt_key, opts.transcript_template), row.get("system"))
+    cands = _candidates(row, opts)
+    return pairs_from_candidates(prompt, cands, opts)

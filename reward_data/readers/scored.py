@@ -26,10 +26,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from reward_data.options import IngestOptions
+from reward_data.options import IngestOptions, parse_score
 from reward_data.schema import Pair, RowError, as_float, parse_transcript, prompt_of, with_system
 
 NAME = "scored"
+EXAMPLE = {"prompt": "Name a prime.", "response": "7", "helpfulness": 4}
+EXAMPLE_FLAGS = "--score helpfulness (one row per response; rows with one prompt form a group)"
 
 _PROMPT_KEYS = ("prompt", "question", "instruction")
 _RESPONSE_KEYS = ("response", "completion", "output", "answer")
@@ -40,38 +42,35 @@ ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosit
 _DEFAULT_SCORE = ("score", "rating", "reward", "overall_score")
 GROUP = "__scored_group__"
 
-_NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-_TERM = re.compile(rf"\s*([+-]?)\s*(?:([A-Za-z_][\w.]*)\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*([A-Za-z_][\w.]*))\s*")
+_INDEXED = re.compile(r"\A(.+)\[([0-9]+)\]\Z")
+#: NeMo-Aligner's regression labels mark an attribute the row was not labelled for with -100.
+NEMO_UNLABELLED = -100.0
 
 
-def parse_score(spec: str) -> list[tuple[str, float]]:
-    """``"helpfulness*0.6+correctness*0.4"`` -> ``[("helpfulness", 0.6), ("correctness", 0.4)]``.
+def attribute(row: dict, name: str) -> Any:
+    """The value of score term ``name``: a column, or ``col[i]``, position i of a list column
+    (NeMo regression labels). None when absent."""
+    if name in row:
+        return row[name]
+    m = _INDEXED.match(name)
+    if m is None:
+        return None
+    values = row.get(m.group(1))
+    i = int(m.group(2))
+    return values[i] if type(values) is list and i < len(values) else None
 
-    Terms are ``attr``, ``attr*w`` or ``w*attr`` joined by ``+``/``-``; nothing is evaluated.
 
-    Raises:
-        ValueError: naming the option and the part that does not parse.
-    """
-    terms: list[tuple[str, float]] = []
-    pos = 0
-    while pos < len(spec):
-        m = _TERM.match(spec, pos)
-        if not m or m.end() == pos or (terms and not m.group(1)):
-            raise ValueError(f"option score={spec!r}: cannot parse at {spec[pos:]!r}; expected e.g. "
-                             "'helpfulness' or 'helpfulness*0.6+correctness*0.4'")
-        sign, name, weight, weight2, name2 = m.groups()
-        try:
-            w = float(weight if weight is not None else weight2 if weight2 is not None else 1.0)
-        except ValueError:
-            raise ValueError(f"option score={spec!r}: {weight or weight2!r} is not a number") from None
-        terms.append((name or name2, -w if sign == "-" else w))
-        pos = m.end()
-    if not terms:
-        raise ValueError(f"option score={spec!r}: empty")
-    return terms
+def _has_attribute(row: dict, name: str) -> bool:
+    m = _INDEXED.match(name)
+    if name in row or m is None:
+        return name in row
+    values = row.get(m.group(1))
+    return type(values) is list and int(m.group(2)) < len(values)
 
 
 def detect(row: dict) -> bool:
+    if any(k in row for k in _TRANSCRIPT_KEYS) and type(row.get("label")) is list and "chosen" not in row:
+        return True  # NeMo-Aligner regression layout: a templated text and a label vector
     has_text = (any(k in row for k in _PROMPT_KEYS) and any(k in row for k in _RESPONSE_KEYS)) or any(
         k in row for k in _TRANSCRIPT_KEYS)
     return (has_text and "chosen" not in row and "completions" not in row and "responses" not in row
@@ -82,6 +81,9 @@ def _score_terms(row: dict, opts: IngestOptions) -> list[tuple[str, float]]:
     if opts.score is not None:
         return parse_score(opts.score)
     key = next((k for k in _DEFAULT_SCORE if k in row), None)
+    if key is None and type(row.get("label")) is list:
+        raise ValueError(f"format scored: 'label' is a list of {len(row['label'])} attribute values; name one by "
+                         "position, e.g. --score 'label[4]', or a weighted sum such as 'label[0]*0.5+label[1]*0.5'")
     if key is None:
         seen = [k for k in row if k in ATTRIBUTES] or sorted(row)[:20]
         raise ValueError(f"format scored needs --score ATTR or a weighted sum such as "
@@ -92,7 +94,7 @@ def _score_terms(row: dict, opts: IngestOptions) -> list[tuple[str, float]]:
 def resolved(row: dict, opts: IngestOptions) -> dict:
     """The score expression and grouping this file is read with; fails fast when no score is known."""
     terms = _score_terms(row, opts)
-    missing = [name for name, _ in terms if name not in row]
+    missing = [name for name, _ in terms if not _has_attribute(row, name)]
     if missing:
         hints = [f"{m!r} -> {', '.join(map(repr, difflib.get_close_matches(m, list(row), n=2)))}"
                  for m in missing if difflib.get_close_matches(m, list(row), n=1)]
@@ -135,7 +137,9 @@ def parse_record(row: dict, opts: IngestOptions, terms: list[tuple[str, float]])
     prompt = with_system(prompt, row.get("system"))
     score = 0.0
     for name, weight in terms:
-        value = as_float(row.get(name), name)
+        value = as_float(attribute(row, name), name)
+        if value == NEMO_UNLABELLED and "[" in name:
+            raise RowError("missing_field", f"score attribute {name!r} is -100 (not labelled)", name)
         if value is None:
             raise RowError("missing_field", f"score attribute {name!r} is missing or empty", name)
         score += weight * value

@@ -14,6 +14,7 @@ from reward_data.options import IngestOptions
 from reward_data.schema import Message, Pair, RowError, as_float, as_int, require, require_str, text_message
 
 NAME = "shp"
+EXAMPLE = {"history": "Name a prime.", "human_ref_A": "7", "human_ref_B": "8", "labels": 1}
 
 _TURN = re.compile(r"(?:^|\n\n)(HUMAN|ASSISTANT): ?")
 _ROLE = {"HUMAN": "user", "ASSISTANT": "assistant"}

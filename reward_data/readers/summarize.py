@@ -12,6 +12,7 @@ from reward_data.options import IngestOptions
 from reward_data.schema import Pair, RowError, as_int, require, text_message
 
 NAME = "summarize"
+EXAMPLE = {"info": {"post": "...", "title": "..."}, "summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}
 
 
 def detect(row: dict) -> bool:

@@ -19,6 +19,7 @@ from reward_data.schema import (Pair, RowError, as_int, as_prompt, as_response, 
                                  with_system)
 
 NAME = "two_response"
+EXAMPLE = {"prompt": "Name a prime.", "response_0": "7", "response_1": "8", "better_response_id": 0}
 
 _PROMPT_KEYS = ("prompt", "instruction", "question")
 _INDEX_LABELS = ("better_response_id", "chosen_id", "preferred", "label", "choice", "winner", "preference")

@@ -10,12 +10,11 @@ rlhf.dashboard serve|report`` runs this directly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from rlhf.paths import current_umask
+from rlhf.atomic import write_text
+from rlhf.paths import add_home_option, current_umask, use_home
 
 __all__ = ["main", "report_main", "serve_main", "write_report"]
 
@@ -38,16 +37,7 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
     if out.is_dir():
         raise IsADirectoryError(f"{out}: is a directory; pass a file name such as {out / 'report.html'}")
     page = render_run(load_run(run_dir), standalone=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(out, page, mode=0o666 & ~current_umask())
     return out
 
 
@@ -68,6 +58,7 @@ def _serve_parser() -> argparse.ArgumentParser:
         "[::1] and the bound address are answered, which stops DNS-rebinding pages from reading runs "
         "('*' answers any name: only behind another access control)",
     )
+    add_home_option(parser)
     return parser
 
 
@@ -77,12 +68,14 @@ def _report_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory (holds pipeline.json)")
     parser.add_argument("--out", default="report.html", help="output HTML file (default report.html)")
+    add_home_option(parser)
     return parser
 
 
 def report_main(argv: list[str] | None = None) -> int:
     """``rlhf report RUN_DIR [--out FILE]``; returns the process exit code."""
     args = _report_parser().parse_args(argv)
+    use_home(args.home)
     run_dir = Path(args.run_dir)
     if not (run_dir / "pipeline.json").is_file():
         print(f"rlhf report: {run_dir / 'pipeline.json'} not found; pass a pipeline run directory", file=sys.stderr)
@@ -99,6 +92,7 @@ def report_main(argv: list[str] | None = None) -> int:
 def serve_main(argv: list[str] | None = None) -> int:
     """``rlhf dashboard [--port P] [--runs-root DIR] ...``; returns the process exit code."""
     args = _serve_parser().parse_args(argv)
+    use_home(args.home)
     from rlhf.dashboard.data import list_runs
     from rlhf.dashboard.server import make_server
 

@@ -12,6 +12,7 @@ from rlhf.ppo.batching import ppo_minibatch_indices
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf.ppo.logits import LogitTransform, entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.ppo.losses import aggregation_weights, policy_loss, value_loss
+from rlhf.ppo.mismatch import logprob_diff_stats, truncated_is_weights
 from rlhf.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf.ppo.rewards import (
     apply_missing_stop_penalty,
@@ -33,6 +34,7 @@ __all__ = [
     "head_logprobs",
     "kl_penalty",
     "last_token_index",
+    "logprob_diff_stats",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
@@ -43,5 +45,6 @@ __all__ = [
     "ppo_minibatch_indices",
     "reinforce_pp_returns",
     "rloo_advantages",
+    "truncated_is_weights",
     "value_loss",
 ]

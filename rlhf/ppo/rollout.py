@@ -21,7 +21,8 @@ __all__ = ["Sampled", "ScoredRollout"]
 
 def _rows(obj, idx: Tensor):
     """A copy of a rollout dataclass holding only the rows ``idx`` of every tensor field."""
-    return type(obj)(**{f.name: getattr(obj, f.name)[idx] for f in fields(obj)})
+    return type(obj)(**{f.name: None if getattr(obj, f.name) is None else getattr(obj, f.name)[idx]
+                        for f in fields(obj)})
 
 
 def _sequence(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -60,6 +61,9 @@ class Sampled(_Rows):
         response_ids: (B, T) response tokens, pad after the first stop token.
         response_mask: (B, T) float, 1 up to and including the stop token.
         has_stop: (B,) bool, whether the response ended with the stop token.
+        sampler_logprobs: (B, T) the sampling engine's own logprobs of the drawn tokens at the
+            sampling temperature (0 after the stop); every engine fills it. ``None`` only for
+            batches that no engine drew (responses written by hand or by a task).
     """
 
     prompt_ids: Tensor
@@ -67,6 +71,7 @@ class Sampled(_Rows):
     response_ids: Tensor
     response_mask: Tensor
     has_stop: Tensor
+    sampler_logprobs: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ScoredRollout(_Rows):
         entropy: (B, T) policy entropy at each response position.
         values: (B, T) value of the state before each response token (zeros without a critic).
         scores: (B,) reward model score at the last real response token.
+        sampler_logprobs: as in :class:`Sampled` (the mismatch metrics compare it with ``logprobs``).
     """
 
     prompt_ids: Tensor
@@ -92,6 +98,7 @@ class ScoredRollout(_Rows):
     entropy: Tensor
     values: Tensor
     scores: Tensor
+    sampler_logprobs: Tensor | None = None
 
     @classmethod
     def from_sampled(cls, sampled: Sampled, *, logprobs: Tensor, ref_logprobs: Tensor, entropy: Tensor,

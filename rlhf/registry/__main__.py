@@ -2,6 +2,6 @@
 
 import sys
 
-from rlhf.registry.cli import main
+from rlhf.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["registry", *sys.argv[1:]]))

@@ -117,6 +117,67 @@ def _summary(e: Entry) -> str:
     return f"{e.ref:<32} {e.kind:<8} {detail}{aliases}"
 
 
+def _scalars(d: dict) -> str:
+    """``key=value`` for the numbers and short strings of ``d``, in key order."""
+    out = []
+    flat = {}
+    for k, v in d.items():  # one level of nesting ({"eval": {"gold_mean": ...}}) becomes eval.gold_mean
+        flat.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    for k, v in sorted(flat.items()):
+        if isinstance(v, float):
+            out.append(f"{k}={v:.4g}")
+        elif isinstance(v, (int, str)) and not isinstance(v, bool) and len(str(v)) <= 40:
+            out.append(f"{k}={v}")
+    return " ".join(out)
+
+
+def _show_lines(reg: Registry, e: Entry) -> list[str]:
+    """A one-screen view of an entry: what it is, where it came from, how it scored.
+
+    The full record (the PEFT config, every file hash, the run's config) is ``--json``.
+    """
+    m = e.metadata
+    what = e.kind + (f", role {e.role}" if e.role else "")
+    lines = [f"{e.ref}  ({what}){'  [' + ', '.join(e.aliases) + ']' if e.aliases else ''}",
+             f"  created  {e.created}"]
+    if e.path is not None:
+        lines.append(f"  path     {e.path}")
+    for relation in ("base", "parent", "input", "run"):
+        refs = [ref for ref, rels in e.relations.items() if relation in rels]
+        if refs:
+            lines.append(f"  {relation:<8} {', '.join(refs)}")
+    run = None
+    if e.kind == "adapter":
+        peft = m.get("peft_config") or {}
+        targets = peft.get("target_modules")
+        targets = ",".join(sorted(targets)) if isinstance(targets, list) else targets
+        lines.append(f"  lora     r={peft.get('r')} alpha={peft.get('lora_alpha')} targets={targets}"
+                     + ("  + score head" if m.get("head") else ""))
+        run_refs = [ref for ref, rels in e.relations.items() if "run" in rels]
+        run = reg.resolve(run_refs[0]) if run_refs else None
+    elif e.kind == "base":
+        source = (f"hub {m.get('hub_id')}@{m.get('revision') or 'unpinned'}" if m.get("source") == "hub"
+                  else f"local {m.get('local_path')}")
+        lines.append(f"  source   {source}  hash {str(m.get('content_hash'))[:12]}")
+    elif e.kind == "dataset":
+        counts = (m.get("manifest") or {}).get("counts")
+        lines.append(f"  data     hash {str(m.get('content_hash'))[:12]}  counts {json.dumps(counts)}")
+    elif e.kind == "run":
+        run = e
+    if run is not None:
+        rm = run.metadata
+        status = f"{rm.get('status')}" + (f" ({rm['reason']})" if rm.get("reason") else "")
+        lines.append(f"  stage    {rm.get('stage')} ({run.ref}): {status}, started {rm.get('started')}"
+                     + (f", ended {rm['ended']}" if rm.get("ended") else ""))
+        metrics = _scalars(rm.get("metrics") or {})
+        lines.append(f"  metrics  {metrics or '(none recorded)'}")
+    size = sum(f.stat().st_size for f in (e.path.rglob("*") if e.path is not None and e.path.is_dir() else [])
+               if f.is_file())
+    lines.append(f"  files    {len(e.files)}" + (f" ({size / 1e6:.1f} MB)" if size else "")
+                 + "; `rlhf registry show --json` prints the full record")
+    return lines
+
+
 def _print_tree(nodes: list[dict], key: str, indent: str) -> None:
     for i, n in enumerate(nodes):
         last = i == len(nodes) - 1
@@ -153,16 +214,8 @@ def _run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(e.to_dict(), indent=2, default=str))
             else:
-                d = e.to_dict()
-                files = d.pop("files")
-                meta = d.pop("metadata")
-                for k, v in d.items():
-                    print(f"{k:<10} {v}")
-                print("metadata:")
-                print("  " + json.dumps(meta, indent=2, sort_keys=True, default=str).replace("\n", "\n  "))
-                print(f"files ({len(files)}):")
-                for rel, sha in files.items():
-                    print(f"  {sha[:16]}  {rel}")
+                for line in _show_lines(reg, e):
+                    print(line)
         elif cmd == "lineage":
             tree = reg.lineage(args.ref)
             if args.json:
@@ -229,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, ValueError, RuntimeError) as e:
         print(f"rlhf registry {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # `rlhf registry list | head`: rlhf's entry point ends quietly with 141
     except OSError as e:  # a full disk, a permission, a missing file: name the path, no traceback
         what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         print(f"rlhf registry {args.command}: error: {what}", file=sys.stderr)

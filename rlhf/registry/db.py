@@ -21,8 +21,10 @@ it, and ``UNIQUE (name, version)`` backs that up. Registry writes are a few smal
 
 from __future__ import annotations
 
+import random
 import re
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,15 +378,44 @@ def connect(url: str | DbUrl, busy_timeout_s: float = 60.0) -> Database:
     db = Database(conn, u, paramstyle=sqlite3.paramstyle)
     try:
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = db.one("PRAGMA journal_mode = WAL")[0]
-        if str(mode).lower() != "wal":
-            raise DatabaseError(f"{u.path}: could not switch SQLite to WAL mode (journal_mode is {mode!r})")
+        _switch_to_wal(db, busy_timeout_s)
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _is_busy(err: BaseException) -> bool:
+    msg = str(err).lower()
+    return "database is locked" in msg or "database is busy" in msg or "database table is locked" in msg
+
+
+def _switch_to_wal(db: Database, busy_timeout_s: float) -> None:
+    """Put a SQLite database in WAL mode, waiting out other processes that open it at once.
+
+    The switch needs an exclusive lock. When several processes open a fresh file together,
+    SQLite can answer ``database is locked`` at once instead of calling the busy handler (it
+    does so when waiting could deadlock: both sides hold a shared lock and want to upgrade),
+    so the busy timeout alone does not cover it. The switch is retried with a short random
+    back-off until ``busy_timeout_s`` has passed. WAL mode is stored in the file, so once any
+    process has switched it, the others only read the mode back.
+    """
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            mode = str(db.one("PRAGMA journal_mode")[0]).lower()
+            if mode != "wal":
+                mode = str(db.one("PRAGMA journal_mode = WAL")[0]).lower()
+        except DatabaseError as e:
+            if not _is_busy(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.1))
+            continue
+        if mode != "wal":  # the file system or the file refuses WAL; waiting will not change that
+            raise DatabaseError(f"{db.where}: could not switch SQLite to WAL mode (journal_mode is {mode!r})")
+        return
 
 
 def _connect_postgres(u: DbUrl, busy_timeout_s: float) -> Database:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rlhf.atomic import write_dir
+from rlhf.paths import current_umask
 from rlhf.registry.entry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -183,11 +183,9 @@ def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "aut
     steps.set_postfix_str("load + merge")
     merged, tok = merge_adapter(adapter, base, dtype)
     steps.update(1)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
+    umask = current_umask()
+
+    def fill(tmp: Path) -> None:
         steps.set_postfix_str("save")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -203,12 +201,10 @@ def export_adapter(adapter: Entry, base: Entry, out_dir: Path, dtype: str = "aut
         }
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _follow_umask(tmp, umask)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
+
+    try:
+        write_dir(out_dir, fill)
         steps.update(1)
     finally:
         steps.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

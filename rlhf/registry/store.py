@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhf.paths import fsync_dir, pid_alive
+from rlhf.atomic import write_bytes
+from rlhf.paths import fsync_dir, pid_alive  # noqa: F401 - fsync_dir: registry.py calls store.fsync_dir
 
 CHUNK = 1 << 20
 
@@ -150,9 +151,13 @@ def copy_tree_hashed(src: Path, dst: Path, rels: list[str], desc: str = "copying
     return out
 
 
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_file(path: Path, data: dict) -> tuple[str, int]:
     """Write ``data`` as JSON, fsync it, and return its sha256 and size."""
-    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    raw = _json_bytes(data)
     try:
         with open(path, "wb") as f:
             f.write(raw)
@@ -260,17 +265,12 @@ def record_path(artifacts: Path, name: str, version: int) -> Path:
 
 
 def write_record(artifacts: Path, record: dict) -> None:
-    """Write ``record`` for ``record["name"]:record["version"]`` atomically (temp file + rename)."""
+    """Write ``record`` for ``record["name"]:record["version"]`` atomically (temp file + rename), fsynced."""
     path = record_path(artifacts, record["name"], record["version"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write_json_file(tmp, record)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+        write_bytes(path, _json_bytes(record), fsync=True)
+    except OSError as e:
+        raise _named(e, path) from None
 
 
 def delete_record(artifacts: Path, name: str, version: int) -> None:
@@ -313,11 +313,8 @@ def read_store_id(artifacts: Path) -> str | None:
 
 def write_store_id(artifacts: Path, store_id: str) -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
-    path = artifacts / STORE_ID_FILE
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write_json_file(tmp, {"store_id": store_id, "note": "identifies this artifact store; its database holds the same id"})
-    os.replace(tmp, path)
-    fsync_dir(artifacts)
+    data = {"store_id": store_id, "note": "identifies this artifact store; its database holds the same id"}
+    write_bytes(artifacts / STORE_ID_FILE, _json_bytes(data), fsync=True)
 
 
 def stored_version_dirs(artifacts: Path, kinds: tuple[str, ...]) -> list[tuple[str, str, str, Path]]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.atomic import write_dir, write_json
 from rlhf.config import LoraConfigSpec, TrainArgs
-from rlhf.paths import current_umask
 
 
 def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: bool) -> dict:
@@ -146,24 +143,19 @@ def publish(out_dir: Path, name: str, write: Callable[[Path], None], *, role: st
     from rlhf.config import save_yaml
 
     final = out_dir / name
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out_dir))
+
+    def fill(tmp: Path) -> None:
         write(tmp)
         save_yaml(config, tmp / CONFIG_FILE)
         write_json(tmp / METADATA_FILE, {"role": role, "base_path": base, **provenance})
-        # mkdtemp makes the directory private (0700); the published one follows the umask
-        # like every other directory the user creates
-        os.chmod(tmp, 0o777 & ~current_umask())
-        publish_dir(tmp, final)
+
+    try:
+        write_dir(final, fill)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         raise OSError(errno.ENOSPC, f"no space left on the device of {out_dir} while publishing {final} "
                                     f"({e.filename or e}); free space and rerun with --resume") from None
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if registration is not None:
         _register(registration, final, role, entry or role, base, config, provenance)
     return str(final)
@@ -200,34 +192,6 @@ def safe_name(s: str) -> str:
     """``s`` as a registry name: other characters become '-', at most 100 long."""
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in s).strip("-.") or "run"
     return cleaned[:100]
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Atomically move a fully written directory into place (replacing an old one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically; a failed write leaves ``path`` as it was and no temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path}") from None
-        raise
 
 
 def final_log_value(log_history: list[dict], key: str) -> float | None:

@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rlhf import ppo as F
+from rlhf.atomic import write_json
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
+from rlhf.estimators import advantages_and_returns, uses_critic
 from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
@@ -50,7 +52,6 @@ from rlhf.stages import StageResult
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
-from rlhf.stages.common import write_json
 
 
 class GuardTripped(RuntimeError):
@@ -285,36 +286,6 @@ def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
     if cfg.whiten_rewards:
         rewards = F.masked_whiten(rewards, batch.response_mask, shift_mean=False, all_reduce=all_reduce)
     return scores, kl, rewards
-
-
-def advantages_and_returns(batch: ScoredRollout, rewards: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
-                           cfg: PPOConfig, kl_coef: float, group_ids: torch.Tensor | None,
-                           all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whitened advantages (B, T) (0 on padding) and returns (B, T) of ``cfg.advantage_estimator``.
-
-    ``group_ids`` (B,) names each row's prompt (rloo and grpo); ``all_reduce`` (several
-    processes) makes advantage whitening use global statistics. grpo's advantages are
-    not whitened again: they are already normalised within each group, and whitening
-    over the batch would bring back the std division that Dr. GRPO
-    (``grpo_scale_by_std: false``) leaves out.
-    """
-    mask = batch.response_mask
-    if cfg.advantage_estimator == "grpo":
-        # the same advantage on every token of the response; KL is in the reward only
-        # when asked (kl_in_reward: true), by default it is a loss term (_policy_backward)
-        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
-        adv = F.grpo_advantages(seq, group_ids, scale_by_std=cfg.grpo_scale_by_std)[:, None] * mask
-        return adv, adv
-    if cfg.advantage_estimator == "gae":
-        adv, returns = F.compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-    elif cfg.advantage_estimator == "reinforce++":
-        returns = F.reinforce_pp_returns(rewards, mask, cfg.gamma)
-        adv = returns
-    else:  # rloo: sequence reward = score - beta * sum KL, leave-one-out baseline per prompt
-        seq = scores - (kl_coef * (kl * mask).sum(1) if cfg.kl_in_reward else 0.0)
-        adv = F.rloo_advantages(seq, group_ids)[:, None].expand_as(mask).contiguous()
-        returns = adv
-    return F.masked_whiten(adv, mask, all_reduce=all_reduce) * mask, returns
 
 
 # ---------------------------------------------------------------------------------------
@@ -566,6 +537,13 @@ def generation_engine(name: str, device, sharded: bool) -> str:
     from rlhf.generation import resolve_engine
 
     resolved = resolve_engine(name, device)
+    if resolved == "vllm":
+        from rlhf import distributed as dist
+
+        if dist.is_distributed():
+            raise ConfigError("ppo.generation: 'vllm' runs in one process only (one engine beside one trainer); "
+                              "use 'hf' or 'auto' under accelerate launch")
+        return resolved
     if sharded and resolved != "hf":
         if name != "auto":
             raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
@@ -590,8 +568,14 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     from rlhf.generation import make_engine
 
     gen_cfg = generation_config(cfg, stop_ids, pad_id)
-    engine = make_engine(generation_engine(cfg.generation, device, sharded=is_sharded(model)), model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
-                         response_length=cfg.response_length, compile=cfg.compile, device=device)
+    engine_name = generation_engine(cfg.generation, device, sharded=is_sharded(model))
+    if engine_name == "vllm":
+        from rlhf.generation_vllm import make_vllm_engine
+
+        engine = make_vllm_engine(model, cfg, base_path, stop_ids, pad_id, device)
+    else:
+        engine = make_engine(engine_name, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids,
+                             pad_id=pad_id, response_length=cfg.response_length, compile=cfg.compile, device=device)
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
@@ -618,11 +602,6 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
               else F.FixedKLController(cfg.kl_coef))
     return Optimization(params, optimizer, scheduler, kl_ctl)
-
-
-def uses_critic(cfg: PPOConfig) -> bool:
-    """Whether the run has a value role: only GAE needs a critic."""
-    return cfg.advantage_estimator == "gae"
 
 
 def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
@@ -758,6 +737,26 @@ def rollout_statistics(batch: ScoredRollout, scores, kl, rewards, adv, kl_coef: 
     }
 
 
+def rollout_mismatch(batch: ScoredRollout, cfg: PPOConfig) -> tuple[dict, torch.Tensor | None]:
+    """``rollout/logprob_diff_mean`` and ``_max`` (|trainer - sampler| logprobs of the sampled
+    tokens, over every process's real tokens), and the truncated importance weights (B, T) of
+    ``ppo.rollout_is_cap`` (None when off, or when no engine drew the batch)."""
+    from rlhf import distributed as dist
+
+    if batch.sampler_logprobs is None:
+        return {}, None
+    mask = batch.response_mask
+    diff = (batch.logprobs.float() - batch.sampler_logprobs.float()).abs() * mask
+    n = dist.all_reduce_sum(mask.sum()).clamp(min=1.0)
+    stats = {"rollout/logprob_diff_mean": float(dist.all_reduce_sum(diff.sum()) / n),
+             "rollout/logprob_diff_max": float(dist.gather_rows(diff.amax(dim=1, keepdim=True)).max())}
+    weights = None
+    if cfg.rollout_is_cap is not None:
+        weights = F.truncated_is_weights(batch.logprobs, batch.sampler_logprobs, mask, cfg.rollout_is_cap)
+        stats["rollout/is_weight_mean"] = float(F.masked_mean(weights, mask, all_reduce=dist.all_reduce_sum))
+    return stats, weights
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        all_reduce: AllReduce | None = None) -> dict:
     """``{"value/explained_variance": 1 - Var[returns - values] / Var[returns]}`` over the
@@ -786,6 +785,9 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
 
+    # the train/inference mismatch: the sampler's logprobs against the trainer's (rlhf/ppo/mismatch.py)
+    mismatch, is_weights = rollout_mismatch(batch, cfg)
+
     # 4. per-token rewards with the KL penalty
     beta = float(opt.kl_ctl.value)
     scores, kl, rewards = shaped_rewards(batch, cfg, beta, all_reduce=dist.all_reduce_sum)
@@ -796,12 +798,12 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
 
     # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
     stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
-                        rank=s.rank, world=s.world)
+                        rank=s.rank, world=s.world, is_weights=is_weights)
     _sync(s.device)
     t_update = time.time() - t0 - t_gen - t_score
 
     # 7. KL controller, metrics, guards
-    step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta)
+    step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta) | mismatch
     opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
     step_stats["episodes"] = (update + 1) * s.global_batch
     if uses_critic(cfg):
@@ -837,6 +839,10 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     from rlhf.tracking import StageProgress, Tracker
 
     check_engine_supported()
+    if cfg.generation == "vllm":  # before any model loads: vLLM importable, transformers in its range
+        from rlhf.generation_vllm import check_vllm
+
+        check_vllm()
     main = dist.is_main()  # only rank 0 writes files
     out = Path(cfg.output_dir)
     if main:
@@ -926,7 +932,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
-                update: int, rank: int = 0, world: int = 1) -> dict:
+                update: int, rank: int = 0, world: int = 1, is_weights: torch.Tensor | None = None) -> dict:
     """PPO epochs over shuffled minibatches of the rollout (train mode); returns mean statistics.
 
     With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
@@ -935,6 +941,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     normalised by the global minibatch token count and gradients summed over ranks before
     the step, so each step equals the single-process step on the same global batch (the
     number of rows a rank holds in a minibatch varies; a rank may hold none).
+    ``is_weights`` (B, T), when given, multiply each token's policy loss (``ppo.rollout_is_cap``).
 
     Each role's forward *and backward* run inside that role: gradient checkpointing
     recomputes a layer's forward during backward with whichever adapter is active then.
@@ -950,6 +957,8 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     sharded = world > 1 and is_sharded(model)
     if sharded:  # FSDP: forwards are collectives, so every rank takes an equal share of each minibatch
         batch, adv, returns = gather_rollout(batch, adv, returns)
+        if is_weights is not None:
+            is_weights = dist.gather_rows(is_weights)
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
@@ -974,7 +983,8 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                     # losses add up to the minibatch loss exactly, for every aggregation
                     weights = F.aggregation_weights(mb.response_mask, cfg.loss_aggregation, n_tokens, n_seqs,
                                                     cfg.response_length)
-                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w).items():
+                    pg_weights = weights if is_weights is None else weights * is_weights[micro]
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w, pg_weights).items():
                         acc[k] = acc.get(k, 0.0) + v
                     if use_critic:
                         for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
@@ -1003,13 +1013,16 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
 
 
 def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
-                     weights: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+                     weights: torch.Tensor, w: torch.Tensor, pg_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus), each
     per-token term aggregated with ``weights`` (B, T) (:func:`rlhf.ppo.aggregation_weights`),
-    forward and backward under the policy role; returns detached statistics (on device)."""
+    the surrogate with ``pg_weights`` instead when given (``weights`` times the truncated
+    importance weights), forward and backward under the policy role; returns detached
+    statistics (on device)."""
     with model.role("policy"):
         lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange, weights=weights)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange,
+                                     weights=weights if pg_weights is None else pg_weights)
         loss = pg
         stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
         if not cfg.kl_in_reward:

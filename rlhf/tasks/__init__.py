@@ -22,6 +22,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
+from rlhf.atomic import write_lines
+
 __all__ = ["TASK_FILES", "Task", "gold_rm_accuracy", "load_task", "provided_files", "write_task_files"]
 
 # The files a task becomes (name -> what it holds); the stages read them like user data.
@@ -158,11 +160,7 @@ def write_task_files(task: Task, out_dir: str | Path) -> dict[str, str]:
     paths = {}
     for name in rows:
         path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows[name]:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(path)
+        write_lines(path, [json.dumps(row) for row in rows[name]])
         paths[name] = str(path)
     return paths
 

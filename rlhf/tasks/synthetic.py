@@ -23,7 +23,7 @@ The task:
     the SFT policy sits near the middle of the gold scale and there is headroom.
   * Preference pairs are two samples (mostly demonstration-like, some exploratory, see
     ``sample_pair_response``) labelled by a
-    Bradley-Terry model of the gold reward with temperature ``LABEL_TEMPERATURE``:
+    Bradley-Terry model of the gold reward with temperature ``task.label_temperature`` (0.25 by default):
     ``P(a preferred) = sigmoid((gold(a) - gold(b)) / T)``. This gives realistic label
     noise (about a quarter of labels disagree with the noiseless gold preference, in the
     range reported for human preference data, e.g. ~63-69% RM validation accuracy in the
@@ -35,14 +35,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+
+from rlhf.config import SyntheticTaskConfig
 
 TOPICS = ["cats", "dogs", "rain", "coffee", "music", "trains", "books", "gardens"]
 WARM = ["bright", "warm", "kind", "gentle", "lovely", "joyful", "calm", "brave", "clever", "sweet"]
@@ -61,7 +58,6 @@ CONTENT_WORDS = WARM + PLEASANT + FILLER + HARSH
 TOPIC_BONUS = 0.5
 MIN_WORDS = 3
 SHORT_PENALTY = 1.0
-LABEL_TEMPERATURE = 0.25
 EXPLORATORY_FRACTION = 0.3
 _EXPLORATORY_WORDS = CONTENT_WORDS + TOPICS
 
@@ -160,43 +156,6 @@ def _user(text: str) -> list[dict]:
 
 def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
-
-
-def _help(text: str, range: str | None = None, **kw):
-    # the same metadata as rlhf.config's fields: help text and, for a number, its range
-    return field(metadata={"help": text} if range is None else {"help": text, "range": range}, **kw)
-
-
-@dataclass
-class SyntheticTaskConfig:
-    """The ``task:`` section of a recipe: an embedded task, or the user's own by import path."""
-
-    enabled: bool = _help("Train on an embedded task's data and evaluate against its gold reward (see name).",
-                          default=False)
-    name: Literal["synthetic", "format"] = _help(
-        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty) or 'format' "
-        "(gold = open with the topic word, exactly 5 words); same prompts and data distributions.",
-        default="synthetic")
-    module: str = _help(
-        "Your own task instead of an embedded one: 'my_pkg.my_task:MyTask' (importable) or "
-        "'path/to/my_task.py:MyTask' (relative to the recipe). Its code runs only when named here; "
-        "see rlhf/tasks/__init__.py for the interface. Enables the task.", default="")
-    options: dict = _help("Keyword arguments for the task.module class.", default_factory=dict)
-    seed: int = _help("Seed of the generated data.", range="[0, 4294967295]", default=0)
-    num_sft: int = _help("SFT demonstrations.", range=">= 0", default=2000)
-    num_pairs: int = _help("Preference pairs (noisy Bradley-Terry labels).", range=">= 0", default=4000)
-    num_ppo_prompts: int = _help("PPO training prompts.", range=">= 0", default=2048)
-    num_eval_prompts: int = _help("Held-out evaluation prompts.", range=">= 0", default=256)
-    label_temperature: float = _help(
-        "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
-        "higher is noisier.", range="> 0", default=LABEL_TEMPERATURE)
-
-    def __post_init__(self):
-        from rlhf.config import ConfigError, check_ranges
-
-        if self.options and not self.module:
-            raise ConfigError("task.options: only used with task.module (the embedded tasks use the fields above)")
-        check_ranges(self, "task")
 
 
 class SyntheticTask:
@@ -333,17 +292,13 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     pretrain_tiny(model, tok, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
-    try:
+    from rlhf.atomic import write_dir
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_dir(out, fill)
 
 
 def pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> None:

@@ -62,13 +62,14 @@ def _write_adapter(base_dir: Path, out: Path, seed: int, with_head: bool) -> Non
         save_head(head, out)
 
 
-def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
+def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40, **shape) -> Path:
     """The builtin tiny shape and tokenizer, pretrained for a few steps only.
 
     ``rlhf.tasks.synthetic.build_tiny_base`` pretrains for 300 steps (about 30 s on two busy cores);
     40 are enough for the base to end responses with <eos> now and then, which is what the
     PPO tests need (variable response lengths, padding after the stop token). The config
-    also carries attention dropout, which PPO must switch off.
+    also carries attention dropout, which PPO must switch off. ``shape`` overrides entries of
+    the builtin shape (the vLLM tests need heads of 32 or more dimensions).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +77,7 @@ def build_test_base(out: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
 
     tok = build_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, attention_dropout=0.1, **TINY_SHAPE)
+                         bos_token_id=None, attention_dropout=0.1, **(TINY_SHAPE | shape))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     pretrain_tiny(model, tok, seed, steps=pretrain_steps)
@@ -97,12 +98,19 @@ def _write_prompts(path: Path, n: int, seed: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def ppo_assets(tmp_path_factory) -> PPOAssets:
+def tiny_shape() -> dict:
+    """Overrides of the builtin tiny shape for the shared base (a test folder's conftest may
+    override this fixture; tests/integration/vllm does)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def ppo_assets(tmp_path_factory, tiny_shape) -> PPOAssets:
     # One intra-op thread: the models are 64 wide, so threads buy nothing, and on a shared
     # machine with busy cores a second spinning OpenMP thread made training ~10x slower.
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ppo_assets")
-    base = build_test_base(root / "base")
+    base = build_test_base(root / "base", **tiny_shape)
     sft, reward = root / "sft", root / "reward"
     _write_adapter(base, sft, seed=11, with_head=False)
     _write_adapter(base, reward, seed=23, with_head=True)

@@ -117,7 +117,7 @@ def test_chat_reads_turns_from_stdin(run, home):
     env = dict(os.environ, RLHF_HOME=str(home), PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "rlhf", "chat", _refs(p)["policy"], "--max-new-tokens", "8"],
                          input="tell me about cats\n/reset\ndescribe rain please\n/exit\nnever read\n",
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert sum(x.startswith("assistant> ") for x in lines) == 2 and "(conversation reset)" in lines

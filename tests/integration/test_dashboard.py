@@ -848,7 +848,7 @@ class Chromium:
                 else:
                     self._events.put(message)
 
-    def call(self, method: str, params: dict | None = None, *, session: bool = True, timeout: float = 60) -> dict:
+    def call(self, method: str, params: dict | None = None, *, session: bool = True, timeout: float = 600) -> dict:
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if session and self.session:
@@ -876,7 +876,7 @@ class Chromium:
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 90):
+    def wait_for(self, expression: str, timeout: float = 600):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.evaluate(expression)

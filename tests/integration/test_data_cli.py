@@ -24,9 +24,27 @@ def pairs_file(tmp_path):
     return path
 
 
+def test_split_in_ingest_is_a_deprecated_spelling_of_test_fraction(pairs_file, tmp_path, capsys):
+    home = str(tmp_path / "home")
+    assert main(["ingest", str(pairs_file), "--name", "old", "--split", "test=0.25", "--home", home]) == 0
+    err = capsys.readouterr().err
+    assert "rlhf data ingest: warning: --split test=0.25 is deprecated; use --test-fraction 0.25" in err
+    assert main(["ingest", str(pairs_file), "--name", "new", "--test-fraction", "0.25", "--home", home]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    shown = {}
+    for name in ("old", "new"):
+        assert main(["show", name, "--json", "--home", home]) == 0
+        shown[name] = json.loads(capsys.readouterr().out)
+    assert (shown["old"]["train"], shown["old"]["test"]) == (shown["new"]["train"], shown["new"]["test"])
+    assert shown["new"]["test"] > 0
+    assert main(["ingest", str(pairs_file), "--name", "both", "--split", "0.1", "--test-fraction", "0.1",
+                 "--home", home]) == 1
+    assert "give --test-fraction only" in capsys.readouterr().err
+
+
 def test_ingest_list_show_quarantine(pairs_file, tmp_path, capsys):
     home = tmp_path / "home"
-    assert main(["ingest", str(pairs_file), "--name", "demo", "--split", "test=0.25", "--home", str(home)]) == 0
+    assert main(["ingest", str(pairs_file), "--name", "demo", "--test-fraction", "0.25", "--home", str(home)]) == 0
     out = capsys.readouterr().out
     assert "demo:1: 40 accepted" in out and "1 duplicates" in out and "2 quarantined from 43 rows" in out
 
@@ -81,7 +99,7 @@ def test_map_and_reader_options_from_the_command_line(tmp_path, capsys):
             {"question": "q2", "response_a": "A2", "response_b": "B2", "winner": "model_b"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     home = str(tmp_path / "home")
-    assert main(["ingest", str(path), "--name", "arena", "--ties", "keep", "--split", "0", "--home", home]) == 0
+    assert main(["ingest", str(path), "--name", "arena", "--ties", "keep", "--test-fraction", "0", "--home", home]) == 0
     capsys.readouterr()
     assert main(["show", "arena", "--json", "--home", home]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -119,7 +137,7 @@ def test_show_with_tokenizer(pairs_file, tmp_path, capsys):
 def test_python_dash_m_reward_data(pairs_file, tmp_path):
     env = dict(os.environ, RLHF_HOME=str(tmp_path / "envhome"), PYTHONPATH=str(REPO))
     run = lambda *args: subprocess.run([sys.executable, "-m", "reward_data", *args], env=env,  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
+                                       capture_output=True, text=True, timeout=900)
     r = run("ingest", str(pairs_file), "--name", "m")
     assert r.returncode == 0, r.stderr
     r = run("show", "m:latest", "--json")
@@ -147,7 +165,7 @@ def test_hub_dataset_config_data_dir_and_split(tmp_path, capsys):
     hub = _hub_folder(tmp_path / "org_name")
     home = str(tmp_path / "home")
     assert main(["ingest", str(hub), "--name", "cfg", "--hf-config", "harmless", "--hf-split", "test",
-                 "--split", "0", "--home", home]) == 0
+                 "--test-fraction", "0", "--home", home]) == 0
     capsys.readouterr()
     assert main(["show", "cfg", "--json", "--home", home]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -157,7 +175,7 @@ def test_hub_dataset_config_data_dir_and_split(tmp_path, capsys):
     prompts = {r["prompt"][0]["content"] for r in __import__("reward_data").read_split(shown["path"], "train")}
     assert prompts == {"harmless test 0", "harmless test 1"}
     # data_dir selects one folder; without a split every split of it is read.
-    assert main(["ingest", str(hub), "--name", "dd", "--hf-data-dir", "helpful", "--split", "0", "--home", home]) == 0
+    assert main(["ingest", str(hub), "--name", "dd", "--hf-data-dir", "helpful", "--test-fraction", "0", "--home", home]) == 0
     capsys.readouterr()
     assert main(["show", "dd", "--json", "--home", home]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -211,7 +229,7 @@ def test_scored_and_system_from_the_command_line(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     home = str(tmp_path / "home")
     assert main(["ingest", str(path), "--name", "hs", "--score", "helpfulness*0.5+correctness*0.5",
-                 "--transcript-template", "nemo", "--binarize", "all_pairs", "--split", "0", "--home", home]) == 0
+                 "--transcript-template", "nemo", "--binarize", "all_pairs", "--test-fraction", "0", "--home", home]) == 0
     capsys.readouterr()
     import reward_data
 

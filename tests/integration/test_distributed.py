@@ -256,18 +256,16 @@ from rlhf.launch import accelerate_command
 if dist.rank() == 1:
     raise RuntimeError("rank 1 failed on purpose")
 dist.barrier()  # rank 0 would wait here forever if the launcher did not stop it
-time.sleep(120)
+time.sleep(3600)  # returning at all means the launcher stopped this rank
 '''
 
 
 def test_failure_on_one_rank_stops_all_with_the_error(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(FAILING)
-    t0 = time.time()
-    p = _launch_script(script, [], 2, _env(tmp_path / "home"), timeout=240)
+    p = _launch_script(script, [], 2, _env(tmp_path / "home"), timeout=900)
     assert p.returncode != 0
     assert "rank 1 failed on purpose" in p.stderr + p.stdout
-    assert time.time() - t0 < 100  # not the 120 s rank 0 would otherwise sleep
 
 
 def test_launcher_options_need_the_accelerate_launcher(tmp_path):

@@ -199,7 +199,7 @@ def fsdp_update_runs(adapters, tmp_path_factory):
         args, env = [str(base), str(sft), str(rm), str(out)], _env(tmp / f"home{n}", fsdp=True)
         if n == 1:  # one process needs no launcher (saves its start-up time)
             p = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
-                               timeout=300, cwd=ROOT)
+                               timeout=900, cwd=ROOT)
         else:
             p = _launch_script(script, args, n, env)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-8000:]

@@ -116,7 +116,7 @@ def test_multinode_two_machines_form_one_process_group(tmp_path):
         procs.append(subprocess.Popen(cmd, env=_env(tmp_path / "home"), cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
-        _, err = p.communicate(timeout=180)
+        _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-4000:]
     rows = json.loads(out.read_text())
     assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)

@@ -162,10 +162,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(run, tmp_path, home):
     cmd = [sys.executable, "-m", "rlhf", "run", str(RECIPE), "--output-dir", str(run_dir), "--from", "ppo", *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     ckpt = run_dir / "ppo" / "checkpoints" / "update-2" / "COMPLETE"
-    deadline = time.time() + 240
+    deadline = time.time() + 1800  # a hang guard only: a loaded machine may take many minutes
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert ckpt.exists(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    assert ckpt.exists(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint within 30 minutes (hung?)"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _state(run_dir)["stages"]["ppo"]["status"] == "running"

@@ -497,3 +497,39 @@ def test_third_party_noise_is_filtered_by_message_only():
         (FutureWarning, "`something_else`"),
         (UserWarning, "`is_gradient_che"),
     ]
+
+
+def test_a_new_backend_is_one_class_and_one_registration(tmp_path, monkeypatch):
+    """Every tracker is a class behind the Backend protocol in rlhf.tracking.BACKENDS: a
+    registered one receives the cleaned metrics, the sample tables and finish, after the
+    local files (which stay the source of truth)."""
+    from rlhf.tracking import BACKENDS
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, info):
+            calls.append(("init", info.stage, info.group, info.config["lr"], info.stage_dir))
+
+        def log(self, metrics, step):
+            calls.append(("log", dict(metrics), step))
+
+        def log_samples(self, key, columns, records, step):
+            calls.append(("samples", key, list(columns), [r["completion"] for r in records], step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    monkeypatch.setitem(BACKENDS, "recorder", Recorder)
+    assert normalize_report_to("recorder") == ["local", "recorder"]
+    tracker = Tracker(tmp_path, "ppo", config={"lr": 0.1}, report_to=["recorder"], group="g")
+    tracker.log({"kl": torch.tensor(0.5), "note": "text"}, step=3)
+    tracker.log_samples(3, [{"prompt": "p", "completion": "c", "score": 1.0, "length": 2}])
+    tracker.finish()
+    assert calls == [("init", "ppo", "g", 0.1, tmp_path / "ppo"), ("log", {"kl": 0.5}, 3),
+                     ("samples", "samples/step_3", ["step", "prompt", "completion", "score", "gold", "length"], ["c"], 3),
+                     ("finish",)]
+    assert _lines(tmp_path / "ppo" / "metrics.jsonl")[0]["kl"] == 0.5
+    with pytest.raises(ValueError, match="unknown tracker 'mlflow'; choose from local, wandb, tensorboard, trackio"):
+        monkeypatch.delitem(BACKENDS, "recorder")
+        normalize_report_to("mlflow")

@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.stages.ppo import (
     _ppo_update,
-    advantages_and_returns,
     generation_config,
     last_token_scores,
     response_logprobs,

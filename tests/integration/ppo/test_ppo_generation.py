@@ -51,7 +51,8 @@ def test_engine_choice():
     assert resolve_compile("auto", "cpu") is False and resolve_compile("auto", "cuda") is True
     assert resolve_compile("on", "cpu") is True and resolve_compile("off", "cuda") is False
     with pytest.raises(ValueError, match="ppo.generation"):
-        resolve_engine("vllm", "cpu")
+        resolve_engine("sglang", "cpu")
+    assert resolve_engine("vllm", "cpu") == "vllm"
     assert [bucket_width(w) for w in (1, 64, 65, 200)] == [64, 64, 128, 256]
 
 

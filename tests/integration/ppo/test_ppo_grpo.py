@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
-from rlhf.stages.ppo import _build_model, advantages_and_returns, build_optimization, run_ppo, shaped_rewards
+from rlhf.stages.ppo import _build_model, build_optimization, run_ppo, shaped_rewards
 
 
 

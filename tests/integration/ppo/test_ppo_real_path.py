@@ -25,6 +25,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.ppo.rollout import Sampled
 from rlhf.stages.ppo import (
@@ -32,7 +33,6 @@ from rlhf.stages.ppo import (
     _mode,
     _ppo_update,
     _stop_ids,
-    advantages_and_returns,
     encode_prompts,
     generation_config,
     last_token_scores,

@@ -64,12 +64,12 @@ def _kill_after_checkpoint(cfg, tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", CHILD, cfg_json, str(marker)], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 1800  # a hang guard only: a loaded machine may take many minutes
         while not marker.exists():
             if child.poll() is not None:
                 pytest.fail(f"PPO child exited early ({child.returncode}): {child.stderr.read().decode()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("PPO child did not reach update 3 within 180 s")
+                pytest.fail("PPO child did not reach update 3 within 30 minutes (hung?)")
             time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)

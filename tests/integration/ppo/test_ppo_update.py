@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.ppo.rollout import ScoredRollout
-from rlhf.stages.ppo import _ppo_update, advantages_and_returns, run_ppo, shaped_rewards
+from rlhf.stages.ppo import _ppo_update, run_ppo, shaped_rewards
 
 
 def _grads_of_update(model, batch, adv, returns, cfg) -> tuple[list[torch.Tensor], dict]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.config import ConfigError, PPOConfig
 from rlhf.ppo.rollout import ScoredRollout
-from rlhf.stages.ppo import advantages_and_returns, shaped_rewards
+from rlhf.stages.ppo import shaped_rewards
 
 
 def _batch(scores, logprobs, ref_logprobs, mask=None) -> ScoredRollout:

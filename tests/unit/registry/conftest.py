@@ -84,7 +84,7 @@ class PostgresServer:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.user is not None:
             cmd = ["runuser", "-u", self.user.pw_name, "--", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             log = (self.dir / "log").read_text() if (self.dir / "log").exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()} {log[-2000:]}")

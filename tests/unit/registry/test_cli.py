@@ -58,8 +58,35 @@ def test_human_output(populated, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "rm:1" in out and "role=reward" in out
+
+
+def test_show_is_one_screen_with_lineage_and_the_runs_metrics(populated, capsys):
     assert main(["show", "sft"]) == 0
-    assert "adapter_model.safetensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) <= 12, out
+    assert lines[0] == "sft:1  (adapter, role sft)"
+    assert "  base     tiny:1" in lines and "  run      run-sft:1" in lines
+    assert any(line.startswith("  lora     r=2 alpha=4 targets=q_proj") for line in lines), out
+    assert any(line.startswith("  stage    sft (run-sft:1): completed") for line in lines), out
+    assert "  metrics  loss=1.5" in lines
+    assert "peft_type" not in out  # the PEFT config is --json's business
+    assert main(["show", "rm"]) == 0
+    out = capsys.readouterr().out
+    assert "  parent   prefs:1" in out and "+ score head" in out
+    assert main(["show", "run-sft:1"]) == 0
+    assert "  metrics  loss=1.5" in capsys.readouterr().out.splitlines()
+
+
+def test_list_into_a_closed_pipe_ends_quietly_with_141(populated):
+    # `rlhf registry list | head`: the reader is gone; no "Broken pipe" message, exit 141
+    for module in (["rlhf", "registry"], ["rlhf.registry"]):
+        proc = subprocess.Popen([sys.executable, "-m", *module, "list"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ))
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=900) == 141, err
+        assert err == "", err
 
 
 def test_tag_then_resolve(populated, capsys):
@@ -115,6 +142,6 @@ def test_usage_errors(capsys):
 def test_python_dash_m(populated):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "rlhf.registry", "list", "--json"], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 5

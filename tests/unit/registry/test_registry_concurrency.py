@@ -19,9 +19,11 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlhf.registry import Registry
+from rlhf.registry.db import DatabaseError, connect
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -132,7 +135,7 @@ def test_sigkill_at_random_times_leaves_complete_entry_or_none(setup):
                                                 ("committed", True)])
 def test_sigkill_at_each_step_of_registration(setup, point, expect_entry):
     proc = _child([str(setup), "sft", "1"], {"CHILD_KILL_AT": point})
-    proc.wait(timeout=120)
+    proc.wait(timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     with Registry.open() as reg:
         refs = _check_consistent(reg)
@@ -158,7 +161,7 @@ def test_several_processes_register_the_same_name_concurrently(setup, tmp_path):
     go.touch()
     outputs = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
         outputs.append([line.split()[1:] for line in out.splitlines() if line.startswith("registered")])
     assert [len(o) for o in outputs] == [n] * writers
@@ -193,15 +196,46 @@ def test_several_processes_create_a_fresh_registry_at_once(tmp_path):
     go = tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, "-c", FRESH_CHILD, str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.touch()
     refs = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
         refs.append(out.strip())
-    assert sorted(refs) == ["run-sft:1", "run-sft:2", "run-sft:3"]
+    assert sorted(refs) == ["run-sft:1", "run-sft:2", "run-sft:3", "run-sft:4"]
     with Registry.open() as reg:
-        assert reg.verify() == [] and len(reg.list()) == 3
+        assert reg.verify() == [] and len(reg.list()) == 4
+
+
+# SQLite answers "database is locked" to a WAL switch at once, without calling the busy
+# handler, while another connection holds the write lock of a file still in rollback-journal
+# mode: exactly what a process switching a fresh file to WAL holds. Opening must wait.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_opening_a_fresh_file_waits_while_another_opener_holds_its_lock(tmp_path, backend):
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, holder.execute, ("ROLLBACK",))
+    release.start()
+    try:
+        db = connect(path, busy_timeout_s=60)
+        assert db.one("PRAGMA journal_mode")[0] == "wal"
+        db.close()
+    finally:
+        release.join()
+        holder.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_opening_a_file_locked_for_longer_than_the_busy_timeout_names_it(tmp_path, backend):
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(DatabaseError, match=r"held\.db: database is locked"):
+            connect(path, busy_timeout_s=0.3)
+    finally:
+        holder.close()

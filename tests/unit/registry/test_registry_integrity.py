@@ -267,7 +267,7 @@ KILLED_CHILD = textwrap.dedent(
 
 def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend, capsys):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     killed = proc.stdout.strip()
     # another process whose run is still going: it waits for a line on stdin
@@ -285,7 +285,7 @@ def test_killed_runs_are_reaped_and_runs_can_be_marked(reg, backend, capsys):
         assert reg.resolve(other).metadata["status"] == "running"  # and so is the other one
         assert reg.reap_runs() == []
     finally:
-        alive.communicate("\n", timeout=60)
+        alive.communicate("\n", timeout=900)
 
     reg.mark_run(mine, "interrupted", "KeyboardInterrupt")
     assert (reg.resolve(mine).metadata["status"], reg.resolve(mine).metadata["reason"]) == ("interrupted", "KeyboardInterrupt")

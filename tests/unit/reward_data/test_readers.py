@@ -269,7 +269,30 @@ def test_generic_mapping_with_json_columns_and_nested_fields(write_jsonl, record
     assert info.manifest["format"] == "generic"
     r0, r1 = records(info.ref)
     assert r0["prompt"] == [u("nested question")] and r0["margin"] == 0.5
+    # Decided per column: these columns hold plain text on row 0, so row 1's JSON-looking text stays text.
+    assert r1["prompt"] == [u(rows[1]["meta"]["q"])] and r1["chosen"] == [a(rows[1]["good"])]
+    assert info.manifest["resolved_options"]["json_fields"] == []
+    # Declared JSON columns are decoded on every row.
+    info = ingest_rows(write_jsonl, rows[1:], name="t2", json_fields="prompt,chosen",
+                       mapping={"prompt": "meta.q", "chosen": "good", "rejected": "bad"})
+    (r1,) = records(info.ref)
     assert r1["prompt"] == [u("turn one"), a("reply"), u("turn two")] and r1["chosen"] == [a("ok")]
+
+
+def test_json_looking_text_is_decided_per_column(write_jsonl, records):
+    """Issue 27 point 4: an answer whose text is a JSON message list stays that text when its
+    column holds text; a column whose every value is an encoded message list is decoded."""
+    looks = json.dumps([a("hi")])
+    rows = [{"q": "first", "good": looks, "bad": "plain"},
+            {"q": "second", "good": "plain text", "bad": "other"}]
+    info = ingest_rows(write_jsonl, rows, mapping={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    recs = records(info.ref)
+    assert recs[0]["chosen"] == [a(looks)]
+    rows = [{"q": "first", "good": json.dumps([a("x")]), "bad": json.dumps([a("y")])},
+            {"q": "second", "good": json.dumps([a("z")]), "bad": json.dumps([a("w")])}]
+    info = ingest_rows(write_jsonl, rows, name="cols", mapping={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert [r["chosen"] for r in records(info.ref)] == [[a("x")], [a("z")]]
+    assert info.manifest["resolved_options"]["json_fields"] == ["chosen", "rejected"]
 
 
 def test_generic_implicit_from_json_conversations(write_jsonl, records):

@@ -135,7 +135,8 @@ def test_scored_rows_grouped_by_prompt_with_attribute_or_weighted_score(write_js
     assert [(r["prompt"], r["chosen"], r["rejected"], r["margin"]) for r in recs] == [
         ([u("p1")], [a("r1a")], [a("r1b")], 3.0), ([u("p2")], [a("r2a")], [a("r2b")], 3.0)]
     src = info.manifest["sources"][0]
-    assert (src["records_in"], src["rows_in"]) == (5, 2)
+    # Counts are in source records (the file's 5 lines), with the 2 prompt groups beside them.
+    assert (src["records_in"], src["rows_in"], src["groups"], src["rows_with_pairs"]) == (5, 5, 2, 5)
     assert info.manifest["resolved_options"]["score"] == "helpfulness*1"
     # A weighted sum changes the ranking: p1 = 2.4, 2.2, 2.0 -> r1a over r1c.
     info = reward_data.ingest([path], "hs2", score="helpfulness*0.6+correctness*0.4", test_fraction=0.0)
@@ -153,7 +154,12 @@ def test_scored_ties_and_group_key(write_jsonl, records, quarantined):
     assert [(r["chosen"], r.get("tie"), r["margin"]) for r in recs] == [([a("x")], True, 0.0)]
     assert [q["reason"] for q in quarantined(info.ref)] == ["no_pairs", "no_pairs"]  # one response per prompt
     info = reward_data.ingest([path], "ties2", score="helpfulness", test_fraction=0.0, allow_partial=True)
-    assert [q["reason"] for q in quarantined(info.ref)] == ["tie_dropped", "no_pairs", "no_pairs"]
+    # The tied group's two records are quarantined one entry each, at their own lines.
+    q = quarantined(info.ref)
+    assert [(e["reason"], e["source"]["line"]) for e in q] == [("tie_dropped", 1), ("tie_dropped", 2), ("no_pairs", 3),
+                                                             ("no_pairs", 4)]
+    c = info.manifest["counts"]
+    assert (c["rows_in"], c["rows_quarantined"], c["quarantined"]) == (4, 4, 4)
     # Grouping by an explicit key joins rows whose prompt text differs.
     info = reward_data.ingest([path], "ties3", score="helpfulness", group_by="id", test_fraction=0.0,
                               allow_partial=True)

@@ -125,7 +125,7 @@ def test_reward_data_imports_and_ingests_without_rlhf(write_jsonl, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(REPO)
     r = subprocess.run([sys.executable, "-c", _BLOCKER, str(path), str(tmp_path / "home")], env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "STANDALONE-OK" in r.stdout
 

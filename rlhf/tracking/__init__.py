@@ -12,6 +12,8 @@ which is what ``rlhf dashboard`` and ``rlhf report`` read::
 The local files are the source of truth and need no network. Remote trackers are extras that
 must never stop a training run: wandb without credentials logs offline (and says how to sync
 later), and a wandb start-up failure degrades to offline, then to off, with a warning.
+Each tracker is one class in its own module (``local.py``, ``wandb.py``, ``tensorboard.py``,
+``trackio.py``) behind the small protocol of ``backend.py``, registered in :data:`BACKENDS`.
 
 Typical use inside a stage::
 
@@ -31,10 +33,8 @@ go to the tracker (not the console) and the console shows one progress bar or re
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import netrc
 import os
 import sys
 import time
@@ -45,8 +45,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 import rlhf
+from rlhf.tracking.backend import Backend, RunInfo, json_number
+from rlhf.tracking.local import LocalFiles, metric_text
+from rlhf.tracking.tensorboard import TensorBoardTracker
+from rlhf.tracking.trackio import TrackioTracker
+from rlhf.tracking.wandb import WandbTracker
 
 __all__ = [
+    "BACKENDS",
     "REPORT_TO_CHOICES",
     "StageProgress",
     "Tracker",
@@ -56,14 +62,19 @@ __all__ = [
     "progress_interval",
 ]
 
+#: The trackers besides the local files, by their ``report_to`` name: one class per backend
+#: (see :mod:`rlhf.tracking.backend`). A new tracker is one module and one line here.
+BACKENDS: dict[str, type[Backend]] = {
+    "wandb": WandbTracker,
+    "tensorboard": TensorBoardTracker,
+    "trackio": TrackioTracker,
+}
+
 #: Tracker names accepted in a recipe's ``report_to``. "local" is always on.
-REPORT_TO_CHOICES = ("local", "wandb", "tensorboard", "trackio")
+REPORT_TO_CHOICES = ("local", *BACKENDS)
 
 # Columns of one sample-completion row, in the order tables show them.
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "score", "gold")
-
-# The host wandb stores its API key under in ~/.netrc after `wandb login`.
-_WANDB_NETRC_HOSTS = ("api.wandb.ai",)
 
 
 def progress(
@@ -152,10 +163,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _metric_text(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
-
-
 class StageProgress:
     """A stage's progress for whoever watches it: a bar on a terminal, one-line records elsewhere.
 
@@ -217,14 +224,14 @@ class StageProgress:
         eta = _duration(elapsed / done * (self.total - self.n)) if done > 0 and self.total >= self.n else "?"
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total > 0 else ""
         text = f"[{self.stage}] {self.unit} {self.n}/{self.total}{percent} elapsed {_duration(elapsed)} eta {eta}"
-        return text + (f" {_metric_text(self.metrics)}" if self.metrics else "")
+        return text + (f" {metric_text(self.metrics)}" if self.metrics else "")
 
     def set_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Replace the key metrics shown (numbers only; others are ignored)."""
         clean = {str(k): v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
         self.metrics.update(clean)
         if self._bar is not None:
-            self._bar.set_postfix_str(_metric_text(self.metrics), refresh=False)
+            self._bar.set_postfix_str(metric_text(self.metrics), refresh=False)
 
     def update(self, n: int = 1, metrics: Mapping[str, Any] | None = None, *, report: bool = True) -> None:
         """Advance by ``n`` steps (and show ``metrics``).
@@ -295,9 +302,9 @@ def normalize_report_to(report_to: str | Sequence[str] | None) -> list[str]:
     for name in names:
         if name in ("none", ""):
             continue
-        if name not in REPORT_TO_CHOICES:
+        if name != "local" and name not in BACKENDS:
             raise ValueError(
-                f"report_to: unknown tracker {name!r}; choose from {', '.join(REPORT_TO_CHOICES)}"
+                f"report_to: unknown tracker {name!r}; choose from {', '.join(['local', *BACKENDS])}"
             )
         if name not in result:
             result.append(name)
@@ -321,45 +328,11 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
-def _json_number(value: float) -> float | None:
-    # JSON has no NaN/Infinity and browsers' JSON.parse rejects them; a null keeps the row.
-    return value if math.isfinite(value) else None
-
-
-def _version_at_least(version: str, minimum: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version) >= Version(minimum)
-    except InvalidVersion:
-        return True
-
-
-def _wandb_has_credentials() -> bool:
-    """True if wandb could authenticate: an API key in the environment or a netrc entry."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    candidates = [os.environ.get("NETRC"), str(Path.home() / ".netrc"), str(Path.home() / "_netrc")]
-    base_url = os.environ.get("WANDB_BASE_URL", "")
-    hosts = list(_WANDB_NETRC_HOSTS)
-    if base_url:
-        hosts.append(base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0])
-    for path in candidates:
-        if not path or not os.path.isfile(path):
-            continue
-        try:
-            parsed = netrc.netrc(path)
-        except (netrc.NetrcParseError, OSError):
-            continue
-        for host in hosts:
-            auth = parsed.authenticators(host)
-            if auth and auth[2]:
-                return True
-    return False
-
-
 class Tracker:
     """Log one stage's metrics and sample completions locally and to the chosen trackers.
+
+    The local files (:class:`~rlhf.tracking.local.LocalFiles`) are always written; each
+    other name in ``report_to`` is one backend class of :data:`BACKENDS`.
 
     Args:
         run_dir: The pipeline run directory; files go to ``<run_dir>/<stage>/``.
@@ -378,7 +351,8 @@ class Tracker:
 
     Raises:
         ValueError: for an unknown tracker name in ``report_to``.
-        ImportError: when "tensorboard" or "trackio" is requested but its package is missing.
+        ImportError: when a requested tracker's package is missing (before anything is written
+            for the local files).
     """
 
     def __init__(
@@ -407,40 +381,18 @@ class Tracker:
         if verbose is None:
             verbose = os.environ.get("RLHF_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
         self.verbose = bool(verbose)
-        self.wandb_run: Any = None
-        self.wandb_sync_dir: Path | None = None
-        self._wandb: Any = None
-        self._tb_writer: Any = None
-        self._trackio: Any = None
-        self._trackio_run: Any = None
+        self.backends: dict[str, Backend] = {}
+        self._local: LocalFiles | None = None
         self._finished = False
         if not self.enabled:
             return
-        # Fail on a missing optional package before creating anything, so the error comes
-        # at start-up and not after the first training step.
-        if "tensorboard" in self.report_to:
-            self._tb_writer = self._open_tensorboard()
-        if "trackio" in self.report_to:
-            self._open_trackio()
-        if "wandb" in self.report_to:
-            try:
-                import wandb
-            except ImportError as err:
-                raise ImportError(
-                    "report_to includes 'wandb' but the 'wandb' package is not installed; "
-                    "install it with: pip install 'rlhf[wandb]'"
-                ) from err
-            self._wandb = wandb
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self._write_info()
-        # Append mode: a resumed stage continues its curves instead of erasing them.
-        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
-        self._samples_file = open(self.samples_path, "a", encoding="utf-8")
-        self._log_file = open(self.log_path, "a", encoding="utf-8")
-        if "wandb" in self.report_to:
-            self._open_wandb()
-
-    # ------------------------------------------------------------------ set-up helpers
+        info = RunInfo(self.run_dir, self.stage_dir, stage, self.group,
+                       {**self.config, "refs": self.refs, "stage": stage, "rlhf_version": rlhf.__version__})
+        # A missing optional package fails here, at start-up, not after the first training step.
+        for name in self.report_to[1:]:
+            self.backends[name] = BACKENDS[name](info)
+        self._local = LocalFiles(info, verbose=self.verbose)
+        self._local.write_info(self._info())
 
     def _default_group(self) -> str:
         pipeline_json = self.run_dir / "pipeline.json"
@@ -450,16 +402,14 @@ class Tracker:
             name = None
         return str(name) if name else self.run_dir.resolve().name
 
-    def _write_info(self) -> None:
-        """tracker.json: what the dashboard needs besides the curves (e.g. the number of
-        processes, which turns PPO updates into episodes), written atomically."""
+    def _info(self) -> dict[str, Any]:
         try:
             from rlhf.distributed import world_size
 
             world = world_size()
         except Exception:  # the file is informative; a stage must not fail over it
             world = 1
-        info = {
+        return {
             "stage": self.stage,
             "group": self.group,
             "world_size": int(world),
@@ -468,94 +418,17 @@ class Tracker:
             "rlhf_version": rlhf.__version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp = self.stage_dir / ".tracker.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.stage_dir / "tracker.json")
 
-    def _remote_config(self) -> dict[str, Any]:
-        return {**self.config, "refs": self.refs, "stage": self.stage, "rlhf_version": rlhf.__version__}
+    @property
+    def wandb_run(self) -> Any:
+        """The live wandb run, or None (wandb not requested, or turned off after a failure)."""
+        backend = self.backends.get("wandb")
+        return getattr(backend, "run", None)
 
-    def _open_tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:  # torch present but the tensorboard package is not
-            raise ImportError(
-                "report_to includes 'tensorboard' but the 'tensorboard' package is not installed; "
-                "install it with: pip install 'rlhf[tensorboard]'"
-            ) from err
-        writer = SummaryWriter(log_dir=str(self.stage_dir / "tensorboard"))
-        writer.add_text("config", "```\n" + json.dumps(self._remote_config(), indent=2, default=str) + "\n```", 0)
-        return writer
-
-    def _open_trackio(self) -> None:
-        try:
-            self._trackio = importlib.import_module("trackio")
-        except ImportError as err:
-            raise ImportError(
-                "report_to includes 'trackio' but the 'trackio' package is not installed; "
-                "install it with: pip install trackio"
-            ) from err
-        self._trackio_run = self._trackio.init(
-            project="rlhf", name=f"{self.group}/{self.stage}", group=self.group, config=self._remote_config()
-        )
-
-    def _open_wandb(self) -> None:
-        """Start a wandb run; never raises, never waits long for a network that is not there."""
-        wandb = self._wandb
-        mode = os.environ.get("WANDB_MODE", "").strip().lower() or None
-        if mode in ("disabled", "dryrun"):
-            mode = "disabled" if mode == "disabled" else "offline"
-        if mode not in ("offline", "disabled") and not _wandb_has_credentials():
-            mode = "offline"
-        wandb_dir = os.environ.get("WANDB_DIR") or str(self.run_dir)
-        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
-        kwargs = dict(
-            project=os.environ.get("WANDB_PROJECT", "rlhf"),
-            group=self.group,
-            name=self.stage,
-            job_type=self.stage,
-            config=self._remote_config(),
-            dir=wandb_dir,
-            # Each stage is its own run even if an earlier stage's run was left open;
-            # "create_new" exists from wandb 0.19.10, older releases spell it True.
-            reinit="create_new" if _version_at_least(getattr(wandb, "__version__", "0"), "0.19.10") else True,
-        )
-        # Try the requested mode, then offline, then give up on wandb: the local files
-        # still hold everything, so a tracker outage must not cost a training run.
-        attempts = [mode] if mode in ("offline", "disabled") else [mode, "offline"]
-        for attempt in attempts:
-            try:
-                settings = wandb.Settings(init_timeout=30, silent=attempt == "offline")
-                self.wandb_run = wandb.init(mode=attempt, settings=settings, **kwargs)
-                break
-            except Exception as err:  # wandb raises many types (CommError, UsageError, timeouts)
-                warnings.warn(
-                    f"wandb: could not start the {self.stage!r} run in {attempt or 'online'} mode "
-                    f"({type(err).__name__}: {err}); "
-                    + ("retrying offline" if attempt != "offline" else "wandb logging is off for this stage"),
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.wandb_run = None
-        if self.wandb_run is None:
-            return
-        try:
-            # An explicit x-axis keeps curves right even if a resumed stage logs a step that
-            # wandb's own monotonic step counter would drop.
-            self.wandb_run.define_metric("trainer/step")
-            self.wandb_run.define_metric("*", step_metric="trainer/step")
-        except Exception as err:
-            warnings.warn(f"wandb: define_metric failed ({err}); using wandb's own step", RuntimeWarning, stacklevel=3)
-        run_dir_attr = getattr(self.wandb_run, "dir", None)
-        offline = attempt == "offline" or getattr(self.wandb_run, "offline", False) is True
-        if offline and attempt != "disabled" and run_dir_attr:
-            # run.dir is ".../wandb/offline-run-<time>-<id>/files"; `wandb sync` wants its parent.
-            self.wandb_sync_dir = Path(run_dir_attr).parent
-            print(
-                f"wandb: logging offline (no credentials or no network); upload later with: "
-                f"wandb sync {self.wandb_sync_dir}",
-                file=sys.stderr,
-            )
+    @property
+    def wandb_sync_dir(self) -> Path | None:
+        """After an offline wandb run: the directory to pass to ``wandb sync``."""
+        return getattr(self.backends.get("wandb"), "sync_dir", None)
 
     # ------------------------------------------------------------------ logging
 
@@ -579,35 +452,21 @@ class Tracker:
                 clean[str(key)] = number
         if not clean:
             return
-        record: dict[str, Any] = {"step": int(step), "time": time.time()}
-        record.update({key: _json_number(value) for key, value in clean.items()})
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
-        text = f"{self.stage} step {int(step)}: {_metric_text(clean)}"
-        self._log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
-        self._log_file.flush()
-        if self.verbose:
-            tqdm.write(text, file=sys.stderr)  # above any progress bar, not through it
-        if self.wandb_run is not None:
-            self._wandb_call(self.wandb_run.log, {**clean, "trainer/step": int(step)})
-        if self._tb_writer is not None:
-            for key, value in clean.items():
-                self._tb_writer.add_scalar(key, value, int(step))
-        if self._trackio_run is not None:
-            self._trackio.log(clean, step=int(step))
+        for backend in self._all():
+            backend.log(clean, int(step))
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Record sample completions generated at ``step``.
 
-        Each call makes a new wandb table under ``samples/step_<step>`` so that earlier tables
+        Each call makes a new table under ``samples/step_<step>`` so that earlier tables
         stay visible: completions over training are the point.
 
         Args:
             step: Global step the completions were generated at.
             rows: Dicts with "prompt", "completion", "score" and optionally "gold", plus any
                 other per-sample numbers worth a histogram (e.g. "length" in response tokens,
-                "kl"); those are kept in samples.jsonl (non-finite as null) and the wandb
-                table. Other non-numeric extra fields are dropped.
+                "kl"); those are kept in samples.jsonl (non-finite as null) and the remote
+                tables. Other non-numeric extra fields are dropped.
         """
         if not self.enabled:
             return
@@ -625,28 +484,19 @@ class Tracker:
                 "step": int(step),
                 "prompt": str(row["prompt"]),
                 "completion": str(row["completion"]),
-                "score": None if score is None else _json_number(score),
-                "gold": None if gold is None else _json_number(gold),
+                "score": None if score is None else json_number(score),
+                "gold": None if gold is None else json_number(gold),
             }
             for name, value in row.items():
                 number = _scalar(value)
                 if name not in record and name != "time" and number is not None:
-                    record[str(name)] = _json_number(number)
+                    record[str(name)] = json_number(number)
                     if name not in extra_columns:
                         extra_columns.append(str(name))
-            self._samples_file.write(json.dumps(record) + "\n")
             records.append(record)
-        self._samples_file.flush()
         columns = [*SAMPLE_COLUMNS, *extra_columns]
-        table_rows = [[record.get(column) for column in columns] for record in records]
-        key = f"samples/step_{int(step)}"
-        if self.wandb_run is not None:
-            table = self._wandb.Table(columns=columns, data=table_rows)
-            self._wandb_call(self.wandb_run.log, {key: table, "trainer/step": int(step)})
-        if self._tb_writer is not None:
-            self._tb_writer.add_text(key, _markdown_table(columns, table_rows), int(step))
-        if self._trackio_run is not None and hasattr(self._trackio, "Table"):
-            self._trackio.log({key: self._trackio.Table(columns=columns, data=table_rows)}, step=int(step))
+        for backend in self._all():
+            backend.log_samples(f"samples/step_{int(step)}", columns, records, int(step))
 
     def callback(
         self,
@@ -731,24 +581,15 @@ class Tracker:
         if not self.enabled:
             return
         self._check_open()
-        self._log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
-        self._log_file.flush()
+        self._local.note(message)
 
     def finish(self) -> None:
         """Close files and remote runs. Safe to call twice."""
         if not self.enabled or self._finished:
             return
         self._finished = True
-        self._metrics_file.close()
-        self._samples_file.close()
-        self._log_file.close()
-        if self.wandb_run is not None:
-            self._wandb_call(self.wandb_run.finish)
-            self.wandb_run = None
-        if self._tb_writer is not None:
-            self._tb_writer.close()
-        if self._trackio_run is not None:
-            self._trackio.finish()
+        for backend in self._all():
+            backend.finish()
 
     def __enter__(self) -> "Tracker":
         return self
@@ -758,30 +599,10 @@ class Tracker:
 
     # ------------------------------------------------------------------ internals
 
+    def _all(self) -> list[Backend]:
+        # the local files first: they are the source of truth if a remote tracker misbehaves
+        return [self._local, *self.backends.values()]
+
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"Tracker for stage {self.stage!r} in {self.run_dir} is already finished")
-
-    def _wandb_call(self, fn: Any, *args: Any) -> None:
-        # wandb talks to a background service; if that dies mid-run, warn once and stop using it.
-        try:
-            fn(*args)
-        except Exception as err:
-            warnings.warn(
-                f"wandb: {getattr(fn, '__name__', 'call')} failed ({type(err).__name__}: {err}); "
-                "wandb logging is off for the rest of this stage, local files continue",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.wandb_run = None
-
-
-def _markdown_table(columns: Sequence[str], rows: list[list[Any]]) -> str:
-    """Rows as a Markdown table (TensorBoard's text plugin renders Markdown)."""
-
-    def cell(value: Any) -> str:
-        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
