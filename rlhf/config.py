@@ -215,6 +215,10 @@ class PPOConfig:
         "k3 or k2). Default (null): false for advantage_estimator grpo (as in the GRPO paper), true otherwise.",
         default=None)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
+    whiten_advantages: bool | None = _help(
+        "Whiten the advantages over the rollout batch's tokens. Default (null): the estimator's own choice, on for "
+        "gae and reinforce++, off for rloo (whitening over tokens breaks each group's zero sum; TRL's RLOO does not "
+        "normalise either) and grpo (already normalised within each group).", default=None)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
     advantage_estimator: Literal[tuple(ESTIMATORS)] = _help(
@@ -228,8 +232,10 @@ class PPOConfig:
     rloo_k: int | None = _help("Deprecated alias of samples_per_prompt (kept so old recipes run; prints a warning).",
                                range=">= 2", default=None)
     grpo_scale_by_std: bool = _help(
-        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false is Dr. GRPO "
-        "(Liu et al. 2025, arXiv 2503.20783): the std division favours prompts that are too easy or too hard.",
+        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false, together with "
+        "loss_aggregation: token-sum-norm, is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): the std division "
+        "favours prompts that are too easy or too hard, and the per-response length normalisation of the loss "
+        "favours long wrong answers; Dr. GRPO needs both settings.",
         default=True)
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = _help(
         "How per-token policy losses (surrogate, KL term, entropy) become one number per minibatch. token-mean: sum "

@@ -375,8 +375,8 @@ def check_logit_transform(model, transform, vocab_size: int | None = None) -> No
     """Refuse a model whose own forward's logits differ from ``transform(lm_head(hidden))``.
 
     Two forwards of 8 random tokens in eval mode; the tolerance is relative to the logits'
-    magnitude (2e-2 in half precision, where the model post-processes in bf16 and we in
-    fp32; 1e-4 in fp32).
+    magnitude (2e-2 in half precision, for kernel differences between the two forwards;
+    1e-4 in fp32). Both post-process in the head's dtype.
     """
     was_training = model.training
     model.eval()
@@ -385,7 +385,7 @@ def check_logit_transform(model, transform, vocab_size: int | None = None) -> No
         n = vocab_size or emb.shape[0]
         ids = torch.randint(0, n, (1, 8), generator=torch.Generator().manual_seed(0)).to(emb.device)
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-        ours = transform.apply(model.get_output_embeddings()(hidden).float())
+        ours = transform.apply(model.get_output_embeddings()(hidden)).float()  # in the head's dtype, as the model
         theirs = model(input_ids=ids, use_cache=False).logits.float()
     finally:
         model.train(was_training)
