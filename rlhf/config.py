@@ -166,7 +166,10 @@ class PPOConfig:
     # rollout
     total_episodes: int = _help("Total sampled responses to train on.", range="> 0", default=10240)
     rollout_batch_size: int = _help("Prompts per rollout (per process).", range="> 0", default=64)
-    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", range="> 0", default=256)
+    max_prompt_length: int = _help(
+        "Most prompt tokens. A longer prompt loses whole early turns (the system turn and the last turn are kept); "
+        "only a last turn too long by itself is cut from the left. The stage warns with the counts.",
+        range="> 0", default=256)
     response_length: int = _help("Maximum new tokens per response.", range="> 0", default=128)
     temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", range="> 0", default=0.7)
     stop_token: str | list[str] | None = _help(
