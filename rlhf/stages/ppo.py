@@ -798,6 +798,26 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return {"value/explained_variance": 1.0 - var_error / var_returns}
 
 
+#: Above this fraction of first-rollout responses without a stop token, PPO warns.
+CUT_OFF_WARNING = 0.2
+
+
+def warn_if_cut_off(stop_rate: float, cfg: PPOConfig, stop_tokens: list[str]) -> bool:
+    """Warn when more than a fifth of the first rollout's responses hit ``response_length``
+    without a stop token: their score is then the missing-stop penalty, not the reward
+    model's, and PPO learns from almost no reward signal (measured on SmolLM2 with a
+    32-token cap: 31.2 tokens on average, score -0.92 at step 0). Returns whether it warned."""
+    if 1.0 - stop_rate <= CUT_OFF_WARNING:
+        return False
+    import warnings
+
+    warnings.warn(f"{1.0 - stop_rate:.0%} of the first rollout's responses reached ppo.response_length="
+                  f"{cfg.response_length} without a stop token ({', '.join(stop_tokens)}); their score is "
+                  f"ppo.missing_stop_penalty ({cfg.missing_stop_penalty}), not the reward model's. Raise "
+                  "response_length, or check ppo.stop_token against the chat template", stacklevel=2)
+    return True
+
+
 def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) -> dict:
     """One PPO update (steps 1-7 of the module docstring); returns its metrics."""
     from rlhf import distributed as dist
@@ -909,6 +929,8 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         if stop_after is not None and update >= stop_after:
             break
         metrics = train_update(s, opt, cfg, update)
+        if update == start and main:
+            warn_if_cut_off(metrics["response/stop_rate"], cfg, [s.tok.convert_ids_to_tokens(i) for i in s.stop_ids])
         tracker.log(metrics, step=update + 1)
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1

@@ -178,3 +178,18 @@ def test_long_prompts_lose_whole_early_turns_and_keep_the_system_turn(tiny_asset
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert encode_prompts(tok, [[last]], 1000) == [_render_prompt(tok, [last])]
+
+
+def test_a_first_rollout_mostly_cut_off_is_named_with_its_length_and_stop_set():
+    import warnings
+
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import warn_if_cut_off
+
+    cfg = PPOConfig(response_length=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_if_cut_off(0.75, cfg, ["<|im_end|>"])  # a quarter cut off: more than a fifth
+        assert not warn_if_cut_off(0.8, cfg, ["<|im_end|>"])  # exactly a fifth: quiet
+    (w,) = caught
+    assert "25%" in str(w.message) and "response_length=32" in str(w.message) and "<|im_end|>" in str(w.message)
