@@ -78,18 +78,14 @@ def test_smollm2_answers_and_stops_at_im_end(smollm2_dir):
     """Greedy, through `rlhf generate`'s path (prompts encoded as PPO encodes them): the answer, then <|im_end|>."""
     from rlhf.generate import load_policy, sample
     from rlhf.models import stop_token_ids
-    from rlhf.stages.ppo import encode_prompts, left_pad
 
     policy = load_policy(str(smollm2_dir))
+    tok = policy.tok
+    assert stop_token_ids(tok, policy.model) == [tok.convert_tokens_to_ids("<|im_end|>")]
     prompt = [[{"role": "user", "content": "What is the capital of France?"}]]
-    assert sample(policy, prompt, max_new_tokens=24, temperature=0) == ["The capital of France is Paris."]
-    tok, model = policy.tok, policy.model
-    stops = stop_token_ids(tok, model)
-    assert stops == [tok.convert_tokens_to_ids("<|im_end|>")]
-    ids, mask = left_pad(encode_prompts(tok, prompt, 128), tok.pad_token_id, "cpu")
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-    assert out[-1] == stops[0] and "Paris" in tok.decode(out)
+    # sample() cuts each completion at its first stop token: the exact sentence means it stopped
+    # at <|im_end|> right after the answer (16 new tokens would leave room to run on)
+    assert sample(policy, prompt, max_new_tokens=16, temperature=0) == ["The capital of France is Paris."]
 
 
 def _adapters(run_dir: Path) -> dict[str, Path]:
