@@ -428,6 +428,10 @@ class PipelineConfig:
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
+    num_threads: int = _help(
+        "CPU threads for torch in every stage (0: torch's default, all cores). A run reproduces its numbers on "
+        "the same thread count and library versions (float sums depend on how work is split over threads).",
+        range="[0, 4096]", default=2)
     model: ModelConfig = _help("The base model shared by all stages.", default_factory=ModelConfig)
     task: SyntheticTaskConfig = _help(
         "The task: an embedded one (task.enabled, task.name) or your own (task.module); it supplies prompts, "

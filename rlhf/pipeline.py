@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -294,6 +295,8 @@ class Pipeline:
         error = dist.broadcast_object(error)
         if error is not None:
             raise RunDirLocked(error)
+        # every stage (rlhf.stages.make_reproducible) and every launched rank reads it
+        os.environ["RLHF_NUM_THREADS"] = str(self.p.pipeline.num_threads)
         try:
             return self._run(from_stage, resume)
         finally:

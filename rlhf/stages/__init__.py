@@ -8,6 +8,7 @@ under ``cfg.output_dir``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -81,6 +82,37 @@ STAGES: dict[str, Stage] = {
 }
 
 
+#: Torch's CPU threads unless ``$RLHF_NUM_THREADS`` says otherwise (``0``: torch's default,
+#: all cores). Float sums depend on how work is split over threads, so a run reproduces its
+#: numbers only on the same thread count (and library versions); 2 is what the README's
+#: numbers were measured with, and what any CPU has.
+DEFAULT_NUM_THREADS = 2
+
+
+def make_reproducible() -> int:
+    """Fix what makes two runs with the same seed differ: the CPU thread count, and
+    nondeterministic kernels (torch's deterministic variants where it has them; a warning,
+    not an error, for the few it has not). Seeds and data order are each stage's own (its
+    ``seed``). Returns the thread count in use.
+
+    Raises:
+        ConfigError: ``$RLHF_NUM_THREADS`` is not a whole number >= 0.
+    """
+    import torch
+
+    from rlhf.config import ConfigError
+
+    text = os.environ.get("RLHF_NUM_THREADS", str(DEFAULT_NUM_THREADS)).strip()
+    if not text.isdigit():
+        raise ConfigError(f"$RLHF_NUM_THREADS: {text!r} is not a whole number (0: torch's default)")
+    if int(text) > 0:
+        torch.set_num_threads(int(text))
+    # cuBLAS needs this for deterministic matrix products; it must be set before the first one
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.get_num_threads()
+
+
 def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
               task: Task | None = None, registration: Registration | None = None) -> StageResult:
     """Resolve ``cfg``'s inputs, then run stage ``name`` on it.
@@ -93,7 +125,8 @@ def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
     from rlhf.resolve import resolve_inputs
     from rlhf.runs import resume_step, trim_logs
 
-    resolved = resolve_inputs(cfg)
+    make_reproducible()
+    resolved = resolve_inputs(cfg)  # may build the tiny base: after the thread count is fixed
     if dist.is_main():
         trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
     return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)

@@ -456,13 +456,15 @@ def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
 @torch.no_grad()
 def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
              stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None) -> tuple[dict, list[dict]]:
+             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
     """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
     seed so that every evaluation sees the same random stream, and report score, KL to the
     reference, entropy, length, and gold reward if known.
     With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
     rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
-    (``eval/gold_win_rate_*``). Means come with standard errors over prompts."""
+    (``eval/gold_win_rate_*``). Means come with standard errors over prompts.
+    ``on_batch(n)`` is called after each batch of ``n`` prompts (progress)."""
     torch.manual_seed(seed)
     rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
@@ -486,6 +488,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
                          "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
+        if on_batch is not None:
+            on_batch(len(texts))
     if reference:
         per["win_rate"] = win_rates(rows, reference, "score")
         per["gold_win_rate"] = win_rates(rows, reference, "gold")
@@ -690,6 +694,7 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     over it on the same prompts.
     """
     from rlhf import distributed as dist
+    from rlhf.tracking import StageProgress
 
     if not s.eval_ids:
         return {}
@@ -704,9 +709,12 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
             reference = None
             if reference_file is not None and step > 0 and reference_file.exists():
                 reference = _read_json(reference_file).get("rows", [])[:n]
+            # the first evaluation covers every held-out prompt: minutes on a CPU, so it shows progress
+            bar = StageProgress("ppo eval", n, unit="prompt", enabled=dist.is_main())
             ev, rows = evaluate(s.model, s.tok, s.eval_ids[:n], s.eval_texts[:n], cfg, s.gen_cfg, s.stop_ids, s.pad_id,
                                 s.device, gold_fn, seed=cfg.seed + 1_000_003, suffix=s.score_suffix, engine=s.engine,
-                                reference=reference)
+                                reference=reference, on_batch=bar.update)
+            bar.close()
         if dist.is_main():
             if reference_file is not None and step == 0:
                 write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
@@ -818,17 +826,28 @@ def warn_if_cut_off(stop_rate: float, cfg: PPOConfig, stop_tokens: list[str]) ->
     return True
 
 
-def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) -> dict:
-    """One PPO update (steps 1-7 of the module docstring); returns its metrics."""
+def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
+                 phase: Callable[[str], None] | None = None) -> dict:
+    """One PPO update (steps 1-7 of the module docstring); returns its metrics.
+
+    ``phase(text)`` hears what the update is doing ("generating", "minibatch 3/8"), for the
+    progress bar: one update can take minutes on a CPU.
+    """
     from rlhf import distributed as dist
+
+    def say(text: str) -> None:
+        if phase is not None:
+            phase(f"update {update + 1}: {text}")
 
     t0 = time.time()
     # 1-2. this update's prompts; generate with the policy role
+    say("generating")
     sampled, group_ids = sample(s, cfg, update)
     _sync(s.device)
     t_gen = time.time() - t0
 
     # 3. score: logprobs (policy, reference), values, reward on the last real token
+    say("scoring")
     batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
@@ -847,7 +866,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int) ->
 
     # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
     stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
-                        rank=s.rank, world=s.world, is_weights=is_weights)
+                        rank=s.rank, world=s.world, is_weights=is_weights, on_step=say)
     _sync(s.device)
     t_update = time.time() - t0 - t_gen - t_score
 
@@ -928,7 +947,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     for update in range(start, s.num_updates):
         if stop_after is not None and update >= stop_after:
             break
-        metrics = train_update(s, opt, cfg, update)
+        metrics = train_update(s, opt, cfg, update, phase=bar.phase)
         if update == start and main:
             warn_if_cut_off(metrics["response/stop_rate"], cfg, [s.tok.convert_ids_to_tokens(i) for i in s.stop_ids])
         tracker.log(metrics, step=update + 1)
@@ -983,7 +1002,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
-                update: int, rank: int = 0, world: int = 1, is_weights: torch.Tensor | None = None) -> dict:
+                update: int, rank: int = 0, world: int = 1, is_weights: torch.Tensor | None = None,
+                on_step: Callable[[str], None] | None = None) -> dict:
     """PPO epochs over shuffled minibatches of the rollout (train mode); returns mean statistics.
 
     With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
@@ -1054,6 +1074,8 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                 for k, v in host.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+                if on_step is not None:
+                    on_step(f"optimizer step {count}/{cfg.ppo_epochs * cfg.num_minibatches}")
     if world > 1:  # per-rank partial sums add up to the global minibatch statistics
         parts = dist.gather_objects(sums)
         norm = sums.get("grad_norm")  # computed after the gradient sum: equal on every rank

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,9 +313,17 @@ def pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> N
     """
     import torch
 
+    from rlhf import distributed
+    from rlhf.tracking import StageProgress
+
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
+    # minutes on a busy CPU: say so, and show the steps (a bar, or periodic lines in a log)
+    bar = StageProgress("tiny base", steps, unit="step", enabled=distributed.is_main())
+    if distributed.is_main():
+        print(f"[tiny base] building builtin:tiny once: pretraining a 2-layer model for {steps} steps",
+              file=sys.stderr, flush=True)
 
     def transcript() -> str:
         turns = []
@@ -331,6 +340,8 @@ def pretrain_tiny(model, tok, seed: int, steps: int = 300, batch: int = 32) -> N
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        bar.update(1, {"loss": loss.detach()})
+    bar.close()
     model.eval()
 
 

@@ -209,6 +209,7 @@ class StageProgress:
         self._last_print: float | None = None
         self._printed_n: int | None = None
         self._closed = False
+        self._phase: str | None = None
         is_tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar = None
         if enabled and is_tty:
@@ -224,7 +225,27 @@ class StageProgress:
         eta = _duration(elapsed / done * (self.total - self.n)) if done > 0 and self.total >= self.n else "?"
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total > 0 else ""
         text = f"[{self.stage}] {self.unit} {self.n}/{self.total}{percent} elapsed {_duration(elapsed)} eta {eta}"
-        return text + (f" {metric_text(self.metrics)}" if self.metrics else "")
+        text += f" {metric_text(self.metrics)}" if self.metrics else ""
+        return text + (f" ({self._phase})" if self._phase else "")
+
+    def phase(self, text: str | None) -> None:
+        """Say what the current step is doing (``"update 3: minibatch 5/16"``); ``None`` clears it.
+
+        A step can take minutes (a PPO update on a CPU): the bar's text changes with the
+        phase, so it never looks frozen, and off a terminal a record is printed when
+        ``interval_s`` has passed since the last one, even though no step has finished.
+        """
+        if not self.enabled or self._closed:
+            return
+        self._phase = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(" ".join(x for x in (metric_text(self.metrics), f"({text})" if text else "") if x),
+                                      refresh=True)
+            return
+        now = self._clock()
+        last = self._last_print if self._last_print is not None else self._start
+        if text and now - last >= self.interval_s:
+            self._print(now)
 
     def set_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Replace the key metrics shown (numbers only; others are ignored)."""
@@ -242,6 +263,7 @@ class StageProgress:
         """
         if not self.enabled:
             return
+        self._phase = None  # the step it described is over
         if metrics:
             self.set_metrics(metrics)
         self.n += n

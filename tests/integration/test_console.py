@@ -47,6 +47,9 @@ def test_console_shows_headers_progress_and_tables_only(piped_run):
         assert not [line for line in lines if noise in line], noise
     for stage in ("sft", "reward", "ppo"):
         assert f"[pipeline] {stage}: running" in lines
+    # the tiny base is built once per home, with its own progress records
+    assert "[tiny base] building builtin:tiny once: pretraining a 2-layer model for 300 steps" in lines
+    assert "[ppo eval] prompt 16/16 (100%)" in "\n".join(lines)
     # one-line records: the first step and the last, with elapsed, ETA and the stage's key metrics
     assert any(re.fullmatch(r"\[sft\] step \d+/\d+ \(100%\) elapsed \S+ eta 0:00:00 loss=\S+.*", line) for line in lines)
     assert any(re.fullmatch(r"\[reward\] step \d+/\d+ \(100%\) elapsed .* accuracy=\S+", line) for line in lines)
@@ -127,3 +130,24 @@ def test_stage_progress_records_through_a_pipe_and_verbose(tmp_path):
 
     bad = _rlhf([*args, f"output_dir={tmp_path / 'c' / 'sft'}", "--progress-interval", "0"], tmp_path / "home")
     assert bad.returncode == 2 and "--progress-interval" in bad.stdout
+
+
+@pytest.mark.slow
+def test_quick_recipe_shows_progress_in_every_long_phase(tmp_path):
+    # A fresh home: the tiny base is built (pretrained) first. Records every 0.2 s, so that
+    # every phase prints some, however fast or slow the machine is.
+    proc = _rlhf(["run", "pipelines/quick.yaml", "--output-dir", str(tmp_path / "quick")], tmp_path / "home",
+                 RLHF_PROGRESS_INTERVAL="0.2")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "[tiny base] building builtin:tiny once: pretraining a 2-layer model for 300 steps" in lines
+    assert any(re.fullmatch(r"\[tiny base\] step 300/300 \(100%\) elapsed \S+ eta 0:00:00 loss=\S+", x) for x in lines)
+    # the first evaluation (every held-out prompt), and the final one
+    evals = [x for x in lines if re.fullmatch(r"\[ppo eval\] prompt 32/32 \(100%\) elapsed \S+ eta 0:00:00", x)]
+    assert len(evals) == 2, "\n".join(lines)
+    # inside an update: what it is doing, before the update's own record
+    assert any(re.fullmatch(r"\[ppo\] update 0/4 \(0%\) .*\(update 1: (generating|scoring|optimizer step \d/4)\)", x)
+               for x in lines), "\n".join(lines)
+    assert any(re.fullmatch(r"\[ppo\] update 4/4 \(100%\) elapsed \S+ eta 0:00:00 score=\S+ kl=\S+", x) for x in lines)
+    summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
+    assert summary  # the whole pipeline ran to its summary

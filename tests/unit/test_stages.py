@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from pathlib import Path
+
 import pytest
 
 from rlhf import stages
 from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.stages import STAGES, Stage, StageResult
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_table_lists_the_stages_in_pipeline_order():
@@ -56,3 +60,40 @@ def test_an_unresolvable_input_stops_the_stage_before_it_runs(tmp_path, monkeypa
     monkeypatch.setitem(stages.STAGES, "sft", Stage(SFTConfig, lambda *a, **k: pytest.fail("stage ran")))
     assert main(["sft", f"dataset={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'out'}"]) == 2
     assert "sft.dataset: file not found" in capsys.readouterr().err
+
+
+def test_make_reproducible_fixes_threads_and_deterministic_kernels(monkeypatch):
+    import torch
+
+    from rlhf.config import ConfigError
+    from rlhf.stages import DEFAULT_NUM_THREADS, make_reproducible
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        monkeypatch.delenv("RLHF_NUM_THREADS", raising=False)
+        assert make_reproducible() == DEFAULT_NUM_THREADS == torch.get_num_threads() == 2
+        assert torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("RLHF_NUM_THREADS", "1")
+        assert make_reproducible() == 1
+        monkeypatch.setenv("RLHF_NUM_THREADS", "0")  # torch's default: left as it is
+        assert make_reproducible() == 1
+        monkeypatch.setenv("RLHF_NUM_THREADS", "many")
+        with pytest.raises(ConfigError, match=r"\$RLHF_NUM_THREADS: 'many' is not a whole number"):
+            make_reproducible()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_pipeline_exports_its_thread_count_to_the_stages(tmp_path, monkeypatch):
+    import os
+
+    from rlhf.pipeline import Pipeline, plan
+
+    monkeypatch.delenv("RLHF_NUM_THREADS", raising=False)
+    p = plan(ROOT / "pipelines" / "tiny.yaml", tmp_path / "run", ["num_threads=3"], check_inputs=False)
+    seen = {}
+    monkeypatch.setattr(Pipeline, "_run", lambda self, *a: seen.setdefault("threads", os.environ["RLHF_NUM_THREADS"]))
+    Pipeline(p).run()
+    assert seen["threads"] == "3"

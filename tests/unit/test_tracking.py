@@ -499,6 +499,33 @@ def test_third_party_noise_is_filtered_by_message_only():
     ]
 
 
+def test_stage_progress_phase_shows_work_inside_a_long_step():
+    clock, out = _Clock(), io.StringIO()
+    bar = StageProgress("ppo", 4, unit="update", interval_s=5, stream=out, clock=clock)
+    clock.now += 2
+    bar.phase("update 1: generating")  # 2 s after the start: not due yet
+    clock.now += 4
+    bar.phase("update 1: minibatch 3/8")  # 6 s: due, although no update has finished
+    clock.now += 1
+    bar.phase("update 1: minibatch 4/8")  # 1 s after that record: not due
+    clock.now += 1
+    bar.update(1, {"score": 0.5})  # the record after a finished update carries no stale phase
+    clock.now += 10
+    bar.update(1)
+    assert out.getvalue().splitlines() == [
+        "[ppo] update 0/4 (0%) elapsed 0:00:06 eta ? (update 1: minibatch 3/8)",
+        "[ppo] update 2/4 (50%) elapsed 0:00:18 eta 0:00:18 score=0.5",
+    ]
+
+
+def test_stage_progress_phase_redraws_the_terminal_bar():
+    out = io.StringIO()
+    bar = StageProgress("ppo", 4, unit="update", stream=out, tty=True)
+    bar.phase("update 1: scoring")
+    assert "(update 1: scoring)" in out.getvalue()
+    bar.close()
+
+
 def test_a_new_backend_is_one_class_and_one_registration(tmp_path, monkeypatch):
     """Every tracker is a class behind the Backend protocol in rlhf.tracking.BACKENDS: a
     registered one receives the cleaned metrics, the sample tables and finish, after the
