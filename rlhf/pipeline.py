@@ -456,6 +456,9 @@ class Pipeline:
             "sft_eval_loss": sft_m.get("eval_loss"),
             "rm_accuracy": rm_m.get("eval_accuracy"),
             "rm_margin": rm_m.get("eval_margin"),
+            # pairs longer than reward.train.max_length, which TRL leaves out (train / held out)
+            "rm_train_pairs_too_long": rm_m.get("train_pairs_too_long"),
+            "rm_test_pairs_too_long": rm_m.get("test_pairs_too_long"),
             "reward_score_sft": ppo_m.get("initial/eval/score_mean"),
             "reward_score_sft_se": ppo_m.get("initial/eval/score_se"),
             "reward_score_ppo": ppo_m.get("final/eval/score_mean"),
@@ -513,6 +516,8 @@ def _add_dpo_summary(out: dict, m: dict, has_gold: bool) -> None:
     a PPO stage its SFT numbers stand in for the SFT row."""
     out.update(
         dpo_eval_loss=m.get("eval_loss"),
+        dpo_train_pairs_too_long=m.get("train_pairs_too_long"),
+        dpo_test_pairs_too_long=m.get("test_pairs_too_long"),
         dpo_reward_accuracy=m.get("eval_rewards_accuracies"),
         reward_score_dpo=m.get("dpo/eval/score_mean"),
         kl_dpo_sft=m.get("dpo/eval/kl_mean"),

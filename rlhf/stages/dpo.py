@@ -31,6 +31,7 @@ from rlhf.config import ConfigError, DPOConfig, PPOConfig, save_yaml, to_dict
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
     Registration,
+    count_long_pairs,
     filter_supported,
     final_log_value,
     full_state_dict,
@@ -88,12 +89,14 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
     base = cfg.model.name_or_path
     tok = tokenizer_for(cfg.model)  # model.chat_template included, as in every stage
+    too_long = count_long_pairs("dpo", tok, train_rows, test_rows, cfg.train.max_length, "truncates")
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
-    trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
+    trainer = build_trainer(cfg, base, tok, train_rows, test_rows)
+    tracker.attach(trainer)  # the project's progress line, as SFT and reward; TRL's log dicts go to metrics.jsonl
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long,
                      "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     if test_rows:
         ev = trainer.evaluate()

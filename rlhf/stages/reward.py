@@ -16,6 +16,7 @@ from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
 from rlhf.stages import StageResult
 from rlhf.stages.common import (
     Registration,
+    count_long_pairs,
     filter_supported,
     full_state_dict,
     last_checkpoint,
@@ -114,6 +115,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
     tok = tokenizer_for(cfg.model)
+    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -141,7 +143,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
     ckpt = last_checkpoint(out) if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
     if test_rows:
         ev = trainer.evaluate()
         metrics.update(eval_accuracy=float(ev["eval_accuracy"]), eval_margin=float(ev["eval_margin"]),
