@@ -107,13 +107,13 @@ def base_dirs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
     return dirs
 
 
-def recipe(name: str, base: str, data: dict[str, Path]) -> dict:
+def recipe(name: str, base: str, data: dict[str, Path], chat_template: str = "") -> dict:
     """SFT -> reward -> PPO -> DPO, a few optimizer steps each, tiny batches, short sequences."""
     train = {"epochs": 1, "max_steps": 2, "batch_size": 2, "max_length": 96, "logging_steps": 1, "save_steps": 100,
              "learning_rate": 1.0e-4}
     return {
         "name": name, "seed": 0, "stages": ["sft", "reward", "ppo", "dpo"],
-        "model": {"name_or_path": base, "dtype": "float32"},
+        "model": {"name_or_path": base, "dtype": "float32", "chat_template": chat_template},
         "task": {"enabled": False}, "reward_gate": {"enabled": False}, "report_to": ["local"],
         "sft": {"dataset": str(data["sft"]), "eval_fraction": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                 "train": train},
@@ -144,7 +144,10 @@ def real_runs(base_dirs, tmp_path_factory):
         for name, base in base_dirs.items():
             root = tmp_path_factory.mktemp(f"real_{name}")
             path = root / "recipe.yaml"
-            path.write_text(yaml.safe_dump(recipe(f"real-{name}", str(base), write_data(root / "data"))))
+            # SmolLM2 runs with model.chat_template set (the built-in ChatML, without SmolLM2's
+            # default system turn): every stage must apply it, not the tokenizer's own
+            template = "chatml" if name == "smollm2" else ""
+            path.write_text(yaml.safe_dump(recipe(f"real-{name}", str(base), write_data(root / "data"), template)))
             p = plan(path, root / "run", [])
             summary = Pipeline(p).run()
             state = json.loads((p.run_dir / "pipeline.json").read_text())

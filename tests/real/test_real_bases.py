@@ -28,11 +28,11 @@ from safetensors import safe_open
 CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."}]
 
 
-def _base_tokenizer(base_dir: Path):
+def _base_tokenizer(base_dir: Path, chat_template: str = ""):
     from rlhf.config import ModelConfig
     from rlhf.models import tokenizer_for
 
-    return tokenizer_for(ModelConfig(name_or_path=str(base_dir)))
+    return tokenizer_for(ModelConfig(name_or_path=str(base_dir), chat_template=chat_template))
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -98,17 +98,21 @@ def test_every_stage_and_command_renders_one_chat_template(name, base_dirs, real
     from rlhf.generate import load_policy
     from rlhf.models import load_tokenizer
 
+    import yaml
+
     _, runs = real_runs
     run_dir = runs[name][0]
-    want = _base_tokenizer(base_dirs[name]).apply_chat_template(CONVERSATION, tokenize=False)
+    template = yaml.safe_load((run_dir / "sft" / "config.yaml").read_text())["model"]["chat_template"]
+    want = _base_tokenizer(base_dirs[name], template).apply_chat_template(CONVERSATION, tokenize=False)
+    if name == "smollm2":  # the recipe's model.chat_template, not SmolLM2's own (with its default system turn)
+        assert template == "chatml" and "SmolLM" not in want
+        assert want != _base_tokenizer(base_dirs[name]).apply_chat_template(CONVERSATION, tokenize=False)
     for role, adapter in _adapters(run_dir).items():
         saved = load_tokenizer(str(base_dirs[name]), adapter_dir=adapter)
         assert saved.apply_chat_template(CONVERSATION, tokenize=False) == want, role
     assert load_policy(str(_adapters(run_dir)["dpo"])).tok.apply_chat_template(CONVERSATION, tokenize=False) == want
-    # DPO trained on this template: its config carries the stage's model section
-    for stage in ("sft", "reward", "ppo", "dpo"):
-        text = (run_dir / stage / "config.yaml").read_text()
-        assert "chat_template" in text, stage
+    for stage in ("sft", "reward", "ppo", "dpo"):  # every stage ran with the recipe's template
+        assert yaml.safe_load((run_dir / stage / "config.yaml").read_text())["model"]["chat_template"] == template
 
 
 @pytest.mark.parametrize("name", BASES)
