@@ -4,6 +4,7 @@ Usage::
 
     python scripts/bench_ppo.py --shape tiny                # CPU: tiny shape, both sides
     python scripts/bench_ppo.py --shape small               # CPU: 4 layers, 256 wide
+    python scripts/bench_ppo.py --shape smollm2-135m        # SmolLM2-135M's shape (30 x 576, vocab 49152)
     python scripts/bench_ppo.py --shape 0.5B                # GPU: Qwen2.5-0.5B shape, bf16
     python scripts/bench_ppo.py --shape 0.5B --modes lora   # only the LoRA comparison
     python scripts/bench_ppo.py --max-size --memory-limit-gb 80   # largest Qwen2.5 shape (to 32B) in 80 GB
@@ -86,6 +87,10 @@ SHAPES: dict[str, dict] = {
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
     "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    # SmolLM2-135M-Instruct's shape (the real model of tests/real and pipelines/smol-arith.yaml;
+    # a Llama, built here on the Qwen2 architecture: the same matrices plus q/k/v biases)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     # a CPU-sized shape between tiny and 0.5B (not a Qwen2.5 release)
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
@@ -100,6 +105,7 @@ DEFAULT_VOCAB = 32000
 DEFAULTS = {
     "tiny": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
     "small": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
+    "smollm2-135m": dict(batch=8, prompt_len=32, response_len=32, num_minibatches=2, ppo_epochs=2, n_batches=2),
     "qwen": dict(batch=64, prompt_len=64, response_len=128, num_minibatches=4, ppo_epochs=4, n_batches=3),
 }
 
@@ -536,10 +542,11 @@ def _phases(side: str, r: dict) -> dict:
 
 
 def _spec_from_args(args, shape: str, cuda: bool) -> BenchSpec:
-    base = DEFAULTS["tiny" if shape == "tiny" else "qwen"]
+    base = DEFAULTS[shape if shape in ("tiny", "smollm2-135m") else "qwen"]
     kw = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    vocab = getattr(args, "vocab", None) or DEFAULT_VOCAB
+    # the real shape keeps its own vocabulary (the head's cost is part of what it measures)
+    vocab = getattr(args, "vocab", None) or (SHAPES[shape]["vocab_size"] if shape == "smollm2-135m" else DEFAULT_VOCAB)
     return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                      vocab=vocab, generation=getattr(args, "generation", "auto"), compile=getattr(args, "compile", "auto"),
                      gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
