@@ -30,6 +30,7 @@ COMMANDS = {
     "reward": "run the reward-model stage alone",
     "ppo": "run the PPO stage alone",
     "dpo": "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
+    "kto": "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
     "config": "print a stage's or a recipe's fully resolved config (config show STAGE|RECIPE)",
     "data": "ingest and inspect preference data (the versioned data store)",
     "registry": "list, inspect, export and tag models in the model registry",
@@ -41,7 +42,17 @@ COMMANDS = {
     "env": "print versions, devices and paths (paste it into a bug report)",
 }
 
-STAGE_NAMES = ("sft", "reward", "ppo", "dpo")  # rlhf.stages.STAGES, without importing torch for --help
+STAGE_NAMES = ("sft", "reward", "ppo", "dpo", "kto")  # rlhf.stages.STAGES, without importing torch for --help
+
+#: The override shown in each command's --help (tests/unit/test_cli.py applies every one).
+OVERRIDE_EXAMPLES = {
+    "sft": "train.max_steps=20",
+    "reward": "train.max_steps=20",
+    "ppo": "total_episodes=512",
+    "dpo": "train.max_steps=20",
+    "kto": "train.max_steps=20",
+    "run": "ppo.total_episodes=512",
+}
 
 
 def _top_help() -> str:
@@ -209,7 +220,8 @@ def _stage_parser(stage: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with the stage's settings (keys below)")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. train.max_steps=20")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES[stage]}")
     return parser
 
 
@@ -241,7 +253,7 @@ def _run_parser() -> argparse.ArgumentParser:
         "inputs did not change since its last completed run is skipped.",
         parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(PipelineConfig, "recipe keys (in RECIPE, or as key.sub=value overrides; the stage "
-                           "sections take the keys of `rlhf sft|reward|ppo|dpo --help`):"),
+                           "sections take the keys of `rlhf sft|reward|ppo|dpo|kto --help`):"),
     )
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
@@ -249,7 +261,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="overrides, e.g. ppo.total_episodes=512")
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES['run']}")
     return parser
 
 
@@ -276,11 +288,11 @@ def _config_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{show}")
     show = sub.add_parser(
         "show", prog="rlhf config show", help="print a stage's or a recipe's fully resolved config as YAML",
-        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo, dpo) with "
+        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo, dpo, kto) with "
         "--config and overrides applied, or a recipe with every stage's config as the pipeline builds it.",
     )
     show.add_argument("target", metavar="STAGE|RECIPE",
-                      help="sft, reward, ppo or dpo; or a recipe file (pipelines/tiny.yaml, or just tiny)")
+                      help="sft, reward, ppo, dpo or kto; or a recipe file (pipelines/tiny.yaml, or just tiny)")
     show.add_argument("--config", help="(stages) YAML file with the stage's settings")
     show.add_argument("--output-dir", help="(recipes) run directory the paths are resolved against")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, as for run or the stage")

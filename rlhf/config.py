@@ -119,7 +119,7 @@ class SFTConfig:
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/sft")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "sft")
@@ -148,7 +148,7 @@ class RewardConfig:
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "reward")
@@ -290,7 +290,7 @@ class PPOConfig:
                                        range="> 0", default=3)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and adapters.", default="runs/ppo")
-    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
 
     def __post_init__(self):
         check_ranges(self, "ppo")
@@ -375,9 +375,70 @@ class DPOConfig:
     eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
                                      default=0.7)
     eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    eval_generation: Literal["hf", "vllm"] = _help(
+        "Evaluation sampling engine: 'hf' (transformers generate) or 'vllm' (the PPO stage's vllm engine; needs "
+        ".venv-vllm, bash scripts/setup_vllm.sh).", default="hf")
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/dpo")
+    report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL's KTOConfig.loss_type (trl 1.16)
+
+
+@dataclass
+class KTOConfig:
+    """Kahneman-Tversky optimisation with TRL's KTOTrainer: the SFT adapter is trained on labelled
+    completions (desirable / undesirable; each preference pair gives one of each) against the
+    frozen SFT adapter as reference."""
+
+    model: ModelConfig = _help("Base model (the same base as the SFT stage).", default_factory=ModelConfig)
+    sft_adapter: str = _help(
+        "SFT adapter: a directory or a registry reference. The policy starts from it and a frozen copy is the "
+        "reference. Empty: the base itself is the SFT model, a fresh LoRA is trained and the reference is the "
+        "base. Set by the pipeline.", default="")
+    dataset: str = _help(
+        "Unpaired feedback or preference pairs: a reward_data store reference 'NAME[:VERSION]', or a file/directory "
+        "ingested into the store first. An unpaired dataset gives its labelled completions; a pair dataset gives "
+        "each pair's chosen as desirable and its rejected as undesirable (ties are skipped). Trains on the train "
+        "split, reports on the test split.", default="")
+    dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
+    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
+                                 range="[0, 1)", default=0.05)
+    beta: float = _help("KL strength beta: how far the policy may move from the reference (higher: closer).",
+                        range="> 0", default=0.1)
+    loss_type: Literal[KTO_LOSS_TYPES] = _help(
+        "TRL's KTO loss: kto (Ethayarajh et al. 2024, arXiv 2402.01306) or apo_zero_unpaired.", default="kto")
+    desirable_weight: float = _help(
+        "Weight of the desirable completions' loss (lambda_D); the KTO paper keeps lambda_D * n_D / "
+        "(lambda_U * n_U) in [1, 4/3].", range="> 0", default=1.0)
+    undesirable_weight: float = _help("Weight of the undesirable completions' loss (lambda_U).", range="> 0",
+                                      default=1.0)
+    lora: LoraConfigSpec = _help(
+        "LoRA settings of a fresh adapter when sft_adapter is empty; with an SFT adapter the policy keeps its shape.",
+        default_factory=LoraConfigSpec)
+    train: TrainArgs = _help("Optimisation settings (KTO needs batch_size >= 2: its KL baseline pairs each prompt "
+                             "with another row's completion).", default_factory=TrainArgs)
+    eval_prompts: str = _help("Held-out prompts to sample the SFT and KTO policies on (empty: no sampling evaluation).",
+                              default="")
+    reward_adapter: str = _help(
+        "Reward adapter for the evaluation's RM score and win rate over SFT (optional; set by the pipeline when a "
+        "reward stage ran before).", default="")
+    eval_max_prompt_length: int = _help("Evaluation prompts are truncated from the left to this many tokens.",
+                                        range="> 0", default=256)
+    eval_response_length: int = _help("Maximum new tokens per evaluation response.", range="> 0", default=128)
+    eval_temperature: float = _help("Evaluation sampling temperature (the PPO stage's, in a pipeline).", range="> 0",
+                                     default=0.7)
+    eval_batch_size: int = _help("Prompts sampled at once during evaluation.", range="> 0", default=64)
+    seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
+    output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/kto")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+
+    def __post_init__(self):
+        check_ranges(self, "kto")
+        if self.train.batch_size < 2:
+            raise ConfigError("kto.train.batch_size: must be >= 2 (KTO's KL baseline mismatches completions "
+                              f"within a batch), got {self.train.batch_size}")
 
 
 @dataclass
@@ -438,7 +499,7 @@ class PipelineConfig:
         "optionally data, and the objective the summary evaluates. See rlhf/tasks/.",
         default_factory=SyntheticTaskConfig)
     reward_gate: RewardGateConfig = _help("Reward-model quality gate before PPO.", default_factory=RewardGateConfig)
-    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio.", default_factory=lambda: ["local"])
+    report_to: list[str] = _help("Trackers for every stage: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
     register: bool = _help("Record every stage run and artifact, with lineage, in the model registry.", default=True)
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
     registry_url: str | None = _help("Registry database: a path, sqlite:///path.db or postgresql://user@host:port/db (default $RLHF_REGISTRY_URL, then <home>/registry/registry.db).", default=None)
@@ -447,10 +508,11 @@ class PipelineConfig:
     reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
     ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)
     dpo: dict = _help("DPO stage settings (see DPOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
+    kto: dict = _help("KTO stage settings (see KTOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
     stages: list[str] = _help(
-        "Stages to run, in order: sft, reward, ppo, dpo. E.g. [sft, dpo], or [sft, reward, ppo, dpo] to compare "
-        "PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward and dpo "
-        "need sft).", default_factory=lambda: ["sft", "reward", "ppo"])
+        "Stages to run, in order: sft, reward, ppo, dpo, kto. E.g. [sft, dpo], [sft, kto], or [sft, reward, ppo, dpo] "
+        "to compare PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward, "
+        "dpo and kto need sft).", default_factory=lambda: ["sft", "reward", "ppo"])
 
     def __post_init__(self):
         check_ranges(self, "")

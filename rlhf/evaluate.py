@@ -123,7 +123,7 @@ def load_objective(spec: str) -> Callable[[str, str], float]:
 
 def evaluate_policies(policies: list[str], prompts: list[Conversation], *, reward: str | None = None,
                       objective: Callable[[str, str], float] | None = None, best_of: int = 0,
-                      max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0) -> dict:
+                      max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, engine: str = "hf") -> dict:
     """Sample each policy once per prompt; score; win rates over the first policy.
 
     Returns:
@@ -141,13 +141,15 @@ def evaluate_policies(policies: list[str], prompts: list[Conversation], *, rewar
     texts: dict[str, list[str]] = {}
     for i, ref in enumerate(policies):
         policy = load_policy(ref)
-        texts[ref] = sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        texts[ref] = sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            engine=engine)
         if i == 0 and best_of > 1:
             if score is None:
                 from rlhf.config import ConfigError
 
                 raise ConfigError("--best-of needs --reward (the reward model picks the best sample)")
-            cands = [sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 1 + k)
+            cands = [sample(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 1 + k,
+                            engine=engine)
                      for k in range(best_of)]
             best = []
             for j, p in enumerate(prompts):
@@ -238,6 +240,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="sampling engine: transformers generate (default) or vLLM (bash scripts/setup_vllm.sh)")
     parser.add_argument("--out", help="write the report as JSON here")
     add_home_option(parser)
     args = parser.parse_args(argv)
@@ -260,7 +264,7 @@ def main(argv: list[str]) -> int:
         objective = load_objective(args.objective) if args.objective else None
         report["policies"] = rep = evaluate_policies(
             args.policy, prompts, reward=args.reward, objective=objective, best_of=args.best_of,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, engine=args.engine)
         print(f"{rep['prompts']} prompts; win rates are over {rep['baseline']} on the same prompts")
         cols = ("rm_score", "objective", "length", "win_rate_rm", "win_rate_objective")
         print("policy".ljust(40) + "".join(c.rjust(22) for c in cols))

@@ -33,6 +33,7 @@ class Policy:
     tok: object
     ref: str  # what the user named
     base: str  # the base model directory or hub id it runs on
+    adapter: Path | None = None  # the adapter directory, for an adapter policy
 
 
 def _adapter_facts(adapter_dir: Path) -> tuple[str | None, str, str]:
@@ -119,12 +120,12 @@ def load_policy(ref: str, dtype: str | None = None, device: str | None = None, h
     model.eval()
     if device:
         model.to(device)
-    return Policy(model, tok, ref, base)
+    return Policy(model, tok, ref, base, Path(where) if kind == "adapter" else None)
 
 
 @torch.no_grad()
 def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 64, temperature: float = 0.7,
-           seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512) -> list[str]:
+           seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512, engine: str = "hf") -> list[str]:
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
     Prompts are formatted like PPO's (:func:`rlhf.stages.ppo.encode_prompts`) and decoding
@@ -143,6 +144,8 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
                            top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
                            max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
+    if engine == "vllm":
+        return _sample_vllm(policy, prompts, stop, max_new_tokens, temperature, batch_size, max_prompt_length)
     out = []
     for s in range(0, len(prompts), batch_size):
         ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id, device)
@@ -152,6 +155,32 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
             if ends:
                 row = row[: min(ends)]
             out.append(tok.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def _sample_vllm(policy: Policy, prompts, stop: list[int], max_new_tokens: int, temperature: float, batch_size: int,
+                 max_prompt_length: int) -> list[str]:
+    """:func:`sample` through the vllm engine (:mod:`rlhf.generation_vllm`): the base folder
+    with the policy's adapter folder as a LoRA, or a standalone model folder as it is."""
+    from rlhf.generation_vllm import VLLMEngine, check_vllm
+    from rlhf.stages.ppo import encode_prompts, left_pad
+
+    check_vllm("--engine vllm")
+    tok = policy.tok
+    rank = None
+    if policy.adapter is not None:
+        rank = json.loads((policy.adapter / "adapter_config.json").read_text())["r"]
+    dtype = next(policy.model.parameters()).dtype
+    engine = VLLMEngine(None, policy.base, temperature=temperature, stop_ids=stop, pad_id=tok.pad_token_id,
+                        response_length=max_new_tokens, max_prompt_length=max_prompt_length, max_num_seqs=batch_size,
+                        dtype=dtype, lora_rank=rank, adapter_dir=policy.adapter)
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id, "cpu")
+        batch = engine.sample(ids, mask)
+        for row, m, stopped in zip(batch.response_ids, batch.response_mask, batch.has_stop):
+            n = int(m.sum()) - int(stopped)  # the stop token is not part of the text
+            out.append(tok.decode(row[:n].tolist(), skip_special_tokens=True).strip())
     return out
 
 
@@ -200,6 +229,9 @@ def generate_main(argv: list[str]) -> int:
                         "'prompt: ...' / 'completion: ...' pairs unless --out is given")
     parser.add_argument("--out", help="write JSONL here (default: stdout)")
     _sampling_args(parser)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="sampling engine: transformers generate (default) or vLLM (needs .venv-vllm: "
+                             "bash scripts/setup_vllm.sh)")
     args = parser.parse_args(argv)
     if not args.prompts and not args.prompt:
         parser.error("give --prompts FILE or at least one --prompt TEXT")
@@ -207,7 +239,8 @@ def generate_main(argv: list[str]) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else []
     prompts += [[{"role": "user", "content": text}] for text in args.prompt]
     policy = load_policy(args.ref, dtype=args.dtype, home=args.home)
-    texts = sample(policy, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    texts = sample(policy, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                   engine=args.engine)
     if not args.prompts and not args.out:
         for text, completion in zip(args.prompt, texts):
             print(f"prompt: {text}\ncompletion: {completion}\n")

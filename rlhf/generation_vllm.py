@@ -116,6 +116,8 @@ class VLLMEngine:
         gpu_memory_utilization: GPU only, the share of device memory vLLM takes.
         kv_cache_gib: CPU only, KV cache space; default sized from the shape above.
         seed: the engine's seed.
+        adapter_dir: a published adapter folder to sample instead of ``model``'s policy role
+            (``rlhf generate`` / ``rlhf eval`` of an adapter; it never changes, so one LoRA id).
     """
 
     name = "vllm"
@@ -123,12 +125,13 @@ class VLLMEngine:
     def __init__(self, model, base_path: str, *, temperature: float, stop_ids: int | list[int], pad_id: int,
                  response_length: int, max_prompt_length: int, max_num_seqs: int, dtype: torch.dtype = torch.float32,
                  lora_rank: int | None = None, device=None, gpu_memory_utilization: float = 0.3,
-                 kv_cache_gib: float | None = None, seed: int = 0):
+                 kv_cache_gib: float | None = None, seed: int = 0, adapter_dir: str | None = None):
         check_vllm()
         from transformers import AutoConfig
         from vllm import LLM
 
         self.model, self.base_path = model, str(base_path)
+        self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
         self.temperature = float(temperature)
         self.stop_ids = [stop_ids] if isinstance(stop_ids, int) else [int(t) for t in stop_ids]
         self.pad_id, self.response_length = pad_id, response_length
@@ -151,8 +154,11 @@ class VLLMEngine:
                 int(kv_cache_gib * (1 << 30)) if kv_cache_gib is not None
                 else kv_cache_bytes(config, max_num_seqs, self.max_model_len, dtype)))
             # vLLM pins its OpenMP threads to cores by default; beside a trainer on a shared
-            # machine that pins the trainer too. The user's setting wins.
+            # machine that pins the trainer too. And its engine core runs in this process: a
+            # separate engine process would hold a second copy of the runtime and compete for
+            # the same few cores while the trainer scores and updates. The user's settings win.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.llm = LLM(**kwargs)
         self._ids = itertools.count(1)
         self._lora_id: int | None = None
@@ -203,7 +209,12 @@ class VLLMEngine:
         self.wake_up()
         try:
             with tempfile.TemporaryDirectory(prefix="rlhf-vllm-policy-") as tmp:
-                lora = self._policy_lora(Path(tmp)) if self.model is not None and "policy" in self._roles() else None
+                if self.adapter_dir is not None:
+                    from vllm.lora.request import LoRARequest
+
+                    lora = LoRARequest("adapter", 1, self.adapter_dir)
+                else:
+                    lora = self._policy_lora(Path(tmp)) if self.model is not None and "policy" in self._roles() else None
                 outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
         finally:
             self.sleep()
@@ -224,12 +235,13 @@ class VLLMEngine:
         return set(getattr(peft, "peft_config", {}) or {})
 
 
-def make_vllm_engine(model, cfg, base_path: str, stop_ids: list[int], pad_id: int, device) -> VLLMEngine:
+def make_vllm_engine(model, cfg, base_path: str, stop_ids: list[int], pad_id: int, device,
+                     lora_rank: int | None = None) -> VLLMEngine:
     """The vllm engine of a PPO (or DPO evaluation) config ``cfg``, for the role model ``model``
-    on the base folder ``base_path``, in the trainer's dtype."""
+    on the base folder ``base_path``, in the trainer's dtype; ``lora_rank`` defaults to ``cfg.lora.r``."""
     dtype = model.base_lm.get_input_embeddings().weight.dtype  # the trainer's, "auto" resolved
     return VLLMEngine(model, base_path, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                       response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
-                      max_num_seqs=cfg.rollout_batch_size, dtype=dtype, lora_rank=cfg.lora.r, device=device,
+                      max_num_seqs=cfg.rollout_batch_size, dtype=dtype, lora_rank=lora_rank or cfg.lora.r, device=device,
                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gib=cfg.vllm_kv_cache_gib,
                       seed=cfg.seed)

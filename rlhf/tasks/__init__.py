@@ -129,10 +129,17 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
     return task
 
 
-def write_task_files(task: Task, out_dir: str | Path) -> dict[str, str]:
-    """Write ``task``'s rows as JSONL files under ``out_dir`` (each renamed into place) and
-    return ``{name: path}`` for the names in :data:`TASK_FILES` the task provides
-    (:func:`provided_files`). String prompts and responses become one-turn message lists.
+def task_file_name(name: str, run_name: str = "") -> str:
+    """The file name of task file ``name``; the pairs file is ``<run_name>-pairs.jsonl``, since
+    the data store names what it ingests after the file: a recipe's pairs are then stored under
+    its name (``tiny-dpo-pairs:1``), not as one ``pairs`` shared by every recipe."""
+    return f"{run_name}-{name}.jsonl" if run_name and name == "pairs" else f"{name}.jsonl"
+
+
+def write_task_files(task: Task, out_dir: str | Path, run_name: str = "") -> dict[str, str]:
+    """Write ``task``'s rows as JSONL files under ``out_dir`` (each renamed into place, named by
+    :func:`task_file_name`) and return ``{name: path}`` for the names in :data:`TASK_FILES` the
+    task provides (:func:`provided_files`). String prompts and responses become one-turn message lists.
 
     Raises:
         ValueError: naming the task, file and row of a row without the fields it needs.
@@ -159,7 +166,7 @@ def write_task_files(task: Task, out_dir: str | Path) -> dict[str, str]:
         raise ValueError(f"task {task.name}: prompts('train') returned no prompts")
     paths = {}
     for name in rows:
-        path = out / f"{name}.jsonl"
+        path = out / task_file_name(name, run_name)
         write_lines(path, [json.dumps(row) for row in rows[name]])
         paths[name] = str(path)
     return paths

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import rlhf
 from rlhf.tracking.backend import Backend, RunInfo, json_number
 from rlhf.tracking.local import LocalFiles, metric_text
+from rlhf.tracking.mlflow import MLflowTracker
 from rlhf.tracking.tensorboard import TensorBoardTracker
 from rlhf.tracking.trackio import TrackioTracker
 from rlhf.tracking.wandb import WandbTracker
@@ -68,6 +69,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "wandb": WandbTracker,
     "tensorboard": TensorBoardTracker,
     "trackio": TrackioTracker,
+    "mlflow": MLflowTracker,
 }
 
 #: Tracker names accepted in a recipe's ``report_to``. "local" is always on.

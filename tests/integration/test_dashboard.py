@@ -1095,3 +1095,16 @@ def test_browser_harness_sees_console_errors(browser, tmp_path):
     errors = browser.console_errors()
     assert any("missing.js" in e for e in errors), errors
     assert any("boom" in e for e in errors) and any("notDefined" in e for e in errors), errors
+
+
+def test_every_stage_status_has_a_styled_badge():
+    from rlhf.dashboard import render
+
+    statuses = set(re.findall(r'"(completed|running|failed|interrupted|killed|blocked)"',
+                              (Path(render.__file__).parents[1] / "pipeline.py").read_text()
+                              + (Path(render.__file__).parents[1] / "runs.py").read_text()))
+    assert {"interrupted", "killed"} <= statuses <= set(render.STAGE_STATUSES)
+    for status in render.STAGE_STATUSES:
+        rule = re.search(rf"\.status-{status}\b[^{{]*\{{([^}}]*)\}}", render._CSS)
+        assert rule and "background" in rule.group(1), status
+        assert f'class="status status-{status}"' in render._status(status)

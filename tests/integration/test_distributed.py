@@ -215,7 +215,7 @@ def update_runs(ddp_run, base_dir, tmp_path_factory):
     for n in (1, 2):
         out = tmp / f"w{n}"
         args = [str(base_dir), str(run_dir / "sft" / "adapter"), str(run_dir / "reward" / "adapter"),
-                str(run_dir / "task" / "ppo_prompts.jsonl"), str(out)]
+                str(next((run_dir / "task").glob("*ppo_prompts.jsonl"))), str(out)]
         p = _launch_script(script, args, n, _env(tmp / f"home{n}"))
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
         results[n] = (load_file(str(out) + ".safetensors"), json.loads(Path(str(out) + ".json").read_text()))

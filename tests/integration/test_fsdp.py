@@ -242,8 +242,13 @@ def test_fsdp_base_bytes_per_rank_shrink(fsdp_update_runs):
 
 
 # SFT/reward 2 steps on a global batch of 16 (8 per process x 2, or 16 in one process); PPO 2 updates.
+# Both steps must be full batches: with fewer than 32 training pairs the second batch is short,
+# and 2 processes fill it up to an even 8 + 8 by repeating a pair (accelerate's even_batches)
+# while 1 process takes it short, so the reward models differ by design (with 64 pairs, the
+# 64-pair test split minimum left 31 training pairs: that was this test's failure).
 PIPELINE = [
-    "task.num_sft=64", "task.num_pairs=64", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
+    "task.num_sft=64", "task.num_pairs=96", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
+    "reward.min_test_pairs=16",
     "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.logging_steps=1", "reward.train.max_steps=2",
     "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
     "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
@@ -275,6 +280,8 @@ def test_fsdp2_pipeline_adapters_equal_one_process(adapters, tmp_path):
     (p2, run2), (p1, run1) = _pipeline(tmp_path, base, 2), _pipeline(tmp_path, base, 1)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-6000:]
     assert p1.returncode == 0, p1.stdout[-2000:] + p1.stderr[-6000:]
+    train_pairs = json.loads((run1 / "reward" / "metrics.json").read_text())["train_pairs"]
+    assert train_pairs >= 32, train_pairs  # two full global batches (see PIPELINE)
     for d in ("sft/adapter", "reward/adapter"):
         w1, w2 = (load_file(str(r / d / "adapter_model.safetensors")) for r in (run1, run2))
         assert sorted(w2) == sorted(w1) and w1, d  # complete: every LoRA tensor, full shapes

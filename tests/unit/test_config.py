@@ -47,7 +47,7 @@ def test_there_is_a_real_model_recipe():
         ("ppo.reward_adapter=x", "set by the pipeline"),
         ("task.enabled=false", "sft.dataset: required"),
         ("sft.finetune=full", "sft.finetune"),
-        ("report_to=[mlflow]", "report_to"),
+        ("report_to=[comet]", "report_to"),
     ],
 )
 def test_bad_recipe_fails_naming_the_key(tmp_path, override, needle):

@@ -88,3 +88,18 @@ def test_pipeline_wired_dpo_keys_are_refused(tmp_path):
         plan(TINY_DPO, tmp_path / "run", ["dpo.sft_adapter=x"], check_inputs=False)
     with pytest.raises(ConfigError, match="dpo.seed: set it at the top level"):
         plan(TINY_DPO, tmp_path / "run", ["dpo.seed=1"], check_inputs=False)
+
+
+def test_tiny_kto_recipe_wires_sft_into_kto(tmp_path):
+    """KTO is wired like DPO: the task's pairs (each split into a desirable and an undesirable
+    completion by the stage), its eval prompts, the SFT adapter, and PPO's evaluation settings."""
+    p = plan(ROOT / "pipelines" / "tiny-kto.yaml", tmp_path / "run", check_inputs=False)
+    assert p.stages == ("sft", "kto")
+    assert p.kto.sft_adapter == str(tmp_path / "run" / "sft" / "adapter") and p.kto.reward_adapter == ""
+    assert p.kto.dataset == p.task_files["pairs"] and p.kto.eval_prompts == p.task_files["eval_prompts"]
+    assert (p.kto.eval_response_length, p.kto.eval_temperature) == (p.ppo.response_length, p.ppo.temperature)
+    both = plan(ROOT / "pipelines" / "tiny-kto.yaml", tmp_path / "run", ["stages=[sft,reward,dpo,kto]"],
+                check_inputs=False)
+    assert both.kto.reward_adapter == str(tmp_path / "run" / "reward" / "adapter")
+    with pytest.raises(ConfigError, match=r"'kto' needs sft"):
+        plan(ROOT / "pipelines" / "tiny-kto.yaml", tmp_path / "run", ["stages=[kto]"], check_inputs=False)

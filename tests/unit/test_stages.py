@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from rlhf import stages
-from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.stages import STAGES, Stage, StageResult
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_table_lists_the_stages_in_pipeline_order():
-    assert list(STAGES) == ["sft", "reward", "ppo", "dpo"]
-    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig]
+    assert list(STAGES) == ["sft", "reward", "ppo", "dpo", "kto"]
+    assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig]
     # what a recipe's stage list must put before each stage
     assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"),
-                                                       "dpo": ("sft",)}
+                                                       "dpo": ("sft",), "kto": ("sft",)}
     from rlhf.cli import STAGE_NAMES
 
     assert STAGE_NAMES == tuple(STAGES)  # the CLI's copy (for a torch-free --help) is the table's
@@ -60,6 +60,22 @@ def test_an_unresolvable_input_stops_the_stage_before_it_runs(tmp_path, monkeypa
     monkeypatch.setitem(stages.STAGES, "sft", Stage(SFTConfig, lambda *a, **k: pytest.fail("stage ran")))
     assert main(["sft", f"dataset={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'out'}"]) == 2
     assert "sft.dataset: file not found" in capsys.readouterr().err
+
+
+def test_kto_summary_uses_the_dpo_keys_with_kto_in_their_place():
+    """The KTO stage's numbers enter the pipeline summary under DPO's key names, ``kto`` for ``dpo``."""
+    from rlhf.pipeline import _add_offline_summary
+
+    m = {"eval_loss": 0.4, "eval_rewards_margins": 0.2, "sft/eval/gold_mean": -0.2, "sft/eval/gold_se": 0.03,
+         "kto/eval/gold_mean": 0.1, "kto/eval/gold_se": 0.04, "kto/eval/kl_mean": 1.5, "kto/eval/kl_se": 0.1,
+         "kto/win_rate_gold": 0.7, "kto/win_rate_gold_se": 0.02}
+    out: dict = {}
+    _add_offline_summary(out, "kto", m, has_gold=True)
+    assert (out["kto_eval_loss"], out["kto_reward_margin"], out["kl_kto_sft"]) == (0.4, 0.2, 1.5)
+    assert (out["gold_reward_sft"], out["gold_reward_kto"], out["gold_win_rate_kto_sft"]) == (-0.2, 0.1, 0.7)
+    # (0.1 - -0.2) / hypot(0.03, 0.04) = 0.3 / 0.05
+    assert out["gold_improvement_kto_in_se"] == pytest.approx(6.0)
+    assert not any("dpo" in k for k in out)
 
 
 def test_make_reproducible_fixes_threads_and_deterministic_kernels(monkeypatch):

@@ -90,3 +90,20 @@ def test_nothing_outside_the_task_uses_its_vocabulary():
     offenders = [str(p.relative_to(root)) for d in ("rlhf", "reward_data") for p in (root / d).rglob("*.py")
                  if p.name != "synthetic.py" and any(n in p.read_text() for n in names)]
     assert offenders == []
+
+
+def test_a_recipes_pairs_are_stored_under_its_name(tmp_path):
+    """Issue 27 point 8: the task files a recipe writes carry its name, so the pairs it ingests
+    become ``<recipe>-pairs:N`` in the data store rather than every recipe's ``pairs:N``."""
+    from pathlib import Path
+
+    from rlhf.pipeline import plan
+    from rlhf.resolve import resolve_preferences
+
+    root = Path(__file__).resolve().parents[2]
+    p = plan(root / "pipelines" / "tiny-dpo.yaml", tmp_path / "run", check_inputs=False)
+    assert Path(p.dpo.dataset).name == "tiny-dpo-pairs.jsonl"
+    src = Path(p.dpo.dataset)
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    assert resolve_preferences("dpo.dataset", str(src), None, 0.0) == "tiny-dpo-pairs:1"

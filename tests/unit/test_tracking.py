@@ -118,8 +118,8 @@ def test_report_to_validation():
     assert normalize_report_to("none") == ["local"]
     assert normalize_report_to("wandb,tensorboard") == ["local", "wandb", "tensorboard"]
     assert normalize_report_to(["tensorboard", "local", "tensorboard"]) == ["local", "tensorboard"]
-    with pytest.raises(ValueError, match="unknown tracker 'mlflow'"):
-        normalize_report_to(["mlflow"])
+    with pytest.raises(ValueError, match="unknown tracker 'comet'"):
+        normalize_report_to(["comet"])
 
 
 def test_callback_forwards_real_trainer_logs(tmp_path):
@@ -557,6 +557,6 @@ def test_a_new_backend_is_one_class_and_one_registration(tmp_path, monkeypatch):
                      ("samples", "samples/step_3", ["step", "prompt", "completion", "score", "gold", "length"], ["c"], 3),
                      ("finish",)]
     assert _lines(tmp_path / "ppo" / "metrics.jsonl")[0]["kl"] == 0.5
-    with pytest.raises(ValueError, match="unknown tracker 'mlflow'; choose from local, wandb, tensorboard, trackio"):
+    with pytest.raises(ValueError, match="unknown tracker 'comet'; choose from local, wandb, tensorboard, trackio, mlflow"):
         monkeypatch.delitem(BACKENDS, "recorder")
-        normalize_report_to("mlflow")
+        normalize_report_to("comet")

@@ -91,3 +91,28 @@ def test_importance_weights_scale_the_policy_loss(role_model, make_rollout):
     assert any(not torch.equal(a, b) for a, b in zip(moved, start))
     assert all(torch.equal(a, b) for a, b in zip(still, start))
     assert zero["loss/policy"] == 0.0
+
+
+def test_rollout_mismatch_by_hand(ppo_config):
+    """Two rows; |trainer - sampler| on real tokens: 0.1, 0.3 | 0.2 (the padded 5.0 is left out):
+    mean 0.2, max 0.3; with cap 1.2 the weights are min(e^d, 1.2) on real tokens."""
+    import math
+
+    from rlhf.ppo.rollout import ScoredRollout
+
+    z = torch.zeros(2, 2)
+    trainer = torch.tensor([[-1.0, -2.0], [-0.5, -1.0]])
+    sampler = torch.tensor([[-1.1, -1.7], [-0.7, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    batch = ScoredRollout(prompt_ids=torch.zeros(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                          response_ids=torch.zeros(2, 2, dtype=torch.long), response_mask=mask,
+                          has_stop=torch.ones(2, dtype=torch.bool), logprobs=trainer, ref_logprobs=z, entropy=z, values=z,
+                          scores=torch.zeros(2), sampler_logprobs=sampler)
+    cfg = ppo_config(rollout_is_cap=1.2)
+    stats, w = rollout_mismatch(batch, cfg)
+    assert stats["rollout/logprob_diff_mean"] == pytest.approx(0.2, abs=1e-6)
+    assert stats["rollout/logprob_diff_max"] == pytest.approx(0.3, abs=1e-6)
+    expected = torch.tensor([[min(math.exp(0.1), 1.2), min(math.exp(-0.3), 1.2)], [min(math.exp(0.2), 1.2), 0.0]])
+    torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-6)
+    assert stats["rollout/is_weight_mean"] == pytest.approx(float(expected.sum() / 3), rel=1e-5)
+    assert rollout_mismatch(batch, ppo_config())[1] is None  # no cap: no weights, metrics still logged
