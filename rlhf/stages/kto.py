@@ -71,7 +71,7 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
         registration: where publishing records the adapter in the registry, or None.
     """
     from rlhf import distributed as dist
-    from rlhf.models import load_tokenizer
+    from rlhf.models import save_tokenizer, tokenizer_for
     from rlhf.resolve import is_store_ref
     from rlhf.tracking import Tracker
 
@@ -94,7 +94,7 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
 
     # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = tokenizer_for(cfg.model)  # model.chat_template included, as in every stage
     tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
                       refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
@@ -116,7 +116,8 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
 
     def write(tmp: Path) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      **({"state_dict": state} if state else {}))
+                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)  # what generate/eval/export load for this adapter
 
     if main:
         publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
