@@ -128,14 +128,14 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
            seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512, engine: str = "hf") -> list[str]:
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
-    Prompts are formatted like PPO's (:func:`rlhf.stages.ppo.encode_prompts`) and decoding
+    Prompts are formatted like PPO's (:func:`rlhf.generation.encode_prompts`) and decoding
     stops, as in PPO, at any token of :func:`rlhf.models.stop_token_ids` (the EOS, the
     generation config's EOS ids and the chat template's end-of-turn token).
     """
     from transformers import GenerationConfig
 
+    from rlhf.generation import encode_prompts, left_pad
     from rlhf.models import stop_token_ids
-    from rlhf.stages.ppo import encode_prompts, left_pad
 
     tok, model = policy.tok, policy.model
     device = next(model.parameters()).device
@@ -163,7 +163,7 @@ def _sample_vllm(policy: Policy, prompts, stop: list[int], max_new_tokens: int, 
     """:func:`sample` through the vllm engine (:mod:`rlhf.generation_vllm`): the base folder
     with the policy's adapter folder as a LoRA, or a standalone model folder as it is."""
     from rlhf.generation_vllm import VLLMEngine, check_vllm
-    from rlhf.stages.ppo import encode_prompts, left_pad
+    from rlhf.generation import encode_prompts, left_pad
 
     check_vllm("--engine vllm")
     tok = policy.tok

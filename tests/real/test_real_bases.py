@@ -41,7 +41,7 @@ def test_pad_is_a_free_special_token_and_the_turn_end_stops(name, base_dirs):
 
     from rlhf.config import PPOConfig
     from rlhf.models import end_of_turn_id, stop_token_ids
-    from rlhf.stages.ppo import _stop_ids
+    from rlhf.generation import stop_token_ids as ppo_stop_ids
 
     raw = AutoTokenizer.from_pretrained(str(base_dirs[name]))
     tok = _base_tokenizer(base_dirs[name])
@@ -54,7 +54,7 @@ def test_pad_is_a_free_special_token_and_the_turn_end_stops(name, base_dirs):
     assert len(tok) == len(raw) == model.get_input_embeddings().weight.shape[0]  # reused, nothing added
     rendered = tok(tok.apply_chat_template(CONVERSATION, tokenize=False)).input_ids
     assert tok.pad_token_id not in rendered
-    assert _stop_ids(tok, PPOConfig(), model) == stops  # PPO starts (Qwen2.5 Instruct's pad was a second EOS)
+    assert ppo_stop_ids(tok, PPOConfig(), model) == stops  # PPO starts (Qwen2.5 Instruct's pad was a second EOS)
     expected_pad = {"smollm2": "<|endoftext|>", "qwen2.5-base": "<|fim_pad|>", "qwen2.5-instruct": "<|fim_pad|>",
                     "llama-2": "<unk>"}[name]
     assert tok.pad_token == expected_pad
@@ -177,7 +177,8 @@ def _check_reward_position(name: str, ref: str, exported: Path, run_dir: Path) -
     from rlhf.adapters import RoleModel
     from rlhf.models import load_causal_lm, load_tokenizer, stop_token_ids
     from rlhf.ppo.rollout import Sampled
-    from rlhf.stages.ppo import encode_prompts, last_token_scores, left_pad, score_suffix
+    from rlhf.generation import encode_prompts, left_pad, score_suffix
+    from rlhf.scoring import last_token_scores
 
     adapter = run_dir / "reward" / "adapter"
     base = json.loads((adapter / "rlhf_adapter.json").read_text())["base_path"]

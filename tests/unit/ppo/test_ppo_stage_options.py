@@ -151,7 +151,7 @@ def test_long_prompts_lose_whole_early_turns_and_keep_the_system_turn(tiny_asset
     import warnings
 
     from rlhf.models import load_tokenizer
-    from rlhf.stages.ppo import _render_prompt, encode_prompts
+    from rlhf.generation import _render_prompt, encode_prompts
     from rlhf.tasks.synthetic import VOCABULARY
 
     tok = load_tokenizer(str(tiny_assets.base))
