@@ -237,3 +237,15 @@ def test_every_stage_status_has_a_styled_badge():
         rule = re.search(rf"\.status-{status}\b[^{{]*\{{([^}}]*)\}}", render._CSS)
         assert rule and "background" in rule.group(1), status
         assert f'class="status status-{status}"' in render._status(status)
+
+
+def test_every_evaluation_metric_has_a_readable_column_header():
+    # the per-prompt metrics the held-out evaluation reports (rlhf/evaluation.py: per["..."])
+    from rlhf.dashboard import render
+
+    source = (Path(render.__file__).parents[1] / "evaluation.py").read_text()
+    names = set(re.findall(r'per\["(\w+)"\]', source))
+    assert {"gold", "gold_win_rate", "win_rate"} <= names
+    for name in names:
+        header = render.SUMMARY_COLUMNS.get(name)
+        assert header and "_" not in header, name
