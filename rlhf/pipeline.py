@@ -109,6 +109,14 @@ def _resolve_recipe_paths(data: dict, base: Path) -> dict:
     if isinstance(task, dict) and isinstance(task.get("module"), str) and ".py:" in task["module"]:
         path, _, attr = task["module"].rpartition(":")
         task["module"] = f"{_recipe_relative(path, base)}:{attr}"
+    ppo = data.get("ppo")
+    if isinstance(ppo, dict) and isinstance(ppo.get("watchdog_judge"), str) and ".py:" in ppo["watchdog_judge"]:
+        path, _, attr = ppo["watchdog_judge"].rpartition(":")
+        ppo["watchdog_judge"] = f"{_recipe_relative(path, base)}:{attr}"
+    for entry in (ppo.get("rewards") if isinstance(ppo, dict) else None) or []:  # {fn: file.py:func}, recipe-relative
+        if isinstance(entry, dict) and isinstance(entry.get("fn"), str) and ".py:" in entry["fn"]:
+            path, _, attr = entry["fn"].rpartition(":")
+            entry["fn"] = f"{_recipe_relative(path, base)}:{attr}"
     return data
 
 
@@ -177,6 +185,18 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             src_stage = source.split("/")[0]
             if key in row.wired or (stage in stages and src_stage in stages[: stages.index(stage)]):
                 stage_data[stage][key] = str(run_dir / source)
+    from rlhf.reward_sources import parse_reward_sources
+
+    try:
+        ppo_rm = any(src.kind == "rm" for src in parse_reward_sources(stage_data["ppo"].get("rewards", [])))
+    except ConfigError as e:
+        raise ConfigError(f"ppo: {e}") from None
+    if not ppo_rm:  # only fn/http rewards: no reward model is loaded, none is needed before PPO
+        stage_data["ppo"].pop("reward_adapter", None)
+    elif "ppo" in stages and "reward" not in stages[: stages.index("ppo")]:
+        raise ConfigError(f"stages: ppo scores with the reward model (ppo.rewards has {{rm: reward}}, the default), "
+                          f"so reward must be listed before ppo (got {list(stages)}); with only fn/http rewards "
+                          "and a critic-free estimator, [sft, ppo] needs no reward stage")
     configs = {}
     for stage, row in STAGES.items():  # in table order: a stage inherits only from the rows above it
         for key, source in row.inherits.items():
@@ -260,6 +280,8 @@ class Pipeline:
             deps = [fps.get(s) for s in row.requires]
             deps += [fps.get(source.split("/")[0]) if getattr(cfg, key) else None
                      for key, source in row.wired_if_run.items()]
+            data += [_file_hash(e["fn"].rpartition(":")[0]) for e in getattr(cfg, "rewards", ())
+                     if ".py:" in str(e.get("fn", ""))]  # an edited reward function reruns PPO
             fps[stage] = _fingerprint([_without_paths(to_dict(cfg), row), *data, *deps])
         return fps
 
@@ -398,9 +420,10 @@ class Pipeline:
         held-out accuracy or margin below the recipe's ``reward_gate`` thresholds (the summary
         is written first)."""
         gate = self.p.pipeline.reward_gate
-        if not gate.enabled:
+        row = STAGES[stage]
+        if not gate.enabled or not getattr(self.p.configs[stage], "reward_adapter", ""):  # no reward model: no gate
             return
-        rm = STAGES[stage].wired["reward_adapter"].split("/")[0]  # the stage that trained the reward model
+        rm = {**row.wired, **row.wired_if_run}["reward_adapter"].split("/")[0]  # the stage that trained the reward model
         m = self.state["stages"].get(rm, {}).get("metrics", {})
         acc, margin = m.get("eval_accuracy"), m.get("eval_margin")
         problems = []
@@ -437,6 +460,9 @@ class Pipeline:
             "sft_eval_loss": sft_m.get("eval_loss"),
             "rm_accuracy": rm_m.get("eval_accuracy"),
             "rm_margin": rm_m.get("eval_margin"),
+            # pairs longer than reward.train.max_length, which TRL leaves out (train / held out)
+            "rm_train_pairs_too_long": rm_m.get("train_pairs_too_long"),
+            "rm_test_pairs_too_long": rm_m.get("test_pairs_too_long"),
             "reward_score_sft": ppo_m.get(summary.key(summary.REFERENCE, "score")),
             "reward_score_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "score", "se")),
             "reward_score_ppo": ppo_m.get(summary.key(summary.TRAINED, "score")),
@@ -452,6 +478,9 @@ class Pipeline:
             "win_rate_rm_se": ppo_m.get(summary.key(summary.TRAINED, "win_rate", "se")),
             "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
+        # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
+        out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
+                    if k.startswith("watchdog/")})
         if st.get("ppo", {}).get("status") == "blocked":
             out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:
@@ -498,6 +527,9 @@ def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
     ref, trained = summary.REFERENCE, summary.TRAINED
     out.update({
         f"{n}_eval_loss": m.get("eval_loss"),
+        # pairs longer than train.max_length, which TRL truncates (train / held out)
+        f"{n}_train_pairs_too_long": m.get("train_pairs_too_long"),
+        f"{n}_test_pairs_too_long": m.get("test_pairs_too_long"),
         f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
         f"{n}_reward_margin": m.get("eval_rewards_margins"),
         f"reward_score_{n}": m.get(summary.key(trained, "score")),

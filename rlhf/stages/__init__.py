@@ -138,10 +138,13 @@ STAGES: dict[str, Stage] = {
     ),
     "ppo": Stage(
         PPOConfig, _ppo, "run the PPO stage alone",
-        requires=("sft", "reward"),
-        inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter"),
+        # the reward stage too when ppo.rewards scores with the reward model (the default); with
+        # only function or HTTP rewards it needs none (rlhf.pipeline checks which)
+        requires=("sft",),
+        inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter", required=False),
                 "prompts": Input("data"), "eval_prompts": Input("data", required=False)},
-        wired={"sft_adapter": "sft/adapter", "reward_adapter": "reward/adapter"},
+        wired={"sft_adapter": "sft/adapter"},
+        wired_if_run={"reward_adapter": "reward/adapter"},
         task_files={"prompts": "ppo_prompts", "eval_prompts": "eval_prompts"},
         outputs=("policy", "value"),
         gated=True,
