@@ -1329,6 +1329,9 @@ class Registry:
         db = connect(u)
         try:
             tables = db.tables()
+            if tables and "meta" not in tables:  # a registry's database always has its meta table
+                raise RegistryError(f"migrate: {u.display} holds tables of something other than a registry "
+                                    f"({', '.join(sorted(tables)[:5])}); migrate into an empty database")
             if "entries" in tables and db.one("SELECT COUNT(*) FROM entries")[0]:
                 raise RegistryError(f"migrate: {u.display} already holds registry entries; migrate into an empty database")
             target = Registry(db, self.artifacts)

@@ -92,3 +92,19 @@ def test_a_forged_safetensors_header_is_refused_naming_the_file(reg, base_dir, m
     with pytest.raises(ValueError, match=f"adapter_model.safetensors: not a safetensors file .*{why}"):
         reg.register_adapter("sft", "sft", src, base="tiny")
     assert [e.kind for e in reg.list()] == ["base"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_migrate_into_a_database_of_something_else_says_so(reg, base_dir, tmp_path, capsys):
+    import sqlite3
+
+    from rlhf.registry.cli import main
+
+    reg.register_base("tiny", str(base_dir))
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:  # another application's database with an `entries` table
+        conn.execute("CREATE TABLE entries (x INTEGER)")
+        conn.execute("INSERT INTO entries VALUES (1)")
+    assert main(["migrate", "--to", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "something other than a registry" in err and "already holds registry entries" not in err, err
