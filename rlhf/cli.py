@@ -23,14 +23,13 @@ from pathlib import Path
 
 from rlhf.paths import add_home_option, use_home
 
-#: Every command with its one-line description, in the order ``rlhf --help`` lists them.
+from rlhf.stages import STAGES
+
+#: Every command with its one-line description, in the order ``rlhf --help`` lists them; one
+#: command per stage of the stage table (``rlhf sft``, ``rlhf ppo``...), after ``run``.
 COMMANDS = {
     "run": "run a staged recipe: SFT -> reward model -> PPO (cached, resumable)",
-    "sft": "run the supervised fine-tuning stage alone",
-    "reward": "run the reward-model stage alone",
-    "ppo": "run the PPO stage alone",
-    "dpo": "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
-    "kto": "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
+    **{name: row.help for name, row in STAGES.items()},
     "config": "print a stage's or a recipe's fully resolved config (config show STAGE|RECIPE)",
     "data": "ingest and inspect preference data (the versioned data store)",
     "registry": "list, inspect, export and tag models in the model registry",
@@ -42,7 +41,17 @@ COMMANDS = {
     "env": "print versions, devices and paths (paste it into a bug report)",
 }
 
-STAGE_NAMES = ("sft", "reward", "ppo", "dpo", "kto")  # rlhf.stages.STAGES, without importing torch for --help
+STAGE_NAMES = tuple(STAGES)  # the table imports no stage module (and no torch): --help stays fast
+
+#: The override shown in each command's --help (tests/unit/test_cli.py applies every one).
+OVERRIDE_EXAMPLES = {
+    "sft": "train.max_steps=20",
+    "reward": "train.max_steps=20",
+    "ppo": "total_episodes=512",
+    "dpo": "train.max_steps=20",
+    "kto": "train.max_steps=20",
+    "run": "ppo.total_episodes=512",
+}
 
 
 def _top_help() -> str:
@@ -200,17 +209,16 @@ def _wants_help(argv: list[str]) -> bool:
 
 
 def _stage_parser(stage: str) -> argparse.ArgumentParser:
-    from rlhf.stages import STAGES
-
     cls = STAGES[stage].config
     parser = argparse.ArgumentParser(
-        prog=f"rlhf {stage}", description=f"{COMMANDS[stage].capitalize()}. {cls.__doc__}",
+        prog=f"rlhf {stage}", description=f"{STAGES[stage].help.capitalize()}. {cls.__doc__}",
         parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(cls, "config keys (in --config FILE, or as key.sub=value overrides):"),
     )
     parser.add_argument("--config", help="YAML file with the stage's settings (keys below)")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. train.max_steps=20")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES[stage]}")
     return parser
 
 
@@ -221,7 +229,7 @@ def _stage_main(stage: str, argv: list[str]) -> int:
     _setup_console(args.verbose, args.progress_interval, args.home)
     from rlhf import distributed
     from rlhf.config import apply_overrides, from_dict, load_yaml
-    from rlhf.stages import STAGES, run_stage
+    from rlhf.stages import run_stage
 
     data = load_yaml(args.config) if args.config else {}
     apply_overrides(data, args.overrides)
@@ -241,16 +249,16 @@ def _run_parser() -> argparse.ArgumentParser:
         prog="rlhf run", description="Run a staged recipe: SFT -> reward model -> PPO. A stage whose config and "
         "inputs did not change since its last completed run is skipped.",
         parents=[_launcher_parser(), _console_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help(PipelineConfig, "recipe keys (in RECIPE, or as key.sub=value overrides; the stage "
-                           "sections take the keys of `rlhf sft|reward|ppo|dpo|kto --help`):"),
+        epilog=config_help(PipelineConfig, "recipe keys (in RECIPE, or as key.sub=value overrides):") + "\n"
+        + "\n".join(f"  {name}.*  (the keys of `rlhf {name} --help`)" for name in STAGES),
     )
     parser.add_argument("recipe", help="pipelines/<recipe>.yaml")
     parser.add_argument("--output-dir", help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--from", dest="from_stage", choices=list(STAGE_NAMES), help="rerun from this stage on")
+    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="rerun from this stage on")
     parser.add_argument("--resume", action="store_true", help="resume an interrupted stage from its last checkpoint")
     parser.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="overrides, e.g. ppo.total_episodes=512")
+                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES['run']}")
     return parser
 
 
@@ -277,11 +285,11 @@ def _config_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{show}")
     show = sub.add_parser(
         "show", prog="rlhf config show", help="print a stage's or a recipe's fully resolved config as YAML",
-        description="Print the fully resolved config as YAML: a stage's defaults (sft, reward, ppo, dpo, kto) with "
+        description="Print the fully resolved config as YAML: a stage's defaults (a stage of the table) with "
         "--config and overrides applied, or a recipe with every stage's config as the pipeline builds it.",
     )
     show.add_argument("target", metavar="STAGE|RECIPE",
-                      help="sft, reward, ppo, dpo or kto; or a recipe file (pipelines/tiny.yaml, or just tiny)")
+                      help=f"a stage ({', '.join(STAGES)}); or a recipe file (pipelines/tiny.yaml, or just tiny)")
     show.add_argument("--config", help="(stages) YAML file with the stage's settings")
     show.add_argument("--output-dir", help="(recipes) run directory the paths are resolved against")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, as for run or the stage")
@@ -292,9 +300,7 @@ def _config_main(argv: list[str]) -> int:
     use_home(args.home)
     from rlhf.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
-    if args.target in STAGE_NAMES:
-        from rlhf.stages import STAGES
-
+    if args.target in STAGES:
         data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
         resolved = to_dict(from_dict(STAGES[args.target].config, data, prefix=args.target))
     else:
@@ -304,11 +310,11 @@ def _config_main(argv: list[str]) -> int:
         if not recipe.exists() and not recipe.suffix and Path("pipelines", f"{args.target}.yaml").is_file():
             recipe = Path("pipelines", f"{args.target}.yaml")
         if not recipe.is_file():
-            raise ConfigError(f"config show: {args.target!r} is neither a stage ({', '.join(STAGE_NAMES)}) "
+            raise ConfigError(f"config show: {args.target!r} is neither a stage ({', '.join(STAGES)}) "
                               "nor a recipe file")
         p = plan(recipe, args.output_dir, args.overrides, check_inputs=False)
-        top = {k: v for k, v in to_dict(p.pipeline).items() if k not in STAGE_NAMES}
-        resolved = {**top, "run_dir": str(p.run_dir), **{s: to_dict(getattr(p, s)) for s in STAGE_NAMES}}
+        top = to_dict(p.pipeline)
+        resolved = {**top, "run_dir": str(p.run_dir), **{s: to_dict(cfg) for s, cfg in p.configs.items()}}
     sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
     return 0
 
@@ -326,13 +332,13 @@ def _dispatch(argv: list[str]) -> int:
     from rlhf.config import ConfigError
 
     try:
-        if (cmd == "run" or cmd in STAGE_NAMES) and not _wants_help(rest):
+        if (cmd == "run" or cmd in STAGES) and not _wants_help(rest):
             status, rest = _maybe_launch(cmd, rest)
             if status is not None:
                 return status
         if cmd == "run":
             return _run_main(rest)
-        if cmd in STAGE_NAMES:
+        if cmd in STAGES:
             return _stage_main(cmd, rest)
         if cmd == "config":
             return _config_main(rest)

@@ -473,7 +473,11 @@ class SyntheticTaskConfig:
 
 @dataclass
 class PipelineConfig:
-    """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``)."""
+    """A staged recipe on one base model: SFT -> reward -> PPO by default, DPO on request (``stages``).
+
+    Besides these keys a recipe holds one section per stage it configures (``sft:``, ``ppo:``...),
+    each the typed config of that stage's row in the stage table (rlhf.stages.STAGES); the
+    pipeline fills in model, seed, output_dir and the inputs wired from earlier stages."""
 
     name: str = _help("Run name (default: the recipe file's stem).", default="")
     seed: int = _help("Seed applied to every stage unless the stage sets its own.", range=SEED_RANGE, default=0)
@@ -492,11 +496,6 @@ class PipelineConfig:
     registry_home: str | None = _help("rlhf home for the registry and data store (default $RLHF_HOME or ~/.rlhf).", default=None)
     registry_url: str | None = _help("Registry database: a path, sqlite:///path.db or postgresql://user@host:port/db (default $RLHF_REGISTRY_URL, then <home>/registry/registry.db).", default=None)
     registry_store: str | None = _help("Registry artifact store directory, e.g. on a shared filesystem (default $RLHF_REGISTRY_STORE, then <home>/registry/artifacts).", default=None)
-    sft: dict = _help("SFT stage settings (see SFTConfig); model/seed/output_dir are filled in.", default_factory=dict)
-    reward: dict = _help("Reward stage settings (see RewardConfig).", default_factory=dict)
-    ppo: dict = _help("PPO stage settings (see PPOConfig).", default_factory=dict)
-    dpo: dict = _help("DPO stage settings (see DPOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
-    kto: dict = _help("KTO stage settings (see KTOConfig); sft_adapter, eval_prompts and reward_adapter are filled in.", default_factory=dict)
     stages: list[str] = _help(
         "Stages to run, in order: sft, reward, ppo, dpo, kto. E.g. [sft, dpo], [sft, kto], or [sft, reward, ppo, dpo] "
         "to compare PPO and DPO from one SFT. A stage's inputs must come earlier (ppo needs sft and reward; reward, "

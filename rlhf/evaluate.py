@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from rlhf import evaluation
 from rlhf.atomic import write_text
 from rlhf.paths import add_home_option, use_home
 
@@ -35,18 +35,18 @@ Conversation = list[dict]
 
 
 def mean_se(vals: list[float]) -> dict:
-    """``{"mean", "se", "n"}`` of ``vals`` (se over items; 0 for one item)."""
-    n = len(vals)
-    if n == 0:
+    """``{"mean", "se", "n"}`` of ``vals`` (se over items; 0 for one item), as the pipeline's
+    evaluation computes them (:func:`rlhf.evaluation.mean_se`)."""
+    if not vals:
         return {"mean": None, "se": None, "n": 0}
-    m = sum(vals) / n
-    var = sum((v - m) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    return {"mean": m, "se": math.sqrt(var / n), "n": n}
+    mean, se = evaluation.mean_se(vals)
+    return {"mean": mean, "se": se, "n": len(vals)}
 
 
 def win_rate(a: list[float], b: list[float]) -> dict:
-    """Win rate of ``a`` over ``b`` item by item (1 win, 0.5 tie, 0 loss), with its s.e."""
-    return mean_se([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
+    """Win rate of ``a`` over ``b`` item by item (1 win, 0.5 tie, 0 loss), with its s.e.
+    (:func:`rlhf.evaluation.win_rates`, as PPO's and DPO's win rates over SFT)."""
+    return mean_se(evaluation.win_rates([{"v": x} for x in a], [{"v": y} for y in b], "v"))
 
 
 def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Conversation, Conversation]]], list[float]]:
@@ -57,7 +57,8 @@ def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Co
     from rlhf.generate import _adapter_facts, resolve_policy
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.ppo.rollout import Sampled
-    from rlhf.stages.ppo import last_token_scores, left_pad
+    from rlhf.generation import left_pad
+    from rlhf.scoring import last_token_scores
 
     kind, where = resolve_policy(ref)
     if kind != "adapter" or not (Path(where) / "head.safetensors").is_file():

@@ -226,3 +226,28 @@ def parameter_bytes(model: torch.nn.Module, trainable: bool | None = None) -> in
         local = p.to_local() if isinstance(p, DTensor) else p
         total += local.numel() * local.element_size()
     return total
+
+
+def check_engine_supported(config_name: str = "ppo") -> None:
+    """Refuse PPO under DeepSpeed ZeRO-3.
+
+    PPO samples from the policy role between updates, which needs the sharded weights
+    gathered; this loop does that with FSDP2 (``rlhf/fsdp.py``), not with DeepSpeed.
+    Supported: one process, DDP, FSDP2 and ZeRO-1/2 configs (the LoRA loop then runs data
+    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
+    save little).
+
+    Raises:
+        rlhf.config.ConfigError: naming the engine and what is supported.
+    """
+    from rlhf.config import ConfigError
+    from rlhf.distributed import engine
+
+    eng = engine()
+    if eng == "deepspeed-zero3":
+        raise ConfigError(
+            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop "
+            "gathers sharded weights for generation only under FSDP2). To shard the base, launch PPO with "
+            "pipelines/accelerate/fsdp2.yaml (or ddp.yaml / deepspeed_zero2.yaml if it fits on one device); "
+            "SFT and reward run under every config in pipelines/accelerate/."
+        )

@@ -127,13 +127,13 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
            seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512, engine: str = "hf") -> list[str]:
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
-    Prompts are formatted like PPO's (:func:`rlhf.stages.ppo.encode_prompts`) and decoding
+    Prompts are formatted like PPO's (:func:`rlhf.generation.encode_prompts`) and decoding
     stops, as in PPO, at the tokenizer's EOS or any EOS id of the model's generation config
     (Qwen2.5 ships two: ``<|im_end|>`` and ``<|endoftext|>``).
     """
     from transformers import GenerationConfig
 
-    from rlhf.stages.ppo import encode_prompts, left_pad
+    from rlhf.generation import encode_prompts, left_pad
 
     tok, model = policy.tok, policy.model
     device = next(model.parameters()).device
@@ -164,7 +164,7 @@ def _sample_vllm(policy: Policy, prompts, stop: list[int], max_new_tokens: int, 
     """:func:`sample` through the vllm engine (:mod:`rlhf.generation_vllm`): the base folder
     with the policy's adapter folder as a LoRA, or a standalone model folder as it is."""
     from rlhf.generation_vllm import VLLMEngine, check_vllm
-    from rlhf.stages.ppo import encode_prompts, left_pad
+    from rlhf.generation import encode_prompts, left_pad
 
     check_vllm("--engine vllm")
     tok = policy.tok

@@ -1,9 +1,14 @@
-"""Sampling engines of the PPO rollout: ``hf``, ``static`` and ``merged`` (``ppo.generation``).
+"""Sampling: prompts in, responses out, through one of the engines of :data:`ENGINES` (``ppo.generation``).
+
+Besides the engines (``hf``, ``static``, ``merged`` here; ``vllm`` in :mod:`rlhf.generation_vllm`),
+every sampler's surroundings live here: prompt encoding and padding, the complete sampling
+config, the stop tokens, the reward model's score suffix and decoding. The PPO stage, policy
+evaluation (:mod:`rlhf.evaluation`), ``rlhf generate`` and ``rlhf eval`` share them.
 
 Generation is the largest piece of a PPO batch (``../shared/docs/ppo.md``: 7.4 s of about 15
 at the Qwen2.5-0.5B shape with HF ``generate``, a dynamic cache and a LoRA adapter; 1.13 s
 with a static cache, compiled). Every engine samples exactly like HF ``generate`` with
-:func:`rlhf.stages.ppo.generation_config`: fp32 logits of the last position divided by the
+:func:`generation_config`: fp32 logits of the last position divided by the
 temperature, softmax, one ``torch.multinomial`` draw per row and step, finished rows padded.
 So for one seed the engines draw the same tokens (fp32; ``tests/integration/ppo``).
 
@@ -23,7 +28,7 @@ So for one seed the engines draw the same tokens (fp32; ``tests/integration/ppo`
   costs one more copy of the base's weights.
 
 Whatever the engine, the rollout's logprobs come from the scoring forward
-(:func:`rlhf.stages.ppo.score_rollout`), the same computation as the training forward, so
+(:func:`rlhf.scoring.score_rollout`), the same computation as the training forward, so
 the first PPO ratio is 1 even where the sampling forward differs by rounding (merged bf16).
 """
 
@@ -31,14 +36,21 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from rlhf import ppo as F
-from rlhf.ppo.rollout import Sampled
+from rlhf.config import ConfigError
+from rlhf.ppo.rollout import Sampled, finish_responses
 
-__all__ = ["HFEngine", "StaticEngine", "MergedEngine", "make_engine", "resolve_engine", "resolve_compile",
-           "bucket_width"]
+if TYPE_CHECKING:
+    from rlhf.config import PPOConfig
+
+__all__ = ["ENGINES", "Engine", "HFEngine", "MergedEngine", "StaticEngine", "bucket_width", "build_engine",
+           "choose_engine", "decode_responses", "encode_prompts", "generate", "generation_config", "left_pad",
+           "make_engine", "resolve_compile", "resolve_engine", "score_suffix", "stop_token_ids"]
 
 # Prompt widths are rounded up to a multiple of this many tokens; with max_prompt_length 256
 # a run compiles at most 4 widths per batch size.
@@ -48,8 +60,8 @@ DEFAULT_BUCKET = 64
 def resolve_engine(name: str, device) -> str:
     """``auto`` -> ``static`` on CUDA, ``hf`` elsewhere; other names pass through (``vllm``:
     :mod:`rlhf.generation_vllm`, built by the stage, which knows the base folder)."""
-    if name not in ("auto", "hf", "static", "merged", "vllm"):
-        raise ValueError(f"ppo.generation must be one of auto, hf, static, merged, vllm; got {name!r}")
+    if name != "auto" and name not in ENGINES:
+        raise ValueError(f"ppo.generation must be one of {', '.join(['auto', *ENGINES])}; got {name!r}")
     if name != "auto":
         return name
     return "static" if torch.device(device).type == "cuda" else "hf"
@@ -71,24 +83,6 @@ def bucket_width(width: int, bucket: int = DEFAULT_BUCKET) -> int:
 
 def _stop_list(stop_ids: int | list[int]) -> list[int]:
     return [stop_ids] if isinstance(stop_ids, int) else [int(t) for t in stop_ids]
-
-
-def _finish(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask,
-            sampler_logprobs: torch.Tensor | None = None) -> Sampled:
-    """Pad ``resp`` (B, <=T) to ``response_length`` and truncate each row after its first
-    stop token (any of ``stop_ids``); ``sampler_logprobs`` (B, <=T), the engine's logprobs of
-    the drawn tokens, is padded alike and zeroed after the stop."""
-    B, width = resp.shape
-    if width < response_length:
-        fill = torch.full((B, response_length - width), pad_id, dtype=resp.dtype, device=resp.device)
-        resp = torch.cat([resp, fill], dim=1)
-    ids, mask, has_stop = F.first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
-    if sampler_logprobs is not None:
-        lp = torch.zeros(B, response_length, dtype=torch.float32, device=resp.device)
-        n = min(sampler_logprobs.shape[1], response_length)
-        lp[:, :n] = sampler_logprobs[:, :n].float()
-        sampler_logprobs = lp * mask
-    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop, sampler_logprobs)
 
 
 class _SamplerLogprobs:
@@ -140,7 +134,7 @@ class HFEngine:
 
     Args:
         model: the :class:`rlhf.adapters.RoleModel`; sampling runs under its policy role.
-        gen_cfg: a complete ``GenerationConfig`` (:func:`rlhf.stages.ppo.generation_config`).
+        gen_cfg: a complete ``GenerationConfig`` (:func:`generation_config`).
     """
 
     name = "hf"
@@ -169,7 +163,7 @@ class HFEngine:
         finally:
             lm.generation_config = saved
         resp = out[:, prompt_ids.shape[1]:]
-        return _finish(resp, self.stop_ids, self.pad_id, self.response_length, prompt_ids, prompt_mask,
+        return finish_responses(resp, self.stop_ids, self.pad_id, self.response_length, prompt_ids, prompt_mask,
                        keep.finish(resp))
 
 
@@ -285,7 +279,7 @@ class StaticEngine:
                 if t == T - 1 or ((t + 1) % self.stop_check_every == 0 and not bool(unfinished.any())):
                     break
                 logits = step(tok[:, None], full_mask, next_pos + t, **self._forward_kwargs(lm, cache, W + t, 1, device))
-        return _finish(out, self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask, out_lp)
+        return finish_responses(out, self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask, out_lp)
 
 
 class MergedEngine(StaticEngine):
@@ -363,3 +357,180 @@ def make_engine(name: str, model, gen_cfg, *, temperature: float, stop_ids: int 
         return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length)
     cls = StaticEngine if name == "static" else MergedEngine
     return cls(model, temperature, stop_ids, pad_id, response_length, compile=resolve_compile(compile, device))
+
+
+# ---------------------------------------------------------------------------------------
+# prompts in, responses out: what every caller of an engine needs around it
+
+
+def encode_prompts(tok, prompts: list[list[dict]], max_len: int) -> list[list[int]]:
+    """Chat-template each prompt (with the generation prompt) and keep its last ``max_len`` tokens."""
+    out = []
+    for msgs in prompts:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+        out.append(ids[-max_len:])
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generation_config(cfg: PPOConfig, stop_ids: int | list[int], pad_id: int):
+    """A complete sampling config: every knob set, so the model's generation_config.json
+    (e.g. a baked-in top_k or repetition penalty) cannot leak into PPO sampling. Generation
+    ends at any of ``stop_ids``."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=cfg.response_length, min_new_tokens=0,
+        eos_token_id=_stop_list(stop_ids), pad_token_id=pad_id, bos_token_id=None, num_beams=1, use_cache=True,
+        suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, forced_eos_token_id=None,
+    )
+
+
+def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int], pad_id: int,
+             response_length: int) -> Sampled:
+    """Sample responses with the policy role (eval mode) through HF ``generate`` (the ``hf``
+    engine of :mod:`rlhf.generation`); truncate each after its first stop token (any of
+    ``stop_ids``) and pad to exactly ``response_length``."""
+    return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length).sample(prompt_ids, prompt_mask)
+
+
+def score_suffix(tok, stop_ids: list[int]) -> list[int]:
+    """Tokens the chat template writes after an assistant turn's stop token.
+
+    TRL's RewardTrainer scores the last token of the chat-templated conversation; for
+    ChatML that is the newline after ``<|im_end|>``, not the stop token. PPO appends these
+    tokens after a response's stop token before scoring, so the reward model scores where
+    it was trained to. Empty when the template ends the turn with the stop token."""
+    sentinel = "rlhfscoresentinel"
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": sentinel}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    tail = tok(text[text.rindex(sentinel) + len(sentinel):], add_special_tokens=False).input_ids
+    while tail and tail[0] not in stop_ids:  # whitespace the template puts before the stop token
+        tail = tail[1:]
+    return [t for t in tail[1:]] if tail else []
+
+
+def stop_token_ids(tok, cfg: PPOConfig, lm=None) -> list[int]:
+    """Token ids that end a response: ``ppo.stop_token`` (one token or a list), or by default
+    the tokenizer's EOS and every EOS id of the model's generation config (Qwen2.5 ships
+    two: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    if cfg.stop_token is None:
+        ids = [tok.eos_token_id]
+        gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        ids += _stop_list(gen_eos) if gen_eos is not None else []
+    else:
+        ids = []
+        for name in cfg.stop_token if isinstance(cfg.stop_token, list) else [cfg.stop_token]:
+            i = tok.convert_tokens_to_ids(name)
+            if i is None or i == tok.unk_token_id:
+                raise ValueError(f"ppo.stop_token {name!r} is not a single token of the tokenizer")
+            ids.append(i)
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if tok.pad_token_id in ids:
+        raise ValueError(f"ppo.stop_token: the pad token {tok.pad_token!r} cannot also be a stop token")
+    return ids
+
+
+def decode_responses(tok, batch: Sampled | ScoredRollout) -> list[str]:
+    texts = []
+    for ids, m in zip(batch.response_ids, batch.response_mask):
+        n = int(m.sum())
+        texts.append(tok.decode(ids[:n].tolist(), skip_special_tokens=True))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------
+# the engines by name
+
+
+class Engine(Protocol):
+    """What the PPO loop, the evaluation and DPO's evaluation ask of a sampling engine."""
+
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Sampled:
+        """Responses (B, response_length) to left-padded prompts (B, P), truncated after the
+        first stop token, with the sampler's logprobs of the drawn tokens."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One row of :data:`ENGINES`."""
+
+    build: Callable[..., Engine]  # build(model, cfg, *, gen_cfg, stop_ids, pad_id, device, base_path) -> Engine
+    shardable: bool = False  # runs inside FSDP2's weight gathering (a sharded role model)
+    multi_process: bool = True  # one engine per process under accelerate launch
+
+
+def _hf(model, cfg, *, gen_cfg, stop_ids, pad_id, device, base_path):
+    return HFEngine(model, gen_cfg, stop_ids, pad_id, cfg.response_length)
+
+
+def _static(model, cfg, *, gen_cfg, stop_ids, pad_id, device, base_path):
+    return StaticEngine(model, cfg.temperature, stop_ids, pad_id, cfg.response_length,
+                        compile=resolve_compile(cfg.compile, device))
+
+
+def _merged(model, cfg, *, gen_cfg, stop_ids, pad_id, device, base_path):
+    return MergedEngine(model, cfg.temperature, stop_ids, pad_id, cfg.response_length,
+                        compile=resolve_compile(cfg.compile, device))
+
+
+def _vllm(model, cfg, *, gen_cfg, stop_ids, pad_id, device, base_path):
+    from rlhf.generation_vllm import make_vllm_engine
+
+    return make_vllm_engine(model, cfg, base_path, stop_ids, pad_id, device)
+
+
+#: ``ppo.generation`` names (besides ``auto``): a new engine is a class with ``sample`` and a row here.
+ENGINES: dict[str, EngineSpec] = {
+    "hf": EngineSpec(_hf, shardable=True),
+    "static": EngineSpec(_static),
+    "merged": EngineSpec(_merged),
+    "vllm": EngineSpec(_vllm, multi_process=False),
+}
+
+
+def choose_engine(name: str, device, sharded: bool) -> str:
+    """The generation engine to build: ``name`` resolved for ``device``.
+
+    Under FSDP2 only ``hf`` has been run inside the weight-gathering context; ``static``
+    (compiled graphs over a static cache) and ``merged`` (a merged copy of base + policy)
+    would hold or bake full weights outside it. ``auto`` therefore falls back to ``hf`` on a
+    sharded model, and an explicit ``static``/``merged`` is refused.
+
+    Raises:
+        ConfigError: naming ``ppo.generation`` when the engine cannot run on a sharded model.
+    """
+    resolved = resolve_engine(name, device)
+    spec = ENGINES[resolved]
+    if not spec.multi_process:
+        from rlhf import distributed as dist
+
+        if dist.is_distributed():
+            raise ConfigError(f"ppo.generation: {resolved!r} runs in one process only (one engine beside one trainer); "
+                              "use 'hf' or 'auto' under accelerate launch")
+        return resolved
+    if sharded and not spec.shardable:
+        if name != "auto":
+            raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
+        return "hf"
+    return resolved
+
+
+def build_engine(cfg: PPOConfig, model, *, gen_cfg, stop_ids: list[int], pad_id: int, device, base_path: str,
+                 sharded: bool = False) -> Engine:
+    """The sampling engine ``cfg.generation`` names, resolved for ``device`` (:func:`choose_engine`)."""
+    name = choose_engine(cfg.generation, device, sharded=sharded)
+    return ENGINES[name].build(model, cfg, gen_cfg=gen_cfg, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                               base_path=base_path)

@@ -6,7 +6,7 @@ and passed as a ``LoRARequest`` with a new LoRA id, so vLLM cannot serve a cache
 adapter; the previous id is removed from the engine. The base is never merged. A standalone
 (full-weight) policy, as ``rlhf generate MODEL_DIR`` samples, is simply the folder vLLM loads.
 
-Sampling is that of the other engines (:func:`rlhf.stages.ppo.generation_config`): the same
+Sampling is that of the other engines (:func:`rlhf.generation.generation_config`): the same
 temperature, top_p 1, top_k 0 (off), min_p 0, no repetition penalty, ``response_length`` new
 tokens, ending at any of the project's stop ids (the model's own EOS is ignored: the stop
 list is the authority, as for HF ``generate``). Prompts go in as token ids and come back as
@@ -36,6 +36,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from rlhf.ppo.rollout import finish_responses
 
 __all__ = ["VLLMEngine", "check_vllm", "kv_cache_bytes", "lora_rank_slot", "make_vllm_engine", "SETUP_HINT"]
 
@@ -202,8 +204,6 @@ class VLLMEngine:
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         """Responses (B, response_length) to left-padded prompts (B, P), truncated after the
         stop, with vLLM's logprobs of the drawn tokens (``Sampled.sampler_logprobs``)."""
-        from rlhf.generation import _finish
-
         prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         params = self._params(len(prompts))
         self.wake_up()
@@ -228,7 +228,7 @@ class VLLMEngine:
             if c.logprobs is not None:
                 lps[i, :len(toks)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, toks)])
         device = prompt_ids.device
-        return _finish(resp.to(device), self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask, lps.to(device))
+        return finish_responses(resp.to(device), self.stop_ids, self.pad_id, T, prompt_ids, prompt_mask, lps.to(device))
 
     def _roles(self) -> set[str]:
         peft = getattr(self.model, "peft", None)

@@ -8,9 +8,10 @@ the stages it consumes). Every config is validated before any model is loaded.
 
 The recipe's ``stages`` (default ``[sft, reward, ppo]``; e.g. ``[sft, dpo]``, ``[sft, kto]`` or
 ``[sft, reward, ppo, dpo]``) names the stages that run, in order; each must come after the
-stages it consumes (``Stage.requires`` in the dispatch table).
+stages it consumes (``Stage.requires`` in the stage table, :mod:`rlhf.stages`, which also says
+what each stage reads, publishes and hashes; this module names no stage).
 
-Each stage runs through :func:`rlhf.stages.run_stage` (the dispatch table the CLI uses too),
+Each stage runs through :func:`rlhf.stages.run_stage` (the stage table the CLI uses too),
 which resolves its inputs first. With a task (``task.enabled``), the task's rows are written
 to ``<run_dir>/task/`` and read like user data, and its gold reward judges the result.
 """
@@ -26,16 +27,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from rlhf import summary
 from rlhf.atomic import write_json
 from rlhf.config import (
     ConfigError,
-    DPOConfig,
-    KTOConfig,
     PipelineConfig,
-    PPOConfig,
-    RewardConfig,
-    SFTConfig,
     apply_overrides,
     check_run_name,
     from_dict,
@@ -45,24 +43,28 @@ from rlhf.config import (
 from rlhf.resolve import check_base, check_input
 from rlhf.stages import STAGES, run_stage
 from rlhf.stages.common import Registration, safe_name as _safe_name
-from rlhf.tasks import TASK_FILES, Task
+from rlhf.tasks import Task
 
 
 @dataclass
 class Plan:
-    """A validated pipeline: the recipe plus one resolved config per stage."""
+    """A validated pipeline: the recipe plus one resolved config per stage of the stage table
+    (every stage's, also those the recipe does not run: a stage may inherit their settings)."""
 
     recipe: Path
     run_dir: Path
     pipeline: PipelineConfig
-    sft: SFTConfig
-    reward: RewardConfig
-    ppo: PPOConfig
-    dpo: DPOConfig
-    kto: KTOConfig
+    configs: dict[str, Any]  # stage name -> its typed config, model/seed/output_dir and wired inputs filled in
     task_files: dict | None  # name -> path of the task's files (None without a task)
     stages: tuple[str, ...]  # the recipe's stages, in the order they run (validated: _check_stages)
     task_obj: Task | None = None  # the recipe's task, built once by plan()
+
+    def __getattr__(self, name: str) -> Any:
+        # plan.ppo, plan.dpo, ...: a stage's config by its name
+        configs = self.__dict__.get("configs", {})
+        if name in configs:
+            return configs[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def task(self) -> Task | None:
         """The recipe's task (embedded or the user's task.module), or None without one."""
@@ -74,9 +76,9 @@ class RewardGateFailed(ConfigError):
     ConfigError, so the CLI reports it as one line: the fix is in the recipe or the data.)"""
 
 
-# Recipe values that may be paths; relative ones resolve against the recipe's folder.
-_PATH_KEYS = (("model", "name_or_path"), ("model", "chat_template"), ("sft", "dataset"), ("reward", "dataset"),
-              ("ppo", "prompts"), ("ppo", "eval_prompts"))
+# Recipe values that may be paths besides the stages' data inputs (Stage.inputs of the stage
+# table); relative ones resolve against the recipe's folder.
+_PATH_KEYS = (("model", "name_or_path"), ("model", "chat_template"))
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".jinja", ".j2", ".py")
 
 
@@ -93,8 +95,13 @@ def _recipe_relative(value, base: Path):
     return value
 
 
+def _path_keys() -> list[tuple[str, str]]:
+    return [*_PATH_KEYS, *((stage, key) for stage, row in STAGES.items()
+                           for key, spec in row.inputs.items() if spec.kind != "adapter")]
+
+
 def _resolve_recipe_paths(data: dict, base: Path) -> dict:
-    for section, key in _PATH_KEYS:
+    for section, key in _path_keys():
         node = data.get(section)
         if isinstance(node, dict) and key in node:
             node[key] = _recipe_relative(node[key], base)
@@ -105,8 +112,10 @@ def _resolve_recipe_paths(data: dict, base: Path) -> dict:
     return data
 
 
-def _stage_dict(pipe: PipelineConfig, stage: str, run_dir: Path) -> dict:
-    data = dict(getattr(pipe, stage))
+def _stage_dict(pipe: PipelineConfig, section: dict, stage: str, run_dir: Path) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{stage}: expected a mapping of {stage} settings, got {type(section).__name__}")
+    data = dict(section)
     for key in ("model", "seed", "output_dir"):
         if key in data:
             raise ConfigError(f"{stage}.{key}: set it at the top level of the recipe, not per stage")
@@ -121,10 +130,12 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
          check_inputs: bool = True) -> Plan:
     """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file.
 
-    ``check_inputs`` also checks that data files and store references exist (off to validate
-    a recipe's schema on a machine without its data)."""
+    Each stage section (``sft:``, ``ppo:``...) becomes its row's typed config; a section that is
+    no stage of the table is an unknown key. ``check_inputs`` also checks that data files and
+    store references exist (off to validate a recipe's schema on a machine without its data)."""
     recipe = Path(recipe)
     data = apply_overrides(_resolve_recipe_paths(load_yaml(recipe), recipe.resolve().parent), list(overrides))
+    sections = {stage: data.pop(stage) for stage in STAGES if stage in data}
     pipe = from_dict(PipelineConfig, data)
     if not pipe.name:
         check_run_name(recipe.stem, f"name (from the recipe file name {recipe.name})")
@@ -136,61 +147,65 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
     check_base(pipe.model.name_or_path)
 
     stages = _check_stages(pipe.stages)
-    task_files = None
-    stage_data = {s: _stage_dict(pipe, s, run_dir) for s in STAGES}
+    stage_data = {s: _stage_dict(pipe, sections.get(s) or {}, s, run_dir) for s in STAGES}
     from rlhf.tasks import load_task, provided_files
 
     task = load_task(pipe.task, recipe.resolve().parent)
+    task_files = None
     if task is not None:
         task_dir = run_dir / "task"
         provided = provided_files(task)
-        from rlhf.tasks import task_file_name
-
-        task_files = {k: str(task_dir / task_file_name(k, pipe.name)) for k in provided}
-        for name, key in provided.items():
-            stage, field = key.split(".")
-            if field in stage_data[stage]:
-                raise ConfigError(
-                    f"{key}: the task ({task.name}) supplies it, so the recipe must not; remove {key} to train on the "
-                    f"task's data, or disable the task (task.enabled: false, no task.module) to use your own")
-            stage_data[stage][field] = task_files[name]
+        task_files = {name: str(task_dir / f"{name}.jsonl") for name in provided}
+        for stage, row in STAGES.items():
+            for key, name in row.task_files.items():
+                if name not in task_files:
+                    continue  # a user's task need not supply every file
+                if row.task_files_are_defaults:
+                    stage_data[stage].setdefault(key, task_files[name])
+                elif key in stage_data[stage]:
+                    raise ConfigError(
+                        f"{stage}.{key}: the task ({task.name}) supplies it, so the recipe must not; remove "
+                        f"{stage}.{key} to train on the task's data, or disable the task (task.enabled: false, no "
+                        f"task.module) to use your own")
+                else:
+                    stage_data[stage][key] = task_files[name]
     # The pipeline wires stage outputs into the next stages.
-    for key in ("sft_adapter", "reward_adapter"):
-        if any(key in stage_data[s] for s in ("ppo", "reward", "dpo", "kto")):
-            raise ConfigError(f"{key}: set by the pipeline from the earlier stages; remove it from the recipe")
-    stage_data["ppo"]["sft_adapter"] = str(run_dir / "sft" / "adapter")
-    stage_data["ppo"]["reward_adapter"] = str(run_dir / "reward" / "adapter")
+    for stage, row in STAGES.items():
+        for key, source in {**row.wired, **row.wired_if_run}.items():
+            if key in stage_data[stage]:
+                raise ConfigError(f"{stage}.{key}: set by the pipeline from the earlier stages; remove it from the recipe")
+            src_stage = source.split("/")[0]
+            if key in row.wired or (stage in stages and src_stage in stages[: stages.index(stage)]):
+                stage_data[stage][key] = str(run_dir / source)
+    configs = {}
+    for stage, row in STAGES.items():  # in table order: a stage inherits only from the rows above it
+        for key, source in row.inherits.items():
+            src_stage, src_key = source.split(".")
+            stage_data[stage].setdefault(key, getattr(configs[src_stage], src_key))
+        configs[stage] = from_dict(row.config, stage_data[stage], prefix=stage)
 
-    sft, reward, ppo = (from_dict(STAGES[s].config, stage_data[s], prefix=s) for s in ("sft", "reward", "ppo"))
-    dpo = _offline_config(DPOConfig, "dpo", stage_data["dpo"], ppo, stages, run_dir, task_files)
-    kto = _offline_config(KTOConfig, "kto", stage_data["kto"], ppo, stages, run_dir, task_files)
-
-    # incompatible stage outputs: the reward LoRA starts from the SFT LoRA, so shapes must agree
-    if sft.finetune == "full":
-        raise ConfigError(
-            "sft.finetune: full fine-tuning in a pipeline is run as its own stage (`rlhf sft`), then used as "
-            "model.name_or_path of a LoRA pipeline; the one-base-many-adapters PPO needs a shared base"
-        )
-    for name, value in (("sft.dataset", sft.dataset), ("reward.dataset", reward.dataset),
-                        ("ppo.prompts", ppo.prompts), ("ppo.eval_prompts", ppo.eval_prompts),
-                        ("dpo.dataset", dpo.dataset), ("dpo.eval_prompts", dpo.eval_prompts),
-                        ("kto.dataset", kto.dataset), ("kto.eval_prompts", kto.eval_prompts)):
-        if name.split(".")[0] not in stages:
-            continue  # a stage the recipe does not run needs no inputs
-        if not value:
-            if name in ("ppo.eval_prompts", "dpo.eval_prompts", "kto.eval_prompts"):
+    for stage in stages:
+        row, cfg = STAGES[stage], configs[stage]
+        if row.check is not None:
+            row.check(cfg)
+        for key, spec in row.inputs.items():
+            if spec.kind == "adapter":
+                continue  # wired by the pipeline, or checked when the stage resolves it
+            value, name = getattr(cfg, key), f"{stage}.{key}"
+            if not value:
+                if spec.required:
+                    raise ConfigError(f"{name}: required (or a task that supplies it: task.enabled or task.module)")
                 continue
-            raise ConfigError(f"{name}: required (or a task that supplies it: task.enabled or task.module)")
-        if (task_files is None or value not in task_files.values()) and check_inputs:
-            check_input(name, value)
+            if (task_files is None or value not in task_files.values()) and check_inputs:
+                check_input(name, value)
     from rlhf.tracking import normalize_report_to
 
-    for stage_cfg, name in ((sft, "sft"), (reward, "reward"), (ppo, "ppo"), (dpo, "dpo"), (kto, "kto")):
+    for stage, cfg in configs.items():
         try:
-            normalize_report_to(stage_cfg.report_to)
+            normalize_report_to(cfg.report_to)
         except ValueError as e:
-            raise ConfigError(f"{name}.report_to: {e}") from None
-    return Plan(recipe, run_dir, pipe, sft, reward, ppo, dpo, kto, task_files, stages, task)
+            raise ConfigError(f"{stage}.report_to: {e}") from None
+    return Plan(recipe, run_dir, pipe, configs, task_files, stages, task)
 
 
 def _check_stages(stages: list[str]) -> tuple[str, ...]:
@@ -208,24 +223,6 @@ def _check_stages(stages: list[str]) -> tuple[str, ...]:
     return tuple(stages)
 
 
-def _offline_config(cls, name: str, data: dict, ppo: PPOConfig, stages: tuple[str, ...], run_dir: Path,
-                    task_files: dict | None):
-    """The DPO or KTO stage's config (``name``): the task's pairs and eval prompts, the SFT adapter
-    (and the reward adapter when a reward stage runs before it, for RM score and win rate), and
-    the PPO stage's evaluation settings, so that the policies are sampled alike on the same prompts."""
-    for file, key in (("pairs", "dataset"), ("eval_prompts", "eval_prompts")):
-        if task_files is not None and file in task_files:  # a user's task may supply neither
-            data.setdefault(key, task_files[file])
-    data.setdefault("eval_prompts", ppo.eval_prompts)
-    data["sft_adapter"] = str(run_dir / "sft" / "adapter")
-    if name in stages and "reward" in stages[: stages.index(name)]:
-        data["reward_adapter"] = str(run_dir / "reward" / "adapter")
-    for key, value in (("eval_max_prompt_length", ppo.max_prompt_length), ("eval_response_length", ppo.response_length),
-                       ("eval_temperature", ppo.temperature), ("eval_batch_size", ppo.rollout_batch_size)):
-        data.setdefault(key, value)
-    return from_dict(cls, data, prefix=name)
-
-
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -241,9 +238,10 @@ def _file_hash(path: str) -> str:
     return h.hexdigest()
 
 
-def _without_paths(cfg: dict) -> dict:
+def _without_paths(cfg: dict, row) -> dict:
     """Config used for fingerprints: the output dir and wiring paths are implied by the run dir."""
-    return {k: v for k, v in cfg.items() if k not in ("output_dir", "sft_adapter", "reward_adapter")}
+    implied = {"output_dir", *row.wired, *row.wired_if_run}
+    return {k: v for k, v in cfg.items() if k not in implied}
 
 
 class Pipeline:
@@ -266,18 +264,18 @@ class Pipeline:
             write_json(self.state_path, self.state)
 
     def fingerprints(self) -> dict[str, str]:
-        p = self.p
-        data_fp = {"sft": _file_hash(p.sft.dataset), "reward": _file_hash(p.reward.dataset),
-                   "ppo": [_file_hash(p.ppo.prompts), _file_hash(p.ppo.eval_prompts) if p.ppo.eval_prompts else None]}
-        sft = _fingerprint([_without_paths(to_dict(p.sft)), data_fp["sft"]])
-        reward = _fingerprint([_without_paths(to_dict(p.reward)), data_fp["reward"], sft])
-        ppo = _fingerprint([_without_paths(to_dict(p.ppo)), data_fp["ppo"], sft, reward])
-        fps = {"sft": sft, "reward": reward, "ppo": ppo}
-        for name, c in (("dpo", p.dpo), ("kto", p.kto)):
-            if name in p.stages:  # its pairs and eval prompts, the SFT stage, and the RM it is scored with
-                fps[name] = _fingerprint([_without_paths(to_dict(c)), _file_hash(c.dataset),
-                                          _file_hash(c.eval_prompts) if c.eval_prompts else None, sft,
-                                          reward if c.reward_adapter else None])
+        """Each stage's fingerprint: its config (less implied paths), its data inputs' contents,
+        and the fingerprints of the stages whose outputs it reads (None for a wired_if_run
+        stage that does not run before it)."""
+        fps: dict[str, str] = {}
+        for stage, row in STAGES.items():
+            cfg = self.p.configs[stage]
+            data = [_file_hash(getattr(cfg, key)) if getattr(cfg, key) else None
+                    for key, spec in row.inputs.items() if spec.kind != "adapter"]
+            deps = [fps.get(s) for s in row.requires]
+            deps += [fps.get(source.split("/")[0]) if getattr(cfg, key) else None
+                     for key, source in row.wired_if_run.items()]
+            fps[stage] = _fingerprint([_without_paths(to_dict(cfg), row), *data, *deps])
         return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
@@ -355,7 +353,7 @@ class Pipeline:
                 # fingerprints hash the files, so unchanged rows still skip the stages
                 if dist.is_main() and (self.state.get("task_fingerprint") != want or p.pipeline.task.module
                                        or not all(Path(f).exists() for f in p.task_files.values())):
-                    write_task_files(task, Path(p.task_files["sft"]).parent, p.pipeline.name)
+                    write_task_files(task, p.run_dir / "task", p.pipeline.name)
             self.state["task_fingerprint"] = want
         fps = self.fingerprints()
         forced = p.stages[p.stages.index(from_stage):] if from_stage else ()
@@ -364,14 +362,14 @@ class Pipeline:
             st = self.state["stages"].get(stage, {})
             cached = (st.get("status") == "completed" and st.get("fingerprint") == fps[stage]
                       and stage not in forced and all(Path(v).exists() for v in st.get("dirs", {}).values()))
-            if stage == "ppo":
-                self._check_reward_gate()
+            if STAGES[stage].gated:
+                self._check_reward_gate(stage)
             if cached:
                 if dist.is_main():
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
             stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in _RESUMABLE
-            run_ref = (registry.start_run(stage, to_dict(getattr(p, stage)), inputs=[], pipeline=p.pipeline.name,
+            run_ref = (registry.start_run(stage, to_dict(p.configs[stage]), inputs=[], pipeline=p.pipeline.name,
                                           name=f"{_safe_name(p.pipeline.name)}-{stage}-run") if registry else None)
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -381,7 +379,7 @@ class Pipeline:
             registration = (Registration(registry, _safe_name(p.pipeline.name), run_ref, self._known_artifacts(),
                                          base=self.state.get("base_ref")) if registry else None)
             try:
-                result = run_stage(stage, getattr(p, stage), group=p.pipeline.name, resume=stage_resume, task=task,
+                result = run_stage(stage, p.configs[stage], group=p.pipeline.name, resume=stage_resume, task=task,
                                    registration=registration)
             except BaseException as e:
                 # Ctrl-C is an interruption; anything else (an error, SystemExit) a failure
@@ -423,13 +421,15 @@ class Pipeline:
                     known[str(Path(path).resolve())] = (stage, st["outputs"][name])
         return known
 
-    def _check_reward_gate(self) -> None:
-        """Stop before PPO when the reward model's held-out accuracy or margin is below the
-        recipe's ``reward_gate`` thresholds (the summary is written first)."""
+    def _check_reward_gate(self, stage: str) -> None:
+        """Stop before ``stage`` (a gated row: PPO) when the reward model wired into it has a
+        held-out accuracy or margin below the recipe's ``reward_gate`` thresholds (the summary
+        is written first)."""
         gate = self.p.pipeline.reward_gate
         if not gate.enabled:
             return
-        m = self.state["stages"].get("reward", {}).get("metrics", {})
+        rm = STAGES[stage].wired["reward_adapter"].split("/")[0]  # the stage that trained the reward model
+        m = self.state["stages"].get(rm, {}).get("metrics", {})
         acc, margin = m.get("eval_accuracy"), m.get("eval_margin")
         problems = []
         if acc is None:
@@ -442,18 +442,19 @@ class Pipeline:
             return
         from rlhf import distributed as dist
 
-        self.state["stages"]["ppo"] = {"status": "blocked", "reason": "; ".join(problems)}
+        self.state["stages"][stage] = {"status": "blocked", "reason": "; ".join(problems)}
         self.save()
         if dist.is_main():
             write_json(self.p.run_dir / "summary.json", self.summary(self.p.task()))
         n = m.get("test_pairs")
+        name = stage.upper()
         raise RewardGateFailed(
             f"reward model failed the quality gate ({'; '.join(problems)}{f', on {n} held-out pairs' if n else ''}); "
-            "PPO was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
-            "cleaner preference pairs (are chosen and rejected swapped?), more reward.train.epochs or another "
-            "reward.train.learning_rate, a larger reward.lora.r, a larger reward.test_fraction for a steadier "
-            "estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run PPO anyway. "
-            f"Rerun with `--from reward` (run dir {self.p.run_dir}).")
+            f"{name} was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
+            f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.epochs or another "
+            f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.test_fraction for a steadier "
+            f"estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run {name} anyway. "
+            f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 
     def summary(self, task: Task | None) -> dict:
         """Final numbers of the run (and, with a task, its gold evaluation)."""
@@ -464,32 +465,32 @@ class Pipeline:
             "sft_eval_loss": sft_m.get("eval_loss"),
             "rm_accuracy": rm_m.get("eval_accuracy"),
             "rm_margin": rm_m.get("eval_margin"),
-            "reward_score_sft": ppo_m.get("initial/eval/score_mean"),
-            "reward_score_sft_se": ppo_m.get("initial/eval/score_se"),
-            "reward_score_ppo": ppo_m.get("final/eval/score_mean"),
-            "reward_score_ppo_se": ppo_m.get("final/eval/score_se"),
-            "kl_sft": ppo_m.get("initial/eval/kl_mean"),
-            "kl_ppo_sft": ppo_m.get("final/eval/kl_mean"),
-            "kl_ppo_sft_se": ppo_m.get("final/eval/kl_se"),
-            "response_length_sft": ppo_m.get("initial/eval/length_mean"),
-            "response_length_sft_se": ppo_m.get("initial/eval/length_se"),
-            "response_length_ppo": ppo_m.get("final/eval/length_mean"),
-            "response_length_ppo_se": ppo_m.get("final/eval/length_se"),
-            "win_rate_rm": ppo_m.get("final/eval/win_rate_mean"),
-            "win_rate_rm_se": ppo_m.get("final/eval/win_rate_se"),
+            "reward_score_sft": ppo_m.get(summary.key(summary.REFERENCE, "score")),
+            "reward_score_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "score", "se")),
+            "reward_score_ppo": ppo_m.get(summary.key(summary.TRAINED, "score")),
+            "reward_score_ppo_se": ppo_m.get(summary.key(summary.TRAINED, "score", "se")),
+            "kl_sft": ppo_m.get(summary.key(summary.REFERENCE, "kl")),
+            "kl_ppo_sft": ppo_m.get(summary.key(summary.TRAINED, "kl")),
+            "kl_ppo_sft_se": ppo_m.get(summary.key(summary.TRAINED, "kl", "se")),
+            "response_length_sft": ppo_m.get(summary.key(summary.REFERENCE, "length")),
+            "response_length_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "length", "se")),
+            "response_length_ppo": ppo_m.get(summary.key(summary.TRAINED, "length")),
+            "response_length_ppo_se": ppo_m.get(summary.key(summary.TRAINED, "length", "se")),
+            "win_rate_rm": ppo_m.get(summary.key(summary.TRAINED, "win_rate")),
+            "win_rate_rm_se": ppo_m.get(summary.key(summary.TRAINED, "win_rate", "se")),
             "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
         if st.get("ppo", {}).get("status") == "blocked":
             out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:
             out["task"] = getattr(task, "name", None)
-            out["win_rate_gold"] = ppo_m.get("final/eval/gold_win_rate_mean")
-            out["win_rate_gold_se"] = ppo_m.get("final/eval/gold_win_rate_se")
+            out["win_rate_gold"] = ppo_m.get(summary.key(summary.TRAINED, "gold_win_rate"))
+            out["win_rate_gold_se"] = ppo_m.get(summary.key(summary.TRAINED, "gold_win_rate", "se"))
             out.update(
-                gold_reward_sft=ppo_m.get("initial/eval/gold_mean"),
-                gold_reward_sft_se=ppo_m.get("initial/eval/gold_se"),
-                gold_reward_ppo=ppo_m.get("final/eval/gold_mean"),
-                gold_reward_ppo_se=ppo_m.get("final/eval/gold_se"),
+                gold_reward_sft=ppo_m.get(summary.key(summary.REFERENCE, "gold")),
+                gold_reward_sft_se=ppo_m.get(summary.key(summary.REFERENCE, "gold", "se")),
+                gold_reward_ppo=ppo_m.get(summary.key(summary.TRAINED, "gold")),
+                gold_reward_ppo_se=ppo_m.get(summary.key(summary.TRAINED, "gold", "se")),
             )
             out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
             from rlhf import distributed as dist
@@ -517,29 +518,32 @@ class Pipeline:
 
 
 def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
-    """DPO's or KTO's numbers (``n``) next to PPO's, under the same keys with ``n`` in place of
-    ``dpo``. The stage sampled the SFT and its policy on the same held-out prompts as PPO's
-    evaluation, with PPO's sampler, settings and seed; without a PPO stage its SFT numbers
-    stand in for the SFT row."""
+    """DPO's or KTO's numbers (stage ``n``) next to PPO's, under the same keys with ``n`` in
+    place of ``ppo`` (``gold_reward_dpo``, ``win_rate_kto_sft``...). The stage sampled the SFT
+    and its policy on the same held-out prompts as PPO's evaluation, with PPO's sampler,
+    settings and seed, and reports them by the same convention (:mod:`rlhf.summary`); without
+    a PPO stage its SFT numbers stand in for the SFT row."""
+    ref, trained = summary.REFERENCE, summary.TRAINED
     out.update({
         f"{n}_eval_loss": m.get("eval_loss"),
         f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
         f"{n}_reward_margin": m.get("eval_rewards_margins"),
-        f"reward_score_{n}": m.get(f"{n}/eval/score_mean"),
-        f"kl_{n}_sft": m.get(f"{n}/eval/kl_mean"),
-        f"kl_{n}_sft_se": m.get(f"{n}/eval/kl_se"),
-        f"response_length_{n}": m.get(f"{n}/eval/length_mean"),
-        f"win_rate_{n}_sft": m.get(f"{n}/win_rate_rm"),
-        f"win_rate_{n}_sft_se": m.get(f"{n}/win_rate_rm_se"),
+        f"reward_score_{n}": m.get(summary.key(trained, "score")),
+        f"kl_{n}_sft": m.get(summary.key(trained, "kl")),
+        f"kl_{n}_sft_se": m.get(summary.key(trained, "kl", "se")),
+        f"response_length_{n}": m.get(summary.key(trained, "length")),
+        f"win_rate_{n}_sft": m.get(summary.key(trained, "win_rate")),
+        f"win_rate_{n}_sft_se": m.get(summary.key(trained, "win_rate", "se")),
     })
     if out.get("reward_score_sft") is None:
-        out["reward_score_sft"] = m.get("sft/eval/score_mean")
+        out["reward_score_sft"] = m.get(summary.key(ref, "score"))
     if not has_gold:
         return
-    out.update({f"gold_reward_{n}": m.get(f"{n}/eval/gold_mean"), f"gold_reward_{n}_se": m.get(f"{n}/eval/gold_se"),
-                f"gold_win_rate_{n}_sft": m.get(f"{n}/win_rate_gold"),
-                f"gold_win_rate_{n}_sft_se": m.get(f"{n}/win_rate_gold_se")})
-    sft, sft_se = m.get("sft/eval/gold_mean"), m.get("sft/eval/gold_se")
+    out.update({f"gold_reward_{n}": m.get(summary.key(trained, "gold")),
+                f"gold_reward_{n}_se": m.get(summary.key(trained, "gold", "se")),
+                f"gold_win_rate_{n}_sft": m.get(summary.key(trained, "gold_win_rate")),
+                f"gold_win_rate_{n}_sft_se": m.get(summary.key(trained, "gold_win_rate", "se"))})
+    sft, sft_se = m.get(summary.key(ref, "gold")), m.get(summary.key(ref, "gold", "se"))
     if out.get("gold_reward_sft") is None:
         out.update(gold_reward_sft=sft, gold_reward_sft_se=sft_se)
     if None not in (sft, out[f"gold_reward_{n}"]):

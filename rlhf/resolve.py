@@ -6,10 +6,13 @@ the stage reads, so a stage never decides where something comes from:
   * base model: ``builtin:tiny`` (built on first use under ``$RLHF_HOME/builtin``), a local
     model directory, or a hub id (passed through; ``from_pretrained`` fetches it)
   * adapters: a directory, or a model-registry reference ``name``, ``name:3``, ``name:prod``
-  * data (SFT examples, PPO prompts, DPO's evaluation prompts): a file or ``load_from_disk`` directory, a hub dataset
+  * data (SFT examples, prompts, evaluation prompts): a file or ``load_from_disk`` directory, a hub dataset
     id, or a data-store reference ``NAME[:VERSION]`` (pinned to the version it names now)
-  * preference data (reward model, DPO): a data-store reference, or a file/directory that
-    is ingested into the store here (reusing the newest version when it came from identical bytes and options)
+  * preference data: a data-store reference, or a file/directory that is ingested into the
+    store here (reusing the newest version when it came from identical bytes and options)
+
+Which keys of a stage's config are such references is declared by its row of the stage
+table (``Stage.inputs`` in :mod:`rlhf.stages`); this module names no stage.
 
 :func:`check_base` and :func:`check_input` are the side-effect-free checks a recipe gets
 when it is validated; model and adapter directories must hold safetensors weights
@@ -20,22 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, from_dict, to_dict
+from rlhf.config import ConfigError, from_dict, to_dict
+
+if TYPE_CHECKING:
+    from rlhf.stages import Input
 
 BUILTIN_TINY = "builtin:tiny"
 _DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".gz"}
 
-C = TypeVar("C", SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig)
+C = TypeVar("C", bound=Any)  # a stage config dataclass
 
 
-def resolve_inputs(cfg: C) -> C:
-    """A copy of a stage config with every input reference resolved (see the module doc).
+def resolve_inputs(cfg: C, inputs: Mapping[str, Input], stage: str) -> C:
+    """A copy of stage ``stage``'s config with every input reference resolved (see the module doc).
 
-    Under several processes rank 0 resolves (it alone builds the tiny base or ingests data)
-    and every other rank receives its answer.
+    ``inputs`` is the stage's row of the stage table (:data:`rlhf.stages.STAGES`): which keys
+    reference data, preferences or an adapter, and which may be empty. Under several
+    processes rank 0 resolves (it alone builds the tiny base or ingests data) and every other
+    rank receives its answer.
 
     Raises:
         ConfigError: naming the key whose reference does not resolve.
@@ -43,42 +52,33 @@ def resolve_inputs(cfg: C) -> C:
     from rlhf import distributed as dist
 
     if not dist.is_distributed():
-        return _resolve(cfg)
-    resolved = dist.broadcast_object(to_dict(_resolve(cfg)) if dist.is_main() else None)
+        return _resolve(cfg, inputs, stage)
+    resolved = dist.broadcast_object(to_dict(_resolve(cfg, inputs, stage)) if dist.is_main() else None)
     return from_dict(type(cfg), resolved)
 
 
-def _resolve(cfg: C) -> C:
+def _resolve(cfg: C, inputs: Mapping[str, Input], stage: str) -> C:
     # the data and adapter references first: a bad one fails before builtin:tiny is built (tens of seconds)
     check_base(cfg.model.name_or_path)
-    cfg = _resolve_references(cfg)
+    cfg = _resolve_references(cfg, inputs, stage)
     return dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, name_or_path=resolve_base(cfg.model.name_or_path, seed=cfg.seed)))
 
 
-def _resolve_references(cfg: C) -> C:
-    if isinstance(cfg, SFTConfig):
-        return dataclasses.replace(cfg, dataset=resolve_data("sft.dataset", cfg.dataset))
-    if isinstance(cfg, RewardConfig):
-        return dataclasses.replace(cfg, dataset=resolve_preferences(
-            "reward.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction))
-    if isinstance(cfg, (DPOConfig, KTOConfig)):
-        # the same preference store as the reward stage (the same version, for the same file and options)
-        key = "dpo" if isinstance(cfg, DPOConfig) else "kto"
-        return dataclasses.replace(
-            cfg,
-            dataset=resolve_preferences(f"{key}.dataset", cfg.dataset, cfg.dataset_format, cfg.test_fraction),
-            sft_adapter=resolve_adapter(f"{key}.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
-            reward_adapter=resolve_adapter(f"{key}.reward_adapter", cfg.reward_adapter) if cfg.reward_adapter else "",
-            eval_prompts=resolve_data(f"{key}.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
-        )
-    return dataclasses.replace(
-        cfg,
-        sft_adapter=resolve_adapter("ppo.sft_adapter", cfg.sft_adapter) if cfg.sft_adapter else "",
-        reward_adapter=resolve_adapter("ppo.reward_adapter", cfg.reward_adapter),
-        prompts=resolve_data("ppo.prompts", cfg.prompts),
-        eval_prompts=resolve_data("ppo.eval_prompts", cfg.eval_prompts) if cfg.eval_prompts else "",
-    )
+def _resolve_references(cfg: C, inputs: Mapping[str, Input], stage: str) -> C:
+    resolved = {}
+    for key, spec in inputs.items():
+        value, name = getattr(cfg, key), f"{stage}.{key}"
+        if not value and not spec.required:
+            resolved[key] = ""
+        elif spec.kind == "adapter":
+            resolved[key] = resolve_adapter(name, value)
+        elif spec.kind == "preferences":
+            # the same store version for the same file and options, whichever stage reads it
+            resolved[key] = resolve_preferences(name, value, cfg.dataset_format, cfg.test_fraction)
+        else:
+            resolved[key] = resolve_data(name, value)
+    return dataclasses.replace(cfg, **resolved)
 
 
 def resolve_base(name_or_path: str, seed: int = 0) -> str:

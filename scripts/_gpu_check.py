@@ -69,6 +69,7 @@ def run(dry_run: bool) -> dict:
     import torch
 
     from rlhf import ppo as F
+    from rlhf import estimators, scoring
     from rlhf.stages import ppo as stage
 
     cuda = torch.cuda.is_available() and not dry_run
@@ -89,7 +90,7 @@ def run(dry_run: bool) -> dict:
     model = s.model
     torch.manual_seed(spec.seed)
     sampled, _ = stage.sample(s, cfg, 0)
-    batch = stage.score_rollout(model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+    batch = scoring.score_rollout(model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
     mask = batch.response_mask.bool()
     checks: dict[str, dict] = {}
 
@@ -97,15 +98,15 @@ def run(dry_run: bool) -> dict:
     kl = (batch.logprobs - batch.ref_logprobs)[mask].abs()
     checks["kl_step0"] = {"value": float(kl.max()), "mean": float(kl.mean())}
     # value at the last real token == reward score (critic initialised from the reward model)
-    with torch.no_grad(), stage._mode(model, False):
-        v_last = stage.last_token_scores(model, "value", batch, s.score_suffix)
+    with torch.no_grad(), scoring.train_mode(model, False):
+        v_last = scoring.last_token_scores(model, "value", batch, s.score_suffix)
     checks["value_equals_reward"] = {"value": float((v_last - batch.scores).abs().max()),
                                      "score_abs_mean": float(batch.scores.abs().mean())}
 
     # first minibatch of the first epoch: ratio 1 (spy on the policy loss the update calls)
     beta = cfg.kl_coef
     scores, kl_tok, rewards = stage.shaped_rewards(batch, cfg, beta)
-    adv, returns = stage.advantages_and_returns(batch, rewards, scores, kl_tok, cfg, beta, None)
+    adv, returns = estimators.advantages_and_returns(batch, rewards, scores, kl_tok, cfg, beta, None)
     first: dict = {}
     original = F.policy_loss
 

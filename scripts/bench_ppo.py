@@ -218,7 +218,7 @@ def build_workspace(spec: BenchSpec, workdir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from rlhf.adapters import linear_target_modules, save_head
-    from rlhf.stages.ppo import encode_prompts
+    from rlhf.generation import encode_prompts
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -709,6 +709,7 @@ def build_in_memory(spec: BenchSpec, device):
     from transformers import AutoModelForCausalLM
 
     from rlhf.adapters import InMemoryAdapter, RoleModel, linear_target_modules
+    from rlhf import generation
     from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
     from rlhf.generation import make_engine
     from rlhf.models import disable_dropout
@@ -740,15 +741,15 @@ def build_in_memory(spec: BenchSpec, device):
         gradient_checkpointing=spec.gradient_checkpointing, lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
         eval_every=0, save_every=0, seed=spec.seed, output_dir="/nonexistent", report_to=["local"],
         guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0, guard_max_length_fraction=1.01)
-    stop_ids, pad_id = stage._stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
-    gen_cfg = stage.generation_config(cfg, stop_ids, pad_id)
+    stop_ids, pad_id = generation.stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
+    gen_cfg = generation.generation_config(cfg, stop_ids, pad_id)
     engine = make_engine(cfg.generation, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                          response_length=cfg.response_length, compile=cfg.compile, device=device)
     rng = random.Random(spec.seed)
     first_word = len(tok.all_special_tokens)
     prompts = [[rng.randrange(first_word, spec.vocab) for _ in range(spec.prompt_len)] for _ in range(spec.batch)]
     s = stage.PPOSetup(model=model, tok=tok, base_path="in-memory", stop_ids=stop_ids,
-                       score_suffix=stage.score_suffix(tok, stop_ids), pad_id=pad_id, gen_cfg=gen_cfg,
+                       score_suffix=generation.score_suffix(tok, stop_ids), pad_id=pad_id, gen_cfg=gen_cfg,
                        engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=torch.device(device),
                        rank=0, world=1, per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
     return s, cfg

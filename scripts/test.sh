@@ -6,6 +6,7 @@
 # image's library versions (scripts/gpu-image-versions.txt, overlaid on the same venv) for the
 # tests of the paths real runs take: PPO, the stages and the pipeline, then the vLLM engine's
 # tests in .venv-vllm (scripts/test_vllm.sh; built on first use, about 6 minutes). All must pass.
+# The first two print their 25 slowest tests (--durations=25), so a test that grows slow shows in CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -29,14 +30,14 @@ if [ "$#" -gt 0 ]; then  # arguments: run just those, in the default environment
 fi
 
 echo "== 1/2: newest libraries: the whole suite"
-.venv/bin/python -m pytest -m "not slow" -q
+.venv/bin/python -m pytest -m "not slow" -q --durations=25
 main_rc=$?
 echo "== 2/2: GPU image library versions ($(grep -v '^#' scripts/gpu-image-versions.txt | tr '\n' ' ')): PPO and stage tests"
 PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -c \
   "import transformers, peft, accelerate; print('transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 existing=()
 for t in "${FLOORS_TESTS[@]}"; do [ -e "$t" ] && existing+=("$t"); done
-PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -m pytest -m "not slow" -q "${existing[@]}"
+PYTHONPATH=.venv/gpu-image-floors .venv/bin/python -m pytest -m "not slow" -q --durations=25 "${existing[@]}"
 floors_rc=$?
 echo "== 3/3: the vLLM engine in its own environment (scripts/test_vllm.sh)"
 bash scripts/test_vllm.sh

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf import summary
+
 __all__ = [
     "RunData",
     "StageData",
@@ -464,7 +466,8 @@ def _interpolate(xs: list[int], ys: list, at: list[int]) -> dict[int, float]:
 
 
 # Per-policy evaluation numbers the summary shows, in column order: the stages log them as
-# eval/<name>_mean and eval/<name>_se at every evaluation.
+# eval/<name>_mean and eval/<name>_se at every evaluation, and report the first and last as
+# initial/eval/* and final/eval/* (the convention of rlhf.summary).
 SUMMARY_EVALS = ("gold", "score", "kl", "win_rate", "length")
 
 
@@ -520,7 +523,8 @@ def policy_summary(run: RunData) -> dict[str, Any]:
             continue
         columns += [n for n in names if n not in columns]
         if not policies:
-            first = {n: _eval_at(stage, n, "first") for n in names}
+            # the SFT policy's own win rate over itself is no number to show (rlhf.summary)
+            first = {n: _eval_at(stage, n, "first") for n in names if not summary.is_win_rate(n)}
             step = next((s for _, _, s in first.values() if s is not None), None)
             policies.append(
                 {

@@ -2,7 +2,7 @@
 
 No I/O and no model code: everything here maps tensors to tensors, so each
 piece is unit-tested against hand-worked numbers (tests/unit/ppo) and the PPO
-loop in :mod:`rlhf.stages.ppo` reads as a sequence of these calls. Shapes use
+loop in ``rlhf/stages/ppo.py`` reads as a sequence of these calls. Shapes use
 ``batch`` (B) and ``response_len`` (T); ``mask`` is 1 on real response tokens
 (up to and including the stop token) and 0 on the padding after it.
 """

@@ -16,7 +16,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["Sampled", "ScoredRollout"]
+from rlhf.ppo.rewards import first_stop_truncate
+
+__all__ = ["Sampled", "ScoredRollout", "finish_responses"]
 
 
 def _rows(obj, idx: Tensor):
@@ -106,3 +108,22 @@ class ScoredRollout(_Rows):
         """``sampled`` plus its scores (every argument required, shapes as in the class doc)."""
         return cls(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores)
+
+
+def finish_responses(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask,
+            sampler_logprobs: torch.Tensor | None = None) -> Sampled:
+    """The :class:`Sampled` batch of an engine's raw responses: pad ``resp`` (B, <=T) to
+    ``response_length`` and truncate each row after its first
+    stop token (any of ``stop_ids``); ``sampler_logprobs`` (B, <=T), the engine's logprobs of
+    the drawn tokens, is padded alike and zeroed after the stop."""
+    B, width = resp.shape
+    if width < response_length:
+        fill = torch.full((B, response_length - width), pad_id, dtype=resp.dtype, device=resp.device)
+        resp = torch.cat([resp, fill], dim=1)
+    ids, mask, has_stop = first_stop_truncate(resp[:, :response_length], stop_ids, pad_id)
+    if sampler_logprobs is not None:
+        lp = torch.zeros(B, response_length, dtype=torch.float32, device=resp.device)
+        n = min(sampler_logprobs.shape[1], response_length)
+        lp[:, :n] = sampler_logprobs[:, :n].float()
+        sampler_logprobs = lp * mask
+    return Sampled(prompt_ids, prompt_mask, ids, mask.float(), has_stop, sampler_logprobs)

@@ -1,9 +1,28 @@
-"""The stages and their one dispatch table, shared by ``rlhf <stage>`` and ``rlhf run``.
+"""The stage table: every stage declares itself once, in its row of :data:`STAGES`.
 
-Each stage is a plain function ``run(cfg, *, group, resume, task) -> StageResult`` in its own
-module; :func:`run_stage` resolves the config's input references first
-(:func:`rlhf.resolve.resolve_inputs`), so a stage only reads what it is given and writes only
-under ``cfg.output_dir``.
+A row says what the pipeline (``rlhf run``), the input resolution (:mod:`rlhf.resolve`) and
+the CLI (``rlhf <stage>``) need to know about a stage, so none of them names a stage:
+
+  * ``config``: the typed dataclass of its recipe section (``sft:``, ``ppo:``...) and of
+    ``rlhf <stage> --config``;
+  * ``run``: ``run(cfg, *, group, resume, task, registration) -> StageResult``, in the stage's
+    own module (imported only when the stage runs; only this table imports stage modules);
+  * ``requires``: the stages whose outputs it consumes; a recipe lists them before it, and
+    their fingerprints are part of its own;
+  * ``inputs``: the config keys that reference something (data, preferences, an adapter): each
+    is resolved before the stage runs, and data keys are recipe-relative paths, checked when
+    a recipe is validated and hashed into the fingerprint;
+  * ``wired``: config keys the pipeline fills with an earlier stage's published artifact
+    (``"sft/adapter"``: the ``adapter`` directory of the ``sft`` stage); ``wired_if_run`` the
+    same, only when that stage runs before this one. A recipe must not set them;
+  * ``task_files``: config keys a task's files fill (see :mod:`rlhf.tasks`);
+  * ``inherits``: config keys whose default is another stage's value (DPO samples its
+    evaluation like PPO);
+  * ``outputs``: the artifacts it publishes (registry entries).
+
+A new stage is its module plus its row. The fingerprint of a stage is a hash of its resolved
+config (less its output directory and wired paths), of its data inputs' contents and of the
+fingerprints of the stages it consumes.
 """
 
 from __future__ import annotations
@@ -13,33 +32,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rlhf.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.stages.common import StageResult
 
 if TYPE_CHECKING:
     from rlhf.stages.common import Registration
     from rlhf.tasks import Task
 
+__all__ = ["STAGES", "Input", "Stage", "StageResult", "run_stage"]
+
 
 @dataclass(frozen=True)
-class StageResult:
-    """What a stage produced; the same shape for every stage."""
+class Input:
+    """A config key that references something outside the config."""
 
-    stage: str  # a name in STAGES: "sft", "reward", "ppo", "dpo" or "kto"
-    output_dir: str  # everything the stage wrote is under here
-    base: str  # the resolved base model (directory or hub id)
-    artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
-    metrics: dict[str, float]  # final numbers
-    inputs: dict[str, str] = field(default_factory=dict)  # resolved data references read, e.g. {"dataset": "pairs:1"}
-    finished: bool = True  # False when stopped early (PPO's stop_after); nothing was published then
+    kind: str  # "data" (a file, directory, hub dataset or store reference), "preferences" (ingested), "adapter"
+    required: bool = True  # False: an empty value means "none"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the dispatch table."""
+    """One row of the stage table (see the module doc)."""
 
-    config: type  # the stage's config dataclass
-    run: Callable[..., StageResult]  # run(cfg, *, group, resume, task, registration)
-    requires: tuple[str, ...] = ()  # stages whose artifacts it consumes: a recipe lists them before it
+    config: type
+    run: Callable[..., StageResult]
+    help: str  # the one line of `rlhf --help`
+    requires: tuple[str, ...] = ()
+    inputs: dict[str, Input] = field(default_factory=dict)
+    wired: dict[str, str] = field(default_factory=dict)
+    wired_if_run: dict[str, str] = field(default_factory=dict)
+    task_files: dict[str, str] = field(default_factory=dict)  # config key -> task file name (rlhf.tasks.TASK_FILES)
+    task_files_are_defaults: bool = False  # True: a recipe's own value wins; False: setting a task-supplied key is an error
+    inherits: dict[str, str] = field(default_factory=dict)  # config key -> "stage.key"
+    outputs: tuple[str, ...] = ()
+    gated: bool = False  # the reward-model quality gate (recipe key reward_gate) runs before it
+    check: Callable[[object], None] | None = None  # extra check of its config inside a pipeline
 
 
 def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None,
@@ -74,6 +101,15 @@ def _dpo(cfg: DPOConfig, *, group: str | None, resume: bool, task: Task | None,
                    registration=registration)
 
 
+def _sft_in_pipeline(cfg: SFTConfig) -> None:
+    # the later stages' LoRAs start from or beside the SFT LoRA on one shared base
+    if cfg.finetune == "full":
+        raise ConfigError(
+            "sft.finetune: full fine-tuning in a pipeline is run as its own stage (`rlhf sft`), then used as "
+            "model.name_or_path of a LoRA pipeline; the one-base-many-adapters PPO needs a shared base"
+        )
+
+
 def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
          registration: Registration | None) -> StageResult:
     from rlhf.stages.kto import run_kto
@@ -83,12 +119,63 @@ def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
                    registration=registration)
 
 
+
 STAGES: dict[str, Stage] = {
-    "sft": Stage(SFTConfig, _sft),
-    "reward": Stage(RewardConfig, _reward, requires=("sft",)),
-    "ppo": Stage(PPOConfig, _ppo, requires=("sft", "reward")),
-    "dpo": Stage(DPOConfig, _dpo, requires=("sft",)),
-    "kto": Stage(KTOConfig, _kto, requires=("sft",)),
+    "sft": Stage(
+        SFTConfig, _sft, "run the supervised fine-tuning stage alone",
+        inputs={"dataset": Input("data")},
+        task_files={"dataset": "sft"},
+        outputs=("adapter",),
+        check=_sft_in_pipeline,
+    ),
+    "reward": Stage(
+        RewardConfig, _reward, "run the reward-model stage alone",
+        requires=("sft",),
+        inputs={"dataset": Input("preferences")},
+        task_files={"dataset": "pairs"},
+        outputs=("adapter",),
+    ),
+    "ppo": Stage(
+        PPOConfig, _ppo, "run the PPO stage alone",
+        requires=("sft", "reward"),
+        inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter"),
+                "prompts": Input("data"), "eval_prompts": Input("data", required=False)},
+        wired={"sft_adapter": "sft/adapter", "reward_adapter": "reward/adapter"},
+        task_files={"prompts": "ppo_prompts", "eval_prompts": "eval_prompts"},
+        outputs=("policy", "value"),
+        gated=True,
+    ),
+    "dpo": Stage(
+        DPOConfig, _dpo, "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
+        requires=("sft",),
+        inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
+                "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
+        wired={"sft_adapter": "sft/adapter"},
+        # the RM score and win rate of its evaluation need the reward model, when one is trained before it
+        wired_if_run={"reward_adapter": "reward/adapter"},
+        task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
+        task_files_are_defaults=True,
+        # both policies are sampled alike, on the same prompts, when DPO runs beside PPO
+        inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
+                  "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
+                  "eval_batch_size": "ppo.rollout_batch_size"},
+        outputs=("adapter",),
+    ),
+    "kto": Stage(
+        KTOConfig, _kto, "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
+        requires=("sft",),
+        inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
+                "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
+        wired={"sft_adapter": "sft/adapter"},
+        wired_if_run={"reward_adapter": "reward/adapter"},
+        task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
+        task_files_are_defaults=True,
+        # sampled like PPO and DPO, on the same prompts, so the three policies compare
+        inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
+                  "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
+                  "eval_batch_size": "ppo.rollout_batch_size"},
+        outputs=("adapter",),
+    ),
 }
 
 
@@ -136,7 +223,7 @@ def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
     from rlhf.runs import resume_step, trim_logs
 
     make_reproducible()
-    resolved = resolve_inputs(cfg)  # may build the tiny base: after the thread count is fixed
+    resolved = resolve_inputs(cfg, STAGES[name].inputs, name)  # may build the tiny base: after the thread count is fixed
     if dist.is_main():
         trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
     return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)

@@ -103,6 +103,19 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced; the same shape for every stage."""
+
+    stage: str  # a name in rlhf.stages.STAGES: "sft", "reward", "ppo", "dpo", ...
+    output_dir: str  # everything the stage wrote is under here
+    base: str  # the resolved base model (directory or hub id)
+    artifacts: dict[str, str]  # published directory per artifact, e.g. {"adapter": ...} or {"policy": ..., "value": ...}
+    metrics: dict[str, float]  # final numbers
+    inputs: dict[str, str] = field(default_factory=dict)  # resolved data references read, e.g. {"dataset": "pairs:1"}
+    finished: bool = True  # False when stopped early (PPO's stop_after); nothing was published then
+
+
 @dataclass
 class Registration:
     """Where :func:`publish` records a stage's artifacts in the model registry.
@@ -221,3 +234,91 @@ def full_state_dict(trainer) -> dict | None:
     if eng == "deepspeed-zero3":
         return trainer.accelerator.get_state_dict(trainer.model_wrapped)
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# The skeleton of a stage that wraps a TRL trainer (SFT, reward, DPO; KTO next). Each such
+# stage is one file that reads top to bottom as these steps, with its own data, model and
+# trainer in between:
+#
+#   out, main = begin(cfg)                                  # 0. output dir, resolved config beside it
+#   ...its data...                                          # 1.
+#   set_seed(cfg.seed); tok = stage_tokenizer(cfg)          # 2. seed (LoRA init), the recipe's chat template
+#   ...its model, LoRA and TRL trainer...                   #    model, LoRA
+#   tracker = stage_tracker(cfg, out, group, main, base=...)
+#   train(trainer, tracker, out, resume)                    # 3. train (resumable), the console via the tracker
+#   ...its held-out evaluation...; tracker.finish()         #    evaluate
+#   publish_trained(trainer, out, "adapter", write, ...)    # 4. publish (gathered when sharded), every rank
+#   return finish(cfg, out, main, metrics, ...)             #    metrics.json, the StageResult
+#
+# Plain functions rather than a base class: a stage stays readable top to bottom, and one
+# that needs another order (DPO evaluates after publishing) just calls them in its order.
+
+
+def begin(cfg) -> tuple[Path, bool]:
+    """Step 0 of a stage: its output directory, with the resolved config written beside the
+    artifacts (``config.yaml``) by the main process. Returns ``(out, is_main)``: under accelerate
+    launch every process runs the stage, only the main one writes files or logs."""
+    from rlhf import distributed as dist
+    from rlhf.config import save_yaml, to_dict
+
+    main = dist.is_main()
+    out = Path(cfg.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(to_dict(cfg), out / "config.yaml")
+    return out, main
+
+
+def stage_tokenizer(cfg):
+    """The base model's tokenizer with the recipe's chat template (``model.chat_template``), so
+    that every stage formats conversations alike."""
+    from rlhf.models import load_tokenizer
+
+    m = cfg.model
+    return load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+
+
+def stage_tracker(cfg, out: Path, group: str | None, main: bool, **refs: str):
+    """The stage's :class:`rlhf.tracking.Tracker` (``<run_dir>/<stage>/``), with the registry
+    references it reads (``base=...``, ``dataset=...``) logged beside its config."""
+    from rlhf.config import to_dict
+    from rlhf.tracking import Tracker
+
+    return Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group, refs=refs,
+                   is_main_process=main)
+
+
+def train(trainer, tracker, out: Path, resume: bool, *, attach: bool = True) -> None:
+    """Step 3: train, from the stage's last complete checkpoint when ``resume``. With ``attach``
+    the trainer's log dicts go to the tracker and the console shows one progress line
+    (a trainer built with ``tracker.callback()`` passes False)."""
+    if attach:
+        tracker.attach(trainer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
+
+
+def publish_trained(trainer, out: Path, name: str, write: Callable[[Path, dict | None], None], **publish_kwargs) -> str:
+    """Step 4: publish the trained artifact ``out/name`` atomically (:func:`publish`).
+
+    Call it on every process: sharded weights (FSDP, ZeRO-3) are gathered first (a
+    collective), ``write(tmp, state)`` writes them (``state`` is the gathered state dict, or
+    None when the model's own parameters are complete), the main process publishes, and the
+    others wait until the artifact exists."""
+    from rlhf import distributed as dist
+
+    state = full_state_dict(trainer)
+    if dist.is_main():
+        publish(out, name, lambda tmp: write(tmp, state), **publish_kwargs)
+    dist.barrier()
+    return str(out / name)
+
+
+def finish(cfg, out: Path, main: bool, stage: str, artifacts: dict[str, str], metrics: dict,
+           inputs: dict[str, str]) -> StageResult:
+    """The last step: the final metrics beside the artifacts (``metrics.json``) and the
+    :class:`StageResult` every stage returns."""
+    if main:
+        write_json(out / "metrics.json", metrics)
+    return StageResult(stage=stage, output_dir=str(out), base=cfg.model.name_or_path, artifacts=artifacts,
+                       metrics=metrics, inputs=inputs)

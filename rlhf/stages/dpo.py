@@ -21,24 +21,27 @@ SFT and the win rate over SFT.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rlhf.config import ConfigError, DPOConfig, PPOConfig, save_yaml, to_dict
-from rlhf.stages import StageResult
+from rlhf import summary
+from rlhf.evaluation import evaluate_against_sft
+from rlhf.config import ConfigError, DPOConfig, to_dict
 from rlhf.stages.common import (
     Registration,
+    StageResult,
+    begin,
     filter_supported,
     final_log_value,
-    full_state_dict,
-    last_checkpoint,
+    finish,
     peft_lora_config,
-    publish,
+    publish_trained,
+    stage_tokenizer,
+    stage_tracker,
+    train,
     trl_training_kwargs,
-    write_json,
 )
 
 REF_ADAPTER = "ref"  # the adapter name TRL's DPOTrainer uses for the reference (trl >= 1.x refactor)
@@ -63,18 +66,12 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
         registration: where publishing records the adapter in the registry (a pipeline's
             rank 0), or None.
     """
-    from rlhf import distributed as dist
-    from rlhf.models import load_tokenizer
-    from rlhf.resolve import is_store_ref
-    from rlhf.tracking import Tracker
+    from transformers import set_seed
 
-    # Under accelerate launch every process runs this function; TRL shards the pairs and
-    # syncs gradients, and only the main process writes files or logs.
-    main = dist.is_main()
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(to_dict(cfg), out / "config.yaml")
+    from rlhf import distributed as dist
+    from rlhf.resolve import is_store_ref
+
+    out, main = begin(cfg)
 
     # 1. preference data: the versioned store entry the reward stage reads too
     data_ref = cfg.dataset
@@ -85,14 +82,14 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     if not train_rows:
         raise ValueError(f"dpo.dataset {data_ref}: no training pairs")
 
-    # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
+    # 2. base + the SFT adapter as the policy's start (seeded: without an SFT adapter the LoRA
+    # is new); 3. TRL's trainer with the SFT reference
+    set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
-    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
+    tok = stage_tokenizer(cfg)
+    tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    ckpt = last_checkpoint(out) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    train(trainer, tracker, out, resume, attach=False)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
                      "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     if test_rows:
@@ -103,29 +100,27 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
 
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
-    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
-
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
                                       **({"state_dict": state} if state else {}))
 
-    if main:
-        publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
-                entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter, dataset=data_ref)
-    dist.barrier()
+    path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
+                           registration=registration, entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter,
+                           dataset=data_ref)
 
     # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
     # the training model is freed first, the evaluation loads the base once more
+    step = trainer.state.global_step
     del trainer
     if cfg.eval_prompts and main:
-        metrics.update(evaluate_against_sft(cfg, str(out / "adapter"), gold_fn))
-        tracker.log({k: v for k, v in metrics.items() if k.startswith(("sft/", "dpo/"))}, step=0)
+        # the summary convention (rlhf.summary): the SFT policy as the initial evaluation (step
+        # 0), the DPO policy as the final one, as PPO logs and reports its own
+        sft_eval, dpo_eval = evaluate_against_sft(cfg, path, gold_fn)
+        metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, dpo_eval)})
+        tracker.log(sft_eval, step=0)
+        tracker.log(dpo_eval, step=step)
     tracker.finish()
-    if main:
-        write_json(out / "metrics.json", metrics)
-    metrics = dist.broadcast_object(metrics)
-    return StageResult(stage="dpo", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},
-                       metrics=metrics, inputs={"dataset": data_ref})
+    return finish(cfg, out, main, "dpo", {"adapter": path}, dist.broadcast_object(metrics), {"dataset": data_ref})
 
 
 def trl_args(cfg: DPOConfig, has_eval: bool):
@@ -235,83 +230,3 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return summed.chunk(2, dim=0)
 
 
-def evaluate_against_sft(cfg: DPOConfig, dpo_adapter: str, gold_fn: Callable[[str, str], float] | None,
-                         name: str = "dpo") -> dict:
-    """Sample the SFT and the DPO policy once per held-out prompt and compare them.
-
-    ``name`` prefixes the trained policy's keys (``dpo``; the KTO stage, whose config has the
-    same model, adapter and eval_* fields, passes ``kto``).
-
-    Reuses the PPO stage's roles and ``evaluate`` (same sampler, stop handling, KL and standard
-    errors, same evaluation seed), so DPO's numbers compare with PPO's: a RoleModel whose
-    policy role holds first the SFT weights, then the DPO adapter. Win rates count a prompt
-    where DPO's response scores higher than SFT's as 1, a tie as 1/2.
-
-    Returns:
-        ``sft/eval/*`` and ``dpo/eval/*`` (score when a reward adapter is given, gold when
-        ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors) and
-        ``dpo/win_rate_*`` with standard errors.
-    """
-    from peft import set_peft_model_state_dict
-
-    from rlhf import distributed as dist
-    from rlhf.adapters import RoleModel, read_lora_weights
-    from rlhf.data import load_prompts
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.stages.ppo import _stop_ids, encode_prompts, evaluate, generation_config, score_suffix
-
-    # the PPO stage's evaluation settings, from DPO's eval_* keys; a critic-free estimator, so
-    # that scoring skips the value role (evaluation uses no values)
-    pcfg = PPOConfig(model=cfg.model, response_length=cfg.eval_response_length, temperature=cfg.eval_temperature,
-                     max_prompt_length=cfg.eval_max_prompt_length, rollout_batch_size=cfg.eval_batch_size,
-                     num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
-                     advantage_estimator="reinforce++")
-    base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
-    base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                          trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
-    dpo_state, dpo_cfg = read_lora_weights(dpo_adapter)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
-                      policy_lora={k: dpo_cfg[k] for k in ("r", "lora_alpha", "target_modules")}, with_value=False)
-    device = dist.device()
-    model.to(device).eval()
-    prompts = load_prompts(cfg.eval_prompts, split="test")
-    eval_ids = encode_prompts(tok, prompts, pcfg.max_prompt_length)
-    eval_texts = [p[-1]["content"] for p in prompts]
-    stop_ids, pad_id = _stop_ids(tok, pcfg, model.base_lm), tok.pad_token_id
-    gen_cfg = generation_config(pcfg, stop_ids, pad_id)
-    suffix = score_suffix(tok, stop_ids)  # the reward model scores where it was trained to, as in PPO
-    engine = None  # the hf engine
-    if cfg.eval_generation == "vllm":  # samples the policy role: first the SFT weights, then DPO's
-        from rlhf.generation_vllm import check_vllm, make_vllm_engine
-
-        check_vllm("dpo.eval_generation: vllm")
-        engine = make_vllm_engine(model, pcfg, base_path, stop_ids, pad_id, device, lora_rank=dpo_cfg["r"])
-    seed = cfg.seed + 1_000_003  # the PPO stage's evaluation seed: same random stream for both methods
-
-    out: dict = {}
-    rows = {}
-    trained = name
-    for name in ("sft", trained):
-        if name == trained:
-            result = set_peft_model_state_dict(model.peft, dpo_state, adapter_name="policy")
-            bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if bad:
-                raise ValueError(f"{dpo_adapter}: does not fit the SFT adapter's shape: unexpected keys {bad[:3]}")
-        ev, rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device, gold_fn,
-                                  seed=seed, suffix=suffix, engine=engine)
-        out.update({f"{name}/{k}": v for k, v in ev.items()})
-    for key, name in (("score", "rm"), ("gold", "gold")):
-        pairs = [(d[key], s[key]) for d, s in zip(rows[trained], rows["sft"]) if d[key] is not None and s[key] is not None]
-        if pairs:
-            out[f"{trained}/win_rate_{name}"], out[f"{trained}/win_rate_{name}_se"] = win_rate(*zip(*pairs))
-    return out
-
-
-def win_rate(new: list[float], old: list[float]) -> tuple[float, float]:
-    """Fraction of prompts where ``new`` scores above ``old`` (a tie counts 1/2), with its
-    standard error over prompts. ``new[i]`` and ``old[i]`` are two policies' scores on prompt i."""
-    wins = torch.tensor([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old, strict=True)],
-                        dtype=torch.float64)
-    se = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
-    return float(wins.mean()), se

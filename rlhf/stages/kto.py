@@ -12,7 +12,7 @@ Reads the preference store: an ``unpaired`` dataset (``rlhf data ingest`` of KTO
 gives its labelled completions; a pair dataset gives each pair's chosen response as desirable
 and its rejected one as undesirable (ties are skipped). Writes ``<output_dir>/adapter`` (a policy
 adapter, peft safetensors); with ``eval_prompts`` it samples the SFT and the KTO policy with the
-PPO stage's sampler and reports the same ``sft/eval/*``, ``kto/eval/*`` and win-rate keys as
+PPO stage's sampler and reports the same ``initial/eval/*``, ``final/eval/*`` and win-rate keys as
 DPO reports for itself.
 """
 
@@ -23,20 +23,23 @@ from typing import Callable
 
 import torch
 
-from rlhf.config import ConfigError, KTOConfig, save_yaml, to_dict
-from rlhf.stages import StageResult
+from rlhf import summary
+from rlhf.config import ConfigError, KTOConfig, to_dict
+from rlhf.evaluation import evaluate_against_sft
 from rlhf.stages.common import (
     Registration,
+    StageResult,
+    begin,
     filter_supported,
     final_log_value,
-    full_state_dict,
-    last_checkpoint,
+    finish,
     peft_lora_config,
-    publish,
+    publish_trained,
+    stage_tokenizer,
+    stage_tracker,
+    train,
     trl_training_kwargs,
-    write_json,
 )
-from rlhf.stages.dpo import evaluate_against_sft
 
 REF_ADAPTER = "ref"  # the adapter name TRL's KTOTrainer gives its copy of a pre-trained adapter
 
@@ -70,16 +73,12 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
             gold reward).
         registration: where publishing records the adapter in the registry, or None.
     """
-    from rlhf import distributed as dist
-    from rlhf.models import load_tokenizer
-    from rlhf.resolve import is_store_ref
-    from rlhf.tracking import Tracker
+    from transformers import set_seed
 
-    main = dist.is_main()
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(to_dict(cfg), out / "config.yaml")
+    from rlhf import distributed as dist
+    from rlhf.resolve import is_store_ref
+
+    out, main = begin(cfg)
 
     # 1. labelled completions from the versioned store (unpaired records, or pairs split in two)
     data_ref = cfg.dataset
@@ -92,14 +91,14 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
         raise ValueError(f"kto.dataset {data_ref}: the train split needs desirable and undesirable completions, "
                          f"got {len(train_rows)} rows labelled {sorted(labels)}")
 
-    # 2. base + the SFT adapter as the policy's start; 3. TRL's trainer with the SFT reference
+    # 2. base + the SFT adapter as the policy's start (seeded: without an SFT adapter the LoRA
+    # is new); 3. TRL's trainer with the SFT reference
+    set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
-    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base, "dataset": data_ref, "sft_adapter": cfg.sft_adapter}, is_main_process=main)
+    tok = stage_tokenizer(cfg)
+    tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    ckpt = last_checkpoint(out) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    train(trainer, tracker, out, resume, attach=False)
     n_desirable = sum(r["label"] for r in train_rows)
     metrics: dict = {"train_completions": len(train_rows), "train_desirable": n_desirable,
                      "train_undesirable": len(train_rows) - n_desirable, "test_completions": len(test_rows),
@@ -112,28 +111,25 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
 
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
-    state = full_state_dict(trainer)
-
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
                                       **({"state_dict": state} if state else {}))
 
-    if main:
-        publish(out, "adapter", write, role="policy", base=base, config=to_dict(cfg), registration=registration,
-                entry="kto", method="kto", sft_adapter=cfg.sft_adapter, dataset=data_ref)
-    dist.barrier()
+    path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
+                           registration=registration, entry="kto", method="kto", sft_adapter=cfg.sft_adapter,
+                           dataset=data_ref)
 
-    # 5. sample SFT and KTO policies on held-out prompts (the DPO stage's evaluation)
+    # 5. sample SFT and KTO policies on held-out prompts (DPO's evaluation), reported by the
+    # summary convention (rlhf.summary): SFT as the initial evaluation, KTO as the final one
+    step = trainer.state.global_step
     del trainer
     if cfg.eval_prompts and main:
-        metrics.update(evaluate_against_sft(cfg, str(out / "adapter"), gold_fn, name="kto"))
-        tracker.log({k: v for k, v in metrics.items() if k.startswith(("sft/", "kto/"))}, step=0)
+        sft_eval, kto_eval = evaluate_against_sft(cfg, path, gold_fn)
+        metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, kto_eval)})
+        tracker.log(sft_eval, step=0)
+        tracker.log(kto_eval, step=step)
     tracker.finish()
-    if main:
-        write_json(out / "metrics.json", metrics)
-    metrics = dist.broadcast_object(metrics)
-    return StageResult(stage="kto", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},
-                       metrics=metrics, inputs={"dataset": data_ref})
+    return finish(cfg, out, main, "kto", {"adapter": path}, dist.broadcast_object(metrics), {"dataset": data_ref})
 
 
 def trl_args(cfg: KTOConfig, has_eval: bool):

@@ -16,12 +16,15 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
      for each ``loss_aggregation``)
   7. KL controller update, metrics, guards, evaluation and checkpoints
 
-``run_ppo`` reads as these steps: :func:`setup` (model, prompts), :func:`build_optimization`,
-:func:`load_checkpoint` (resume), then per update :func:`train_update` (steps 1-7, with
-:func:`sample`, :func:`score_rollout`, :func:`shaped_rewards`, :func:`advantages_and_returns`
-and ``_ppo_update``), :func:`evaluate_and_log` and :func:`save_checkpoint`. The rollout
-types (:class:`rlhf.ppo.rollout.Sampled`, :class:`rlhf.ppo.rollout.ScoredRollout`) live in
-``rlhf/ppo/``.
+``run_ppo`` reads as these steps: :func:`setup` (model, prompts, sampling engine),
+:func:`build_optimization`, :func:`load_checkpoint` (resume), then per update
+:func:`train_update` (steps 1-7, with :func:`sample`, ``score_rollout``, :func:`shaped_rewards`,
+``advantages_and_returns`` and ``_ppo_update``), :func:`evaluate_and_log` and
+:func:`save_checkpoint`. The libraries it calls live below the stage: sampling and the engines
+in :mod:`rlhf.generation`, the roles' forward passes in :mod:`rlhf.scoring`, the advantage
+estimators in :mod:`rlhf.estimators`, policy evaluation in :mod:`rlhf.evaluation`, the pure
+tensor math and the rollout types (:class:`rlhf.ppo.rollout.Sampled`,
+:class:`rlhf.ppo.rollout.ScoredRollout`) in ``rlhf/ppo/``.
 
 Critic-free estimators build no value role at all (no LoRA, head or optimizer state).
 
@@ -34,21 +37,24 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rlhf import ppo as F
+from rlhf import ppo as F, summary
 from rlhf.atomic import write_json
 from rlhf.config import ConfigError, PPOConfig, save_yaml, to_dict
 from rlhf.estimators import advantages_and_returns, uses_critic
-from rlhf.fsdp import even_share, full_params_for_generation, full_state, gather_rollout, is_sharded, shard_model
+from rlhf.evaluation import evaluate, split_eval_prompts
+from rlhf.fsdp import (check_engine_supported, even_share, full_params_for_generation, full_state, gather_rollout,
+                       is_sharded, shard_model)
+from rlhf.generation import build_engine, encode_prompts, generation_config, left_pad, score_suffix, stop_token_ids
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
-from rlhf.stages import StageResult
+from rlhf.scoring import response_logprobs, response_values, score_rollout, train_mode
+from rlhf.stages.common import StageResult
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
@@ -63,211 +69,7 @@ class GuardTripped(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------
-# building blocks (each used by the loop below and by the tests)
-
-
-def encode_prompts(tok, prompts: list[list[dict]], max_len: int) -> list[list[int]]:
-    """Chat-template each prompt (with the generation prompt) and keep its last ``max_len`` tokens."""
-    out = []
-    for msgs in prompts:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False).input_ids
-        out.append(ids[-max_len:])
-    return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def generation_config(cfg: PPOConfig, stop_ids: int | list[int], pad_id: int):
-    """A complete sampling config: every knob set, so the model's generation_config.json
-    (e.g. a baked-in top_k or repetition penalty) cannot leak into PPO sampling. Generation
-    ends at any of ``stop_ids``."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=cfg.response_length, min_new_tokens=0,
-        eos_token_id=_as_list(stop_ids), pad_token_id=pad_id, bos_token_id=None, num_beams=1, use_cache=True,
-        suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, forced_eos_token_id=None,
-    )
-
-
-def _as_list(ids: int | list[int]) -> list[int]:
-    return [ids] if isinstance(ids, int) else list(ids)
-
-
-@contextmanager
-def _mode(model, training: bool):
-    """Train (``True``) or eval mode for the block, then the previous mode again.
-
-    Generation and scoring run in eval mode: with gradient checkpointing on, transformers
-    5.17 turns the KV cache off in train mode, and each token would be sampled without its
-    context. The update runs in train mode (dropout is 0 everywhere, so both modes compute
-    the same function; ppo.md test 12)."""
-    previous = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(previous)
-
-
-def generate(model, prompt_ids, prompt_mask, gen_cfg, stop_ids: int | list[int], pad_id: int,
-             response_length: int) -> Sampled:
-    """Sample responses with the policy role (eval mode) through HF ``generate`` (the ``hf``
-    engine of :mod:`rlhf.generation`); truncate each after its first stop token (any of
-    ``stop_ids``) and pad to exactly ``response_length``."""
-    from rlhf.generation import HFEngine
-
-    return HFEngine(model, gen_cfg, stop_ids, pad_id, response_length).sample(prompt_ids, prompt_mask)
-
-
-def response_logprobs(model, role: str, batch: Sampled | ScoredRollout, temperature: float, with_entropy: bool = False):
-    """Logprobs (B, T) of the response tokens under ``role`` at the sampling temperature,
-    from the logits the model samples from (its own post-processing included), and the
-    entropies (B, T) when ``with_entropy``. No (B, T, vocab) logits are materialised.
-
-    With gradient checkpointing, call ``backward`` on anything computed from these inside
-    ``model.role(role)``: the recomputed forward uses whichever adapter is active then."""
-    P = batch.prompt_ids.shape[1]
-    T = batch.response_ids.shape[1]
-    with model.role(role):
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
-    lp, ent = model.token_logprobs(hidden[:, P - 1: P - 1 + T], batch.response_ids, temperature)
-    return lp, (ent if with_entropy else None)
-
-
-def response_values(model, batch: Sampled | ScoredRollout) -> torch.Tensor:
-    """Value (B, T) of the state before each response token (value role; backward inside
-    ``model.role("value")``, as for :func:`response_logprobs`)."""
-    P = batch.prompt_ids.shape[1]
-    T = batch.response_ids.shape[1]
-    with model.role("value"):
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
-    return model.values("value", hidden[:, P - 1: P - 1 + T])
-
-
-def score_suffix(tok, stop_ids: list[int]) -> list[int]:
-    """Tokens the chat template writes after an assistant turn's stop token.
-
-    TRL's RewardTrainer scores the last token of the chat-templated conversation; for
-    ChatML that is the newline after ``<|im_end|>``, not the stop token. PPO appends these
-    tokens after a response's stop token before scoring, so the reward model scores where
-    it was trained to. Empty when the template ends the turn with the stop token."""
-    sentinel = "rlhfscoresentinel"
-    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": sentinel}]
-    text = tok.apply_chat_template(msgs, tokenize=False)
-    tail = tok(text[text.rindex(sentinel) + len(sentinel):], add_special_tokens=False).input_ids
-    while tail and tail[0] not in stop_ids:  # whitespace the template puts before the stop token
-        tail = tail[1:]
-    return [t for t in tail[1:]] if tail else []
-
-
-def _score_inputs(batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()):
-    """Input ids and mask (B, P + T + len(suffix)) that a reward or value head scores, and
-    the position (B,) it scores: the last real response token (the stop token when
-    present), or, for rows that stopped, the last of ``suffix`` written after the stop
-    token. Rows are right-padded (mask 0) to one width."""
-    P = batch.prompt_ids.shape[1]
-    ids, mask = batch.response_ids, batch.response_mask
-    if len(suffix):
-        B, T, k = ids.shape[0], ids.shape[1], len(suffix)
-        ids = torch.cat([ids, ids.new_zeros(B, k)], dim=1)
-        mask = torch.cat([mask, mask.new_zeros(B, k)], dim=1)
-        offset = torch.arange(T + k, device=ids.device)[None] - mask.sum(1).long()[:, None]
-        inside = (offset >= 0) & (offset < k) & batch.has_stop[:, None]
-        ids = torch.where(inside, torch.tensor(list(suffix), device=ids.device)[offset.clamp(0, k - 1)], ids)
-        mask = torch.where(inside, torch.ones_like(mask), mask)
-    input_ids = torch.cat([batch.prompt_ids, ids], dim=1)
-    attention_mask = torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1)
-    return input_ids, attention_mask, P + F.last_token_index(mask)
-
-
-def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: list[int] | tuple = ()) -> torch.Tensor:
-    """Head score (B,) of ``role`` where the reward model was trained to score: the last
-    real response token (the stop token when present), or, for rows that stopped, the last
-    of ``suffix`` (:func:`score_suffix`) written after the stop token. Never at the padding
-    (TRL 1.12 scored one position late: trl issues 1893, 3750)."""
-    input_ids, attention_mask, pos = _score_inputs(batch, suffix)
-    with model.role(role):
-        hidden = model.hidden_states(input_ids, attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-    return model.values(role, picked)
-
-
-def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float, suffix: list[int] | tuple = (),
-                       mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (sft role) logprobs (B, T) and reward scores (B,) of ``batch``; the logprobs
-    as :func:`response_logprobs` computes them, the scores at :func:`last_token_scores`'
-    position (``suffix`` included).
-
-    With ``mixed`` (and a model in eval mode), both frozen roles run as one forward over the
-    batch stacked twice, each half under its own adapter (peft's mixed-adapter batches,
-    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of 2B rows
-    instead of two passes of B, fewer kernel launches and better-filled matrix units. The
-    reference half is right-padded (mask 0) to the width of the scored inputs, which
-    changes none of its earlier positions (causal attention). The trainable roles are not
-    mixed in: their rollout numbers must come from exactly the computation the training
-    forward repeats (ratio 1 on the first minibatch).
-    """
-    if not model.has_reward:  # no reward role (DPO's evaluation without a reward stage): no score, not a made-up one
-        ref, _ = response_logprobs(model, "sft", batch, temperature)
-        return ref, torch.full_like(ref[:, 0], float("nan"))
-    hooks = getattr(model.peft.base_model, "_enable_peft_forward_hooks", None)
-    # peft's mixed-batch LoRA forward rounds each adapter's output to the base dtype before
-    # adding it, the plain forward adds in fp32 first: without autocast on a bf16/fp16 base
-    # (a CPU run) the two differ by rounding, and the step-0 KL would no longer be exactly 0
-    # (ppo.md test 5); there the frozen roles run apart. fp32, and bf16 under the CUDA
-    # autocast of every role forward, add in the same dtype either way.
-    device = batch.input_ids.device
-    same_rounding = model._compute_dtype == torch.float32 or (device.type == "cuda" and model._compute_dtype == torch.bfloat16)
-    if not mixed or hooks is None or model.training or not same_rounding:
-        ref, _ = response_logprobs(model, "sft", batch, temperature)
-        return ref, last_token_scores(model, "reward", batch, suffix)
-    P = batch.prompt_ids.shape[1]
-    B, T = batch.response_ids.shape
-    score_ids, score_mask, pos = _score_inputs(batch, suffix)
-    extra = score_ids.shape[1] - batch.input_ids.shape[1]
-    ref_ids = torch.nn.functional.pad(batch.input_ids, (0, extra), value=0)
-    ref_mask = torch.nn.functional.pad(batch.attention_mask, (0, extra), value=0)
-    names = [model.adapter_name("sft")] * B + [model.adapter_name("reward")] * B
-    with hooks(adapter_names=names):
-        hidden = model.hidden_states(torch.cat([ref_ids, score_ids]), torch.cat([ref_mask, score_mask]))
-    ref, _ = model.token_logprobs(hidden[:B, P - 1: P - 1 + T], batch.response_ids, temperature)
-    scores = model.values("reward", hidden[B:][torch.arange(B, device=hidden.device), pos])
-    return ref, scores
-
-
-@torch.no_grad()
-def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: list[int] | tuple = ()) -> ScoredRollout:
-    """Policy and reference logprobs, entropy, values and reward scores of ``batch``,
-    computed ``chunk`` rows at a time, in eval mode (which also allows mixed-adapter
-    batches); ``suffix`` as in :func:`last_token_scores`.
-
-    Each role's forward runs once per chunk: policy (logprobs and entropy together), value
-    (only with a critic), and the two frozen roles together (:func:`frozen_role_scores`).
-    """
-    parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
-    with _mode(model, False):
-        for s in range(0, batch.response_ids.shape[0], chunk):
-            mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
-            lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-            ref, scores = frozen_role_scores(model, mb, cfg.temperature, suffix)
-            parts["logprobs"].append(lp)
-            parts["entropy"].append(ent)
-            parts["ref_logprobs"].append(ref)
-            parts["values"].append(response_values(model, mb) if uses_critic(cfg) else torch.zeros_like(lp))
-            parts["scores"].append(scores)
-    return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
+# step 4 (each building block is used by the loop below and by the tests)
 
 
 def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
@@ -329,146 +131,6 @@ def _build_model(cfg: PPOConfig, device):
     return model, tok, base_path
 
 
-def check_engine_supported(config_name: str = "ppo") -> None:
-    """Refuse PPO under DeepSpeed ZeRO-3.
-
-    PPO samples from the policy role between updates, which needs the sharded weights
-    gathered; this loop does that with FSDP2 (``rlhf/fsdp.py``), not with DeepSpeed.
-    Supported: one process, DDP, FSDP2 and ZeRO-1/2 configs (the LoRA loop then runs data
-    parallel with summed gradients; LoRA optimizer state is small, so sharding it would
-    save little).
-
-    Raises:
-        rlhf.config.ConfigError: naming the engine and what is supported.
-    """
-    from rlhf.distributed import engine
-
-    eng = engine()
-    if eng == "deepspeed-zero3":
-        raise ConfigError(
-            f"{config_name}: PPO is not supported under {eng} (the policy samples between updates and this loop "
-            "gathers sharded weights for generation only under FSDP2). To shard the base, launch PPO with "
-            "pipelines/accelerate/fsdp2.yaml (or ddp.yaml / deepspeed_zero2.yaml if it fits on one device); "
-            "SFT and reward run under every config in pipelines/accelerate/."
-        )
-
-
-def _stop_ids(tok, cfg: PPOConfig, lm=None) -> list[int]:
-    """Token ids that end a response: ``ppo.stop_token`` (one token or a list), or by default
-    the tokenizer's EOS and every EOS id of the model's generation config (Qwen2.5 ships
-    two: ``<|im_end|>`` and ``<|endoftext|>``)."""
-    if cfg.stop_token is None:
-        ids = [tok.eos_token_id]
-        gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        ids += _as_list(gen_eos) if gen_eos is not None else []
-    else:
-        ids = []
-        for name in cfg.stop_token if isinstance(cfg.stop_token, list) else [cfg.stop_token]:
-            i = tok.convert_tokens_to_ids(name)
-            if i is None or i == tok.unk_token_id:
-                raise ValueError(f"ppo.stop_token {name!r} is not a single token of the tokenizer")
-            ids.append(i)
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
-    if tok.pad_token_id in ids:
-        raise ValueError(f"ppo.stop_token: the pad token {tok.pad_token!r} cannot also be a stop token")
-    return ids
-
-
-def _decode(tok, batch: Sampled | ScoredRollout) -> list[str]:
-    texts = []
-    for ids, m in zip(batch.response_ids, batch.response_mask):
-        n = int(m.sum())
-        texts.append(tok.decode(ids[:n].tolist(), skip_special_tokens=True))
-    return texts
-
-
-def split_eval_prompts(prompts: list, eval_prompts: list, cfg: PPOConfig) -> tuple[list, list]:
-    """``(train, eval)`` prompts. Without ``eval_prompts`` a seeded ``cfg.eval_fraction`` of
-    the prompts is held out (never trained on), at least ``cfg.eval_min_prompts`` (with a
-    warning) and at most half of them; a single prompt is both trained on and evaluated."""
-    if eval_prompts:
-        return prompts, eval_prompts
-    n = int(len(prompts) * cfg.eval_fraction)
-    if n < cfg.eval_min_prompts:
-        import warnings
-
-        want = min(cfg.eval_min_prompts, len(prompts) // 2)
-        warnings.warn(f"ppo: no eval_prompts and eval_fraction {cfg.eval_fraction} of {len(prompts)} prompts is {n}; "
-                      f"holding out {max(want, 1)} of the training prompts for evaluation (ppo.eval_min_prompts)",
-                      stacklevel=2)
-        n = want
-    if n == 0:
-        return prompts, prompts[:1]
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + 7)).tolist()
-    held = set(order[:n])
-    return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)]
-
-
-def mean_se(vals: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (0 for a single value)."""
-    t = torch.tensor(vals, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=True) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0
-
-
-def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
-    """Per prompt, 1 when ``rows[i][key]`` beats ``reference[i][key]`` (same prompt), 0.5 on
-    a tie, 0 otherwise; prompts without a value on either side are skipped."""
-    out = []
-    for r, ref in zip(rows, reference):
-        a, b = r.get(key), ref.get(key)
-        if a is None or b is None:
-            continue
-        out.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    return out
-
-
-@torch.no_grad()
-def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: PPOConfig, gen_cfg,
-             stop_ids: int | list[int], pad_id: int, device, gold_fn: Callable[[str, str], float] | None, seed: int,
-             suffix: list[int] | tuple = (), engine=None, reference: list[dict] | None = None,
-             on_batch: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
-    """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
-    seed so that every evaluation sees the same random stream, and report score, KL to the
-    reference, entropy, length, and gold reward if known.
-    With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
-    rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
-    (``eval/gold_win_rate_*``). Means come with standard errors over prompts.
-    ``on_batch(n)`` is called after each batch of ``n`` prompts (progress)."""
-    torch.manual_seed(seed)
-    rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
-    for s in range(0, len(eval_ids), cfg.rollout_batch_size):
-        ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
-        batch = (engine.sample(ids, mask) if engine is not None
-                 else generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length))
-        batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2, suffix=suffix)
-        scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
-        kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
-        ent = F.masked_mean(batch.entropy, batch.response_mask, dim=1)
-        texts = _decode(tok, batch)
-        for i, text in enumerate(texts):
-            prompt = eval_texts[s + i]
-            if model.has_reward:
-                per["score"].append(float(scores[i]))
-            per["kl"].append(float(kl[i]))
-            per["entropy"].append(float(ent[i]))
-            per["length"].append(float(batch.response_mask[i].sum()))
-            gold = gold_fn(prompt, text) if gold_fn is not None else None
-            if gold is not None:
-                per["gold"].append(gold)
-            rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
-                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
-        if on_batch is not None:
-            on_batch(len(texts))
-    if reference:
-        per["win_rate"] = win_rates(rows, reference, "score")
-        per["gold_win_rate"] = win_rates(rows, reference, "gold")
-    out = {"eval/prompts": float(len(rows))}
-    for k, vals in per.items():
-        if vals:
-            out[f"eval/{k}_mean"], out[f"eval/{k}_se"] = mean_se(vals)
-    return out, rows
-
-
 def _check_guards(stats: dict, cfg: PPOConfig, length_streak: list[int]) -> None:
     """Raise :class:`GuardTripped` when a watched metric left its range. ``length_streak``
     ([n]) counts consecutive updates above the length limit, across calls."""
@@ -525,34 +187,6 @@ class Optimization:
     length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
-def generation_engine(name: str, device, sharded: bool) -> str:
-    """The generation engine to build: ``name`` resolved for ``device``.
-
-    Under FSDP2 only ``hf`` has been run inside the weight-gathering context; ``static``
-    (compiled graphs over a static cache) and ``merged`` (a merged copy of base + policy)
-    would hold or bake full weights outside it. ``auto`` therefore falls back to ``hf`` on a
-    sharded model, and an explicit ``static``/``merged`` is refused.
-
-    Raises:
-        ConfigError: naming ``ppo.generation`` when the engine cannot run on a sharded model.
-    """
-    from rlhf.generation import resolve_engine
-
-    resolved = resolve_engine(name, device)
-    if resolved == "vllm":
-        from rlhf import distributed as dist
-
-        if dist.is_distributed():
-            raise ConfigError("ppo.generation: 'vllm' runs in one process only (one engine beside one trainer); "
-                              "use 'hf' or 'auto' under accelerate launch")
-        return resolved
-    if sharded and resolved != "hf":
-        if name != "auto":
-            raise ConfigError(f"ppo.generation: {name!r} is not supported under FSDP2 (sharded weights); use 'hf' or 'auto'")
-        return "hf"
-    return resolved
-
-
 def setup(cfg: PPOConfig) -> PPOSetup:
     """Build the role model, tokenizer, sampling config and encoded prompts."""
     from rlhf import distributed as dist
@@ -561,23 +195,15 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     device = dist.device()
     world, rank = dist.world_size(), dist.rank()
     model, tok, base_path = _build_model(cfg, device)
-    stop_ids, pad_id = _stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
+    stop_ids, pad_id = stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
     prompts, eval_prompts = split_eval_prompts(
         load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else [], cfg)
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
-    from rlhf.generation import make_engine
-
     gen_cfg = generation_config(cfg, stop_ids, pad_id)
-    engine_name = generation_engine(cfg.generation, device, sharded=is_sharded(model))
-    if engine_name == "vllm":
-        from rlhf.generation_vllm import make_vllm_engine
-
-        engine = make_vllm_engine(model, cfg, base_path, stop_ids, pad_id, device)
-    else:
-        engine = make_engine(engine_name, model, gen_cfg, temperature=cfg.temperature, stop_ids=stop_ids,
-                             pad_id=pad_id, response_length=cfg.response_length, compile=cfg.compile, device=device)
+    engine = build_engine(cfg, model, gen_cfg=gen_cfg, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                          base_path=base_path, sharded=is_sharded(model))
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
@@ -797,7 +423,8 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
 
     # 3. score: logprobs (policy, reference), values, reward on the last real token
     say("scoring")
-    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix,
+                          with_values=uses_critic(cfg))
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
@@ -913,8 +540,8 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows) if finished else {}
     tracker.finish()
     result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
-                      **{f"initial/{k}": v for k, v in initial_eval.items()},
-                      **{f"final/{k}": v for k, v in final_eval.items()}}
+                      **summary.prefixed(summary.REFERENCE, initial_eval),
+                      **summary.prefixed(summary.TRAINED, final_eval)}
     roles = _trained_roles(cfg)
     with full_state(s.model):  # FSDP: the full adapters, gathered on every rank
         if finished and main:
@@ -974,7 +601,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     count = 0
     use_critic = uses_critic(cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    with _mode(model, True):
+    with train_mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
             for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
                 if sharded:  # an equal share of the gathered rows (selected on the CPU)

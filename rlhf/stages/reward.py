@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.config import ConfigError, RewardConfig, save_yaml, to_dict
-from rlhf.stages import StageResult
+from rlhf.config import ConfigError, RewardConfig, to_dict
 from rlhf.stages.common import (
     Registration,
+    StageResult,
+    begin,
     filter_supported,
-    full_state_dict,
-    last_checkpoint,
+    finish,
     peft_lora_config,
-    publish,
+    publish_trained,
+    stage_tokenizer,
+    stage_tracker,
+    train,
     trl_training_kwargs,
-    write_json,
 )
 
 
@@ -76,24 +78,21 @@ def ensure_test_split(train_rows: list[dict], test_rows: list[dict], minimum: in
 
 def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
                registration: Registration | None = None) -> StageResult:
-    """Train the reward model; its artifact is ``adapter`` (LoRA + score head)."""
+    """Train the reward model; its artifact is ``adapter`` (LoRA + score head).
+
+    The steps of a TRL-trainer stage (:mod:`rlhf.stages.common`): under accelerate launch
+    every process runs this function; TRL shards the pairs and syncs gradients, and only the
+    main process writes files or logs."""
     import datasets
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
-    from rlhf import distributed as dist
     from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier, load_tokenizer
+    from rlhf.models import disable_dropout, load_sequence_classifier
     from rlhf.resolve import is_store_ref
-    from rlhf.tracking import Tracker
 
-    # Under accelerate launch every process runs this function; TRL shards the pairs and
-    # syncs gradients, and only the main process writes files or logs.
-    main = dist.is_main()
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(to_dict(cfg), out / "config.yaml")
+    out, main = begin(cfg)
 
     # 1. preference data: a versioned store entry, split by prompt hash
     data_ref = cfg.dataset
@@ -107,13 +106,11 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
 
     # the score head and the LoRA matrices are drawn from the global RNG when the model is
     # built, before the Trainer seeds it: seed here so a fixed seed gives one reward model
-    from transformers import set_seed
-
     set_seed(cfg.seed)
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = stage_tokenizer(cfg)
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -129,8 +126,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         kw.update(eval_strategy="steps", eval_steps=cfg.train.save_steps, load_best_model_at_end=True,
                   metric_for_best_model="accuracy", greater_is_better=True)
     args = TRLRewardConfig(**filter_supported(TRLRewardConfig, kw))
-    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base, "dataset": data_ref}, is_main_process=main)
+    tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref)
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -138,9 +134,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         eval_dataset=datasets.Dataset.from_list(test_rows) if test_rows else None,
         processing_class=tok,
     )
-    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
-    ckpt = last_checkpoint(out) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    train(trainer, tracker, out, resume)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}
     if test_rows:
         ev = trainer.evaluate()
@@ -150,9 +144,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     tracker.finish()
 
     # 4. publish: LoRA weights (peft format) + score head, atomically
-    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
-
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
         score = trainer.model.base_model.model.score
         # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
@@ -161,13 +153,9 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
             head = _head_from_state(state)
         save_head(head, tmp)
 
-    if main:
-        publish(out, "adapter", write, role="reward", base=base, config=to_dict(cfg), registration=registration,
-                dataset=data_ref)
-        write_json(out / "metrics.json", metrics)
-    dist.barrier()  # the others return once the artifact exists
-    return StageResult(stage="reward", output_dir=str(out), base=base, artifacts={"adapter": str(out / "adapter")},
-                       metrics=metrics, inputs={"dataset": data_ref})
+    path = publish_trained(trainer, out, "adapter", write, role="reward", base=base, config=to_dict(cfg),
+                           registration=registration, dataset=data_ref)
+    return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
 
 
 def _head_from_state(state: dict):

@@ -12,19 +12,21 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhf.config import SFTConfig, save_yaml, to_dict
+from rlhf.config import SFTConfig, to_dict
 from rlhf.resolve import is_store_ref
-from rlhf.stages import StageResult
 from rlhf.stages.common import (
     Registration,
+    StageResult,
+    begin,
     filter_supported,
     final_log_value,
-    full_state_dict,
-    last_checkpoint,
+    finish,
     peft_lora_config,
-    publish,
+    publish_trained,
+    stage_tokenizer,
+    stage_tracker,
+    train,
     trl_training_kwargs,
-    write_json,
 )
 
 
@@ -58,21 +60,18 @@ def _examples(cfg: SFTConfig) -> list[dict]:
 
 def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
             registration: Registration | None = None) -> StageResult:
-    """Train the SFT stage; its artifact is ``adapter`` (LoRA) or ``model`` (full fine-tuning)."""
+    """Train the SFT stage; its artifact is ``adapter`` (LoRA) or ``model`` (full fine-tuning).
+
+    The steps of a TRL-trainer stage (:mod:`rlhf.stages.common`): under accelerate launch
+    every process runs this function; TRL shards the data and syncs gradients, and only the
+    main process writes files or logs."""
     import datasets
+    from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
-    from rlhf import distributed as dist
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.tracking import Tracker
+    from rlhf.models import load_causal_lm
 
-    # Under accelerate launch every process runs this function; TRL shards the data and
-    # syncs gradients, and only the main process writes files or logs.
-    main = dist.is_main()
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(to_dict(cfg), out / "config.yaml")
+    out, main = begin(cfg)
 
     # 1. data: deterministic held-out split for eval loss
     rows = _examples(cfg)
@@ -91,11 +90,9 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
 
     # 2. model and tokenizer (same path for hub ids, local dirs and the builtin tiny base);
     # seeded first, as LoRA's initial matrices come from the global RNG
-    from transformers import set_seed
-
     set_seed(cfg.seed)
     base = cfg.model.name_or_path
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = stage_tokenizer(cfg)
     model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                            trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation)
@@ -104,8 +101,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=eval_ds is not None)
     kw.update(completion_only_loss=True, packing=False, dataset_num_proc=None, eos_token=tok.eos_token)
     args = TRLSFTConfig(**filter_supported(TRLSFTConfig, kw))
-    tracker = Tracker(out.parent, out.name, config=to_dict(cfg), report_to=cfg.report_to, group=group,
-                      refs={"base": base}, is_main_process=main)
+    tracker = stage_tracker(cfg, out, group, main, base=base)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -114,9 +110,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
     )
-    tracker.attach(trainer)  # log dicts to metrics.jsonl and log.txt; the console gets one progress line
-    ckpt = last_checkpoint(out) if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    train(trainer, tracker, out, resume)
     metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     last = final_log_value(trainer.state.log_history, "loss")
     metrics["loss"] = last if last is not None else metrics["train_loss"]  # runs shorter than logging_steps
@@ -128,17 +122,12 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
 
     # 4. publish the artifact atomically: adapter (LoRA) or whole model (full)
     kind = "adapter" if cfg.finetune == "lora" else "model"
-    state = full_state_dict(trainer)  # FSDP / ZeRO-3: gathered by every process; else None
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
         if kind == "model":
             tok.save_pretrained(tmp)
 
-    if main:
-        publish(out, kind, write, role="sft", base=base, config=to_dict(cfg), registration=registration,
-                finetune=cfg.finetune)
-        write_json(out / "metrics.json", metrics)
-    dist.barrier()  # the others return once the artifact exists
-    return StageResult(stage="sft", output_dir=str(out), base=base, artifacts={kind: str(out / kind)},
-                       metrics=metrics, inputs={"dataset": cfg.dataset})
+    path = publish_trained(trainer, out, kind, write, role="sft", base=base, config=to_dict(cfg),
+                           registration=registration, finetune=cfg.finetune)
+    return finish(cfg, out, main, "sft", {kind: path}, metrics, {"dataset": cfg.dataset})

@@ -213,7 +213,8 @@ def _reward_scorer(base_path: str, dtype: str, reward_adapter: str,
     from rlhf.adapters import RoleModel
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.ppo.rollout import Sampled
-    from rlhf.stages.ppo import last_token_scores, left_pad
+    from rlhf.generation import left_pad
+    from rlhf.scoring import last_token_scores
 
     tok = load_tokenizer(base_path, chat_template=chat_template)
     model = RoleModel(load_causal_lm(base_path, tok, dtype=dtype), None, reward_adapter)

@@ -166,7 +166,8 @@ def make_rollout():
     """Factory: ``make_rollout(model, tok, cfg, n=8, seed=0)`` samples ``n`` responses to the
     first ``n`` training prompts (different lengths, so left padding) and scores them."""
     from rlhf.data import load_prompts
-    from rlhf.stages.ppo import encode_prompts, generate, generation_config, left_pad, score_rollout
+    from rlhf.generation import encode_prompts, generate, generation_config, left_pad
+    from rlhf.scoring import score_rollout
 
     def make(model, tok, cfg, n: int = 8, seed: int = 0, stop_id: int | None = None):
         stop_id = tok.eos_token_id if stop_id is None else stop_id
@@ -178,3 +179,34 @@ def make_rollout():
         return score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size)
 
     return make
+
+
+# ---------------------------------------------------------------------------------------
+# a tiny recipe run once per test module (test_pipeline*.py, test_byo_task.py)
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    """An ``RLHF_HOME`` (registry and data store) of the test module's own, set for the whole
+    module, so a module-scoped pipeline run and the tests reading it share one registry."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("home")
+        mp.setenv("RLHF_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def run_recipe(module_home, tmp_path_factory):
+    """``run_recipe(recipe, overrides, name) -> (plan, summary)``: plan a recipe with overrides
+    into a fresh run directory ``<tmp>/<name>`` and run it through, under the module's home.
+    A module fixture calls it once and its tests read the one run."""
+    import os
+
+    from rlhf.pipeline import Pipeline, plan
+
+    def run(recipe: Path, overrides: list[str] = (), name: str | None = None):
+        os.environ["RLHF_HOME"] = str(module_home)
+        p = plan(recipe, tmp_path_factory.mktemp("runs") / (name or Path(recipe).stem), list(overrides))
+        return p, Pipeline(p).run()
+
+    return run

@@ -28,11 +28,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        h = tmp_path_factory.mktemp("home")
-        mp.setenv("RLHF_HOME", str(h))
-        yield h
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +38,8 @@ def _module_home(home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(home, tmp_path_factory):
-    os.environ["RLHF_HOME"] = str(home)
-    p = plan(EXAMPLE, tmp_path_factory.mktemp("runs") / "mine", SMALL)
-    return p, Pipeline(p).run()
+def run(run_recipe):
+    return run_recipe(EXAMPLE, SMALL, "mine")
 
 
 def test_user_task_summary_always_evaluates_with_win_rates(run):

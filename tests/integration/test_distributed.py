@@ -154,6 +154,7 @@ from rlhf.launch import accelerate_command
 from rlhf import ppo as F
 from rlhf.config import ModelConfig, PPOConfig
 from rlhf.data import load_prompts
+from rlhf import estimators, generation, scoring
 from rlhf.stages import ppo as P
 
 base, sft, rm, prompts_file, out = sys.argv[1:6]
@@ -166,17 +167,17 @@ torch.manual_seed(cfg.seed)
 model, tok, _ = P._build_model(cfg, torch.device("cpu"))
 params = model.trainable_parameters("policy") + model.trainable_parameters("value")
 dist.broadcast_parameters(params)
-stop_id, pad_id = P._stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
+stop_id, pad_id = generation.stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
 
 # The same global batch as one process: every rank samples all G rows with one seed, then
 # keeps its slice (run_ppo instead samples only its slice, with a per-rank seed).
-ids, mask = P.left_pad(P.encode_prompts(tok, load_prompts(prompts_file)[:G], cfg.max_prompt_length), pad_id, "cpu")
+ids, mask = generation.left_pad(generation.encode_prompts(tok, load_prompts(prompts_file)[:G], cfg.max_prompt_length), pad_id, "cpu")
 torch.manual_seed(123)
-full = P.generate(model, ids, mask, P.generation_config(cfg, stop_id, pad_id), stop_id, pad_id, cfg.response_length)
+full = generation.generate(model, ids, mask, generation.generation_config(cfg, stop_id, pad_id), stop_id, pad_id, cfg.response_length)
 lo, hi = dist.shard_bounds(G)
-batch = P.score_rollout(model, full.index(torch.arange(lo, hi)), cfg, chunk=4)
+batch = scoring.score_rollout(model, full.index(torch.arange(lo, hi)), cfg, chunk=4)
 scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, all_reduce=dist.all_reduce_sum)
-adv, returns = P.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
+adv, returns = estimators.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
 
 opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)

@@ -175,11 +175,16 @@ def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     assert any(not torch.equal(new[k], sft[k]) for k in new)
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_pairs"] > 0 and "eval_loss" in m
-    assert m["sft/eval/kl_mean"] == 0.0  # the SFT policy against itself
-    assert m["dpo/eval/kl_mean"] != 0.0
-    assert 0.0 <= m["dpo/win_rate_rm"] <= 1.0 and "dpo/eval/score_mean" in m
+    # the summary convention (rlhf.summary): SFT as the initial evaluation, DPO as the final one
+    assert m["initial/eval/kl_mean"] == 0.0  # the SFT policy against itself
+    assert m["final/eval/kl_mean"] != 0.0
+    assert 0.0 <= m["final/eval/win_rate_mean"] <= 1.0 and "final/eval/score_mean" in m
+    assert not any("win_rate" in k for k in m if k.startswith("initial/"))
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in logged) == 3
+    # the SFT policy's evaluation at step 0, DPO's at its last step: the curves the dashboard reads
+    evals = {r["step"]: r for r in logged if "eval/score_mean" in r}
+    assert sorted(evals) == [0, 3] and evals[0]["eval/kl_mean"] == 0.0 and "eval/win_rate_mean" in evals[3]
     # the pairs went through the data store, as for the reward stage
     import reward_data
 
@@ -200,14 +205,14 @@ def test_evaluation_without_a_reward_model(ppo_assets, sft_adapter):
     adapter against itself (same weights, same sampling seed) gives identical samples: zero
     KL for both and every prompt a tie, a win rate of exactly 1/2."""
     from rlhf.config import DPOConfig, from_dict
-    from rlhf.stages.dpo import evaluate_against_sft
+    from rlhf.evaluation import evaluate_against_sft
     from rlhf.tasks.synthetic import gold_reward
 
     cfg = from_dict(DPOConfig, {"model": {"name_or_path": str(ppo_assets.base)}, "sft_adapter": str(sft_adapter),
                                 "eval_prompts": str(ppo_assets.eval_prompts), "eval_response_length": 6},
                     prefix="dpo")
-    m = evaluate_against_sft(cfg, str(sft_adapter), gold_reward)
-    assert not any("score" in k or "win_rate_rm" in k for k in m), sorted(m)
-    assert m["sft/eval/kl_mean"] == 0.0 and m["dpo/eval/kl_mean"] == 0.0
-    assert m["dpo/eval/gold_mean"] == m["sft/eval/gold_mean"]
-    assert m["dpo/win_rate_gold"] == 0.5 and m["dpo/win_rate_gold_se"] == 0.0
+    sft, dpo = evaluate_against_sft(cfg, str(sft_adapter), gold_reward)
+    assert not any("score" in k or k.startswith("eval/win_rate") for k in {**sft, **dpo}), sorted(dpo)
+    assert sft["eval/kl_mean"] == 0.0 and dpo["eval/kl_mean"] == 0.0
+    assert dpo["eval/gold_mean"] == sft["eval/gold_mean"]
+    assert dpo["eval/gold_win_rate_mean"] == 0.5 and dpo["eval/gold_win_rate_se"] == 0.0

@@ -83,6 +83,7 @@ from safetensors.torch import save_file
 from rlhf import distributed as dist
 from rlhf import fsdp
 from rlhf.config import ModelConfig, PPOConfig
+from rlhf import estimators, generation, scoring
 from rlhf.stages import ppo as P
 
 base, sft, rm, out = sys.argv[1:5]
@@ -100,19 +101,19 @@ def build():
 
 
 model, tok, opt = build()
-stop_ids, pad_id = P._stop_ids(tok, cfg, model.base_lm), tok.pad_token_id
-suffix = P.score_suffix(tok, stop_ids)
+stop_ids, pad_id = generation.stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
+suffix = generation.score_suffix(tok, stop_ids)
 frozen_bytes = fsdp.parameter_bytes(model, trainable=False)
 
 # The same global batch as one process: every rank samples all G rows with one seed (with
 # the gathered policy), then keeps its slice. Prompts of different lengths: left padding.
 prompts = [[{"role": "user", "content": "write about " + " ".join(["rain", "tea", "cats", "snow"][: 1 + i % 4])}]
            for i in range(G)]
-ids, mask = P.left_pad(P.encode_prompts(tok, prompts, cfg.max_prompt_length), pad_id, "cpu")
-gen = P.generation_config(cfg, stop_ids, pad_id)
+ids, mask = generation.left_pad(generation.encode_prompts(tok, prompts, cfg.max_prompt_length), pad_id, "cpu")
+gen = generation.generation_config(cfg, stop_ids, pad_id)
 torch.manual_seed(123)
 with fsdp.full_params_for_generation(model):
-    full = P.generate(model, ids, mask, gen, stop_ids, pad_id, cfg.response_length)
+    full = generation.generate(model, ids, mask, gen, stop_ids, pad_id, cfg.response_length)
 lo, hi = dist.shard_bounds(G)
 local = full.index(torch.arange(lo, hi))
 # each rank trims its slice's prompt padding, as run_ppo's per-rank left_pad does
@@ -122,9 +123,9 @@ local = type(local)(local.prompt_ids[:, keep:], local.prompt_mask[:, keep:], loc
 
 
 def one_update(model, opt, update):
-    batch = P.score_rollout(model, local, cfg, chunk=2, suffix=suffix)
+    batch = scoring.score_rollout(model, local, cfg, chunk=2, suffix=suffix)
     scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, all_reduce=dist.all_reduce_sum)
-    adv, returns = P.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
+    adv, returns = estimators.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
     stats = P._ppo_update(model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, 0.05, update=update,
                           rank=rank, world=world)
     return batch, stats
@@ -301,13 +302,13 @@ def test_fsdp_generation_engine_falls_back_to_hf_or_refuses():
     import torch
 
     from rlhf.config import ConfigError
-    from rlhf.stages.ppo import generation_engine
+    from rlhf.generation import choose_engine
 
     cuda = torch.device("cuda")
-    assert generation_engine("auto", cuda, sharded=False) == "static"
-    assert generation_engine("auto", cuda, sharded=True) == "hf"
-    assert generation_engine("hf", cuda, sharded=True) == "hf"
+    assert choose_engine("auto", cuda, sharded=False) == "static"
+    assert choose_engine("auto", cuda, sharded=True) == "hf"
+    assert choose_engine("hf", cuda, sharded=True) == "hf"
     for name in ("static", "merged"):
-        assert generation_engine(name, torch.device("cpu"), sharded=False) == name
+        assert choose_engine(name, torch.device("cpu"), sharded=False) == name
         with pytest.raises(ConfigError, match="ppo.generation"):
-            generation_engine(name, cuda, sharded=True)
+            choose_engine(name, cuda, sharded=True)

@@ -163,8 +163,9 @@ def test_kto_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     m = json.loads((out / "metrics.json").read_text())
     assert m["train_desirable"] > 0 and m["train_undesirable"] > 0 and m["test_completions"] > 0
     assert "eval_loss" in m and "eval_rewards_margins" in m
-    assert m["sft/eval/kl_mean"] == 0.0 and m["kto/eval/kl_mean"] != 0.0
-    assert 0.0 <= m["kto/win_rate_rm"] <= 1.0 and "kto/eval/score_mean" in m
+    # the summary convention (rlhf.summary): SFT as the initial evaluation, KTO as the final one
+    assert m["initial/eval/kl_mean"] == 0.0 and m["final/eval/kl_mean"] != 0.0
+    assert 0.0 <= m["final/eval/win_rate_mean"] <= 1.0 and "final/eval/score_mean" in m
     assert reward_data.load_version("feedback").manifest["kind"] == "unpaired"
 
 

@@ -30,20 +30,13 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        h = tmp_path_factory.mktemp("home")
-        mp.setenv("RLHF_HOME", str(h))
-        yield h
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(scope="module")
-def run(home, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    os.environ["RLHF_HOME"] = str(home)
-    p = plan(RECIPE, run_dir, SMALL)
-    summary = Pipeline(p).run()
-    return p, summary
+def run(run_recipe):
+    return run_recipe(RECIPE, SMALL, "tiny")
 
 
 @pytest.fixture(autouse=True)

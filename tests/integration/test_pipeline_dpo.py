@@ -22,11 +22,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        h = tmp_path_factory.mktemp("home")
-        mp.setenv("RLHF_HOME", str(h))
-        yield h
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +32,9 @@ def _module_home(home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(home, tmp_path_factory):
+def run(run_recipe):
     """SFT, reward model and DPO: DPO is scored by the reward model too (RM score, win rate)."""
-    p = plan(RECIPE, tmp_path_factory.mktemp("runs") / "tiny-dpo", SMALL + ["stages=[sft,reward,dpo]"])
-    return p, Pipeline(p).run()
+    return run_recipe(RECIPE, SMALL + ["stages=[sft,reward,dpo]"], "tiny-dpo")
 
 
 def _state(run_dir: Path) -> dict:
@@ -56,9 +52,23 @@ def test_summary_compares_dpo_with_sft(run):
     assert s["kl_dpo_sft"] != 0.0 and 0.0 <= s["win_rate_dpo_sft"] <= 1.0
     assert s["gold_improvement_dpo"] == pytest.approx(s["gold_reward_dpo"] - s["gold_reward_sft"])
     metrics = _state(p.run_dir)["stages"]["dpo"]["metrics"]
-    assert s["gold_reward_sft"] == metrics["sft/eval/gold_mean"] and s["kl_dpo_sft"] == metrics["dpo/eval/kl_mean"]
-    assert metrics["sft/eval/kl_mean"] == 0.0  # the SFT policy's own KL to SFT
+    assert s["gold_reward_sft"] == metrics["initial/eval/gold_mean"] and s["kl_dpo_sft"] == metrics["final/eval/kl_mean"]
+    assert metrics["initial/eval/kl_mean"] == 0.0  # the SFT policy's own KL to SFT
     assert json.loads((p.run_dir / "summary.json").read_text()) == s
+
+
+def test_the_dashboard_shows_the_dpo_policy(run):
+    """DPO reports by the summary convention, so the dashboard's and the report's policy table
+    has its row (it read eval/* while DPO logged dpo/eval/*, and showed no DPO row)."""
+    from rlhf.dashboard.data import load_run, policy_summary
+
+    p, s = run
+    rows = {r["label"]: r for r in policy_summary(load_run(p.run_dir, with_lineage=False))["policies"]}
+    assert set(rows) == {"SFT policy", "DPO policy"}
+    assert rows["DPO policy"]["values"]["gold"][0] == s["gold_reward_dpo"]
+    assert rows["DPO policy"]["values"]["win_rate"] == (s["win_rate_dpo_sft"], s["win_rate_dpo_sft_se"])
+    assert rows["SFT policy"]["values"]["gold"][0] == s["gold_reward_sft"]
+    assert not any("win_rate" in name for name in rows["SFT policy"]["values"])
 
 
 def test_dpo_adapter_registered_with_lineage(run):

@@ -362,7 +362,7 @@ def test_resume_drops_metric_rows_past_the_checkpoint(tmp_path, monkeypatch, lay
     def fake_run(cfg, **kw):
         seen.update(metrics=_rows(out / "metrics.jsonl"), samples=_rows(out / "samples.jsonl"))
 
-    monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg: cfg)
+    monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg, *_: cfg)
     monkeypatch.setitem(stages.STAGES, "ppo", stages.Stage(PPOConfig, fake_run))
     cfg = PPOConfig(output_dir=str(out))
     stages.run_stage("ppo", cfg, resume=True)

@@ -10,7 +10,7 @@ import pytest
 from rlhf import distributed as dist
 from rlhf.config import ConfigError
 from rlhf.launch import accelerate_command, launch
-from rlhf.stages.ppo import check_engine_supported
+from rlhf.fsdp import check_engine_supported
 
 ACCEL = Path(__file__).resolve().parents[2] / "pipelines" / "accelerate"
 CONFIGS = sorted(ACCEL.glob("*.yaml"))

@@ -187,7 +187,7 @@ def test_one_formatting_path_for_sft_and_ppo(tmp_path):
     """Plain-string SFT rows get the chat template like conversational rows and PPO prompts."""
     from rlhf.config import SFTConfig
     from rlhf.models import load_tokenizer
-    from rlhf.stages.ppo import encode_prompts
+    from rlhf.generation import encode_prompts
     from rlhf.stages.sft import _examples
 
     plain, conv = tmp_path / "plain.jsonl", tmp_path / "conv.jsonl"
@@ -207,7 +207,7 @@ def test_one_formatting_path_for_sft_and_ppo(tmp_path):
 
 
 def test_held_out_ppo_prompts():
-    from rlhf.stages.ppo import split_eval_prompts
+    from rlhf.evaluation import split_eval_prompts
 
     prompts = [f"p{i}" for i in range(1000)]
     train, ev = split_eval_prompts(prompts, [], PPOConfig(eval_fraction=0.05))
@@ -223,7 +223,7 @@ def test_held_out_ppo_prompts():
 
 
 def test_win_rates_hand_worked():
-    from rlhf.stages.ppo import mean_se, win_rates
+    from rlhf.evaluation import mean_se, win_rates
 
     rows = [{"score": 2.0, "gold": 1.0}, {"score": 1.0, "gold": 1.0}, {"score": 0.0, "gold": None}]
     ref = [{"score": 1.0, "gold": 0.0}, {"score": 1.0, "gold": 2.0}, {"score": 3.0, "gold": 1.0}]
@@ -264,16 +264,16 @@ def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
 
     monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
     with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 < reward_gate.min_accuracy 0.55.*Try:"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.51, "eval_margin": 0.02, "test_pairs": 300})._check_reward_gate()
+        _gate_pipeline(tmp_path, {"eval_accuracy": 0.51, "eval_margin": 0.02, "test_pairs": 300})._check_reward_gate("ppo")
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["stages"]["ppo"]["status"] == "blocked"
     with pytest.raises(RewardGateFailed, match="margin -0.100 < reward_gate.min_margin"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": -0.1})._check_reward_gate()
+        _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": -0.1})._check_reward_gate("ppo")
     with pytest.raises(RewardGateFailed, match="no held-out accuracy"):
-        _gate_pipeline(tmp_path, {})._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate()
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate()
+        _gate_pipeline(tmp_path, {})._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate("ppo")
 
 
 def test_hh_recipe_ingests_the_subset_its_header_names():

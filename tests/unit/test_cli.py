@@ -234,3 +234,23 @@ def test_env_reports_versions_devices_and_paths(tmp_path, capsys):
     assert f"torch {torch.__version__}" in text and "devices:" in text and "registry:" in text
     assert main(["--help"]) == 0
     assert "  env " in capsys.readouterr().out
+
+
+def test_every_override_example_in_help_is_accepted(capsys):
+    import re
+
+    from rlhf.config import PipelineConfig, apply_overrides
+    from rlhf.stages import STAGES
+
+    for command in (*cli.STAGE_NAMES, "run"):
+        assert main([command, "--help"]) == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        shown = re.findall(r"overrides, e\.g\. (\S+=\S+)", help_text)
+        assert shown == [cli.OVERRIDE_EXAMPLES[command]], (command, shown)
+        if command == "run":
+            data = apply_overrides({"ppo": {}}, shown)
+            from_dict(PipelineConfig, data)
+            stage, rest = shown[0].split(".", 1)
+            from_dict(STAGES[stage].config, apply_overrides({}, [rest]), prefix=stage)
+        else:
+            from_dict(STAGES[command].config, apply_overrides({}, shown), prefix=command)

@@ -90,10 +90,16 @@ def test_hinge_loss_is_the_closed_form(tmp_path):
 
 
 def test_win_rate_counts_ties_as_half():
-    from rlhf.stages.dpo import win_rate
+    """DPO's win rate over SFT is the shared evaluation's (rlhf.evaluation), as PPO's."""
+    from rlhf.evaluation import mean_se, win_rates
+
+    def win_rate(new, old):
+        return mean_se(win_rates([{"score": a} for a in new], [{"score": b} for b in old], "score"))
 
     # prompt 1: 1 > 0 win; prompt 2: 2 == 2 tie (1/2); prompt 3: 3 < 4 loss -> (1 + 0.5 + 0) / 3 = 0.5
     # s.e.: sample std of (1, 0.5, 0) is 0.5, over sqrt(3)
     mean, se = win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])
     assert mean == pytest.approx(0.5) and se == pytest.approx(0.5 / math.sqrt(3))
     assert win_rate([1.0, 1.0], [0.0, 0.5]) == (1.0, 0.0)
+    # a prompt without a value on either side is left out, not counted as a loss
+    assert win_rates([{"score": 1.0}, {"score": None}], [{"score": 0.0}, {"score": 5.0}], "score") == [1.0]

@@ -19,6 +19,14 @@ from rlhf.resolve import (
 )
 
 
+def _resolve(cfg):
+    """resolve_inputs with the inputs of the stage-table row whose config ``cfg`` is."""
+    from rlhf.stages import STAGES
+
+    (stage,) = [name for name, row in STAGES.items() if isinstance(cfg, row.config)]
+    return resolve_inputs(cfg, STAGES[stage].inputs, stage)
+
+
 def _pairs(path: Path, n: int = 20) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
@@ -105,13 +113,13 @@ def test_resolve_inputs_resolves_every_reference_of_a_stage(tiny_assets, tmp_pat
     reward_data.ingest([prompts], "evalset")
     cfg = from_dict(PPOConfig, {"model": {"name_or_path": str(tiny_assets.base)}, "sft_adapter": str(tiny_assets.sft_adapter),
                                 "reward_adapter": "rm:1", "prompts": str(prompts), "eval_prompts": "evalset"})
-    got = resolve_inputs(cfg)
+    got = _resolve(cfg)
     assert (got.reward_adapter, got.eval_prompts, got.prompts) == (str(rm.path), "evalset:1", str(prompts))
     assert cfg.reward_adapter == "rm:1"  # the caller's config is not modified
 
     pairs = _pairs(tmp_path / "prefs.jsonl")
     rcfg = from_dict(RewardConfig, {"model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs)})
-    assert resolve_inputs(rcfg).dataset == "prefs:1"
+    assert _resolve(rcfg).dataset == "prefs:1"
 
 
 def test_dpo_resolves_its_pairs_like_the_reward_stage(tiny_assets, tmp_path):
@@ -124,9 +132,9 @@ def test_dpo_resolves_its_pairs_like_the_reward_stage(tiny_assets, tmp_path):
     sft = reg.register_adapter("sft", "sft", str(tiny_assets.sft_adapter), base=base)
     pairs = _pairs(tmp_path / "prefs.jsonl")
     rcfg = from_dict(RewardConfig, {"model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs)})
-    assert resolve_inputs(rcfg).dataset == "prefs:1"
+    assert _resolve(rcfg).dataset == "prefs:1"
     reward_data.ingest([pairs], "evalset")
-    got = resolve_inputs(from_dict(DPOConfig, {
+    got = _resolve(from_dict(DPOConfig, {
         "model": {"name_or_path": str(tiny_assets.base)}, "dataset": str(pairs), "sft_adapter": "sft:1",
         "reward_adapter": str(tiny_assets.reward_adapter), "eval_prompts": "evalset"}, prefix="dpo"))
     assert (got.dataset, got.sft_adapter, got.reward_adapter, got.eval_prompts) == (
@@ -135,9 +143,9 @@ def test_dpo_resolves_its_pairs_like_the_reward_stage(tiny_assets, tmp_path):
     def dpo(**kw) -> DPOConfig:
         return from_dict(DPOConfig, {"model": {"name_or_path": str(tiny_assets.base)}, **kw}, prefix="dpo")
 
-    assert resolve_inputs(dpo(dataset=str(pairs), test_fraction=0.5)).dataset == "prefs:2"  # other options
-    assert resolve_inputs(dpo(dataset="prefs:1")).sft_adapter == ""  # optional: the base is the SFT model
+    assert _resolve(dpo(dataset=str(pairs), test_fraction=0.5)).dataset == "prefs:2"  # other options
+    assert _resolve(dpo(dataset="prefs:1")).sft_adapter == ""  # optional: the base is the SFT model
     with pytest.raises(ConfigError, match="dpo.dataset: 'nothing' is neither a file"):
-        resolve_inputs(dpo(dataset="nothing"))
+        _resolve(dpo(dataset="nothing"))
     with pytest.raises(ConfigError, match="dpo.sft_adapter: 'nope' is neither"):
-        resolve_inputs(dpo(dataset="prefs:1", sft_adapter="nope"))
+        _resolve(dpo(dataset="prefs:1", sft_adapter="nope"))

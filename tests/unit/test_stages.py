@@ -1,10 +1,10 @@
-"""The one stage dispatch table: the CLI runs a stage through it, with inputs resolved first."""
+"""The stage table: the CLI runs a stage through it, with inputs resolved first; the pipeline,
+the resolution and the CLI read every stage from it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,7 @@ def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_p
         return StageResult(stage="ppo", output_dir=cfg.output_dir, base=cfg.model.name_or_path,
                            artifacts={"policy": "p"}, metrics={"m": 1.0})
 
-    monkeypatch.setitem(stages.STAGES, "ppo", Stage(PPOConfig, fake_run))
+    monkeypatch.setitem(stages.STAGES, "ppo", dataclasses.replace(STAGES["ppo"], run=fake_run))
     assert main(["ppo", f"model.name_or_path={tiny_assets.base}", "reward_adapter=rm:1", f"prompts={prompts}",
                  f"output_dir={tmp_path / 'out'}"]) == 0
     assert seen["cfg"].reward_adapter == str(rm.path)  # the registry reference arrived resolved
@@ -57,18 +57,137 @@ def test_cli_runs_a_stage_from_the_table_with_resolved_inputs(tiny_assets, tmp_p
 def test_an_unresolvable_input_stops_the_stage_before_it_runs(tmp_path, monkeypatch, capsys):
     from rlhf.cli import main
 
-    monkeypatch.setitem(stages.STAGES, "sft", Stage(SFTConfig, lambda *a, **k: pytest.fail("stage ran")))
+    monkeypatch.setitem(stages.STAGES, "sft", dataclasses.replace(STAGES["sft"], run=lambda *a, **k: pytest.fail("stage ran")))
     assert main(["sft", f"dataset={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'out'}"]) == 2
     assert "sft.dataset: file not found" in capsys.readouterr().err
+
+
+def test_an_unknown_stage_section_is_an_error(tmp_path):
+    from rlhf.config import ConfigError
+    from rlhf.pipeline import plan
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: {enabled: true}\nstages: [sft]\norpo: {beta: 0.1}\n")
+    with pytest.raises(ConfigError, match="orpo"):
+        plan(recipe, tmp_path / "run")
+    recipe.write_text("task: {enabled: true}\nstages: [sft]\nppo: 3\n")
+    with pytest.raises(ConfigError, match="ppo: expected a mapping"):
+        plan(recipe, tmp_path / "run")
+
+
+def test_dpo_paths_resolve_against_the_recipe_folder_from_any_working_directory(tmp_path, monkeypatch):
+    """dpo.dataset and dpo.eval_prompts are data inputs of DPO's row, so a relative path in a
+    recipe means the file beside the recipe (it used to stay relative to the working directory)."""
+    from rlhf.pipeline import plan
+
+    recipes = tmp_path / "recipes"
+    (recipes / "data").mkdir(parents=True)
+    for name in ("pairs.jsonl", "eval.jsonl", "sft.jsonl"):
+        (recipes / "data" / name).write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}\n')
+    (recipes / "dpo.yaml").write_text("stages: [sft, dpo]\nsft: {dataset: data/sft.jsonl}\n"
+                                      "dpo: {dataset: data/pairs.jsonl, eval_prompts: ./data/eval.jsonl}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    p = plan(Path("..") / "recipes" / "dpo.yaml", tmp_path / "run")
+    assert p.dpo.dataset == str((recipes / "data" / "pairs.jsonl").resolve())
+    assert p.dpo.eval_prompts == str((recipes / "data" / "eval.jsonl").resolve())
+    assert p.sft.dataset == str((recipes / "data" / "sft.jsonl").resolve())
+
+
+def test_a_new_stage_is_its_module_plus_its_row(tmp_path, monkeypatch, capsys):
+    """The pipeline, the input resolution and the CLI read the table: a row added here (a
+    stand-in for a KTO stage) is validated, wired, fingerprinted, run and offered as a command
+    without any other file changing."""
+    from rlhf.cli import COMMANDS
+    from rlhf.pipeline import Pipeline, plan
+
+    ran = {}
+
+    @dataclasses.dataclass
+    class ToyConfig:
+        model: dict = dataclasses.field(default_factory=dict)
+        seed: int = 0
+        output_dir: str = ""
+        report_to: list = dataclasses.field(default_factory=lambda: ["local"])
+        sft_adapter: str = ""
+        dataset: str = ""
+        beta: float = 0.1
+
+    def run(cfg, *, group, resume, task, registration):
+        ran["cfg"] = cfg
+        return StageResult(stage="toy", output_dir=cfg.output_dir, base="b", artifacts={}, metrics={"loss": 1.0})
+
+    row = Stage(ToyConfig, run, "run the toy stage alone", requires=("sft",),
+                inputs={"dataset": stages.Input("data")}, wired={"sft_adapter": "sft/adapter"},
+                task_files={"dataset": "pairs"}, outputs=("adapter",))
+    monkeypatch.setitem(STAGES, "toy", row)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: {enabled: true, num_sft: 4, num_pairs: 8, num_ppo_prompts: 4, num_eval_prompts: 2}\n"
+                      "stages: [sft, toy]\ntoy: {beta: 0.5}\n")
+    p = plan(recipe, tmp_path / "run")
+    assert (p.toy.beta, p.toy.sft_adapter, p.toy.dataset) == (0.5, str(tmp_path / "run" / "sft" / "adapter"),
+                                                             p.task_files["pairs"])
+    fps = Pipeline(p).fingerprints()
+    recipe.write_text(recipe.read_text().replace("beta: 0.5", "beta: 0.6"))
+    fps2 = Pipeline(plan(recipe, tmp_path / "run")).fingerprints()
+    assert fps2["toy"] != fps["toy"] and fps2["sft"] == fps["sft"]
+    recipe.write_text(recipe.read_text().replace("toy: {beta: 0.6}", "toy: {beta: 0.6, sft_adapter: x}"))
+    with pytest.raises(Exception, match="toy.sft_adapter: set by the pipeline"):
+        plan(recipe, tmp_path / "run")
+    from rlhf.cli import main
+
+    assert main(["toy", "--help"]) == 0
+    assert "Run the toy stage alone" in capsys.readouterr().out
+    assert "toy" not in COMMANDS  # `rlhf --help` lists the table as it was when rlhf.cli was imported
+
+
+def test_the_trl_stage_skeleton_steps(tmp_path):
+    """The plain functions every TRL-trainer stage is built from (rlhf.stages.common): the
+    resolved config beside the artifacts, training resumed from the last complete checkpoint,
+    an atomic publish of what the trainer holds, metrics.json and the StageResult."""
+    import yaml
+
+    from rlhf.stages import common
+
+    cfg = SFTConfig(output_dir=str(tmp_path / "sft"), dataset="d.jsonl")
+    out, main = common.begin(cfg)
+    assert main and yaml.safe_load((out / "config.yaml").read_text())["dataset"] == "d.jsonl"
+
+    calls = []
+
+    class Trainer:  # the parts of a transformers Trainer the skeleton touches
+        def train(self, resume_from_checkpoint=None):
+            calls.append(("train", resume_from_checkpoint))
+
+    class Tracker:
+        def attach(self, trainer):
+            calls.append(("attach",))
+
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoints" / "checkpoint-8").mkdir()  # incomplete: no trainer_state.json
+    common.train(Trainer(), Tracker(), out, resume=True)
+    common.train(Trainer(), Tracker(), out, resume=False, attach=False)
+    assert calls == [("attach",), ("train", str(out / "checkpoints" / "checkpoint-4")), ("train", None)]
+
+    path = common.publish_trained(Trainer(), out, "adapter", lambda tmp, state: (tmp / "w.safetensors").write_text(
+        str(state)), role="sft", base="b", config={"k": 1})
+    assert (Path(path) / "w.safetensors").read_text() == "None"  # nothing sharded: the model's own weights
+    assert json.loads((Path(path) / "rlhf_adapter.json").read_text())["role"] == "sft"
+    result = common.finish(cfg, out, main, "sft", {"adapter": path}, {"loss": 1.5}, {"dataset": "d.jsonl"})
+    assert json.loads((out / "metrics.json").read_text()) == {"loss": 1.5}
+    assert (result.stage, result.artifacts, result.base) == ("sft", {"adapter": path}, cfg.model.name_or_path)
 
 
 def test_kto_summary_uses_the_dpo_keys_with_kto_in_their_place():
     """The KTO stage's numbers enter the pipeline summary under DPO's key names, ``kto`` for ``dpo``."""
     from rlhf.pipeline import _add_offline_summary
 
-    m = {"eval_loss": 0.4, "eval_rewards_margins": 0.2, "sft/eval/gold_mean": -0.2, "sft/eval/gold_se": 0.03,
-         "kto/eval/gold_mean": 0.1, "kto/eval/gold_se": 0.04, "kto/eval/kl_mean": 1.5, "kto/eval/kl_se": 0.1,
-         "kto/win_rate_gold": 0.7, "kto/win_rate_gold_se": 0.02}
+    # reported by the summary convention (rlhf.summary): SFT initial/, the KTO policy final/
+    m = {"eval_loss": 0.4, "eval_rewards_margins": 0.2, "initial/eval/gold_mean": -0.2, "initial/eval/gold_se": 0.03,
+         "final/eval/gold_mean": 0.1, "final/eval/gold_se": 0.04, "final/eval/kl_mean": 1.5, "final/eval/kl_se": 0.1,
+         "final/eval/gold_win_rate_mean": 0.7, "final/eval/gold_win_rate_se": 0.02}
     out: dict = {}
     _add_offline_summary(out, "kto", m, has_gold=True)
     assert (out["kto_eval_loss"], out["kto_reward_margin"], out["kl_kto_sft"]) == (0.4, 0.2, 1.5)

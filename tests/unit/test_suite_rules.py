@@ -29,3 +29,10 @@ def test_missing_shared_datasets_fail_under_ci_and_skip_otherwise(tmp_path, ci, 
     assert outcome in proc.stdout and proc.returncode == (1 if ci else 0), proc.stdout + proc.stderr
     if ci:
         assert "not present and CI is set" in proc.stdout
+
+
+def test_ci_prints_the_slowest_tests():
+    """Both runs of scripts/test.sh (the CI job, .ci/run) print their 25 slowest tests."""
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "test.sh").read_text()
+    runs = [line for line in script.splitlines() if "-m pytest" in line and not line.lstrip().startswith(("#", "exec"))]
+    assert len(runs) == 2 and all("--durations=25" in line for line in runs)

@@ -14,15 +14,9 @@ import torch
 from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.ppo.rollout import Sampled, ScoredRollout
-from rlhf.stages.ppo import (
-    _ppo_update,
-    generation_config,
-    last_token_scores,
-    response_logprobs,
-    response_values,
-    score_rollout,
-    shaped_rewards,
-)
+from rlhf.generation import generation_config
+from rlhf.scoring import last_token_scores, response_logprobs, response_values, score_rollout
+from rlhf.stages.ppo import _ppo_update, shaped_rewards
 
 
 def _optimizer(model, cfg):
@@ -70,7 +64,7 @@ def test_rollout_logprobs_match_sampling_and_training_forward(role_model):
     """Logprobs stored at rollout time equal (a) log_softmax(logits / T) of the very logits
     generate() sampled from, and (b) the training forward's logprobs, within 1e-5."""
     from rlhf.data import load_prompts
-    from rlhf.stages.ppo import encode_prompts, left_pad
+    from rlhf.generation import encode_prompts, left_pad
 
     model, tok, cfg = role_model
     _perturb(model, "policy")  # policy != sft, so a mix-up of the two roles would show

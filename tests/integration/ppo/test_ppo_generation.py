@@ -13,7 +13,8 @@ import torch
 
 from rlhf.generation import (HFEngine, MergedEngine, StaticEngine, bucket_width, make_engine, resolve_compile,
                              resolve_engine)
-from rlhf.stages.ppo import encode_prompts, generation_config, left_pad, response_logprobs, score_rollout
+from rlhf.generation import encode_prompts, generation_config, left_pad
+from rlhf.scoring import response_logprobs, score_rollout
 
 
 def _perturb_policy(model, seed: int = 7, scale: float = 0.05) -> None:

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from rlhf.generation import HFEngine, StaticEngine
-from rlhf.stages.ppo import (_ppo_update, advantages_and_returns, encode_prompts, generation_config, left_pad,
-                             rollout_mismatch, run_ppo, score_rollout, shaped_rewards)
+from rlhf.estimators import advantages_and_returns
+from rlhf.generation import encode_prompts, generation_config, left_pad
+from rlhf.scoring import score_rollout
+from rlhf.stages.ppo import _ppo_update, rollout_mismatch, run_ppo, shaped_rewards
 
 
 def _prompts(tok, cfg, n=8):

@@ -28,21 +28,9 @@ import torch
 from rlhf.estimators import advantages_and_returns
 from rlhf import ppo as F
 from rlhf.ppo.rollout import Sampled
-from rlhf.stages.ppo import (
-    _build_model,
-    _mode,
-    _ppo_update,
-    _stop_ids,
-    encode_prompts,
-    generation_config,
-    last_token_scores,
-    left_pad,
-    response_logprobs,
-    response_values,
-    score_rollout,
-    score_suffix,
-    shaped_rewards,
-)
+from rlhf.generation import encode_prompts, generation_config, left_pad, score_suffix, stop_token_ids
+from rlhf.scoring import last_token_scores, response_logprobs, response_values, score_rollout, train_mode
+from rlhf.stages.ppo import _build_model, _ppo_update, shaped_rewards
 from real_path import build_assets
 
 BF16_LOGPROB_TOL, BF16_REL_TOL = 0.1, 0.05
@@ -76,7 +64,7 @@ def arch_model(arch_assets, tmp_path):
         cfg = from_dict(PPOConfig, kw)
         torch.manual_seed(0)
         model, tok, _ = _build_model(cfg, torch.device("cpu"))
-        return model, tok, cfg, _stop_ids(tok, cfg, model.base_lm)
+        return model, tok, cfg, stop_token_ids(tok, cfg, model.base_lm)
 
     return make
 
@@ -104,7 +92,7 @@ def _sample(model, tok, cfg, stop_ids, n=8, seed=0):
     gen_cfg.return_dict_in_generate, gen_cfg.output_logits = True, True
     gen_cfg.min_new_tokens = cfg.response_length  # full-length rows; stops are written below
     torch.manual_seed(seed)
-    with torch.no_grad(), _mode(model, False), model.role("policy"):
+    with torch.no_grad(), train_mode(model, False), model.role("policy"):
         out = model.base_lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
     resp = out.sequences[:, prompt_ids.shape[1]:].clone()
     T = resp.shape[1]
@@ -160,7 +148,7 @@ def test_logprobs_are_those_sampled_from(arch, dtype, arch_model):
     assert (~m).any() and (batch.prompt_mask == 0).any() and batch.has_stop.any() and not batch.has_stop.all()
     fp32 = dtype == "float32"
     assert (sampled_lp - batch.logprobs)[m].abs().max() < (1e-5 if fp32 else BF16_LOGPROB_TOL)
-    with _mode(model, True), model.role("policy"):
+    with train_mode(model, True), model.role("policy"):
         train_lp, _ = response_logprobs(model, "policy", batch, cfg.temperature)
     assert train_lp.requires_grad
     # same rows, same kernels: equal in bf16 as well (first minibatch: ratio 1, clipfrac 0)
@@ -241,7 +229,7 @@ def test_roles_on_the_real_path(arch, dtype, checkpointing, arch_model):
             manual = model.values("reward", model.hidden_states(seq.input_ids, seq.attention_mask)[0, -1])
         assert (batch.scores[i] - manual).abs() < (1e-5 if fp32 else BF16_REL_TOL * max(1.0, float(manual.abs())))
     # 12. train-mode forwards are repeatable bit for bit
-    with _mode(model, True):
+    with train_mode(model, True):
         for role in ("sft", "policy", "value"):
             with model.role(role):
                 assert torch.equal(model.hidden_states(batch.input_ids, batch.attention_mask),
@@ -329,7 +317,7 @@ def test_ppo_scores_where_the_reward_model_was_trained_to_score(arch_assets):
     cfg = from_dict(PPOConfig, dict(assets, eval_prompts="", rollout_batch_size=8, num_minibatches=1, micro_batch_size=8))
     torch.manual_seed(0)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
-    stop_ids = _stop_ids(tok, cfg, model.base_lm)
+    stop_ids = stop_token_ids(tok, cfg, model.base_lm)
     suffix = score_suffix(tok, stop_ids)
     assert tok.decode(suffix) == "\n"
 

@@ -13,16 +13,9 @@ import torch
 
 from rlhf.config import PPOConfig
 from rlhf.ppo.rollout import Sampled
-from rlhf.stages.ppo import (
-    _build_model,
-    _stop_ids,
-    encode_prompts,
-    generate,
-    generation_config,
-    left_pad,
-    score_rollout,
-    shaped_rewards,
-)
+from rlhf.generation import encode_prompts, generate, generation_config, left_pad, stop_token_ids
+from rlhf.scoring import score_rollout
+from rlhf.stages.ppo import _build_model, shaped_rewards
 
 # Everything a checkpoint's generation_config.json can say that would change sampling.
 LEAKY = dict(do_sample=False, top_k=1, top_p=0.1, min_p=0.9, temperature=0.01, typical_p=0.2,
@@ -99,9 +92,9 @@ def test_responses_stop_at_the_configured_stop_token(role_model, ppo_config):
     """With ``stop_token`` set, truncation and has_stop use that token, not EOS."""
     model, tok, _ = role_model
     with pytest.raises(ValueError, match="stop_token"):
-        _stop_ids(tok, ppo_config(stop_token="not-a-token"))
+        stop_token_ids(tok, ppo_config(stop_token="not-a-token"))
     cfg = ppo_config(stop_token="the", response_length=8)
-    (stop,) = _stop_ids(tok, cfg)
+    (stop,) = stop_token_ids(tok, cfg)
     assert stop == tok.convert_tokens_to_ids("the") != tok.eos_token_id
     ids, mask = _prompt_batch(tok, cfg, 32)
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rlhf.ppo.rollout import Sampled
-from rlhf.stages.ppo import _build_model, frozen_role_scores, score_rollout
+from rlhf.scoring import frozen_role_scores, score_rollout
+from rlhf.stages.ppo import _build_model
 
 
 def _forward_rows(model) -> tuple[list[int], object]:
@@ -68,7 +69,7 @@ def test_mixed_frozen_batch_scores_at_the_score_suffix(ppo_config, make_rollout)
     real token otherwise; and its reference half (right-padded to the wider scored inputs)
     keeps the reference logprobs of scoring apart."""
     from rlhf import ppo as F
-    from rlhf.stages.ppo import last_token_scores, response_logprobs
+    from rlhf.scoring import last_token_scores, response_logprobs
 
     cfg = ppo_config()
     model, tok, _ = _build_model(cfg, torch.device("cpu"))

@@ -188,7 +188,7 @@ def test_kl_loss_gradient_depends_on_the_reference(estimator, role_model, make_r
 def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout):
     """With zero advantages, a KL loss step (k3) lowers the policy's KL to the reference;
     ignored, nothing would move; inverted, the KL would grow."""
-    from rlhf.stages.ppo import score_rollout
+    from rlhf.scoring import score_rollout
 
     model, cfg, batch, zeros = _kl_loss_setup(role_model, make_rollout, kl_in_reward=False, kl_estimator="k3",
                                               learning_rate=0.05)
@@ -207,7 +207,7 @@ def test_kl_loss_pulls_the_policy_towards_the_reference(role_model, make_rollout
 def test_entropy_bonus_raises_entropy(role_model, make_rollout):
     """With zero advantages and no KL loss, the only policy gradient is the entropy bonus:
     one step raises the policy's mean entropy on the batch (inverted, it would fall)."""
-    from rlhf.stages.ppo import score_rollout
+    from rlhf.scoring import score_rollout
 
     model, tok, cfg = role_model
     cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, entropy_coef=1.0, max_grad_norm=0.0,

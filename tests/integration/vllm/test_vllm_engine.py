@@ -11,8 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlhf.stages.ppo import (_ppo_update, advantages_and_returns, encode_prompts, generation_config, left_pad,
-                             score_rollout, shaped_rewards)
+from rlhf.estimators import advantages_and_returns
+from rlhf.generation import encode_prompts, generation_config, left_pad
+from rlhf.scoring import score_rollout
+from rlhf.stages.ppo import _ppo_update, shaped_rewards
 
 T = 12  # response tokens of these tests
 
@@ -190,12 +192,12 @@ def test_dpo_evaluation_on_vllm(ppo_assets, tmp_path):
     """DPO's evaluation with ``dpo.eval_generation: vllm`` runs PPO's evaluate on the vllm
     engine (smoke: the SFT adapter stands in for the DPO adapter, so KL to SFT is 0)."""
     from rlhf.config import DPOConfig, from_dict
-    from rlhf.stages.dpo import evaluate_against_sft
+    from rlhf.evaluation import evaluate_against_sft
 
     cfg = from_dict(DPOConfig, dict(model={"name_or_path": str(ppo_assets.base)}, sft_adapter=str(ppo_assets.sft_adapter),
                                     reward_adapter=str(ppo_assets.reward_adapter), eval_prompts=str(ppo_assets.eval_prompts),
                                     eval_response_length=6, eval_batch_size=4, eval_generation="vllm",
                                     output_dir=str(tmp_path / "dpo")))
-    out = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
-    assert out["dpo/eval/kl_mean"] == pytest.approx(0.0, abs=1e-5)
-    assert out["sft/eval/length_mean"] > 0 and out["dpo/win_rate_rm"] == pytest.approx(0.5)
+    sft, dpo = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
+    assert dpo["eval/kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert sft["eval/length_mean"] > 0 and dpo["eval/win_rate_mean"] == pytest.approx(0.5)

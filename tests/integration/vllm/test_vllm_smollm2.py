@@ -33,7 +33,7 @@ def test_greedy_vllm_equals_hf_on_smollm2_with_a_policy_lora(smollm2_dir):
     from rlhf.generation import HFEngine
     from rlhf.generation_vllm import VLLMEngine
     from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.stages.ppo import _stop_ids, encode_prompts, generation_config, left_pad
+    from rlhf.generation import encode_prompts, generation_config, left_pad, stop_token_ids
 
     tok = load_tokenizer(str(smollm2_dir))
     base = load_causal_lm(str(smollm2_dir), tok, dtype="float32")
@@ -46,7 +46,7 @@ def test_greedy_vllm_equals_hf_on_smollm2_with_a_policy_lora(smollm2_dir):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model.eval()
     cfg = PPOConfig(response_length=T)
-    stop_ids = _stop_ids(tok, cfg, model.base_lm)
+    stop_ids = stop_token_ids(tok, cfg, model.base_lm)
     ids, mask = left_pad(encode_prompts(tok, [[{"role": "user", "content": q}] for q in QUESTIONS], 128),
                          tok.pad_token_id, "cpu")
     gen_cfg = generation_config(cfg, stop_ids, tok.pad_token_id)
