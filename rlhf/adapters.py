@@ -306,7 +306,9 @@ class RoleModel(torch.nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.peft, adapter_name=role)
+        # LoRA weights only: never the embeddings, even when a pad row was added (every
+        # loader rebuilds that row as zeros; see rlhf.models.load_causal_lm)
+        state = get_peft_model_state_dict(self.peft, adapter_name=role, save_embedding_layers=False)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
         cfg = self.peft.peft_config[role].to_dict()
         cfg["target_modules"] = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], (set, list)) else cfg["target_modules"]

@@ -44,14 +44,7 @@ COMMANDS = {
 STAGE_NAMES = tuple(STAGES)  # the table imports no stage module (and no torch): --help stays fast
 
 #: The override shown in each command's --help (tests/unit/test_cli.py applies every one).
-OVERRIDE_EXAMPLES = {
-    "sft": "train.max_steps=20",
-    "reward": "train.max_steps=20",
-    "ppo": "total_episodes=512",
-    "dpo": "train.max_steps=20",
-    "kto": "train.max_steps=20",
-    "run": "ppo.total_episodes=512",
-}
+OVERRIDE_EXAMPLES = {**{name: row.example for name, row in STAGES.items()}, "run": "ppo.total_episodes=512"}
 
 
 def _top_help() -> str:
@@ -218,7 +211,7 @@ def _stage_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with the stage's settings (keys below)")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help=f"overrides, e.g. {OVERRIDE_EXAMPLES[stage]}")
+                        help=f"overrides, e.g. {STAGES[stage].example}")
     return parser
 
 

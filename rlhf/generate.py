@@ -112,7 +112,8 @@ def load_policy(ref: str, dtype: str | None = None, device: str | None = None, h
             raise ConfigError(f"{ref}: the adapter at {where} does not name its base model (no rlhf_adapter.json)")
     else:
         base = str(where)
-    tok = load_tokenizer(base, chat_template=template)
+    # the tokenizer the adapter was trained with (saved beside it), else the base's as the stages load it
+    tok = load_tokenizer(base, chat_template=template, adapter_dir=where if kind == "adapter" else None)
     model = load_causal_lm(base, tok, dtype=dtype or saved_dtype)
     if kind == "adapter":
         model = PeftModel.from_pretrained(model, str(where))
@@ -128,19 +129,17 @@ def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 6
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
     Prompts are formatted like PPO's (:func:`rlhf.generation.encode_prompts`) and decoding
-    stops, as in PPO, at the tokenizer's EOS or any EOS id of the model's generation config
-    (Qwen2.5 ships two: ``<|im_end|>`` and ``<|endoftext|>``).
+    stops, as in PPO, at any token of :func:`rlhf.models.stop_token_ids` (the EOS, the
+    generation config's EOS ids and the chat template's end-of-turn token).
     """
     from transformers import GenerationConfig
 
     from rlhf.generation import encode_prompts, left_pad
+    from rlhf.models import stop_token_ids
 
     tok, model = policy.tok, policy.model
     device = next(model.parameters()).device
-    stop = [tok.eos_token_id]
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop += [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
-    stop = [i for i in dict.fromkeys(stop) if i is not None and i != tok.pad_token_id]
+    stop = stop_token_ids(tok, model)
     gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                            top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
                            max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)

@@ -363,13 +363,42 @@ def make_engine(name: str, model, gen_cfg, *, temperature: float, stop_ids: int 
 # prompts in, responses out: what every caller of an engine needs around it
 
 
+def _render_prompt(tok, msgs: list[dict]) -> list[int]:
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False).input_ids
+
+
 def encode_prompts(tok, prompts: list[list[dict]], max_len: int) -> list[list[int]]:
-    """Chat-template each prompt (with the generation prompt) and keep its last ``max_len`` tokens."""
-    out = []
+    """Chat-template each prompt (with the generation prompt), at most ``max_len`` tokens.
+
+    A longer prompt loses whole early turns, never part of a message: the system turn (if
+    any) and the last turn stay, and the kept turns start with a user turn. Only when the
+    system turn and the last turn alone are too long is the prompt cut from the left (its
+    last ``max_len`` tokens). Both counts are reported in one warning.
+    """
+    out, dropped_turns, cut = [], 0, 0
     for msgs in prompts:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False).input_ids
-        out.append(ids[-max_len:])
+        ids = _render_prompt(tok, msgs)
+        if len(ids) > max_len:
+            system = list(msgs[:1]) if msgs and msgs[0].get("role") == "system" else []
+            rest = list(msgs[len(system):])
+            while len(ids) > max_len and len(rest) > 1:
+                rest = rest[1:]
+                while len(rest) > 1 and rest[0].get("role") != "user":
+                    rest = rest[1:]
+                ids = _render_prompt(tok, system + rest)
+            dropped_turns += 1
+            if len(ids) > max_len:
+                cut += 1
+                ids = ids[-max_len:]
+        out.append(ids)
+    if dropped_turns:
+        import warnings
+
+        warnings.warn(f"{dropped_turns} of {len(prompts)} prompts are longer than max_prompt_length={max_len} tokens: "
+                      f"{dropped_turns - cut} lost early turns (the system turn kept), {cut} were cut from the left "
+                      "inside a message (the last turn alone is too long); raise max_prompt_length to keep them whole",
+                      stacklevel=2)
     return out
 
 
@@ -424,12 +453,14 @@ def score_suffix(tok, stop_ids: list[int]) -> list[int]:
 
 def stop_token_ids(tok, cfg: PPOConfig, lm=None) -> list[int]:
     """Token ids that end a response: ``ppo.stop_token`` (one token or a list), or by default
-    the tokenizer's EOS and every EOS id of the model's generation config (Qwen2.5 ships
-    two: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    :func:`rlhf.models.stop_token_ids`: the tokenizer's EOS, every EOS id of the model's
+    generation config (Qwen2.5 Instruct ships two: ``<|im_end|>`` and ``<|endoftext|>``) and
+    the chat template's end-of-turn token (``<|im_end|>`` on Qwen2.5 base, whose EOS is
+    ``<|endoftext|>``)."""
+    from rlhf.models import stop_token_ids as default_stop_ids
+
     if cfg.stop_token is None:
-        ids = [tok.eos_token_id]
-        gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        ids += _stop_list(gen_eos) if gen_eos is not None else []
+        ids = default_stop_ids(tok, lm)
     else:
         ids = []
         for name in cfg.stop_token if isinstance(cfg.stop_token, list) else [cfg.stop_token]:

@@ -8,6 +8,8 @@ before it gets here, and is then loaded like any other local model directory.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -61,27 +63,131 @@ def chat_template_text(spec: str) -> str:
                       f"(built-ins: {', '.join(CHAT_TEMPLATES)}; or give a Jinja string or file)")
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                   chat_template: str = ""):
-    """Load a tokenizer for generation: left padding and a pad token that is not EOS.
+def _special_ids(tok) -> dict[int, str]:
+    """Every special token of ``tok``: id -> token (named ones and added tokens marked special)."""
+    out = {i: t for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
+    for i, added in getattr(tok, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            out[int(i)] = str(added)
+    return out
 
-    Queries must be left-padded, and the pad token must differ from EOS so that padding
-    is never mistaken for a stop (N+ implementation details, arXiv 2403.17031).
-    ``chat_template`` (``model.chat_template``) replaces the tokenizer's own template; a
-    tokenizer without one gets the built-in "plain" template.
+
+def end_of_turn_id(tok) -> int | None:
+    """The special token the chat template writes to end an assistant turn, or None.
+
+    ``<|im_end|>`` for ChatML (Qwen2.5 base, whose EOS is ``<|endoftext|>``, ends turns with
+    it), the EOS for the "plain" template. Found by rendering a two-turn conversation and
+    reading the first special token after the assistant's text.
+    """
+    if not tok.chat_template:
+        return None
+    sentinel = "rlhfturnsentinel"
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": sentinel}]
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this conversation has no known end
+        return None
+    special = _special_ids(tok)
+    tail = tok(text[text.rindex(sentinel) + len(sentinel):], add_special_tokens=False).input_ids
+    return next((i for i in tail if i in special), None)
+
+
+def _generation_eos(name_or_path: str, revision: str | None) -> list[int]:
+    """The EOS ids of the model's ``generation_config.json`` (Qwen2.5 Instruct lists two)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(name_or_path, revision=revision).eos_token_id
+    except Exception:  # noqa: BLE001 - no generation config: nothing to add
+        return []
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def stop_token_ids(tok, model=None) -> list[int]:
+    """The default stop set: the tokenizer's EOS, every EOS id of the model's generation
+    config, and the chat template's end-of-turn token (:func:`end_of_turn_id`).
+
+    PPO, DPO's evaluation, ``rlhf generate``/``chat`` and ``rlhf eval`` stop at any of them.
+    """
+    ids = [tok.eos_token_id]
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    ids.append(end_of_turn_id(tok))
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# Tokens made to be a pad, preferred in this order when the tokenizer has one unused.
+_PAD_NAMES = ("<|fim_pad|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
+
+#: The token added when a tokenizer has no spare special token at all (e.g. GPT-2's).
+ADDED_PAD = "<|rlhf_pad|>"
+
+
+def _used_ids(tok, stops: list[int]) -> set[int]:
+    """Ids a pad must never be: the stop set, BOS/EOS, and every token the chat template writes."""
+    used = set(stops) | {i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None}
+    if tok.chat_template:
+        msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}]
+        for gen in (False, True):
+            try:
+                text = tok.apply_chat_template(msgs[:2] if gen else msgs, tokenize=False, add_generation_prompt=gen)
+            except Exception:  # noqa: BLE001 - e.g. a template refusing a system turn
+                text = tok.apply_chat_template(msgs[1:2] if gen else msgs[1:], tokenize=False,
+                                               add_generation_prompt=gen)
+            used |= set(tok(text).input_ids)
+    return used
+
+
+def choose_pad(tok, stops: list[int]) -> str | None:
+    """The pad token to use: the tokenizer's own when it is free, else an unused special token.
+
+    A pad is always masked (attention, loss, response masks), so it needs no trained row:
+    any special token works as long as it is never a real token of a sequence. It must not
+    be a stop token (padding would read as a stop), BOS/EOS, or a token the chat template
+    writes (a sequence classifier pools at the last non-pad token). Order: the tokenizer's
+    pad, a token named like a pad, the unknown token, then the other special tokens by id.
+    None when no special token is free (then one must be added).
+    """
+    used = _used_ids(tok, stops)
+    special = _special_ids(tok)
+    vocab = tok.get_vocab()
+    candidates = [tok.pad_token] + [n for n in _PAD_NAMES if n in vocab] + [tok.unk_token]
+    candidates += [special[i] for i in sorted(special)]
+    for name in candidates:
+        if name is None or name not in vocab:
+            continue
+        if vocab[name] not in used:
+            return name
+    return None
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str = "", adapter_dir: str | Path | None = None):
+    """The tokenizer every stage and command uses: left padding, a pad that is never a stop.
+
+    Queries must be left-padded, and the pad token must differ from every stop token so
+    that padding is never mistaken for a stop (N+ implementation details, arXiv 2403.17031).
+    Bases whose pad is their EOS (SmolLM2, Llama-2, Mistral-7B-v0.1) or a second EOS
+    (Qwen2.5 Instruct) get an unused special token as pad (:func:`choose_pad`), so the
+    embeddings keep their size; only a tokenizer without a free special token gets
+    :data:`ADDED_PAD` added (the model's embeddings then grow by one row, see
+    :func:`load_causal_lm`). ``chat_template`` (``model.chat_template``) replaces the
+    tokenizer's own template; a tokenizer without one gets the built-in "plain" template.
+
+    Args:
+        name_or_path: the base model (a directory or hub id).
+        adapter_dir: an adapter directory; when it holds a tokenizer (every stage saves the
+            one it trained with beside its adapter), that tokenizer is loaded instead of the
+            base's, so generation, evaluation and export read exactly what training used.
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        # Prefer an existing dedicated pad-like token; add one only if none exists.
-        for candidate in ("<|fim_pad|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>"):
-            if candidate in tok.get_vocab() and tok.convert_tokens_to_ids(candidate) != tok.eos_token_id:
-                tok.pad_token = candidate
-                break
-        else:
-            tok.add_special_tokens({"pad_token": "<|rlhf_pad|>"})
-    tok.padding_side = "left"
+    saved = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    if saved:
+        tok = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = chat_template_text(chat_template)
     elif tok.chat_template is None:
@@ -90,7 +196,26 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         warnings.warn(f"tokenizer of {name_or_path!r} has no chat template; using the built-in 'plain' one "
                       "(set model.chat_template to choose another)", stacklevel=2)
         tok.chat_template = CHAT_TEMPLATES["plain"]
+    stops = [tok.eos_token_id, end_of_turn_id(tok)] + _generation_eos(name_or_path, revision)
+    pad = choose_pad(tok, [i for i in stops if i is not None])
+    if pad is None:
+        tok.add_special_tokens({"pad_token": ADDED_PAD})
+    elif pad != tok.pad_token:
+        tok.pad_token = pad
+    tok.padding_side = "left"
     return tok
+
+
+def tokenizer_for(model_cfg):
+    """:func:`load_tokenizer` for a stage's ``model`` config section (its base, revision,
+    ``trust_remote_code`` and ``chat_template``): the one call every stage makes."""
+    return load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code,
+                          model_cfg.chat_template)
+
+
+def save_tokenizer(tok, directory: str | Path) -> None:
+    """Write ``tok`` (its chat template and pad choice included) beside an adapter or model."""
+    tok.save_pretrained(str(directory))
 
 
 def _model_kwargs(dtype: str, revision: str | None, trust_remote_code: bool, attn_implementation: str | None) -> dict:
@@ -167,8 +292,21 @@ def classifier_from_pretrained(name_or_path: str, **kwargs):
 
 
 def _align_with_tokenizer(model, tokenizer) -> None:
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    """Grow the embeddings to a tokenizer that had a pad added, and set the pad id.
+
+    The new rows are zeros, not random (transformers' default), so every process that loads
+    this base with this tokenizer (the stages, ``rlhf generate``, ``rlhf registry export``)
+    builds the same model; the pad row is always masked and is never trained or saved in an
+    adapter (the stages save adapters with ``save_embedding_layers=False``).
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[rows:].zero_()
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.shape[0] > rows:
+                out.weight[rows:].zero_()
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -237,8 +375,8 @@ def check_logit_transform(model, transform, vocab_size: int | None = None) -> No
     """Refuse a model whose own forward's logits differ from ``transform(lm_head(hidden))``.
 
     Two forwards of 8 random tokens in eval mode; the tolerance is relative to the logits'
-    magnitude (2e-2 in half precision, where the model post-processes in bf16 and we in
-    fp32; 1e-4 in fp32).
+    magnitude (2e-2 in half precision, for kernel differences between the two forwards;
+    1e-4 in fp32). Both post-process in the head's dtype.
     """
     was_training = model.training
     model.eval()
@@ -247,7 +385,7 @@ def check_logit_transform(model, transform, vocab_size: int | None = None) -> No
         n = vocab_size or emb.shape[0]
         ids = torch.randint(0, n, (1, 8), generator=torch.Generator().manual_seed(0)).to(emb.device)
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-        ours = transform.apply(model.get_output_embeddings()(hidden).float())
+        ours = transform.apply(model.get_output_embeddings()(hidden)).float()  # in the head's dtype, as the model
         theirs = model(input_ids=ids, use_cache=False).logits.float()
     finally:
         model.train(was_training)

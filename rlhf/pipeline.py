@@ -465,6 +465,9 @@ class Pipeline:
             "sft_eval_loss": sft_m.get("eval_loss"),
             "rm_accuracy": rm_m.get("eval_accuracy"),
             "rm_margin": rm_m.get("eval_margin"),
+            # pairs longer than reward.train.max_length, which TRL leaves out (train / held out)
+            "rm_train_pairs_too_long": rm_m.get("train_pairs_too_long"),
+            "rm_test_pairs_too_long": rm_m.get("test_pairs_too_long"),
             "reward_score_sft": ppo_m.get(summary.key(summary.REFERENCE, "score")),
             "reward_score_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "score", "se")),
             "reward_score_ppo": ppo_m.get(summary.key(summary.TRAINED, "score")),
@@ -526,6 +529,9 @@ def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
     ref, trained = summary.REFERENCE, summary.TRAINED
     out.update({
         f"{n}_eval_loss": m.get("eval_loss"),
+        # pairs longer than train.max_length, which TRL truncates (train / held out)
+        f"{n}_train_pairs_too_long": m.get("train_pairs_too_long"),
+        f"{n}_test_pairs_too_long": m.get("test_pairs_too_long"),
         f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
         f"{n}_reward_margin": m.get("eval_rewards_margins"),
         f"reward_score_{n}": m.get(summary.key(trained, "score")),

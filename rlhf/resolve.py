@@ -4,7 +4,9 @@ A config may name its inputs in several ways; :func:`resolve_inputs` turns each 
 the stage reads, so a stage never decides where something comes from:
 
   * base model: ``builtin:tiny`` (built on first use under ``$RLHF_HOME/builtin``), a local
-    model directory, or a hub id (passed through; ``from_pretrained`` fetches it)
+    model directory, a hub id (passed through; ``from_pretrained`` fetches it), or a GGUF
+    file (``path.gguf`` or ``package:MODULE/PATH.gguf``: converted once to a cached
+    safetensors folder by :mod:`rlhf.gguf`)
   * adapters: a directory, or a model-registry reference ``name``, ``name:3``, ``name:prod``
   * data (SFT examples, prompts, evaluation prompts): a file or ``load_from_disk`` directory, a hub dataset
     id, or a data-store reference ``NAME[:VERSION]`` (pinned to the version it names now)
@@ -85,9 +87,14 @@ def resolve_base(name_or_path: str, seed: int = 0) -> str:
     """Something ``from_pretrained`` accepts: a local model directory or a hub id.
 
     ``builtin:tiny`` is built once per seed (keyed by shape, vocabulary and seed) under
-    ``$RLHF_HOME/builtin`` and its directory returned.
+    ``$RLHF_HOME/builtin`` and its directory returned; a GGUF file's converted folder is
+    returned (:func:`rlhf.gguf.gguf_base`, converting on first use).
     """
     check_base(name_or_path)
+    from rlhf.gguf import gguf_base, is_gguf
+
+    if is_gguf(name_or_path):
+        return str(gguf_base(name_or_path))
     if name_or_path == BUILTIN_TINY:
         from rlhf.paths import rlhf_home
         from rlhf.tasks.synthetic import tiny_base
@@ -104,6 +111,11 @@ def check_base(name_or_path: str) -> None:
     """
     if name_or_path.startswith("builtin:") and name_or_path != BUILTIN_TINY:
         raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r}; only {BUILTIN_TINY!r} exists")
+    from rlhf.gguf import gguf_file, is_gguf
+
+    if is_gguf(name_or_path):
+        gguf_file(name_or_path)  # the file exists (converting waits for resolve_base)
+        return
     p = Path(name_or_path).expanduser()
     if not (name_or_path.startswith((".", "/", "~")) or p.exists()):
         return  # a hub id: fetched by from_pretrained, which is told to load safetensors only

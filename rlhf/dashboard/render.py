@@ -47,15 +47,16 @@ SUMMARY_COLUMNS = {
     "gold": "Gold reward (objective)",
     "score": "RM score",
     "kl": "KL to SFT per response",
-    "win_rate": "Win rate vs SFT",
+    "win_rate": "Win rate vs SFT (RM)",
+    "gold_win_rate": "Win rate vs SFT (objective)",
     "length": "Response length (tokens)",
     "entropy": "Entropy per token",
 }
 
-# Per-sample fields drawn as histograms at each evaluation, with their axis titles.
 #: Every status a stage can have (rlhf.pipeline, rlhf.runs), each with a badge colour in _CSS.
 STAGE_STATUSES = ("completed", "running", "failed", "killed", "interrupted", "blocked", "pending", "unknown")
 
+# Per-sample fields drawn as histograms at each evaluation, with their axis titles.
 HISTOGRAM_FIELDS = (("score", "RM score"), ("gold", "Gold reward (objective)"), ("length", "Response length (tokens)"))
 
 _CSS = """

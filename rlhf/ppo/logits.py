@@ -254,10 +254,11 @@ class _HeadLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logprobs)
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
-            # the head runs in the model's dtype (as in the model's own forward, so bf16
-            # rounding matches what generate() sampled from); the rest is fp32
-            x = torch.nn.functional.linear(hidden[s:e], weight, bias).float()
-            logp = torch.log_softmax(transform.apply(x) / temperature, dim=-1)
+            # the head and its post-processing (soft-cap, scaling) run in the model's dtype,
+            # as in the model's own forward, so bf16 rounding matches what generate() sampled
+            # from (post-processing in fp32 was off by 2e-3 to 1e-2 in logprob); the rest is fp32
+            x = torch.nn.functional.linear(hidden[s:e], weight, bias)
+            logp = torch.log_softmax(transform.apply(x).float() / temperature, dim=-1)
             logprobs[s:e] = logp.gather(-1, labels[s:e, None]).squeeze(-1)
             entropy[s:e] = -_p_times(logp, logp).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, entropy)
@@ -277,8 +278,9 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
-            x = torch.nn.functional.linear(hidden[s:e], weight, bias).float()
-            logp = torch.log_softmax(transform.apply(x) / temperature, dim=-1)
+            x = torch.nn.functional.linear(hidden[s:e], weight, bias)
+            logp = torch.log_softmax(transform.apply(x).float() / temperature, dim=-1)
+            x = x.float()
             # s = z / T:  d log p_y / ds = onehot(y) - p;  dH/ds_j = -p_j (log p_j + H)
             g = torch.zeros_like(logp)
             if grad_logprobs is not None:

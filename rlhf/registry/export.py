@@ -50,14 +50,13 @@ def base_source(base: Entry) -> tuple[str, str | None]:
 
 
 def _load_tokenizer(adapter: Entry, src: str, revision: str | None):
-    from transformers import AutoTokenizer
+    """The tokenizer the adapter was trained with: the one saved beside it, else the base's
+    loaded as the stages load it (:func:`rlhf.models.load_tokenizer`, the run's chat template)."""
+    from rlhf.generate import _adapter_facts
+    from rlhf.models import load_tokenizer
 
-    # A stage that added tokens (e.g. a pad token) saves its tokenizer beside the adapter;
-    # that one wins over the base's.
-    where = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else src
-    return AutoTokenizer.from_pretrained(
-        str(where), revision=None if where == adapter.path else revision, trust_remote_code=False
-    )
+    template = _adapter_facts(adapter.path)[1]
+    return load_tokenizer(src, revision, chat_template=template, adapter_dir=adapter.path)
 
 
 def _score_layer(model):
@@ -94,8 +93,9 @@ def merge_adapter(adapter: Entry, base: Entry, dtype: str = "auto"):
         model = classifier_from_pretrained(src, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src, **kw)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
+    from rlhf.models import _align_with_tokenizer
+
+    _align_with_tokenizer(model, tok)  # a pad the stages added: the same zero row they trained with
 
     # Find the head before peft wraps it (modules_to_save replaces it with a wrapper).
     head_attr = _score_layer(model)[0] if role in HEAD_ROLES else None
@@ -143,6 +143,12 @@ def merge_adapter(adapter: Entry, base: Entry, dtype: str = "auto"):
     # Sequence classifiers pool at the last non-pad token, so they need the pad id.
     if getattr(merged.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         merged.config.pad_token_id = tok.pad_token_id
+    if role not in HEAD_ROLES and getattr(merged, "generation_config", None) is not None:
+        from rlhf.models import stop_token_ids
+
+        # plain transformers' generate then stops where the stages stopped (e.g. <|im_end|>
+        # on a ChatML base whose EOS is <|endoftext|>)
+        merged.generation_config.eos_token_id = stop_token_ids(tok, merged)
     merged.eval()
     return merged, tok
 

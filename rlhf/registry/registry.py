@@ -566,6 +566,9 @@ class Registry:
                 staged, files = None, store.hash_tree(src, f"hashing {name}")
             chash = store.content_hash({k: v[0] for k, v in files.items()})
             meta = {"source": "local", "local_path": str(src), "content_hash": chash, "copied": bool(copy)}
+            gguf_source = src / "gguf_source.json"  # a folder converted from a GGUF file (rlhf.gguf)
+            if gguf_source.is_file():
+                meta["gguf"] = json.loads(gguf_source.read_text())
             for e in reversed(self._versions(name, "base")):
                 if e.metadata.get("content_hash") == chash and e.metadata.get("copied") == bool(copy):
                     if staged is not None:

@@ -67,6 +67,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     gated: bool = False  # the reward-model quality gate (recipe key reward_gate) runs before it
     check: Callable[[object], None] | None = None  # extra check of its config inside a pipeline
+    example: str = "train.max_steps=20"  # an override its command accepts, for `rlhf <stage> --help`
 
 
 def _sft(cfg: SFTConfig, *, group: str | None, resume: bool, task: Task | None,
@@ -144,6 +145,7 @@ STAGES: dict[str, Stage] = {
         task_files={"prompts": "ppo_prompts", "eval_prompts": "eval_prompts"},
         outputs=("policy", "value"),
         gated=True,
+        example="total_episodes=512",
     ),
     "dpo": Stage(
         DPOConfig, _dpo, "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",

@@ -33,6 +33,7 @@ from rlhf.stages.common import (
     Registration,
     StageResult,
     begin,
+    count_long_pairs,
     filter_supported,
     final_log_value,
     finish,
@@ -69,6 +70,7 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     from transformers import set_seed
 
     from rlhf import distributed as dist
+    from rlhf.models import save_tokenizer
     from rlhf.resolve import is_store_ref
 
     out, main = begin(cfg)
@@ -87,10 +89,12 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     set_seed(cfg.seed)
     base = cfg.model.name_or_path
     tok = stage_tokenizer(cfg)
+    too_long = count_long_pairs("dpo", tok, train_rows, test_rows, cfg.train.max_length, "truncates")
     tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
-    trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    train(trainer, tracker, out, resume, attach=False)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows),
+    trainer = build_trainer(cfg, base, tok, train_rows, test_rows)
+    # the project's progress line, as SFT and reward; TRL's log dicts go to metrics.jsonl
+    train(trainer, tracker, out, resume)
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long,
                      "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
     if test_rows:
         ev = trainer.evaluate()
@@ -102,7 +106,8 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
     def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      **({"state_dict": state} if state else {}))
+                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
 
     path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
                            registration=registration, entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter,

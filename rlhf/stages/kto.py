@@ -75,6 +75,8 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
     """
     from transformers import set_seed
 
+    from rlhf.models import save_tokenizer
+
     from rlhf import distributed as dist
     from rlhf.resolve import is_store_ref
 
@@ -113,7 +115,8 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
     def write(tmp: Path, state: dict | None) -> None:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      **({"state_dict": state} if state else {}))
+                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)  # what generate/eval/export load for this adapter
 
     path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
                            registration=registration, entry="kto", method="kto", sft_adapter=cfg.sft_adapter,

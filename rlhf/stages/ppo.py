@@ -109,10 +109,10 @@ def _prompt_order(n_prompts: int, seed: int, update: int, batch: int) -> list[in
 def _build_model(cfg: PPOConfig, device):
     from rlhf import distributed as dist
     from rlhf.adapters import RoleModel
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+    from rlhf.models import disable_dropout, load_causal_lm, tokenizer_for
 
     base_path = cfg.model.name_or_path
-    tok = load_tokenizer(base_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.chat_template)
+    tok = tokenizer_for(cfg.model)
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
@@ -401,6 +401,26 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return {"value/explained_variance": 1.0 - var_error / var_returns}
 
 
+#: Above this fraction of first-rollout responses without a stop token, PPO warns.
+CUT_OFF_WARNING = 0.2
+
+
+def warn_if_cut_off(stop_rate: float, cfg: PPOConfig, stop_tokens: list[str]) -> bool:
+    """Warn when more than a fifth of the first rollout's responses hit ``response_length``
+    without a stop token: their score is then the missing-stop penalty, not the reward
+    model's, and PPO learns from almost no reward signal (measured on SmolLM2 with a
+    32-token cap: 31.2 tokens on average, score -0.92 at step 0). Returns whether it warned."""
+    if 1.0 - stop_rate <= CUT_OFF_WARNING:
+        return False
+    import warnings
+
+    warnings.warn(f"{1.0 - stop_rate:.0%} of the first rollout's responses reached ppo.response_length="
+                  f"{cfg.response_length} without a stop token ({', '.join(stop_tokens)}); their score is "
+                  f"ppo.missing_stop_penalty ({cfg.missing_stop_penalty}), not the reward model's. Raise "
+                  "response_length, or check ppo.stop_token against the chat template", stacklevel=2)
+    return True
+
+
 def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
                  phase: Callable[[str], None] | None = None) -> dict:
     """One PPO update (steps 1-7 of the module docstring); returns its metrics.
@@ -524,6 +544,8 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         if stop_after is not None and update >= stop_after:
             break
         metrics = train_update(s, opt, cfg, update, phase=bar.phase)
+        if update == start and main:
+            warn_if_cut_off(metrics["response/stop_rate"], cfg, [s.tok.convert_ids_to_tokens(i) for i in s.stop_ids])
         tracker.log(metrics, step=update + 1)
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
@@ -546,13 +568,21 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     with full_state(s.model):  # FSDP: the full adapters, gathered on every rank
         if finished and main:
             for role in roles:
-                publish(out, role, lambda tmp, role=role: s.model.save_role(role, tmp), role=role, base=s.base_path,
+                publish(out, role, lambda tmp, role=role: _save_role(s, role, tmp), role=role, base=s.base_path,
                         config=to_dict(cfg), registration=registration)
             write_json(out / "metrics.json", result_metrics)
     dist.barrier()  # the other ranks return once rank 0 has published the adapters
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
                        artifacts={role: str(out / role) for role in roles} if finished else {},
                        metrics=result_metrics, finished=finished)
+
+
+def _save_role(s: PPOSetup, role: str, out: Path) -> None:
+    """One trained role's adapter (LoRA weights, head) with the tokenizer PPO used beside it."""
+    from rlhf.models import save_tokenizer
+
+    s.model.save_role(role, out)
+    save_tokenizer(s.tok, out)
 
 
 def _sync(device) -> None:

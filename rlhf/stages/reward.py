@@ -17,6 +17,7 @@ from rlhf.stages.common import (
     Registration,
     StageResult,
     begin,
+    count_long_pairs,
     filter_supported,
     finish,
     peft_lora_config,
@@ -89,7 +90,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     from trl import RewardConfig as TRLRewardConfig, RewardTrainer
 
     from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier
+    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer
     from rlhf.resolve import is_store_ref
 
     out, main = begin(cfg)
@@ -111,6 +112,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
     tok = stage_tokenizer(cfg)
+    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -135,7 +137,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         processing_class=tok,
     )
     train(trainer, tracker, out, resume)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows)}
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
     if test_rows:
         ev = trainer.evaluate()
         metrics.update(eval_accuracy=float(ev["eval_accuracy"]), eval_margin=float(ev["eval_margin"]),
@@ -145,7 +147,9 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
 
     # 4. publish: LoRA weights (peft format) + score head, atomically
     def write(tmp: Path, state: dict | None) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
+        trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False,
+                                      **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
         score = trainer.model.base_model.model.score
         # peft wraps the fully trained head as modules_to_save; its trained copy is the "default" one
         head = score.modules_to_save["default"] if hasattr(score, "modules_to_save") else score

@@ -69,7 +69,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig, SFTTrainer
 
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_causal_lm, save_tokenizer
 
     out, main = begin(cfg)
 
@@ -124,9 +124,11 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
     kind = "adapter" if cfg.finetune == "lora" else "model"
 
     def write(tmp: Path, state: dict | None) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
-        if kind == "model":
-            tok.save_pretrained(tmp)
+        # the adapter holds LoRA weights only (never the embeddings: a pad row added by
+        # load_tokenizer is rebuilt as zeros by every loader); the tokenizer goes beside it
+        extra = {"save_embedding_layers": False} if kind == "adapter" else {}
+        trainer.model.save_pretrained(tmp, safe_serialization=True, **extra, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
 
     path = publish_trained(trainer, out, kind, write, role="sft", base=base, config=to_dict(cfg),
                            registration=registration, finetune=cfg.finetune)

@@ -216,7 +216,7 @@ def _reward_scorer(base_path: str, dtype: str, reward_adapter: str,
     from rlhf.generation import left_pad
     from rlhf.scoring import last_token_scores
 
-    tok = load_tokenizer(base_path, chat_template=chat_template)
+    tok = load_tokenizer(base_path, chat_template=chat_template, adapter_dir=reward_adapter)
     model = RoleModel(load_causal_lm(base_path, tok, dtype=dtype), None, reward_adapter)
     model.eval()
 

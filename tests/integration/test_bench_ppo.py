@@ -191,3 +191,17 @@ def test_both_sides_end_to_end(bench, tmp_path, capsys):
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last["modes"]) == {"full", "lora"} and last["speedup"] > 0 and last["trl_peak_gb"] > 0
+
+
+def test_the_smollm2_shape_is_the_real_models(bench):
+    """--shape smollm2-135m is SmolLM2-135M: 134,515,008 parameters as a Llama; the Qwen2 build
+    adds q/k/v biases (30 layers x (576 + 192 + 192)). It keeps its own 49152-token vocabulary."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    spec = bench._spec_from_args(bench.parse_args(["--shape", "smollm2-135m"]), "smollm2-135m", cuda=False)
+    assert (spec.vocab, spec.dtype) == (49152, "float32")
+    assert bench.SHAPES["smollm2-135m"] == bench.SHAPES["smollm2"]
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(bench.qwen2_config("smollm2-135m", bench.build_tokenizer(1000), spec.vocab))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008 + 30 * (576 + 192 + 192)

@@ -142,7 +142,7 @@ def test_reference_never_changes_while_the_policy_trains(dpo_setup, ppo_assets, 
                                _logps_with(sft_adapter, ppo_assets.base, batch), atol=1e-4, rtol=1e-5)
 
 
-def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path):
+def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path, capfd):
     """``rlhf dpo --config F``: trains, publishes a reloadable policy adapter that differs from
     the SFT adapter, and compares SFT and DPO samples (RM score, KL, win rate)."""
     from safetensors.torch import load_file
@@ -165,6 +165,9 @@ def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     }))
     out = tmp_path / "dpo"
     assert main(["dpo", "--config", str(cfg_file), f"output_dir={out}", "beta=0.2"]) == 0
+    printed = "".join(capfd.readouterr())
+    assert "[dpo] step 3/3 (100%)" in printed  # the project's progress line, as SFT and reward print
+    assert "{'loss'" not in printed  # not TRL's log dicts (they go to metrics.jsonl and log.txt)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["beta"] == 0.2 and saved["loss_type"] == "ipo"
     adapter = out / "adapter"

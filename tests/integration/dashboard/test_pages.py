@@ -237,3 +237,27 @@ def test_every_stage_status_has_a_styled_badge():
         rule = re.search(rf"\.status-{status}\b[^{{]*\{{([^}}]*)\}}", render._CSS)
         assert rule and "background" in rule.group(1), status
         assert f'class="status status-{status}"' in render._status(status)
+
+
+def test_every_evaluation_metric_has_a_readable_column_header():
+    # the per-prompt metrics the held-out evaluation reports (rlhf/evaluation.py: per["..."])
+    from rlhf.dashboard import render
+
+    source = (Path(render.__file__).parents[1] / "evaluation.py").read_text()
+    names = set(re.findall(r'per\["(\w+)"\]', source))
+    assert {"gold", "gold_win_rate", "win_rate"} <= names
+    for name in names:
+        header = render.SUMMARY_COLUMNS.get(name)
+        assert header and "_" not in header, name
+
+
+def test_run_list_shows_stages_in_pipeline_order(tmp_path):
+    from rlhf.dashboard.data import run_summary
+
+    run = tmp_path / "r"
+    run.mkdir()
+    # written with sorted keys, as the pipeline writes it: ppo, reward, sft
+    (run / "pipeline.json").write_text(json.dumps({"name": "r", "stages": {
+        "ppo": {"status": "running"}, "reward": {"status": "completed"}, "sft": {"status": "completed"}}},
+        sort_keys=True))
+    assert list(run_summary(run)["stages"]) == ["sft", "reward", "ppo"]

@@ -152,3 +152,24 @@ def test_grpo_run_renders_in_the_report_without_a_value_section(ppo_config, tmp_
     assert 'data-stage="ppo"' in page and 'data-section="policy"' in page
     assert "loss/kl" in page
     assert 'data-section="value"' not in page and "explained variance is not logged" not in page
+
+
+@pytest.mark.parametrize("whiten", [None, True])
+def test_rloo_keeps_each_groups_zero_sum_unless_whitening_is_asked_for(whiten, ppo_config, make_rollout):
+    """RLOO's leave-one-out advantages sum to zero within each prompt's group; by default they
+    reach the loss as they are (TRL's RLOO does not normalise). ppo.whiten_advantages: true
+    whitens them over the batch's tokens, which moves each group's sum off zero."""
+    cfg = ppo_config(advantage_estimator="rloo", samples_per_prompt=2, whiten_advantages=whiten)
+    model, tok, _ = _build_model(cfg, torch.device("cpu"))
+    batch = make_rollout(model, tok, cfg)
+    groups = torch.arange(4).repeat_interleave(2)
+    scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
+    adv, _ = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, groups)
+    mask = batch.response_mask
+    per_row = (adv * mask).sum(1) / mask.sum(1)  # one advantage per response, on every token
+    group_sums = per_row.view(4, 2).sum(1)
+    if whiten is None:
+        assert torch.allclose(group_sums, torch.zeros(4), atol=1e-5) and per_row.abs().max() > 0
+    else:
+        assert group_sums.abs().max() > 1e-3
+        assert float((adv * mask).sum() / mask.sum()) == pytest.approx(0.0, abs=1e-5)

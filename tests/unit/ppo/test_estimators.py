@@ -24,7 +24,7 @@ def _batch(scores, kl_lp, mask) -> ScoredRollout:
 def test_the_rows_declare_what_the_stage_and_the_config_rely_on():
     assert {n: (e.needs_critic, e.needs_groups, e.kl_in_reward, e.whiten) for n, e in E.ESTIMATORS.items()} == {
         "gae": (True, False, True, True), "reinforce++": (False, False, True, True),
-        "rloo": (False, True, True, True), "grpo": (False, True, False, False)}
+        "rloo": (False, True, True, False), "grpo": (False, True, False, False)}
     # the config's choices, its samples_per_prompt check and its kl_in_reward default come from the table
     with pytest.raises(ConfigError, match="unknown estimator 'grpo[+]'; choose from gae, reinforce[+][+], rloo, grpo"):
         PPOConfig(advantage_estimator="grpo+")

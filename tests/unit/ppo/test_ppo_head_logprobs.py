@@ -70,3 +70,21 @@ def test_only_entropy_or_only_logprobs_in_the_loss():
     _, want_ent = _naive(hidden, weight, None, labels, 1.0, LogitTransform())
     (w,) = torch.autograd.grad(want_ent.sum(), hidden)
     assert (g - w).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(softcap=3.0), LogitTransform(scale=1.0 / 7.0)],
+                         ids=["gemma-softcap", "granite-scaling"])
+def test_bf16_post_processing_happens_in_the_heads_dtype(transform):
+    """Gemma's soft-cap and Granite's scaling run in bf16 in the model's forward (bf16 head
+    output, then tanh / division in bf16); sampling sees those logits. Ours must match them,
+    not the same transform applied in fp32 (which differs by bf16 rounding, ~1e-3 in logprob)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 6, 32, generator=g) * 2).to(torch.bfloat16)
+    weight = (torch.randn(50, 32, generator=g) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (2, 6), generator=g)
+    head = torch.nn.functional.linear(hidden, weight)  # bf16
+    model_side = torch.log_softmax(transform.apply(head).float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    fp32_side = torch.log_softmax(transform.apply(head.float()), -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert (model_side - fp32_side).abs().max() > 1e-3  # the two differ: the test can tell them apart
+    ours, _ = head_logprobs(hidden, weight, None, labels, 1.0, transform)
+    assert torch.allclose(ours, model_side, atol=1e-6, rtol=0)

@@ -145,3 +145,51 @@ def test_samples_per_prompt_checks_and_the_deprecated_rloo_k():
         from rlhf.config import from_dict
 
         from_dict(PPOConfig, {"loss_aggregation": "sum"}, prefix="ppo")
+
+
+def test_long_prompts_lose_whole_early_turns_and_keep_the_system_turn(tiny_assets):
+    import warnings
+
+    from rlhf.models import load_tokenizer
+    from rlhf.generation import _render_prompt, encode_prompts
+    from rlhf.tasks.synthetic import VOCABULARY
+
+    tok = load_tokenizer(str(tiny_assets.base))
+    words = list(VOCABULARY)
+    system = {"role": "system", "content": " ".join(words[:3])}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": " ".join(words[i: i + 8])},
+                  {"role": "assistant", "content": " ".join(words[i + 1: i + 9])}]
+    last = {"role": "user", "content": " ".join(words[20:24])}
+    convo = [system, *turns, last]
+    kept = [system, *turns[-4:], last]  # what fits: the system turn, two exchanges, the last turn
+    limit = len(_render_prompt(tok, kept))
+    assert len(_render_prompt(tok, [system, *turns[-6:], last])) > limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (ids,) = encode_prompts(tok, [convo], limit)
+    assert ids == _render_prompt(tok, kept)  # whole turns dropped, starting with a user turn
+    assert any("1 of 1 prompts" in str(w.message) and "1 lost early turns" in str(w.message) for w in caught)
+    # the last turn alone is too long: cut from the left, and counted as such
+    (ids,) = encode_prompts(tok, [[system, {"role": "user", "content": " ".join(words * 3)}]], 10)
+    assert len(ids) == 10
+    # short prompts are untouched and nothing is said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_prompts(tok, [[last]], 1000) == [_render_prompt(tok, [last])]
+
+
+def test_a_first_rollout_mostly_cut_off_is_named_with_its_length_and_stop_set():
+    import warnings
+
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import warn_if_cut_off
+
+    cfg = PPOConfig(response_length=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_if_cut_off(0.75, cfg, ["<|im_end|>"])  # a quarter cut off: more than a fifth
+        assert not warn_if_cut_off(0.8, cfg, ["<|im_end|>"])  # exactly a fifth: quiet
+    (w,) = caught
+    assert "25%" in str(w.message) and "response_length=32" in str(w.message) and "<|im_end|>" in str(w.message)

@@ -1,0 +1,97 @@
+"""Two-digit addition in words, checked by a program: the real-model recipe's task
+(``pipelines/smol-arith.yaml``, SmolLM2-135M-Instruct).
+
+Prompt: "What is 47 plus 38? Reply with the number only." The gold reward of a completion is
+1 when its first integer is the sum, plus 0.5 when the completion is the number alone (the
+format the prompt asks for), so 1.5 at best. The SFT demonstrations come from a mediocre
+writer: the right sum in a sentence ("The answer is 85.") most of the time, a sum off by a
+few the rest, so the SFT policy is measurably imperfect on both counts; the preference pairs
+prefer a right sum to a wrong one and the bare number to the sentence. The gold reward is
+used for evaluation only.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+_PROMPT = "What is {a} plus {b}? Reply with the number only."
+_PARSE = re.compile(r"What is (\d+) plus (\d+)\?")
+_NUMBER = re.compile(r"-?\d+")
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+class ArithmeticTask:
+    """Two-digit addition (see the module docstring).
+
+    Args:
+        seed: seeds every list below; evaluation prompts never appear in training.
+        num_sft, num_pairs, num_prompts, num_eval: sizes of the SFT demonstrations, the
+            preference pairs, the PPO prompts and the held-out evaluation prompts.
+        sft_error_rate: fraction of demonstrations with a wrong sum.
+        sft_sentence_rate: fraction of demonstrations answering in a sentence.
+    """
+
+    name = "arithmetic"
+
+    def __init__(self, seed: int = 0, num_sft: int = 512, num_pairs: int = 1024, num_prompts: int = 512,
+                 num_eval: int = 256, sft_error_rate: float = 0.3, sft_sentence_rate: float = 0.7):
+        rng = random.Random(seed)
+        pool = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+        rng.shuffle(pool)
+        self._eval, rest = pool[:num_eval], pool[num_eval:]
+        self._rng_seed = seed
+        self._train = rest
+        self.num_sft, self.num_pairs, self.num_prompts = num_sft, num_pairs, num_prompts
+        self.sft_error_rate, self.sft_sentence_rate = sft_error_rate, sft_sentence_rate
+
+    def _sample(self, offset: int, n: int) -> list[tuple[int, int]]:
+        return [self._train[(offset + i) % len(self._train)] for i in range(n)]
+
+    @staticmethod
+    def _wrong(rng: random.Random, total: int) -> int:
+        return total + rng.choice([-10, -2, -1, 1, 2, 10])
+
+    def prompts(self, split: str) -> list[dict]:
+        pairs = self._eval if split == "eval" else self._sample(0, self.num_prompts)
+        return [{"prompt": _user(_PROMPT.format(a=a, b=b))} for a, b in pairs]
+
+    def sft_examples(self) -> list[dict]:
+        rng = random.Random(self._rng_seed + 1)
+        rows = []
+        for a, b in self._sample(self.num_prompts, self.num_sft):
+            n = a + b if rng.random() >= self.sft_error_rate else self._wrong(rng, a + b)
+            text = f"The answer is {n}." if rng.random() < self.sft_sentence_rate else str(n)
+            rows.append({"prompt": _user(_PROMPT.format(a=a, b=b)), "completion": _assistant(text)})
+        return rows
+
+    def preference_pairs(self) -> list[dict]:
+        rng = random.Random(self._rng_seed + 2)
+        rows = []
+        for a, b in self._sample(self.num_prompts + self.num_sft, self.num_pairs):
+            total = a + b
+            if rng.random() < 0.5:  # a right sum over a wrong one, in either format
+                fmt = (lambda n: str(n)) if rng.random() < 0.5 else (lambda n: f"The answer is {n}.")
+                chosen, rejected = fmt(total), fmt(self._wrong(rng, total))
+            else:  # the bare number over the sentence, both right
+                chosen, rejected = str(total), f"The answer is {total}."
+            rows.append({"prompt": _user(_PROMPT.format(a=a, b=b)), "chosen": _assistant(chosen),
+                         "rejected": _assistant(rejected)})
+        return rows
+
+    def evaluate(self, prompt: str, completion: str) -> float:
+        m = _PARSE.search(prompt)
+        if m is None:
+            raise ValueError(f"not a prompt of this task: {prompt[:80]!r}")
+        total = int(m.group(1)) + int(m.group(2))
+        numbers = _NUMBER.findall(completion)
+        correct = bool(numbers) and int(numbers[0]) == total
+        alone = re.fullmatch(r"\s*-?\d+\.?\s*", completion) is not None
+        return float(correct) + 0.5 * float(correct and alone)

@@ -1,0 +1,29 @@
+"""The real-model recipe's task: the gold reward checks the sum and the format; the SFT data
+is imperfect on both; evaluation prompts never appear in training."""
+
+from __future__ import annotations
+
+from rlhf.tasks.arithmetic import ArithmeticTask
+
+
+def test_gold_reward_checks_the_sum_and_the_format():
+    t = ArithmeticTask()
+    p = "What is 47 plus 38? Reply with the number only."
+    assert t.evaluate(p, "85") == 1.5 and t.evaluate(p, " 85. ") == 1.5
+    assert t.evaluate(p, "The answer is 85.") == 1.0
+    assert t.evaluate(p, "84") == 0.0 and t.evaluate(p, "The answer is 84, not 85.") == 0.0 and t.evaluate(p, "") == 0.0
+
+
+def test_sft_data_is_imperfect_and_eval_prompts_are_held_out():
+    t = ArithmeticTask(num_sft=400)
+    scores = [t.evaluate(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in t.sft_examples()]
+    mean = sum(scores) / len(scores)
+    assert 0.6 < mean < 1.2  # room to improve towards 1.5
+    evals = {r["prompt"][0]["content"] for r in t.prompts("eval")}
+    train = {r["prompt"][0]["content"] for r in t.prompts("train")}
+    train |= {r["prompt"][0]["content"] for r in t.sft_examples()}
+    train |= {r["prompt"][0]["content"] for r in t.preference_pairs()}
+    assert len(evals) == 256 and not evals & train
+    for r in t.preference_pairs()[:50]:
+        p = r["prompt"][0]["content"]
+        assert t.evaluate(p, r["chosen"][0]["content"]) > t.evaluate(p, r["rejected"][0]["content"])
