@@ -215,6 +215,10 @@ def _warnings(m: dict) -> list[str]:
 
 
 def _list(args, home) -> int:
+    root = store.data_root(home)
+    for d in (root, *root.parents):
+        if d.exists() and not d.is_dir():  # e.g. $RLHF_HOME names a file: not "no datasets"
+            raise ValueError(f"{d}: not a directory, so {root} cannot hold datasets (check --home / $RLHF_HOME)")
     rows = []
     for name in store.list_names(home):
         for v in store.versions(name, home):

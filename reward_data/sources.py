@@ -298,6 +298,10 @@ def _iter_jsonl(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any,
                 yield (lineno, RowError("row_too_large", f"line is {oversize} bytes, over max_row_bytes={max_row_bytes}"),
                        line, lineno + 1)
                 continue
+            if lineno == 0 and line.startswith((b"\xff\xfe", b"\xfe\xff")):
+                # every line would fail on its own (UTF-16's newline is two bytes): name the cause once
+                raise ValueError(f"{src.name}: starts with a UTF-16 byte-order mark: it is UTF-16 (or UTF-32) text, "
+                                 "not UTF-8; convert it first, e.g. iconv -f UTF-16 -t UTF-8")
             if fast_loads is not None:
                 # Fast path; any failure (blank line, BOM, invalid UTF-8, NaN, surrogate escapes,
                 # big ints, deep nesting, malformed JSON) falls through to the exact stdlib path below.

@@ -157,7 +157,11 @@ class VersionWriter:
         self.name_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(self.name_dir)
         self.tmp = self.name_dir / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except FileNotFoundError:  # a failed ingest of the same name removed the empty folder just now
+            self.name_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
         self.published: Path | None = None
         self.files: dict[str, OutputFile] = {}
         try:
@@ -176,6 +180,10 @@ class VersionWriter:
                 f.discard()
         if self.published is None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            try:
+                self.name_dir.rmdir()  # a failed first ingest leaves no empty dataset folder behind
+            except OSError:
+                pass  # it holds versions (or another ingest's temporary directory)
 
     def content_hash(self) -> str:
         """Hash of all record files: equal for equal inputs and options, whatever the time or path."""

@@ -81,11 +81,16 @@ def set_rng_state(state: dict) -> None:
 
 def write_checkpoint_dir(root: Path, name: str, writer) -> Path:
     """Create ``root/name`` atomically: ``writer(tmp_dir)`` fills a temporary directory that is
-    then renamed into place, so a killed run never leaves a half checkpoint under ``name``."""
+    then renamed into place, so a killed run never leaves a half checkpoint under ``name``.
+
+    The checkpoint carries ``root``'s config fingerprint (:func:`rlhf.runs.stamp_checkpoint`)
+    and the umask's mode, like the rest of the run directory."""
     from rlhf.atomic import write_dir
+    from rlhf.runs import stamp_checkpoint
 
     def fill(tmp: Path) -> None:
         writer(tmp)
+        stamp_checkpoint(tmp)
         (tmp / "COMPLETE").write_text("ok")
 
     return write_dir(root / name, fill)

@@ -6,8 +6,9 @@ prints a stage's or a recipe's fully resolved config. ``--help`` never starts an
 
 The console shows stage headers, progress and the final table; the trainers' per-step
 numbers go to the tracker and ``<run_dir>/<stage>/log.txt`` (``--verbose`` prints them too).
-A broken pipe (``rlhf data show X | head``) and Ctrl-C end quietly with the conventional
-exit status, 141 and 130.
+A broken pipe (``rlhf data show X | head``), Ctrl-C and SIGTERM (``scancel``, ``docker
+stop``) end quietly with the conventional exit status, 141, 130 and 143; SIGTERM is handled
+like Ctrl-C: the stage is marked interrupted and the run directory's lock released.
 """
 
 from __future__ import annotations
@@ -370,14 +371,31 @@ def _dispatch(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"rlhf {cmd}: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # a registry that cannot be used (an emptied or damaged database): one line with the
+        # recovery hint, as the registry commands print it. (Only a loaded registry raises one.)
+        entry = sys.modules.get("rlhf.registry.entry")
+        if entry is None or not isinstance(e, entry.RegistryError):
+            raise
+        print(f"rlhf {cmd}: registry error: {e}", file=sys.stderr)
+        return 1
     print(f"rlhf: unknown command {cmd!r}\n\n{_top_help()}", file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``rlhf ARGV``; returns the exit status (argparse's exits included, so tests can call it)."""
+    import signal
+    import threading
+
+    from rlhf.runs import Terminated, handle_sigterm
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        handle_sigterm()
     try:
         try:
             status = _dispatch(argv)
@@ -387,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             status = e.code or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return status
+    except Terminated:
+        print("\nrlhf: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         # Ctrl-C: no traceback; 128 + SIGINT, as shells report it
         print("\nrlhf: interrupted", file=sys.stderr)
@@ -397,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,13 @@ class PPOConfig:
     model: ModelConfig = _help("Base model (the same base as the earlier stages).", default_factory=ModelConfig)
     sft_adapter: str = _help("SFT adapter: a directory or a registry reference (reference and policy init). Set by the pipeline.", default="")
     reward_adapter: str = _help("Reward adapter (with head.safetensors): a directory or a registry reference. Set by the pipeline.", default="")
+    rewards: list[dict] = _help(
+        "Weighted reward sources; a response's score is sum(weight * value). Entries: {rm: reward} (the reward "
+        "model, i.e. reward_adapter), {fn: 'pkg.mod:func' or 'file.py:func' (recipe-relative) or 'task' (the "
+        "task's evaluate)}, {http: 'https://...', timeout: 30, retries: 2}; each takes weight (1.0) and name. "
+        "Functions get (prompts, completions, metadata) lists and return one float per row; see "
+        "rlhf/reward_sources.py. Empty: [{rm: reward}]. Without an rm source no reward model is loaded.",
+        default_factory=list)
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout
@@ -249,6 +256,35 @@ class PPOConfig:
     gamma: float = _help("Discount.", range="[0, 1]", default=1.0)
     lam: float = _help("GAE lambda.", range="[0, 1]", default=0.95)
     cliprange: float = _help("Policy ratio clip.", range="> 0", default=0.2)
+    clip_low: float | None = _help(
+        "Lower policy ratio clip: the ratio is clipped at 1 - clip_low (null: cliprange).", range="(0, 1)", default=None)
+    clip_high: float | None = _help(
+        "Upper policy ratio clip: 1 + clip_high (null: clip_low). Above clip_low it is DAPO's clip-higher (0.2 / 0.28 "
+        "in arXiv 2503.14476): unlikely tokens with a positive advantage can grow further, against entropy collapse.",
+        range="> 0", default=None)
+    importance_ratio: Literal["token", "sequence"] = _help(
+        "token: PPO's per-token importance ratio. sequence: GSPO's (arXiv 2507.18071) one ratio per response, the "
+        "geometric mean of its token ratios, clipped as a whole; use it with a critic-free estimator, "
+        "loss_aggregation seq-mean-token-mean and much smaller clips (GSPO: 3e-4 / 4e-4).", default="token")
+    overlong_buffer: int = _help(
+        "DAPO's soft overlong punishment: the last overlong_buffer tokens before response_length lower the score "
+        "linearly, down to -overlong_penalty at response_length (0: off).", range=">= 0", default=0)
+    overlong_penalty: float = _help("The score penalty at response_length (overlong_buffer > 0).", range=">= 0",
+                                    default=1.0)
+    mask_truncated: bool = _help(
+        "Take responses that reached response_length without a stop token out of the policy loss (DAPO's overlong "
+        "filtering): their reward judges an unfinished text. They still count in the rollout statistics.",
+        default=False)
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling (needs samples_per_prompt >= 2): drop the prompts whose samples all score alike "
+        "(their group-relative advantages are 0) and sample more prompts until the batch is full again, at most "
+        "dynamic_sampling_max_rounds rollouts per update; a batch still short is filled with dropped groups "
+        "(metrics dynamic_sampling/*).", default=False)
+    dynamic_sampling_max_rounds: int = _help("Most rollouts per update with dynamic_sampling (the first included).",
+                                             range="> 0", default=4)
+    minibatch_whole_groups: bool = _help(
+        "Keep each prompt's samples_per_prompt responses together in one minibatch (the minibatch size must be a "
+        "multiple of samples_per_prompt); false shuffles single responses.", default=False)
     cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
     entropy_coef: float = _help("Entropy bonus coefficient.", range=">= 0", default=0.0)
@@ -273,6 +309,17 @@ class PPOConfig:
     eval_min_prompts: int = _help(
         "Least held-out prompts; a smaller split (eval_fraction of few prompts) warns and uses this many.",
         range=">= 1", default=32)
+    watchdog: Literal["auto", "on", "off"] = _help(
+        "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
+        "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
+        "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
+        "on whenever a judge exists (the task's objective when it is not a training reward, or watchdog_judge).",
+        default="auto")
+    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
+                                   "stops the run.", range=">= 1", default=2)
+    watchdog_judge: str = _help(
+        "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
+        "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
@@ -317,6 +364,26 @@ class PPOConfig:
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        from rlhf.reward_sources import parse_reward_sources
+
+        sources = parse_reward_sources(self.rewards)
+        if ESTIMATORS[self.advantage_estimator].needs_critic and not any(src.kind == "rm" for src in sources):
+            raise ConfigError(f"ppo.rewards: advantage_estimator {self.advantage_estimator} needs a reward model "
+                              "source ({rm: reward}): its critic starts from the reward model; use a critic-free "
+                              "estimator (grpo, rloo, reinforce++) with only fn/http rewards")
+        if self.clip_low is None:
+            self.clip_low = self.cliprange
+        if self.clip_high is None:
+            self.clip_high = self.clip_low
+        if self.overlong_buffer > self.response_length:
+            raise ConfigError(f"ppo.overlong_buffer ({self.overlong_buffer}) must be at most ppo.response_length "
+                              f"({self.response_length})")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ConfigError("ppo.dynamic_sampling needs ppo.samples_per_prompt >= 2 (it drops prompts whose "
+                              f"samples all score alike), got {self.samples_per_prompt}")
+        if self.minibatch_whole_groups and mb % self.samples_per_prompt:
+            raise ConfigError(f"ppo.minibatch_whole_groups: the minibatch size ({mb} = rollout_batch_size / "
+                              f"num_minibatches) must be a multiple of ppo.samples_per_prompt ({self.samples_per_prompt})")
         if self.kl_in_reward is None:
             self.kl_in_reward = ESTIMATORS[self.advantage_estimator].kl_in_reward
         if self.kl_estimator is None:
@@ -553,10 +620,10 @@ def _convert(tp, value, key: str):
         others = [a for a in args if a is not type(None)]
         if len(others) == 1 and typing.get_origin(others[0]) is Literal:  # a choice or null: list the choices
             raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -564,11 +631,11 @@ def _convert(tp, value, key: str):
         return from_dict(tp, value, prefix=key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short_repr(value)}")
         return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -578,19 +645,21 @@ def _convert(tp, value, key: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short_repr(value)}")
+        if not -(2**63) <= value < 2**63:  # torch and numpy hold 64-bit integers: no run can mean more
+            raise ConfigError(f"{key}: {short_repr(value)} is outside the 64-bit integers (|value| < 2**63)")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -630,9 +699,9 @@ def check_range(key: str, value, spec: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return  # unset optional, or a type error that _convert reports
     if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number ({spec}), got {value}")
+        raise ConfigError(f"{key} must be a finite number ({spec}), got {short_repr(value)}")
     if not any(test(value) for test in _range_tests(spec)):
-        raise ConfigError(f"{key} must be {'in ' + spec if spec[0] in '[(' else spec}, got {value}")
+        raise ConfigError(f"{key} must be {'in ' + spec if spec[0] in '[(' else spec}, got {short_repr(value)}")
 
 
 def check_ranges(obj, prefix: str | None = None) -> None:
@@ -649,10 +718,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
     and values outside a field's range raise ConfigError naming the dotted key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], fields, where)} "
+        name = str(unknown[0])
+        hint = did_you_mean(name, fields, where) if len(name) <= 100 else ""
+        raise ConfigError(f"unknown key {where}{short_repr(name)[1:-1] if len(name) > 80 else name}{hint} "
                           f"(valid keys: {', '.join(sorted(fields))})")
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     # ranges before construction, so that __post_init__'s cross-field checks never divide by 0
@@ -675,18 +746,79 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+#: Deepest nesting a recipe or an override may have; real ones stay under 6 levels.
+MAX_YAML_DEPTH = 100
+
+
+class _RecipeYAMLError(yaml.YAMLError):
+    """A recipe uses an alias or nests too deeply (raised while composing, before expanding)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two limits, checked before anything is built.
+
+    Aliases are refused: nine aliases of nine aliases of ... make a 1 KB "billion laughs"
+    document whose expansion is gigabytes, and a recipe never needs them (write the value
+    twice). Nesting deeper than :data:`MAX_YAML_DEPTH` is refused too, before PyYAML's
+    recursive composer runs out of stack.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RecipeYAMLError(f"YAML aliases (*{event.anchor[:40]}) are not allowed, line "
+                                   f"{event.start_mark.line + 1}; write the value out instead")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_load(text: str):
+    """``yaml.safe_load`` without aliases and without absurd nesting (see :class:`_RecipeLoader`)."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # a deep flow collection can exhaust the scanner's stack first
+        raise _RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's conversion limit)
+        raise _RecipeYAMLError(f"a value cannot be read: {str(e)[:120]}") from None
+    finally:
+        loader.dispose()
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about values of any size.
+
+    A list or mapping is summarised by its type and length instead of being formatted whole
+    (a nested value can be huge; formatting it first and cutting afterwards would not help).
+    """
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value[: limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except _RecipeYAMLError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {_one_line(e)}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(e)[:300]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -700,12 +832,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {short_repr(item)} must look like key.sub=value")
         key, raw = item.split("=", 1)
+        key = key[:200]
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _safe_load(raw) if raw != "" else ""
+        except _RecipeYAMLError as e:
+            raise ConfigError(f"override {key}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: invalid YAML value {raw!r}: {_one_line(e)}") from None
+            raise ConfigError(f"override {key}: invalid YAML value {short_repr(raw)}: {_one_line(e)[:300]}") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

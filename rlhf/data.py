@@ -66,11 +66,19 @@ def prompt_messages(row: dict, where: str) -> list[dict]:
 def load_prompts(source: str, split: str = "train") -> list[list[dict]]:
     """PPO prompts as message lists, from a file/dataset or a reward_data reference (its
     ``split``: train prompts for training, test prompts for evaluation)."""
+    return [messages for messages, _ in load_prompt_rows(source, split)]
+
+
+def load_prompt_rows(source: str, split: str = "train") -> list[tuple[list[dict], dict]]:
+    """``(messages, metadata)`` per prompt row: the prompt as :func:`load_prompts` reads it,
+    and the row's other columns (e.g. the reference answer a verifiable reward checks;
+    ``{}`` for a reward_data reference), which PPO's reward functions receive."""
     from rlhf.resolve import is_store_ref
 
     if is_store_ref(source):
         import reward_data
 
-        return [rec["prompt"] for rec in reward_data.read_split(source, split)]
+        return [(rec["prompt"], {}) for rec in reward_data.read_split(source, split)]
     rows = load_rows(source)
-    return [prompt_messages(r, f"{source} row {i}") for i, r in enumerate(rows)]
+    return [(prompt_messages(r, f"{source} row {i}"), {k: v for k, v in r.items() if k != "prompt"})
+            for i, r in enumerate(rows)]

@@ -100,7 +100,8 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
             if gold is not None:
                 per["gold"].append(gold)
             rows.append({"prompt": prompt, "completion": text, "score": float(scores[i]) if model.has_reward else None,
-                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1]})
+                         "gold": gold, "length": per["length"][-1], "kl": per["kl"][-1],
+                         "stopped": bool(batch.has_stop[i])})
         if on_batch is not None:
             on_batch(len(texts))
     if reference:

@@ -99,8 +99,12 @@ def load_policy(ref: str, dtype: str | None = None, device: str | None = None, h
     from rlhf.config import ConfigError
     from rlhf.models import load_causal_lm, load_tokenizer
 
+    from rlhf.resolve import check_safetensors
+
     kind, where = resolve_policy(ref, home)
     template, saved_dtype = "", "float32"
+    if kind == "adapter" or Path(where).is_dir():
+        check_safetensors(ref, Path(where))  # a pickled .bin is never loaded: one line, as for bases
     if kind == "adapter":
         meta = Path(where) / METADATA_FILE
         role = json.loads(meta.read_text()).get("role") if meta.is_file() else None

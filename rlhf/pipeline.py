@@ -18,7 +18,6 @@ to ``<run_dir>/task/`` and read like user data, and its gold reward judges the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from rlhf.config import (
     to_dict,
 )
 from rlhf.resolve import check_base, check_input
+from rlhf.runs import file_hash as _file_hash, fingerprint as _fingerprint
 from rlhf.stages import STAGES, run_stage
 from rlhf.stages.common import Registration, safe_name as _safe_name
 from rlhf.tasks import Task
@@ -109,6 +109,14 @@ def _resolve_recipe_paths(data: dict, base: Path) -> dict:
     if isinstance(task, dict) and isinstance(task.get("module"), str) and ".py:" in task["module"]:
         path, _, attr = task["module"].rpartition(":")
         task["module"] = f"{_recipe_relative(path, base)}:{attr}"
+    ppo = data.get("ppo")
+    if isinstance(ppo, dict) and isinstance(ppo.get("watchdog_judge"), str) and ".py:" in ppo["watchdog_judge"]:
+        path, _, attr = ppo["watchdog_judge"].rpartition(":")
+        ppo["watchdog_judge"] = f"{_recipe_relative(path, base)}:{attr}"
+    for entry in (ppo.get("rewards") if isinstance(ppo, dict) else None) or []:  # {fn: file.py:func}, recipe-relative
+        if isinstance(entry, dict) and isinstance(entry.get("fn"), str) and ".py:" in entry["fn"]:
+            path, _, attr = entry["fn"].rpartition(":")
+            entry["fn"] = f"{_recipe_relative(path, base)}:{attr}"
     return data
 
 
@@ -177,6 +185,18 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             src_stage = source.split("/")[0]
             if key in row.wired or (stage in stages and src_stage in stages[: stages.index(stage)]):
                 stage_data[stage][key] = str(run_dir / source)
+    from rlhf.reward_sources import parse_reward_sources
+
+    try:
+        ppo_rm = any(src.kind == "rm" for src in parse_reward_sources(stage_data["ppo"].get("rewards", [])))
+    except ConfigError as e:
+        raise ConfigError(f"ppo: {e}") from None
+    if not ppo_rm:  # only fn/http rewards: no reward model is loaded, none is needed before PPO
+        stage_data["ppo"].pop("reward_adapter", None)
+    elif "ppo" in stages and "reward" not in stages[: stages.index("ppo")]:
+        raise ConfigError(f"stages: ppo scores with the reward model (ppo.rewards has {{rm: reward}}, the default), "
+                          f"so reward must be listed before ppo (got {list(stages)}); with only fn/http rewards "
+                          "and a critic-free estimator, [sft, ppo] needs no reward stage")
     configs = {}
     for stage, row in STAGES.items():  # in table order: a stage inherits only from the rows above it
         for key, source in row.inherits.items():
@@ -223,21 +243,6 @@ def _check_stages(stages: list[str]) -> tuple[str, ...]:
     return tuple(stages)
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_hash(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        return f"ref:{path}"
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _without_paths(cfg: dict, row) -> dict:
     """Config used for fingerprints: the output dir and wiring paths are implied by the run dir."""
     implied = {"output_dir", *row.wired, *row.wired_if_run}
@@ -275,6 +280,8 @@ class Pipeline:
             deps = [fps.get(s) for s in row.requires]
             deps += [fps.get(source.split("/")[0]) if getattr(cfg, key) else None
                      for key, source in row.wired_if_run.items()]
+            data += [_file_hash(e["fn"].rpartition(":")[0]) for e in getattr(cfg, "rewards", ())
+                     if ".py:" in str(e.get("fn", ""))]  # an edited reward function reruns PPO
             fps[stage] = _fingerprint([_without_paths(to_dict(cfg), row), *data, *deps])
         return fps
 
@@ -284,29 +291,15 @@ class Pipeline:
         Raises:
             RunDirLocked: another process is running in the same run directory.
         """
-        from rlhf import distributed as dist
-        from rlhf.runs import RunDirLocked, RunLock
+        from rlhf.runs import locked
 
         if from_stage is not None and from_stage not in self.p.stages:
             raise ConfigError(f"--from: {from_stage!r} is not a stage of this recipe "
                               f"(stages: {', '.join(self.p.stages)})")
-        # Rank 0 holds the lock (the kernel drops it when the process dies, however it dies);
-        # every rank learns whether it got it, so no rank waits forever in a barrier.
-        lock, error = RunLock(self.p.run_dir), None
-        if dist.is_main():
-            try:
-                lock.acquire()
-            except RunDirLocked as e:
-                error = str(e)
-        error = dist.broadcast_object(error)
-        if error is not None:
-            raise RunDirLocked(error)
-        # every stage (rlhf.stages.make_reproducible) and every launched rank reads it
-        os.environ["RLHF_NUM_THREADS"] = str(self.p.pipeline.num_threads)
-        try:
+        with locked(self.p.run_dir):
+            # every stage (rlhf.stages.make_reproducible) and every launched rank reads it
+            os.environ["RLHF_NUM_THREADS"] = str(self.p.pipeline.num_threads)
             return self._run(from_stage, resume)
-        finally:
-            lock.release()
 
     def _mark_dead_stages(self, registry) -> None:
         """Stages still "running" under our lock belong to a process that is gone: mark them
@@ -368,7 +361,8 @@ class Pipeline:
                 if dist.is_main():
                     print(f"[pipeline] {stage}: unchanged since its last run, skipped")
                 continue
-            stage_resume = resume and st.get("fingerprint") == fps[stage] and st.get("status") in _RESUMABLE
+            # the stage refuses a checkpoint written under another fingerprint (rlhf.runs.prepare_checkpoints)
+            stage_resume = resume and st.get("status") in _RESUMABLE
             run_ref = (registry.start_run(stage, to_dict(p.configs[stage]), inputs=[], pipeline=p.pipeline.name,
                                           name=f"{_safe_name(p.pipeline.name)}-{stage}-run") if registry else None)
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
@@ -380,7 +374,7 @@ class Pipeline:
                                          base=self.state.get("base_ref")) if registry else None)
             try:
                 result = run_stage(stage, p.configs[stage], group=p.pipeline.name, resume=stage_resume, task=task,
-                                   registration=registration)
+                                   registration=registration, fingerprint=fps[stage])
             except BaseException as e:
                 # Ctrl-C is an interruption; anything else (an error, SystemExit) a failure
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -426,9 +420,10 @@ class Pipeline:
         held-out accuracy or margin below the recipe's ``reward_gate`` thresholds (the summary
         is written first)."""
         gate = self.p.pipeline.reward_gate
-        if not gate.enabled:
+        row = STAGES[stage]
+        if not gate.enabled or not getattr(self.p.configs[stage], "reward_adapter", ""):  # no reward model: no gate
             return
-        rm = STAGES[stage].wired["reward_adapter"].split("/")[0]  # the stage that trained the reward model
+        rm = {**row.wired, **row.wired_if_run}["reward_adapter"].split("/")[0]  # the stage that trained the reward model
         m = self.state["stages"].get(rm, {}).get("metrics", {})
         acc, margin = m.get("eval_accuracy"), m.get("eval_margin")
         problems = []
@@ -483,6 +478,9 @@ class Pipeline:
             "win_rate_rm_se": ppo_m.get(summary.key(summary.TRAINED, "win_rate", "se")),
             "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
+        # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
+        out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
+                    if k.startswith("watchdog/")})
         if st.get("ppo", {}).get("status") == "blocked":
             out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:

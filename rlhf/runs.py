@@ -8,15 +8,26 @@
   that is gone: :data:`KILLED_REASON` marks it ``killed`` (the pipeline does this on start).
 * :func:`trim_logs` drops the metric and sample rows a stage logged after the checkpoint
   it resumes from, so the resumed stage logs those steps once, not twice.
+* :func:`prepare_checkpoints` makes ``--resume`` continue only what the same config wrote:
+  a stage that starts afresh moves the old ``checkpoints/`` aside (to
+  ``checkpoints.previous``) and stamps the new one with its config fingerprint; every
+  checkpoint carries the stamp too; a resume whose checkpoint carries another fingerprint
+  (or none) is refused with one line.
+* :class:`Terminated`: SIGTERM (SLURM's ``scancel``, ``docker stop``) ends a run like Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
+import signal
 import socket
+import sys
 from pathlib import Path
 
 from rlhf.atomic import write_text
@@ -75,8 +86,83 @@ class RunLock:
         self.release()
 
 
-def resume_step(output_dir: str | os.PathLike) -> int | None:
-    """The step of the newest complete checkpoint under ``output_dir/checkpoints``, or None.
+@contextlib.contextmanager
+def locked(run_dir: str | os.PathLike):
+    """Hold ``run_dir``'s :class:`RunLock` for the body, on every process of a launched job.
+
+    Rank 0 takes the lock (the kernel drops it when the process dies, however it dies);
+    every rank learns whether it got it, so no rank waits forever in a barrier.
+
+    Raises:
+        RunDirLocked: another process holds the lock.
+    """
+    from rlhf import distributed as dist
+
+    lock, error = RunLock(run_dir), None
+    if dist.is_main():
+        try:
+            lock.acquire()
+        except RunDirLocked as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise RunDirLocked(error)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM; handled like Ctrl-C (the stage is marked interrupted,
+    the lock released), and the command exits 143 (128 + SIGTERM)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this process (main thread only)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints that belong to one config
+
+FINGERPRINT_FILE = "rlhf_fingerprint.json"  # in checkpoints/ and in every checkpoint under it
+PREVIOUS = "checkpoints.previous"  # where a fresh start moves the checkpoints of the one before
+
+
+def fingerprint(obj) -> str:
+    """A short hash of a JSON-like value (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    """SHA-256 of a file's bytes; ``ref:<path>`` for anything that is not a file (a hub id,
+    a store reference, a directory)."""
+    p = Path(path)
+    if not p.is_file():
+        return f"ref:{path}"
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_fingerprint(config: dict) -> str:
+    """The fingerprint of a stage run alone: its config without ``output_dir``, and the
+    bytes of every file a config value names (datasets, prompts). ``rlhf run`` uses the
+    pipeline's own fingerprints instead, which also cover the stages a stage consumes."""
+    values = {k: v for k, v in config.items() if k != "output_dir"}
+    files = {k: file_hash(v) for k, v in values.items() if isinstance(v, str) and v and Path(v).is_file()}
+    return fingerprint([values, files])
+
+
+def newest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """``(step, directory)`` of the newest complete checkpoint under ``output_dir/checkpoints``.
 
     Both layouts count: transformers' ``checkpoint-N`` (complete once ``trainer_state.json``
     is written) and our PPO ``update-N`` (complete once ``COMPLETE`` is written). N is the
@@ -85,13 +171,66 @@ def resume_step(output_dir: str | os.PathLike) -> int | None:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    steps = []
+    found = []
     for d in root.iterdir():
         prefix, _, number = d.name.rpartition("-")
         marker = {"checkpoint": "trainer_state.json", "update": "COMPLETE"}.get(prefix)
         if marker and number.isdigit() and (d / marker).exists():
-            steps.append(int(number))
-    return max(steps, default=None)
+            found.append((int(number), d))
+    return max(found, default=None)
+
+
+def resume_step(output_dir: str | os.PathLike) -> int | None:
+    """The step of the newest complete checkpoint under ``output_dir/checkpoints``, or None."""
+    found = newest_checkpoint(output_dir)
+    return found[0] if found else None
+
+
+def _stamp(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / FINGERPRINT_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stamp_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Copy the config fingerprint of ``checkpoints/`` into one checkpoint under it."""
+    checkpoint = Path(checkpoint)
+    fp = _stamp(checkpoint.parent)
+    if fp is not None:
+        (checkpoint / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+
+
+def prepare_checkpoints(output_dir: str | os.PathLike, fp: str, resume: bool) -> bool:
+    """Make ``output_dir/checkpoints`` hold only checkpoints of config fingerprint ``fp``;
+    returns whether there is one to resume from. Call it holding the directory's lock.
+
+    With ``resume`` and a complete checkpoint, that checkpoint must carry ``fp`` (its own
+    stamp, or the folder's for one killed between its files): otherwise ConfigError. Else
+    (a fresh start, or nothing to resume) anything in ``checkpoints/`` moves to
+    ``checkpoints.previous`` (replacing an older one) and the new folder is stamped ``fp``.
+    """
+    out = Path(output_dir)
+    root = out / "checkpoints"
+    found = newest_checkpoint(out) if resume else None
+    if found is not None:
+        step, d = found
+        have = _stamp(d) or _stamp(root)
+        if have == fp:
+            return True
+        why = f"fingerprint {have}" if have else "no config fingerprint (written before rlhf stamped them)"
+        raise ConfigError(f"--resume: checkpoint {d} was written under another config ({why}, this config is {fp}); "
+                          f"rerun with the config that wrote it, or without --resume to start afresh (the old "
+                          f"checkpoints then move to {out / PREVIOUS})")
+    if root.exists() and any(p.name != FINGERPRINT_FILE for p in root.iterdir()):
+        previous = out / PREVIOUS
+        if previous.exists():
+            shutil.rmtree(previous)
+        shutil.move(root, previous)  # a rename: the same filesystem
+        print(f"[{out.name}] starting afresh: earlier checkpoints moved to {previous}", file=sys.stderr)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text(root / FINGERPRINT_FILE, json.dumps({"fingerprint": fp}))
+    return False
 
 
 def trim_logs(output_dir: str | os.PathLike, keep_through: int | None) -> int:

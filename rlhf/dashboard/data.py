@@ -192,6 +192,12 @@ def _sorted_metrics(series: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(series.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
+def _finite_or_as_is(value: Any) -> Any:
+    """A number as a finite float or None (NaN, infinity); anything else unchanged."""
+    number = _number(value)
+    return value if number is False else number
+
+
 def _load_samples(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     """Rows of samples.jsonl: step, prompt, completion, score, gold, plus any other numeric
     field the stage logged per sample (e.g. ``length`` in tokens, ``kl``)."""
@@ -201,12 +207,18 @@ def _load_samples(path: Path, problems: list[str]) -> list[dict[str, Any]]:
         if missing:
             problems.append(f"{path} line {number}: missing field(s) {', '.join(missing)}")
             continue
+        step = _number(row["step"])
+        if not isinstance(step, float):  # NaN, infinite or not a number: no step to show it under
+            problems.append(f"{path} line {number}: step {str(row['step'])[:40]} is not a finite number")
+            continue
+        # a NaN score or gold (Python's json writes and reads NaN) shows as missing, as in the
+        # curves; it would otherwise reach the charts' JSON, which has no NaN
         sample = {
-            "step": row["step"],
+            "step": int(step) if step.is_integer() else step,
             "prompt": str(row["prompt"]),
             "completion": str(row["completion"]),
-            "score": row.get("score"),
-            "gold": row.get("gold"),
+            "score": _finite_or_as_is(row.get("score")),
+            "gold": _finite_or_as_is(row.get("gold")),
         }
         for key, value in row.items():
             if key not in sample and key != "time" and _number(value) is not False:

@@ -20,6 +20,7 @@ from rlhf.ppo.rewards import (
     last_token_index,
     per_token_rewards,
 )
+from rlhf.ppo.verifiable import informative_groups, overlong_penalty, truncated_loss_mask
 
 __all__ = [
     "aggregation_weights",
@@ -32,6 +33,7 @@ __all__ = [
     "entropy_from_logits",
     "first_stop_truncate",
     "head_logprobs",
+    "informative_groups",
     "kl_penalty",
     "last_token_index",
     "logprob_diff_stats",
@@ -40,11 +42,13 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "per_token_rewards",
     "policy_loss",
     "ppo_minibatch_indices",
     "reinforce_pp_returns",
     "rloo_advantages",
     "truncated_is_weights",
+    "truncated_loss_mask",
     "value_loss",
 ]

@@ -9,7 +9,7 @@ __all__ = ["ppo_minibatch_indices"]
 
 
 def ppo_minibatch_indices(
-    batch_size: int, num_minibatches: int, generator: torch.Generator | None = None
+    batch_size: int, num_minibatches: int, generator: torch.Generator | None = None, group_size: int = 1
 ) -> list[Tensor]:
     """Shuffle the rollout once and split it into equal minibatches.
 
@@ -18,11 +18,16 @@ def ppo_minibatch_indices(
     minibatches" holds exactly; an uneven last minibatch
     would be a noisier, differently scaled step.
 
+    With ``group_size`` k > 1 the rows come in groups of k adjacent rows (the samples of
+    one prompt): the groups are shuffled, never split, so every minibatch holds whole
+    groups and each optimizer step sees a prompt's samples together.
+
     Args:
         batch_size: number of episodes in the rollout batch.
         num_minibatches: minibatches per epoch; must divide ``batch_size``.
         generator: a seeded ``torch.Generator`` so that resumed runs replay
             the same order; None uses the global RNG.
+        group_size: rows per group; must divide the minibatch size.
 
     Returns:
         ``num_minibatches`` LongTensors of shape ``(batch_size // num_minibatches,)``,
@@ -41,6 +46,10 @@ def ppo_minibatch_indices(
             f"batch_size {batch_size} is not divisible by num_minibatches {num_minibatches}; "
             f"choose a batch size that is a multiple of it"
         )
+    if group_size < 1 or (batch_size // num_minibatches) % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 1 and divide the minibatch size "
+                         f"{batch_size // num_minibatches}")
     device = generator.device if generator is not None else "cpu"
-    permutation = torch.randperm(batch_size, generator=generator, device=device)
+    groups = torch.randperm(batch_size // group_size, generator=generator, device=device)
+    permutation = (groups[:, None] * group_size + torch.arange(group_size, device=device)).reshape(-1)
     return list(permutation.view(num_minibatches, -1).unbind(0))

@@ -86,14 +86,27 @@ def policy_loss(
     clip_range: float = 0.2,
     normalizer: float | Tensor | None = None,
     weights: Tensor | None = None,
+    clip_high: float | None = None,
+    ratio_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017), token level.
+    """PPO clipped surrogate loss (Schulman et al. 2017), token or sequence level.
 
     Per token, with ``ratio = exp(logprobs - old_logprobs)``:
-    ``pg = max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))``. Once the ratio
+    ``pg = max(-A * ratio, -A * clip(ratio, 1 - c_low, 1 + c_high))``. Once the ratio
     has moved past the clip boundary in the direction the advantage favours,
     the clipped branch is the max and is constant in the ratio, so that token
     stops contributing gradient.
+
+    Decoupled clipping (DAPO, Yu et al. 2025, arXiv 2503.14476): ``clip_high`` above
+    ``clip_range`` lets unlikely tokens with a positive advantage grow further before
+    the clip stops them ("clip-higher", against entropy collapse); 0.2 / 0.28 in the paper.
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, arXiv 2507.18071): one
+    importance ratio per response, ``s_i = exp(mean_t (logprobs - old_logprobs))`` over
+    its real tokens, clipped as a whole. It is applied in the paper's GSPO-token form,
+    ``s_i * exp(logprobs_t - sg(logprobs_t))`` per token: the value of every token's
+    ratio is ``s_i`` and, with the same advantage on every token (the critic-free
+    estimators) and ``seq-mean-token-mean`` aggregation, loss and gradient are GSPO's.
 
     Args:
         logprobs: current policy log-probabilities ``(batch, response_len)``,
@@ -102,13 +115,15 @@ def policy_loss(
             (treated as constants).
         advantages: ``(batch, response_len)`` (constants; usually whitened).
         mask: ``(batch, response_len)``, 1 on real tokens, 0 on padding.
-        clip_range: c, 0.2 in the references.
+        clip_range: c (the lower clip, 1 - c), 0.2 in the references.
         normalizer: divisor of the masked sum; defaults to the number of real
             tokens in ``mask``. Pass the token count of the whole minibatch
             when accumulating micro-batches.
         weights: per-token weights ``(batch, response_len)`` from
             :func:`aggregation_weights`; when given, the loss is
             ``sum(weights * pg)`` and ``normalizer`` is ignored.
+        clip_high: the upper clip (1 + clip_high); None uses ``clip_range``.
+        ratio_level: ``"token"`` (PPO) or ``"sequence"`` (GSPO).
 
     Returns:
         ``(loss, stats)``: the scalar loss, and detached scalar tensors
@@ -131,9 +146,17 @@ def policy_loss(
     old_logprobs = _zero_padding(old_logprobs.detach(), real)
     advantages = _zero_padding(advantages.detach(), real)
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        lengths = mask.float().sum(dim=1, keepdim=True).clamp(min=1.0)
+        seq_log_ratio = (log_ratio.sum(dim=1, keepdim=True) / lengths).detach()
+        ratio = torch.exp(seq_log_ratio + logprobs - logprobs.detach())
+    elif ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected token or sequence")
+    high = clip_range if clip_high is None else clip_high
     pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     pg = torch.maximum(pg_unclipped, pg_clipped)
     if weights is None:
         loss = _normalise(masked_sum(pg, mask), mask, normalizer)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from rlhf.ppo.rewards import first_stop_truncate
 
-__all__ = ["Sampled", "ScoredRollout", "finish_responses"]
+__all__ = ["Sampled", "ScoredRollout", "concat_rows", "finish_responses"]
 
 
 def _rows(obj, idx: Tensor):
@@ -108,6 +108,27 @@ class ScoredRollout(_Rows):
         """``sampled`` plus its scores (every argument required, shapes as in the class doc)."""
         return cls(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores)
+
+
+def concat_rows(parts: list):
+    """The rows of several batches of one type (:class:`Sampled` or :class:`ScoredRollout`)
+    in order, as one batch. Prompts are left-padded (mask 0) to the widest prompt first:
+    positions come from the attention mask, so the extra padding changes no forward.
+    Responses share the configured response length already."""
+    width = max(p.prompt_ids.shape[1] for p in parts)
+
+    def field_of(p, name):
+        t = getattr(p, name)
+        if name in ("prompt_ids", "prompt_mask") and t.shape[1] < width:
+            t = torch.nn.functional.pad(t, (width - t.shape[1], 0), value=0)
+        return t
+
+    def joined(name):  # an optional field (None) stays None unless every batch has it
+        if any(getattr(p, name) is None for p in parts):
+            return None
+        return torch.cat([field_of(p, name) for p in parts])
+
+    return type(parts[0])(**{f.name: joined(f.name) for f in fields(parts[0])})
 
 
 def finish_responses(resp: torch.Tensor, stop_ids: list[int], pad_id: int, response_length: int, prompt_ids, prompt_mask,

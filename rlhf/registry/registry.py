@@ -639,7 +639,7 @@ class Registry:
         if clash:
             raise ValueError(f"register_adapter({name!r}): metadata keys {clash} are reserved for the registry")
 
-        rels = store.iter_files(src)
+        rels = store.iter_files(src, contained=True)  # never a link out of the stage's folder
         self._refuse_pickles(src, rels)
         for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) + ((HEAD_WEIGHTS,) if role in HEAD_ROLES else ()):
             if required not in rels:
@@ -726,7 +726,7 @@ class Registry:
         for key in ("content_hash", "counts", "schema_version", "sources"):
             if key not in manifest:
                 raise ValueError(f"{manifest_path}: field {key!r} missing; not a reward_data dataset manifest")
-        rels = store.iter_files(src)
+        rels = store.iter_files(src, contained=True)
         self._refuse_pickles(src, rels)
         meta = {"local_path": str(src), "copied": bool(copy), "content_hash": manifest["content_hash"],
                 "manifest": manifest}
@@ -1059,6 +1059,12 @@ class Registry:
                 continue
             present = set(store.iter_files(e.path))
             recorded = e.files
+            if e.path.resolve().is_relative_to(self.artifacts.resolve()):  # a stored copy holds files, never links
+                for rel in sorted(r for r in present if (e.path / r).is_symlink()):
+                    problems.append(Problem(e.ref, "symlink", str(e.path / rel),
+                                            f"a stored file was replaced by a symlink to {os.path.realpath(e.path / rel)}"))
+                    present.discard(rel)
+                    recorded = {k: v for k, v in recorded.items() if k != rel}
             total = sum((e.path / r).stat().st_size for r in present & set(recorded))
             with store._progress(total, f"verifying {e.ref}") as bar:
                 for rel, sha in sorted(recorded.items()):
@@ -1323,6 +1329,9 @@ class Registry:
         db = connect(u)
         try:
             tables = db.tables()
+            if tables and "meta" not in tables:  # a registry's database always has its meta table
+                raise RegistryError(f"migrate: {u.display} holds tables of something other than a registry "
+                                    f"({', '.join(sorted(tables)[:5])}); migrate into an empty database")
             if "entries" in tables and db.one("SELECT COUNT(*) FROM entries")[0]:
                 raise RegistryError(f"migrate: {u.display} already holds registry entries; migrate into an empty database")
             target = Registry(db, self.artifacts)

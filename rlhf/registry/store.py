@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import time
 import uuid
@@ -21,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rlhf.atomic import write_bytes
-from rlhf.paths import fsync_dir, pid_alive  # noqa: F401 - fsync_dir: registry.py calls store.fsync_dir
+from rlhf.paths import current_umask, fsync_dir, pid_alive  # noqa: F401 - fsync_dir: registry.py calls store.fsync_dir
 
 CHUNK = 1 << 20
 
@@ -49,20 +50,33 @@ def _copy_delay() -> float:
     return float(raw) if raw else 0.0
 
 
-def iter_files(root: Path) -> list[str]:
+def iter_files(root: Path, contained: bool = False) -> list[str]:
     """Relative POSIX paths of the regular files under ``root``, sorted.
 
     Hidden files and directories (``.git``, ``.cache``, in-progress ``.tmp`` names) are
     skipped: they are tool state, not model content. File symlinks are followed (a Hugging
     Face cache snapshot is made of them); directory symlinks are not, to avoid loops.
+
+    Args:
+        contained: refuse a file symlink whose target lies outside ``root`` (an adapter or
+            dataset folder: the store must not take in, say, a link to ``/etc/shadow``).
+
+    Raises:
+        ValueError: with ``contained``, naming the first link that leaves ``root``.
     """
     out = []
+    real_root = Path(os.path.realpath(root))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             if fn.startswith("."):
                 continue
             full = Path(dirpath) / fn
+            if contained and full.is_symlink():
+                target = Path(os.path.realpath(full))
+                if not target.is_relative_to(real_root):
+                    raise ValueError(f"{full}: a symlink to {target}, outside {root}; the registry stores only "
+                                     "files inside the folder (copy the file in instead)")
             if full.is_file():
                 out.append(full.relative_to(root).as_posix())
     return sorted(out)
@@ -120,6 +134,9 @@ def copy_file_hashed(src: Path, dst: Path, bar=None) -> tuple[str, int]:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fi, open(dst, "wb") as fo:
+            # never more readable than the source (a private file stays private in a shared
+            # store), nor than the umask allows
+            os.fchmod(fo.fileno(), stat.S_IMODE(os.fstat(fi.fileno()).st_mode) & 0o666 & ~current_umask())
             while chunk := fi.read(CHUNK):
                 fo.write(chunk)
                 h.update(chunk)
@@ -185,20 +202,37 @@ def safetensors_header(path: Path) -> dict:
     """Tensor names, dtypes and shapes of a safetensors file, read from its JSON header.
 
     The format is an 8-byte little-endian header length followed by a JSON header, so this
-    needs neither torch nor numpy and never touches the tensor bytes.
+    needs neither torch nor numpy and never touches the tensor bytes. The header must be a
+    mapping of tensors whose ``data_offsets`` lie inside the file (a truncated or forged
+    file is refused here, not when a stage loads it).
+
+    Raises:
+        ValueError: naming ``path`` when the file is not a well-formed safetensors file.
     """
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw_len)
-        if n > 100 * CHUNK:
+        if n > 100 * CHUNK or n > size - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
+            raise ValueError(f"{path}: not a safetensors file (bad header: {str(e)[:200]})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a safetensors file (its header nests too deeply)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a mapping)")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"{path}: not a safetensors file (tensor {str(name)[:80]!r} has data_offsets "
+                             f"{str(offsets)[:80]} outside the {data_size} data bytes)")
     return header
 
 

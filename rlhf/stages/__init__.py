@@ -138,10 +138,13 @@ STAGES: dict[str, Stage] = {
     ),
     "ppo": Stage(
         PPOConfig, _ppo, "run the PPO stage alone",
-        requires=("sft", "reward"),
-        inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter"),
+        # the reward stage too when ppo.rewards scores with the reward model (the default); with
+        # only function or HTTP rewards it needs none (rlhf.pipeline checks which)
+        requires=("sft",),
+        inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter", required=False),
                 "prompts": Input("data"), "eval_prompts": Input("data", required=False)},
-        wired={"sft_adapter": "sft/adapter", "reward_adapter": "reward/adapter"},
+        wired={"sft_adapter": "sft/adapter"},
+        wired_if_run={"reward_adapter": "reward/adapter"},
         task_files={"prompts": "ppo_prompts", "eval_prompts": "eval_prompts"},
         outputs=("policy", "value"),
         gated=True,
@@ -213,19 +216,39 @@ def make_reproducible() -> int:
 
 
 def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
-              task: Task | None = None, registration: Registration | None = None) -> StageResult:
-    """Resolve ``cfg``'s inputs, then run stage ``name`` on it.
+              task: Task | None = None, registration: Registration | None = None,
+              fingerprint: str | None = None) -> StageResult:
+    """Resolve ``cfg``'s inputs, then run stage ``name`` on it, holding its output directory's lock.
 
-    The stage's step logs are trimmed first: a resumed stage logs again every step after
-    the checkpoint it resumes from, a stage started afresh every step, so no row repeats.
-    With a ``registration`` (rank 0 of a pipeline), publishing registers the artifacts.
+    Only one process at a time writes an output directory (:class:`rlhf.runs.RunLock`; a
+    second one fails at once). The checkpoints folder is made to hold only checkpoints of
+    this config (:func:`rlhf.runs.prepare_checkpoints`, with ``fingerprint``, by default
+    :func:`rlhf.runs.config_fingerprint` of ``cfg``): a fresh start moves old ones aside,
+    a resume from another config's checkpoint is refused. The stage's step logs are trimmed
+    next: a resumed stage logs again every step after the checkpoint it resumes from, a
+    stage started afresh every step, so no row repeats. With a ``registration`` (rank 0 of
+    a pipeline), publishing registers the artifacts.
+
+    Raises:
+        RunDirLocked: another process is writing ``cfg.output_dir``.
+        ConfigError: ``resume`` and the newest checkpoint belongs to another config.
     """
     from rlhf import distributed as dist
+    from rlhf.config import ConfigError, to_dict
     from rlhf.resolve import resolve_inputs
-    from rlhf.runs import resume_step, trim_logs
+    from rlhf.runs import config_fingerprint, locked, prepare_checkpoints, resume_step, trim_logs
 
     make_reproducible()
     resolved = resolve_inputs(cfg, STAGES[name].inputs, name)  # may build the tiny base: after the thread count is fixed
-    if dist.is_main():
-        trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
-    return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)
+    with locked(cfg.output_dir):
+        error = None
+        if dist.is_main():
+            try:
+                resume = prepare_checkpoints(cfg.output_dir, fingerprint or config_fingerprint(to_dict(cfg)), resume)
+                trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
+            except ConfigError as e:
+                error = str(e)
+        error, resume = dist.broadcast_object((error, resume))
+        if error is not None:
+            raise ConfigError(error)
+        return STAGES[name].run(resolved, group=group, resume=resume, task=task, registration=registration)

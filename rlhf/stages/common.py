@@ -337,7 +337,24 @@ def train(trainer, tracker, out: Path, resume: bool, *, attach: bool = True) -> 
     (a trainer built with ``tracker.callback()`` passes False)."""
     if attach:
         tracker.attach(trainer)
+    trainer.add_callback(_stamp_checkpoints_callback())  # every checkpoint carries the config fingerprint
+    # with resume, rlhf.stages.run_stage has checked that the newest checkpoint is this config's
     trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
+
+
+def _stamp_checkpoints_callback():
+    from transformers import TrainerCallback
+
+    from rlhf.runs import stamp_checkpoint
+
+    class StampCheckpoints(TrainerCallback):
+        """Copies ``checkpoints/``'s config fingerprint into each ``checkpoint-N`` it saves."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                stamp_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return StampCheckpoints()
 
 
 def publish_trained(trainer, out: Path, name: str, write: Callable[[Path, dict | None], None], **publish_kwargs) -> str:

@@ -50,11 +50,13 @@ from rlhf.estimators import advantages_and_returns, uses_critic
 from rlhf.evaluation import evaluate, split_eval_prompts
 from rlhf.fsdp import (check_engine_supported, even_share, full_params_for_generation, full_state, gather_rollout,
                        is_sharded, shard_model)
-from rlhf.generation import build_engine, encode_prompts, generation_config, left_pad, score_suffix, stop_token_ids
+from rlhf.generation import (build_engine, decode_responses, encode_prompts, generation_config, left_pad, score_suffix,
+                             stop_token_ids)
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.scoring import response_logprobs, response_values, score_rollout, train_mode
 from rlhf.stages.common import StageResult
+from rlhf.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from rlhf.adapters import RoleModel
@@ -72,6 +74,17 @@ class GuardTripped(RuntimeError):
 # step 4 (each building block is used by the loop below and by the tests)
 
 
+def final_scores(batch: ScoredRollout, cfg: PPOConfig) -> torch.Tensor:
+    """Scores (B,) after the missing-stop penalty, clipping and the overlong length term."""
+    scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.overlong_buffer:  # DAPO's soft overlong punishment, a length term next to the score
+        scores = scores + F.overlong_penalty(batch.response_mask.sum(1), cfg.response_length, cfg.overlong_buffer,
+                                             cfg.overlong_penalty)
+    return scores
+
+
 def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
                    all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores after the stop-token penalty and clipping, per-token KL, per-token rewards.
@@ -80,9 +93,7 @@ def shaped_rewards(batch: ScoredRollout, cfg: PPOConfig, kl_coef: float,
         ``scores`` (B,), ``kl`` (B, T) (0 on padding) and ``rewards`` (B, T).
         ``all_reduce`` (several processes) makes reward whitening use global statistics.
     """
-    scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
-    if cfg.reward_clip is not None:
-        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = final_scores(batch, cfg)
     kl = torch.where(batch.response_mask.bool(), F.kl_penalty(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator), 0.0)
     rewards = F.per_token_rewards(scores, kl if cfg.kl_in_reward else torch.zeros_like(kl), batch.response_mask, kl_coef)
     if cfg.whiten_rewards:
@@ -116,7 +127,7 @@ def _build_model(cfg: PPOConfig, device):
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter,
+    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules},
                       with_value=uses_critic(cfg))
@@ -174,6 +185,11 @@ class PPOSetup:
     per_rollout_prompts: int  # distinct prompts per rollout batch of one process
     global_batch: int  # episodes per update over all processes
     num_updates: int
+    prompts: list = field(default_factory=list)  # the training prompts' message lists (reward sources read them)
+    sources: list = field(default_factory=list)  # (RewardSource, batch function or None) of ppo.rewards; [] : the RM alone
+    eval_prompts: list = field(default_factory=list)  # the held-out prompts' message lists
+    prompt_metadata: list = field(default_factory=list)  # each training prompt row's other columns (dict)
+    eval_metadata: list = field(default_factory=list)  # the same for the held-out prompts
 
 
 @dataclass
@@ -187,17 +203,20 @@ class Optimization:
     length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
-def setup(cfg: PPOConfig) -> PPOSetup:
-    """Build the role model, tokenizer, sampling config and encoded prompts."""
+def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> PPOSetup:
+    """Build the role model, tokenizer, sampling config, encoded prompts and the reward
+    sources of ``ppo.rewards`` (``task_evaluate`` serves ``{fn: task}``)."""
     from rlhf import distributed as dist
-    from rlhf.data import load_prompts
+    from rlhf.data import load_prompt_rows
 
     device = dist.device()
     world, rank = dist.world_size(), dist.rank()
     model, tok, base_path = _build_model(cfg, device)
     stop_ids, pad_id = stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
-    prompts, eval_prompts = split_eval_prompts(
-        load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts, split="test") if cfg.eval_prompts else [], cfg)
+    train_rows, eval_rows = split_eval_prompts(  # (messages, the row's other columns) pairs
+        load_prompt_rows(cfg.prompts), load_prompt_rows(cfg.eval_prompts, split="test") if cfg.eval_prompts else [],
+        cfg)
+    prompts, eval_prompts = [m for m, _ in train_rows], [m for m, _ in eval_rows]
     # Several processes (accelerate launch): each generates rollout_batch_size episodes per
     # update, so the global batch is rollout_batch_size * world.
     global_batch = cfg.rollout_batch_size * world
@@ -207,7 +226,9 @@ def setup(cfg: PPOConfig) -> PPOSetup:
     return PPOSetup(
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
-        prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length),
+        prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length), prompts=prompts,
+        sources=reward_sources(cfg, task_evaluate), eval_prompts=eval_prompts,
+        prompt_metadata=[d for _, d in train_rows], eval_metadata=[d for _, d in eval_rows],
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
@@ -279,7 +300,8 @@ def load_checkpoint(ckpt_root: Path, model, opt: Optimization) -> tuple[int, Pat
 
 
 def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[str, str], float] | None,
-                     step: int, limit: int | None = None, reference_file: Path | None = None) -> dict:
+                     step: int, limit: int | None = None, reference_file: Path | None = None,
+                     judge: Callable | None = None) -> dict:
     """Evaluate on the held-out prompts (rank 0), log the metrics and samples at ``step``,
     and return the metrics on every rank ({} without held-out prompts).
 
@@ -287,6 +309,10 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     their cost). ``reference_file`` holds the SFT policy's per-prompt rows: the evaluation
     at step 0 (the policy is still the SFT policy) writes it, later ones compute win rates
     over it on the same prompts.
+
+    ``judge`` (the watchdog's judge, :func:`watchdog_judge`) adds ``watchdog/reward`` and
+    ``watchdog/judge``: the training reward and the judge, on the first ``eval_max_prompts``
+    prompts (the periodic evaluations' subset, so every evaluation compares the same prompts).
     """
     from rlhf import distributed as dist
     from rlhf.tracking import StageProgress
@@ -311,6 +337,8 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
                                 reference=reference, on_batch=bar.update)
             bar.close()
         if dist.is_main():
+            if judge is not None:
+                ev.update(watch_metrics(s, cfg, rows[: cfg.eval_max_prompts], judge))
             if reference_file is not None and step == 0:
                 write_json(reference_file, {"rows": [{"score": r["score"], "gold": r["gold"]} for r in rows]})
             tracker.log(ev, step=step)
@@ -318,26 +346,204 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
     return dist.broadcast_object(ev)
 
 
-def sample(s: PPOSetup, cfg: PPOConfig, update: int) -> tuple[Sampled, torch.Tensor | None]:
-    """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
-    policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
-    and each row's prompt group (B,) (None with one sample per prompt)."""
+def prompt_indices(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> list[int]:
+    """The training prompt of each row of this rank's rollout ``update`` (``draw`` as in
+    :func:`sample`): a pure function of (seed, update, draw), ``samples_per_prompt`` adjacent
+    rows per prompt. Several processes: the global batch's prompts, of which this rank takes
+    a disjoint slice."""
     from rlhf import distributed as dist
 
-    # the prompts are a pure function of (seed, update); several processes: the global
-    # batch's prompts, of which this rank takes a disjoint slice
-    idx = _prompt_order(len(s.prompt_ids), cfg.seed, update, s.per_rollout_prompts * s.world)
+    idx = _prompt_order(len(s.prompt_ids), cfg.seed + 7_919 * draw, update, s.per_rollout_prompts * s.world)
     lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
-    rows = [s.prompt_ids[i] for i in idx[lo:hi]]
+    return [i for i in idx[lo:hi] for _ in range(cfg.samples_per_prompt)]
+
+
+def sample(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> tuple[Sampled, torch.Tensor | None]:
+    """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
+    policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
+    and each row's prompt group (B,) (None with one sample per prompt). ``draw`` > 0 takes
+    further prompts for the same update (dynamic sampling), from another seeded order."""
+    from rlhf import distributed as dist
+
+    rows = [s.prompt_ids[i] for i in prompt_indices(s, cfg, update, draw)]
     group_ids = None
     if cfg.samples_per_prompt > 1:
-        k = cfg.samples_per_prompt
-        rows = [r for r in rows for _ in range(k)]
-        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(k)
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.samples_per_prompt)
     ids, mask = left_pad(rows, s.pad_id, s.device)
-    torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update, s.rank))  # ranks sample differently
+    torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update + 104_723 * draw, s.rank))  # ranks sample differently
     with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
         return s.engine.sample(ids, mask), group_ids
+
+
+def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRollout, group_ids: torch.Tensor,
+                     source_values: dict[str, torch.Tensor] | None = None) -> tuple[ScoredRollout, torch.Tensor, dict]:
+    """DAPO's dynamic sampling (arXiv 2503.14476; ``ppo.dynamic_sampling``): the scored
+    rollout with the groups whose final scores are all equal (no group-relative signal)
+    replaced by further prompts, sampled and scored until this process holds a full batch
+    of informative groups or ``dynamic_sampling_max_rounds`` rollouts were drawn. A batch
+    still short is filled with dropped groups, in the order drawn (counted as filler).
+
+    Returns the batch (as many rows as ``batch``, groups adjacent), its group ids (B,) and
+    the metrics ``dynamic_sampling/*`` (counts over every process). Every process draws as
+    many rounds as the one that needs most: generation under FSDP is collective. The
+    reward sources' raw values of further draws are appended to ``source_values`` in place.
+    """
+    from rlhf import distributed as dist
+    from rlhf.ppo.rollout import concat_rows
+
+    k = cfg.samples_per_prompt
+    need = batch.response_ids.shape[0] // k
+    source_values = {} if source_values is None else source_values
+    parts: list[ScoredRollout] = []
+    good: list[tuple[int, int]] = []  # (part, group within the part) of informative groups
+    bad: list[tuple[int, int]] = []
+    while True:
+        ok = F.informative_groups(final_scores(batch, cfg), group_ids).view(-1, k)[:, 0].tolist()
+        good += [(len(parts), g) for g, o in enumerate(ok) if o]
+        bad += [(len(parts), g) for g, o in enumerate(ok) if not o]
+        parts.append(batch)
+        short = float(dist.all_reduce_sum(torch.tensor(float(max(need - len(good), 0)), device=s.device)))
+        if short == 0 or len(parts) >= cfg.dynamic_sampling_max_rounds:
+            break
+        draw = len(parts)
+        sampled, group_ids = sample(s, cfg, update, draw=draw)
+        batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix,
+                              with_values=uses_critic(cfg))
+        batch, values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update, draw))
+        for name, v in values.items():
+            source_values[name] = torch.cat([source_values[name], v])
+        _check_finite(batch)
+    chosen = good[:need]
+    filler = bad[: need - len(chosen)]
+    starts = [0]
+    for p in parts:
+        starts.append(starts[-1] + p.response_ids.shape[0])
+    rows = torch.tensor([starts[p] + g * k + j for p, g in chosen + filler for j in range(k)], device=s.device)
+    counts = dist.all_reduce_sum(torch.tensor([float(len(bad)), float(len(filler)), float(len(good))], device=s.device))
+    stats = {"dynamic_sampling/rounds": float(len(parts)), "dynamic_sampling/dropped_groups": float(counts[0]),
+             "dynamic_sampling/filler_groups": float(counts[1]), "dynamic_sampling/informative_groups": float(counts[2])}
+    return concat_rows(parts).index(rows), torch.arange(need, device=s.device).repeat_interleave(k), stats
+
+
+def watchdog_judge(cfg: PPOConfig, gold_fn: Callable[[str, str], float] | None) -> Callable | str | None:
+    """The watchdog's judge: a batch function ``(prompts, completions, metadata) -> floats``
+    (``ppo.watchdog_judge``), ``"gold"`` (the task's objective, which the evaluation already
+    computes, unless it is a training reward: ``{fn: task}``), or None when the watchdog is
+    off or no held-out judge exists.
+
+    Raises:
+        ConfigError: ``ppo.watchdog: on`` without a judge.
+    """
+    from rlhf.reward_sources import load_function, parse_reward_sources
+
+    if cfg.watchdog == "off":
+        return None
+    if cfg.watchdog_judge:
+        return load_function(cfg.watchdog_judge, "ppo.watchdog_judge")
+    task_trains = any(src.kind == "fn" and src.target == "task" for src in parse_reward_sources(cfg.rewards))
+    if gold_fn is not None and not task_trains:
+        return "gold"
+    if cfg.watchdog == "on":
+        raise ConfigError("ppo.watchdog: on, but there is no held-out judge (no task objective outside the training "
+                          "rewards, no ppo.watchdog_judge)")
+    return None
+
+
+def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable | str) -> dict:
+    """``watchdog/reward`` (the training reward: ``ppo.rewards``, weighted) and
+    ``watchdog/judge`` (:func:`watchdog_judge`), each the mean over the evaluation ``rows``."""
+    from rlhf.reward_sources import RewardSource, call_source
+
+    if not rows:
+        return {}
+    texts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    metadata = [{**d, "messages": m, "truncated": not r["stopped"]}
+                for m, d, r in zip(s.eval_prompts, s.eval_metadata, rows)]
+    if s.sources:
+        reward = [0.0] * len(rows)
+        for src, fn in s.sources:
+            raw = [r["score"] for r in rows] if src.kind == "rm" else call_source(src, fn, texts, completions, metadata)
+            reward = [a + src.weight * b for a, b in zip(reward, raw)]
+    else:  # the reward model alone
+        reward = [r["score"] for r in rows]
+    if judge == "gold":
+        judged = [r["gold"] for r in rows]
+    else:
+        judged = call_source(RewardSource("fn", cfg.watchdog_judge, name="judge"), judge, texts, completions, metadata)
+    return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged)}
+
+
+def uses_reward_model(cfg: PPOConfig) -> bool:
+    """Whether ``ppo.rewards`` scores with the reward model (the reward role is loaded)."""
+    from rlhf.reward_sources import parse_reward_sources
+
+    return any(src.kind == "rm" for src in parse_reward_sources(cfg.rewards))
+
+
+def reward_sources(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> list:
+    """``(source, batch function)`` pairs of ``ppo.rewards`` (the function is None for rm and
+    http sources); [] when the reward model alone scores (an empty ``ppo.rewards``).
+
+    Raises:
+        ConfigError: ``{fn: task}`` without a task, or a function that does not import.
+    """
+    from rlhf.reward_sources import load_function, parse_reward_sources, per_row
+
+    if not cfg.rewards:
+        return []
+    out = []
+    for i, src in enumerate(parse_reward_sources(cfg.rewards)):
+        fn = None
+        if src.kind == "fn" and src.target == "task":
+            if task_evaluate is None:
+                raise ConfigError(f"ppo.rewards[{i}].fn: 'task' names the task's evaluate, but this run has no task")
+            fn = per_row(task_evaluate)
+        elif src.kind == "fn":
+            fn = load_function(src.target, f"ppo.rewards[{i}].fn")
+        out.append((src, fn))
+    return out
+
+
+def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
+                       rows: list[int]) -> tuple[ScoredRollout, dict[str, torch.Tensor]]:
+    """``batch`` with its scores (B,) replaced by ``sum(weight * value)`` over the reward
+    sources, and each source's raw values (B,) by name. ``rows`` holds the training prompt
+    of each row. Unchanged (and no values) when the reward model alone scores."""
+    from dataclasses import replace
+
+    from rlhf.reward_sources import call_source
+
+    if not s.sources:
+        return batch, {}
+    prompts = [s.prompts[i] for i in rows]
+    texts, completions = [p[-1]["content"] for p in prompts], decode_responses(s.tok, batch)
+    metadata = [{**s.prompt_metadata[i], "messages": s.prompts[i], "truncated": not bool(stop)}
+                for i, stop in zip(rows, batch.has_stop.tolist())]
+    values: dict[str, torch.Tensor] = {}
+    total = torch.zeros_like(batch.scores)
+    for src, fn in s.sources:
+        if src.kind == "rm":
+            raw = batch.scores
+        else:
+            raw = torch.tensor(call_source(src, fn, texts, completions, metadata), dtype=batch.scores.dtype,
+                               device=batch.scores.device)
+        values[src.name] = raw
+        total = total + src.weight * raw
+    return replace(batch, scores=total), values
+
+
+def source_statistics(s: PPOSetup, values: dict[str, torch.Tensor]) -> dict:
+    """``reward/<name>/raw_mean`` and ``reward/<name>/weighted_mean`` of each reward source,
+    over every row scored this update (every process)."""
+    from rlhf import distributed as dist
+
+    out = {}
+    weights = {src.name: src.weight for src, _ in s.sources}
+    for name, raw in values.items():
+        mean = float(dist.gather_rows(raw).mean())
+        out[f"reward/{name}/raw_mean"] = mean
+        out[f"reward/{name}/weighted_mean"] = weights[name] * mean
+    return out
 
 
 def _check_finite(batch: ScoredRollout) -> None:
@@ -445,9 +651,15 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
     say("scoring")
     batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix,
                           with_values=uses_critic(cfg))
+    # the reward sources of ppo.rewards (functions, HTTP, the RM) make the score
+    batch, source_values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update))
     _sync(s.device)
     t_score = time.time() - t0 - t_gen
     _check_finite(batch)
+    sampling_stats: dict = {}
+    if cfg.dynamic_sampling:  # drop prompts whose samples all score alike, sample more (DAPO)
+        batch, group_ids, sampling_stats = dynamic_sampling(s, cfg, update, batch, group_ids, source_values)
+    sampling_stats.update(source_statistics(s, source_values))
 
     # the train/inference mismatch: the sampler's logprobs against the trainer's (rlhf/ppo/mismatch.py)
     mismatch, is_weights = rollout_mismatch(batch, cfg)
@@ -461,8 +673,9 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
                                           all_reduce=dist.all_reduce_sum)
 
     # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
+    loss_mask = F.truncated_loss_mask(batch.response_mask, batch.has_stop) if cfg.mask_truncated else None
     stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
-                        rank=s.rank, world=s.world, is_weights=is_weights, on_step=say)
+                        rank=s.rank, world=s.world, is_weights=is_weights, on_step=say, loss_mask=loss_mask)
     _sync(s.device)
     t_update = time.time() - t0 - t_gen - t_score
 
@@ -478,7 +691,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
         **step_stats, "lr": float(opt.scheduler.get_last_lr()[0]),
         "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
         "episodes_per_s": s.global_batch / max(time.time() - t0, 1e-9),
-        **stats,
+        **stats, **sampling_stats,
     }
     _check_guards(step_stats, cfg, opt.length_streak)
     return step_stats
@@ -512,12 +725,12 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(to_dict(cfg), out / "config.yaml")
-    if not cfg.reward_adapter:
-        raise ConfigError("ppo.reward_adapter: required")
+    if not cfg.reward_adapter and uses_reward_model(cfg):
+        raise ConfigError("ppo.reward_adapter: required (ppo.rewards scores with the reward model: {rm: reward})")
     torch.manual_seed(cfg.seed)
 
     # 0. one base, four roles; prompts; optimizer; resume from the newest complete checkpoint
-    s = setup(cfg)
+    s = setup(cfg, task_evaluate=gold_fn)
     opt = build_optimization(s.model, cfg, s.num_updates)
     ckpt_root = out / "checkpoints"
     start = 0
@@ -532,16 +745,24 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
                       refs={"base": s.base_path, "sft_adapter": cfg.sft_adapter, "reward_adapter": cfg.reward_adapter},
                       is_main_process=main)
     sft_rows = out / "initial_eval_rows.json"  # the SFT policy's per-prompt results, for win rates
-    initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows) if start == 0
+    # the over-optimisation watchdog: training reward vs a held-out judge at each evaluation
+    # (rlhf/watchdog.py); a resumed run starts watching at its first evaluation
+    judge = watchdog_judge(cfg, gold_fn)
+    watchdog = Watchdog(cfg.watchdog_patience) if judge is not None and s.eval_ids else None
+    best_weights: list[torch.Tensor] = []  # the trainable roles at the judge's best evaluation
+    initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows, judge=judge) if start == 0
                     else _read_json(out / "initial_eval.json"))
+    if watchdog is not None and start == 0:
+        _watch(watchdog, initial_eval, 0, opt, best_weights)
     if start == 0 and main:
         write_json(out / "initial_eval.json", initial_eval)
 
     # 1-7. updates, with evaluation and checkpoints between them
     metrics: dict = {}
     bar = StageProgress("ppo", s.num_updates, unit="update", initial=start, enabled=main)
+    tripped = False
     for update in range(start, s.num_updates):
-        if stop_after is not None and update >= stop_after:
+        if stop_after is not None and update >= stop_after or tripped:
             break
         metrics = train_update(s, opt, cfg, update, phase=bar.phase)
         if update == start and main:
@@ -550,7 +771,9 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
-            evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows)
+            ev = evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows,
+                                  judge=judge)
+            tripped = watchdog is not None and _watch(watchdog, ev, done, opt, best_weights)
         if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates):
             with full_state(s.model, opt.optimizer):  # FSDP: gathered on every rank, written by rank 0
                 if main:
@@ -558,10 +781,21 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     bar.close()
 
     # final evaluation and the published adapters
-    finished = (stop_after is None) or stop_after >= s.num_updates
-    final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows) if finished else {}
+    finished = (stop_after is None) or stop_after >= s.num_updates or tripped
+    final_eval = {}
+    if finished and not tripped:
+        final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
+        tripped = watchdog is not None and _watch(watchdog, final_eval, s.num_updates, opt, best_weights)
+    if tripped:  # publish the policy the judge liked best, evaluated again in full
+        _restore(opt, best_weights)
+        if main:
+            print(f"[ppo] watchdog: the training reward rose while the judge fell for {cfg.watchdog_patience} "
+                  f"evaluation(s) in a row (update {watchdog.tripped_at}); stopped, and the published policy is the "
+                  f"one of update {watchdog.best_step}, the judge's best ({watchdog.best_judge:.4g})")
+        final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
     tracker.finish()
-    result_metrics = {**{f"train/{k}": v for k, v in metrics.items()},
+    result_metrics = {**(watchdog.summary() if watchdog is not None else {}),
+                      **{f"train/{k}": v for k, v in metrics.items()},
                       **summary.prefixed(summary.REFERENCE, initial_eval),
                       **summary.prefixed(summary.TRAINED, final_eval)}
     roles = _trained_roles(cfg)
@@ -575,6 +809,24 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     return StageResult(stage="ppo", output_dir=str(out), base=s.base_path,
                        artifacts={role: str(out / role) for role in roles} if finished else {},
                        metrics=result_metrics, finished=finished)
+
+
+def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list) -> bool:
+    """Feed one evaluation to the watchdog; keep a copy of the trainable roles when the judge
+    likes it best so far; True when the watchdog trips."""
+    if "watchdog/reward" not in ev:
+        return False
+    tripped = watchdog.observe(step, ev["watchdog/reward"], ev["watchdog/judge"])
+    if watchdog.is_new_best(step):
+        best_weights[:] = [p.detach().clone() for p in opt.params]
+    return tripped
+
+
+@torch.no_grad()
+def _restore(opt: Optimization, best_weights: list) -> None:
+    """Put the trainable roles back to the copy :func:`_watch` kept."""
+    for p, best in zip(opt.params, best_weights):
+        p.copy_(best)
 
 
 def _save_role(s: PPOSetup, role: str, out: Path) -> None:
@@ -599,7 +851,7 @@ def _read_json(path: Path) -> dict:
 
 def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns, cfg: PPOConfig, beta: float,
                 update: int, rank: int = 0, world: int = 1, is_weights: torch.Tensor | None = None,
-                on_step: Callable[[str], None] | None = None) -> dict:
+                on_step: Callable[[str], None] | None = None, loss_mask: torch.Tensor | None = None) -> dict:
     """PPO epochs over shuffled minibatches of the rollout (train mode); returns mean statistics.
 
     With ``world`` processes, ``batch`` is this rank's slice ``[rank*B, (rank+1)*B)`` of the
@@ -614,6 +866,10 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     recomputes a layer's forward during backward with whichever adapter is active then.
     Statistics stay on the device; the host reads them once per minibatch, before the
     optimizer step, which is skipped (GuardTripped) when a loss or the gradient is not finite.
+
+    ``loss_mask`` (B, T) (default: the response mask) selects the tokens of the policy loss
+    and its normalisation (``ppo.mask_truncated`` leaves cut-off responses out); the value
+    loss keeps every real token.
     """
     from rlhf import distributed as dist
 
@@ -622,10 +878,13 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     lo = rank * B_local
     device = batch.response_ids.device
     sharded = world > 1 and is_sharded(model)
+    masked = loss_mask is not None
+    loss_mask = batch.response_mask if loss_mask is None else loss_mask
     if sharded:  # FSDP: forwards are collectives, so every rank takes an equal share of each minibatch
-        batch, adv, returns = gather_rollout(batch, adv, returns)
+        batch, adv, returns, loss_mask = gather_rollout(batch, adv, returns, loss_mask)
         if is_weights is not None:
             is_weights = dist.gather_rows(is_weights)
+    group_size = cfg.samples_per_prompt if cfg.minibatch_whole_groups else 1
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
@@ -633,28 +892,33 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with train_mode(model, True):
         for _epoch in range(cfg.ppo_epochs):
-            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen):
+            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen, group_size=group_size):
                 if sharded:  # an equal share of the gathered rows (selected on the CPU)
                     mb_idx = even_share(mb_idx, rank, world)
                 elif world > 1:  # this rank's rows, selected on the CPU (no device sync)
                     mb_idx = mb_idx[(mb_idx >= lo) & (mb_idx < lo + B_local)] - lo
                 mb_idx = mb_idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens = dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
-                n_seqs = dist.all_reduce_sum(torch.tensor(float(mb_idx.numel()), device=device)).clamp(min=1.0)
+                n_tokens = dist.all_reduce_sum(loss_mask[mb_idx].sum()).clamp(min=1.0)
+                rows = (loss_mask[mb_idx].sum(1) > 0).sum().float() if masked else float(mb_idx.numel())
+                n_seqs = dist.all_reduce_sum(torch.as_tensor(rows, device=device)).clamp(min=1.0)
+                n_value_tokens = (dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
+                                  if masked else n_tokens)
                 acc: dict[str, torch.Tensor] = {}
                 for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
                     mb = batch.index(micro)
-                    w = mb.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch
+                    w = loss_mask[micro].sum() / n_tokens  # this micro-batch's share of the minibatch
                     # per-token loss weights from the whole minibatch's counts: the micro-batch
                     # losses add up to the minibatch loss exactly, for every aggregation
-                    weights = F.aggregation_weights(mb.response_mask, cfg.loss_aggregation, n_tokens, n_seqs,
+                    weights = F.aggregation_weights(loss_mask[micro], cfg.loss_aggregation, n_tokens, n_seqs,
                                                     cfg.response_length)
                     pg_weights = weights if is_weights is None else weights * is_weights[micro]
-                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w, pg_weights).items():
+                    for k, v in _policy_backward(model, mb, adv[micro], cfg, beta, weights, w, pg_weights,
+                                                 loss_mask[micro]).items():
                         acc[k] = acc.get(k, 0.0) + v
                     if use_critic:
-                        for k, v in _value_backward(model, mb, returns[micro], cfg, n_tokens, w).items():
+                        w_value = mb.response_mask.sum() / n_value_tokens
+                        for k, v in _value_backward(model, mb, returns[micro], cfg, n_value_tokens, w_value).items():
                             acc[k] = acc.get(k, 0.0) + v
                 dist.sum_gradients(params)  # no-op in one process
                 if cfg.max_grad_norm > 0:
@@ -682,18 +946,24 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
 
 
 def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig, beta: float,
-                     weights: torch.Tensor, w: torch.Tensor, pg_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     weights: torch.Tensor, w: torch.Tensor, pg_weights: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Policy loss of one micro-batch (clipped surrogate, + KL loss, - entropy bonus), each
     per-token term aggregated with ``weights`` (B, T) (:func:`rlhf.ppo.aggregation_weights`),
     the surrogate with ``pg_weights`` instead when given (``weights`` times the truncated
-    importance weights), forward and backward under the policy role; returns detached
-    statistics (on device)."""
+    importance weights), over the tokens of ``mask`` (B, T) (default: the response mask),
+    forward and backward under the policy role; returns detached statistics (on device)."""
+    mask = mb.response_mask if mask is None else mask
     with model.role("policy"):
         lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=cfg.entropy_coef > 0)
-        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mb.response_mask, cfg.cliprange,
-                                     weights=weights if pg_weights is None else pg_weights)
+        pg, pg_stats = F.policy_loss(lp, mb.logprobs, adv, mask, cfg.clip_low,
+                                     weights=weights if pg_weights is None else pg_weights,
+                                     clip_high=cfg.clip_high, ratio_level=cfg.importance_ratio)
         loss = pg
-        stats = {"loss/policy": pg.detach()} | {f"policy/{k}": v * w for k, v in pg_stats.items()}
+        # a micro-batch without loss tokens (every response cut off, ppo.mask_truncated) has
+        # no statistics (0/0) and no share (w = 0) of the minibatch's
+        stats = {"loss/policy": pg.detach()} | {f"policy/{k}": torch.where(w > 0, v * w, 0.0)
+                                                for k, v in pg_stats.items()}
         if not cfg.kl_in_reward:
             # k3 or k2 (the config refuses k1): their gradients are those of a KL, while k1's
             # gradient is d logp alone, whose expectation is 0 (the reference drops out)

@@ -363,8 +363,13 @@ def test_resume_drops_metric_rows_past_the_checkpoint(tmp_path, monkeypatch, lay
         seen.update(metrics=_rows(out / "metrics.jsonl"), samples=_rows(out / "samples.jsonl"))
 
     monkeypatch.setattr(rlhf.resolve, "resolve_inputs", lambda cfg, *_: cfg)
-    monkeypatch.setitem(stages.STAGES, "ppo", stages.Stage(PPOConfig, fake_run))
+    monkeypatch.setitem(stages.STAGES, "ppo", dataclasses.replace(stages.STAGES["ppo"], run=fake_run))
     cfg = PPOConfig(output_dir=str(out))
+    # the checkpoints were written under this config (rlhf.runs.prepare_checkpoints checks it)
+    from rlhf.config import to_dict
+    from rlhf.runs import FINGERPRINT_FILE, config_fingerprint
+
+    (out / "checkpoints" / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": config_fingerprint(to_dict(cfg))}))
     stages.run_stage("ppo", cfg, resume=True)
     assert seen == {"metrics": [0, 1, 2], "samples": [0, 2]}
     stages.run_stage("ppo", cfg, resume=False)  # started afresh: every old row goes

@@ -20,7 +20,8 @@ def test_table_lists_the_stages_in_pipeline_order():
     assert list(STAGES) == ["sft", "reward", "ppo", "dpo", "kto"]
     assert [STAGES[s].config for s in STAGES] == [SFTConfig, RewardConfig, PPOConfig, DPOConfig, KTOConfig]
     # what a recipe's stage list must put before each stage
-    assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"),
+    # (ppo needs reward too only when ppo.rewards scores with the reward model: checked by the pipeline)
+    assert {s: STAGES[s].requires for s in STAGES} == {"sft": (), "reward": ("sft",), "ppo": ("sft",),
                                                        "dpo": ("sft",), "kto": ("sft",)}
     from rlhf.cli import STAGE_NAMES
 
@@ -160,6 +161,9 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
         def train(self, resume_from_checkpoint=None):
             calls.append(("train", resume_from_checkpoint))
 
+        def add_callback(self, callback):  # the checkpoint stamper (rlhf.runs.stamp_checkpoint)
+            calls.append(("callback", type(callback).__name__))
+
     class Tracker:
         def attach(self, trainer):
             calls.append(("attach",))
@@ -169,7 +173,8 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
     (out / "checkpoints" / "checkpoint-8").mkdir()  # incomplete: no trainer_state.json
     common.train(Trainer(), Tracker(), out, resume=True)
     common.train(Trainer(), Tracker(), out, resume=False, attach=False)
-    assert calls == [("attach",), ("train", str(out / "checkpoints" / "checkpoint-4")), ("train", None)]
+    assert calls == [("attach",), ("callback", "StampCheckpoints"), ("train", str(out / "checkpoints" / "checkpoint-4")),
+                     ("callback", "StampCheckpoints"), ("train", None)]
 
     path = common.publish_trained(Trainer(), out, "adapter", lambda tmp, state: (tmp / "w.safetensors").write_text(
         str(state)), role="sft", base="b", config={"k": 1})
