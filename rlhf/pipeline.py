@@ -156,14 +156,15 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
 
     stages = _check_stages(pipe.stages)
     stage_data = {s: _stage_dict(pipe, sections.get(s) or {}, s, run_dir) for s in STAGES}
-    from rlhf.tasks import load_task, provided_files
+    from rlhf.tasks import load_task, provided_files, task_file_name
 
     task = load_task(pipe.task, recipe.resolve().parent)
     task_files = None
     if task is not None:
         task_dir = run_dir / "task"
         provided = provided_files(task)
-        task_files = {name: str(task_dir / f"{name}.jsonl") for name in provided}
+        # the names write_task_files gives them (the pairs file is <run name>-pairs.jsonl)
+        task_files = {name: str(task_dir / task_file_name(name, pipe.name)) for name in provided}
         for stage, row in STAGES.items():
             for key, name in row.task_files.items():
                 if name not in task_files:
