@@ -28,9 +28,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from rlhf.atomic import write_dir
 
 PACKAGE_PREFIX = "package:"
 #: Written into every converted folder: the GGUF file and its sha256.
@@ -108,18 +108,13 @@ def gguf_base(spec: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the folder
         if (final / SOURCE_FILE).is_file():
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
+        def fill(tmp: Path) -> None:
             convert(src, tmp)
             (tmp / SOURCE_FILE).write_text(json.dumps(
                 {"gguf_file": str(src), "gguf_name": src.name, "gguf_sha256": digest, "spec": spec},
                 indent=2, sort_keys=True) + "\n")
-            if final.exists():  # a leftover without SOURCE_FILE: never complete
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        write_dir(final, fill)  # a leftover without SOURCE_FILE (never complete) is replaced
     return final
 
 
