@@ -335,3 +335,19 @@ class RoleModel(torch.nn.Module):
         if role in self.heads:
             params += list(self.heads[role].parameters())
         return params
+
+
+def adapter_facts(adapter_dir: Path) -> tuple[str | None, str, str]:
+    """``(base path, chat template, dtype)`` recorded beside a published adapter."""
+    import yaml
+
+    base = None
+    meta = adapter_dir / METADATA_FILE
+    if meta.is_file():
+        base = json.loads(meta.read_text()).get("base_path")
+    template, dtype = "", "float32"
+    cfg = adapter_dir / CONFIG_FILE
+    if cfg.is_file():
+        model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}) or {}
+        template, dtype = model.get("chat_template") or "", model.get("dtype") or "float32"
+    return base, template, dtype

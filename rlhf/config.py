@@ -364,8 +364,6 @@ class PPOConfig:
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
                               f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
-        from rlhf.reward_sources import parse_reward_sources
-
         sources = parse_reward_sources(self.rewards)
         if ESTIMATORS[self.advantage_estimator].needs_critic and not any(src.kind == "rm" for src in sources):
             raise ConfigError(f"ppo.rewards: advantage_estimator {self.advantage_estimator} needs a reward model "
@@ -856,3 +854,80 @@ def save_yaml(data: dict, path: str | Path) -> None:
     from rlhf.atomic import write_text
 
     write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# ppo.rewards: the sources' spec (rlhf/reward_sources.py turns them into scores)
+# the value of ``rm:`` that means the PPO stage's reward adapter (the pipeline's reward stage)
+STAGE_RM = "reward"
+
+@dataclass(frozen=True)
+class RewardSource:
+    """One entry of ``ppo.rewards``.
+
+    Attributes:
+        kind: ``rm``, ``fn`` or ``http``.
+        target: the adapter reference (``rm``), the import path (``fn``) or the URL (``http``).
+        weight: the factor of this source's value in the score.
+        name: the label of its metrics (``rm``, the function's name, or ``http``).
+        timeout: seconds per HTTP request.
+        retries: further HTTP tries after a failed one.
+    """
+
+    kind: str
+    target: str
+    weight: float = 1.0
+    name: str = ""
+    timeout: float = 30.0
+    retries: int = 2
+
+
+_KINDS = ("rm", "fn", "http")
+_OPTIONS = {"rm": {"weight", "name"}, "fn": {"weight", "name"}, "http": {"weight", "name", "timeout", "retries"}}
+
+
+def parse_reward_sources(entries: list, key: str = "ppo.rewards") -> list[RewardSource]:
+    """Check ``ppo.rewards`` and turn it into sources; an empty list is ``[{rm: reward}]``.
+
+    Raises:
+        rlhf.config.ConfigError: naming ``ppo.rewards[i]`` (and the field) of a bad entry.
+    """
+    if not isinstance(entries, list):
+        raise ConfigError(f"{key}: must be a list of sources ({{rm: ...}}, {{fn: ...}}, {{http: ...}})")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping with one of {', '.join(_KINDS)}, got {entry!r}")
+        kinds = [k for k in _KINDS if k in entry]
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}: needs exactly one of rm, fn, http (got {sorted(entry)})")
+        kind = kinds[0]
+        unknown = set(entry) - {kind} - _OPTIONS[kind]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} for a {kind} source "
+                              f"(allowed: {', '.join(sorted(_OPTIONS[kind]))})")
+        target = entry[kind]
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"{where}.{kind}: must be a non-empty string, got {target!r}")
+        if kind == "http" and not target.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.http: {target!r} is not an http:// or https:// URL")
+        if kind == "fn" and target != "task" and ":" not in target:
+            raise ConfigError(f"{where}.fn: {target!r} must look like 'pkg.mod:func', 'file.py:func' or 'task'")
+        for name, cast, spec in (("weight", float, "any"), ("timeout", float, "> 0"), ("retries", int, ">= 0")):
+            if name in entry:
+                value = entry[name]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and not isinstance(value, int)):
+                    raise ConfigError(f"{where}.{name}: must be a{'n integer' if cast is int else ' number'}, got {value!r}")
+                check_range(f"{where}.{name}", value, spec)
+        label = entry.get("name") or {"rm": "rm", "http": "http"}.get(kind) or target.rpartition(":")[2]
+        if not isinstance(label, str):
+            raise ConfigError(f"{where}.name: must be a string, got {label!r}")
+        out.append(RewardSource(kind, target, float(entry.get("weight", 1.0)), label,
+                                float(entry.get("timeout", 30.0)), int(entry.get("retries", 2))))
+    if not out:
+        out = [RewardSource("rm", STAGE_RM, 1.0, "rm")]
+    names = [s.name for s in out]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"{key}: two sources are named {n!r}; give them different 'name's (metrics are per name)")
+    return out

@@ -54,7 +54,8 @@ def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Co
     (registry reference or directory), on the base and chat template it was trained with."""
     from rlhf.adapters import RoleModel
     from rlhf.config import ConfigError
-    from rlhf.generate import _adapter_facts, resolve_policy
+    from rlhf.adapters import adapter_facts as _adapter_facts
+    from rlhf.generate import resolve_policy
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.ppo.rollout import Sampled
     from rlhf.generation import left_pad

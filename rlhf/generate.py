@@ -36,24 +36,6 @@ class Policy:
     adapter: Path | None = None  # the adapter directory, for an adapter policy
 
 
-def _adapter_facts(adapter_dir: Path) -> tuple[str | None, str, str]:
-    """``(base path, chat template, dtype)`` recorded beside a published adapter."""
-    import yaml
-
-    from rlhf.adapters import CONFIG_FILE, METADATA_FILE
-
-    base = None
-    meta = adapter_dir / METADATA_FILE
-    if meta.is_file():
-        base = json.loads(meta.read_text()).get("base_path")
-    template, dtype = "", "float32"
-    cfg = adapter_dir / CONFIG_FILE
-    if cfg.is_file():
-        model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}) or {}
-        template, dtype = model.get("chat_template") or "", model.get("dtype") or "float32"
-    return base, template, dtype
-
-
 def resolve_policy(ref: str, home: str | None = None) -> tuple[str, Path | str]:
     """``("adapter", dir)`` or ``("model", dir or hub id)`` for a policy reference; registry
     references are looked up in the registry of ``home`` (default ``$RLHF_HOME``, then ~/.rlhf).
@@ -111,7 +93,9 @@ def load_policy(ref: str, dtype: str | None = None, device: str | None = None, h
         if role not in (None, "sft", "policy"):
             # a reward or value adapter has a score head, not a language model to sample from
             raise ConfigError(f"{ref}: a {role} adapter, not a policy; pass an sft or policy adapter")
-        base, template, saved_dtype = _adapter_facts(Path(where))
+        from rlhf.adapters import adapter_facts
+
+        base, template, saved_dtype = adapter_facts(Path(where))
         if base is None:
             raise ConfigError(f"{ref}: the adapter at {where} does not name its base model (no rlhf_adapter.json)")
     else:

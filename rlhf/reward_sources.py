@@ -27,14 +27,19 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from rlhf.config import ConfigError, STAGE_RM, RewardSource, parse_reward_sources  # noqa: F401 - the spec lives with the config
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlhf.config import PPOConfig
+    from rlhf.ppo.rollout import ScoredRollout
+    from rlhf.stages.ppo import PPOSetup
 
 __all__ = ["RewardSource", "RewardSourceError", "call_source", "load_function", "parse_reward_sources"]
-
-# the value of ``rm:`` that means the PPO stage's reward adapter (the pipeline's reward stage)
-STAGE_RM = "reward"
 
 BatchFn = Callable[[list[str], list[str], list[dict]], list[float]]
 
@@ -43,79 +48,6 @@ class RewardSourceError(RuntimeError):
     """A reward source failed or answered with something that is not one float per row."""
 
 
-@dataclass(frozen=True)
-class RewardSource:
-    """One entry of ``ppo.rewards``.
-
-    Attributes:
-        kind: ``rm``, ``fn`` or ``http``.
-        target: the adapter reference (``rm``), the import path (``fn``) or the URL (``http``).
-        weight: the factor of this source's value in the score.
-        name: the label of its metrics (``rm``, the function's name, or ``http``).
-        timeout: seconds per HTTP request.
-        retries: further HTTP tries after a failed one.
-    """
-
-    kind: str
-    target: str
-    weight: float = 1.0
-    name: str = ""
-    timeout: float = 30.0
-    retries: int = 2
-
-
-_KINDS = ("rm", "fn", "http")
-_OPTIONS = {"rm": {"weight", "name"}, "fn": {"weight", "name"}, "http": {"weight", "name", "timeout", "retries"}}
-
-
-def parse_reward_sources(entries: list, key: str = "ppo.rewards") -> list[RewardSource]:
-    """Check ``ppo.rewards`` and turn it into sources; an empty list is ``[{rm: reward}]``.
-
-    Raises:
-        rlhf.config.ConfigError: naming ``ppo.rewards[i]`` (and the field) of a bad entry.
-    """
-    from rlhf.config import ConfigError, check_range
-
-    if not isinstance(entries, list):
-        raise ConfigError(f"{key}: must be a list of sources ({{rm: ...}}, {{fn: ...}}, {{http: ...}})")
-    out = []
-    for i, entry in enumerate(entries):
-        where = f"{key}[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be a mapping with one of {', '.join(_KINDS)}, got {entry!r}")
-        kinds = [k for k in _KINDS if k in entry]
-        if len(kinds) != 1:
-            raise ConfigError(f"{where}: needs exactly one of rm, fn, http (got {sorted(entry)})")
-        kind = kinds[0]
-        unknown = set(entry) - {kind} - _OPTIONS[kind]
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} for a {kind} source "
-                              f"(allowed: {', '.join(sorted(_OPTIONS[kind]))})")
-        target = entry[kind]
-        if not isinstance(target, str) or not target:
-            raise ConfigError(f"{where}.{kind}: must be a non-empty string, got {target!r}")
-        if kind == "http" and not target.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.http: {target!r} is not an http:// or https:// URL")
-        if kind == "fn" and target != "task" and ":" not in target:
-            raise ConfigError(f"{where}.fn: {target!r} must look like 'pkg.mod:func', 'file.py:func' or 'task'")
-        for name, cast, spec in (("weight", float, "any"), ("timeout", float, "> 0"), ("retries", int, ">= 0")):
-            if name in entry:
-                value = entry[name]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and not isinstance(value, int)):
-                    raise ConfigError(f"{where}.{name}: must be a{'n integer' if cast is int else ' number'}, got {value!r}")
-                check_range(f"{where}.{name}", value, spec)
-        label = entry.get("name") or {"rm": "rm", "http": "http"}.get(kind) or target.rpartition(":")[2]
-        if not isinstance(label, str):
-            raise ConfigError(f"{where}.name: must be a string, got {label!r}")
-        out.append(RewardSource(kind, target, float(entry.get("weight", 1.0)), label,
-                                float(entry.get("timeout", 30.0)), int(entry.get("retries", 2))))
-    if not out:
-        out = [RewardSource("rm", STAGE_RM, 1.0, "rm")]
-    names = [s.name for s in out]
-    for n in names:
-        if names.count(n) > 1:
-            raise ConfigError(f"{key}: two sources are named {n!r}; give them different 'name's (metrics are per name)")
-    return out
 
 
 def load_function(spec: str, key: str, base_dir: str | Path = ".") -> Callable:
@@ -223,3 +155,76 @@ def _post(source: RewardSource, body: dict) -> list:
         return reply_json.get("rewards") if isinstance(reply_json, dict) else reply_json
     tries = attempt + 1
     raise RewardSourceError(f"reward source {source.target}: {last} after {tries} tr{'y' if tries == 1 else 'ies'}")
+
+
+# The PPO stage's use of the sources (rlhf/stages/ppo.py)
+
+def uses_reward_model(cfg: PPOConfig) -> bool:
+    """Whether ``ppo.rewards`` scores with the reward model (the reward role is loaded)."""
+    return any(src.kind == "rm" for src in parse_reward_sources(cfg.rewards))
+
+
+def reward_sources(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> list:
+    """``(source, batch function)`` pairs of ``ppo.rewards`` (the function is None for rm and
+    http sources); [] when the reward model alone scores (an empty ``ppo.rewards``).
+
+    Raises:
+        ConfigError: ``{fn: task}`` without a task, or a function that does not import.
+    """
+    if not cfg.rewards:
+        return []
+    out = []
+    for i, src in enumerate(parse_reward_sources(cfg.rewards)):
+        fn = None
+        if src.kind == "fn" and src.target == "task":
+            if task_evaluate is None:
+                raise ConfigError(f"ppo.rewards[{i}].fn: 'task' names the task's evaluate, but this run has no task")
+            fn = per_row(task_evaluate)
+        elif src.kind == "fn":
+            fn = load_function(src.target, f"ppo.rewards[{i}].fn")
+        out.append((src, fn))
+    return out
+
+
+def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
+                       rows: list[int]) -> tuple[ScoredRollout, dict[str, torch.Tensor]]:
+    """``batch`` with its scores (B,) replaced by ``sum(weight * value)`` over the reward
+    sources, and each source's raw values (B,) by name. ``rows`` holds the training prompt
+    of each row. Unchanged (and no values) when the reward model alone scores."""
+    from dataclasses import replace
+
+    import torch
+
+    from rlhf.generation import decode_responses
+
+    if not s.sources:
+        return batch, {}
+    prompts = [s.prompts[i] for i in rows]
+    texts, completions = [p[-1]["content"] for p in prompts], decode_responses(s.tok, batch)
+    metadata = [{**s.prompt_metadata[i], "messages": s.prompts[i], "truncated": not bool(stop)}
+                for i, stop in zip(rows, batch.has_stop.tolist())]
+    values: dict[str, torch.Tensor] = {}
+    total = torch.zeros_like(batch.scores)
+    for src, fn in s.sources:
+        if src.kind == "rm":
+            raw = batch.scores
+        else:
+            raw = torch.tensor(call_source(src, fn, texts, completions, metadata), dtype=batch.scores.dtype,
+                               device=batch.scores.device)
+        values[src.name] = raw
+        total = total + src.weight * raw
+    return replace(batch, scores=total), values
+
+
+def source_statistics(s: PPOSetup, values: dict[str, torch.Tensor]) -> dict:
+    """``reward/<name>/raw_mean`` and ``reward/<name>/weighted_mean`` of each reward source,
+    over every row scored this update (every process)."""
+    from rlhf import distributed as dist
+
+    out = {}
+    weights = {src.name: src.weight for src, _ in s.sources}
+    for name, raw in values.items():
+        mean = float(dist.gather_rows(raw).mean())
+        out[f"reward/{name}/raw_mean"] = mean
+        out[f"reward/{name}/weighted_mean"] = weights[name] * mean
+    return out

@@ -15,6 +15,13 @@ This module holds only the bookkeeping (no torch, no I/O), so it is tested on nu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from rlhf.config import ConfigError
+
+if TYPE_CHECKING:
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import Optimization, PPOSetup
 
 __all__ = ["Watchdog"]
 
@@ -69,3 +76,73 @@ class Watchdog:
             out["watchdog/best_step"] = float(self.best_step)
             out["watchdog/best_judge"] = self.best_judge
         return out
+
+
+# The PPO stage's use of the watchdog (rlhf/stages/ppo.py)
+
+def watchdog_judge(cfg: PPOConfig, gold_fn: Callable[[str, str], float] | None) -> Callable | str | None:
+    """The watchdog's judge: a batch function ``(prompts, completions, metadata) -> floats``
+    (``ppo.watchdog_judge``), ``"gold"`` (the task's objective, which the evaluation already
+    computes, unless it is a training reward: ``{fn: task}``), or None when the watchdog is
+    off or no held-out judge exists.
+
+    Raises:
+        ConfigError: ``ppo.watchdog: on`` without a judge.
+    """
+    from rlhf.reward_sources import load_function, parse_reward_sources
+
+    if cfg.watchdog == "off":
+        return None
+    if cfg.watchdog_judge:
+        return load_function(cfg.watchdog_judge, "ppo.watchdog_judge")
+    task_trains = any(src.kind == "fn" and src.target == "task" for src in parse_reward_sources(cfg.rewards))
+    if gold_fn is not None and not task_trains:
+        return "gold"
+    if cfg.watchdog == "on":
+        raise ConfigError("ppo.watchdog: on, but there is no held-out judge (no task objective outside the training "
+                          "rewards, no ppo.watchdog_judge)")
+    return None
+
+
+def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable | str) -> dict:
+    """``watchdog/reward`` (the training reward: ``ppo.rewards``, weighted) and
+    ``watchdog/judge`` (:func:`watchdog_judge`), each the mean over the evaluation ``rows``."""
+    from rlhf.reward_sources import RewardSource, call_source
+
+    if not rows:
+        return {}
+    texts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    metadata = [{**d, "messages": m, "truncated": not r["stopped"]}
+                for m, d, r in zip(s.eval_prompts, s.eval_metadata, rows)]
+    if s.sources:
+        reward = [0.0] * len(rows)
+        for src, fn in s.sources:
+            raw = [r["score"] for r in rows] if src.kind == "rm" else call_source(src, fn, texts, completions, metadata)
+            reward = [a + src.weight * b for a, b in zip(reward, raw)]
+    else:  # the reward model alone
+        reward = [r["score"] for r in rows]
+    if judge == "gold":
+        judged = [r["gold"] for r in rows]
+    else:
+        judged = call_source(RewardSource("fn", cfg.watchdog_judge, name="judge"), judge, texts, completions, metadata)
+    return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged)}
+
+
+def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list) -> bool:
+    """Feed one evaluation to the watchdog; keep a copy of the trainable roles when the judge
+    likes it best so far; True when the watchdog trips."""
+    if "watchdog/reward" not in ev:
+        return False
+    tripped = watchdog.observe(step, ev["watchdog/reward"], ev["watchdog/judge"])
+    if watchdog.is_new_best(step):
+        best_weights[:] = [p.detach().clone() for p in opt.params]
+    return tripped
+
+
+def _restore(opt: Optimization, best_weights: list) -> None:
+    """Put the trainable roles back to the copy :func:`_watch` kept."""
+    import torch
+
+    with torch.no_grad():
+        for p, best in zip(opt.params, best_weights):
+            p.copy_(best)

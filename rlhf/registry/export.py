@@ -52,7 +52,7 @@ def base_source(base: Entry) -> tuple[str, str | None]:
 def _load_tokenizer(adapter: Entry, src: str, revision: str | None):
     """The tokenizer the adapter was trained with: the one saved beside it, else the base's
     loaded as the stages load it (:func:`rlhf.models.load_tokenizer`, the run's chat template)."""
-    from rlhf.generate import _adapter_facts
+    from rlhf.adapters import adapter_facts as _adapter_facts
     from rlhf.models import load_tokenizer
 
     template = _adapter_facts(adapter.path)[1]

@@ -24,6 +24,9 @@ SMALL = [
     "sft.train.epochs=1", "sft.train.save_steps=4", "reward.train.epochs=2", "reward.train.save_steps=16",
     "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=8", "ppo.save_every=1",
     "ppo.eval_every=1", "ppo.eval_max_prompts=4", "ppo.response_length=12",
+    # these tests check the evaluation plumbing, not the reward model: 2 reward epochs on this
+    # small slice can leave it near chance, and the gate would then stop the run before PPO
+    "reward_gate.enabled=false",
 ]
 
 

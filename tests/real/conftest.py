@@ -147,9 +147,21 @@ def real_runs(base_dirs, tmp_path_factory):
             # SmolLM2 runs with model.chat_template set (the built-in ChatML, without SmolLM2's
             # default system turn): every stage must apply it, not the tokenizer's own
             template = "chatml" if name == "smollm2" else ""
-            path.write_text(yaml.safe_dump(recipe(f"real-{name}", str(base), write_data(root / "data"), template)))
+            path.write_text(yaml.dump(recipe(f"real-{name}", str(base), write_data(root / "data"), template),
+                                      Dumper=_no_alias_dumper()))
             p = plan(path, root / "run", [])
             summary = Pipeline(p).run()
             state = json.loads((p.run_dir / "pipeline.json").read_text())
             out[name] = (p.run_dir, state, summary)
     return home, out
+
+
+def _no_alias_dumper():
+    """A YAML dumper that writes a value shared by two keys twice: recipes refuse aliases."""
+    import yaml
+
+    class NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    return NoAliases
