@@ -873,15 +873,16 @@ class RewardSource:
         retries: further HTTP tries after a failed one.
     """
 
-    kind: str
-    target: str
-    weight: float = 1.0
-    name: str = ""
-    timeout: float = 30.0
-    retries: int = 2
+    kind: str = _help("rm, fn or http.", default="rm")
+    target: str = _help("The adapter reference, import path or URL.", default=STAGE_RM)
+    weight: float = _help("Factor of this source's value in the score.", range="any", default=1.0)
+    name: str = _help("Label of its metrics.", default="")
+    timeout: float = _help("Seconds per HTTP request.", range="> 0", default=30.0)
+    retries: int = _help("Further HTTP tries after a failed one.", range=">= 0", default=2)
 
 
 _KINDS = ("rm", "fn", "http")
+_SOURCE_FIELDS = {f.name: f for f in dataclasses.fields(RewardSource)}
 _OPTIONS = {"rm": {"weight", "name"}, "fn": {"weight", "name"}, "http": {"weight", "name", "timeout", "retries"}}
 
 
@@ -913,8 +914,9 @@ def parse_reward_sources(entries: list, key: str = "ppo.rewards") -> list[Reward
             raise ConfigError(f"{where}.http: {target!r} is not an http:// or https:// URL")
         if kind == "fn" and target != "task" and ":" not in target:
             raise ConfigError(f"{where}.fn: {target!r} must look like 'pkg.mod:func', 'file.py:func' or 'task'")
-        for name, cast, spec in (("weight", float, "any"), ("timeout", float, "> 0"), ("retries", int, ">= 0")):
+        for name, cast in (("weight", float), ("timeout", float), ("retries", int)):
             if name in entry:
+                spec = _SOURCE_FIELDS[name].metadata["range"]
                 value = entry[name]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and not isinstance(value, int)):
                     raise ConfigError(f"{where}.{name}: must be a{'n integer' if cast is int else ' number'}, got {value!r}")

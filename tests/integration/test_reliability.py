@@ -56,9 +56,7 @@ def _one_line_error(capsys, *needles: str) -> str:
 def _config_classes() -> list[type]:
     """Every config dataclass: those of rlhf.config and every dataclass their fields nest."""
     found, todo = [], [c for c in vars(config_module).values()
-                       if dataclasses.is_dataclass(c) and isinstance(c, type) and c.__module__ == "rlhf.config"
-                       # a parsed ppo.rewards entry, not a config section: parse_reward_sources checks its ranges
-                       and c.__name__ != "RewardSource"]
+                       if dataclasses.is_dataclass(c) and isinstance(c, type) and c.__module__ == "rlhf.config"]
     todo.append(SyntheticTaskConfig)
     while todo:
         cls = todo.pop()
