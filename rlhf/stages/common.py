@@ -4,7 +4,6 @@ TRL checkpoints, and gathering sharded weights from a TRL trainer."""
 from __future__ import annotations
 
 import errno
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +86,29 @@ def peft_lora_config(spec: LoraConfigSpec, model, task_type: str, modules_to_sav
         modules_to_save=modules_to_save,
         bias="none",
     )
+
+
+def policy_from_sft(cfg, base: str, tok):
+    """The trainable policy of a preference stage (DPO, KTO) and its LoRA config for TRL:
+    ``(model, peft_config, sft_dir)``.
+
+    With an SFT adapter, the base carries it as the trainable "default" adapter and
+    ``peft_config`` is None (TRL then copies "default" into a "ref" adapter, which the stage
+    pins to the frozen SFT weights). Without one, the base is the SFT model (full fine-tuning):
+    a fresh LoRA, whose disabled state is the reference.
+    """
+    from peft import PeftModel
+
+    from rlhf.models import disable_dropout, load_causal_lm
+
+    model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                           trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation)
+    disable_dropout(model)
+    sft_dir = cfg.sft_adapter or None
+    if sft_dir is not None:
+        return PeftModel.from_pretrained(model, sft_dir, is_trainable=True), None, sft_dir
+    return model, peft_lora_config(cfg.lora, model, "CAUSAL_LM"), None
 
 
 def last_checkpoint(output_dir: Path) -> str | None:

@@ -33,7 +33,7 @@ from rlhf.stages.common import (
     filter_supported,
     final_log_value,
     finish,
-    peft_lora_config,
+    policy_from_sft,
     publish_trained,
     stage_tokenizer,
     stage_tracker,
@@ -150,21 +150,9 @@ def build_trainer(cfg: KTOConfig, base: str, tok, train_rows: list[dict], test_r
     """TRL's KTOTrainer on ``base`` with the SFT adapter as the trainable "default" adapter and the
     frozen SFT adapter as the reference (checked, see ``pin_sft_reference``)."""
     import datasets
-    from peft import PeftModel
     from trl import KTOTrainer
 
-    from rlhf.models import disable_dropout, load_causal_lm
-
-    model = load_causal_lm(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                           trust_remote_code=cfg.model.trust_remote_code,
-                           attn_implementation=cfg.model.attn_implementation)
-    disable_dropout(model)
-    sft_dir = cfg.sft_adapter or None
-    if sft_dir is not None:
-        model = PeftModel.from_pretrained(model, sft_dir, is_trainable=True)
-        peft_config = None  # TRL then copies "default" into a "ref" adapter: see pin_sft_reference
-    else:
-        peft_config = peft_lora_config(cfg.lora, model, "CAUSAL_LM")
+    model, peft_config, sft_dir = policy_from_sft(cfg, base, tok)
     trainer = KTOTrainer(
         model=model,
         args=trl_args(cfg, has_eval=bool(test_rows)),
