@@ -121,6 +121,24 @@ def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
 
 
 
+
+# The rows of the offline preference stages (DPO, KTO): a policy trained from the SFT adapter on
+# the preference store, sampled like PPO (same prompts, lengths, temperature) so the policies
+# compare; the RM score and win rate of their evaluation need the reward model when one ran before.
+_OFFLINE_PREFERENCE_STAGE = dict(
+    requires=("sft",),
+    inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
+            "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
+    wired={"sft_adapter": "sft/adapter"},
+    wired_if_run={"reward_adapter": "reward/adapter"},
+    task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
+    task_files_are_defaults=True,
+    inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
+              "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
+              "eval_batch_size": "ppo.rollout_batch_size"},
+    outputs=("adapter",),
+)
+
 STAGES: dict[str, Stage] = {
     "sft": Stage(
         SFTConfig, _sft, "run the supervised fine-tuning stage alone",
@@ -152,34 +170,11 @@ STAGES: dict[str, Stage] = {
     ),
     "dpo": Stage(
         DPOConfig, _dpo, "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
-        requires=("sft",),
-        inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
-                "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
-        wired={"sft_adapter": "sft/adapter"},
-        # the RM score and win rate of its evaluation need the reward model, when one is trained before it
-        wired_if_run={"reward_adapter": "reward/adapter"},
-        task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
-        task_files_are_defaults=True,
-        # both policies are sampled alike, on the same prompts, when DPO runs beside PPO
-        inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
-                  "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
-                  "eval_batch_size": "ppo.rollout_batch_size"},
-        outputs=("adapter",),
+        **_OFFLINE_PREFERENCE_STAGE,
     ),
     "kto": Stage(
         KTOConfig, _kto, "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
-        requires=("sft",),
-        inputs={"dataset": Input("preferences"), "sft_adapter": Input("adapter", required=False),
-                "reward_adapter": Input("adapter", required=False), "eval_prompts": Input("data", required=False)},
-        wired={"sft_adapter": "sft/adapter"},
-        wired_if_run={"reward_adapter": "reward/adapter"},
-        task_files={"dataset": "pairs", "eval_prompts": "eval_prompts"},
-        task_files_are_defaults=True,
-        # sampled like PPO and DPO, on the same prompts, so the three policies compare
-        inherits={"eval_prompts": "ppo.eval_prompts", "eval_max_prompt_length": "ppo.max_prompt_length",
-                  "eval_response_length": "ppo.response_length", "eval_temperature": "ppo.temperature",
-                  "eval_batch_size": "ppo.rollout_batch_size"},
-        outputs=("adapter",),
+        **_OFFLINE_PREFERENCE_STAGE,
     ),
 }
 
