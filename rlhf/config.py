@@ -30,6 +30,38 @@ class ConfigError(ValueError):
     """A configuration problem, with the dotted key (or file) that causes it."""
 
 
+def import_named(spec: str, key: str, base_dir: str | Path = ".", what: str = "attribute") -> Any:
+    """The object a recipe value names by import path: ``pkg.mod:name`` (imported) or
+    ``path/file.py:name`` (relative to ``base_dir``; a file is executed as a fresh module).
+    A recipe naming one runs its code: that is what the key asks for.
+
+    Raises:
+        ConfigError: naming ``key`` when the file is missing, the import fails, or the module
+            has no ``name`` (``what`` says what was expected there).
+    """
+    import importlib
+    import importlib.util
+
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target) if Path(target).is_absolute() else Path(base_dir) / target
+            if not path.is_file():
+                raise ConfigError(f"{key}: file not found: {path}")
+            mod_spec = importlib.util.spec_from_file_location(f"rlhf_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's import error, named with the key
+        raise ConfigError(f"{key}: cannot import {target!r}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{key}: {target!r} has no {what} {attr!r}")
+    return getattr(module, attr)
+
+
 def _help(text: str, range: str | None = None, **kw) -> Any:
     """A dataclass field with help text and, for a number, its allowed range (see check_range)."""
     meta = {"help": text} if range is None else {"help": text, "range": range}

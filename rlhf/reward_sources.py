@@ -57,29 +57,11 @@ def load_function(spec: str, key: str, base_dir: str | Path = ".") -> Callable:
     Raises:
         rlhf.config.ConfigError: naming ``key`` when it does not import or is not callable.
     """
-    import importlib
-    import importlib.util
+    from rlhf.config import import_named
 
-    from rlhf.config import ConfigError
-
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            path = Path(target) if Path(target).is_absolute() else Path(base_dir) / target
-            if not path.is_file():
-                raise ConfigError(f"{key}: file not found: {path}")
-            mod_spec = importlib.util.spec_from_file_location(f"rlhf_user_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's import error, named with the key
-        raise ConfigError(f"{key}: cannot import {target!r}: {type(e).__name__}: {e}") from None
-    fn = getattr(module, attr, None)
+    fn = import_named(spec, key, base_dir, what="function")
     if not callable(fn):
-        raise ConfigError(f"{key}: {target!r} has no function {attr!r}")
+        raise ConfigError(f"{key}: {spec.rpartition(':')[0]!r} has no function {spec.rpartition(':')[2]!r}")
     return fn
 
 

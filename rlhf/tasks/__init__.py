@@ -86,7 +86,7 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
         rlhf.config.ConfigError: naming ``task.module`` when it does not import, lacks the
             attribute, or builds something without ``prompts`` and ``evaluate``.
     """
-    from rlhf.config import ConfigError
+    from rlhf.config import ConfigError, import_named
 
     if not cfg.module:
         if not cfg.enabled:
@@ -97,28 +97,9 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
     target, sep, attr = cfg.module.rpartition(":")
     if not sep or not target or not attr:
         raise ConfigError(f"task.module: {cfg.module!r} must look like 'my_pkg.my_task:MyTask' or 'path/to/file.py:MyTask'")
+    cls = import_named(cfg.module, "task.module", base_dir)
     try:
-        if target.endswith(".py"):
-            import importlib.util
-
-            path = Path(target) if Path(target).is_absolute() else Path(base_dir) / target
-            if not path.is_file():
-                raise ConfigError(f"task.module: file not found: {path}")
-            spec = importlib.util.spec_from_file_location(f"rlhf_user_task_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            import importlib
-
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's import error, named with the key
-        raise ConfigError(f"task.module: cannot import {target!r}: {type(e).__name__}: {e}") from None
-    if not hasattr(module, attr):
-        raise ConfigError(f"task.module: {target!r} has no attribute {attr!r}")
-    try:
-        task = getattr(module, attr)(**cfg.options)
+        task = cls(**cfg.options)
     except TypeError as e:
         raise ConfigError(f"task.module: {cfg.module} rejected task.options {cfg.options}: {e}") from None
     missing = [m for m in ("prompts", "evaluate") if not callable(getattr(task, m, None))]
