@@ -395,6 +395,37 @@ def publish_trained(trainer, out: Path, name: str, write: Callable[[Path, dict |
     return str(out / name)
 
 
+def publish_policy_adapter(trainer, out: Path, tok, *, stage: str, base: str, cfg, registration, data_ref: str) -> str:
+    """Publish a preference stage's policy adapter (DPO, KTO) atomically: the "default"
+    adapter only ("ref" is the unchanged SFT adapter), its LoRA weights without embeddings,
+    and the tokenizer beside it (what generate, eval and export load)."""
+    from rlhf.config import to_dict
+    from rlhf.models import save_tokenizer
+
+    def write(tmp: Path, state: dict | None) -> None:
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
+                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
+        save_tokenizer(tok, tmp)
+
+    return publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
+                           registration=registration, entry=stage, method=stage, sft_adapter=cfg.sft_adapter,
+                           dataset=data_ref)
+
+
+def evaluate_policy_against_sft(cfg, path: str, gold_fn, metrics: dict, tracker, step: int) -> None:
+    """Sample the SFT and the trained policy (adapter ``path``) on the held-out prompts with
+    the PPO stage's sampler; their metrics go into ``metrics`` by the summary convention
+    (rlhf.summary: SFT as the initial evaluation at step 0, the trained policy as the final
+    one at ``step``), as PPO logs and reports its own."""
+    from rlhf import summary
+    from rlhf.evaluation import evaluate_against_sft
+
+    sft_eval, trained_eval = evaluate_against_sft(cfg, path, gold_fn)
+    metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, trained_eval)})
+    tracker.log(sft_eval, step=0)
+    tracker.log(trained_eval, step=step)
+
+
 def finish(cfg, out: Path, main: bool, stage: str, artifacts: dict[str, str], metrics: dict,
            inputs: dict[str, str]) -> StageResult:
     """The last step: the final metrics beside the artifacts (``metrics.json``) and the

@@ -26,19 +26,18 @@ from typing import Callable
 
 import torch
 
-from rlhf import summary
-from rlhf.evaluation import evaluate_against_sft
-from rlhf.config import ConfigError, DPOConfig, to_dict
+from rlhf.config import ConfigError, DPOConfig
 from rlhf.stages.common import (
     Registration,
     StageResult,
     begin,
     count_long_pairs,
+    evaluate_policy_against_sft,
     filter_supported,
     final_log_value,
     finish,
     policy_from_sft,
-    publish_trained,
+    publish_policy_adapter,
     stage_tokenizer,
     stage_tracker,
     train,
@@ -70,7 +69,6 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     from transformers import set_seed
 
     from rlhf import distributed as dist
-    from rlhf.models import save_tokenizer
     from rlhf.resolve import is_store_ref
 
     out, main = begin(cfg)
@@ -104,26 +102,15 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
 
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
-    def write(tmp: Path, state: dict | None) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
-        save_tokenizer(tok, tmp)
-
-    path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
-                           registration=registration, entry="dpo", method="dpo", sft_adapter=cfg.sft_adapter,
-                           dataset=data_ref)
+    path = publish_policy_adapter(trainer, out, tok, stage="dpo", base=base, cfg=cfg, registration=registration,
+                                  data_ref=data_ref)
 
     # 5. sample SFT and DPO policies on held-out prompts (the PPO stage's sampler and metrics);
     # the training model is freed first, the evaluation loads the base once more
     step = trainer.state.global_step
     del trainer
     if cfg.eval_prompts and main:
-        # the summary convention (rlhf.summary): the SFT policy as the initial evaluation (step
-        # 0), the DPO policy as the final one, as PPO logs and reports its own
-        sft_eval, dpo_eval = evaluate_against_sft(cfg, path, gold_fn)
-        metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, dpo_eval)})
-        tracker.log(sft_eval, step=0)
-        tracker.log(dpo_eval, step=step)
+        evaluate_policy_against_sft(cfg, path, gold_fn, metrics, tracker, step)
     tracker.finish()
     return finish(cfg, out, main, "dpo", {"adapter": path}, dist.broadcast_object(metrics), {"dataset": data_ref})
 

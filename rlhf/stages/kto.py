@@ -23,18 +23,17 @@ from typing import Callable
 
 import torch
 
-from rlhf import summary
-from rlhf.config import ConfigError, KTOConfig, to_dict
-from rlhf.evaluation import evaluate_against_sft
+from rlhf.config import ConfigError, KTOConfig
 from rlhf.stages.common import (
     Registration,
     StageResult,
     begin,
+    evaluate_policy_against_sft,
     filter_supported,
     final_log_value,
     finish,
     policy_from_sft,
-    publish_trained,
+    publish_policy_adapter,
     stage_tokenizer,
     stage_tracker,
     train,
@@ -75,8 +74,6 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
     """
     from transformers import set_seed
 
-    from rlhf.models import save_tokenizer
-
     from rlhf import distributed as dist
     from rlhf.resolve import is_store_ref
 
@@ -113,24 +110,15 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
 
     # 4. publish the policy adapter ("default" only; "ref" is the unchanged SFT adapter), atomically
-    def write(tmp: Path, state: dict | None) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"],
-                                      save_embedding_layers=False, **({"state_dict": state} if state else {}))
-        save_tokenizer(tok, tmp)  # what generate/eval/export load for this adapter
-
-    path = publish_trained(trainer, out, "adapter", write, role="policy", base=base, config=to_dict(cfg),
-                           registration=registration, entry="kto", method="kto", sft_adapter=cfg.sft_adapter,
-                           dataset=data_ref)
+    path = publish_policy_adapter(trainer, out, tok, stage="kto", base=base, cfg=cfg, registration=registration,
+                                  data_ref=data_ref)
 
     # 5. sample SFT and KTO policies on held-out prompts (DPO's evaluation), reported by the
     # summary convention (rlhf.summary): SFT as the initial evaluation, KTO as the final one
     step = trainer.state.global_step
     del trainer
     if cfg.eval_prompts and main:
-        sft_eval, kto_eval = evaluate_against_sft(cfg, path, gold_fn)
-        metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, kto_eval)})
-        tracker.log(sft_eval, step=0)
-        tracker.log(kto_eval, step=step)
+        evaluate_policy_against_sft(cfg, path, gold_fn, metrics, tracker, step)
     tracker.finish()
     return finish(cfg, out, main, "kto", {"adapter": path}, dist.broadcast_object(metrics), {"dataset": data_ref})
 
