@@ -5,7 +5,7 @@ Usage::
     rlhf data ingest SOURCE... --name NAME [--format F] [--map key=column ...] [--test-fraction 0.05]
                      [--ties drop|keep] [--label-field COL] [--binarize MODE] [--min-margin X]
                      [--score-field KEY] [--seed N] [--max-row-bytes N] [--json-fields COL,...]
-                     [--strict-empty] [--allow-partial] [--score EXPR] [--group-by COL]
+                     [--strict-empty] [--allow-partial] [--score EXPR] [--label-names NAMES] [--group-by COL]
                      [--group-mode consecutive|global] [--transcript-template T]
                      [--hf-config NAME] [--hf-data-dir DIR] [--hf-split SPLIT]
                      [--lower-is-better | --higher-is-better] [--ignore-label-column]
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-empty", action="store_true", help=_help("strict_empty"))
     p.add_argument("--allow-partial", action="store_true", help=_help("allow_partial"))
     p.add_argument("--score", help=_help("score"))
+    p.add_argument("--label-names", metavar="[COL=]NAME,...|steerlm", help=_help("label_names"))
     p.add_argument("--group-by", metavar="COL", help=_help("group_by"))
     p.add_argument("--group-mode", choices=GROUP_MODES, default="consecutive", help=_help("group_mode"))
     p.add_argument("--transcript-template", metavar="PRESET|JSON|role=M;...", help=_help("transcript_template"))
@@ -183,6 +184,7 @@ def _ingest(args, home) -> int:
         strict_empty=args.strict_empty,
         allow_partial=args.allow_partial,
         score=args.score,
+        label_names=args.label_names,
         group_by=args.group_by,
         group_mode=args.group_mode,
         transcript_template=args.transcript_template,

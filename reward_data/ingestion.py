@@ -34,7 +34,8 @@ from reward_data.fastjson import dumps
 from reward_data.options import IngestOptions
 from reward_data.readers import READERS, scored
 from reward_data.readers.generic import FIELDS
-from reward_data.schema import SCHEMA_VERSION, Pair, RowError, Unpaired, check_pair, check_unpaired, is_message_list
+from reward_data.schema import (SCHEMA_VERSION, Pair, RowError, Unpaired, check_pair, check_unpaired, get_path,
+                                is_message_list)
 from reward_data.sources import SourceFile, expand_sources, iter_rows
 from reward_data.stats import LengthStats
 
@@ -88,21 +89,6 @@ class VersionInfo:
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
-
-
-def get_path(row: dict, path: str) -> Any:
-    """``row["a"]["b"]`` for ``"a.b"``; a literal key containing dots wins."""
-    if path in row:
-        return row[path]
-    value: Any = row
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return value
 
 
 def apply_mapping(row: dict, mapping: dict[str, str]) -> dict:
@@ -223,11 +209,27 @@ def detect_format(src: SourceFile, opts: IngestOptions, mapping: dict | None, sa
         )
     partial = [f"{n} ({s}/{len(sample)} rows)" for n, s in scores.items() if s]
     columns = sorted({k for r in sample for k in r})[:30]
+    hint = layout_hint(sample)
     raise FormatError(
         f"{src.path}: no known format matches (columns: {', '.join(columns)})"
         + (f"; partial matches: {', '.join(partial)}" if partial else "")
+        + (f"; {hint}" if hint else "")
         + "; pass --format, or --format generic with --map prompt=COL --map chosen=COL --map rejected=COL"
     )
+
+
+def layout_hint(sample: list[dict]) -> str | None:
+    """What to pass for a known layout that no reader detects on its own (None if none fits)."""
+    first = sample[0]
+    if "response_j" in first and "response_k" in first:
+        prompt = next((k for k in ("question", "prompt") if k in first), "COL")
+        return ("this looks like stack-exchange-paired, where response_j is the better-voted answer: "
+                f"--map prompt={prompt} --map chosen=response_j --map rejected=response_k")
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):
+        return ("chosen/rejected are plain text and no prompt column is present (TRL's standard implicit-prompt "
+                "layout): the prompt cannot be told from the answer; map a prompt column, or use --format hh for "
+                "'\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts")
+    return None
 
 
 def _raw_text(raw: bytes | None, value: Any) -> str | None:

@@ -7,6 +7,12 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 TIES = ("drop", "keep")
+#: The attribute order of NeMo-Aligner's regression reward-model labels (SteerLM: the four
+#: OpenAssistant attributes, then HelpSteer's five; HelpSteer2 rows hold -100 in the first four).
+#: https://github.com/NVIDIA/NeMo-Aligner/blob/main/examples/nlp/data/steerlm/common.py
+STEERLM_ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence",
+                      "complexity", "verbosity")
+LABEL_NAME_PRESETS = {"steerlm": STEERLM_ATTRIBUTES}
 BINARIZE = ("best_worst", "best_random", "all_pairs")
 GROUP_MODES = ("consecutive", "global")
 
@@ -81,8 +87,9 @@ class IngestOptions:
     )
     score_field: str | None = field(
         default=None,
-        metadata={"help": "Rated completions: the per-completion score key. Default: the first present of "
-                  "overall_score, score, rating, reward."},
+        metadata={"help": "Rated completions: the per-completion score key, a dotted path into nested objects "
+                  "allowed (e.g. annotations.helpfulness.Rating for raw UltraFeedback). Default: the first present "
+                  "of overall_score, score, rating, reward."},
     )
     lower_is_better: bool | None = field(
         default=None,
@@ -127,7 +134,16 @@ class IngestOptions:
         default=None,
         metadata={"help": "Scored format: the attribute that ranks responses, or a weighted sum such as "
                   "'helpfulness*0.6+correctness*0.4'; a list column by position, e.g. 'label[4]' (NeMo "
-                  "regression labels; -100 means not labelled). Default: a single 'score'/'rating'/'reward' column."},
+                  "regression labels; -100 means not labelled), or by name with --label-names. Default: a single "
+                  "'score'/'rating'/'reward' column. Rated completions: a weighted sum of per-completion keys "
+                  "(dotted paths), e.g. 'annotations.helpfulness.Rating*0.5+annotations.honesty.Rating*0.5'."},
+    )
+    label_names: str | None = field(
+        default=None,
+        metadata={"help": "Scored format: names for the positions of a list column, so --score can name them: "
+                  "'COL=name0,name1,...' (COL defaults to label), or the preset 'steerlm' (NeMo-Aligner's regression "
+                  f"labels: {','.join(STEERLM_ATTRIBUTES)}). Then --score 'helpfulness' or 'label[helpfulness]' "
+                  "reads that position, like 'label[4]'."},
     )
     ignore_label_column: bool = field(
         default=False,
@@ -175,6 +191,8 @@ class IngestOptions:
         self.transcript_template = parse_template(self.transcript_template)
         if self.score is not None:
             parse_score(self.score)  # fail fast, naming the option
+        if self.label_names is not None:
+            label_positions(self.label_names)  # likewise
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> IngestOptions:
@@ -192,7 +210,7 @@ class IngestOptions:
 # The score option: a weighted sum of rating attributes, parsed here (never evaluated) so the
 # option fails fast and the scored reader reads the same terms.
 _NUM = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-_NAME = r"[A-Za-z_][\w.]*(?:\[[0-9]+\])?"
+_NAME = r"[A-Za-z_][\w.]*(?:\[\w+\])?"
 _TERM = re.compile(rf"\s*([+-]?)\s*(?:({_NAME})\s*(?:\*\s*({_NUM}))?|({_NUM})\s*\*\s*({_NAME}))\s*")
 
 
@@ -221,3 +239,23 @@ def parse_score(spec: str) -> list[tuple[str, float]]:
     if not terms:
         raise ValueError(f"option score={spec!r}: empty")
     return terms
+
+
+def label_positions(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"steerlm"`` / ``"COL=a,b,c"`` / ``"a,b,c"`` -> (list column, name of each position).
+
+    Raises:
+        ValueError: naming the option, for an empty, repeated or non-identifier name.
+    """
+    column, sep, names = spec.partition("=")
+    if not sep:
+        column, names = "label", spec
+    column = column.strip()
+    preset = LABEL_NAME_PRESETS.get(names.strip())
+    parsed = preset or tuple(n.strip() for n in names.split(","))
+    bad = [n for n in parsed if not re.fullmatch(r"[A-Za-z_]\w*", n)]
+    if not column or bad or len(set(parsed)) != len(parsed):
+        raise ValueError(f"option label_names={spec!r}: expected 'COL=name0,name1,...' with distinct identifier "
+                         f"names, or a preset ({', '.join(LABEL_NAME_PRESETS)})"
+                         + (f"; bad name(s): {', '.join(map(repr, bad))}" if bad else ""))
+    return column, parsed

@@ -114,6 +114,22 @@ class Unpaired:
     item: str | None = field(default=None)
 
 
+def get_path(row: dict, path: str) -> Any:
+    """``row["a"]["b"]`` for ``"a.b"`` (a list position as ``"a.0"``); a literal key containing
+    dots wins. None when the path does not exist."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
 def require(row: dict, key: str) -> Any:
     """Return ``row[key]``, raising ``missing_field`` when it is absent or null."""
     value = row.get(key)
@@ -197,8 +213,10 @@ def normalize_messages(value: Any, key: str, allow_empty: bool = False) -> list[
         content = msg.get("content")
         if role not in _CANONICAL_ROLES or type(content) is not str or not content or content.isspace():
             break
-        # Already canonical: reuse the parsed dict instead of copying it.
-        out.append(msg if len(msg) == 2 else {"role": role, "content": content})
+        # Always a new dict, role first: many parquet and hub datasets hold messages as
+        # {"content", "role"} structs, and the stored bytes (the record id, the duplicate
+        # key) must not depend on the key order of the source.
+        out.append({"role": role, "content": content})
     else:
         return out
     out = []

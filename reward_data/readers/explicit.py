@@ -9,7 +9,8 @@ Binarized sets with scores (UltraFeedback-binarized: a prompt string, ``chosen``
 full conversations that repeat the prompt, ``score_chosen``/``score_rejected``) are read without
 flags: a response list that opens with the prompt's turns is cut after them (or, when it does not
 repeat the prompt exactly, the two conversations are split at their shared prefix), the score gap
-is the margin, and equal scores are a tie (``ties``: dropped as ``tie_dropped`` or kept with
+is the margin (also for the implicit-prompt layout without a prompt column, see
+:func:`with_margin`), and equal scores are a tie (``ties``: dropped as ``tie_dropped`` or kept with
 ``tie=True``).
 """
 
@@ -53,6 +54,13 @@ def read(row: dict, opts: IngestOptions) -> Pair:
     pair = _full_conversations(prompt, raw_c, raw_r)
     if pair is None:
         pair = Pair(prompt, as_response(raw_c, "chosen"), as_response(raw_r, "rejected"))
+    return with_margin(pair, row, opts)
+
+
+def with_margin(pair: Pair, row: dict, opts: IngestOptions) -> Pair:
+    """Set the pair's margin from a ``margin`` column, else from ``score_chosen``/``score_rejected``
+    (UltraFeedback-binarized, with or without a prompt column): the score gap is the margin, equal
+    scores are a tie (``ties``), a chosen side scored below the rejected one is quarantined."""
     margin = row.get("margin")
     pair.margin = None if margin is None else as_float(margin, "margin")
     if pair.margin is None and row.get("score_chosen") is not None and row.get("score_rejected") is not None:

@@ -1,7 +1,11 @@
 """Rated completions (UltraFeedback style): several scored completions per prompt, binarised.
 
 Layouts: ``completions`` = list of ``{response|text|content|completion, <score>}`` objects, or
-parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. A ``system`` column goes first. The prompt is ``instruction``,
+parallel ``responses`` + ``scores``/``ratings``/``rewards`` lists. A score inside a nested object
+is named by its dotted path (raw UltraFeedback's per-aspect ratings:
+``score_field="annotations.helpfulness.Rating"``), and ``score`` combines several
+(``"annotations.helpfulness.Rating*0.5+annotations.honesty.Rating*0.5"``; a completion with any
+term unrated takes part in no pair). A ``system`` column goes first. The prompt is ``instruction``,
 ``prompt`` or ``question``. Completions without a numeric score (UltraFeedback's ``"N/A"``) take
 part in no pair. A score key named like a rank (``rank``: 1 = best) is lower-is-better unless
 ``lower_is_better`` says otherwise. ``binarize`` picks best vs worst, best vs a seeded random lower one, or all
@@ -13,8 +17,8 @@ from __future__ import annotations
 import difflib
 import random
 
-from reward_data.options import IngestOptions
-from reward_data.schema import Pair, RowError, as_response, prompt_of, with_system
+from reward_data.options import IngestOptions, parse_score
+from reward_data.schema import Pair, RowError, as_response, get_path, prompt_of, with_system
 
 NAME = "rated"
 EXAMPLE = {"instruction": "Name a prime.", "completions": [{"response": "7", "overall_score": 9}, {"response": "8", "overall_score": 2}]}
@@ -49,14 +53,20 @@ def _candidates(row: dict, opts: IngestOptions) -> list[tuple[float, object, str
     """(score, response value, field locator) for every completion with a numeric score."""
     out = []
     if isinstance(row.get("completions"), list):
+        terms = parse_score(opts.score) if opts.score is not None else None
         for i, c in enumerate(row["completions"]):
             if not isinstance(c, dict):
                 raise RowError("wrong_type", f"completions[{i}] must be an object", "completions")
             text_key = next((k for k in _TEXT_KEYS if k in c), None)
             if text_key is None:
                 raise RowError("missing_field", f"completions[{i}] has none of {', '.join(_TEXT_KEYS)}", "completions")
-            score_key = opts.score_field or next((k for k in _SCORE_KEYS if k in c), None)
-            score = _score(c.get(score_key)) if score_key else None
+            if terms:
+                score_key = None
+                values = [_score(get_path(c, name)) for name, _ in terms]
+                score = None if None in values else sum(w * v for (_, w), v in zip(terms, values))
+            else:
+                score_key = opts.score_field or next((k for k in _SCORE_KEYS if k in c), None)
+                score = _score(get_path(c, score_key)) if score_key else None
             if score is not None and lower_is_better(score_key, opts):
                 score = -score
             if score is not None:
@@ -85,20 +95,41 @@ def lower_is_better(key: str | None, opts: IngestOptions) -> bool:
     return key is not None and key.split(".")[-1].lower() in RANK_NAMES
 
 
+def _key_paths(obj: dict, prefix: str = "") -> list[str]:
+    """Every key of ``obj`` with the dotted paths inside nested objects (``annotations.honesty.Rating``)."""
+    out = []
+    for k, v in obj.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _key_paths(v, f"{prefix}{k}.")
+    return out
+
+
 def resolved(row: dict, opts: IngestOptions) -> dict:
-    """The score key this file is read with (what ``score_field=None`` resolves to); a
-    ``score_field`` that no completion holds fails here, naming it and the keys seen."""
+    """The score key (or ``score`` expression) this file is read with (what ``score_field=None``
+    resolves to); a ``score_field`` or score term that no completion holds fails here, naming it
+    and the keys seen (dotted paths into nested objects included)."""
+    if opts.score is not None and opts.score_field is not None:
+        raise ValueError("give --score-field KEY or --score EXPR, not both")
     if isinstance(row.get("completions"), list):
         first = next((c for c in row["completions"] if isinstance(c, dict)), {})
         key = opts.score_field or next((k for k in _SCORE_KEYS if k in first), None)
-        keys = set(first)
+        keys = _key_paths(first)
     else:
+        if opts.score is not None:
+            raise ValueError("--score reads attributes of completion objects; this file has parallel 'responses' "
+                             "and score lists: use --score-field LIST")
         key = opts.score_field or next((k for k in _LIST_SCORE_KEYS if k in row), None)
-        keys = set(row)
-    if opts.score_field is not None and opts.score_field not in keys:
-        near = difflib.get_close_matches(opts.score_field, sorted(keys), n=3)
-        raise ValueError(f"--score-field {opts.score_field}: no such key in the completions (keys seen: "
-                         f"{', '.join(sorted(keys)) or 'none'})" + (f"; closest: {', '.join(near)}" if near else ""))
+        keys = list(row)
+    wanted = [name for name, _ in parse_score(opts.score)] if opts.score is not None else [opts.score_field]
+    for name in wanted:
+        if name is not None and name not in keys:
+            near = difflib.get_close_matches(name, keys, n=3)
+            flag = "--score-field" if opts.score is None else "--score term"
+            raise ValueError(f"{flag} {name}: no such key in the completions (keys seen: "
+                             f"{', '.join(keys[:40]) or 'none'})" + (f"; closest: {', '.join(near)}" if near else ""))
+    if opts.score is not None:
+        return {"score": opts.score, "order": "lower is better" if opts.lower_is_better else "higher is better"}
     return {"score_field": key, "order": "lower is better" if lower_is_better(key, opts) else "higher is better"}
 
 

@@ -8,8 +8,10 @@ above ``min_margin``); the score gap is the pair's margin. Equal scores are ties
 
 A row holds ``prompt`` (or ``question``/``instruction``) and ``response`` (or ``completion``/
 ``output``/``answer``), or one templated transcript (``text``/``transcript``/``conversation``,
-split by ``transcript_template``) whose last assistant turn is the response. A string prompt is
-split by the template too, so multi-turn prompts stored as one text keep their turns; a
+split by ``transcript_template``) whose last assistant turn is the response. A score term may
+name one position of a list column (NeMo-Aligner regression labels): ``label[4]``, or, with
+``label_names`` naming the positions, ``label[helpfulness]`` or plain ``helpfulness``. A string
+prompt is split by the template too, so multi-turn prompts stored as one text keep their turns; a
 ``system`` column goes first.
 
 Grouping (see :func:`group_rows`): adjacent rows with the same key (``group_mode=consecutive``,
@@ -26,7 +28,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from reward_data.options import IngestOptions, parse_score
+from reward_data.options import STEERLM_ATTRIBUTES, IngestOptions, label_positions, parse_score
 from reward_data.schema import Pair, RowError, as_float, parse_transcript, prompt_of, with_system
 
 NAME = "scored"
@@ -77,13 +79,42 @@ def detect(row: dict) -> bool:
             and any(k in row for k in ATTRIBUTES))
 
 
+_NAMED = re.compile(r"\A(.+)\[([A-Za-z_]\w*)\]\Z")
+
+
+def _by_position(name: str, row: dict, opts: IngestOptions) -> str:
+    """Score term ``name`` with a named position (``label_names``) spelt as its index:
+    ``label[helpfulness]``, or a bare ``helpfulness`` that is not a column, -> ``label[4]``."""
+    if opts.label_names is None:
+        if _NAMED.match(name):
+            raise ValueError(f"format scored: score term {name!r} names a position; say which name each position "
+                             "has with --label-names (e.g. 'steerlm' or 'label=helpfulness,correctness,...')")
+        return name
+    column, names = label_positions(opts.label_names)
+    m = _NAMED.match(name)
+    if m is None and (name in row or name not in names):
+        return name
+    if m is not None and m.group(1) != column:
+        raise ValueError(f"format scored: score term {name!r}: --label-names names the positions of {column!r}, "
+                         f"not {m.group(1)!r}")
+    wanted = m.group(2) if m else name
+    if wanted not in names:
+        raise ValueError(f"format scored: score term {name!r}: {wanted!r} is not among --label-names "
+                         f"({', '.join(names)})")
+    return f"{column}[{names.index(wanted)}]"
+
+
 def _score_terms(row: dict, opts: IngestOptions) -> list[tuple[str, float]]:
     if opts.score is not None:
-        return parse_score(opts.score)
+        return [(_by_position(name, row, opts), w) for name, w in parse_score(opts.score)]
     key = next((k for k in _DEFAULT_SCORE if k in row), None)
     if key is None and type(row.get("label")) is list:
-        raise ValueError(f"format scored: 'label' is a list of {len(row['label'])} attribute values; name one by "
-                         "position, e.g. --score 'label[4]', or a weighted sum such as 'label[0]*0.5+label[1]*0.5'")
+        n = len(row["label"])
+        raise ValueError(f"format scored: 'label' is a list of {n} attribute values; name one by position, e.g. "
+                         "--score 'label[4]', or a weighted sum such as 'label[0]*0.5+label[1]*0.5'; or name the "
+                         "positions with --label-names "
+                         + ("steerlm (NeMo-Aligner's 9 attributes) and --score helpfulness" if n == len(STEERLM_ATTRIBUTES)
+                            else "'label=name0,name1,...' and --score NAME"))
     if key is None:
         seen = [k for k in row if k in ATTRIBUTES] or sorted(row)[:20]
         raise ValueError(f"format scored needs --score ATTR or a weighted sum such as "
@@ -94,6 +125,13 @@ def _score_terms(row: dict, opts: IngestOptions) -> list[tuple[str, float]]:
 def resolved(row: dict, opts: IngestOptions) -> dict:
     """The score expression and grouping this file is read with; fails fast when no score is known."""
     terms = _score_terms(row, opts)
+    if opts.label_names is not None:
+        column, names = label_positions(opts.label_names)
+        values = row.get(column)
+        if type(values) is not list or len(values) != len(names):
+            got = f"{len(values)} values" if type(values) is list else f"not a list ({type(values).__name__})"
+            raise ValueError(f"format scored: --label-names names {len(names)} positions of {column!r}, but its "
+                             f"first row holds {got}")
     missing = [name for name, _ in terms if not _has_attribute(row, name)]
     if missing:
         hints = [f"{m!r} -> {', '.join(map(repr, difflib.get_close_matches(m, list(row), n=2)))}"
@@ -102,6 +140,7 @@ def resolved(row: dict, opts: IngestOptions) -> dict:
                          f"({', '.join(sorted(row)[:30])})" + (f"; closest matches: {'; '.join(hints)}" if hints else ""))
     return {
         "score": "+".join(f"{name}*{w:g}" for name, w in terms),
+        **({"label_names": f"{column}={','.join(names)}"} if opts.label_names else {}),
         "group_by": opts.group_by or "prompt",
         "group_mode": opts.group_mode,
     }

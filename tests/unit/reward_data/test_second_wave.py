@@ -335,3 +335,197 @@ def test_every_named_example_is_detected_as_its_own_format():
     for name, reader in reward_data.READERS.items():
         matched = [n for n, r in reward_data.READERS.items() if r.detect(reader.EXAMPLE)]
         assert matched == ([] if name == "generic" else [name]), name
+
+
+# --- layouts without a sample in /work/shared/datasets: rows written after each public schema ------------
+
+
+def _uf_completion(model, response, overall, helpfulness, honesty, following="4", truthfulness="4"):
+    """One completion of raw openbmb/UltraFeedback: GPT-4 ratings per aspect (strings, "N/A" where
+    the aspect does not apply), their mean (fine-grained_score) and the critique's overall_score."""
+    aspects = {"helpfulness": helpfulness, "honesty": honesty, "instruction_following": following,
+               "truthfulness": truthfulness}
+    rated = [float(r) for r in aspects.values() if r != "N/A"]
+    annotations = {k: {"Rating": r, "Rationale": f"{k} rationale"} for k, r in aspects.items()}
+    for k in ("helpfulness", "truthfulness"):
+        annotations[k].update({"Type": ["1", "2"], "Rationale For Rating": "why"})
+    return {"annotations": annotations, "critique": "ok", "custom_system_prompt": "Be helpful.",
+            "fine-grained_score": sum(rated) / len(rated), "model": model, "overall_score": overall,
+            "principle": "helpfulness", "response": response}
+
+
+UF_RAW = [
+    {"source": "evol_instruct", "instruction": "Name a prime above 10.", "models": ["m1", "m2", "m3", "m4"],
+     "completions": [_uf_completion("m1", "11", 7.0, "5", "5"), _uf_completion("m2", "12", 8.5, "1", "2"),
+                     _uf_completion("m3", "13 is prime.", 6.0, "4", "N/A"), _uf_completion("m4", "9", 3.0, "2", "3")],
+     "correct_answers": ["None"], "incorrect_answers": ["None"]},
+    {"source": "flan", "instruction": "Say hi.", "models": ["m1", "m2"],
+     "completions": [_uf_completion("m1", "hi", 5.0, "3", "3"), _uf_completion("m2", "hello!", 5.0, "4", "5")],
+     "correct_answers": ["None"], "incorrect_answers": ["None"]},
+]
+
+
+def test_raw_ultrafeedback_by_overall_score_or_per_aspect_ratings(write_jsonl, records, quarantined):
+    info = ingest_rows(write_jsonl, UF_RAW, name="ufraw")
+    assert (info.manifest["format"], info.manifest["resolved_options"]["score_field"]) == ("rated", "overall_score")
+    r0, = records(info.ref)  # row 1: both completions have overall_score 5, no gap
+    assert (r0["prompt"], r0["chosen"], r0["rejected"], r0["margin"]) == ([u("Name a prime above 10.")], [a("12")],
+                                                                         [a("9")], 5.5)
+    assert [(q["reason"], q["source"]["row"]) for q in quarantined(info.ref)] == [("no_pairs", 1)]
+    # One aspect by its dotted path: the ratings are strings; "11" wins helpfulness, "12" loses it.
+    info = ingest_rows(write_jsonl, UF_RAW, name="ufhelp", score_field="annotations.helpfulness.Rating")
+    r0, r1 = records(info.ref)
+    assert (r0["chosen"], r0["rejected"], r0["margin"]) == ([a("11")], [a("12")], 4.0)
+    assert (r1["chosen"], r1["rejected"], r1["margin"]) == ([a("hello!")], [a("hi")], 1.0)
+    assert info.manifest["resolved_options"]["score_field"] == "annotations.helpfulness.Rating"
+    # Honesty is "N/A" for "13 is prime.": that completion takes part in no pair.
+    info = ingest_rows(write_jsonl, UF_RAW, name="ufhon", score_field="annotations.honesty.Rating",
+                       binarize="all_pairs")
+    assert all("13 is prime." not in (r["chosen"][0]["content"], r["rejected"][0]["content"])
+               for r in records(info.ref))
+    assert len(records(info.ref)) == 3 + 1
+    # A weighted sum of aspects; the mean of the rated aspects is fine-grained_score.
+    info = ingest_rows(write_jsonl, UF_RAW, name="ufsum",
+                       score="annotations.helpfulness.Rating*0.5+annotations.instruction_following.Rating*0.5")
+    assert [(r["chosen"], r["margin"]) for r in records(info.ref)] == [([a("11")], 2.0), ([a("hello!")], 0.5)]
+    info = ingest_rows(write_jsonl, UF_RAW, name="uffine", score_field="fine-grained_score")
+    assert [r["chosen"] for r in records(info.ref)] == [[a("11")], [a("hello!")]]
+
+
+def test_raw_ultrafeedback_misspelled_aspect_is_named(write_jsonl):
+    path = write_jsonl("ufbad.jsonl", UF_RAW)
+    with pytest.raises(ValueError, match=r"--score-field annotations.helpfulnes.Rating: no such key.*"
+                                         r"closest: annotations.helpfulness.Rating"):
+        reward_data.ingest([path], "ufbad", score_field="annotations.helpfulnes.Rating")
+    with pytest.raises(ValueError, match=r"--score term annotations.honest.Rating: no such key"):
+        reward_data.ingest([path], "ufbad", score="annotations.honest.Rating")
+    with pytest.raises(ValueError, match="not both"):
+        reward_data.ingest([path], "ufbad", score="overall_score", score_field="overall_score")
+
+
+def _se(qid, question, j, k):
+    """lvwerra/stack-exchange-paired: response_j is the answer with the higher vote-derived score."""
+    return {"qid": qid, "question": question, "date": "2010/09/13",
+            "metadata": [f"https://stackoverflow.com/questions/{qid}", "https://stackoverflow.com",
+                         "https://stackoverflow.com/users/0"], "response_j": j, "response_k": k}
+
+
+SE = [_se(1, "How do I reverse a list in Python?", "Use `lst[::-1]` or `lst.reverse()`.", "You can't."),
+      _se(1, "How do I reverse a list in Python?", "Use `lst[::-1]` or `lst.reverse()`.", "Sort it descending."),
+      _se(2, "Why is <code>0.1 + 0.2 != 0.3</code>?", '[{"role": "assistant", "content": "hi"}] is not it; '
+          "floats are binary fractions.", "Bug in Python."),
+      _se(3, "What is [this] syntax?", "[1, 2, 3] is a list literal.", "A dict.")]
+
+
+def test_stack_exchange_paired_is_named_in_the_error_and_reads_with_map(write_jsonl, records):
+    path = write_jsonl("se.jsonl", SE)
+    with pytest.raises(reward_data.FormatError, match=r"stack-exchange-paired.*--map prompt=question --map "
+                                                      r"chosen=response_j --map rejected=response_k"):
+        reward_data.ingest([path], "se")
+    mapping = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    info = reward_data.ingest([path], "se", mapping=mapping, test_fraction=0.0)
+    recs = records(info.ref)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in recs] == [
+        ([u(row["question"])], [a(row["response_j"])], [a(row["response_k"])]) for row in SE]
+    assert info.manifest["counts"]["accepted"] == 4 and reconciles(info.manifest["counts"])
+
+
+SKYWORK = [
+    {"chosen": [{"content": "Is 7 prime?", "role": "user"}, {"content": "Yes.", "role": "assistant"}],
+     "rejected": [{"content": "Is 7 prime?", "role": "user"}, {"content": "No.", "role": "assistant"}],
+     "source": "magpie_ultra"},
+    {"chosen": [{"content": "Be brief.", "role": "system"}, {"content": "hi", "role": "user"},
+                {"content": "hello", "role": "assistant"}, {"content": "a fact?", "role": "user"},
+                {"content": "Water boils at 100 C.", "role": "assistant"}],
+     "rejected": [{"content": "Be brief.", "role": "system"}, {"content": "hi", "role": "user"},
+                  {"content": "hello", "role": "assistant"}, {"content": "a fact?", "role": "user"},
+                  {"content": "I like turtles.", "role": "assistant"}],
+     "source": "offsetbias"},
+]
+
+
+def test_skywork_implicit_prompt_content_first_messages(write_jsonl, records, tmp_path):
+    """Skywork-Reward-Preference rows (and most parquet/hub exports) order each message as
+    {"content", "role"}; the stored records and their ids must match the role-first spelling."""
+    info = ingest_rows(write_jsonl, SKYWORK, name="sky")
+    assert info.manifest["format"] == "implicit"
+    r0, r1 = records(info.ref)
+    assert (r0["prompt"], r0["chosen"], r0["rejected"]) == ([u("Is 7 prime?")], [a("Yes.")], [a("No.")])
+    assert r1["prompt"] == [{"role": "system", "content": "Be brief."}, u("hi"), a("hello"), u("a fact?")]
+    assert r1["chosen"] == [a("Water boils at 100 C.")]
+    stored = (info.path / "train.jsonl").read_text()
+    assert '{"role":"user","content":"Is 7 prime?"}' in stored
+    # The same rows written role-first are exact duplicates of the content-first ones.
+    role_first = [{k: [{"role": m["role"], "content": m["content"]} for m in row[k]] for k in ("chosen", "rejected")}
+                  for row in SKYWORK]
+    p1 = write_jsonl("sky_content_first.jsonl", SKYWORK)
+    p2 = write_jsonl("sky_role_first.jsonl", role_first)
+    both = reward_data.ingest([p1, p2], "sky2", test_fraction=0.0)
+    assert (both.manifest["counts"]["accepted"], both.manifest["counts"]["duplicates"]) == (2, 2)
+
+
+def test_trl_implicit_prompt_with_scores(write_jsonl, records, quarantined):
+    """trl-lib/ultrafeedback_binarized: chosen/rejected conversations, no prompt column, scores."""
+    rows = [{"chosen": r["chosen"], "rejected": r["rejected"], "score_chosen": r["score_chosen"],
+             "score_rejected": r["score_rejected"]} for r in UFB]
+    info = ingest_rows(write_jsonl, rows, name="trlufb")
+    assert info.manifest["format"] == "implicit"
+    assert [(r["prompt"], r["chosen"], r["margin"]) for r in records(info.ref)] == [
+        ([u("Explain DNS.")], [a("DNS maps names to addresses.")], 5.5), ([u("Say yes.")], [a("Yes.")], 7.0)]
+    assert [(q["reason"], q["source"]["row"]) for q in quarantined(info.ref)] == [("tie_dropped", 1)]
+    info = ingest_rows(write_jsonl, rows, name="trlufb_keep", ties="keep")
+    assert [(r["source"]["row"], r["margin"]) for r in records(info.ref) if r.get("tie")] == [(1, 0.0)]
+
+
+def test_trl_standard_implicit_strings_are_refused_with_the_reason(write_jsonl):
+    path = write_jsonl("trlstr.jsonl", [{"chosen": "The sky is blue.", "rejected": "The sky is green."}])
+    with pytest.raises(reward_data.FormatError, match=r"plain text and no prompt column"):
+        reward_data.ingest([path], "trlstr")
+
+
+# --- 7b. named label positions ---------------------------------------------------------------------------
+
+
+def test_nemo_label_positions_by_name(write_jsonl, records):
+    # HelpSteer2 rows in NeMo-Aligner's 9-attribute layout: the four OpenAssistant attributes are -100.
+    def row(q, ans, helpful, correct, verbose):
+        return {"text": NEMO.format(u=q, a=ans), "label": [-100, -100, -100, -100, helpful, correct, 4, 1, verbose]}
+
+    rows = [row("Why is the sky blue?", "Rayleigh scattering.", 4, 4, 0), row("Why is the sky blue?", "Because.", 1, 3, 3),
+            row("2+2?", "4", 3, 4, 0), row("2+2?", "5", 0, 0, 1)]
+    path = write_jsonl("hs2.jsonl", rows)
+    with pytest.raises(ValueError, match=r"--label-names steerlm"):
+        reward_data.ingest([path], "hs2", transcript_template="nemo")
+    by_index = reward_data.ingest([path], "hs2", transcript_template="nemo", score="label[4]", test_fraction=0.0)
+    for spec in ("helpfulness", "label[helpfulness]"):
+        info = reward_data.ingest([path], "hs2n", transcript_template="nemo", label_names="steerlm", score=spec,
+                                  test_fraction=0.0)
+        assert info.manifest["resolved_options"]["score"] == "label[4]*1"
+        assert [(r["chosen"], r["margin"]) for r in records(info.ref)] == [
+            (r["chosen"], r["margin"]) for r in records(by_index.ref)]
+    info = reward_data.ingest([path], "hs2v", transcript_template="nemo", label_names="steerlm", score="verbosity",
+                              test_fraction=0.0)
+    assert records(info.ref)[0]["chosen"] == [a("Because.")]
+    info = reward_data.ingest([path], "hs2w", transcript_template="nemo", score="helpfulness*0.5+correctness*0.5",
+                              label_names="label=quality,toxicity,humor,creativity,helpfulness,correctness,coherence,"
+                                          "complexity,verbosity", test_fraction=0.0)
+    assert [r["margin"] for r in records(info.ref)] == [2.0, 3.5]
+
+
+def test_named_label_positions_misconfigured_fail_fast(write_jsonl):
+    path = write_jsonl("nemo5.jsonl", [{"text": NEMO.format(u="q", a=x), "label": [v, 1, 1, 1, 1]}
+                                       for x, v in (("x", 4), ("y", 1))])
+    kw = dict(transcript_template="nemo")
+    with pytest.raises(ValueError, match=r"names 9 positions of 'label', but its first row holds 5 values"):
+        reward_data.ingest([path], "n5", label_names="steerlm", score="helpfulness", **kw)
+    with pytest.raises(ValueError, match=r"'helpfulnes' is not among --label-names \(h, c"):
+        reward_data.ingest([path], "n5", label_names="h,c,coh,cx,v", score="label[helpfulnes]", **kw)
+    with pytest.raises(ValueError, match=r"names a position; say which name each position has with --label-names"):
+        reward_data.ingest([path], "n5", score="label[h]", **kw)
+    with pytest.raises(ValueError, match=r"option label_names='a,a': expected"):
+        reward_data.ingest([path], "n5", label_names="a,a", score="a", **kw)
+    home = str(path.parent.parent / "home")
+    assert data_main(["ingest", str(path), "--name", "n5", "--home", home, "--transcript-template", "nemo",
+                      "--label-names", "label=h,c,coh,cx,v", "--score", "h", "--test-fraction", "0"]) == 0
+    (r,) = reward_data.read_split("n5", "train", home=home)
+    assert r["chosen"] == [a("x")] and r["margin"] == 3.0
