@@ -7,8 +7,11 @@ Usage::
 Generates ``--pairs`` rows in TRL's conversational explicit format (a few percent duplicates,
 multi-turn prompts, margins), ingests them into a temporary home and reports pairs per second
 (ingest wall time, generation excluded) and the peak resident memory of the ingest. The last line
-printed is JSON with ``pairs_per_s`` and ``peak_rss_mb``. Target on a 2-core machine: at least
-25,000 pairs/s and under 1 GB peak memory.
+printed is JSON with ``pairs_per_s`` and ``peak_rss_mb``, the floor of issue 27 (at least 25,000
+pairs/s on a 2-core machine, under 1 GB peak memory) and whether this run met it. On a shared
+machine wall time inflates with the load: ``pairs_per_cpu_s`` (pairs per second of the ingest's own
+CPU time) is what one idle core gives, and the load average says how busy the machine was.
+``--check`` exits 1 when a floor is missed (throughput judged by ``--judge``: wall or cpu).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from pathlib import Path
 
 # Run from a checkout without relying on how (or whether) the project was installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: Issue 27's floor: ingest throughput (pairs per second) and peak resident memory.
+FLOOR_PAIRS_PER_S = 25_000
+FLOOR_PEAK_RSS_MB = 1024
 
 WORDS = (
     "the model should answer clearly and briefly about rivers mountains code tests data reward policy value "
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=1_000_000, help="rows to generate")
     parser.add_argument("--workdir", help="where to put the input and the store (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated file and store")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the run misses a floor")
+    parser.add_argument("--judge", choices=("wall", "cpu"), default="wall",
+                        help="what --check compares with the throughput floor: wall-clock pairs/s, or pairs per "
+                             "CPU-second (fair on a machine others are loading)")
     args = parser.parse_args(argv)
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ingest_"))
@@ -125,9 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         "orjson": importlib.util.find_spec("orjson") is not None,
         "pairs_per_s": round(pairs_in / result["seconds"], 1),
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "floor_pairs_per_s": FLOOR_PAIRS_PER_S,
+        "floor_peak_rss_mb": FLOOR_PEAK_RSS_MB,
     }
+    out["meets_floor_wall"] = out["pairs_per_s"] >= FLOOR_PAIRS_PER_S and out["peak_rss_mb"] < FLOOR_PEAK_RSS_MB
+    out["meets_floor_cpu"] = out["pairs_per_cpu_s"] >= FLOOR_PAIRS_PER_S and out["peak_rss_mb"] < FLOOR_PEAK_RSS_MB
+    met = out["meets_floor_wall"] if args.judge == "wall" else out["meets_floor_cpu"]
+    print(f"floor (issue 27): {FLOOR_PAIRS_PER_S:,} pairs/s and < {FLOOR_PEAK_RSS_MB} MB peak; this run: "
+          f"{out['pairs_per_s']:,.0f} pairs/s wall, {out['pairs_per_cpu_s']:,.0f} per CPU-second, "
+          f"{out['peak_rss_mb']:.0f} MB, load average {out['load_avg_1m']} on {os.cpu_count()} CPUs -> "
+          f"{'meets' if met else 'MISSES'} the floor ({args.judge})", file=sys.stderr)
     print(json.dumps(out))
-    return 0
+    return 1 if args.check and not met else 0
 
 
 if __name__ == "__main__":
