@@ -447,8 +447,8 @@ class Pipeline:
         raise RewardGateFailed(
             f"reward model failed the quality gate ({'; '.join(problems)}{f', on {n} held-out pairs' if n else ''}); "
             f"{name} was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
-            f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.epochs or another "
-            f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.test_fraction for a steadier "
+            f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.num_train_epochs or another "
+            f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.eval_fraction for a steadier "
             f"estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run {name} anyway. "
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 

@@ -61,7 +61,7 @@ def dpo_setup(ppo_assets, sft_adapter, tmp_path):
     def make(**overrides):
         kw = dict(model={"name_or_path": str(ppo_assets.base)}, sft_adapter=str(sft_adapter), beta=0.1,
                   output_dir=str(tmp_path / "dpo"),
-                  train={"batch_size": 4, "max_steps": 4, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
+                  train={"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
                          "save_steps": 100})
         kw.update(overrides)
         cfg = from_dict(DPOConfig, kw, prefix="dpo")
@@ -156,9 +156,9 @@ def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
         "model": {"name_or_path": str(ppo_assets.base)},
         "sft_adapter": str(sft_adapter),
         "dataset": str(pairs),
-        "test_fraction": 0.25,
+        "eval_fraction": 0.25,
         "loss_type": "ipo",
-        "train": {"batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
+        "train": {"per_device_train_batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
         "eval_prompts": str(ppo_assets.eval_prompts),
         "reward_adapter": str(ppo_assets.reward_adapter),
         "eval_response_length": 6,

@@ -113,7 +113,7 @@ def test_after_an_update_vllm_samples_the_updated_policy(engine, role_model):
     tokens are the trainer's current policy's (fp32 tolerance), far from the old policy's.
     The reference and reward roles and the base weights stay exactly as they were."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, response_length=T, learning_rate=0.5, ppo_epochs=2, num_minibatches=1, micro_batch_size=8)
+    cfg = replace(cfg, response_length=T, learning_rate=0.5, num_ppo_epochs=2, num_mini_batches=1, per_device_train_batch_size=8)
     frozen = {n: p.detach().clone() for n, p in model.peft.named_parameters() if ".policy." not in n and ".value." not in n}
     frozen |= {f"head.{r}.{n}": p.detach().clone() for r, h in model.heads.items() if r != "value" for n, p in h.named_parameters()}
     eng = _use(engine, model, tok, cfg.temperature)
