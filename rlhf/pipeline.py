@@ -395,6 +395,13 @@ class Pipeline:
                 self.state["base_ref"] = registration.base
             if registry and run_ref:
                 registry.finish_run(run_ref, "completed", _numbers(result.metrics), outputs=list(outputs.values()))
+                from rlhf.tracking import normalize_report_to
+                from rlhf.tracking.mlflow import register_adapters
+
+                if "mlflow" in normalize_report_to(p.configs[stage].report_to):  # for teams on MLflow: its registry too
+                    register_adapters(p.run_dir, p.pipeline.name, stage, {
+                        name: (path, registry.resolve(outputs[name])) for name, path in result.artifacts.items()
+                        if name in outputs})
             self.state["stages"][stage].update(
                 status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=_numbers(result.metrics),
                 dirs=dict(result.artifacts), outputs=outputs, inputs=inputs, run=run_ref,
