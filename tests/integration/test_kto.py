@@ -167,6 +167,9 @@ def test_kto_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     assert m["initial/eval/kl_mean"] == 0.0 and m["final/eval/kl_mean"] != 0.0
     assert 0.0 <= m["final/eval/win_rate_mean"] <= 1.0 and "final/eval/score_mean" in m
     assert reward_data.load_version("feedback").manifest["kind"] == "unpaired"
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    steps = {r["step"] for r in samples}  # each policy's completions: SFT at 0, KTO at its last step
+    assert len(steps) == 2 and 0 in steps and all(r["prompt"] and "completion" in r for r in samples)
 
 
 def test_batch_size_one_is_refused():

@@ -198,6 +198,6 @@ def test_dpo_evaluation_on_vllm(ppo_assets, tmp_path):
                                     reward_adapter=str(ppo_assets.reward_adapter), eval_prompts=str(ppo_assets.eval_prompts),
                                     eval_response_length=6, eval_batch_size=4, eval_generation="vllm",
                                     output_dir=str(tmp_path / "dpo")))
-    sft, dpo = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
+    sft, dpo, _ = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
     assert dpo["eval/kl_mean"] == pytest.approx(0.0, abs=1e-5)
     assert sft["eval/length_mean"] > 0 and dpo["eval/win_rate_mean"] == pytest.approx(0.5)
