@@ -352,7 +352,7 @@ class PPOConfig:
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
         "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
-    save_steps: int = _help("Checkpoint every N updates (0: only at the end).", range=">= 0", default=10)
+    save_steps: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     save_total_limit: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
                                   "(0 keeps every checkpoint).", range=">= 0", default=2)
     guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", range="> 0", default=50.0)
