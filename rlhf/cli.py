@@ -107,11 +107,16 @@ def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
 
 
 def config_help(cls, title: str) -> str:
-    """The config-key section of a command's --help."""
+    """The config-key section of a command's --help, then the deprecated names it still accepts."""
+    from rlhf.config import deprecated_keys
+
     lines = [title]
     for key, tp, default, text in config_keys(cls):
         lines.append(f"  {key}  ({tp}, default {default})")
         lines += textwrap.wrap(text, width=88, initial_indent="      ", subsequent_indent="      ")
+    if renamed := deprecated_keys(cls):
+        lines += ["", "deprecated key names (still accepted, with a FutureWarning naming the new key):"]
+        lines += [f"  {old} -> {new}" for old, new in renamed]
     return "\n".join(lines)
 
 

@@ -111,13 +111,13 @@ class LoraConfigSpec:
 class TrainArgs:
     """Optimisation settings shared by the TRL-backed stages (SFT and reward)."""
 
-    epochs: float = _help("Passes over the training data.", range="> 0", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (-1: use epochs).", range="-1 or > 0", default=-1)
+    num_train_epochs: float = _help("Passes over the training data.", range="> 0", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use num_train_epochs).", range="-1 or > 0", default=-1)
     learning_rate: float = _help("Peak learning rate.", range="> 0", default=2e-4)
-    batch_size: int = _help("Per-device micro-batch size.", range="> 0", default=8)
-    grad_accum: int = _help("Gradient accumulation steps.", range="> 0", default=1)
+    per_device_train_batch_size: int = _help("Per-device micro-batch size.", range="> 0", default=8)
+    gradient_accumulation_steps: int = _help("Gradient accumulation steps.", range="> 0", default=1)
     warmup_ratio: float = _help("Fraction of steps spent warming up the learning rate.", range="[0, 1)", default=0.0)
-    lr_scheduler: str = _help("transformers learning-rate schedule name.", default="linear")
+    lr_scheduler_type: str = _help("transformers learning-rate schedule name.", default="linear")
     weight_decay: float = _help("AdamW weight decay.", range=">= 0", default=0.0)
     max_length: int = _help("Truncate tokenized examples to this length.", range="> 0", default=512)
     logging_steps: int = _help("Log every N optimizer steps.", range="> 0", default=10)
@@ -141,7 +141,7 @@ class SFTConfig:
         "reference 'NAME[:VERSION]' (fine-tunes on the preferred responses).",
         default="",
     )
-    dataset_split: str = _help("Split to read when the dataset has several.", default="train")
+    dataset_train_split: str = _help("Split to read when the dataset has several.", default="train")
     eval_fraction: float = _help("Fraction of the data held out for eval loss.", range="[0, 1)", default=0.05)
     min_eval_examples: int = _help(
         "Least held-out examples when eval_fraction > 0; a smaller split warns and uses this many.",
@@ -168,9 +168,9 @@ class RewardConfig:
         default="",
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
-    test_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", range="[0, 1)", default=0.05)
-    min_test_pairs: int = _help(
-        "Least held-out pairs: a smaller test split (few pairs, small test_fraction) warns and moves whole "
+    eval_fraction: float = _help("Held-out fraction of prompts for evaluation (split by prompt hash).", range="[0, 1)", default=0.05)
+    min_eval_pairs: int = _help(
+        "Least held-out pairs: a smaller test split (few pairs, small eval_fraction) warns and moves whole "
         "prompts from the training pairs until it has this many.", range=">= 1", default=64)
     keep_best: bool = _help(
         "Evaluate at every checkpoint (train.save_steps) and publish the checkpoint with the best held-out "
@@ -265,14 +265,12 @@ class PPOConfig:
     # advantages and losses
     advantage_estimator: Literal[tuple(ESTIMATORS)] = _help(
         "gae: GAE with a critic (the value role). Critic-free (no value role is loaded or trained): reinforce++ "
-        "(whitened reward-to-go), rloo (leave-one-out baseline over samples_per_prompt samples), grpo (group-relative: "
-        "(r - group mean) / group std over samples_per_prompt samples, DeepSeekMath arXiv 2402.03300).", default="gae")
-    samples_per_prompt: int = _help(
+        "(whitened reward-to-go), rloo (leave-one-out baseline over num_generations samples), grpo (group-relative: "
+        "(r - group mean) / group std over num_generations samples, DeepSeekMath arXiv 2402.03300).", default="gae")
+    num_generations: int = _help(
         "Responses sampled per prompt in each rollout (k); rollout_batch_size counts responses, so it holds "
         "rollout_batch_size / k distinct prompts. Any estimator; rloo and grpo need k >= 2 (their baseline is the "
         "other samples of the same prompt).", range=">= 1", default=1)
-    rloo_k: int | None = _help("Deprecated alias of samples_per_prompt (kept so old recipes run; prints a warning).",
-                               range=">= 2", default=None)
     grpo_scale_by_std: bool = _help(
         "grpo: divide the group-centred reward by the group's standard deviation (GRPO). false, together with "
         "loss_aggregation: token-sum-norm, is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): the std division "
@@ -303,35 +301,36 @@ class PPOConfig:
         "linearly, down to -overlong_penalty at response_length (0: off).", range=">= 0", default=0)
     overlong_penalty: float = _help("The score penalty at response_length (overlong_buffer > 0).", range=">= 0",
                                     default=1.0)
-    mask_truncated: bool = _help(
+    mask_truncated_completions: bool = _help(
         "Take responses that reached response_length without a stop token out of the policy loss (DAPO's overlong "
         "filtering): their reward judges an unfinished text. They still count in the rollout statistics.",
         default=False)
     dynamic_sampling: bool = _help(
-        "DAPO's dynamic sampling (needs samples_per_prompt >= 2): drop the prompts whose samples all score alike "
+        "DAPO's dynamic sampling (needs num_generations >= 2): drop the prompts whose samples all score alike "
         "(their group-relative advantages are 0) and sample more prompts until the batch is full again, at most "
         "dynamic_sampling_max_rounds rollouts per update; a batch still short is filled with dropped groups "
         "(metrics dynamic_sampling/*).", default=False)
     dynamic_sampling_max_rounds: int = _help("Most rollouts per update with dynamic_sampling (the first included).",
                                              range="> 0", default=4)
     minibatch_whole_groups: bool = _help(
-        "Keep each prompt's samples_per_prompt responses together in one minibatch (the minibatch size must be a "
-        "multiple of samples_per_prompt); false shuffles single responses.", default=False)
+        "Keep each prompt's num_generations responses together in one minibatch (the minibatch size must be a "
+        "multiple of num_generations); false shuffles single responses.", default=False)
     cliprange_value: float = _help("Value clip.", range="> 0", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", range=">= 0", default=0.1)
     entropy_coef: float = _help("Entropy bonus coefficient.", range=">= 0", default=0.0)
     # optimisation
-    ppo_epochs: int = _help("Passes over each rollout batch.", range="> 0", default=4)
-    num_minibatches: int = _help("Minibatches per epoch (optimizer steps per epoch).", range="> 0", default=4)
-    micro_batch_size: int = _help("Rows per forward/backward; gradients accumulate to the minibatch.", range="> 0", default=16)
+    num_ppo_epochs: int = _help("Passes over each rollout batch.", range="> 0", default=4)
+    num_mini_batches: int = _help("Minibatches per epoch (optimizer steps per epoch).", range="> 0", default=4)
+    per_device_train_batch_size: int = _help("Rows per forward/backward (the micro-batch); gradients accumulate to the "
+                                             "minibatch.", range="> 0", default=16)
     learning_rate: float = _help("Adam learning rate (LoRA needs more than full fine-tuning's 3e-6).", range="> 0", default=1e-4)
-    adam_eps: float = _help("Adam epsilon (1e-5 per the N+ details).", range="> 0", default=1e-5)
-    lr_schedule: Literal["constant", "linear"] = _help("Learning-rate schedule over all updates.", default="linear")
+    adam_epsilon: float = _help("Adam epsilon (1e-5 per the N+ details).", range="> 0", default=1e-5)
+    lr_scheduler_type: Literal["constant", "linear"] = _help("Learning-rate schedule over all updates.", default="linear")
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", range=">= 0", default=1.0)
     gradient_checkpointing: bool = _help("Gradient checkpointing in the update.", default=False)
     lora: LoraConfigSpec = _help("LoRA settings for newly created roles (policy/value copy their source's).", default_factory=LoraConfigSpec)
     # evaluation, logging, checkpoints, guards
-    eval_every: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", range=">= 0", default=10)
+    eval_steps: int = _help("Evaluate on the held-out prompts every N updates (0: only at start and end).", range=">= 0", default=10)
     eval_max_prompts: int = _help(
         "Periodic evaluations sample at most this many held-out prompts (a fixed subset); the first and the "
         "final evaluation use them all.", range=">= 1", default=64)
@@ -353,8 +352,8 @@ class PPOConfig:
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
         "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
-    save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
-    keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
+    save_steps: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
+    save_total_limit: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
                                   "(0 keeps every checkpoint).", range=">= 0", default=2)
     guard_max_kl: float = _help("Stop when mean KL per response exceeds this.", range="> 0", default=50.0)
     guard_min_entropy: float = _help("Stop when mean per-token entropy falls below this (a negative value disables it).",
@@ -373,29 +372,23 @@ class PPOConfig:
 
     def __post_init__(self):
         check_ranges(self, "ppo")
-        if self.rollout_batch_size % self.num_minibatches:
+        if self.rollout_batch_size % self.num_mini_batches:
             raise ConfigError(
-                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by ppo.num_minibatches ({self.num_minibatches})"
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by ppo.num_mini_batches ({self.num_mini_batches})"
             )
-        mb = self.rollout_batch_size // self.num_minibatches
-        if mb % self.micro_batch_size and self.micro_batch_size < mb:
-            raise ConfigError(f"ppo.micro_batch_size ({self.micro_batch_size}) must divide the minibatch size ({mb})")
-        if self.rloo_k is not None:
-            if self.samples_per_prompt not in (1, self.rloo_k):
-                raise ConfigError(f"ppo.rloo_k ({self.rloo_k}) is a deprecated alias of ppo.samples_per_prompt "
-                                  f"({self.samples_per_prompt}); set only samples_per_prompt")
-            warnings.warn(f"ppo.rloo_k is deprecated: use ppo.samples_per_prompt: {self.rloo_k} (it now applies to "
-                          "every advantage estimator)", FutureWarning, stacklevel=2)
-            self.samples_per_prompt, self.rloo_k = self.rloo_k, None
-        if self.rollout_batch_size % self.samples_per_prompt:
+        mb = self.rollout_batch_size // self.num_mini_batches
+        if mb % self.per_device_train_batch_size and self.per_device_train_batch_size < mb:
+            raise ConfigError(f"ppo.per_device_train_batch_size ({self.per_device_train_batch_size}) must divide the "
+                              f"minibatch size ({mb})")
+        if self.rollout_batch_size % self.num_generations:
             raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
-                              f"ppo.samples_per_prompt ({self.samples_per_prompt})")
+                              f"ppo.num_generations ({self.num_generations})")
         if self.advantage_estimator not in ESTIMATORS:
             raise ConfigError(f"ppo.advantage_estimator: unknown estimator {self.advantage_estimator!r}; choose from "
                               f"{', '.join(ESTIMATORS)}")
-        if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
-            raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.samples_per_prompt >= 2 "
-                              f"(its baseline is the other samples of the same prompt), got {self.samples_per_prompt}")
+        if ESTIMATORS[self.advantage_estimator].needs_groups and self.num_generations < 2:
+            raise ConfigError(f"ppo.advantage_estimator {self.advantage_estimator} needs ppo.num_generations >= 2 "
+                              f"(its baseline is the other samples of the same prompt), got {self.num_generations}")
         sources = parse_reward_sources(self.rewards)
         if ESTIMATORS[self.advantage_estimator].needs_critic and not any(src.kind == "rm" for src in sources):
             raise ConfigError(f"ppo.rewards: advantage_estimator {self.advantage_estimator} needs a reward model "
@@ -408,12 +401,12 @@ class PPOConfig:
         if self.overlong_buffer > self.response_length:
             raise ConfigError(f"ppo.overlong_buffer ({self.overlong_buffer}) must be at most ppo.response_length "
                               f"({self.response_length})")
-        if self.dynamic_sampling and self.samples_per_prompt < 2:
-            raise ConfigError("ppo.dynamic_sampling needs ppo.samples_per_prompt >= 2 (it drops prompts whose "
-                              f"samples all score alike), got {self.samples_per_prompt}")
-        if self.minibatch_whole_groups and mb % self.samples_per_prompt:
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise ConfigError("ppo.dynamic_sampling needs ppo.num_generations >= 2 (it drops prompts whose "
+                              f"samples all score alike), got {self.num_generations}")
+        if self.minibatch_whole_groups and mb % self.num_generations:
             raise ConfigError(f"ppo.minibatch_whole_groups: the minibatch size ({mb} = rollout_batch_size / "
-                              f"num_minibatches) must be a multiple of ppo.samples_per_prompt ({self.samples_per_prompt})")
+                              f"num_mini_batches) must be a multiple of ppo.num_generations ({self.num_generations})")
         if self.kl_in_reward is None:
             self.kl_in_reward = ESTIMATORS[self.advantage_estimator].kl_in_reward
         if self.kl_estimator is None:
@@ -446,7 +439,7 @@ class DPOConfig:
         default="",
     )
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
-    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
+    eval_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
                                  range="[0, 1)", default=0.05)
     beta: float = _help(
         "KL strength beta: how far the policy may move from the reference (higher: closer). For loss_type ipo it "
@@ -500,7 +493,7 @@ class KTOConfig:
         "each pair's chosen as desirable and its rejected as undesirable (ties are skipped). Trains on the train "
         "split, reports on the test split.", default="")
     dataset_format: str | None = _help("Format for ingestion when it cannot be detected.", default=None)
-    test_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
+    eval_fraction: float = _help("Held-out fraction of prompts when a file is ingested (split by prompt hash).",
                                  range="[0, 1)", default=0.05)
     beta: float = _help("KL strength beta: how far the policy may move from the reference (higher: closer).",
                         range="> 0", default=0.1)
@@ -514,7 +507,7 @@ class KTOConfig:
     lora: LoraConfigSpec = _help(
         "LoRA settings of a fresh adapter when sft_adapter is empty; with an SFT adapter the policy keeps its shape.",
         default_factory=LoraConfigSpec)
-    train: TrainArgs = _help("Optimisation settings (KTO needs batch_size >= 2: its KL baseline pairs each prompt "
+    train: TrainArgs = _help("Optimisation settings (KTO needs per_device_train_batch_size >= 2: its KL baseline pairs each prompt "
                              "with another row's completion).", default_factory=TrainArgs)
     eval_prompts: str = _help("Held-out prompts to sample the SFT and KTO policies on (empty: no sampling evaluation).",
                               default="")
@@ -533,9 +526,9 @@ class KTOConfig:
 
     def __post_init__(self):
         check_ranges(self, "kto")
-        if self.train.batch_size < 2:
-            raise ConfigError("kto.train.batch_size: must be >= 2 (KTO's KL baseline mismatches completions "
-                              f"within a batch), got {self.train.batch_size}")
+        if self.train.per_device_train_batch_size < 2:
+            raise ConfigError("kto.train.per_device_train_batch_size: must be >= 2 (KTO's KL baseline mismatches "
+                              f"completions within a batch), got {self.train.per_device_train_batch_size}")
 
 
 @dataclass
@@ -621,6 +614,60 @@ def check_run_name(name: str, key: str = "name") -> None:
     if not _RUN_NAME.fullmatch(name):
         raise ConfigError(f"{key}: {name!r} is not a valid run name (1-100 letters, digits, '.', '_' or '-', "
                           "not starting with '.'; no path separators)")
+
+
+# ----------------------------------------------------------------------------------------
+# one vocabulary: the transformers / TRL name of a key wherever one exists (TrainingArguments,
+# TRL's PPOConfig and GRPOConfig, TRL's script arguments), the same name in every stage. Epochs are
+# num_train_epochs (TrainingArguments) for the TRL-backed stages and num_ppo_epochs (TRL's PPOConfig)
+# for the passes over one rollout: two quantities, two names. The held-out share is eval_fraction
+# everywhere, beside eval_steps and the other eval_* keys. Earlier names still work: from_dict renames
+# them with a FutureWarning naming the new key, and refuses a section that sets both.
+
+#: Deprecated key names of each config class: {class: {old name: new name}}.
+DEPRECATED_KEYS: dict[type, dict[str, str]] = {
+    TrainArgs: {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+                "grad_accum": "gradient_accumulation_steps", "lr_scheduler": "lr_scheduler_type"},
+    SFTConfig: {"dataset_split": "dataset_train_split"},
+    RewardConfig: {"test_fraction": "eval_fraction", "min_test_pairs": "min_eval_pairs"},
+    PPOConfig: {"ppo_epochs": "num_ppo_epochs", "num_minibatches": "num_mini_batches",
+                "micro_batch_size": "per_device_train_batch_size", "samples_per_prompt": "num_generations",
+                "rloo_k": "num_generations", "eval_every": "eval_steps", "save_every": "save_steps",
+                "keep_checkpoints": "save_total_limit", "adam_eps": "adam_epsilon",
+                "lr_schedule": "lr_scheduler_type", "mask_truncated": "mask_truncated_completions"},
+    DPOConfig: {"test_fraction": "eval_fraction"},
+    KTOConfig: {"test_fraction": "eval_fraction"},
+}
+
+
+def deprecated_keys(cls, prefix: str = "") -> list[tuple[str, str]]:
+    """``(old dotted key, new dotted key)`` for config class ``cls`` and the config classes it nests."""
+    pairs = [(prefix + old, prefix + new) for old, new in DEPRECATED_KEYS.get(cls, {}).items()]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            pairs += deprecated_keys(hints[f.name], f"{prefix}{f.name}.")
+    return pairs
+
+
+def _rename_deprecated(cls, data: dict, prefix: str) -> dict:
+    """``data`` with the deprecated keys of ``cls`` renamed, one FutureWarning per key used.
+
+    Raises:
+        ConfigError: when a deprecated key and its new name are both set.
+    """
+    renames = {old: new for old, new in DEPRECATED_KEYS.get(cls, {}).items() if old in data}
+    if not renames:
+        return data
+    where = f"{prefix}." if prefix else ""
+    data = dict(data)
+    for old, new in renames.items():
+        if new in data:
+            raise ConfigError(f"{where}{old} and {where}{new} are both set: {old} is the deprecated name of "
+                              f"{new}; keep only {where}{new}")
+        warnings.warn(f"{where}{old} is deprecated: use {where}{new}", FutureWarning, stacklevel=3)
+        data[new] = data.pop(old)
+    return data
 
 
 # ----------------------------------------------------------------------------------------
@@ -746,6 +793,7 @@ def check_ranges(obj, prefix: str | None = None) -> None:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types, non-finite numbers
     and values outside a field's range raise ConfigError naming the dotted key."""
+    data = _rename_deprecated(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)

@@ -5,7 +5,7 @@ the rest of the stage needs to know about it (veRL keeps its estimators the same
 
   * ``needs_critic``: a value role is loaded, scored and trained (only GAE);
   * ``needs_groups``: the baseline is the other samples of the same prompt, so the
-    rollout samples ``ppo.samples_per_prompt >= 2`` responses per prompt;
+    rollout samples ``ppo.num_generations >= 2`` responses per prompt;
   * ``kl_in_reward``: where the KL penalty goes by default (``ppo.kl_in_reward: null``):
     into the reward, or (GRPO) a loss term of the policy;
   * ``whiten``: the advantages are whitened over the whole rollout batch afterwards.

@@ -84,7 +84,7 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
         batch = (engine.sample(ids, mask) if engine is not None
                  else generate(model, ids, mask, gen_cfg, stop_ids, pad_id, cfg.response_length))
-        batch = score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size * 2, suffix=suffix)
+        batch = score_rollout(model, batch, cfg, chunk=cfg.per_device_train_batch_size * 2, suffix=suffix)
         scores = F.apply_missing_stop_penalty(batch.scores, batch.has_stop, cfg.missing_stop_penalty, cfg.missing_stop_value)
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
         ent = F.masked_mean(batch.entropy, batch.response_mask, dim=1)
@@ -115,7 +115,7 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
 
 
 def evaluate_against_sft(cfg, policy_adapter: str,
-                         gold_fn: Callable[[str, str], float] | None) -> tuple[dict, dict]:
+                         gold_fn: Callable[[str, str], float] | None) -> tuple[dict, dict, dict[str, list[dict]]]:
     """Sample the SFT policy and a policy trained offline from it (DPO, KTO) once per held-out
     prompt and compare them.
 
@@ -126,10 +126,12 @@ def evaluate_against_sft(cfg, policy_adapter: str,
     rates count a prompt where the policy's response scores higher than SFT's as 1, a tie as 1/2.
 
     Returns:
-        ``(sft, policy)``: each policy's ``eval/*`` numbers (score when a reward adapter is
+        ``(sft, policy, rows)``: each policy's ``eval/*`` numbers (score when a reward adapter is
         given, gold when ``gold_fn`` is, kl to SFT, entropy, length; means and standard errors),
         the trained policy's with its win rates over SFT, ``eval/win_rate_*`` (by the RM) and
-        ``eval/gold_win_rate_*``, as PPO's evaluation reports them (see :mod:`rlhf.summary`).
+        ``eval/gold_win_rate_*``, as PPO's evaluation reports them (see :mod:`rlhf.summary`);
+        ``rows`` holds each policy's samples (``"sft"``, ``"policy"``: one row per prompt with
+        ``prompt``, ``completion``, ``score``, ``gold``), as :func:`evaluate` returns them.
     """
     from peft import set_peft_model_state_dict
 
@@ -144,7 +146,7 @@ def evaluate_against_sft(cfg, policy_adapter: str,
     # that scoring skips the value role (evaluation uses no values)
     pcfg = PPOConfig(model=cfg.model, response_length=cfg.eval_response_length, temperature=cfg.eval_temperature,
                      max_prompt_length=cfg.eval_max_prompt_length, rollout_batch_size=cfg.eval_batch_size,
-                     num_minibatches=1, micro_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
+                     num_mini_batches=1, per_device_train_batch_size=min(16, cfg.eval_batch_size), seed=cfg.seed,
                      advantage_estimator="reinforce++")
     base_path = cfg.model.name_or_path
     tok = tokenizer_for(cfg.model)  # model.chat_template included, as in training
@@ -181,4 +183,4 @@ def evaluate_against_sft(cfg, policy_adapter: str,
         # win rates over SFT, by the reward model and by the gold reward)
         out[name], rows[name] = evaluate(model, tok, eval_ids, eval_texts, pcfg, gen_cfg, stop_ids, pad_id, device,
                                          gold_fn, seed=seed, suffix=suffix, engine=engine, reference=rows.get("sft"))
-    return out["sft"], out["policy"]
+    return out["sft"], out["policy"], rows

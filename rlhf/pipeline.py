@@ -395,6 +395,13 @@ class Pipeline:
                 self.state["base_ref"] = registration.base
             if registry and run_ref:
                 registry.finish_run(run_ref, "completed", _numbers(result.metrics), outputs=list(outputs.values()))
+                from rlhf.tracking import normalize_report_to
+                from rlhf.tracking.mlflow import register_adapters
+
+                if "mlflow" in normalize_report_to(p.configs[stage].report_to):  # for teams on MLflow: its registry too
+                    register_adapters(p.run_dir, p.pipeline.name, stage, {
+                        name: (path, registry.resolve(outputs[name])) for name, path in result.artifacts.items()
+                        if name in outputs})
             self.state["stages"][stage].update(
                 status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), metrics=_numbers(result.metrics),
                 dirs=dict(result.artifacts), outputs=outputs, inputs=inputs, run=run_ref,
@@ -447,8 +454,8 @@ class Pipeline:
         raise RewardGateFailed(
             f"reward model failed the quality gate ({'; '.join(problems)}{f', on {n} held-out pairs' if n else ''}); "
             f"{name} was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
-            f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.epochs or another "
-            f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.test_fraction for a steadier "
+            f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.num_train_epochs or another "
+            f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.eval_fraction for a steadier "
             f"estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run {name} anyway. "
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 

@@ -77,7 +77,7 @@ def _resolve_references(cfg: C, inputs: Mapping[str, Input], stage: str) -> C:
             resolved[key] = resolve_adapter(name, value)
         elif spec.kind == "preferences":
             # the same store version for the same file and options, whichever stage reads it
-            resolved[key] = resolve_preferences(name, value, cfg.dataset_format, cfg.test_fraction)
+            resolved[key] = resolve_preferences(name, value, cfg.dataset_format, cfg.eval_fraction)
         else:
             resolved[key] = resolve_data(name, value)
     return dataclasses.replace(cfg, **resolved)

@@ -135,7 +135,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
     optimizer step, which is skipped (GuardTripped) when a loss or the gradient is not finite.
 
     ``loss_mask`` (B, T) (default: the response mask) selects the tokens of the policy loss
-    and its normalisation (``ppo.mask_truncated`` leaves cut-off responses out); the value
+    and its normalisation (``ppo.mask_truncated_completions`` leaves cut-off responses out); the value
     loss keeps every real token.
     """
     from rlhf import distributed as dist
@@ -151,15 +151,15 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
         batch, adv, returns, loss_mask = gather_rollout(batch, adv, returns, loss_mask)
         if is_weights is not None:
             is_weights = dist.gather_rows(is_weights)
-    group_size = cfg.samples_per_prompt if cfg.minibatch_whole_groups else 1
+    group_size = cfg.num_generations if cfg.minibatch_whole_groups else 1
     gen = torch.Generator().manual_seed(cfg.seed * 104_729 + update)
     sums: dict[str, float] = {}
     count = 0
     use_critic = uses_critic(cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with train_mode(model, True):
-        for _epoch in range(cfg.ppo_epochs):
-            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_minibatches, gen, group_size=group_size):
+        for _epoch in range(cfg.num_ppo_epochs):
+            for mb_idx in F.ppo_minibatch_indices(B, cfg.num_mini_batches, gen, group_size=group_size):
                 if sharded:  # an equal share of the gathered rows (selected on the CPU)
                     mb_idx = even_share(mb_idx, rank, world)
                 elif world > 1:  # this rank's rows, selected on the CPU (no device sync)
@@ -172,7 +172,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                 n_value_tokens = (dist.all_reduce_sum(batch.response_mask[mb_idx].sum()).clamp(min=1.0)
                                   if masked else n_tokens)
                 acc: dict[str, torch.Tensor] = {}
-                for micro in (mb_idx.split(cfg.micro_batch_size) if mb_idx.numel() else ()):
+                for micro in (mb_idx.split(cfg.per_device_train_batch_size) if mb_idx.numel() else ()):
                     mb = batch.index(micro)
                     w = loss_mask[micro].sum() / n_tokens  # this micro-batch's share of the minibatch
                     # per-token loss weights from the whole minibatch's counts: the micro-batch
@@ -202,7 +202,7 @@ def _ppo_update(model, optimizer, scheduler, batch: ScoredRollout, adv, returns,
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
                 if on_step is not None:
-                    on_step(f"optimizer step {count}/{cfg.ppo_epochs * cfg.num_minibatches}")
+                    on_step(f"optimizer step {count}/{cfg.num_ppo_epochs * cfg.num_mini_batches}")
     if world > 1:  # per-rank partial sums add up to the global minibatch statistics
         parts = dist.gather_objects(sums)
         norm = sums.get("grad_norm")  # computed after the gradient sum: equal on every rank
@@ -227,7 +227,7 @@ def _policy_backward(model, mb: ScoredRollout, adv: torch.Tensor, cfg: PPOConfig
                                      weights=weights if pg_weights is None else pg_weights,
                                      clip_high=cfg.clip_high, ratio_level=cfg.importance_ratio)
         loss = pg
-        # a micro-batch without loss tokens (every response cut off, ppo.mask_truncated) has
+        # a micro-batch without loss tokens (every response cut off, ppo.mask_truncated_completions) has
         # no statistics (0/0) and no share (w = 0) of the minibatch's
         stats = {"loss/policy": pg.detach()} | {f"policy/{k}": torch.where(w > 0, v * w, 0.0)
                                                 for k, v in pg_stats.items()}

@@ -90,7 +90,7 @@ def run(dry_run: bool) -> dict:
     model = s.model
     torch.manual_seed(spec.seed)
     sampled, _ = stage.sample(s, cfg, 0)
-    batch = scoring.score_rollout(model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix)
+    batch = scoring.score_rollout(model, sampled, cfg, chunk=cfg.per_device_train_batch_size * 2, suffix=s.score_suffix)
     mask = batch.response_mask.bool()
     checks: dict[str, dict] = {}
 
@@ -126,8 +126,8 @@ def run(dry_run: bool) -> dict:
         else:
             lm.gradient_checkpointing_disable()
         rec = _GradRecorder(model.trainable_parameters("policy") + model.trainable_parameters("value"))
-        one = dataclasses.replace(cfg, ppo_epochs=1, num_minibatches=1, max_grad_norm=0.0,
-                                  micro_batch_size=cfg.micro_batch_size)
+        one = dataclasses.replace(cfg, num_ppo_epochs=1, num_mini_batches=1, max_grad_norm=0.0,
+                                  per_device_train_batch_size=cfg.per_device_train_batch_size)
         stage._ppo_update(model, rec, _NoSchedule(), batch, adv, returns, one, beta, 0)
         return rec.steps[0]
 

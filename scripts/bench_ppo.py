@@ -300,10 +300,11 @@ def our_config(spec: BenchSpec, workdir: str | Path, out_dir: str | Path, n_batc
         prompts=str(work / "prompts.jsonl"),
         total_episodes=spec.batch * n, rollout_batch_size=spec.batch,
         max_prompt_length=spec.prompt_len, response_length=spec.response_len, stop_token=STOP_TOKEN,
-        ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches, micro_batch_size=spec.micro_batch_size,
+        num_ppo_epochs=spec.ppo_epochs, num_mini_batches=spec.num_minibatches,
+        per_device_train_batch_size=spec.micro_batch_size,
         generation=spec.generation, compile=spec.compile, gradient_checkpointing=spec.gradient_checkpointing,
         lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
-        eval_every=0, save_every=0, seed=spec.seed, output_dir=str(Path(out_dir) / "ppo"), report_to=["local"],
+        eval_steps=0, save_steps=0, seed=spec.seed, output_dir=str(Path(out_dir) / "ppo"), report_to=["local"],
         # the stage's start and end evaluations are not timed: one held-out prompt keeps them short
         eval_fraction=0.0, eval_min_prompts=1,
         # A benchmark must not stop on a random model's statistics.
@@ -740,10 +741,10 @@ def build_in_memory(spec: BenchSpec, device):
     cfg = PPOConfig(
         model=ModelConfig(name_or_path="in-memory", dtype=spec.dtype), total_episodes=spec.batch,
         rollout_batch_size=spec.batch, max_prompt_length=spec.prompt_len, response_length=spec.response_len,
-        stop_token=STOP_TOKEN, ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches,
-        micro_batch_size=spec.micro_batch_size, generation=spec.generation, compile=spec.compile,
+        stop_token=STOP_TOKEN, num_ppo_epochs=spec.ppo_epochs, num_mini_batches=spec.num_minibatches,
+        per_device_train_batch_size=spec.micro_batch_size, generation=spec.generation, compile=spec.compile,
         gradient_checkpointing=spec.gradient_checkpointing, lora=LoraConfigSpec(r=spec.lora_r, alpha=spec.lora_alpha),
-        eval_every=0, save_every=0, seed=spec.seed, output_dir="/nonexistent", report_to=["local"],
+        eval_steps=0, save_steps=0, seed=spec.seed, output_dir="/nonexistent", report_to=["local"],
         guard_max_kl=1e30, guard_min_entropy=-1.0, guard_min_length=0.0, guard_max_length_fraction=1.01)
     stop_ids, pad_id = generation.stop_token_ids(tok, cfg, model.base_lm), tok.pad_token_id
     gen_cfg = generation.generation_config(cfg, stop_ids, pad_id)

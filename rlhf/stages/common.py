@@ -31,14 +31,14 @@ def trl_training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval:
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     kw = dict(
         output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=train.epochs,
+        num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
         warmup_ratio=train.warmup_ratio,
-        lr_scheduler_type=train.lr_scheduler,
+        lr_scheduler_type=train.lr_scheduler_type,
         weight_decay=train.weight_decay,
         logging_steps=train.logging_steps,
         save_strategy="steps",
@@ -412,18 +412,24 @@ def publish_policy_adapter(trainer, out: Path, tok, *, stage: str, base: str, cf
                            dataset=data_ref)
 
 
+# Sample completions of each policy logged per evaluation: ppo.num_samples_logged's default.
+SAMPLES_LOGGED = 8
+
+
 def evaluate_policy_against_sft(cfg, path: str, gold_fn, metrics: dict, tracker, step: int) -> None:
     """Sample the SFT and the trained policy (adapter ``path``) on the held-out prompts with
     the PPO stage's sampler; their metrics go into ``metrics`` by the summary convention
     (rlhf.summary: SFT as the initial evaluation at step 0, the trained policy as the final
-    one at ``step``), as PPO logs and reports its own."""
+    one at ``step``), as PPO logs and reports its own, and the first :data:`SAMPLES_LOGGED`
+    completions of each go to the trackers as sample tables (wandb, trackio, MLflow...)."""
     from rlhf import summary
     from rlhf.evaluation import evaluate_against_sft
 
-    sft_eval, trained_eval = evaluate_against_sft(cfg, path, gold_fn)
+    sft_eval, trained_eval, rows = evaluate_against_sft(cfg, path, gold_fn)
     metrics.update({**summary.prefixed(summary.REFERENCE, sft_eval), **summary.prefixed(summary.TRAINED, trained_eval)})
-    tracker.log(sft_eval, step=0)
-    tracker.log(trained_eval, step=step)
+    for at, numbers, samples in ((0, sft_eval, rows["sft"]), (step, trained_eval, rows["policy"])):
+        tracker.log(numbers, step=at)
+        tracker.log_samples(at, [dict(r, step=at) for r in samples[:SAMPLES_LOGGED]])
 
 
 def finish(cfg, out: Path, main: bool, stage: str, artifacts: dict[str, str], metrics: dict,

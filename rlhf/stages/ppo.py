@@ -222,7 +222,7 @@ def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = No
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],
         device=device, rank=rank, world=world,
-        per_rollout_prompts=cfg.rollout_batch_size // cfg.samples_per_prompt,
+        per_rollout_prompts=cfg.rollout_batch_size // cfg.num_generations,
         global_batch=global_batch, num_updates=max(1, cfg.total_episodes // global_batch),
     )
 
@@ -234,9 +234,9 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     params = model.trainable_parameters("policy") + (
         model.trainable_parameters("value") if uses_critic(cfg) else [])
     dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
-    total_steps = num_updates * cfg.ppo_epochs * cfg.num_minibatches
-    schedule = (lambda step: 1.0) if cfg.lr_schedule == "constant" else (lambda step: max(0.0, 1.0 - step / total_steps))
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    total_steps = num_updates * cfg.num_ppo_epochs * cfg.num_mini_batches
+    schedule = (lambda step: 1.0) if cfg.lr_scheduler_type == "constant" else (lambda step: max(0.0, 1.0 - step / total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
               else F.FixedKLController(cfg.kl_coef))
@@ -249,7 +249,7 @@ def _trained_roles(cfg: PPOConfig) -> tuple[str, ...]:
 
 def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, update: int) -> None:
     """Write ``ckpt_root/update-N`` atomically (trained roles + optimizer, scheduler, KL
-    controller and RNG states) and keep the newest ``cfg.keep_checkpoints``. Rank 0 only:
+    controller and RNG states) and keep the newest ``cfg.save_total_limit``. Rank 0 only:
     ranks hold identical weights and optimizer states."""
     import shutil
 
@@ -263,8 +263,8 @@ def save_checkpoint(ckpt_root: Path, model, opt: Optimization, cfg: PPOConfig, u
                     "length_streak": opt.length_streak[0]}, tmp, "state")
 
     write_checkpoint_dir(ckpt_root, f"update-{update}", writer)
-    if cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
-        for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.keep_checkpoints]:
+    if cfg.save_total_limit > 0:  # 0 keeps every checkpoint
+        for _, old in complete_checkpoints(ckpt_root, "update")[: -cfg.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -338,27 +338,27 @@ def evaluate_and_log(s: PPOSetup, cfg: PPOConfig, tracker, gold_fn: Callable[[st
 
 def prompt_indices(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> list[int]:
     """The training prompt of each row of this rank's rollout ``update`` (``draw`` as in
-    :func:`sample`): a pure function of (seed, update, draw), ``samples_per_prompt`` adjacent
+    :func:`sample`): a pure function of (seed, update, draw), ``num_generations`` adjacent
     rows per prompt. Several processes: the global batch's prompts, of which this rank takes
     a disjoint slice."""
     from rlhf import distributed as dist
 
     idx = _prompt_order(len(s.prompt_ids), cfg.seed + 7_919 * draw, update, s.per_rollout_prompts * s.world)
     lo, hi = dist.shard_bounds(len(idx), s.rank, s.world)
-    return [i for i in idx[lo:hi] for _ in range(cfg.samples_per_prompt)]
+    return [i for i in idx[lo:hi] for _ in range(cfg.num_generations)]
 
 
 def sample(s: PPOSetup, cfg: PPOConfig, update: int, draw: int = 0) -> tuple[Sampled, torch.Tensor | None]:
     """Steps 1 and 2 of an update: this rank's prompts of rollout ``update`` and the
-    policy's responses (``samples_per_prompt`` of each prompt, adjacent); returns the batch
+    policy's responses (``num_generations`` of each prompt, adjacent); returns the batch
     and each row's prompt group (B,) (None with one sample per prompt). ``draw`` > 0 takes
     further prompts for the same update (dynamic sampling), from another seeded order."""
     from rlhf import distributed as dist
 
     rows = [s.prompt_ids[i] for i in prompt_indices(s, cfg, update, draw)]
     group_ids = None
-    if cfg.samples_per_prompt > 1:
-        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.samples_per_prompt)
+    if cfg.num_generations > 1:
+        group_ids = torch.arange(s.per_rollout_prompts, device=s.device).repeat_interleave(cfg.num_generations)
     ids, mask = left_pad(rows, s.pad_id, s.device)
     torch.manual_seed(dist.rank_seed(cfg.seed * 1_000_003 + update + 104_723 * draw, s.rank))  # ranks sample differently
     with full_params_for_generation(s.model):  # FSDP: ranks decode different numbers of steps
@@ -381,7 +381,7 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
     from rlhf import distributed as dist
     from rlhf.ppo.rollout import concat_rows
 
-    k = cfg.samples_per_prompt
+    k = cfg.num_generations
     need = batch.response_ids.shape[0] // k
     source_values = {} if source_values is None else source_values
     parts: list[ScoredRollout] = []
@@ -397,7 +397,7 @@ def dynamic_sampling(s: PPOSetup, cfg: PPOConfig, update: int, batch: ScoredRoll
             break
         draw = len(parts)
         sampled, group_ids = sample(s, cfg, update, draw=draw)
-        batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix,
+        batch = score_rollout(s.model, sampled, cfg, chunk=cfg.per_device_train_batch_size * 2, suffix=s.score_suffix,
                               with_values=uses_critic(cfg))
         batch, values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update, draw))
         for name, v in values.items():
@@ -437,7 +437,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
 
     # 3. score: logprobs (policy, reference), values, reward on the last real token
     say("scoring")
-    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.micro_batch_size * 2, suffix=s.score_suffix,
+    batch = score_rollout(s.model, sampled, cfg, chunk=cfg.per_device_train_batch_size * 2, suffix=s.score_suffix,
                           with_values=uses_critic(cfg))
     # the reward sources of ppo.rewards (functions, HTTP, the RM) make the score
     batch, source_values = score_with_sources(s, cfg, batch, prompt_indices(s, cfg, update))
@@ -461,7 +461,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
                                           all_reduce=dist.all_reduce_sum)
 
     # 6. PPO epochs x minibatches, micro-batches accumulate exact minibatch gradients
-    loss_mask = F.truncated_loss_mask(batch.response_mask, batch.has_stop) if cfg.mask_truncated else None
+    loss_mask = F.truncated_loss_mask(batch.response_mask, batch.has_stop) if cfg.mask_truncated_completions else None
     stats = _ppo_update(s.model, opt.optimizer, opt.scheduler, batch, adv, returns, cfg, beta, update,
                         rank=s.rank, world=s.world, is_weights=is_weights, on_step=say, loss_mask=loss_mask)
     _sync(s.device)
@@ -558,11 +558,11 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
         tracker.log(metrics, step=update + 1)
         bar.update(1, {"score": metrics["reward/score_mean"], "kl": metrics["kl/mean"]})
         done = update + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < s.num_updates:
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done < s.num_updates:
             ev = evaluate_and_log(s, cfg, tracker, gold_fn, done, limit=cfg.eval_max_prompts, reference_file=sft_rows,
                                   judge=judge)
             tripped = watchdog is not None and _watch(watchdog, ev, done, opt, best_weights)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == s.num_updates):
+        if cfg.save_steps and (done % cfg.save_steps == 0 or done == s.num_updates):
             with full_state(s.model, opt.optimizer):  # FSDP: gathered on every rank, written by rank 0
                 if main:
                     save_checkpoint(ckpt_root, s.model, opt, cfg, done)

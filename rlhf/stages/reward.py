@@ -72,7 +72,7 @@ def ensure_test_split(train_rows: list[dict], test_rows: list[dict], minimum: in
             moved.extend(group)
         else:
             keep.extend(group)
-    warnings.warn(f"{where}: the test split has {len(test_rows)} pairs, fewer than reward.min_test_pairs={minimum}; "
+    warnings.warn(f"{where}: the test split has {len(test_rows)} pairs, fewer than reward.min_eval_pairs={minimum}; "
                   f"holding out {len(moved) - len(test_rows)} training pairs more ({len(moved)} in all)", stacklevel=2)
     return keep, moved
 
@@ -103,7 +103,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     train_rows, test_rows = _records(data_ref, "train"), _records(data_ref, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
-    train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_test_pairs, f"reward.dataset {data_ref}")
+    train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_eval_pairs, f"reward.dataset {data_ref}")
 
     # the score head and the LoRA matrices are drawn from the global RNG when the model is
     # built, before the Trainer seeds it: seed here so a fixed seed gives one reward model

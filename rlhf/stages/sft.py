@@ -41,8 +41,8 @@ def _examples(cfg: SFTConfig) -> list[dict]:
         import reward_data
 
         return [{"prompt": r["prompt"], "completion": r["chosen"]}
-                for r in reward_data.read_split(cfg.dataset, cfg.dataset_split) if not r.get("tie")]
-    rows = load_rows(cfg.dataset, cfg.dataset_split)
+                for r in reward_data.read_split(cfg.dataset, cfg.dataset_train_split) if not r.get("tie")]
+    rows = load_rows(cfg.dataset, cfg.dataset_train_split)
     if not rows:
         raise ValueError(f"sft.dataset {cfg.dataset}: no rows")
     keys = set(rows[0])

@@ -135,12 +135,12 @@ def ppo_config(ppo_assets, tmp_path):
             total_episodes=8,
             rollout_batch_size=8,
             response_length=8,
-            ppo_epochs=1,
-            num_minibatches=2,
-            micro_batch_size=2,
+            num_ppo_epochs=1,
+            num_mini_batches=2,
+            per_device_train_batch_size=2,
             learning_rate=1e-3,
-            eval_every=0,
-            save_every=0,
+            eval_steps=0,
+            save_steps=0,
             output_dir=str(tmp_path / "ppo"),
         )
         kw.update(overrides)
@@ -176,7 +176,7 @@ def make_rollout():
         torch.manual_seed(seed)
         gen_cfg = generation_config(cfg, stop_id, tok.pad_token_id)
         batch = generate(model, prompt_ids, prompt_mask, gen_cfg, stop_id, tok.pad_token_id, cfg.response_length)
-        return score_rollout(model, batch, cfg, chunk=cfg.micro_batch_size)
+        return score_rollout(model, batch, cfg, chunk=cfg.per_device_train_batch_size)
 
     return make
 

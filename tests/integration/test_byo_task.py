@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "my_task.yaml"
 SMALL = [
     "task.options={seed: 0, num_sft: 256, num_pairs: 1024, num_prompts: 160}",
-    "sft.train.epochs=1", "sft.train.save_steps=4", "reward.train.epochs=2", "reward.train.save_steps=16",
-    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=8", "ppo.save_every=1",
-    "ppo.eval_every=1", "ppo.eval_max_prompts=4", "ppo.response_length=12",
+    "sft.train.num_train_epochs=1", "sft.train.save_steps=4", "reward.train.num_train_epochs=2", "reward.train.save_steps=16",
+    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.per_device_train_batch_size=8", "ppo.save_steps=1",
+    "ppo.eval_steps=1", "ppo.eval_max_prompts=4", "ppo.response_length=12",
     # these tests check the evaluation plumbing, not the reward model: 2 reward epochs on this
     # small slice can leave it near chance, and the gate would then stop the run before PPO
     "reward_gate.enabled=false",
@@ -179,7 +179,7 @@ def test_reward_stage_is_deterministic_and_keeps_its_best_checkpoint(tmp_path):
 
     files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=1, num_pairs=640, num_ppo_prompts=1,
                                                                num_eval_prompts=0)), tmp_path / "task")
-    cfg = {"dataset": files["pairs"], "train": {"epochs": 1, "batch_size": 32, "learning_rate": 5e-3,
+    cfg = {"dataset": files["pairs"], "train": {"num_train_epochs": 1, "per_device_train_batch_size": 32, "learning_rate": 5e-3,
                                                        "save_steps": 8, "max_length": 64, "logging_steps": 4},
            "report_to": ["local"]}
     results = []
@@ -201,7 +201,7 @@ def test_a_reward_model_at_chance_stops_the_pipeline_before_ppo(tmp_path, capsys
     run_dir = tmp_path / "chance"
     code = main(["run", str(EXAMPLE), "--output-dir", str(run_dir),
                  "task.options={seed: 1, num_sft: 128, num_pairs: 500, num_prompts: 64, label_temperature: 1000.0}",
-                 "sft.train.epochs=1", "reward.train.epochs=1", "reward.test_fraction=0.4", "reward.keep_best=false",
+                 "sft.train.num_train_epochs=1", "reward.train.num_train_epochs=1", "reward.eval_fraction=0.4", "reward.keep_best=false",
                  "reward_gate.min_accuracy=0.6"])
     err = capsys.readouterr().err
     assert code == 2 and "reward model failed the quality gate" in err and "Try:" in err, err

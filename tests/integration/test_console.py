@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "task.num_sft=128", "task.num_pairs=256", "task.num_ppo_prompts=64", "task.num_eval_prompts=16",
-    "sft.train.epochs=1", "sft.train.logging_steps=1", "reward.train.epochs=1", "reward.train.logging_steps=1",
-    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=8", "ppo.response_length=8",
-    "ppo.eval_every=1", "ppo.save_every=0",
+    "sft.train.num_train_epochs=1", "sft.train.logging_steps=1", "reward.train.num_train_epochs=1", "reward.train.logging_steps=1",
+    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.per_device_train_batch_size=8", "ppo.response_length=8",
+    "ppo.eval_steps=1", "ppo.save_steps=0",
 ]
 # what the console showed before (issue 18): TRL's per-step dicts, warnings, load reports, datasets' bars
 NOISE = ("{'loss'", "{'eval", "Warning", "warnings.warn", "LOAD REPORT", "MISSING", "Generating train split",
@@ -110,7 +110,7 @@ def test_stage_progress_records_through_a_pipe_and_verbose(tmp_path):
 
     files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=64, num_pairs=16, num_ppo_prompts=4,
                                                                num_eval_prompts=4)), tmp_path / "task")
-    args = ["sft", f"dataset={files['sft']}", "train.max_steps=4", "train.batch_size=8", "train.max_length=48",
+    args = ["sft", f"dataset={files['sft']}", "train.max_steps=4", "train.per_device_train_batch_size=8", "train.max_length=48",
             "train.logging_steps=1", "eval_fraction=0"]
     quiet = _rlhf([*args, f"output_dir={tmp_path / 'a' / 'sft'}", "--progress-interval", "1000"], tmp_path / "home")
     assert quiet.returncode == 0, quiet.stdout

@@ -27,10 +27,10 @@ DDP = ROOT / "pipelines" / "accelerate" / "ddp.yaml"
 # Small enough for 2 busy cores: SFT/reward 2 steps each, PPO 2 updates of 2 x 4 episodes.
 OVERRIDES = [
     "task.num_sft=64", "task.num_pairs=64", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
-    "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.batch_size=8", "sft.train.logging_steps=1",
-    "reward.train.max_steps=2", "reward.train.batch_size=8",
-    "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
-    "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
+    "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.per_device_train_batch_size=8", "sft.train.logging_steps=1",
+    "reward.train.max_steps=2", "reward.train.per_device_train_batch_size=8",
+    "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_mini_batches=2", "ppo.per_device_train_batch_size=2",
+    "ppo.num_ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_steps=0",
     # random weights rarely emit the stop token: every response runs to full length
     "ppo.guard_max_length_fraction=1.01",
     # two reward steps leave the reward model at chance: these tests are about running the
@@ -161,7 +161,7 @@ base, sft, rm, prompts_file, out = sys.argv[1:6]
 G = 8  # global batch
 world, rank = dist.world_size(), dist.rank()
 cfg = PPOConfig(model=ModelConfig(name_or_path=base), sft_adapter=sft, reward_adapter=rm,
-                rollout_batch_size=G // world, num_minibatches=2, micro_batch_size=1, ppo_epochs=2,
+                rollout_batch_size=G // world, num_mini_batches=2, per_device_train_batch_size=1, num_ppo_epochs=2,
                 response_length=8, max_prompt_length=32, learning_rate=1e-3, seed=3, max_grad_norm=1.0)
 torch.manual_seed(cfg.seed)
 model, tok, _ = P._build_model(cfg, torch.device("cpu"))
@@ -179,14 +179,14 @@ batch = scoring.score_rollout(model, full.index(torch.arange(lo, hi)), cfg, chun
 scores, kl, rewards = P.shaped_rewards(batch, cfg, 0.05, all_reduce=dist.all_reduce_sum)
 adv, returns = estimators.advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None, all_reduce=dist.all_reduce_sum)
 
-opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 before = [p.detach().clone() for p in params]
 stats = P._ppo_update(model, opt, sched, batch, adv, returns, cfg, 0.05, update=0, rank=rank, world=world)
 
 # what run_ppo derives per rank: generation seeds (must differ) and the shuffle (must agree)
 seeds = dist.gather_objects(dist.rank_seed(cfg.seed * 1_000_003 + 0))
-perm = F.ppo_minibatch_indices(G, cfg.num_minibatches, torch.Generator().manual_seed(cfg.seed * 104_729 + 0))
+perm = F.ppo_minibatch_indices(G, cfg.num_mini_batches, torch.Generator().manual_seed(cfg.seed * 104_729 + 0))
 perms = dist.gather_objects([t.tolist() for t in perm])
 
 tensors = {"adv": dist.gather_rows(adv).contiguous(), "returns": dist.gather_rows(returns).contiguous()}

@@ -61,7 +61,7 @@ def dpo_setup(ppo_assets, sft_adapter, tmp_path):
     def make(**overrides):
         kw = dict(model={"name_or_path": str(ppo_assets.base)}, sft_adapter=str(sft_adapter), beta=0.1,
                   output_dir=str(tmp_path / "dpo"),
-                  train={"batch_size": 4, "max_steps": 4, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
+                  train={"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
                          "save_steps": 100})
         kw.update(overrides)
         cfg = from_dict(DPOConfig, kw, prefix="dpo")
@@ -156,9 +156,9 @@ def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
         "model": {"name_or_path": str(ppo_assets.base)},
         "sft_adapter": str(sft_adapter),
         "dataset": str(pairs),
-        "test_fraction": 0.25,
+        "eval_fraction": 0.25,
         "loss_type": "ipo",
-        "train": {"batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
+        "train": {"per_device_train_batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
         "eval_prompts": str(ppo_assets.eval_prompts),
         "reward_adapter": str(ppo_assets.reward_adapter),
         "eval_response_length": 6,
@@ -188,6 +188,10 @@ def test_dpo_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     # the SFT policy's evaluation at step 0, DPO's at its last step: the curves the dashboard reads
     evals = {r["step"]: r for r in logged if "eval/score_mean" in r}
     assert sorted(evals) == [0, 3] and evals[0]["eval/kl_mean"] == 0.0 and "eval/win_rate_mean" in evals[3]
+    # each policy's sample completions, the table every tracker gets (wandb, trackio, MLflow)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in samples} == {0, 3} and all(r["prompt"] and "completion" in r for r in samples)
+    assert 0 < sum(r["step"] == 3 for r in samples) <= 8
     # the pairs went through the data store, as for the reward stage
     import reward_data
 
@@ -214,7 +218,7 @@ def test_evaluation_without_a_reward_model(ppo_assets, sft_adapter):
     cfg = from_dict(DPOConfig, {"model": {"name_or_path": str(ppo_assets.base)}, "sft_adapter": str(sft_adapter),
                                 "eval_prompts": str(ppo_assets.eval_prompts), "eval_response_length": 6},
                     prefix="dpo")
-    sft, dpo = evaluate_against_sft(cfg, str(sft_adapter), gold_reward)
+    sft, dpo, _ = evaluate_against_sft(cfg, str(sft_adapter), gold_reward)
     assert not any("score" in k or k.startswith("eval/win_rate") for k in {**sft, **dpo}), sorted(dpo)
     assert sft["eval/kl_mean"] == 0.0 and dpo["eval/kl_mean"] == 0.0
     assert dpo["eval/gold_mean"] == sft["eval/gold_mean"]

@@ -90,7 +90,7 @@ base, sft, rm, out = sys.argv[1:5]
 G = 8  # global batch
 world, rank = dist.world_size(), dist.rank()
 cfg = PPOConfig(model=ModelConfig(name_or_path=base), sft_adapter=sft, reward_adapter=rm,
-                rollout_batch_size=G // world, num_minibatches=2, micro_batch_size=1, ppo_epochs=2,
+                rollout_batch_size=G // world, num_mini_batches=2, per_device_train_batch_size=1, num_ppo_epochs=2,
                 response_length=8, max_prompt_length=32, learning_rate=1e-3, seed=3, max_grad_norm=1.0)
 
 
@@ -249,11 +249,11 @@ def test_fsdp_base_bytes_per_rank_shrink(fsdp_update_runs):
 # 64-pair test split minimum left 31 training pairs: that was this test's failure).
 PIPELINE = [
     "task.num_sft=64", "task.num_pairs=96", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
-    "reward.min_test_pairs=16",
+    "reward.min_eval_pairs=16",
     "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.logging_steps=1", "reward.train.max_steps=2",
-    "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
-    "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
-    "ppo.save_every=1", "ppo.guard_max_length_fraction=1.01",
+    "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_mini_batches=2", "ppo.per_device_train_batch_size=2",
+    "ppo.num_ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_steps=0",
+    "ppo.save_steps=1", "ppo.guard_max_length_fraction=1.01",
     "reward_gate.enabled=false",  # a few reward steps leave the reward model at chance; not under test here
 ]
 
@@ -262,7 +262,7 @@ def _pipeline(tmp: Path, base: Path, n: int) -> tuple[subprocess.CompletedProces
     run_dir = tmp / f"run{n}"
     per_device = 16 // n
     cmd = [sys.executable, "-m", "rlhf", "run", str(ROOT / "pipelines" / "tiny.yaml"), "--output-dir", str(run_dir),
-           f"model.name_or_path={base}", f"sft.train.batch_size={per_device}", f"reward.train.batch_size={per_device}",
+           f"model.name_or_path={base}", f"sft.train.per_device_train_batch_size={per_device}", f"reward.train.per_device_train_batch_size={per_device}",
            *PIPELINE]
     if n > 1:
         cmd += ["--launcher", "accelerate", "--accelerate-config", str(FSDP2), "--num-processes", str(n)]

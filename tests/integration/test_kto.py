@@ -58,7 +58,7 @@ def kto_setup(ppo_assets, sft_adapter, tmp_path):
     def make(**overrides):
         kw = dict(model={"name_or_path": str(ppo_assets.base)}, sft_adapter=str(sft_adapter), beta=0.1,
                   output_dir=str(tmp_path / "kto"),
-                  train={"batch_size": 4, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
+                  train={"per_device_train_batch_size": 4, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1,
                          "save_steps": 100})
         kw.update(overrides)
         cfg = from_dict(KTOConfig, kw, prefix="kto")
@@ -146,8 +146,8 @@ def test_kto_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
         "model": {"name_or_path": str(ppo_assets.base)},
         "sft_adapter": str(sft_adapter),
         "dataset": str(data),
-        "test_fraction": 0.25,
-        "train": {"batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
+        "eval_fraction": 0.25,
+        "train": {"per_device_train_batch_size": 8, "max_steps": 3, "learning_rate": 5e-3, "max_length": 48, "logging_steps": 1},
         "eval_prompts": str(ppo_assets.eval_prompts),
         "reward_adapter": str(ppo_assets.reward_adapter),
         "eval_response_length": 6,
@@ -167,10 +167,13 @@ def test_kto_stage_alone_from_the_command_line(ppo_assets, sft_adapter, tmp_path
     assert m["initial/eval/kl_mean"] == 0.0 and m["final/eval/kl_mean"] != 0.0
     assert 0.0 <= m["final/eval/win_rate_mean"] <= 1.0 and "final/eval/score_mean" in m
     assert reward_data.load_version("feedback").manifest["kind"] == "unpaired"
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    steps = {r["step"] for r in samples}  # each policy's completions: SFT at 0, KTO at its last step
+    assert len(steps) == 2 and 0 in steps and all(r["prompt"] and "completion" in r for r in samples)
 
 
 def test_batch_size_one_is_refused():
     from rlhf.config import ConfigError, KTOConfig, from_dict
 
-    with pytest.raises(ConfigError, match="kto.train.batch_size"):
-        from_dict(KTOConfig, {"train": {"batch_size": 1}}, prefix="kto")
+    with pytest.raises(ConfigError, match="kto.train.per_device_train_batch_size"):
+        from_dict(KTOConfig, {"train": {"per_device_train_batch_size": 1}}, prefix="kto")

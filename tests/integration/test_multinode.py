@@ -134,10 +134,10 @@ def test_multinode_tiny_pipeline(tmp_path):
     run_dir, home = tmp_path / "run", tmp_path / "home"
     overrides = [
         "task.num_sft=64", "task.num_pairs=64", "task.num_ppo_prompts=32", "task.num_eval_prompts=8",
-        "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.batch_size=8", "sft.train.logging_steps=1",
-        "reward.train.max_steps=2", "reward.train.batch_size=8",
-        "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=2",
-        "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_every=0",
+        "sft.eval_fraction=0.0", "sft.train.max_steps=2", "sft.train.per_device_train_batch_size=8", "sft.train.logging_steps=1",
+        "reward.train.max_steps=2", "reward.train.per_device_train_batch_size=8",
+        "ppo.total_episodes=16", "ppo.rollout_batch_size=4", "ppo.num_mini_batches=2", "ppo.per_device_train_batch_size=2",
+        "ppo.num_ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=32", "ppo.eval_steps=0",
         "ppo.guard_max_length_fraction=1.01", "reward_gate.enabled=false",  # 2 reward steps: at chance
     ]
     m0, m1 = _two_machines(["run", str(ROOT / "pipelines" / "tiny.yaml"), "--output-dir", str(run_dir), *overrides],

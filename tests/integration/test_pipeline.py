@@ -23,9 +23,9 @@ RECIPE = ROOT / "pipelines" / "tiny.yaml"
 # "PPO beats SFT by 3 standard errors" claim) is checked by test_tiny_default_full below.
 SMALL = [
     "task.num_sft=256", "task.num_pairs=512", "task.num_ppo_prompts=64", "task.num_eval_prompts=32",
-    "sft.train.epochs=1", "sft.train.save_steps=4", "sft.train.logging_steps=2", "reward.train.logging_steps=4", "reward.train.epochs=1", "reward.train.save_steps=8",
-    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=8", "ppo.save_every=1",
-    "ppo.eval_every=0", "ppo.response_length=12",
+    "sft.train.num_train_epochs=1", "sft.train.save_steps=4", "sft.train.logging_steps=2", "reward.train.logging_steps=4", "reward.train.num_train_epochs=1", "reward.train.save_steps=8",
+    "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.per_device_train_batch_size=8", "ppo.save_steps=1",
+    "ppo.eval_steps=0", "ppo.response_length=12",
 ]
 
 
@@ -203,8 +203,8 @@ def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path, capsys):
     rm_alias = rm_ref.split(":")[0] + ":prod"
     out = tmp_path / "ppo"
     assert main(["ppo", f"sft_adapter={sft_ref}", f"reward_adapter={rm_alias}", f"prompts={p.task_files['ppo_prompts']}",
-                 f"output_dir={out}", "total_episodes=16", "rollout_batch_size=16", "micro_batch_size=8",
-                 "response_length=8", "eval_every=0", "save_every=0"]) == 0
+                 f"output_dir={out}", "total_episodes=16", "rollout_batch_size=16", "per_device_train_batch_size=8",
+                 "response_length=8", "eval_steps=0", "save_steps=0"]) == 0
     assert (out / "policy" / "adapter_model.safetensors").is_file()
     # an unknown reference fails before any model loads, naming the key and the reference
     assert main(["ppo", "sft_adapter=no-such-adapter:1", f"reward_adapter={rm_alias}",

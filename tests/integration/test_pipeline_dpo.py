@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "pipelines" / "tiny-dpo.yaml"
 SMALL = [
     "task.num_sft=256", "task.num_pairs=512", "task.num_ppo_prompts=64", "task.num_eval_prompts=32",
-    "sft.train.epochs=1", "sft.train.save_steps=4", "sft.train.logging_steps=2",
-    "reward.train.epochs=1", "reward.train.logging_steps=4", "reward.train.save_steps=8",
-    "dpo.train.epochs=1", "dpo.train.logging_steps=4", "dpo.train.save_steps=8", "ppo.response_length=12",
+    "sft.train.num_train_epochs=1", "sft.train.save_steps=4", "sft.train.logging_steps=2",
+    "reward.train.num_train_epochs=1", "reward.train.logging_steps=4", "reward.train.save_steps=8",
+    "dpo.train.num_train_epochs=1", "dpo.train.logging_steps=4", "dpo.train.save_steps=8", "ppo.response_length=12",
 ]
 
 

@@ -14,7 +14,7 @@ RECIPE = ROOT / "pipelines" / "tiny-grpo.yaml"
 
 def test_tiny_grpo_recipe_resolves_to_critic_free_grpo():
     cfg = from_dict(PPOConfig, load_yaml(RECIPE)["ppo"], prefix="ppo")
-    assert cfg.advantage_estimator == "grpo" and cfg.samples_per_prompt == 4
+    assert cfg.advantage_estimator == "grpo" and cfg.num_generations == 4
     assert (cfg.kl_in_reward, cfg.kl_estimator) == (False, "k3")
     tiny = load_yaml(ROOT / "pipelines" / "tiny.yaml")
     grpo = load_yaml(RECIPE)

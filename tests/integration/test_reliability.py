@@ -123,17 +123,17 @@ def test_every_numeric_field_has_a_range_that_is_checked(cls, f, kind):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("sft.train.epochs=0", "sft.train.epochs"),
-    ("sft.train.epochs=-1", "sft.train.epochs"),
+    ("sft.train.num_train_epochs=0", "sft.train.num_train_epochs"),
+    ("sft.train.num_train_epochs=-1", "sft.train.num_train_epochs"),
     ("ppo.total_episodes=-5", "ppo.total_episodes"),
-    ("reward.train.batch_size=-8", "reward.train.batch_size"),
+    ("reward.train.per_device_train_batch_size=-8", "reward.train.per_device_train_batch_size"),
     ("sft.train.learning_rate=-1e-4", "sft.train.learning_rate"),
     ("ppo.learning_rate=.nan", "ppo.learning_rate"),
     ("ppo.response_length=0", "ppo.response_length"),
     ("ppo.kl_coef=.nan", "ppo.kl_coef"),
     ("ppo.kl_coef=-0.1", "ppo.kl_coef"),
-    ("ppo.num_minibatches=0", "ppo.num_minibatches"),
-    ("ppo.micro_batch_size=0", "ppo.micro_batch_size"),
+    ("ppo.num_mini_batches=0", "ppo.num_mini_batches"),
+    ("ppo.per_device_train_batch_size=0", "ppo.per_device_train_batch_size"),
     ("sft.eval_fraction=1.0", "sft.eval_fraction"),
     ("sft.lora.r=0", "sft.lora.r"),
     ("task.num_pairs=-1", "task.num_pairs"),

@@ -175,7 +175,7 @@ def test_the_issue_case_ppo_resume_after_a_fresh_start_of_another_config(ppo_con
     import rlhf.stages.ppo as ppo
     from rlhf.stages import run_stage
 
-    common = dict(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=4,
+    common = dict(total_episodes=8, rollout_batch_size=4, save_steps=1, response_length=4,
                   output_dir=str(tmp_path / "ppo"))
     first = run_stage("ppo", ppo_config(learning_rate=1e-5, **common))
     weights = {k: v.clone() for k, v in load_file(f"{first.artifacts['policy']}/adapter_model.safetensors").items()}
@@ -208,7 +208,7 @@ def test_sft_checkpoints_carry_the_fingerprint_and_a_changed_config_cannot_resum
                                                                num_eval_prompts=4)), tmp_path / "task")
     out = tmp_path / "sft"
     args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=2", "train.save_steps=1",
-            "train.batch_size=4", "train.max_length=48", "eval_fraction=0"]
+            "train.per_device_train_batch_size=4", "train.max_length=48", "eval_fraction=0"]
     assert main([*args, "train.learning_rate=1e-4"]) == 0
     stamp = (out / "checkpoints" / "rlhf_fingerprint.json").read_text()
     ckpts = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())

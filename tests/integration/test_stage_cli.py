@@ -17,7 +17,7 @@ def test_sft_and_reward_stages_alone(tmp_path, capsys):
     files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=96, num_pairs=128, num_ppo_prompts=8,
                                                                num_eval_prompts=8)), tmp_path / "task")
     sft_yaml = tmp_path / "sft.yaml"
-    sft_yaml.write_text(yaml.safe_dump({"dataset": str(files["sft"]), "train": {"batch_size": 16, "max_length": 64}}))
+    sft_yaml.write_text(yaml.safe_dump({"dataset": str(files["sft"]), "train": {"per_device_train_batch_size": 16, "max_length": 64}}))
     out = tmp_path / "sft"
     assert main(["sft", "--config", str(sft_yaml), f"output_dir={out}", "train.max_steps=3",
                  "train.logging_steps=1", "train.learning_rate=2e-3"]) == 0
@@ -28,7 +28,7 @@ def test_sft_and_reward_stages_alone(tmp_path, capsys):
 
     rm_out = tmp_path / "rm"
     assert main(["reward", f"dataset={files['pairs']}", f"output_dir={rm_out}", "train.max_steps=3",
-                 "train.batch_size=16", "train.max_length=64", "test_fraction=0.2"]) == 0
+                 "train.per_device_train_batch_size=16", "train.max_length=64", "eval_fraction=0.2"]) == 0
     head = load_file(str(rm_out / "adapter" / "head.safetensors"))["weight"]
     assert head.shape == (1, 64)
     metrics = json.loads((rm_out / "metrics.json").read_text())
@@ -39,7 +39,7 @@ def test_sft_and_reward_stages_alone(tmp_path, capsys):
     assert reward_data.versions("pairs") == [1]
     # rerunning on identical bytes reuses that version instead of ingesting again
     assert main(["reward", f"dataset={files['pairs']}", f"output_dir={tmp_path / 'rm2'}", "train.max_steps=1",
-                 "train.batch_size=16", "train.max_length=64", "test_fraction=0.2"]) == 0
+                 "train.per_device_train_batch_size=16", "train.max_length=64", "eval_fraction=0.2"]) == 0
     assert reward_data.versions("pairs") == [1]
 
 

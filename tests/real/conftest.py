@@ -109,7 +109,7 @@ def base_dirs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
 
 def recipe(name: str, base: str, data: dict[str, Path], chat_template: str = "") -> dict:
     """SFT -> reward -> PPO -> DPO, a few optimizer steps each, tiny batches, short sequences."""
-    train = {"epochs": 1, "max_steps": 2, "batch_size": 2, "max_length": 96, "logging_steps": 1, "save_steps": 100,
+    train = {"num_train_epochs": 1, "max_steps": 2, "per_device_train_batch_size": 2, "max_length": 96, "logging_steps": 1, "save_steps": 100,
              "learning_rate": 1.0e-4}
     return {
         "name": name, "seed": 0, "stages": ["sft", "reward", "ppo", "dpo"],
@@ -117,13 +117,13 @@ def recipe(name: str, base: str, data: dict[str, Path], chat_template: str = "")
         "task": {"enabled": False}, "reward_gate": {"enabled": False}, "report_to": ["local"],
         "sft": {"dataset": str(data["sft"]), "eval_fraction": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                 "train": train},
-        "reward": {"dataset": str(data["pairs"]), "test_fraction": 0.3, "min_test_pairs": 2, "keep_best": False,
+        "reward": {"dataset": str(data["pairs"]), "eval_fraction": 0.3, "min_eval_pairs": 2, "keep_best": False,
                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "train": train},
         "ppo": {"prompts": str(data["prompts"]), "eval_prompts": str(data["eval"]), "total_episodes": 4,
-                "rollout_batch_size": 4, "response_length": 8, "max_prompt_length": 80, "num_minibatches": 1,
-                "micro_batch_size": 2, "ppo_epochs": 1, "eval_every": 0, "save_every": 0, "learning_rate": 1.0e-4,
+                "rollout_batch_size": 4, "response_length": 8, "max_prompt_length": 80, "num_mini_batches": 1,
+                "per_device_train_batch_size": 2, "num_ppo_epochs": 1, "eval_steps": 0, "save_steps": 0, "learning_rate": 1.0e-4,
                 "guard_min_length": 0.0, "guard_min_entropy": -1.0, "num_samples_logged": 0},
-        "dpo": {"dataset": str(data["pairs"]), "test_fraction": 0.3, "train": train, "eval_response_length": 8,
+        "dpo": {"dataset": str(data["pairs"]), "eval_fraction": 0.3, "train": train, "eval_response_length": 8,
                 "eval_batch_size": 4, "eval_max_prompt_length": 80},
     }
 

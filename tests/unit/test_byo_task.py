@@ -291,4 +291,4 @@ def test_hh_recipe_ingests_the_subset_its_header_names():
     assert args.hf_data_dir == "helpful-base" and args.sources == ["Anthropic/hh-rlhf"]
     p = plan(recipe, check_inputs=False)
     assert {p.sft.dataset, p.reward.dataset, p.ppo.prompts, p.ppo.eval_prompts} == {args.name}
-    assert p.ppo.eval_max_prompts < p.ppo.rollout_batch_size * p.ppo.eval_every
+    assert p.ppo.eval_max_prompts < p.ppo.rollout_batch_size * p.ppo.eval_steps

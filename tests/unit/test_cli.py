@@ -115,7 +115,7 @@ def test_config_show_recipe_prints_every_stage_as_the_pipeline_builds_it(monkeyp
     assert shown["name"] == "tiny" and shown["run_dir"] == str(tmp_path / "r")
     assert shown["ppo"]["kl_coef"] == 0.25
     assert shown["ppo"]["sft_adapter"] == str(tmp_path / "r" / "sft" / "adapter")
-    assert shown["sft"]["train"]["epochs"] == 2  # from the recipe, not the dataclass default (1.0)
+    assert shown["sft"]["train"]["num_train_epochs"] == 2  # from the recipe, not the dataclass default (1.0)
     assert set(shown["reward"]) == {f.name for f in dataclasses.fields(RewardConfig)}
     assert main(["config", "show", "no-such-recipe"]) == 2
     assert "neither a stage" in capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_unknown_key_suggests_the_close_one(capsys):
     with pytest.raises(ConfigError) as err:
         from_dict(PPOConfig, {"zzzzzz": 1}, prefix="ppo")
     assert "did you mean" not in str(err.value)
-    assert main(["config", "show", "sft", "trian.epochs=1"]) == 2
+    assert main(["config", "show", "sft", "trian.num_train_epochs=1"]) == 2
     assert "did you mean sft.train?" in capsys.readouterr().err
 
 
@@ -234,6 +234,21 @@ def test_env_reports_versions_devices_and_paths(tmp_path, capsys):
     assert f"torch {torch.__version__}" in text and "devices:" in text and "registry:" in text
     assert main(["--help"]) == 0
     assert "  env " in capsys.readouterr().out
+
+
+def test_stage_help_lists_the_deprecated_key_names(capsys):
+    from rlhf.config import deprecated_keys
+    from rlhf.stages import STAGES
+
+    for command in cli.STAGE_NAMES:
+        assert main([command, "--help"]) == 0
+        help_text = capsys.readouterr().out
+        renamed = deprecated_keys(STAGES[command].config)
+        assert renamed and all(f"\n  {old} -> {new}\n" in help_text for old, new in renamed), command
+        if command == "ppo":
+            assert "\n  rloo_k -> num_generations\n" in help_text
+        else:
+            assert "\n  train.epochs -> train.num_train_epochs\n" in help_text
 
 
 def test_every_override_example_in_help_is_accepted(capsys):

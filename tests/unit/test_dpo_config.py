@@ -32,7 +32,7 @@ def test_loss_types_are_those_trl_exposes():
     ({"eval_temperature": 0.0}, "dpo.eval_temperature must be > 0"),
     ({"eval_batch_size": 0}, "dpo.eval_batch_size must be > 0"),
     ({"betta": 0.1}, "unknown key dpo.betta"),
-    ({"train": {"batch_size": 0}}, "dpo.train.batch_size must be > 0"),
+    ({"train": {"per_device_train_batch_size": 0}}, "dpo.train.per_device_train_batch_size must be > 0"),
 ])
 def test_bad_dpo_settings_are_named(data, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -143,7 +143,7 @@ def test_dpo_resolves_its_pairs_like_the_reward_stage(tiny_assets, tmp_path):
     def dpo(**kw) -> DPOConfig:
         return from_dict(DPOConfig, {"model": {"name_or_path": str(tiny_assets.base)}, **kw}, prefix="dpo")
 
-    assert _resolve(dpo(dataset=str(pairs), test_fraction=0.5)).dataset == "prefs:2"  # other options
+    assert _resolve(dpo(dataset=str(pairs), eval_fraction=0.5)).dataset == "prefs:2"  # other options
     assert _resolve(dpo(dataset="prefs:1")).sft_adapter == ""  # optional: the base is the SFT model
     with pytest.raises(ConfigError, match="dpo.dataset: 'nothing' is neither a file"):
         _resolve(dpo(dataset="nothing"))

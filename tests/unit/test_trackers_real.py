@@ -38,7 +38,7 @@ def test_mlflow_writes_a_local_store_inside_the_run_directory(tmp_path, monkeypa
     tracker.finish()
 
     assert list(cwd.iterdir()) == []  # no ./mlruns
-    client = MlflowClient(tracking_uri=local_store_uri(tracker.backends["mlflow"].info))
+    client = MlflowClient(tracking_uri=local_store_uri(run_dir))
     experiment = client.get_experiment_by_name("rlhf")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "g/ppo" and run.info.status == "FINISHED"

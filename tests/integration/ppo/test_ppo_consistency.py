@@ -21,7 +21,7 @@ from rlhf.stages.ppo import _ppo_update, shaped_rewards
 
 def _optimizer(model, cfg):
     params = model.trainable_parameters("policy") + model.trainable_parameters("value")
-    opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
@@ -102,7 +102,7 @@ def test_first_minibatch_of_first_epoch_is_on_policy(role_model, make_rollout, m
     """The first minibatch of the first epoch sees ratio == 1, clipfrac == 0, approxkl ~ 0;
     later minibatches (after optimizer steps) do not, so the check is not vacuous."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=2, num_minibatches=2, micro_batch_size=2, learning_rate=1e-2)
+    cfg = replace(cfg, num_ppo_epochs=2, num_mini_batches=2, per_device_train_batch_size=2, learning_rate=1e-2)
     batch = make_rollout(model, tok, cfg)
     calls = _spy_policy_loss(monkeypatch)
     stats = _update(model, batch, cfg)
@@ -153,7 +153,7 @@ def test_reference_is_frozen_and_kl_starts_at_zero(role_model, make_rollout):
     """Policy updates never move the sft role (the reference) nor the reward role; the
     policy does move. At step 0 the policy is a copy of sft: KL is exactly 0."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=2, learning_rate=1e-2)
+    cfg = replace(cfg, num_ppo_epochs=2, learning_rate=1e-2)
     batch = make_rollout(model, tok, cfg)
     assert torch.equal(batch.logprobs, batch.ref_logprobs)
     _, kl, _ = shaped_rewards(batch, cfg, 0.05)

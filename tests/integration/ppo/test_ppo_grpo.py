@@ -39,7 +39,7 @@ def _n(params) -> int:
 def test_critic_free_estimators_build_no_value_role(estimator, ppo_config):
     """No value LoRA, no value head, no optimizer state for a critic: the optimizer holds
     exactly the policy's parameters, and a GAE model of the same base holds more (the critic)."""
-    cfg = ppo_config(advantage_estimator=estimator, samples_per_prompt=2)
+    cfg = ppo_config(advantage_estimator=estimator, num_generations=2)
     model, _, _ = _build_model(cfg, torch.device("cpu"))
     assert "value" not in model.peft.peft_config and "value" not in model.heads
     assert not [n for n, _ in model.named_parameters() if ".value." in n or n.startswith("heads.value")]
@@ -59,8 +59,8 @@ def test_critic_free_estimators_build_no_value_role(estimator, ppo_config):
 
 
 def _grpo_batch(ppo_config, make_rollout, **overrides):
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, ppo_epochs=1, num_minibatches=1,
-                     micro_batch_size=8, max_grad_norm=0.0, **overrides)
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, num_ppo_epochs=1, num_mini_batches=1,
+                     per_device_train_batch_size=8, max_grad_norm=0.0, **overrides)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     with torch.no_grad():  # policy != sft: the KL loss term has a gradient too
         for n, p in model.peft.named_parameters():
@@ -80,7 +80,7 @@ def test_accumulation_is_exact_for_every_aggregation(aggregation, ppo_config, ma
     gradient (1e-6) and loss, with GRPO advantages and the k3 KL loss term."""
     model, tok, cfg, batch, adv, returns = _grpo_batch(ppo_config, make_rollout, loss_aggregation=aggregation)
     whole, whole_stats = _grads_of_update(model, batch, adv, returns, cfg)
-    micro, micro_stats = _grads_of_update(model, batch, adv, returns, replace(cfg, micro_batch_size=2))
+    micro, micro_stats = _grads_of_update(model, batch, adv, returns, replace(cfg, per_device_train_batch_size=2))
     padded, padded_stats = _grads_of_update(model, *_pad_more(batch, adv, returns, 3, 2, tok.pad_token_id), cfg)
     assert sum(float(g.abs().sum()) for g in whole) > 0
     for key in ("loss/policy", "loss/kl"):
@@ -117,7 +117,7 @@ def test_grpo_run_uses_group_advantages_and_trains(ppo_config, ppo_assets, monke
         return real(scores, group_ids, scale_by_std, eps)
 
     monkeypatch.setattr(F, "grpo_advantages", spy)
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=4, total_episodes=24, rollout_batch_size=8,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=4, total_episodes=24, rollout_batch_size=8,
                      response_length=6, grpo_scale_by_std=False, loss_aggregation="seq-mean-token-mean")
     result = run_ppo(cfg)
     assert result.finished and set(result.artifacts) == {"policy"}
@@ -143,7 +143,7 @@ def test_grpo_run_renders_in_the_report_without_a_value_section(ppo_config, tmp_
     policy is labelled with its estimator, and there is no value section (no critic)."""
     from rlhf.dashboard.cli import write_report
 
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, total_episodes=8, rollout_batch_size=4,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, total_episodes=8, rollout_batch_size=4,
                      response_length=6)
     run_ppo(cfg)
     run_dir = Path(cfg.output_dir).parent  # the stage alone: a one-stage pipeline record around it
@@ -159,7 +159,7 @@ def test_rloo_keeps_each_groups_zero_sum_unless_whitening_is_asked_for(whiten, p
     """RLOO's leave-one-out advantages sum to zero within each prompt's group; by default they
     reach the loss as they are (TRL's RLOO does not normalise). ppo.whiten_advantages: true
     whitens them over the batch's tokens, which moves each group's sum off zero."""
-    cfg = ppo_config(advantage_estimator="rloo", samples_per_prompt=2, whiten_advantages=whiten)
+    cfg = ppo_config(advantage_estimator="rloo", num_generations=2, whiten_advantages=whiten)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     batch = make_rollout(model, tok, cfg)
     groups = torch.arange(4).repeat_interleave(2)

@@ -62,7 +62,7 @@ def _set(**values):
     (_set(guard_max_length_fraction=0.01, guard_length_patience=1), "response/length_mean", "above"),
 ], ids=["entropy_collapse", "length_collapse", "length_blowup"])
 def test_guard_stops_run_and_keeps_checkpoint(arm, metric, words, ppo_config, monkeypatch):
-    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6)
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_steps=1, response_length=6)
     err, ckpt, digest = _run_until_guard(cfg, monkeypatch, arm)
     assert err.metric == metric
     assert metric in str(err) and words in str(err) and f"{err.value:.6g}" in str(err)
@@ -71,7 +71,7 @@ def test_guard_stops_run_and_keeps_checkpoint(arm, metric, words, ppo_config, mo
 
 def test_kl_explosion_guard(ppo_config, monkeypatch):
     """KL is exactly 0 on update 1 (policy == sft) and positive once the policy moved."""
-    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6, kl_estimator="k3",
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_steps=1, response_length=6, kl_estimator="k3",
                      learning_rate=1e-2, guard_max_kl=1e-6)
     err, ckpt, digest = _run_until_guard(cfg, monkeypatch, lambda cfg: None)
     assert err.metric == "kl/mean" and err.value > 1e-6
@@ -90,7 +90,7 @@ def test_nan_reward_stops_run(ppo_config, monkeypatch):
         return torch.full_like(out, math.nan) if armed["on"] and role == "reward" else out
 
     monkeypatch.setattr(RoleModel, "values", values)
-    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=6)
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_steps=1, response_length=6)
     err, ckpt, digest = _run_until_guard(cfg, monkeypatch, lambda cfg: armed.update(on=True))
     assert math.isnan(err.value)
     assert err.metric in str(err) and "nan" in str(err) and "not finite" in str(err)
@@ -124,11 +124,11 @@ def test_length_guard_trips_only_when_sustained(patience, trips, ppo_config):
 @pytest.mark.parametrize("keep, expected", [(0, ["update-1", "update-2", "update-3"]), (1, ["update-3"]),
                                             (2, ["update-2", "update-3"])])
 def test_keep_checkpoints(keep, expected, ppo_config):
-    """keep_checkpoints N keeps the newest N checkpoints; 0 keeps every one (as its help says)."""
+    """save_total_limit N keeps the newest N checkpoints; 0 keeps every one (as its help says)."""
     from rlhf.config import PPOConfig
 
-    assert "0 keeps every checkpoint" in PPOConfig.__dataclass_fields__["keep_checkpoints"].metadata["help"]
-    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1, keep_checkpoints=keep)
+    assert "0 keeps every checkpoint" in PPOConfig.__dataclass_fields__["save_total_limit"].metadata["help"]
+    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_steps=1, save_total_limit=keep)
     run_ppo(cfg)
     root = Path(cfg.output_dir) / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == expected
@@ -138,7 +138,7 @@ def test_length_guard_count_survives_resume(ppo_config):
     """The count of updates in a row above the length limit is checkpointed: one update,
     stop, resume; with patience 2 the guard trips on update 2 (a fresh count would wait
     for update 3), before update 2's checkpoint."""
-    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_every=1,
+    cfg = ppo_config(total_episodes=12, rollout_batch_size=4, response_length=2, save_steps=1,
                      guard_max_length_fraction=0.5, guard_length_patience=2)
     assert not run_ppo(cfg, stop_after=1).finished
     with pytest.raises(GuardTripped, match="2 updates in a row"):

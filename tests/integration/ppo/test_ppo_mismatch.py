@@ -68,7 +68,7 @@ def test_importance_weights_scale_the_policy_loss(role_model, make_rollout):
     """One minibatch, one epoch: the first (only) step's surrogate is taken at ratio 1, so
     weights of 2 double ``loss/policy`` exactly, and weights of 0 leave the policy unchanged."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8)
+    cfg = replace(cfg, num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8)
     assert cfg.kl_in_reward and cfg.entropy_coef == 0
     batch = make_rollout(model, tok, cfg)
     scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)

@@ -57,7 +57,7 @@ def arch_model(arch_assets, tmp_path):
 
     def make(arch: str, dtype: str = "float32", checkpointing: bool = False, **overrides):
         kw = dict(arch_assets(arch), eval_prompts="", total_episodes=8, rollout_batch_size=8, response_length=8,
-                  ppo_epochs=1, num_minibatches=1, micro_batch_size=8, learning_rate=1e-3, eval_every=0, save_every=0,
+                  num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8, learning_rate=1e-3, eval_steps=0, save_steps=0,
                   gradient_checkpointing=checkpointing, output_dir=str(tmp_path / "ppo"))
         kw["model"] = dict(kw["model"], dtype=dtype)
         kw.update(overrides)
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, dtype, arch_model
     the recomputation runs the same kernels on the same shapes, so bf16 too). With one base
     and many adapters, a backward outside its role recomputes the forward under another
     adapter and the gradients come out wrong (relative error above 1)."""
-    model, tok, cfg, stop_ids = arch_model(arch, dtype, checkpointing=False, micro_batch_size=4)
+    model, tok, cfg, stop_ids = arch_model(arch, dtype, checkpointing=False, per_device_train_batch_size=4)
     _perturb(model)
     batch = score_rollout(model, _sample(model, tok, cfg, stop_ids)[0], cfg, chunk=4)
     scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
@@ -240,7 +240,7 @@ def test_roles_on_the_real_path(arch, dtype, checkpointing, arch_model):
     scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
     adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None)
     whole, _ = _grads(model, batch, adv, returns, cfg)
-    micro, _ = _grads(model, batch, adv, returns, replace(cfg, micro_batch_size=2))
+    micro, _ = _grads(model, batch, adv, returns, replace(cfg, per_device_train_batch_size=2))
     assert _rel(whole, micro) < (1e-5 if fp32 else BF16_REL_TOL)
     # 5. updates never move the reference (nor the reward role); they move the policy
     with torch.no_grad(), model.role("sft"):
@@ -284,8 +284,8 @@ def test_resume_with_checkpointing_matches_uninterrupted(arch_model, arch_assets
 
     def cfg(name):
         return from_dict(PPOConfig, dict(arch_assets("gemma2"), eval_prompts="", total_episodes=8, rollout_batch_size=4,
-                                         response_length=6, ppo_epochs=2, num_minibatches=2, micro_batch_size=2,
-                                         learning_rate=3e-3, eval_every=0, save_every=1, gradient_checkpointing=True,
+                                         response_length=6, num_ppo_epochs=2, num_mini_batches=2, per_device_train_batch_size=2,
+                                         learning_rate=3e-3, eval_steps=0, save_steps=1, gradient_checkpointing=True,
                                          output_dir=str(tmp_path / name / "ppo")))
 
     killed = cfg("killed")
@@ -314,7 +314,7 @@ def test_ppo_scores_where_the_reward_model_was_trained_to_score(arch_assets):
     from rlhf.models import load_sequence_classifier, load_tokenizer
 
     assets = arch_assets("qwen2_tied")
-    cfg = from_dict(PPOConfig, dict(assets, eval_prompts="", rollout_batch_size=8, num_minibatches=1, micro_batch_size=8))
+    cfg = from_dict(PPOConfig, dict(assets, eval_prompts="", rollout_batch_size=8, num_mini_batches=1, per_device_train_batch_size=8))
     torch.manual_seed(0)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     stop_ids = stop_token_ids(tok, cfg, model.base_lm)

@@ -82,8 +82,8 @@ def _kill_after_checkpoint(cfg, tmp_path: Path) -> None:
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(ppo_config, ppo_assets, tmp_path):
-    common = dict(total_episodes=16, rollout_batch_size=4, save_every=1, keep_checkpoints=2, kl_controller="adaptive",
-                  kl_coef=0.1, kl_horizon=100, eval_prompts=str(ppo_assets.eval_prompts), eval_every=2,
+    common = dict(total_episodes=16, rollout_batch_size=4, save_steps=1, save_total_limit=2, kl_controller="adaptive",
+                  kl_coef=0.1, kl_horizon=100, eval_prompts=str(ppo_assets.eval_prompts), eval_steps=2,
                   response_length=6, learning_rate=3e-3)
     killed = ppo_config(output_dir=str(tmp_path / "killed" / "ppo"), **common)
     _kill_after_checkpoint(killed, tmp_path)

@@ -30,7 +30,7 @@ def _read_metrics(out: Path) -> list[dict]:
 
 def test_score_is_the_weighted_sum_of_the_sources(ppo_config, tmp_path):
     (tmp_path / "rewards.py").write_text(REWARD_FILE)
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2,
                      rewards=[{"fn": f"{tmp_path}/rewards.py:length", "weight": 0.5}, {"rm": "reward", "weight": 2.0}])
     s = stage.setup(cfg)
     sampled, _ = stage.sample(s, cfg, 0)
@@ -58,7 +58,7 @@ def test_function_reward_alone_needs_no_reward_model(ppo_config, tmp_path, monke
         return model, tok, base
 
     monkeypatch.setattr(stage, "_build_model", build)
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, reward_adapter="", total_episodes=16,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, reward_adapter="", total_episodes=16,
                      rewards=[{"fn": f"{tmp_path}/rewards.py:length"}])
     result = run_ppo(cfg)
     assert result.finished and set(result.artifacts) == {"policy"}
@@ -69,13 +69,13 @@ def test_function_reward_alone_needs_no_reward_model(ppo_config, tmp_path, monke
         assert m["reward/length/raw_mean"] == m["reward/length/weighted_mean"] == pytest.approx(m["reward/score_mean"])
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, (int, float)))
     with pytest.raises(Exception, match="ppo.reward_adapter: required"):
-        run_ppo(ppo_config(advantage_estimator="grpo", samples_per_prompt=2, reward_adapter="",
+        run_ppo(ppo_config(advantage_estimator="grpo", num_generations=2, reward_adapter="",
                            rewards=[{"rm": "reward"}], output_dir=str(tmp_path / "other")))
 
 
 def test_a_failing_source_stops_the_run_with_its_name(ppo_config, tmp_path):
     (tmp_path / "rewards.py").write_text("def short(prompts, completions, metadata):\n    return [0.0]\n")
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2,
                      rewards=[{"fn": f"{tmp_path}/rewards.py:short"}])
     with pytest.raises(RuntimeError, match=r"reward source fn .*rewards.py:short: expected a list of 8 floats"):
         run_ppo(cfg)
@@ -92,7 +92,7 @@ def test_functions_get_the_prompt_rows_other_columns(ppo_config, tmp_path):
         "def answer(prompts, completions, metadata):\n"
         "    assert all(p == f\"say {m['answer']}\" for p, m in zip(prompts, metadata))\n"
         "    return [float(m['answer']) for m in metadata]\n")
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, prompts=str(prompts), reward_adapter="",
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, prompts=str(prompts), reward_adapter="",
                      rewards=[{"fn": f"{tmp_path}/rewards.py:answer"}])
     s = stage.setup(cfg)
     sampled, _ = stage.sample(s, cfg, 0)

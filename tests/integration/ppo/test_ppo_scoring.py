@@ -48,7 +48,7 @@ def test_mixed_frozen_batch_equals_separate_scoring(ppo_config, make_rollout, sf
 
 @pytest.mark.parametrize("estimator,passes", [("gae", 3), ("rloo", 2)])
 def test_one_forward_per_role_and_chunk(ppo_config, make_rollout, estimator, passes):
-    cfg = ppo_config(advantage_estimator=estimator, rloo_k=2)
+    cfg = ppo_config(advantage_estimator=estimator, num_generations=2)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     batch = make_rollout(model, tok, cfg, n=4)
     model.train()  # _build_model leaves eval mode; scoring must restore whichever mode it found

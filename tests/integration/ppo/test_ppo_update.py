@@ -21,7 +21,7 @@ def _grads_of_update(model, batch, adv, returns, cfg) -> tuple[list[torch.Tensor
     """Gradients the optimizer sees at the one step of ``_ppo_update`` (lr 0: nothing
     moves), and the update's statistics (losses)."""
     params = model.trainable_parameters("policy") + model.trainable_parameters("value")
-    opt = torch.optim.Adam(params, lr=0.0, eps=cfg.adam_eps)
+    opt = torch.optim.Adam(params, lr=0.0, eps=cfg.adam_epsilon)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     seen: list[list[torch.Tensor]] = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.detach().clone() for p in params]))
@@ -57,7 +57,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(role_model, make_
     """One minibatch of 8 in one micro-batch, in 4 x 2, and with extra padding on both
     sides: the same gradient on policy and value parameters (1e-6, fp32)."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0)
+    cfg = replace(cfg, num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8, max_grad_norm=0.0)
     with torch.no_grad():  # policy != sft and value != reward: every loss term has a gradient
         for n, p in model.peft.named_parameters():
             if ".policy." in n or ".value." in n:
@@ -68,7 +68,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(role_model, make_
     adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None)
 
     whole, whole_stats = _grads_of_update(model, batch, adv, returns, cfg)
-    micro, micro_stats = _grads_of_update(model, batch, adv, returns, replace(cfg, micro_batch_size=2))
+    micro, micro_stats = _grads_of_update(model, batch, adv, returns, replace(cfg, per_device_train_batch_size=2))
     padded, padded_stats = _grads_of_update(model, *_pad_more(batch, adv, returns, 3, 2, tok.pad_token_id), cfg)
     for key in ("loss/policy", "loss/value"):
         assert micro_stats[key] == pytest.approx(whole_stats[key], rel=1e-6, abs=1e-6)
@@ -84,7 +84,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(role_model, make_
 
 def test_optimizer_steps_per_rollout_are_epochs_times_minibatches(role_model, make_rollout):
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=3, num_minibatches=4, micro_batch_size=2)
+    cfg = replace(cfg, num_ppo_epochs=3, num_mini_batches=4, per_device_train_batch_size=2)
     batch = make_rollout(model, tok, cfg)
     scores, kl, rewards = shaped_rewards(batch, cfg, 0.05)
     adv, returns = advantages_and_returns(batch, rewards, scores, kl, cfg, 0.05, None)
@@ -112,11 +112,11 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 OPTIONS = {
-    "rloo": dict(advantage_estimator="rloo", samples_per_prompt=2),
-    "grpo": dict(advantage_estimator="grpo", samples_per_prompt=2),
-    "dr_grpo": dict(advantage_estimator="grpo", samples_per_prompt=2, grpo_scale_by_std=False,
+    "rloo": dict(advantage_estimator="rloo", num_generations=2),
+    "grpo": dict(advantage_estimator="grpo", num_generations=2),
+    "dr_grpo": dict(advantage_estimator="grpo", num_generations=2, grpo_scale_by_std=False,
                     loss_aggregation="token-sum-norm"),
-    "gae_k2_seq_mean": dict(samples_per_prompt=2, loss_aggregation="seq-mean-token-mean"),
+    "gae_k2_seq_mean": dict(num_generations=2, loss_aggregation="seq-mean-token-mean"),
     "reinforce++": dict(advantage_estimator="reinforce++"),
     "kl_as_loss": dict(kl_in_reward=False, kl_estimator="k3"),
     "k3": dict(kl_estimator="k3"),
@@ -138,7 +138,7 @@ def test_option_runs_with_finite_metrics(name, ppo_config):
         bad = {k: v for k, v in m.items() if v is None or not math.isfinite(v)}
         assert not bad, bad
     assert metrics[0]["kl/mean"] == 0.0  # the policy starts as an exact copy of sft
-    assert metrics[0]["optimizer_steps"] == cfg.ppo_epochs * cfg.num_minibatches
+    assert metrics[0]["optimizer_steps"] == cfg.num_ppo_epochs * cfg.num_mini_batches
     out = Path(cfg.output_dir)
     assert (out / "policy" / "adapter_model.safetensors").is_file()
     assert (out / "value").is_dir() == (cfg.advantage_estimator == "gae")
@@ -160,7 +160,7 @@ def _sampled(batch: ScoredRollout):
 
 def _kl_loss_setup(role_model, make_rollout, **overrides):
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, max_grad_norm=0.0, **overrides)
+    cfg = replace(cfg, num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8, max_grad_norm=0.0, **overrides)
     with torch.no_grad():  # policy != sft: the KL and its gradient are non-zero
         for n, p in model.peft.named_parameters():
             if ".policy." in n:
@@ -210,7 +210,7 @@ def test_entropy_bonus_raises_entropy(role_model, make_rollout):
     from rlhf.scoring import score_rollout
 
     model, tok, cfg = role_model
-    cfg = replace(cfg, ppo_epochs=1, num_minibatches=1, micro_batch_size=8, entropy_coef=1.0, max_grad_norm=0.0,
+    cfg = replace(cfg, num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8, entropy_coef=1.0, max_grad_norm=0.0,
                   advantage_estimator="reinforce++", learning_rate=3e-3)
     batch = make_rollout(model, tok, cfg)
     zeros = torch.zeros_like(batch.logprobs)

@@ -42,8 +42,8 @@ def _policy_grads(model, batch, adv, cfg, loss_mask=None):
 def test_masked_truncated_rows_give_the_gradient_of_the_other_rows(aggregation, ppo_config, make_rollout):
     """With rows 1, 3, 6 marked as cut off, the masked update's gradient is exactly the
     gradient of an update on the five other rows alone (both normalisations count only them)."""
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, ppo_epochs=1, num_minibatches=1,
-                     micro_batch_size=2, max_grad_norm=0.0, mask_truncated=True, loss_aggregation=aggregation)
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, num_ppo_epochs=1, num_mini_batches=1,
+                     per_device_train_batch_size=2, max_grad_norm=0.0, mask_truncated_completions=True, loss_aggregation=aggregation)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     with torch.no_grad():
         for n, p in model.peft.named_parameters():
@@ -55,7 +55,7 @@ def test_masked_truncated_rows_give_the_gradient_of_the_other_rows(aggregation, 
     adv = torch.linspace(-1.0, 1.0, 8)[:, None] * batch.response_mask
     masked, stats = _policy_grads(model, batch, adv, cfg, F.truncated_loss_mask(batch.response_mask, has_stop))
     keep = has_stop.nonzero().flatten()
-    subset, _ = _policy_grads(model, batch.index(keep), adv[keep], replace(cfg, micro_batch_size=1))
+    subset, _ = _policy_grads(model, batch.index(keep), adv[keep], replace(cfg, per_device_train_batch_size=1))
     full, _ = _policy_grads(model, batch, adv, cfg)
     assert sum(float(g.abs().sum()) for g in masked) > 0
     for a, b in zip(masked, subset):
@@ -79,7 +79,7 @@ def test_overlong_buffer_lowers_the_scores_of_long_responses(ppo_config, make_ro
 def test_dynamic_sampling_refills_with_informative_groups(ppo_config, monkeypatch):
     """Draw 0: groups 0 and 2 score alike and are dropped; draw 1 supplies two more groups.
     With one round allowed, the dropped groups fill the batch instead (counted as filler)."""
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, dynamic_sampling=True)
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=2, dynamic_sampling=True)
     s = stage.setup(cfg)
     draws: list[int] = []
     real_sample = stage.sample
@@ -137,9 +137,9 @@ def test_short_run_with_every_verifiable_option(ppo_config, monkeypatch):
 
     monkeypatch.setattr(F, "policy_loss", loss)
     monkeypatch.setattr(F, "ppo_minibatch_indices", plan)
-    cfg = ppo_config(advantage_estimator="grpo", samples_per_prompt=4, total_episodes=16, rollout_batch_size=8,
+    cfg = ppo_config(advantage_estimator="grpo", num_generations=4, total_episodes=16, rollout_batch_size=8,
                      response_length=6, clip_low=0.2, clip_high=0.28, importance_ratio="sequence",
-                     loss_aggregation="seq-mean-token-mean", overlong_buffer=2, mask_truncated=True,
+                     loss_aggregation="seq-mean-token-mean", overlong_buffer=2, mask_truncated_completions=True,
                      dynamic_sampling=True, minibatch_whole_groups=True)
     result = run_ppo(cfg)
     assert result.finished

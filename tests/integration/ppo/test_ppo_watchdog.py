@@ -23,7 +23,7 @@ def test_the_judge_is_the_held_out_objective(ppo_config, tmp_path):
     assert watchdog_judge(ppo_config(), None) is None  # no judge: auto is off
     assert watchdog_judge(ppo_config(watchdog="off"), gold) is None
     # the objective is a training reward: not held out, so no judge
-    trains = ppo_config(advantage_estimator="grpo", samples_per_prompt=2, rewards=[{"fn": "task"}])
+    trains = ppo_config(advantage_estimator="grpo", num_generations=2, rewards=[{"fn": "task"}])
     assert watchdog_judge(trains, gold) is None
     with pytest.raises(ConfigError, match="ppo.watchdog: on, but there is no held-out judge"):
         watchdog_judge(ppo_config(watchdog="on"), None)
@@ -48,7 +48,7 @@ def test_watchdog_stops_and_publishes_the_judges_best_policy(ppo_config, monkeyp
         return {**ev, "watchdog/reward": reward, "watchdog/judge": judged}
 
     monkeypatch.setattr(stage, "evaluate_and_log", scripted)
-    cfg = ppo_config(total_episodes=48, rollout_batch_size=8, eval_every=1, save_every=1, keep_checkpoints=0,
+    cfg = ppo_config(total_episodes=48, rollout_batch_size=8, eval_steps=1, save_steps=1, save_total_limit=0,
                      watchdog_patience=2, eval_max_prompts=4, eval_min_prompts=4)
     result = run_ppo(cfg, gold_fn=gold)
     out = Path(cfg.output_dir)
@@ -67,7 +67,7 @@ def test_watchdog_stops_and_publishes_the_judges_best_policy(ppo_config, monkeyp
 
 
 def test_watchdog_that_never_trips_changes_nothing(ppo_config, monkeypatch):
-    cfg = ppo_config(total_episodes=16, rollout_batch_size=8, eval_every=1, eval_max_prompts=4, eval_min_prompts=4)
+    cfg = ppo_config(total_episodes=16, rollout_batch_size=8, eval_steps=1, eval_max_prompts=4, eval_min_prompts=4)
     result = run_ppo(cfg, gold_fn=gold)
     m = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
     assert m["watchdog/tripped"] == 0.0 and m["watchdog/evaluations"] == 3.0  # steps 0, 1 and the final

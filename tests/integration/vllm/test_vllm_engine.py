@@ -113,7 +113,7 @@ def test_after_an_update_vllm_samples_the_updated_policy(engine, role_model):
     tokens are the trainer's current policy's (fp32 tolerance), far from the old policy's.
     The reference and reward roles and the base weights stay exactly as they were."""
     model, tok, cfg = role_model
-    cfg = replace(cfg, response_length=T, learning_rate=0.5, ppo_epochs=2, num_minibatches=1, micro_batch_size=8)
+    cfg = replace(cfg, response_length=T, learning_rate=0.5, num_ppo_epochs=2, num_mini_batches=1, per_device_train_batch_size=8)
     frozen = {n: p.detach().clone() for n, p in model.peft.named_parameters() if ".policy." not in n and ".value." not in n}
     frozen |= {f"head.{r}.{n}": p.detach().clone() for r, h in model.heads.items() if r != "value" for n, p in h.named_parameters()}
     eng = _use(engine, model, tok, cfg.temperature)
@@ -198,6 +198,6 @@ def test_dpo_evaluation_on_vllm(ppo_assets, tmp_path):
                                     reward_adapter=str(ppo_assets.reward_adapter), eval_prompts=str(ppo_assets.eval_prompts),
                                     eval_response_length=6, eval_batch_size=4, eval_generation="vllm",
                                     output_dir=str(tmp_path / "dpo")))
-    sft, dpo = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
+    sft, dpo, _ = evaluate_against_sft(cfg, str(ppo_assets.sft_adapter), None)
     assert dpo["eval/kl_mean"] == pytest.approx(0.0, abs=1e-5)
     assert sft["eval/length_mean"] > 0 and dpo["eval/win_rate_mean"] == pytest.approx(0.5)

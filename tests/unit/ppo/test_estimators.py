@@ -25,19 +25,19 @@ def test_the_rows_declare_what_the_stage_and_the_config_rely_on():
     assert {n: (e.needs_critic, e.needs_groups, e.kl_in_reward, e.whiten) for n, e in E.ESTIMATORS.items()} == {
         "gae": (True, False, True, True), "reinforce++": (False, False, True, True),
         "rloo": (False, True, True, False), "grpo": (False, True, False, False)}
-    # the config's choices, its samples_per_prompt check and its kl_in_reward default come from the table
+    # the config's choices, its num_generations check and its kl_in_reward default come from the table
     with pytest.raises(ConfigError, match="unknown estimator 'grpo[+]'; choose from gae, reinforce[+][+], rloo, grpo"):
         PPOConfig(advantage_estimator="grpo+")
     with pytest.raises(ConfigError, match="ppo.advantage_estimator"):
         from_dict(PPOConfig, {"advantage_estimator": "rlo"}, prefix="ppo")
     for name, row in E.ESTIMATORS.items():
         k = 2 if row.needs_groups else 1
-        cfg = PPOConfig(advantage_estimator=name, samples_per_prompt=k, rollout_batch_size=4, num_minibatches=1,
-                        micro_batch_size=4)
+        cfg = PPOConfig(advantage_estimator=name, num_generations=k, rollout_batch_size=4, num_mini_batches=1,
+                        per_device_train_batch_size=4)
         assert (cfg.kl_in_reward, E.uses_critic(cfg)) == (row.kl_in_reward, row.needs_critic)
         if row.needs_groups:
-            with pytest.raises(ConfigError, match="needs ppo.samples_per_prompt >= 2"):
-                PPOConfig(advantage_estimator=name, samples_per_prompt=1)
+            with pytest.raises(ConfigError, match="needs ppo.num_generations >= 2"):
+                PPOConfig(advantage_estimator=name, num_generations=1)
 
 
 def test_sequence_rewards_subtract_beta_times_the_summed_kl_only_when_the_kl_is_in_the_reward():
@@ -46,11 +46,11 @@ def test_sequence_rewards_subtract_beta_times_the_summed_kl_only_when_the_kl_is_
     x = E.EstimatorInput(rewards=None, values=None, mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
                          scores=torch.tensor([5.0, 1.0]), kl=torch.tensor([[1.0, 2.0], [1.0, 7.0]]), kl_coef=0.5,
                          group_ids=None)
-    in_reward = PPOConfig(advantage_estimator="rloo", samples_per_prompt=2, rollout_batch_size=2, num_minibatches=1,
-                          micro_batch_size=2)
+    in_reward = PPOConfig(advantage_estimator="rloo", num_generations=2, rollout_batch_size=2, num_mini_batches=1,
+                          per_device_train_batch_size=2)
     assert E.sequence_rewards(x, in_reward).tolist() == [3.5, 0.5]
-    as_loss = PPOConfig(advantage_estimator="grpo", samples_per_prompt=2, rollout_batch_size=2, num_minibatches=1,
-                        micro_batch_size=2)
+    as_loss = PPOConfig(advantage_estimator="grpo", num_generations=2, rollout_batch_size=2, num_mini_batches=1,
+                        per_device_train_batch_size=2)
     assert E.sequence_rewards(x, as_loss).tolist() == [5.0, 1.0]
 
 
@@ -64,7 +64,7 @@ def test_a_new_estimator_is_one_function_and_one_row(monkeypatch):
         adv = torch.full_like(x.mask, 2.0) * x.mask
         return adv, adv + 1
 
-    cfg = PPOConfig(rollout_batch_size=2, num_minibatches=1, micro_batch_size=2)
+    cfg = PPOConfig(rollout_batch_size=2, num_mini_batches=1, per_device_train_batch_size=2)
     monkeypatch.setitem(E.ESTIMATORS, "gae", E.Estimator(constant, needs_critic=False, needs_groups=True, whiten=False))
     b = _batch([1.0, 2.0], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]])
     assert not E.uses_critic(cfg)

@@ -28,7 +28,7 @@ def test_rloo_baseline_is_the_other_samples_of_the_same_prompt():
     """Groups (0, 0, 1, 1), scores (1, 3, 0, 10), no KL: raw advantages (-2, 2, -10, 10);
     whitening (mean 0 here) keeps their ratios. Ignoring the grouping (one group) gives a
     leave-one-out baseline over all four: (1 - 13/3, ...) with other ratios."""
-    cfg = PPOConfig(advantage_estimator="rloo", samples_per_prompt=2, rollout_batch_size=4, num_minibatches=1, micro_batch_size=4)
+    cfg = PPOConfig(advantage_estimator="rloo", num_generations=2, rollout_batch_size=4, num_mini_batches=1, per_device_train_batch_size=4)
     b = _batch([1.0, 3.0, 0.0, 10.0], [[-1.0, -1.0]] * 4, [[-1.0, -1.0]] * 4)
     scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
     adv, _ = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, torch.tensor([0, 0, 1, 1]))
@@ -40,21 +40,21 @@ def test_rloo_baseline_is_the_other_samples_of_the_same_prompt():
 def test_reinforce_pp_advantages_are_whitened_discounted_returns():
     """Scores 1 and 2 on each row's last real token, no KL: returns with gamma 1 carry the
     score to every earlier token, [[1, 1, 1], [2, 2, pad]]; advantages are those whitened."""
-    cfg = PPOConfig(advantage_estimator="reinforce++", rollout_batch_size=2, num_minibatches=1, micro_batch_size=2)
+    cfg = PPOConfig(advantage_estimator="reinforce++", rollout_batch_size=2, num_mini_batches=1, per_device_train_batch_size=2)
     b = _batch([1.0, 2.0], [[-1.0] * 3] * 2, [[-1.0] * 3] * 2, mask=[[1.0, 1, 1], [1, 1, 0]])
     scores, kl, rewards = shaped_rewards(b, cfg, 0.05)
     adv, returns = advantages_and_returns(b, rewards, scores, kl, cfg, 0.05, None)
     assert torch.allclose(returns * b.response_mask, torch.tensor([[1.0, 1, 1], [2, 2, 0]]))
     want = F.masked_whiten(torch.tensor([[1.0, 1, 1], [2, 2, 0]]), b.response_mask) * b.response_mask
     assert torch.allclose(adv, want, atol=1e-6)
-    gae, _ = advantages_and_returns(b, rewards, scores, kl, PPOConfig(rollout_batch_size=2, num_minibatches=1,
-                                                                      micro_batch_size=2), 0.05, None)
+    gae, _ = advantages_and_returns(b, rewards, scores, kl, PPOConfig(rollout_batch_size=2, num_mini_batches=1,
+                                                                      per_device_train_batch_size=2), 0.05, None)
     assert not torch.allclose(adv, gae, atol=1e-3)  # GAE (lambda .95, values 0) is another answer
 
 
 def test_k3_in_the_reward():
     """p = .5, p_ref = .25 at every token: k3 = 0.193147 (k1 would be 0.693147)."""
-    cfg = PPOConfig(kl_estimator="k3", rollout_batch_size=1, num_minibatches=1, micro_batch_size=1)
+    cfg = PPOConfig(kl_estimator="k3", rollout_batch_size=1, num_mini_batches=1, per_device_train_batch_size=1)
     lp, ref = torch.log(torch.tensor(0.5)).item(), torch.log(torch.tensor(0.25)).item()
     b = _batch([0.0], [[lp, lp]], [[ref, ref]])
     _, kl, rewards = shaped_rewards(b, cfg, 0.1)
@@ -63,7 +63,7 @@ def test_k3_in_the_reward():
 
 
 def test_kl_as_a_loss_keeps_it_out_of_the_reward_and_refuses_k1():
-    cfg = PPOConfig(kl_in_reward=False, kl_estimator="k3", rollout_batch_size=1, num_minibatches=1, micro_batch_size=1)
+    cfg = PPOConfig(kl_in_reward=False, kl_estimator="k3", rollout_batch_size=1, num_mini_batches=1, per_device_train_batch_size=1)
     b = _batch([1.0], [[-1.0, -2.0]], [[-3.0, -1.0]])
     _, kl, rewards = shaped_rewards(b, cfg, 0.1)
     assert kl.abs().sum() > 0 and torch.equal(rewards, torch.tensor([[0.0, 1.0]]))
@@ -72,7 +72,7 @@ def test_kl_as_a_loss_keeps_it_out_of_the_reward_and_refuses_k1():
 
 
 def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
-    cfg = PPOConfig(whiten_rewards=True, rollout_batch_size=2, num_minibatches=1, micro_batch_size=2)
+    cfg = PPOConfig(whiten_rewards=True, rollout_batch_size=2, num_mini_batches=1, per_device_train_batch_size=2)
     b = _batch([4.0, -2.0], [[-1.0, -2.0, -1.0]] * 2, [[-1.5, -1.0, -3.0]] * 2)
     _, kl, rewards = shaped_rewards(b, cfg, 0.5)
     raw = F.per_token_rewards(b.scores, kl, b.response_mask, 0.5)
@@ -85,8 +85,8 @@ def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
 
 
 def _grpo_cfg(**kw) -> PPOConfig:
-    return PPOConfig(advantage_estimator="grpo", samples_per_prompt=2, rollout_batch_size=4, num_minibatches=1,
-                     micro_batch_size=4, **kw)
+    return PPOConfig(advantage_estimator="grpo", num_generations=2, rollout_batch_size=4, num_mini_batches=1,
+                     per_device_train_batch_size=4, **kw)
 
 
 def test_grpo_defaults_kl_as_a_k3_loss_term():
@@ -131,19 +131,19 @@ def test_grpo_with_kl_in_the_reward_subtracts_the_summed_kl():
     assert torch.allclose(adv[:, 0], torch.tensor([0.7071068, -0.7071068, 0.0, 0.0]), atol=1e-5)
 
 
-def test_samples_per_prompt_checks_and_the_deprecated_rloo_k():
-    with pytest.raises(ConfigError, match="grpo needs ppo.samples_per_prompt >= 2"):
+def test_num_generations_checks_and_the_deprecated_rloo_k():
+    with pytest.raises(ConfigError, match="grpo needs ppo.num_generations >= 2"):
         PPOConfig(advantage_estimator="grpo")
-    with pytest.raises(ConfigError, match="divisible by ppo.samples_per_prompt"):
-        PPOConfig(samples_per_prompt=3, rollout_batch_size=64)
-    with pytest.warns(FutureWarning, match="use ppo.samples_per_prompt: 4"):  # shown by default, unlike DeprecationWarning
-        cfg = PPOConfig(advantage_estimator="rloo", rloo_k=4)
-    assert cfg.samples_per_prompt == 4 and cfg.rloo_k is None
-    with pytest.raises(ConfigError, match="deprecated alias"):
-        PPOConfig(rloo_k=4, samples_per_prompt=2)
-    with pytest.raises(ConfigError, match="loss_aggregation"):
-        from rlhf.config import from_dict
+    with pytest.raises(ConfigError, match="divisible by ppo.num_generations"):
+        PPOConfig(num_generations=3, rollout_batch_size=64)
+    from rlhf.config import from_dict
 
+    with pytest.warns(FutureWarning, match="use ppo.num_generations"):  # shown by default, unlike DeprecationWarning
+        cfg = from_dict(PPOConfig, {"advantage_estimator": "rloo", "rloo_k": 4}, prefix="ppo")
+    assert cfg.num_generations == 4
+    with pytest.raises(ConfigError, match="deprecated name of num_generations"):
+        from_dict(PPOConfig, {"rloo_k": 4, "num_generations": 2}, prefix="ppo")
+    with pytest.raises(ConfigError, match="loss_aggregation"):
         from_dict(PPOConfig, {"loss_aggregation": "sum"}, prefix="ppo")
 
 
