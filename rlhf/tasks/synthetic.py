@@ -279,8 +279,8 @@ def build_tiny_tokenizer():
 def build_tiny_base(out_dir: str | Path, seed: int = 0, **shape) -> Path:
     """Write the tiny base model (tokenizer + briefly pretrained 2-layer Llama) to ``out_dir``.
 
-    ``shape`` overrides entries of :data:`TINY_SHAPE` (``builtin:tiny`` takes none): e.g. 2
-    heads of 32 dimensions for vLLM, whose CPU attention needs head sizes of 32 or more.
+    ``shape`` overrides entries of :data:`TINY_SHAPE` (``builtin:tiny`` takes none): e.g.
+    ``head_dim=32`` for vLLM, whose CPU attention needs head sizes of 32 or more.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
