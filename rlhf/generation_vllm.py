@@ -5,6 +5,10 @@ rollout: the policy LoRA is written to a fresh temporary folder (peft's layout, 
 and passed as a ``LoRARequest`` with a new LoRA id, so vLLM cannot serve a cached older
 adapter; the previous id is removed from the engine. The base is never merged. A standalone
 (full-weight) policy, as ``rlhf generate MODEL_DIR`` samples, is simply the folder vLLM loads.
+A full-weight policy that trains (a plain causal LM passed as ``model`` instead of a role
+model) has its current weights loaded into the running engine at every rollout, in place,
+with vLLM's worker method ``reload_weights`` through ``LLM.collective_rpc``: checkpoint names
+and tensors, so vLLM's own loader fuses q/k/v and gate/up as it does from the folder.
 
 Sampling is that of the other engines (:func:`rlhf.generation.generation_config`): the same
 temperature, top_p 1, top_k 0 (off), min_p 0, no repetition penalty, ``response_length`` new
@@ -103,7 +107,8 @@ class VLLMEngine:
     """Sample the policy role of a :class:`rlhf.adapters.RoleModel` with vLLM (see the module doc).
 
     Args:
-        model: the role model; its ``policy`` role is what is sampled (``save_role``), or
+        model: the role model; its ``policy`` role is what is sampled (``save_role``), or a
+            full-weight causal LM (its weights are loaded into the engine every rollout), or
             ``None`` for a standalone model (``base_path`` is then the policy).
         base_path: the base model folder vLLM loads (the trainer's base).
         temperature: sampling temperature; 0 decodes greedily (tests, ``rlhf generate``).
@@ -189,6 +194,13 @@ class VLLMEngine:
         self._lora_id = next(self._ids)
         return LoRARequest(f"policy-{self._lora_id}", self._lora_id, str(folder))
 
+    def _load_full_weights(self) -> None:
+        """The full-weight policy's current weights, loaded into the running engine in place
+        (vLLM's ``reload_weights`` on every worker; the engine's previous weights are gone)."""
+        weights = [(name, t.detach()) for name, t in self.model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self._lora_id = None  # reload_weights drops every loaded LoRA
+
     def _params(self, n: int):
         from vllm import SamplingParams
 
@@ -213,6 +225,9 @@ class VLLMEngine:
                     from vllm.lora.request import LoRARequest
 
                     lora = LoRARequest("adapter", 1, self.adapter_dir)
+                elif self.model is not None and not hasattr(self.model, "save_role"):  # full weights
+                    self._load_full_weights()
+                    lora = None
                 else:
                     lora = self._policy_lora(Path(tmp)) if self.model is not None and "policy" in self._roles() else None
                 outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)

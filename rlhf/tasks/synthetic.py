@@ -276,8 +276,12 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny base model (tokenizer + briefly pretrained 2-layer Llama) to ``out_dir``."""
+def build_tiny_base(out_dir: str | Path, seed: int = 0, **shape) -> Path:
+    """Write the tiny base model (tokenizer + briefly pretrained 2-layer Llama) to ``out_dir``.
+
+    ``shape`` overrides entries of :data:`TINY_SHAPE` (``builtin:tiny`` takes none): e.g.
+    ``head_dim=32`` for vLLM, whose CPU attention needs head sizes of 32 or more.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -288,7 +292,7 @@ def build_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
-        **TINY_SHAPE,
+        **(TINY_SHAPE | shape),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
