@@ -45,7 +45,7 @@ def test_tiny_ppo_on_vllm_reaches_the_gold_gain_of_hf(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
     base = build_tiny_base(tmp_path / "base", seed=0, head_dim=32)
-    common = [f"model.name_or_path={base}", "num_threads=1", "ppo.eval_every=0", "ppo.save_every=0"]
+    common = [f"model.name_or_path={base}", "num_threads=1", "ppo.eval_steps=0", "ppo.save_steps=0"]
     gains, stages = {}, {}
     for engine in ("hf", "vllm"):
         pipe = Pipeline(plan(RECIPE, tmp_path / "run", [*common, f"ppo.generation={engine}"]))
