@@ -310,6 +310,21 @@ def test_reward_gate_uses_the_lower_bound_and_a_least_pair_count(tmp_path, monke
     _gate_pipeline(tmp_path, _held_out(17, 28), confidence=0.75, min_accuracy=0.5, min_pairs=20)._check_reward_gate("ppo")
 
 
+def test_summary_gives_the_held_out_accuracy_its_bound_and_count(tmp_path):
+    import io
+
+    from rlhf.pipeline import print_summary
+
+    pipe = _gate_pipeline(tmp_path, dict(_held_out(222, 300, 0.4), heldout_truncated=7, eval_accuracy=0.9))
+    s = pipe.summary(None)
+    assert s["rm_accuracy"] == 0.74 and s["rm_heldout_pairs"] == 300 and s["rm_heldout_truncated"] == 7
+    assert s["rm_accuracy_lower"] == pytest.approx(0.696331, abs=2e-6) and s["rm_accuracy_confidence"] == 0.95
+    assert s["rm_margin"] == 0.4
+    out = io.StringIO()
+    print_summary(s, tmp_path / "run", file=out)
+    assert "95% lower bound" in out.getvalue() and "0.6963, n = 300" in out.getvalue()
+
+
 def test_hh_recipe_ingests_the_subset_its_header_names():
     """The qwen recipe's header command reads helpful-base only, into the name the stages use."""
     import shlex
