@@ -30,7 +30,8 @@ from rlhf.stages.common import (
 )
 
 
-def _records(data_ref: str, split: str) -> list[dict]:
+def read_pairs(data_ref: str, split: str) -> list[dict]:
+    """The Bradley-Terry rows of split ``split`` of store entry ``data_ref`` (ties left out)."""
     import reward_data
 
     rows = []
@@ -101,7 +102,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     if not is_store_ref(data_ref):
         raise ConfigError(f"reward.dataset: {data_ref!r} is not a data-store reference; resolve the inputs first "
                           "(rlhf.resolve.resolve_inputs, as `rlhf reward` and `rlhf run` do)")
-    train_rows, test_rows = _records(data_ref, "train"), _records(data_ref, "test")
+    train_rows, test_rows = read_pairs(data_ref, "train"), read_pairs(data_ref, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
     train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_test_pairs, f"reward.dataset {data_ref}")
