@@ -477,7 +477,7 @@ class Pipeline:
             "rm_accuracy_lower": (summary.accuracy_lower_bound(rm_m["heldout_correct"], rm_m["heldout_pairs"],
                                                                self.p.pipeline.reward_gate.confidence)
                                   if rm_m.get("heldout_pairs") else None),
-            "rm_accuracy_confidence": self.p.pipeline.reward_gate.confidence,
+            "rm_accuracy_confidence": self.p.pipeline.reward_gate.confidence if rm_m.get("heldout_pairs") else None,
             "rm_margin": rm_m.get("heldout_margin"),
             "rm_heldout_pairs": rm_m.get("heldout_pairs"),
             "rm_heldout_truncated": rm_m.get("heldout_truncated"),
