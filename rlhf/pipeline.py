@@ -619,7 +619,7 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("SFT loss (train, last logged)", fmt("sft_loss")),
         ("SFT eval loss", fmt("sft_eval_loss")),
         ("RM held-out accuracy (noisy labels)", fmt("rm_accuracy")),
-        (f"RM accuracy, {summary.get('rm_accuracy_confidence') or 0:.0%} lower bound, on n held-out pairs",
+        (f"RM accuracy, {summary.get('rm_accuracy_confidence') or 0.95:.0%} lower bound, on n held-out pairs",
          f"{fmt('rm_accuracy_lower')}, n = {summary.get('rm_heldout_pairs') or '-'}"),
         ("RM accuracy vs noiseless gold", fmt("rm_accuracy_gold")),
         ("gold reward, SFT policy (± s.e.)", fmt("gold_reward_sft", "gold_reward_sft_se")),
