@@ -269,7 +269,7 @@ def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
     monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
     # 153 of 300 (0.510): Wilson 95% lower bound 0.463 (derived as in tests/unit/test_summary.py)
     with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 \(153 of 300 pairs\), 95% lower bound 0.463 "
-                                               r"< reward_gate.min_accuracy 0.55.*Try:"):
+                                               r"< reward_gate.min_accuracy 0.5\).*Try:"):
         _gate_pipeline(tmp_path, _held_out(153, 300, 0.02))._check_reward_gate("ppo")
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["stages"]["ppo"]["status"] == "blocked"
@@ -296,7 +296,7 @@ def test_reward_gate_uses_the_lower_bound_and_a_least_pair_count(tmp_path, monke
     with pytest.raises(RewardGateFailed) as failed:
         _gate_pipeline(tmp_path, _held_out(17, 28))._check_reward_gate("ppo")
     said = str(failed.value)
-    assert "accuracy 0.607 (17 of 28 pairs), 95% lower bound 0.452 < reward_gate.min_accuracy 0.55" in said
+    assert "accuracy 0.607 (17 of 28 pairs), 95% lower bound 0.452 < reward_gate.min_accuracy 0.5;" in said
     assert "28 held-out pairs < reward_gate.min_pairs 50" in said
     # the count alone: a bound that passes on too few pairs (20 of 20: 0.881) still stops
     with pytest.raises(RewardGateFailed, match="20 held-out pairs < reward_gate.min_pairs 50") as failed:
@@ -306,6 +306,9 @@ def test_reward_gate_uses_the_lower_bound_and_a_least_pair_count(tmp_path, monke
     _gate_pipeline(tmp_path, _held_out(222, 300))._check_reward_gate("ppo")
     assert ("reward gate passed: held-out accuracy 0.740 (222 of 300 pairs), 95% lower bound 0.696"
             in capsys.readouterr().out)
+    # 0.58 on 64 pairs (37 of 64), which the old point-value gate passed: bound 0.475, below chance
+    with pytest.raises(RewardGateFailed, match=r"95% lower bound 0.475 < reward_gate.min_accuracy 0.5\)"):
+        _gate_pipeline(tmp_path, _held_out(37, 64))._check_reward_gate("ppo")
     # a looser level lets 17 of 28 through the bound (0.544 at 0.75) when asked to
     _gate_pipeline(tmp_path, _held_out(17, 28), confidence=0.75, min_accuracy=0.5, min_pairs=20)._check_reward_gate("ppo")
 
