@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 from rlhf.models import load_tokenizer
 from rlhf.stages.common import count_long_pairs
 
@@ -115,3 +117,9 @@ def test_held_out_scoring_keeps_every_pair_and_scores_as_trl_does(tiny_assets, t
     assert got["heldout_correct"] == sum(m > 0 for m in margins)
     assert got["heldout_accuracy"] == got["heldout_correct"] / 12
     assert abs(got["heldout_margin"] - sum(margins) / 12) < 1e-5
+    # TRL's own evaluation: the 9 pairs that fit, in order, in batches of 4, 4 and 1, its
+    # accuracy and margin the mean of the batch means (the last pair weighs a third)
+    ev = trainer.evaluate()
+    batches = [margins[0:4], margins[4:8], margins[8:9]]
+    assert ev["eval_accuracy"] == pytest.approx(sum(sum(m > 0 for m in b) / len(b) for b in batches) / 3)
+    assert ev["eval_margin"] == pytest.approx(sum(sum(b) / len(b) for b in batches) / 3, rel=0.02)  # float32 sums
