@@ -537,8 +537,14 @@ class RewardGateConfig:
 
     enabled: bool = _help("Stop the pipeline before PPO when the reward model fails the thresholds.", default=True)
     min_accuracy: float = _help(
-        "Least held-out preference accuracy (0.5 is chance). PPO against a reward model near chance "
-        "optimises noise and can make the policy worse.", range="[0, 1]", default=0.55)
+        "Least lower confidence bound (at `confidence`) of the held-out preference accuracy, scored on every "
+        "held-out pair. The default 0.5 asks that the reward model beat chance with that confidence: PPO against "
+        "a reward model near chance optimises noise and can make the policy worse. A bound, not the point "
+        "value, so that a lucky 17 of 28 pairs (0.607, bound 0.452) does not pass.", range="[0, 1]", default=0.5)
+    confidence: float = _help(
+        "Level of the one-sided Wilson lower bound that min_accuracy applies to (0.5: the point value).",
+        range="[0.5, 1)", default=0.95)
+    min_pairs: int = _help("Least held-out pairs the reward model was scored on.", range=">= 1", default=50)
     min_margin: float = _help("Least mean held-out margin, reward(chosen) - reward(rejected).", range="any",
                               default=0.0)
 

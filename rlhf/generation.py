@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -368,6 +368,20 @@ def _render_prompt(tok, msgs: list[dict]) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
+def shorter_prompts(msgs: list[dict]) -> Iterator[list[dict]]:
+    """``msgs`` with ever more early turns dropped, one at a time: the system turn (if any)
+    and the last turn stay, and the kept turns start with a user turn. The one rule for a too
+    long prompt, in PPO's prompts (:func:`encode_prompts`) and the reward model's held-out
+    pairs (:func:`rlhf.stages.common.fit_pair`)."""
+    system = list(msgs[:1]) if msgs and msgs[0].get("role") == "system" else []
+    rest = list(msgs[len(system):])
+    while len(rest) > 1:
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0].get("role") != "user":
+            rest = rest[1:]
+        yield system + rest
+
+
 def encode_prompts(tok, prompts: list[list[dict]], max_len: int) -> list[list[int]]:
     """Chat-template each prompt (with the generation prompt), at most ``max_len`` tokens.
 
@@ -380,13 +394,10 @@ def encode_prompts(tok, prompts: list[list[dict]], max_len: int) -> list[list[in
     for msgs in prompts:
         ids = _render_prompt(tok, msgs)
         if len(ids) > max_len:
-            system = list(msgs[:1]) if msgs and msgs[0].get("role") == "system" else []
-            rest = list(msgs[len(system):])
-            while len(ids) > max_len and len(rest) > 1:
-                rest = rest[1:]
-                while len(rest) > 1 and rest[0].get("role") != "user":
-                    rest = rest[1:]
-                ids = _render_prompt(tok, system + rest)
+            for shorter in shorter_prompts(msgs):
+                ids = _render_prompt(tok, shorter)
+                if len(ids) <= max_len:
+                    break
             dropped_turns += 1
             if len(ids) > max_len:
                 cut += 1

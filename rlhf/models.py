@@ -398,3 +398,30 @@ def check_logit_transform(model, transform, vocab_size: int | None = None) -> No
             f"model type {kind!r}: its forward post-processes logits in a way rlhf does not reproduce "
             f"(relative difference {err:.3g}); PPO would train on a different distribution than it samples "
             "from. Add the architecture to rlhf.models.logit_transform.")
+
+
+def first_layers(model_dir: Path, out: Path, layers: int) -> Path:
+    """``model_dir`` cut to its first ``layers`` decoder layers: the real tokenizer, embeddings
+    (tied), layers, final norm and generation config, at a fraction of the compute.
+
+    The real-model tests run their stage pipelines on this cut of SmolLM2 (30 layers cost
+    minutes per stage on a busy 2-core CPU; templates, pad and stop tokens, adapter contents,
+    export and score positions do not depend on the depth), and scripts/compare_reward_trl.py
+    may train on it. A ``gguf_source.json`` beside the weights is copied (the lineage).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    config.num_hidden_layers = layers
+    full = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cut = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    keep = {k: v for k, v in full.state_dict().items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    cut.load_state_dict(keep, strict=True)
+    cut.tie_weights()
+    cut.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    cut.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    if (model_dir / "gguf_source.json").is_file():
+        (out / "gguf_source.json").write_text((model_dir / "gguf_source.json").read_text())
+    return out

@@ -424,39 +424,52 @@ class Pipeline:
         return known
 
     def _check_reward_gate(self, stage: str) -> None:
-        """Stop before ``stage`` (a gated row: PPO) when the reward model wired into it has a
-        held-out accuracy or margin below the recipe's ``reward_gate`` thresholds (the summary
-        is written first)."""
+        """Stop before ``stage`` (a gated row: PPO) when the reward model wired into it fails the
+        recipe's ``reward_gate``: fewer than ``min_pairs`` held-out pairs scored, the accuracy's
+        lower confidence bound (:func:`rlhf.summary.accuracy_lower_bound`) below
+        ``min_accuracy``, or a mean margin below ``min_margin`` (the summary is written first).
+        The accuracy is the reward stage's own, on every held-out pair (``heldout_*``)."""
         gate = self.p.pipeline.reward_gate
         row = STAGES[stage]
         if not gate.enabled or not getattr(self.p.configs[stage], "reward_adapter", ""):  # no reward model: no gate
             return
         rm = {**row.wired, **row.wired_if_run}["reward_adapter"].split("/")[0]  # the stage that trained the reward model
         m = self.state["stages"].get(rm, {}).get("metrics", {})
-        acc, margin = m.get("eval_accuracy"), m.get("eval_margin")
+        n, correct, margin = m.get("heldout_pairs"), m.get("heldout_correct"), m.get("heldout_margin")
         problems = []
-        if acc is None:
-            problems.append("no held-out accuracy (no test pairs)")
-        elif acc < gate.min_accuracy:
-            problems.append(f"held-out accuracy {acc:.3f} < reward_gate.min_accuracy {gate.min_accuracy}")
+        if not n:
+            problems.append(f"no held-out accuracy (no test pairs scored; a run before the gate scored every pair "
+                            f"needs `--from {rm}`)")
+        else:
+            bound = summary.accuracy_lower_bound(correct, n, gate.confidence)
+            said = (f"held-out accuracy {correct / n:.3f} ({correct} of {n} pairs), "
+                    f"{gate.confidence:.0%} lower bound {bound:.3f}")
+            if bound < gate.min_accuracy:
+                problems.append(f"{said} < reward_gate.min_accuracy {gate.min_accuracy}")
+            if n < gate.min_pairs:
+                problems.append(f"{n} held-out pairs < reward_gate.min_pairs {gate.min_pairs}"
+                                + ("" if problems else f" ({said})"))
         if margin is not None and margin < gate.min_margin:
             problems.append(f"held-out margin {margin:.3f} < reward_gate.min_margin {gate.min_margin}")
-        if not problems:
-            return
         from rlhf import distributed as dist
 
+        if not problems:
+            if dist.is_main():
+                print(f"[pipeline] reward gate passed: {said} >= reward_gate.min_accuracy {gate.min_accuracy}, "
+                      f"{n} pairs >= reward_gate.min_pairs {gate.min_pairs}", flush=True)
+            return
         self.state["stages"][stage] = {"status": "blocked", "reason": "; ".join(problems)}
         self.save()
         if dist.is_main():
             write_json(self.p.run_dir / "summary.json", self.summary(self.p.task()))
-        n = m.get("test_pairs")
         name = stage.upper()
         raise RewardGateFailed(
-            f"reward model failed the quality gate ({'; '.join(problems)}{f', on {n} held-out pairs' if n else ''}); "
+            f"reward model failed the quality gate ({'; '.join(problems)}); "
             f"{name} was not run, since optimising a reward model near chance makes the policy worse. Try: more or "
             f"cleaner preference pairs (are chosen and rejected swapped?), more {rm}.train.num_train_epochs or another "
             f"{rm}.train.learning_rate, a larger {rm}.lora.r, a larger {rm}.eval_fraction for a steadier "
-            f"estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run {name} anyway. "
+            f"estimate; or lower reward_gate.min_accuracy or reward_gate.confidence / set reward_gate.enabled: false to "
+            f"run {name} anyway. "
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 
     def summary(self, task: Task | None) -> dict:
@@ -466,8 +479,15 @@ class Pipeline:
         out = {
             "sft_loss": sft_m.get("loss"),
             "sft_eval_loss": sft_m.get("eval_loss"),
-            "rm_accuracy": rm_m.get("eval_accuracy"),
-            "rm_margin": rm_m.get("eval_margin"),
+            # the reward model on every held-out pair (none filtered; too long ones shortened and counted)
+            "rm_accuracy": rm_m.get("heldout_accuracy"),
+            "rm_accuracy_lower": (summary.accuracy_lower_bound(rm_m["heldout_correct"], rm_m["heldout_pairs"],
+                                                               self.p.pipeline.reward_gate.confidence)
+                                  if rm_m.get("heldout_pairs") else None),
+            "rm_accuracy_confidence": self.p.pipeline.reward_gate.confidence if rm_m.get("heldout_pairs") else None,
+            "rm_margin": rm_m.get("heldout_margin"),
+            "rm_heldout_pairs": rm_m.get("heldout_pairs"),
+            "rm_heldout_truncated": rm_m.get("heldout_truncated"),
             # pairs longer than reward.train.max_length, which TRL leaves out (train / held out)
             "rm_train_pairs_too_long": rm_m.get("train_pairs_too_long"),
             "rm_test_pairs_too_long": rm_m.get("test_pairs_too_long"),
@@ -606,6 +626,8 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("SFT loss (train, last logged)", fmt("sft_loss")),
         ("SFT eval loss", fmt("sft_eval_loss")),
         ("RM held-out accuracy (noisy labels)", fmt("rm_accuracy")),
+        (f"RM accuracy, {summary.get('rm_accuracy_confidence') or 0.95:.0%} lower bound, on n held-out pairs",
+         f"{fmt('rm_accuracy_lower')}, n = {summary.get('rm_heldout_pairs') or '-'}"),
         ("RM accuracy vs noiseless gold", fmt("rm_accuracy_gold")),
         ("gold reward, SFT policy (± s.e.)", fmt("gold_reward_sft", "gold_reward_sft_se")),
         ("gold reward, PPO policy (± s.e.)", fmt("gold_reward_ppo", "gold_reward_ppo_se")),

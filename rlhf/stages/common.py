@@ -262,16 +262,43 @@ def full_state_dict(trainer) -> dict | None:
 LONG_PAIRS_WARNING = 0.05
 
 
-def _pair_lengths(tok, row: dict) -> tuple[int, int]:
-    """Token counts of prompt + chosen and prompt + rejected, chat-templated as TRL does."""
-    def count(completion) -> int:
+def pair_ids(tok, row: dict) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + chosen and of prompt + rejected, built as TRL's RewardTrainer
+    builds them: a conversation through the chat template, plain text with the EOS appended
+    to the completion (when it lacks one) and the tokenizer's special tokens."""
+    def ids(completion) -> list[int]:
         if isinstance(row["prompt"], list):
-            text = tok.apply_chat_template(row["prompt"] + completion, tokenize=False)
-        else:
-            text = row["prompt"] + completion
-        return len(tok(text, add_special_tokens=False).input_ids)
+            return list(tok.apply_chat_template(row["prompt"] + completion, tokenize=True,
+                                                return_dict=True)["input_ids"])
+        if not completion.endswith(tok.eos_token):
+            completion = completion + tok.eos_token
+        return list(tok(row["prompt"] + completion).input_ids)
 
-    return count(row["chosen"]), count(row["rejected"])
+    return ids(row["chosen"]), ids(row["rejected"])
+
+
+def fit_pair(tok, row: dict, max_length: int) -> tuple[list[int], list[int], bool]:
+    """:func:`pair_ids` of ``row``, each at most ``max_length`` tokens, and whether the pair
+    had to be shortened.
+
+    TRL's RewardTrainer drops a longer pair; a held-out evaluation must not (the long pairs
+    are the hard ones), so it shortens them by PPO's prompt rule instead
+    (:func:`rlhf.generation.shorter_prompts`): whole early prompt turns go, the system turn
+    and the last prompt turn stay, both sides lose the same turns. Only when that is not
+    enough (or the prompt is plain text) are the ids cut from the left, keeping the last
+    ``max_length`` tokens: the token the reward model scores, the conversation's last, always
+    stays."""
+    from rlhf.generation import shorter_prompts
+
+    chosen, rejected = pair_ids(tok, row)
+    if max(len(chosen), len(rejected)) <= max_length:
+        return chosen, rejected, False
+    if isinstance(row["prompt"], list):
+        for prompt in shorter_prompts(row["prompt"]):
+            chosen, rejected = pair_ids(tok, dict(row, prompt=prompt))
+            if max(len(chosen), len(rejected)) <= max_length:
+                break
+    return chosen[-max_length:], rejected[-max_length:], True
 
 
 def count_long_pairs(stage: str, tok, train_rows: list[dict], test_rows: list[dict], max_length: int,
@@ -288,7 +315,7 @@ def count_long_pairs(stage: str, tok, train_rows: list[dict], test_rows: list[di
     """
     import warnings
 
-    counts = {f"{split}_pairs_too_long": sum(max(_pair_lengths(tok, r)) > max_length for r in rows)
+    counts = {f"{split}_pairs_too_long": sum(max(map(len, pair_ids(tok, r))) > max_length for r in rows)
               for split, rows in (("train", train_rows), ("test", test_rows))}
     a, b = counts["train_pairs_too_long"], counts["test_pairs_too_long"]
     if a or b:

@@ -20,6 +20,7 @@ from rlhf.stages.common import (
     count_long_pairs,
     filter_supported,
     finish,
+    fit_pair,
     peft_lora_config,
     publish_trained,
     stage_tokenizer,
@@ -29,7 +30,8 @@ from rlhf.stages.common import (
 )
 
 
-def _records(data_ref: str, split: str) -> list[dict]:
+def read_pairs(data_ref: str, split: str) -> list[dict]:
+    """The Bradley-Terry rows of split ``split`` of store entry ``data_ref`` (ties left out)."""
     import reward_data
 
     rows = []
@@ -100,7 +102,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     if not is_store_ref(data_ref):
         raise ConfigError(f"reward.dataset: {data_ref!r} is not a data-store reference; resolve the inputs first "
                           "(rlhf.resolve.resolve_inputs, as `rlhf reward` and `rlhf run` do)")
-    train_rows, test_rows = _records(data_ref, "train"), _records(data_ref, "test")
+    train_rows, test_rows = read_pairs(data_ref, "train"), read_pairs(data_ref, "test")
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
     train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_eval_pairs, f"reward.dataset {data_ref}")
@@ -139,10 +141,19 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     train(trainer, tracker, out, resume)
     metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
     if test_rows:
+        # TRL's evaluation (eval_*) sees only the held-out pairs that fit train.max_length: it
+        # stays for the training log and keep_best. The accuracy the gate and the summary read
+        # (heldout_*) is scored here on every held-out pair.
         ev = trainer.evaluate()
         metrics.update(eval_accuracy=float(ev["eval_accuracy"]), eval_margin=float(ev["eval_margin"]),
                        eval_loss=float(ev["eval_loss"]))
-        tracker.log({k: metrics[k] for k in ("eval_accuracy", "eval_margin", "eval_loss")}, step=trainer.state.global_step)
+        metrics.update(score_heldout(trainer, tok, test_rows, cfg.train.max_length))
+        if main:
+            print(f"[reward] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
+                  f"{metrics['heldout_pairs']} pairs, every held-out pair ({metrics['heldout_truncated']} shortened "
+                  f"to reward.train.max_length={cfg.train.max_length}); margin {metrics['heldout_margin']:.3f}", flush=True)
+        tracker.log({k: metrics[k] for k in ("eval_accuracy", "eval_margin", "eval_loss", "heldout_accuracy",
+                                             "heldout_margin")}, step=trainer.state.global_step)
     tracker.finish()
 
     # 4. publish: LoRA weights (peft format) + score head, atomically
@@ -160,6 +171,44 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     path = publish_trained(trainer, out, "adapter", write, role="reward", base=base, config=to_dict(cfg),
                            registration=registration, dataset=data_ref)
     return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
+
+
+def score_heldout(trainer, tok, rows: list[dict], max_length: int) -> dict:
+    """The reward model's accuracy and margin on every pair of ``rows``, none left out.
+
+    Each side is tokenized as TRL's RewardTrainer does and batched by its collator (right
+    padding, the score read at the last real token); a pair longer than ``max_length``, which
+    the trainer would drop, is shortened by :func:`rlhf.stages.common.fit_pair` (whole early
+    prompt turns first, then the left end) and counted. A tie counts as wrong, as in TRL's
+    accuracy. Every process scores every pair (a sharded model needs all of them in each
+    forward pass).
+
+    Returns:
+        ``heldout_pairs``, ``heldout_correct`` (chosen scored above rejected),
+        ``heldout_accuracy``, ``heldout_margin`` (mean score(chosen) - score(rejected)) and
+        ``heldout_truncated`` (pairs shortened to fit).
+    """
+    import torch
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    fitted = [fit_pair(tok, r, max_length) for r in rows]
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
+    model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    batch_size, was_training = trainer.args.per_device_eval_batch_size, model.training
+    margins: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(fitted), batch_size):
+            batch = collate([{"chosen_ids": c, "rejected_ids": r} for c, r, _ in fitted[start:start + batch_size]])
+            with trainer.autocast_smart_context_manager():
+                scores = model(input_ids=batch["input_ids"].to(trainer.args.device),
+                               attention_mask=batch["attention_mask"].to(trainer.args.device), use_cache=False)
+            chosen, rejected = scores.logits[:, 0].float().chunk(2)  # (pairs,) each
+            margins += (chosen - rejected).tolist()
+    model.train(was_training)
+    correct = sum(m > 0 for m in margins)
+    return {"heldout_pairs": len(rows), "heldout_correct": correct, "heldout_accuracy": correct / len(rows),
+            "heldout_margin": sum(margins) / len(rows), "heldout_truncated": sum(cut for *_, cut in fitted)}
 
 
 def _head_from_state(state: dict):

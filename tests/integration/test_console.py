@@ -18,6 +18,9 @@ SMALL = [
     "sft.train.num_train_epochs=1", "sft.train.logging_steps=1", "reward.train.num_train_epochs=1", "reward.train.logging_steps=1",
     "ppo.total_episodes=64", "ppo.rollout_batch_size=32", "ppo.per_device_train_batch_size=8", "ppo.response_length=8",
     "ppo.eval_steps=1", "ppo.save_steps=0",
+    # one reward epoch on 256 pairs leaves the reward model near chance (39 of 66 held-out pairs,
+    # 95% lower bound 0.49), which the gate stops before PPO; the console is under test here
+    "reward_gate.enabled=false",
 ]
 # what the console showed before (issue 18): TRL's per-step dicts, warnings, load reports, datasets' bars
 NOISE = ("{'loss'", "{'eval", "Warning", "warnings.warn", "LOAD REPORT", "MISSING", "Generating train split",

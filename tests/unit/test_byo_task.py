@@ -259,21 +259,73 @@ def _gate_pipeline(tmp_path, metrics: dict, **gate):
     return pipe
 
 
+def _held_out(correct: int, n: int, margin: float = 0.1) -> dict:
+    return {"heldout_correct": correct, "heldout_pairs": n, "heldout_accuracy": correct / n, "heldout_margin": margin}
+
+
 def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
     from rlhf.pipeline import RewardGateFailed
 
     monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
-    with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 < reward_gate.min_accuracy 0.55.*Try:"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.51, "eval_margin": 0.02, "test_pairs": 300})._check_reward_gate("ppo")
+    # 153 of 300 (0.510): Wilson 95% lower bound 0.463 (derived as in tests/unit/test_summary.py)
+    with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 \(153 of 300 pairs\), 95% lower bound 0.463 "
+                                               r"< reward_gate.min_accuracy 0.5\).*Try:"):
+        _gate_pipeline(tmp_path, _held_out(153, 300, 0.02))._check_reward_gate("ppo")
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["stages"]["ppo"]["status"] == "blocked"
     with pytest.raises(RewardGateFailed, match="margin -0.100 < reward_gate.min_margin"):
-        _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": -0.1})._check_reward_gate("ppo")
+        _gate_pipeline(tmp_path, _held_out(210, 300, -0.1))._check_reward_gate("ppo")
     with pytest.raises(RewardGateFailed, match="no held-out accuracy"):
         _gate_pipeline(tmp_path, {})._check_reward_gate("ppo")
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.7, "eval_margin": 0.5})._check_reward_gate("ppo")
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.5}, enabled=False)._check_reward_gate("ppo")
-    _gate_pipeline(tmp_path, {"eval_accuracy": 0.52, "eval_margin": 0.1}, min_accuracy=0.5)._check_reward_gate("ppo")
+    # TRL's accuracy on the pairs that fit is not what the gate reads
+    with pytest.raises(RewardGateFailed, match="no held-out accuracy"):
+        _gate_pipeline(tmp_path, {"eval_accuracy": 0.9, "eval_margin": 1.0, "test_pairs": 300})._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, _held_out(210, 300, 0.5))._check_reward_gate("ppo")
+    _gate_pipeline(tmp_path, _held_out(150, 300), enabled=False)._check_reward_gate("ppo")
+    # the point value passes at confidence 0.5 (z = 0): 0.52 >= 0.5
+    _gate_pipeline(tmp_path, _held_out(156, 300), min_accuracy=0.5, confidence=0.5)._check_reward_gate("ppo")
+
+
+def test_reward_gate_uses_the_lower_bound_and_a_least_pair_count(tmp_path, monkeypatch, capsys):
+    """The issue's case: 17 of 28 pairs (0.607) passed a point-value gate at 0.55. Its Wilson
+    95% lower bound is 0.452 (p = 17/28, z = 1.645: (0.6071 + 0.0483 - 0.1593) / 1.0966), and 28
+    pairs are fewer than the default 50: it fails on both. 222 of 300 (0.74) passes: 0.696."""
+    from rlhf.pipeline import RewardGateFailed
+
+    monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
+    with pytest.raises(RewardGateFailed) as failed:
+        _gate_pipeline(tmp_path, _held_out(17, 28))._check_reward_gate("ppo")
+    said = str(failed.value)
+    assert "accuracy 0.607 (17 of 28 pairs), 95% lower bound 0.452 < reward_gate.min_accuracy 0.5;" in said
+    assert "28 held-out pairs < reward_gate.min_pairs 50" in said
+    # the count alone: a bound that passes on too few pairs (20 of 20: 0.881) still stops
+    with pytest.raises(RewardGateFailed, match="20 held-out pairs < reward_gate.min_pairs 50") as failed:
+        _gate_pipeline(tmp_path, _held_out(20, 20))._check_reward_gate("ppo")
+    assert "lower bound 0.881" in str(failed.value) and "min_accuracy" not in str(failed.value).split("Try:")[0]
+    capsys.readouterr()
+    _gate_pipeline(tmp_path, _held_out(222, 300))._check_reward_gate("ppo")
+    assert ("reward gate passed: held-out accuracy 0.740 (222 of 300 pairs), 95% lower bound 0.696"
+            in capsys.readouterr().out)
+    # 0.58 on 64 pairs (37 of 64), which the old point-value gate passed: bound 0.475, below chance
+    with pytest.raises(RewardGateFailed, match=r"95% lower bound 0.475 < reward_gate.min_accuracy 0.5\)"):
+        _gate_pipeline(tmp_path, _held_out(37, 64))._check_reward_gate("ppo")
+    # a looser level lets 17 of 28 through the bound (0.544 at 0.75) when asked to
+    _gate_pipeline(tmp_path, _held_out(17, 28), confidence=0.75, min_accuracy=0.5, min_pairs=20)._check_reward_gate("ppo")
+
+
+def test_summary_gives_the_held_out_accuracy_its_bound_and_count(tmp_path):
+    import io
+
+    from rlhf.pipeline import print_summary
+
+    pipe = _gate_pipeline(tmp_path, dict(_held_out(222, 300, 0.4), heldout_truncated=7, eval_accuracy=0.9))
+    s = pipe.summary(None)
+    assert s["rm_accuracy"] == 0.74 and s["rm_heldout_pairs"] == 300 and s["rm_heldout_truncated"] == 7
+    assert s["rm_accuracy_lower"] == pytest.approx(0.696331, abs=2e-6) and s["rm_accuracy_confidence"] == 0.95
+    assert s["rm_margin"] == 0.4
+    out = io.StringIO()
+    print_summary(s, tmp_path / "run", file=out)
+    assert "95% lower bound" in out.getvalue() and "0.6963, n = 300" in out.getvalue()
 
 
 def test_hh_recipe_ingests_the_subset_its_header_names():
