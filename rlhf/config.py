@@ -556,9 +556,11 @@ class SyntheticTaskConfig:
 
     enabled: bool = _help("Train on an embedded task's data and evaluate against its gold reward (see name).",
                           default=False)
-    name: Literal["synthetic", "format"] = _help(
-        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty) or 'format' "
-        "(gold = open with the topic word, exactly 5 words); same prompts and data distributions.",
+    name: Literal["synthetic", "format", "weak"] = _help(
+        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty), 'format' "
+        "(gold = open with the topic word, exactly 5 words) or 'weak' (synthetic's gold, but labellers who prefer "
+        "filler words on spurious_fraction of the pairs: a deliberately weak reward model); same prompts and data "
+        "distributions.",
         default="synthetic")
     module: str = _help(
         "Your own task instead of an embedded one: 'my_pkg.my_task:MyTask' (importable) or "
@@ -573,6 +575,9 @@ class SyntheticTaskConfig:
     label_temperature: float = _help(
         "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
         "higher is noisier.", range="> 0", default=0.25)
+    spurious_fraction: float = _help(
+        "name: weak only. Fraction of the pairs whose label follows the labeller's habit (more filler words win) "
+        "instead of the gold reward.", range="[0, 1]", default=0.75)
 
     def __post_init__(self):
         if self.options and not self.module:
