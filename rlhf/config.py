@@ -365,13 +365,20 @@ class PPOConfig:
         "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
         "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
         "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
-        "on whenever a judge exists (the task's objective when it is not a training reward, or watchdog_judge).",
+        "on whenever a judge exists: watchdog_judge, else the task's objective when it is not a training reward, "
+        "else the policy's agreement with the reward model's held-out pairs (rlhf/judge.py), which every run "
+        "with a reward model trained from a data-store version has.",
         default="auto")
     watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
                                    "stops the run.", range=">= 1", default=2)
     watchdog_judge: str = _help(
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
-        "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
+        "reward function (prompts, completions, metadata) -> floats; or 'pairs': the policy's agreement with the "
+        "reward model's held-out preference pairs (rlhf/judge.py) even when the task has an objective (what a "
+        "user without one gets). Empty: the task's objective, else 'pairs' when the reward model has them.",
+        default="")
+    judge_max_pairs: int = _help("The 'pairs' judge scores at most this many held-out pairs (the first ones of the "
+                                 "reward data's test split).", range=">= 1", default=256)
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_every: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep; older ones are deleted "

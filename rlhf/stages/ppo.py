@@ -536,7 +536,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     sft_rows = out / "initial_eval_rows.json"  # the SFT policy's per-prompt results, for win rates
     # the over-optimisation watchdog: training reward vs a held-out judge at each evaluation
     # (rlhf/watchdog.py); a resumed run starts watching at its first evaluation
-    judge = watchdog_judge(cfg, gold_fn)
+    judge = watchdog_judge(cfg, gold_fn, s)
     watchdog = Watchdog(cfg.watchdog_patience) if judge is not None and s.eval_ids else None
     best_weights: list[torch.Tensor] = []  # the trainable roles at the judge's best evaluation
     initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows, judge=judge) if start == 0
