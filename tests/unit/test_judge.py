@@ -90,3 +90,35 @@ def test_pair_judge_follows_the_policys_shift_and_is_the_default_without_an_obje
     assert watchdog_judge(cfg, None, s) is None  # no pairs recorded: no judge under auto
     with pytest.raises(ConfigError, match="watchdog_judge: pairs"):
         watchdog_judge(PPOConfig(reward_adapter="/nonexistent", watchdog_judge="pairs"), lambda p, c: 0.0, s)
+
+
+def test_summary_reports_the_judge_and_kl_per_judge_gain():
+    from rlhf.pipeline import _judge_summary
+
+    m = {"initial/watchdog/judge": 0.5, "final/watchdog/judge": 0.6, "initial/judge/pairs_agreement": 0.5}
+    out = _judge_summary(m, "", kl=0.8)
+    assert out["judge"] == "pairs" and out["judge_gain"] == pytest.approx(0.1)
+    assert out["kl_per_judge_gain"] == pytest.approx(8.0)  # 0.8 nats per 0.1 of agreement
+    worse = _judge_summary({**m, "final/watchdog/judge": 0.4}, "", kl=0.8)
+    assert worse["judge_gain"] == pytest.approx(-0.1) and worse["kl_per_judge_gain"] is None  # no KL buys a loss
+    objective = _judge_summary({"initial/watchdog/judge": 0.1, "final/watchdog/judge": 0.3}, "", kl=0.5)
+    assert objective["judge"] == "objective" and objective["kl_per_judge_gain"] == pytest.approx(2.5)
+    assert _judge_summary({"initial/watchdog/judge": 0.1, "final/watchdog/judge": 0.3}, "f.py:j", 0.5)["judge"] == "function"
+    assert _judge_summary({}, "", kl=0.8) == {}
+
+
+def test_the_watchdog_sees_the_pairs_agreement_as_its_judge():
+    """With the pairs judge, watch_metrics' judge is the agreement (not the rows' gold), and the
+    judge's numbers are logged beside it."""
+    from rlhf.watchdog import watch_metrics
+
+    class Scored(PairJudge):
+        def __call__(self, model):
+            return {"judge/pairs_agreement": 0.625, "judge/pairs_margin": 0.3, "judge/pairs": 8.0}
+
+    s = types.SimpleNamespace(sources=[], eval_prompts=[[{"role": "user", "content": "p"}]] * 2,
+                              eval_metadata=[{}, {}], model=None)
+    rows = [{"prompt": "p", "completion": "c", "stopped": True, "score": s_, "gold": -5.0} for s_ in (1.0, 2.0)]
+    ev = watch_metrics(s, PPOConfig(), rows, Scored([], 0.7))
+    assert ev == {"watchdog/reward": 1.5, "watchdog/judge": 0.625, "judge/pairs_agreement": 0.625,
+                  "judge/pairs_margin": 0.3, "judge/pairs": 8.0}
