@@ -186,6 +186,11 @@ class RewardConfig:
         check_ranges(self, "reward")
 
 
+#: ppo.kl_target_per_token under ppo.safe_defaults (nats per response token); see README's
+#: "Safe defaults" for the measurement it comes from.
+SAFE_KL_TARGET_PER_TOKEN = 0.08
+
+
 @dataclass
 class PPOConfig:
     """Stage 3: PPO of the SFT policy against the reward model (our own loop)."""
@@ -244,10 +249,25 @@ class PPOConfig:
         "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
         "needs a C compiler and minutes). Ignored by the hf engine.", default="auto")
     # reward shaping / KL
+    safe_defaults: bool = _help(
+        "The defaults of issue 30, meant never to make a policy worse (each applies only where the recipe leaves "
+        f"the key unset): kl_controller adaptive, kl_target_per_token {SAFE_KL_TARGET_PER_TOKEN}, kl_horizon "
+        "total_episodes / 8 (the controller can move beta about 5x over a run). false: fixed beta, horizon 10000. "
+        "The watchdog is on whenever a judge exists either way (watchdog: auto).", default=False)
     kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
-    kl_controller: Literal["fixed", "adaptive"] = _help("Fixed beta or the adaptive controller of Ziegler et al. 2019.", default="fixed")
-    kl_target: float = _help("Adaptive controller's target KL per response.", range="> 0", default=6.0)
-    kl_horizon: int = _help("Adaptive controller's horizon.", range="> 0", default=10000)
+    kl_controller: Literal["fixed", "adaptive"] | None = _help(
+        "Fixed beta or the adaptive controller of Ziegler et al. 2019. Default (null): adaptive with safe_defaults, "
+        "else fixed.", default=None)
+    kl_target: float = _help("Adaptive controller's target KL per response (unless kl_target_per_token is set).",
+                             range="> 0", default=6.0)
+    kl_target_per_token: float | None = _help(
+        "Adaptive controller's target KL per response token (summed KL over the rollout's response tokens / their "
+        "number), instead of kl_target per response: the same drift per token whatever the answers' length. "
+        f"Default (null): {SAFE_KL_TARGET_PER_TOKEN} with safe_defaults, else the per-response kl_target.",
+        range="> 0", default=None)
+    kl_horizon: int | None = _help("Adaptive controller's horizon in samples: beta moves by at most 20% per horizon. "
+                                   "Default (null): total_episodes / 8 with safe_defaults, else 10000.",
+                                   range="> 0", default=None)
     kl_estimator: Literal["k1", "k2", "k3"] | None = _help(
         "Per-token KL estimator, r = p_ref / p: k1 = logp - logp_ref, k2 = 0.5 (log r)^2, k3 = (r-1) - log r. "
         "A KL loss term (kl_in_reward: false) needs k2 or k3: k1's gradient ignores the reference. "
@@ -344,13 +364,20 @@ class PPOConfig:
         "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
         "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
         "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
-        "on whenever a judge exists (the task's objective when it is not a training reward, or watchdog_judge).",
+        "on whenever a judge exists: watchdog_judge, else the task's objective when it is not a training reward, "
+        "else the policy's agreement with the reward model's held-out pairs (rlhf/judge.py), which every run "
+        "with a reward model trained from a data-store version has.",
         default="auto")
     watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
                                    "stops the run.", range=">= 1", default=2)
     watchdog_judge: str = _help(
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "
-        "reward function (prompts, completions, metadata) -> floats. Empty: the task's objective.", default="")
+        "reward function (prompts, completions, metadata) -> floats; or 'pairs': the policy's agreement with the "
+        "reward model's held-out preference pairs (rlhf/judge.py) even when the task has an objective (what a "
+        "user without one gets). Empty: the task's objective, else 'pairs' when the reward model has them.",
+        default="")
+    judge_max_pairs: int = _help("The 'pairs' judge scores at most this many held-out pairs (the first ones of the "
+                                 "reward data's test split).", range=">= 1", default=256)
     num_samples_logged: int = _help("Sample completions logged per evaluation.", range=">= 0", default=8)
     save_steps: int = _help("Checkpoint every N updates.", range=">= 0", default=10)
     save_total_limit: int = _help("How many of the newest checkpoints to keep; older ones are deleted "
@@ -372,6 +399,7 @@ class PPOConfig:
 
     def __post_init__(self):
         check_ranges(self, "ppo")
+        self._apply_safe_defaults()
         if self.rollout_batch_size % self.num_mini_batches:
             raise ConfigError(
                 f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by ppo.num_mini_batches ({self.num_mini_batches})"
@@ -415,6 +443,23 @@ class PPOConfig:
             raise ConfigError(
                 "ppo.kl_estimator: k1 cannot be a loss term (ppo.kl_in_reward: false): the gradient of "
                 "logp - logp_ref is that of logp alone and ignores the reference; use kl_estimator k3 or k2")
+
+    def _apply_safe_defaults(self) -> None:
+        """Fill the keys ``safe_defaults`` governs that the recipe left unset (null)."""
+        if self.kl_controller is None:
+            self.kl_controller = "adaptive" if self.safe_defaults else "fixed"
+        if self.kl_target_per_token is None and self.safe_defaults and self.kl_controller == "adaptive":
+            self.kl_target_per_token = SAFE_KL_TARGET_PER_TOKEN
+        if self.kl_horizon is None:
+            self.kl_horizon = max(1, self.total_episodes // 8) if self.safe_defaults else 10000
+        if self.kl_target_per_token is not None and self.kl_controller != "adaptive":
+            raise ConfigError("ppo.kl_target_per_token: a target needs ppo.kl_controller: adaptive (got "
+                              f"{self.kl_controller})")
+
+    @property
+    def kl_unit(self) -> str:
+        """What the adaptive controller's target counts KL per: ``"token"`` or ``"response"``."""
+        return "token" if self.kl_target_per_token is not None else "response"
 
 
 # The loss variants of TRL's DPOTrainer (trl 1.16, DPOConfig.loss_type); each is a function of
@@ -555,9 +600,11 @@ class SyntheticTaskConfig:
 
     enabled: bool = _help("Train on an embedded task's data and evaluate against its gold reward (see name).",
                           default=False)
-    name: Literal["synthetic", "format"] = _help(
-        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty) or 'format' "
-        "(gold = open with the topic word, exactly 5 words); same prompts and data distributions.",
+    name: Literal["synthetic", "format", "weak"] = _help(
+        "Embedded task: 'synthetic' (gold = mean word sentiment + topic bonus - short penalty), 'format' "
+        "(gold = open with the topic word, exactly 5 words) or 'weak' (synthetic's gold, but labellers who prefer "
+        "filler words on spurious_fraction of the pairs: a deliberately weak reward model); same prompts and data "
+        "distributions.",
         default="synthetic")
     module: str = _help(
         "Your own task instead of an embedded one: 'my_pkg.my_task:MyTask' (importable) or "
@@ -572,6 +619,9 @@ class SyntheticTaskConfig:
     label_temperature: float = _help(
         "Temperature T of the preference labels, P(a preferred) = sigmoid((gold(a) - gold(b)) / T); "
         "higher is noisier.", range="> 0", default=0.25)
+    spurious_fraction: float = _help(
+        "name: weak only. Fraction of the pairs whose label follows the labeller's habit (more filler words win) "
+        "instead of the gold reward.", range="[0, 1]", default=0.75)
 
     def __post_init__(self):
         if self.options and not self.module:

@@ -509,6 +509,7 @@ class Pipeline:
         # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
         out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
                     if k.startswith("watchdog/")})
+        out.update(_judge_summary(ppo_m, self.p.configs["ppo"].watchdog_judge, out.get("kl_ppo_sft")))
         if st.get("ppo", {}).get("status") == "blocked":
             out["ppo_blocked"] = st["ppo"].get("reason")
         if task is not None:
@@ -540,10 +541,31 @@ class Pipeline:
                 se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
                 out["gold_improvement"] = diff
                 out["gold_improvement_in_se"] = diff / se if se > 0 else None
+                out["kl_per_gold_gain"] = _per_gain(out.get("kl_ppo_sft"), diff)
         for name in ("dpo", "kto"):
             if name in self.p.stages and st.get(name, {}).get("status") == "completed":
                 _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
         return out
+
+
+def _per_gain(kl: float | None, gain: float | None) -> float | None:
+    """KL spent per unit of gain; None when either is missing or the gain is not positive
+    (no KL buys a loss)."""
+    return kl / gain if kl is not None and gain is not None and gain > 0 else None
+
+
+def _judge_summary(m: dict, watchdog_judge: str, kl: float | None) -> dict:
+    """The watchdog's judge of the SFT and the published policy (``judge_sft``, ``judge_ppo``,
+    on the evaluations' first ``eval_max_prompts`` prompts or the held-out pairs), which judge it
+    was (``judge``: objective, function or pairs), its gain and ``kl_per_judge_gain``: the KL to
+    SFT per response spent per unit of judge gain. {} when the run had no judge."""
+    sft, ppo = m.get(f"{summary.REFERENCE}watchdog/judge"), m.get(f"{summary.TRAINED}watchdog/judge")
+    if sft is None or ppo is None:
+        return {}
+    kind = ("pairs" if f"{summary.REFERENCE}judge/pairs_agreement" in m
+            else "function" if watchdog_judge else "objective")
+    return {"judge": kind, "judge_sft": sft, "judge_ppo": ppo, "judge_gain": ppo - sft,
+            "kl_per_judge_gain": _per_gain(kl, ppo - sft)}
 
 
 def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
@@ -636,6 +658,11 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
         ("win rate PPO over SFT, by the RM (± s.e.)", fmt("win_rate_rm", "win_rate_rm_se")),
         ("win rate PPO over SFT, by the objective (± s.e.)", fmt("win_rate_gold", "win_rate_gold_se")),
         ("KL(PPO || SFT) per response (± s.e.)", fmt("kl_ppo_sft", "kl_ppo_sft_se")),
+        (f"watchdog judge ({summary.get('judge')}), SFT -> PPO",
+         f"{fmt('judge_sft')} -> {fmt('judge_ppo')}" if summary.get("judge") else "-"),
+        ("KL per unit of judge gain", fmt("kl_per_judge_gain")),
+        ("KL per unit of gold gain", fmt("kl_per_gold_gain")),
+        ("watchdog tripped", "yes" if summary.get("watchdog_tripped") else "-"),
         ("response length, SFT -> PPO", f"{fmt('response_length_sft')} -> {fmt('response_length_ppo')}"),
         ("PPO not run", summary.get("ppo_blocked") or "-"),
         ("gold reward, DPO policy (± s.e.)", fmt("gold_reward_dpo", "gold_reward_dpo_se")),

@@ -55,6 +55,7 @@ def rollout_statistics(batch: ScoredRollout, scores, kl, rewards, adv, kl_coef: 
         "reward/score_std": float(scores_all.std()) if scores_all.numel() > 1 else 0.0,
         "reward/shaped_mean": float(dist.gather_rows((rewards * mask).sum(1)).mean()),
         "kl/mean": float(kl_per_response.mean()),
+        "kl/per_token": float(F.kl_per_unit(kl, mask, "token", all_reduce=dist.all_reduce_sum)),
         "kl/coef": kl_coef,
         "entropy/mean": float(F.masked_mean(batch.entropy, mask, all_reduce=dist.all_reduce_sum)),
         "response/length_mean": float(dist.gather_rows(mask.sum(1)).mean()),

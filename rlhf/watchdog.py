@@ -2,8 +2,9 @@
 
 Optimising a learned reward too hard makes it rise while true quality falls (Gao et al.
 2022, "Scaling laws for reward model overoptimization", arXiv 2210.10760). When a held-out
-judge exists (the task's objective when it is not a training reward, or a function named by
-``ppo.watchdog_judge``), every evaluation gives two numbers on the same held-out prompts: the
+judge exists (a function named by ``ppo.watchdog_judge``, the task's objective when it is not a
+training reward, or by default the policy's agreement with the reward model's held-out pairs,
+:mod:`rlhf.judge`), every evaluation gives two numbers on the same held-out prompts: the
 mean training reward and the mean judge score. The watchdog trips when the training reward
 rose while the judge fell, between consecutive evaluations, ``patience`` times in a row; the
 stage then stops and publishes the policy of the evaluation the judge liked best (the SFT
@@ -21,6 +22,7 @@ from rlhf.config import ConfigError
 
 if TYPE_CHECKING:
     from rlhf.config import PPOConfig
+    from rlhf.judge import PairJudge
     from rlhf.stages.ppo import Optimization, PPOSetup
 
 __all__ = ["Watchdog"]
@@ -80,33 +82,63 @@ class Watchdog:
 
 # The PPO stage's use of the watchdog (rlhf/stages/ppo.py)
 
-def watchdog_judge(cfg: PPOConfig, gold_fn: Callable[[str, str], float] | None) -> Callable | str | None:
+def watchdog_judge(cfg: PPOConfig, gold_fn: Callable[[str, str], float] | None,
+                   s: PPOSetup | None = None) -> Callable | str | PairJudge | None:
     """The watchdog's judge: a batch function ``(prompts, completions, metadata) -> floats``
     (``ppo.watchdog_judge``), ``"gold"`` (the task's objective, which the evaluation already
-    computes, unless it is a training reward: ``{fn: task}``), or None when the watchdog is
-    off or no held-out judge exists.
+    computes, unless it is a training reward: ``{fn: task}``), a :class:`rlhf.judge.PairJudge`
+    (``watchdog_judge: pairs``, or the default without the two others: the reward model's
+    held-out pairs, encoded with ``s``'s tokenizer), or None when the watchdog is off or no
+    held-out judge exists.
 
     Raises:
-        ConfigError: ``ppo.watchdog: on`` without a judge.
+        ConfigError: ``ppo.watchdog: on`` without a judge; ``watchdog_judge: pairs`` without pairs.
     """
     from rlhf.reward_sources import load_function, parse_reward_sources
 
     if cfg.watchdog == "off":
         return None
+    if cfg.watchdog_judge == "pairs":
+        judge = _pair_judge(cfg, s)
+        if judge is None:
+            raise ConfigError(f"ppo.watchdog_judge: pairs, but the reward adapter ({cfg.reward_adapter or 'none'}) "
+                              "records no held-out pairs of a data-store version (or the model is sharded)")
+        return judge
     if cfg.watchdog_judge:
         return load_function(cfg.watchdog_judge, "ppo.watchdog_judge")
     task_trains = any(src.kind == "fn" and src.target == "task" for src in parse_reward_sources(cfg.rewards))
     if gold_fn is not None and not task_trains:
         return "gold"
+    judge = _pair_judge(cfg, s)
+    if judge is not None:
+        return judge
     if cfg.watchdog == "on":
         raise ConfigError("ppo.watchdog: on, but there is no held-out judge (no task objective outside the training "
-                          "rewards, no ppo.watchdog_judge)")
+                          "rewards, no ppo.watchdog_judge, no held-out pairs of the reward model)")
     return None
+
+
+def _pair_judge(cfg: PPOConfig, s: PPOSetup | None) -> PairJudge | None:
+    """The held-out pairs judge, or None without a reward model's pairs (or under FSDP, whose
+    forwards every rank must join while rank 0 evaluates alone)."""
+    from rlhf.fsdp import is_sharded
+    from rlhf.judge import PairJudge, heldout_pairs
+    from rlhf.reward_sources import uses_reward_model
+
+    if s is None or not uses_reward_model(cfg) or is_sharded(s.model):
+        return None
+    pairs = heldout_pairs(cfg.reward_adapter, cfg.judge_max_pairs)
+    if not pairs:
+        return None
+    return PairJudge.build(s.tok, pairs, cfg.max_prompt_length, cfg.response_length, cfg.temperature, s.device,
+                           chunk=cfg.per_device_train_batch_size * 2)
 
 
 def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable | str) -> dict:
     """``watchdog/reward`` (the training reward: ``ppo.rewards``, weighted) and
-    ``watchdog/judge`` (:func:`watchdog_judge`), each the mean over the evaluation ``rows``."""
+    ``watchdog/judge`` (:func:`watchdog_judge`), each the mean over the evaluation ``rows``
+    (the pairs judge: its agreement, with its ``judge/*`` numbers beside it)."""
+    from rlhf.judge import PairJudge
     from rlhf.reward_sources import RewardSource, call_source
 
     if not rows:
@@ -121,11 +153,15 @@ def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable
             reward = [a + src.weight * b for a, b in zip(reward, raw)]
     else:  # the reward model alone
         reward = [r["score"] for r in rows]
+    extra = {}
     if judge == "gold":
         judged = [r["gold"] for r in rows]
+    elif isinstance(judge, PairJudge):  # scores the policy on the held-out pairs, not the rows
+        extra = judge(s.model)
+        judged = [extra["judge/pairs_agreement"]]
     else:
         judged = call_source(RewardSource("fn", cfg.watchdog_judge, name="judge"), judge, texts, completions, metadata)
-    return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged)}
+    return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged), **extra}
 
 
 def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list) -> bool:

@@ -9,7 +9,7 @@ loop in ``rlhf/stages/ppo.py`` reads as a sequence of these calls. Shapes use
 
 from rlhf.ppo.advantages import compute_gae, grpo_advantages, reinforce_pp_returns, rloo_advantages
 from rlhf.ppo.batching import ppo_minibatch_indices
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty, kl_per_unit
 from rlhf.ppo.logits import LogitTransform, entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.ppo.losses import aggregation_weights, policy_loss, value_loss
 from rlhf.ppo.mismatch import logprob_diff_stats, truncated_is_weights
@@ -35,6 +35,7 @@ __all__ = [
     "head_logprobs",
     "informative_groups",
     "kl_penalty",
+    "kl_per_unit",
     "last_token_index",
     "logprob_diff_stats",
     "logprobs_from_logits",

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["kl_penalty", "FixedKLController", "AdaptiveKLController"]
+__all__ = ["kl_penalty", "kl_per_unit", "FixedKLController", "AdaptiveKLController"]
 
 _ESTIMATORS = ("k1", "k2", "k3")
+_UNITS = ("response", "token")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -49,6 +50,34 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
         # terms of k3 nearly cancel.
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"kl estimator must be one of {_ESTIMATORS}, got {estimator!r}")
+
+
+def kl_per_unit(kl: Tensor, mask: Tensor, unit: str, all_reduce=None) -> Tensor:
+    """The KL of a rollout batch that an adaptive controller compares with its target.
+
+    Args:
+        kl: per-token KL estimates ``(batch, response_len)`` (:func:`kl_penalty`).
+        mask: ``(batch, response_len)``, 1 on real response tokens.
+        unit: ``"response"``: the mean over responses of each response's summed KL;
+            ``"token"``: summed KL over every real token / the number of real tokens
+            (a token-weighted mean, so long responses count by their length).
+        all_reduce: sums a tensor over processes (``rlhf.distributed.all_reduce_sum``),
+            so every process gets the global number; None: this batch only.
+
+    Returns:
+        A scalar tensor.
+    """
+    from rlhf.ppo.masked import masked_mean, masked_sum
+
+    if unit == "token":
+        return masked_mean(kl, mask, all_reduce=all_reduce)
+    if unit != "response":
+        raise ValueError(f"unit must be one of {_UNITS}, got {unit!r}")
+    total = masked_sum(kl, mask, dim=1).sum()
+    rows = torch.tensor(float(kl.shape[0]), device=kl.device, dtype=total.dtype)
+    if all_reduce is not None:
+        total, rows = all_reduce(total), all_reduce(rows)
+    return total / rows
 
 
 class FixedKLController:
@@ -85,30 +114,42 @@ class AdaptiveKLController:
     when the policy drifts beyond the target KL and shrinks below it, by at
     most 20% per ``horizon`` samples.
 
+    The target is in the ``unit`` the caller measures ``current_kl`` in: nats per
+    response (Ziegler et al.) or nats per response token. A per-token target means
+    the same drift for a task whose answers are 5 tokens and one whose answers are
+    500, where a per-response target allows the short task a hundred times more
+    drift per token. The unit is part of the state, so a checkpoint of one unit is
+    never resumed as the other.
+
     Args:
         init_kl_coef: starting coefficient (0.15 in Ziegler et al.).
-        target: target sequence-level KL in nats (6 in Ziegler et al.).
+        target: target KL in nats per ``unit`` (6 per response in Ziegler et al.).
         horizon: number of samples over which the full proportional
             correction applies (10000 in Ziegler et al.).
+        unit: ``"response"`` or ``"token"``: what ``current_kl`` of :meth:`update` is.
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, unit: str = "response") -> None:
         if init_kl_coef < 0:
             raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef}")
         if target <= 0:
             raise ValueError(f"target must be > 0, got {target}")
         if horizon <= 0:
             raise ValueError(f"horizon must be > 0, got {horizon}")
+        if unit not in _UNITS:
+            raise ValueError(f"unit must be one of {_UNITS}, got {unit!r}")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
+        self.unit = unit
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Move the coefficient towards keeping ``current_kl`` at the target.
 
         Args:
-            current_kl: mean sequence-level KL of the last rollout (a float,
-                not a tensor, so no device sync hides in here).
+            current_kl: KL of the last rollout in the controller's unit (a float,
+                not a tensor, so no device sync hides in here): the mean KL per
+                response, or per response token (:func:`kl_per_unit`).
             n_steps: number of samples (episodes) in that rollout.
         """
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
@@ -121,11 +162,15 @@ class AdaptiveKLController:
             "value": self.value,
             "target": self.target,
             "horizon": self.horizon,
+            "unit": self.unit,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         _check_state(state, "adaptive", ("value", "target", "horizon"))
+        if state.get("unit", "response") != self.unit:
+            raise ValueError(f"KL controller state targets KL per {state.get('unit', 'response')}, this controller "
+                             f"per {self.unit}")
         self.value = float(state["value"])
         self.target = float(state["target"])
         self.horizon = float(state["horizon"])

@@ -238,8 +238,9 @@ def build_optimization(model, cfg: PPOConfig, num_updates: int) -> Optimization:
     total_steps = num_updates * cfg.num_ppo_epochs * cfg.num_mini_batches
     schedule = (lambda step: 1.0) if cfg.lr_scheduler_type == "constant" else (lambda step: max(0.0, 1.0 - step / total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_controller == "adaptive"
-              else F.FixedKLController(cfg.kl_coef))
+    target = cfg.kl_target_per_token if cfg.kl_unit == "token" else cfg.kl_target
+    kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, target, cfg.kl_horizon, unit=cfg.kl_unit)
+              if cfg.kl_controller == "adaptive" else F.FixedKLController(cfg.kl_coef))
     return Optimization(params, optimizer, scheduler, kl_ctl)
 
 
@@ -469,7 +470,7 @@ def train_update(s: PPOSetup, opt: Optimization, cfg: PPOConfig, update: int,
 
     # 7. KL controller, metrics, guards
     step_stats = rollout_statistics(batch, scores, kl, rewards, adv, beta) | mismatch
-    opt.kl_ctl.update(step_stats["kl/mean"], s.global_batch)
+    opt.kl_ctl.update(step_stats["kl/per_token" if cfg.kl_unit == "token" else "kl/mean"], s.global_batch)
     step_stats["episodes"] = (update + 1) * s.global_batch
     if uses_critic(cfg):
         step_stats.update(explained_variance(batch.values, returns, batch.response_mask, dist.all_reduce_sum))
@@ -535,7 +536,7 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     sft_rows = out / "initial_eval_rows.json"  # the SFT policy's per-prompt results, for win rates
     # the over-optimisation watchdog: training reward vs a held-out judge at each evaluation
     # (rlhf/watchdog.py); a resumed run starts watching at its first evaluation
-    judge = watchdog_judge(cfg, gold_fn)
+    judge = watchdog_judge(cfg, gold_fn, s)
     watchdog = Watchdog(cfg.watchdog_patience) if judge is not None and s.eval_ids else None
     best_weights: list[torch.Tensor] = []  # the trainable roles at the judge's best evaluation
     initial_eval = (evaluate_and_log(s, cfg, tracker, gold_fn, 0, reference_file=sft_rows, judge=judge) if start == 0

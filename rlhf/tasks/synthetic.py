@@ -28,6 +28,18 @@ The task:
     noise (about a quarter of labels disagree with the noiseless gold preference, in the
     range reported for human preference data, e.g. ~63-69% RM validation accuracy in the
     N+ implementation-details paper, arXiv 2403.17031).
+
+The ``weak`` task (``task.name: weak``) is built for a reward model that is deliberately
+weak: the synthetic task's prompts, demonstrations and gold reward, but labellers with a
+habit the gold reward does not share. On a fraction ``task.spurious_fraction`` of the pairs
+(0.75 by default) the labeller prefers the response with more filler words (``FILLER``:
+"very", "quite", "then"...), whatever they say, and falls back to the gold Bradley-Terry
+label only when both have as many; the other pairs are labelled as in the synthetic task.
+Filler words are worth 0 to the gold reward, so they dilute its mean word value: a reward
+model that learns the habit, and a policy that pleases it, gain nothing by the judge. The
+reward model's held-out accuracy (against the labellers) stays high, so the reward gate
+passes, while its accuracy against the gold preference is poor: what a user with biased
+preference data and a judge kept outside the pipeline meets (issue 30).
 """
 
 from __future__ import annotations
@@ -120,8 +132,13 @@ def format_gold_reward(prompt: str, response: str) -> float:
     return score - FORMAT_LENGTH_PENALTY * abs(len(words) - FORMAT_TARGET_WORDS)
 
 
-#: gold reward of each embedded task (``task.name``)
-GOLD_REWARDS = {"synthetic": gold_reward, "format": format_gold_reward}
+#: gold reward of each embedded task (``task.name``); the weak task's judge is the synthetic one
+GOLD_REWARDS = {"synthetic": gold_reward, "format": format_gold_reward, "weak": gold_reward}
+
+
+def filler_count(response: str) -> int:
+    """How many filler words ``response`` holds: the weak task's labellers' habit."""
+    return sum(w in FILLER for w in response.split())
 
 
 def sample_prompt(rng: random.Random) -> str:
@@ -190,6 +207,9 @@ class SyntheticTask:
                 b = sample_pair_response(rng, p)
             ga, gb = self._gold(p, a), self._gold(p, b)
             p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / cfg.label_temperature))
+            # the weak task's labeller: more filler words win, whatever the gold reward says
+            if cfg.name == "weak" and rng.random() < cfg.spurious_fraction and filler_count(a) != filler_count(b):
+                p_a = float(filler_count(a) > filler_count(b))
             if rng.random() >= p_a:
                 a, b, ga, gb = b, a, gb, ga
             # gold_* are for inspection only: ingestion keeps the canonical fields, so

@@ -17,7 +17,7 @@ LAYERS = [
      "rlhf.checkpoint", "rlhf.runs", "rlhf.launch", "rlhf"],
     ["rlhf.models", "rlhf.adapters", "rlhf.fsdp", "rlhf.tracking", "rlhf.generation", "rlhf.generation_vllm",
      "rlhf.registry",
-     "rlhf.tasks", "rlhf.resolve", "rlhf.data", "rlhf.scoring", "rlhf.evaluation", "rlhf.update", "rlhf.watchdog",
+     "rlhf.tasks", "rlhf.resolve", "rlhf.data", "rlhf.scoring", "rlhf.evaluation", "rlhf.update", "rlhf.watchdog", "rlhf.judge",
      "rlhf.reward_sources"],
     ["rlhf.stages", "rlhf.evaluate", "rlhf.generate"],
     # the commands: entry points may import anything

@@ -107,3 +107,30 @@ def test_a_recipes_pairs_are_stored_under_its_name(tmp_path):
     src.parent.mkdir(parents=True)
     src.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
     assert resolve_preferences("dpo.dataset", str(src), None, 0.0) == "tiny-dpo-pairs:1"
+
+
+def test_weak_task_labels_follow_the_filler_habit_not_the_gold_reward():
+    """The weak task keeps the synthetic task's data and gold reward and changes only labels:
+    on spurious_fraction of the pairs the response with more filler words wins. Its labels then
+    agree with the gold preference far less, and favour filler far more, than the synthetic
+    task's. The SFT rows, drawn first from the shared stream, are the synthetic task's."""
+    from rlhf.tasks.synthetic import filler_count
+
+    def stats(**kw):
+        pairs = SyntheticTask(SyntheticTaskConfig(num_pairs=3000, **kw)).preference_pairs()
+        decided = [p for p in pairs if p["gold_chosen"] != p["gold_rejected"]]
+        gold = sum(p["gold_chosen"] > p["gold_rejected"] for p in decided) / len(decided)
+        filler = sum(filler_count(p["chosen"][0]["content"]) > filler_count(p["rejected"][0]["content"])
+                     for p in pairs) / len(pairs)
+        return gold, filler, pairs
+
+    gold_s, filler_s, synthetic = stats(name="synthetic")
+    gold_w, filler_w, weak = stats(name="weak")
+    assert gold_s > 0.78 and gold_w < 0.68  # measured: 0.81 and 0.63
+    assert filler_w > filler_s + 0.2  # measured: 0.63 and 0.36
+    task = SyntheticTask(SyntheticTaskConfig(name="weak"))
+    assert task.evaluate("describe cats", "very quite then") == gold_reward("describe cats", "very quite then") == 0.0
+    assert task.sft_examples() == SyntheticTask(SyntheticTaskConfig()).sft_examples()
+    assert len(weak) == len(synthetic) == 3000
+    with pytest.raises(ConfigError, match="task.spurious_fraction"):
+        from_dict(PipelineConfig, {"task": {"spurious_fraction": 1.5}})

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf.ppo import AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.ppo import AdaptiveKLController, FixedKLController, kl_penalty, kl_per_unit
 
 
 def test_kl_estimators_hand_worked():
@@ -107,3 +107,54 @@ def test_adaptive_controller_validates_arguments():
         AdaptiveKLController(0.1, 0.0, 10)
     with pytest.raises(ValueError, match="horizon"):
         AdaptiveKLController(0.1, 6.0, 0)
+
+
+def test_kl_per_unit_hand_worked():
+    # two responses of 2 and 1 real tokens (the third column is padding, its 9.0 must not count):
+    #   per response: (0.1 + 0.3) = 0.4 and 0.05 -> mean (0.4 + 0.05) / 2 = 0.225
+    #   per token:    (0.1 + 0.3 + 0.05) / 3 real tokens = 0.15
+    kl = torch.tensor([[0.1, 0.3, 9.0], [0.05, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    assert kl_per_unit(kl, mask, "response").item() == pytest.approx(0.225, abs=1e-12)
+    assert kl_per_unit(kl, mask, "token").item() == pytest.approx(0.15, abs=1e-12)
+    # two processes holding the same batch: all_reduce doubles sums and counts, the means stay
+    doubled = kl_per_unit(kl, mask, "token", all_reduce=lambda t: 2 * t)
+    assert doubled.item() == pytest.approx(0.15, abs=1e-12)
+    assert kl_per_unit(kl, mask, "response", all_reduce=lambda t: 2 * t).item() == pytest.approx(0.225, abs=1e-12)
+    with pytest.raises(ValueError, match="unit"):
+        kl_per_unit(kl, mask, "sequence")
+
+
+def test_adaptive_controller_per_token_target_hand_worked():
+    # the batch above, per token 0.15 against a target of 0.1 per token:
+    #   e = clip(0.15 / 0.1 - 1, -.2, .2) = .2 -> .1 * (1 + .2 * 64 / 512) = .1025
+    up = AdaptiveKLController(0.1, target=0.1, horizon=512, unit="token")
+    up.update(0.15, 64)
+    assert up.value == pytest.approx(0.1025, abs=1e-12)
+    # inside the clip: 0.09 per token, e = 0.9 - 1 = -0.1 -> .1 * (1 - .1 * 64 / 512) = .09875
+    down = AdaptiveKLController(0.1, target=0.1, horizon=512, unit="token")
+    down.update(0.09, 64)
+    assert down.value == pytest.approx(0.09875, abs=1e-12)
+    # the same rollout measured per response (0.225) against the same number as a per-response
+    # target would have pushed beta up too, but a 0.225-per-response target would have held it
+    held = AdaptiveKLController(0.1, target=0.225, horizon=512, unit="response")
+    held.update(0.225, 64)
+    assert held.value == pytest.approx(0.1, abs=1e-12)
+
+
+def test_controller_state_keeps_its_unit():
+    per_token = AdaptiveKLController(0.1, 0.08, 512, unit="token")
+    state = json.loads(json.dumps(per_token.state_dict()))
+    assert state["unit"] == "token"
+    restored = AdaptiveKLController(1.0, 1.0, 1.0, unit="token")
+    restored.load_state_dict(state)
+    assert (restored.value, restored.target, restored.horizon, restored.unit) == (0.1, 0.08, 512.0, "token")
+    with pytest.raises(ValueError, match="per token"):
+        AdaptiveKLController(1.0, 1.0, 1.0).load_state_dict(state)
+    # a checkpoint written before units existed targeted KL per response
+    old = {"type": "adaptive", "value": 0.2, "target": 6.0, "horizon": 10_000}
+    AdaptiveKLController(1.0, 1.0, 1.0).load_state_dict(old)
+    with pytest.raises(ValueError, match="per response"):
+        restored.load_state_dict(old)
+    with pytest.raises(ValueError, match="unit"):
+        AdaptiveKLController(0.1, 6.0, 10, unit="sequence")

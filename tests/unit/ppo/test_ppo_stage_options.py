@@ -193,3 +193,41 @@ def test_a_first_rollout_mostly_cut_off_is_named_with_its_length_and_stop_set():
         assert not warn_if_cut_off(0.8, cfg, ["<|im_end|>"])  # exactly a fifth: quiet
     (w,) = caught
     assert "25%" in str(w.message) and "response_length=32" in str(w.message) and "<|im_end|>" in str(w.message)
+
+
+class _NoRoles:
+    """Stands in for the role model: build_optimization asks it for trainable parameters."""
+
+    def trainable_parameters(self, role):
+        return [torch.nn.Parameter(torch.zeros(2))]
+
+
+def test_safe_defaults_control_kl_per_token_and_leave_set_keys_alone():
+    """safe_defaults: adaptive controller, per-token target, horizon total_episodes / 8; the
+    stage's controller is built in that unit and fed the rollout's per-token KL, which
+    rollout_statistics computes as summed KL / real tokens (hand-worked below)."""
+    from rlhf.config import SAFE_KL_TARGET_PER_TOKEN
+    from rlhf.stages.ppo import build_optimization
+    from rlhf.update import rollout_statistics
+
+    old = PPOConfig()
+    assert (old.kl_controller, old.kl_unit, old.kl_horizon, old.kl_target_per_token) == ("fixed", "response", 10000, None)
+    safe = PPOConfig(safe_defaults=True, total_episodes=4096)
+    assert (safe.kl_controller, safe.kl_unit, safe.kl_horizon) == ("adaptive", "token", 512)
+    assert safe.kl_target_per_token == SAFE_KL_TARGET_PER_TOKEN
+    ctl = build_optimization(_NoRoles(), safe, 8).kl_ctl
+    assert (type(ctl).__name__, ctl.unit, ctl.target, ctl.horizon) == ("AdaptiveKLController", "token",
+                                                                       SAFE_KL_TARGET_PER_TOKEN, 512.0)
+    # a recipe's own keys win over the preset
+    mine = PPOConfig(safe_defaults=True, kl_controller="fixed", kl_horizon=100)
+    assert (mine.kl_controller, mine.kl_unit, mine.kl_horizon) == ("fixed", "response", 100)
+    assert type(build_optimization(_NoRoles(), mine, 8).kl_ctl).__name__ == "FixedKLController"
+    with pytest.raises(ConfigError, match="kl_target_per_token"):
+        PPOConfig(kl_target_per_token=0.1)
+    # k1 KL = logp - ref: row 0 has 0.25 + 0.5 over two real tokens, row 1 has 0.25 over one:
+    # per response (0.75 + 0.25) / 2 = 0.5, per token (0.25 + 0.5 + 0.25) / 3 = 1/3
+    b = _batch([1.0, 0.0], [[-1.0, -1.0], [-1.0, -1.0]], [[-1.25, -1.5], [-1.25, -7.0]], mask=[[1.0, 1.0], [1.0, 0.0]])
+    scores, kl, rewards = shaped_rewards(b, old, 0.05)
+    stats = rollout_statistics(b, scores, kl, rewards, torch.zeros(2, 2), 0.05)
+    assert stats["kl/mean"] == pytest.approx(0.5, abs=1e-6)
+    assert stats["kl/per_token"] == pytest.approx(1 / 3, abs=1e-6)
