@@ -135,12 +135,15 @@ def _stage_dict(pipe: PipelineConfig, section: dict, stage: str, run_dir: Path) 
 
 
 def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: list[str] = (),
-         check_inputs: bool = True) -> Plan:
+         check_inputs: bool = True, import_task: bool = True) -> Plan:
     """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file.
 
     Each stage section (``sft:``, ``ppo:``...) becomes its row's typed config; a section that is
     no stage of the table is an unknown key. ``check_inputs`` also checks that data files and
-    store references exist (off to validate a recipe's schema on a machine without its data)."""
+    store references exist (off to validate a recipe's schema on a machine without its data).
+    Without ``import_task`` a ``task.module`` is checked but not imported (its code does not
+    run: ``--validate-only``, ``config show``); the plan then assumes it supplies every task
+    file the recipe leaves unset, and cannot be run (``task_obj`` is None)."""
     recipe = Path(recipe)
     data = apply_overrides(_resolve_recipe_paths(load_yaml(recipe), recipe.resolve().parent), list(overrides))
     sections = {stage: data.pop(stage) for stage in STAGES if stage in data}
@@ -156,13 +159,16 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
 
     stages = _check_stages(pipe.stages)
     stage_data = {s: _stage_dict(pipe, sections.get(s) or {}, s, run_dir) for s in STAGES}
-    from rlhf.tasks import load_task, provided_files, task_file_name
+    from rlhf.tasks import TASK_FILES, check_task_module, load_task, provided_files, task_file_name
 
-    task = load_task(pipe.task, recipe.resolve().parent)
+    unimported = bool(pipe.task.module) and not import_task
+    if unimported:
+        check_task_module(pipe.task, recipe.resolve().parent)
+    task = None if unimported else load_task(pipe.task, recipe.resolve().parent)
     task_files = None
-    if task is not None:
+    if task is not None or unimported:
         task_dir = run_dir / "task"
-        provided = provided_files(task)
+        provided = TASK_FILES if unimported else provided_files(task)
         # the names write_task_files gives them (the pairs file is <run name>-pairs.jsonl)
         task_files = {name: str(task_dir / task_file_name(name, pipe.name)) for name in provided}
         for stage, row in STAGES.items():
@@ -171,6 +177,8 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
                     continue  # a user's task need not supply every file
                 if row.task_files_are_defaults:
                     stage_data[stage].setdefault(key, task_files[name])
+                elif key in stage_data[stage] and unimported:
+                    continue  # whether the task supplies it is known only once its code runs
                 elif key in stage_data[stage]:
                     raise ConfigError(
                         f"{stage}.{key}: the task ({task.name}) supplies it, so the recipe must not; remove "
@@ -254,6 +262,8 @@ class Pipeline:
     """Executes a Plan stage by stage, recording state in ``pipeline.json``."""
 
     def __init__(self, p: Plan):
+        if p.pipeline.task.module and p.task_obj is None:
+            raise ValueError("a plan made with import_task=False validates a recipe; it cannot run")
         self.p = p
         self.state_path = p.run_dir / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}

@@ -382,3 +382,35 @@ def test_a_utf16_jsonl_is_rejected_saying_utf16(tmp_path, capsys):
     assert main(["data", "ingest", str(src), "--name", "pairs"]) == 1
     _one_line_error(capsys, "UTF-16", "pairs.jsonl")
     assert not (tmp_path / "home" / "data" / "pairs").exists()  # a failed ingest leaves no empty dataset folder
+
+
+# ----------------------------------------------------------------------------------------
+# item 8: a recipe's task.module is code; validating or showing the recipe does not run it
+
+_LOUD_TASK = textwrap.dedent("""
+    from pathlib import Path
+    Path(__file__).with_name("ran").write_text("the module ran")
+
+    class Loud:
+        def prompts(self, split):
+            return [{"prompt": "hi"}] if split == "train" else []
+        def evaluate(self, prompt, completion):
+            return 0.0
+""")
+
+
+@pytest.mark.parametrize("command", [["run", "--validate-only"], ["config", "show"]])
+def test_validate_only_and_config_show_do_not_run_a_task_module(tmp_path, capsys, command):
+    (tmp_path / "loud.py").write_text(_LOUD_TASK)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task:\n  module: loud.py:Loud\nsft: {dataset: sft.jsonl}\nreward: {dataset: pairs.jsonl}\n")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    assert main([*command, str(recipe)]) == 0
+    assert not (tmp_path / "ran").exists()
+    out = capsys.readouterr().out
+    assert "loud.py:Loud" in out and "not imported" in out
+    # what can be checked without running it still is: a missing file is one line
+    recipe.write_text("task:\n  module: gone.py:Loud\n")
+    assert main([*command, str(recipe)]) == 2
+    _one_line_error(capsys, "task.module", "gone.py")
