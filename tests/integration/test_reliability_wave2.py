@@ -414,3 +414,62 @@ def test_validate_only_and_config_show_do_not_run_a_task_module(tmp_path, capsys
     recipe.write_text("task:\n  module: gone.py:Loud\n")
     assert main([*command, str(recipe)]) == 2
     _one_line_error(capsys, "task.module", "gone.py")
+
+
+# ----------------------------------------------------------------------------------------
+# item 8: a resume logs each row once, even at the last step; issue 28 item 5: the token
+# counters continue from the checkpoint
+
+
+def _logged(path: Path) -> list[dict]:
+    """The rows of a step log without the clock's numbers (times, speeds)."""
+    def timeless(key: str) -> bool:
+        return key == "time" or key.endswith(("runtime", "_per_second", "preparation_time"))
+
+    return [{k: v for k, v in json.loads(line).items() if not timeless(k)} for line in path.read_text().splitlines()]
+
+
+def test_a_trl_stage_resumed_at_its_last_step_or_before_logs_each_row_once_and_counts_tokens_on(tmp_path):
+    from rlhf.tasks import write_task_files
+    from rlhf.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+
+    files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=40, num_pairs=8, num_ppo_prompts=4,
+                                                               num_eval_prompts=4)), tmp_path / "task")
+    out = tmp_path / "sft"
+    args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=4", "train.save_steps=2",
+            "train.logging_steps=1", "train.batch_size=4", "train.max_length=48", "eval_fraction=0.2"]
+    assert main(args) == 0
+    first = _logged(out / "metrics.jsonl")
+    tokens = {r["step"]: r["num_tokens"] for r in first if "num_tokens" in r}
+    assert sorted(tokens) == [1, 2, 3, 4] and tokens[1] < tokens[2] < tokens[3] < tokens[4]
+    assert [r["step"] for r in first if set(r) == {"step", "eval_loss"}] == [4]  # the stage's final evaluation
+
+    # killed after the last checkpoint (say while publishing): the resume trains no step
+    assert main([*args, "--resume"]) == 0
+    again = _logged(out / "metrics.jsonl")
+    # every row once; no train summary of a call that trained nothing (its train_loss was 0/0)
+    assert again == [r for r in first if "train_loss" not in r]
+    assert json.loads((out / "metrics.json").read_text()).get("train_loss") != 0.0
+
+    # killed after checkpoint-2: steps 3 and 4 are logged once more, their token counts go on from step 2's
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    assert main([*args, "--resume"]) == 0
+    resumed = _logged(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
+    assert {r["step"]: r["num_tokens"] for r in resumed if "num_tokens" in r} == tokens
+
+
+def test_ppo_resumed_at_its_last_update_logs_its_final_evaluation_once(ppo_config, tmp_path):
+    from rlhf.stages import run_stage
+
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=4)
+    run_stage("ppo", cfg)
+    out = Path(cfg.output_dir)
+    first, first_samples = _logged(out / "metrics.jsonl"), _logged(out / "samples.jsonl")
+    assert any("eval/score_mean" in r and r["step"] == 2 for r in first)  # the final evaluation, after update-2
+    run_stage("ppo", cfg, resume=True)  # killed after the last checkpoint: no update runs, the evaluation does
+    again = _logged(out / "metrics.jsonl")
+    assert [(r["step"], sorted(r)) for r in again] == [(r["step"], sorted(r)) for r in first]
+    assert len(_logged(out / "samples.jsonl")) == len(first_samples)
