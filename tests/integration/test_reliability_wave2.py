@@ -91,6 +91,20 @@ def test_an_integer_of_5000_digits_and_keys_of_mixed_types_are_one_line(tmp_path
     _one_line_error(capsys, "unknown key")
 
 
+
+@pytest.mark.parametrize("text, key, line", [
+    ("seed: 1\nname: a\nseed: 2\n", "seed", 3),
+    ("ppo:\n  learning_rate: 1.0e-5\n  kl_coef: 0.1\n  learning_rate: 2.0e-5\n", "learning_rate", 4),
+    ('{"seed": 1, "seed": 2}\n', "seed", 1),  # a JSON recipe is YAML too
+])
+def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path, capsys, text, key, line):
+    """Issue 29 item 8: YAML (like JSON) keeps the last of two equal keys without a word."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(text)
+    assert main(["run", str(recipe), "--validate-only"]) == 2
+    _one_line_error(capsys, str(recipe), f"{key!r}", f"line {line}", "twice")
+
+
 # ----------------------------------------------------------------------------------------
 # item 1: --resume continues only what this config produced
 
