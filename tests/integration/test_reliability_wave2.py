@@ -145,7 +145,8 @@ def test_a_fresh_start_moves_old_checkpoints_aside_and_every_checkpoint_carries_
     assert seen == [(False, ["rlhf_fingerprint.json"])]  # the stage started on an empty folder
     assert (out / "checkpoints.previous" / old.name / "COMPLETE").is_file()  # moved aside, not deleted
     stamp = json.loads((out / "checkpoints" / "rlhf_fingerprint.json").read_text())
-    assert json.loads((out / "checkpoints" / "update-1" / "rlhf_fingerprint.json").read_text()) == stamp
+    assert json.loads((out / "checkpoints" / "update-1" / "rlhf_fingerprint.json").read_text())["fingerprint"] \
+        == stamp["fingerprint"]
     # resuming the same config continues; a second fresh start replaces the earlier .previous
     run_stage("ppo", PPOConfig(output_dir=str(out), learning_rate=1e-5), resume=True)
     assert seen[-1] == (True, ["rlhf_fingerprint.json", "update-1"])
@@ -224,11 +225,11 @@ def test_sft_checkpoints_carry_the_fingerprint_and_a_changed_config_cannot_resum
     args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=2", "train.save_steps=1",
             "train.batch_size=4", "train.max_length=48", "eval_fraction=0"]
     assert main([*args, "train.learning_rate=1e-4"]) == 0
-    stamp = (out / "checkpoints" / "rlhf_fingerprint.json").read_text()
+    stamp = json.loads((out / "checkpoints" / "rlhf_fingerprint.json").read_text())["fingerprint"]
     ckpts = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert [p.name for p in ckpts] == ["checkpoint-1", "checkpoint-2"]
     for ckpt in ckpts:
-        assert (ckpt / "rlhf_fingerprint.json").read_text() == stamp
+        assert json.loads((ckpt / "rlhf_fingerprint.json").read_text())["fingerprint"] == stamp
     capsys.readouterr()
     assert main([*args, "train.learning_rate=2e-4", "--resume"]) == 2
     _one_line_error(capsys, "--resume", "checkpoint-2", "another config")
