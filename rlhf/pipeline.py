@@ -270,6 +270,7 @@ class Pipeline:
         self.state.setdefault("name", p.pipeline.name)
         self.state.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.state["recipe"] = str(p.recipe)
+        self.state["planned_stages"] = list(p.stages)  # in pipeline order: the dashboard lists those to come
         self.state.setdefault("stages", {})
         self.state["registry_home"] = str(_registry_home(p.pipeline.registry_home))
 
@@ -379,6 +380,7 @@ class Pipeline:
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
+            self._write_summary(task, final=False)
             if dist.is_main():
                 print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
             registration = (Registration(registry, _safe_name(p.pipeline.name), run_ref, self._known_artifacts(),
@@ -393,6 +395,7 @@ class Pipeline:
                 self.state["stages"][stage].update(status=status, reason=reason,
                                                    ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 self.save()
+                self._write_summary(task, final=False)
                 if registry and run_ref:
                     try:
                         registry.mark_run(run_ref, status, reason)
@@ -410,10 +413,19 @@ class Pipeline:
                 dirs=dict(result.artifacts), outputs=outputs, inputs=inputs, run=run_ref,
             )
             self.save()
-        summary = self.summary(task)
+        return self._write_summary(task, final=True)
+
+    def _write_summary(self, task: Task | None, final: bool) -> dict:
+        """Write ``summary.json`` (rank 0) and return it. Before the last stage has completed
+        (a stage starting, interrupted or failed) its numbers are the run's so far: marked
+        ``provisional``, with the stages still to come; the gold evaluation of the reward model
+        waits for the final one (it must not run between two stages)."""
+        from rlhf import distributed as dist
+
+        out = self.summary(task, evaluate=final)
         if dist.is_main():
-            write_json(p.run_dir / "summary.json", summary)
-        return summary
+            write_json(self.p.run_dir / "summary.json", out)
+        return out
 
     def _known_artifacts(self) -> dict[str, tuple[str, str]]:
         """Registered artifacts of the completed stages: directory -> (stage, registry ref)."""
@@ -446,12 +458,9 @@ class Pipeline:
             problems.append(f"held-out margin {margin:.3f} < reward_gate.min_margin {gate.min_margin}")
         if not problems:
             return
-        from rlhf import distributed as dist
-
         self.state["stages"][stage] = {"status": "blocked", "reason": "; ".join(problems)}
         self.save()
-        if dist.is_main():
-            write_json(self.p.run_dir / "summary.json", self.summary(self.p.task()))
+        self._write_summary(self.p.task(), final=True)
         n = m.get("test_pairs")
         name = stage.upper()
         raise RewardGateFailed(
@@ -462,8 +471,10 @@ class Pipeline:
             f"estimate; or lower reward_gate.min_accuracy / set reward_gate.enabled: false to run {name} anyway. "
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 
-    def summary(self, task: Task | None) -> dict:
-        """Final numbers of the run (and, with a task, its gold evaluation)."""
+    def summary(self, task: Task | None, evaluate: bool = True) -> dict:
+        """Numbers of the run (and, with a task and ``evaluate``, its gold evaluation);
+        ``provisional`` until every stage of the recipe has completed, ``stages_to_come``
+        those that have not, in pipeline order."""
         st = self.state["stages"]
         sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in ("sft", "reward", "ppo"))
         out = {
@@ -507,7 +518,8 @@ class Pipeline:
             out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
             from rlhf import distributed as dist
 
-            if (out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed"
+            if (evaluate and out.get("rm_accuracy_gold") is None and "reward" in st
+                    and st["reward"].get("status") == "completed"
                     and callable(getattr(task, "response_pairs", None)) and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
                 from rlhf.resolve import resolve_base
                 from rlhf.tasks import gold_rm_accuracy
@@ -526,6 +538,8 @@ class Pipeline:
         for name in ("dpo", "kto"):
             if name in self.p.stages and st.get(name, {}).get("status") == "completed":
                 _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
+        out["stages_to_come"] = [s for s in self.p.stages if st.get(s, {}).get("status") != "completed"]
+        out["provisional"] = bool(out["stages_to_come"])
         return out
 
 

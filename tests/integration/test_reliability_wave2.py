@@ -488,3 +488,56 @@ def test_ppo_resumed_at_its_last_update_logs_its_final_evaluation_once(ppo_confi
     again = _logged(out / "metrics.jsonl")
     assert [(r["step"], sorted(r)) for r in again] == [(r["step"], sorted(r)) for r in first]
     assert len(_logged(out / "samples.jsonl")) == len(first_samples)
+
+
+# ----------------------------------------------------------------------------------------
+# issue 28 item 5: a run under way or interrupted is provisional, and says what is to come
+
+
+def test_an_interrupted_runs_summary_report_and_dashboard_are_provisional_and_list_the_stages_to_come(
+        tmp_path, monkeypatch, capsys):
+    import rlhf.pipeline as pipeline
+    from rlhf.dashboard.cli import main as dashboard_main
+    from rlhf.dashboard.data import list_runs, load_run
+    from rlhf.dashboard.render import render_run
+    from rlhf.pipeline import Pipeline, plan
+
+    run_dir = tmp_path / "runs" / "tiny"
+    interrupt = {"reward"}
+    seen_summaries = []
+
+    def stand_in(stage, cfg, **kw):
+        seen_summaries.append(json.loads((run_dir / "summary.json").read_text()))  # written as the stage starts
+        if stage in interrupt:
+            raise KeyboardInterrupt
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        # (with gold_accuracy the summary need not build the tiny base to measure the reward model)
+        return StageResult(stage, str(run_dir / stage), "base", {},
+                           {"loss": 1.0, "gold_accuracy": 0.9, "eval_accuracy": 0.9, "eval_margin": 1.0})
+
+    monkeypatch.setattr(pipeline, "run_stage", stand_in)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(plan(RECIPE, run_dir, ["register=false"])).run()
+    assert [(s["provisional"], s["stages_to_come"]) for s in seen_summaries] == [
+        (True, ["sft", "reward", "ppo"]), (True, ["reward", "ppo"])]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["provisional"] is True and summary["stages_to_come"] == ["reward", "ppo"]  # pipeline order
+
+    run = load_run(run_dir, with_lineage=False)
+    assert [(s.name, s.status) for s in run.stages] == [("sft", "completed"), ("reward", "interrupted"),
+                                                        ("ppo", "pending")]
+    page = render_run(run)
+    assert "Provisional" in page and "still to come: reward, ppo" in page
+    (listed,) = list_runs(tmp_path / "runs")
+    assert list(listed["stages"].items()) == [("sft", "completed"), ("reward", "interrupted"), ("ppo", "pending")]
+    capsys.readouterr()
+    out = tmp_path / "report.html"
+    assert dashboard_main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out  # `rlhf report` says what it wrote
+    assert "Provisional" in out.read_text()
+
+    interrupt.clear()  # the rest runs: final numbers, nothing to come
+    Pipeline(plan(RECIPE, run_dir, ["register=false"])).run()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["provisional"] is False and summary["stages_to_come"] == []
+    assert "Provisional" not in render_run(load_run(run_dir, with_lineage=False))
