@@ -392,7 +392,8 @@ def _load_finished_checkpoint(trainer, checkpoint: str) -> bool:
     from transformers import TrainerState
 
     state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    if state.global_step < state.max_steps or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+    if not state.max_steps or state.global_step < state.max_steps or trainer.is_fsdp_enabled \
+            or trainer.is_deepspeed_enabled:
         return False
     trainer.state = state
     trainer._load_from_checkpoint(checkpoint)
