@@ -264,7 +264,8 @@ def _run_main(argv: list[str]) -> int:
 
     p = plan(args.recipe, args.output_dir, args.overrides, import_task=not args.validate_only)
     if args.validate_only:
-        print(f"{args.recipe}: valid (run dir {p.run_dir}){_unimported_note(p)}")
+        note = _unimported_note(p)
+        print(f"{args.recipe}: valid (run dir {p.run_dir})" + (f"; {note}" if note else ""))
         return 0
     summary = Pipeline(p).run(from_stage=args.from_stage, resume=args.resume)
     if distributed.is_main():
@@ -311,7 +312,7 @@ def _config_main(argv: list[str]) -> int:
         resolved = {**top, "run_dir": str(p.run_dir), **{s: to_dict(cfg) for s, cfg in p.configs.items()}}
         note = _unimported_note(p)
         if note:  # a YAML comment: the output still parses
-            sys.stdout.write(f"#{note}; the task file paths below assume it supplies every file\n")
+            sys.stdout.write(f"# {note}; the task file paths below assume it supplies every file\n")
     sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
     return 0
 
@@ -321,7 +322,7 @@ def _unimported_note(p) -> str:
     module = p.pipeline.task.module
     if not module:
         return ""
-    return f"; task.module {module} not imported (a recipe naming a module is code: it runs with the pipeline)"
+    return f"task.module {module} not imported (a recipe naming a module is code: it runs with the pipeline)"
 
 
 def _dispatch(argv: list[str]) -> int:
