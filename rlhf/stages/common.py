@@ -397,7 +397,8 @@ def _load_finished_checkpoint(trainer, checkpoint: str) -> bool:
         return False
     trainer.state = state
     trainer._load_from_checkpoint(checkpoint)
-    if trainer.args.load_best_model_at_end and state.best_model_checkpoint and Path(state.best_model_checkpoint).is_dir():
+    best = state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
         trainer._load_best_model()  # what train() ends with
     return True
 

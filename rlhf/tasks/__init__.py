@@ -24,7 +24,8 @@ from typing import Protocol
 
 from rlhf.atomic import write_lines
 
-__all__ = ["TASK_FILES", "Task", "check_task_module", "gold_rm_accuracy", "load_task", "provided_files", "write_task_files"]
+__all__ = ["TASK_FILES", "Task", "check_task_module", "gold_rm_accuracy", "load_task", "provided_files",
+           "write_task_files"]
 
 # The files a task becomes (name -> what it holds); the stages read them like user data.
 TASK_FILES = ("sft", "pairs", "ppo_prompts", "eval_prompts")
