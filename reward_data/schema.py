@@ -38,6 +38,7 @@ REASONS: dict[str, str] = {
     "malformed_csv": "the csv module cannot parse the record",
     "too_deep": "the row nests lists/objects too deeply to parse",
     "non_text_content": "a message holds non-text content parts (image, audio, file, ...)",
+    "duplicate_key": "an object holds one key twice (JSON parsers keep only the last value)",
 }
 
 #: Accepted role spellings -> canonical role. Anything else is quarantined as ``unknown_role``.

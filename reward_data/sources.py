@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -310,7 +311,7 @@ def _iter_jsonl(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any,
                 except ValueError:
                     pass
                 else:
-                    yield lineno, value, line, lineno + 1
+                    yield lineno, _without_duplicate_keys(value, line), line, lineno + 1
                     continue
             if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]
@@ -335,7 +336,60 @@ def _iter_jsonl(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int, Any,
                 else:
                     yield lineno, RowError("malformed_json", f"malformed JSON: {err}"), line, lineno + 1
                 continue
-            yield lineno, value, line, lineno + 1
+            yield lineno, _without_duplicate_keys(value, line), line, lineno + 1
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise _DuplicateKey(key)
+        keys.add(key)
+    return dict(pairs)
+
+
+_KEY_END = re.compile(rb'"\s*:')
+
+
+def _keys_in(value: Any) -> int:
+    """How many keys the objects in ``value`` hold, all levels together."""
+    count, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return count
+
+
+def _without_duplicate_keys(value: Any, raw: bytes | str) -> Any:
+    """``value``, or a RowError naming a key that one of its objects holds twice in ``raw``
+    (the parsers keep the last value silently: ``{"chosen": A, "chosen": B}`` would train on B).
+
+    Cheap when there is none: every key is a string followed by a colon, so text with no more
+    ``"…:`` spots than the parsed value has keys repeats none; otherwise it is parsed again
+    keeping every key."""
+    if isinstance(value, RowError):
+        return value
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    if len(_KEY_END.findall(data)) <= _keys_in(value):
+        return value
+    try:
+        json.loads(data.decode("utf-8-sig", "surrogateescape"), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as dup:
+        return RowError("duplicate_key", f"key {dup.key[:80]!r} appears twice in one object (JSON keeps only the "
+                        "last value)", field=dup.key[:80])
+    except (ValueError, RecursionError):
+        pass  # the first parse decided what this row is
+    return value
 
 
 def _scan_end(buf: str, pos: int) -> int:
@@ -458,7 +512,7 @@ def _iter_json_array(src: SourceFile, max_row_bytes: int) -> Iterator[tuple[int,
             elif end - pos > max_row_bytes:
                 yield index, RowError("row_too_large", f"element is {end - pos} chars, over max_row_bytes={max_row_bytes}"), None, line
             else:
-                yield index, _checked(value), None, line
+                yield index, _without_duplicate_keys(_checked(value), buf[pos:end]), None, line
             index += 1
             pos = end
             if pos > (1 << 20):

@@ -267,9 +267,10 @@ def _run_main(argv: list[str]) -> int:
     from rlhf import distributed
     from rlhf.pipeline import Pipeline, plan, print_summary
 
-    p = plan(args.recipe, args.output_dir, args.overrides)
+    p = plan(args.recipe, args.output_dir, args.overrides, import_task=not args.validate_only)
     if args.validate_only:
-        print(f"{args.recipe}: valid (run dir {p.run_dir})")
+        note = _unimported_note(p)
+        print(f"{args.recipe}: valid (run dir {p.run_dir})" + (f"; {note}" if note else ""))
         return 0
     summary = Pipeline(p).run(from_stage=args.from_stage, resume=args.resume)
     if distributed.is_main():
@@ -311,11 +312,22 @@ def _config_main(argv: list[str]) -> int:
         if not recipe.is_file():
             raise ConfigError(f"config show: {args.target!r} is neither a stage ({', '.join(STAGES)}) "
                               "nor a recipe file")
-        p = plan(recipe, args.output_dir, args.overrides, check_inputs=False)
+        p = plan(recipe, args.output_dir, args.overrides, check_inputs=False, import_task=False)
         top = to_dict(p.pipeline)
         resolved = {**top, "run_dir": str(p.run_dir), **{s: to_dict(cfg) for s, cfg in p.configs.items()}}
+        note = _unimported_note(p)
+        if note:  # a YAML comment: the output still parses
+            sys.stdout.write(f"# {note}; the task file paths below assume it supplies every file\n")
     sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
     return 0
+
+
+def _unimported_note(p) -> str:
+    """For a recipe whose task.module was checked but not run (validating or showing it)."""
+    module = p.pipeline.task.module
+    if not module:
+        return ""
+    return f"task.module {module} not imported (a recipe naming a module is code: it runs with the pipeline)"
 
 
 def _dispatch(argv: list[str]) -> int:

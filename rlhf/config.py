@@ -889,13 +889,24 @@ class _RecipeYAMLError(yaml.YAMLError):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two limits, checked before anything is built.
+    """PyYAML's safe loader with three limits, checked before anything is built.
 
     Aliases are refused: nine aliases of nine aliases of ... make a 1 KB "billion laughs"
     document whose expansion is gigabytes, and a recipe never needs them (write the value
     twice). Nesting deeper than :data:`MAX_YAML_DEPTH` is refused too, before PyYAML's
-    recursive composer runs out of stack.
+    recursive composer runs out of stack. And a key given twice in one mapping, which PyYAML
+    (like JSON) resolves silently to the last value.
     """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise _RecipeYAMLError(f"key {short_repr(key, 60)} is given twice in one mapping (line "
+                                       f"{key_node.start_mark.line + 1}); the second would silently win")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
     _depth = 0
 

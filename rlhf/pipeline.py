@@ -135,12 +135,15 @@ def _stage_dict(pipe: PipelineConfig, section: dict, stage: str, run_dir: Path) 
 
 
 def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: list[str] = (),
-         check_inputs: bool = True) -> Plan:
+         check_inputs: bool = True, import_task: bool = True) -> Plan:
     """Load and validate a recipe (and overrides); raise ConfigError naming the bad key or file.
 
     Each stage section (``sft:``, ``ppo:``...) becomes its row's typed config; a section that is
     no stage of the table is an unknown key. ``check_inputs`` also checks that data files and
-    store references exist (off to validate a recipe's schema on a machine without its data)."""
+    store references exist (off to validate a recipe's schema on a machine without its data).
+    Without ``import_task`` a ``task.module`` is checked but not imported (its code does not
+    run: ``--validate-only``, ``config show``); the plan then assumes it supplies every task
+    file the recipe leaves unset, and cannot be run (``task_obj`` is None)."""
     recipe = Path(recipe)
     data = apply_overrides(_resolve_recipe_paths(load_yaml(recipe), recipe.resolve().parent), list(overrides))
     sections = {stage: data.pop(stage) for stage in STAGES if stage in data}
@@ -156,13 +159,16 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
 
     stages = _check_stages(pipe.stages)
     stage_data = {s: _stage_dict(pipe, sections.get(s) or {}, s, run_dir) for s in STAGES}
-    from rlhf.tasks import load_task, provided_files, task_file_name
+    from rlhf.tasks import TASK_FILES, check_task_module, load_task, provided_files, task_file_name
 
-    task = load_task(pipe.task, recipe.resolve().parent)
+    unimported = bool(pipe.task.module) and not import_task
+    if unimported:
+        check_task_module(pipe.task, recipe.resolve().parent)
+    task = None if unimported else load_task(pipe.task, recipe.resolve().parent)
     task_files = None
-    if task is not None:
+    if task is not None or unimported:
         task_dir = run_dir / "task"
-        provided = provided_files(task)
+        provided = TASK_FILES if unimported else provided_files(task)
         # the names write_task_files gives them (the pairs file is <run name>-pairs.jsonl)
         task_files = {name: str(task_dir / task_file_name(name, pipe.name)) for name in provided}
         for stage, row in STAGES.items():
@@ -171,6 +177,8 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
                     continue  # a user's task need not supply every file
                 if row.task_files_are_defaults:
                     stage_data[stage].setdefault(key, task_files[name])
+                elif key in stage_data[stage] and unimported:
+                    continue  # whether the task supplies it is known only once its code runs
                 elif key in stage_data[stage]:
                     raise ConfigError(
                         f"{stage}.{key}: the task ({task.name}) supplies it, so the recipe must not; remove "
@@ -254,12 +262,15 @@ class Pipeline:
     """Executes a Plan stage by stage, recording state in ``pipeline.json``."""
 
     def __init__(self, p: Plan):
+        if p.pipeline.task.module and p.task_obj is None:
+            raise ValueError("a plan made with import_task=False validates a recipe; it cannot run")
         self.p = p
         self.state_path = p.run_dir / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         self.state.setdefault("name", p.pipeline.name)
         self.state.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.state["recipe"] = str(p.recipe)
+        self.state["planned_stages"] = list(p.stages)  # in pipeline order: the dashboard lists those to come
         self.state.setdefault("stages", {})
         self.state["registry_home"] = str(_registry_home(p.pipeline.registry_home))
 
@@ -369,6 +380,7 @@ class Pipeline:
             self.state["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "run": run_ref,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
+            self._write_summary(task, final=False)
             if dist.is_main():
                 print(f"[pipeline] {stage}: {'resuming' if stage_resume else 'running'}")
             registration = (Registration(registry, _safe_name(p.pipeline.name), run_ref, self._known_artifacts(),
@@ -383,6 +395,7 @@ class Pipeline:
                 self.state["stages"][stage].update(status=status, reason=reason,
                                                    ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 self.save()
+                self._write_summary(task, final=False)
                 if registry and run_ref:
                     try:
                         registry.mark_run(run_ref, status, reason)
@@ -407,10 +420,19 @@ class Pipeline:
                 dirs=dict(result.artifacts), outputs=outputs, inputs=inputs, run=run_ref,
             )
             self.save()
-        summary = self.summary(task)
+        return self._write_summary(task, final=True)
+
+    def _write_summary(self, task: Task | None, final: bool) -> dict:
+        """Write ``summary.json`` (rank 0) and return it. Before the last stage has completed
+        (a stage starting, interrupted or failed) its numbers are the run's so far: marked
+        ``provisional``, with the stages still to come; the gold evaluation of the reward model
+        waits for the final one (it must not run between two stages)."""
+        from rlhf import distributed as dist
+
+        out = self.summary(task, evaluate=final)
         if dist.is_main():
-            write_json(p.run_dir / "summary.json", summary)
-        return summary
+            write_json(self.p.run_dir / "summary.json", out)
+        return out
 
     def _known_artifacts(self) -> dict[str, tuple[str, str]]:
         """Registered artifacts of the completed stages: directory -> (stage, registry ref)."""
@@ -460,8 +482,7 @@ class Pipeline:
             return
         self.state["stages"][stage] = {"status": "blocked", "reason": "; ".join(problems)}
         self.save()
-        if dist.is_main():
-            write_json(self.p.run_dir / "summary.json", self.summary(self.p.task()))
+        self._write_summary(self.p.task(), final=True)
         name = stage.upper()
         raise RewardGateFailed(
             f"reward model failed the quality gate ({'; '.join(problems)}); "
@@ -472,8 +493,10 @@ class Pipeline:
             f"run {name} anyway. "
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 
-    def summary(self, task: Task | None) -> dict:
-        """Final numbers of the run (and, with a task, its gold evaluation)."""
+    def summary(self, task: Task | None, evaluate: bool = True) -> dict:
+        """Numbers of the run (and, with a task and ``evaluate``, its gold evaluation);
+        ``provisional`` until every stage of the recipe has completed, ``stages_to_come``
+        those that have not, in pipeline order."""
         st = self.state["stages"]
         sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in ("sft", "reward", "ppo"))
         out = {
@@ -525,7 +548,8 @@ class Pipeline:
             out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
             from rlhf import distributed as dist
 
-            if (out.get("rm_accuracy_gold") is None and "reward" in st and st["reward"].get("status") == "completed"
+            if (evaluate and out.get("rm_accuracy_gold") is None and "reward" in st
+                    and st["reward"].get("status") == "completed"
                     and callable(getattr(task, "response_pairs", None)) and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
                 from rlhf.resolve import resolve_base
                 from rlhf.tasks import gold_rm_accuracy
@@ -545,6 +569,8 @@ class Pipeline:
         for name in ("dpo", "kto"):
             if name in self.p.stages and st.get(name, {}).get("status") == "completed":
                 _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
+        out["stages_to_come"] = [s for s in self.p.stages if st.get(s, {}).get("status") != "completed"]
+        out["provisional"] = bool(out["stages_to_come"])
         return out
 
 

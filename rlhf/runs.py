@@ -180,25 +180,40 @@ def newest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return max(found, default=None)
 
 
-def resume_step(output_dir: str | os.PathLike) -> int | None:
-    """The step of the newest complete checkpoint under ``output_dir/checkpoints``, or None."""
-    found = newest_checkpoint(output_dir)
-    return found[0] if found else None
+def checkpoint_record(directory: str | os.PathLike) -> dict:
+    """What :func:`stamp_checkpoint` wrote into a checkpoint (``{}`` when nothing readable)."""
+    try:
+        record = json.loads((Path(directory) / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _stamp(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / FINGERPRINT_FILE).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    fp = checkpoint_record(directory).get("fingerprint")
+    return fp if isinstance(fp, str) else None
 
 
-def stamp_checkpoint(checkpoint: str | os.PathLike) -> None:
-    """Copy the config fingerprint of ``checkpoints/`` into one checkpoint under it."""
+def _line_count(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def stamp_checkpoint(checkpoint: str | os.PathLike, counters: dict | None = None) -> None:
+    """Write into one checkpoint under ``<stage dir>/checkpoints/``: the folder's config
+    fingerprint; how many rows each step log of the stage held when it was saved (a resume
+    keeps exactly those: :func:`trim_logs`); and ``counters``, running totals the trainer does
+    not save itself (TRL's token count), for the resumed stage to continue from."""
     checkpoint = Path(checkpoint)
+    stage_dir = checkpoint.parent.parent
+    record: dict = {"log_rows": {name: _line_count(stage_dir / name) for name in LOGS_WITH_STEPS
+                                 if (stage_dir / name).is_file()}}
     fp = _stamp(checkpoint.parent)
     if fp is not None:
-        (checkpoint / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+        record["fingerprint"] = fp
+    if counters:
+        record["counters"] = counters
+    (checkpoint / FINGERPRINT_FILE).write_text(json.dumps(record))
 
 
 def prepare_checkpoints(output_dir: str | os.PathLike, fp: str, resume: bool) -> bool:
@@ -233,27 +248,37 @@ def prepare_checkpoints(output_dir: str | os.PathLike, fp: str, resume: bool) ->
     return False
 
 
-def trim_logs(output_dir: str | os.PathLike, keep_through: int | None) -> int:
-    """Drop rows with ``step > keep_through`` from a stage's step logs; returns rows dropped.
+def trim_logs(output_dir: str | os.PathLike, resume: bool) -> int:
+    """Drop from a stage's step logs the rows it will log again; returns rows dropped.
 
-    ``keep_through=None`` (a stage that starts from scratch) drops every row with a step.
-    Rows are rewritten atomically (temp file + rename); unparsable lines are kept.
+    A resumed stage repeats everything after its newest checkpoint: the rows past the count
+    the checkpoint recorded go (those of its step logged after it was saved, such as a final
+    evaluation, too), and any with a later step. A stage that starts from scratch
+    (``resume`` False) drops every row with a step. Rows are rewritten atomically (temp file +
+    rename); unparsable lines are kept.
     """
+    found = newest_checkpoint(output_dir) if resume else None
+    keep_through = found[0] if found else None
+    counts = checkpoint_record(found[1]).get("log_rows", {}) if found else {}
     dropped = 0
     for name in LOGS_WITH_STEPS:
         path = Path(output_dir) / name
         if not path.is_file():
             continue
-        kept, before = [], dropped
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                step = json.loads(line).get("step")
-            except (ValueError, AttributeError):
-                step = None
-            if isinstance(step, (int, float)) and (keep_through is None or step > keep_through):
-                dropped += 1
-                continue
-            kept.append(line)
-        if dropped > before:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        count = counts.get(name) if isinstance(counts, dict) else None
+        kept = lines[:count] if isinstance(count, int) and 0 <= count <= len(lines) else lines
+        kept = [line for line in kept if not _logged_after(line, keep_through)]
+        if len(kept) < len(lines):
+            dropped += len(lines) - len(kept)
             write_text(path, "".join(kept))
     return dropped
+
+
+def _logged_after(line: str, keep_through: int | None) -> bool:
+    """Whether a step-log row has a step past ``keep_through`` (any step when None)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(step, (int, float)) and (keep_through is None or step > keep_through)

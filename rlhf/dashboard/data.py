@@ -246,20 +246,35 @@ def _read_config(path: Path, problems: list[str]) -> tuple[str | None, dict[str,
     return text, data if isinstance(data, dict) else {}
 
 
-def _stage_names(run_dir: Path, declared: dict[str, Any]) -> list[str]:
-    """Stages in pipeline order (sft, reward, ppo, then others as found).
+def _stage_names(run_dir: Path, declared: dict[str, Any], planned: list[str] = ()) -> list[str]:
+    """Stages in pipeline order: the recipe's (``planned``, also those still to come), then
+    any others in :data:`STAGE_ORDER`, then as found.
 
     pipeline.json may store its stages in any key order (it is written with sorted keys);
     stages that logged but are not (yet) in pipeline.json are shown too.
     """
-    names = list(declared)
+    names = list(dict.fromkeys([*planned, *declared]))
     names += [
         child.name
         for child in sorted(run_dir.iterdir())
-        if child.is_dir() and child.name not in declared and (child / "metrics.jsonl").is_file()
+        if child.is_dir() and child.name not in names and (child / "metrics.jsonl").is_file()
     ]
-    rank = {name: index for index, name in enumerate(STAGE_ORDER)}
+    order = [*planned, *(name for name in STAGE_ORDER if name not in planned)]
+    rank = {name: index for index, name in enumerate(order)}
     return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+
+def _planned(pipeline: dict[str, Any]) -> list[str]:
+    """The recipe's stages in pipeline order, from pipeline.json (empty for older runs)."""
+    planned = pipeline.get("planned_stages")
+    return [name for name in planned if isinstance(name, str)] if isinstance(planned, list) else []
+
+
+def _status(info: Any, planned: list[str], name: str) -> str:
+    """A stage's status; a stage of the recipe that has not started yet is ``pending``."""
+    if isinstance(info, dict) and info.get("status"):
+        return str(info["status"])
+    return "pending" if name in planned else "unknown"
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -267,14 +282,15 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     problems: list[str] = []
     pipeline = _read_json(run_dir / "pipeline.json", problems)
     stages = pipeline.get("stages") if isinstance(pipeline.get("stages"), dict) else {}
+    planned = _planned(pipeline)
     return {
         "key": run_dir.name,
         "name": str(pipeline.get("name") or run_dir.name),
         "recipe": pipeline.get("recipe"),
         "created": pipeline.get("created"),
-        # pipeline order (pipeline.json is written with sorted keys: ppo, reward, sft)
-        "stages": {name: (stages[name] or {}).get("status", "unknown")
-                   for name in sorted(stages, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER), n))},
+        # pipeline order (pipeline.json is written with sorted keys: ppo, reward, sft), those to come too
+        "stages": {name: _status(stages.get(name), planned, name)
+                   for name in _stage_names(run_dir, stages, planned)},
         "summary": _read_json(run_dir / "summary.json", problems),
         "problems": problems,
     }
@@ -328,14 +344,15 @@ def load_run(run_dir: str | Path, *, with_lineage: bool = True) -> RunData:
         summary=_read_json(run_dir / "summary.json", problems),
         problems=problems,
     )
-    for name in _stage_names(run_dir, declared):
+    planned = _planned(pipeline)
+    for name in _stage_names(run_dir, declared, planned):
         info = declared.get(name) or {}
         stage_dir = run_dir / name
         config_text, config = _read_config(stage_dir / "config.yaml", problems)
         run.stages.append(
             StageData(
                 name=name,
-                status=str(info.get("status", "unknown")),
+                status=_status(info, planned, name),
                 inputs=dict(info.get("inputs") or {}),
                 outputs=dict(info.get("outputs") or {}),
                 run=info.get("run") if isinstance(info.get("run"), str) else None,

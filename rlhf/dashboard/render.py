@@ -74,6 +74,7 @@ td.text { white-space: pre-wrap; max-width: 40rem; font-family: ui-monospace, mo
 .status-failed, .status-killed { background: #ffd6d6; } .status-interrupted, .status-blocked { background: #ffe0b3; }
 .status-pending, .status-unknown { background: #eee; }
 .problems { background: #fff4e5; border: 1px solid #f0c36d; padding: .5rem 1rem; }
+.provisional { background: #fff3bf; border: 1px solid #e6c200; padding: .5rem 1rem; }
 .muted { color: #777; } pre { background: #f8f8f8; padding: .5rem; overflow-x: auto; }
 code.key { color: #777; font-size: .8rem; }
 nav a { margin-right: 1rem; }
@@ -426,6 +427,8 @@ def render_index(runs: list[dict[str, Any]], runs_root: str) -> str:
     for run in runs:
         stages = " ".join(f"{_e(name)} {_status(status)}" for name, status in run["stages"].items())
         summary = ", ".join(f"{_e(k)}={_fmt(v)}" for k, v in list(run["summary"].items())[:6])
+        if run["summary"].get("provisional") or any(status != "completed" for status in run["stages"].values()):
+            summary = f'<span class="provisional">provisional</span> {summary}'
         rows.append(
             "<tr>"
             f'<td><input type="checkbox" name="runs" value="{_e(run["key"])}" aria-label="select {_e(run["key"])}"></td>'
@@ -447,6 +450,21 @@ def render_index(runs: list[dict[str, Any]], runs_root: str) -> str:
     return _page("rlhf runs", body, charts, standalone=False, refresh=running)
 
 
+def _stages_to_come(run: RunData) -> list[str]:
+    """The run's stages that have not completed, in pipeline order."""
+    return [stage.name for stage in run.stages if stage.status != "completed"]
+
+
+def _provisional_html(run: RunData) -> str:
+    """A note over the summary of a run under way, interrupted or failed: its numbers are the
+    run's so far, not its final ones."""
+    to_come = _stages_to_come(run)
+    if not to_come and not run.summary.get("provisional"):
+        return ""
+    return ('<p class="provisional" id="provisional"><strong>Provisional:</strong> the run has not finished; '
+            f"still to come: {_e(', '.join(to_come))}. The numbers below are the run's so far.</p>")
+
+
 def _summary_html(run: RunData) -> str:
     """The top of a run page: policies side by side, the reward model, what was produced."""
     summary = policy_summary(run)
@@ -454,7 +472,7 @@ def _summary_html(run: RunData) -> str:
     for policy in summary["policies"]:
         alt = alts.get(policy["stage"])
         policy["step_word"] = "update" if alt and alt[0] == "episodes" else "step"
-    parts = ['<h2 id="summary">Summary</h2>']
+    parts = ['<h2 id="summary">Summary</h2>', _provisional_html(run)]
     policies, columns = summary["policies"], summary["columns"]
     if policies:
         head = "".join(

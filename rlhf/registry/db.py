@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -189,12 +190,31 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_NEARLY_FULL = 1 << 20  # bytes: less free space than SQLite's WAL and shared-memory files may need
+
+
+def _free_bytes(where: str) -> int | None:
+    """Free bytes on the filesystem of the database file ``where`` (None for a server URL)."""
+    folder = Path(where).parent
+    try:
+        return shutil.disk_usage(folder).free if folder.is_dir() else None
+    except OSError:
+        return None
+
+
 def describe_error(where: str, err: BaseException) -> str:
     """One line naming the database and the cause, with a hint for the common ones."""
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     low = msg.lower()
     if "disk is full" in low or "no space left" in low or "could not extend file" in low:
         return f"{where}: the disk holding the registry database is full ({msg}); nothing was committed; free space and retry"
+    if "disk i/o error" in low:
+        # SQLite reports a full disk as an I/O error when it cannot create a file it needs
+        # (the WAL's shared-memory index, even to read): ask the filesystem
+        free = _free_bytes(where)
+        if free is not None and free < _NEARLY_FULL:
+            return (f"{where}: the disk holding the registry database is full ({free} bytes free; SQLite says "
+                    f"{msg!r}); nothing was committed; free space and retry")
     if "not a database" in low or "malformed" in low or "corrupt" in low:
         return (f"{where}: the registry database is damaged ({msg}); restore it from a backup, or move it aside "
                 "and re-create it from the artifact store with `rlhf registry rebuild`")

@@ -231,7 +231,7 @@ def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
     from rlhf import distributed as dist
     from rlhf.config import ConfigError, to_dict
     from rlhf.resolve import resolve_inputs
-    from rlhf.runs import config_fingerprint, locked, prepare_checkpoints, resume_step, trim_logs
+    from rlhf.runs import config_fingerprint, locked, prepare_checkpoints, trim_logs
 
     make_reproducible()
     resolved = resolve_inputs(cfg, STAGES[name].inputs, name)  # may build the tiny base: after the thread count is fixed
@@ -240,7 +240,7 @@ def run_stage(name: str, cfg, *, group: str | None = None, resume: bool = False,
         if dist.is_main():
             try:
                 resume = prepare_checkpoints(cfg.output_dir, fingerprint or config_fingerprint(to_dict(cfg)), resume)
-                trim_logs(cfg.output_dir, resume_step(cfg.output_dir) if resume else None)
+                trim_logs(cfg.output_dir, resume)
             except ConfigError as e:
                 error = str(e)
         error, resume = dist.broadcast_object((error, resume))

@@ -380,28 +380,70 @@ def stage_tracker(cfg, out: Path, group: str | None, main: bool, **refs: str):
                    is_main_process=main)
 
 
-def train(trainer, tracker, out: Path, resume: bool, *, attach: bool = True) -> None:
+def train(trainer, tracker, out: Path, resume: bool, *, attach: bool = True) -> float | None:
     """Step 3: train, from the stage's last complete checkpoint when ``resume``. With ``attach``
     the trainer's log dicts go to the tracker and the console shows one progress line
-    (a trainer built with ``tracker.callback()`` passes False)."""
+    (a trainer built with ``tracker.callback()`` passes False).
+
+    Returns:
+        The mean training loss of this call's steps; None when it trained none (resumed
+        from the checkpoint of the last step: transformers' ``train_loss`` is then 0/0).
+    """
+    from rlhf.runs import checkpoint_record
+
     if attach:
         tracker.attach(trainer)
-    trainer.add_callback(_stamp_checkpoints_callback())  # every checkpoint carries the config fingerprint
+    trainer.add_callback(_stamp_checkpoints_callback(trainer))  # every checkpoint carries the config fingerprint
     # with resume, rlhf.stages.run_stage has checked that the newest checkpoint is this config's
-    trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
+    checkpoint = last_checkpoint(out) if resume else None
+    if checkpoint is not None and hasattr(trainer, "_total_train_tokens"):
+        # TRL's running token count (the num_tokens charts) is no part of transformers' state
+        tokens = checkpoint_record(checkpoint).get("counters", {}).get("total_train_tokens")
+        if isinstance(tokens, (int, float)):
+            trainer._total_train_tokens = tokens
+    if checkpoint is not None and _load_finished_checkpoint(trainer, checkpoint):
+        return None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    start = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+    return result.training_loss if trainer.state.global_step > start else None
 
 
-def _stamp_checkpoints_callback():
+def _load_finished_checkpoint(trainer, checkpoint: str) -> bool:
+    """Load the checkpoint of the last step (a stage killed after it, say while publishing)
+    without training; False for any other checkpoint.
+
+    transformers' ``train()`` checks ``max_steps`` only after a step: resumed from the last
+    step's checkpoint mid-epoch it trains one step more. Under FSDP or DeepSpeed, whose
+    weights load only once the model is wrapped, ``train()`` still does the loading.
+    """
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if not state.max_steps or state.global_step < state.max_steps or trainer.is_fsdp_enabled \
+            or trainer.is_deepspeed_enabled:
+        return False
+    trainer.state = state
+    trainer._load_from_checkpoint(checkpoint)
+    best = state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()  # what train() ends with
+    return True
+
+
+def _stamp_checkpoints_callback(trainer):
     from transformers import TrainerCallback
 
     from rlhf.runs import stamp_checkpoint
 
     class StampCheckpoints(TrainerCallback):
-        """Copies ``checkpoints/``'s config fingerprint into each ``checkpoint-N`` it saves."""
+        """Copies ``checkpoints/``'s config fingerprint into each ``checkpoint-N`` it saves,
+        with the log row counts and TRL's token count a resume continues from."""
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                stamp_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                tokens = getattr(trainer, "_total_train_tokens", None)
+                stamp_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                                 {"total_train_tokens": tokens} if isinstance(tokens, (int, float)) else None)
 
     return StampCheckpoints()
 

@@ -34,7 +34,6 @@ from rlhf.stages.common import (
     count_long_pairs,
     evaluate_policy_against_sft,
     filter_supported,
-    final_log_value,
     finish,
     policy_from_sft,
     publish_policy_adapter,
@@ -91,9 +90,8 @@ def run_dpo(cfg: DPOConfig, *, group: str | None = None, resume: bool = False,
     tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows)
     # the project's progress line, as SFT and reward; TRL's log dicts go to metrics.jsonl
-    train(trainer, tracker, out, resume)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long,
-                     "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
+    train_loss = train(trainer, tracker, out, resume)
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long, "train_loss": train_loss}
     if test_rows:
         ev = trainer.evaluate()
         for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):

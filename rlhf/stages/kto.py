@@ -30,7 +30,6 @@ from rlhf.stages.common import (
     begin,
     evaluate_policy_against_sft,
     filter_supported,
-    final_log_value,
     finish,
     policy_from_sft,
     publish_policy_adapter,
@@ -97,11 +96,11 @@ def run_kto(cfg: KTOConfig, *, group: str | None = None, resume: bool = False,
     tok = stage_tokenizer(cfg)
     tracker = stage_tracker(cfg, out, group, main, base=base, dataset=data_ref, sft_adapter=cfg.sft_adapter)
     trainer = build_trainer(cfg, base, tok, train_rows, test_rows, callbacks=[tracker.callback()])
-    train(trainer, tracker, out, resume, attach=False)
+    train_loss = train(trainer, tracker, out, resume, attach=False)
     n_desirable = sum(r["label"] for r in train_rows)
     metrics: dict = {"train_completions": len(train_rows), "train_desirable": n_desirable,
                      "train_undesirable": len(train_rows) - n_desirable, "test_completions": len(test_rows),
-                     "train_loss": final_log_value(trainer.state.log_history, "train_loss")}
+                     "train_loss": train_loss}
     if test_rows:
         ev = trainer.evaluate()
         for k in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_kl"):

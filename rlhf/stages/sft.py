@@ -110,8 +110,7 @@ def run_sft(cfg: SFTConfig, *, group: str | None = None, resume: bool = False,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora, model, "CAUSAL_LM") if cfg.finetune == "lora" else None,
     )
-    train(trainer, tracker, out, resume)
-    metrics = {"train_loss": final_log_value(trainer.state.log_history, "train_loss")}
+    metrics = {"train_loss": train(trainer, tracker, out, resume)}
     last = final_log_value(trainer.state.log_history, "loss")
     metrics["loss"] = last if last is not None else metrics["train_loss"]  # runs shorter than logging_steps
     if eval_ds is not None:

@@ -24,7 +24,8 @@ from typing import Protocol
 
 from rlhf.atomic import write_lines
 
-__all__ = ["TASK_FILES", "Task", "gold_rm_accuracy", "load_task", "provided_files", "write_task_files"]
+__all__ = ["TASK_FILES", "Task", "check_task_module", "gold_rm_accuracy", "load_task", "provided_files",
+           "write_task_files"]
 
 # The files a task becomes (name -> what it holds); the stages read them like user data.
 TASK_FILES = ("sft", "pairs", "ppo_prompts", "eval_prompts")
@@ -94,9 +95,8 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
         from rlhf.tasks.synthetic import SyntheticTask
 
         return SyntheticTask(cfg)
-    target, sep, attr = cfg.module.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(f"task.module: {cfg.module!r} must look like 'my_pkg.my_task:MyTask' or 'path/to/file.py:MyTask'")
+    check_task_module(cfg, base_dir)
+    attr = cfg.module.rpartition(":")[2]
     cls = import_named(cfg.module, "task.module", base_dir)
     try:
         task = cls(**cfg.options)
@@ -108,6 +108,29 @@ def load_task(cfg, base_dir: str | Path = ".") -> Task | None:
     if not getattr(task, "name", None):
         task.name = attr
     return task
+
+
+def check_task_module(cfg, base_dir: str | Path = ".") -> None:
+    """Check what can be checked of ``task.module`` without running its code (``rlhf run
+    --validate-only`` and ``rlhf config show`` import nothing): its form, and that the file,
+    or the top-level package of an import path, exists.
+
+    Raises:
+        rlhf.config.ConfigError: naming ``task.module``.
+    """
+    import importlib.util
+
+    from rlhf.config import ConfigError
+
+    target, sep, attr = cfg.module.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"task.module: {cfg.module!r} must look like 'my_pkg.my_task:MyTask' or 'path/to/file.py:MyTask'")
+    if target.endswith(".py"):
+        path = Path(target) if Path(target).is_absolute() else Path(base_dir) / target
+        if not path.is_file():
+            raise ConfigError(f"task.module: file not found: {path}")
+    elif importlib.util.find_spec(target.split(".")[0]) is None:  # a top-level lookup runs no code
+        raise ConfigError(f"task.module: cannot import {target!r}: no module named {target.split('.')[0]!r}")
 
 
 def task_file_name(name: str, run_name: str = "") -> str:

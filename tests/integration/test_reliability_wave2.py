@@ -91,6 +91,20 @@ def test_an_integer_of_5000_digits_and_keys_of_mixed_types_are_one_line(tmp_path
     _one_line_error(capsys, "unknown key")
 
 
+
+@pytest.mark.parametrize("text, key, line", [
+    ("seed: 1\nname: a\nseed: 2\n", "seed", 3),
+    ("ppo:\n  learning_rate: 1.0e-5\n  kl_coef: 0.1\n  learning_rate: 2.0e-5\n", "learning_rate", 4),
+    ('{"seed": 1, "seed": 2}\n', "seed", 1),  # a JSON recipe is YAML too
+])
+def test_a_key_given_twice_in_a_recipe_is_refused(tmp_path, capsys, text, key, line):
+    """Issue 29 item 8: YAML (like JSON) keeps the last of two equal keys without a word."""
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(text)
+    assert main(["run", str(recipe), "--validate-only"]) == 2
+    _one_line_error(capsys, str(recipe), f"{key!r}", f"line {line}", "twice")
+
+
 # ----------------------------------------------------------------------------------------
 # item 1: --resume continues only what this config produced
 
@@ -131,7 +145,8 @@ def test_a_fresh_start_moves_old_checkpoints_aside_and_every_checkpoint_carries_
     assert seen == [(False, ["rlhf_fingerprint.json"])]  # the stage started on an empty folder
     assert (out / "checkpoints.previous" / old.name / "COMPLETE").is_file()  # moved aside, not deleted
     stamp = json.loads((out / "checkpoints" / "rlhf_fingerprint.json").read_text())
-    assert json.loads((out / "checkpoints" / "update-1" / "rlhf_fingerprint.json").read_text()) == stamp
+    assert json.loads((out / "checkpoints" / "update-1" / "rlhf_fingerprint.json").read_text())["fingerprint"] \
+        == stamp["fingerprint"]
     # resuming the same config continues; a second fresh start replaces the earlier .previous
     run_stage("ppo", PPOConfig(output_dir=str(out), learning_rate=1e-5), resume=True)
     assert seen[-1] == (True, ["rlhf_fingerprint.json", "update-1"])
@@ -210,11 +225,11 @@ def test_sft_checkpoints_carry_the_fingerprint_and_a_changed_config_cannot_resum
     args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=2", "train.save_steps=1",
             "train.per_device_train_batch_size=4", "train.max_length=48", "eval_fraction=0"]
     assert main([*args, "train.learning_rate=1e-4"]) == 0
-    stamp = (out / "checkpoints" / "rlhf_fingerprint.json").read_text()
+    stamp = json.loads((out / "checkpoints" / "rlhf_fingerprint.json").read_text())["fingerprint"]
     ckpts = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert [p.name for p in ckpts] == ["checkpoint-1", "checkpoint-2"]
     for ckpt in ckpts:
-        assert (ckpt / "rlhf_fingerprint.json").read_text() == stamp
+        assert json.loads((ckpt / "rlhf_fingerprint.json").read_text())["fingerprint"] == stamp
     capsys.readouterr()
     assert main([*args, "train.learning_rate=2e-4", "--resume"]) == 2
     _one_line_error(capsys, "--resume", "checkpoint-2", "another config")
@@ -382,3 +397,147 @@ def test_a_utf16_jsonl_is_rejected_saying_utf16(tmp_path, capsys):
     assert main(["data", "ingest", str(src), "--name", "pairs"]) == 1
     _one_line_error(capsys, "UTF-16", "pairs.jsonl")
     assert not (tmp_path / "home" / "data" / "pairs").exists()  # a failed ingest leaves no empty dataset folder
+
+
+# ----------------------------------------------------------------------------------------
+# item 8: a recipe's task.module is code; validating or showing the recipe does not run it
+
+_LOUD_TASK = textwrap.dedent("""
+    from pathlib import Path
+    Path(__file__).with_name("ran").write_text("the module ran")
+
+    class Loud:
+        def prompts(self, split):
+            return [{"prompt": "hi"}] if split == "train" else []
+        def evaluate(self, prompt, completion):
+            return 0.0
+""")
+
+
+@pytest.mark.parametrize("command", [["run", "--validate-only"], ["config", "show"]])
+def test_validate_only_and_config_show_do_not_run_a_task_module(tmp_path, capsys, command):
+    (tmp_path / "loud.py").write_text(_LOUD_TASK)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task:\n  module: loud.py:Loud\nsft: {dataset: sft.jsonl}\nreward: {dataset: pairs.jsonl}\n")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    assert main([*command, str(recipe)]) == 0
+    assert not (tmp_path / "ran").exists()
+    out = capsys.readouterr().out
+    assert "loud.py:Loud" in out and "not imported" in out
+    # what can be checked without running it still is: a missing file is one line
+    recipe.write_text("task:\n  module: gone.py:Loud\n")
+    assert main([*command, str(recipe)]) == 2
+    _one_line_error(capsys, "task.module", "gone.py")
+
+
+# ----------------------------------------------------------------------------------------
+# item 8: a resume logs each row once, even at the last step; issue 28 item 5: the token
+# counters continue from the checkpoint
+
+
+def _logged(path: Path) -> list[dict]:
+    """The rows of a step log without the clock's numbers (times, speeds)."""
+    def timeless(key: str) -> bool:
+        return key == "time" or key.endswith(("runtime", "_per_second", "preparation_time"))
+
+    return [{k: v for k, v in json.loads(line).items() if not timeless(k)} for line in path.read_text().splitlines()]
+
+
+def test_a_trl_stage_resumed_at_its_last_step_or_before_logs_each_row_once_and_counts_tokens_on(tmp_path):
+    from rlhf.tasks import write_task_files
+    from rlhf.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+
+    files = write_task_files(SyntheticTask(SyntheticTaskConfig(num_sft=40, num_pairs=8, num_ppo_prompts=4,
+                                                               num_eval_prompts=4)), tmp_path / "task")
+    out = tmp_path / "sft"
+    args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=4", "train.save_steps=2",
+            "train.logging_steps=1", "train.batch_size=4", "train.max_length=48", "eval_fraction=0.2"]
+    assert main(args) == 0
+    first = _logged(out / "metrics.jsonl")
+    tokens = {r["step"]: r["num_tokens"] for r in first if "num_tokens" in r}
+    assert sorted(tokens) == [1, 2, 3, 4] and tokens[1] < tokens[2] < tokens[3] < tokens[4]
+    assert [r["step"] for r in first if set(r) == {"step", "eval_loss"}] == [4]  # the stage's final evaluation
+
+    # killed after the last checkpoint (say while publishing): the resume trains no step
+    assert main([*args, "--resume"]) == 0
+    again = _logged(out / "metrics.jsonl")
+    # every row once; no train summary of a call that trained nothing (its train_loss was 0/0)
+    assert again == [r for r in first if "train_loss" not in r]
+    assert json.loads((out / "metrics.json").read_text()).get("train_loss") != 0.0
+
+    # killed after checkpoint-2: steps 3 and 4 are logged once more, their token counts go on from step 2's
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    assert main([*args, "--resume"]) == 0
+    resumed = _logged(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
+    assert {r["step"]: r["num_tokens"] for r in resumed if "num_tokens" in r} == tokens
+
+
+def test_ppo_resumed_at_its_last_update_logs_its_final_evaluation_once(ppo_config, tmp_path):
+    from rlhf.stages import run_stage
+
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=4)
+    run_stage("ppo", cfg)
+    out = Path(cfg.output_dir)
+    first, first_samples = _logged(out / "metrics.jsonl"), _logged(out / "samples.jsonl")
+    assert any("eval/score_mean" in r and r["step"] == 2 for r in first)  # the final evaluation, after update-2
+    run_stage("ppo", cfg, resume=True)  # killed after the last checkpoint: no update runs, the evaluation does
+    again = _logged(out / "metrics.jsonl")
+    assert [(r["step"], sorted(r)) for r in again] == [(r["step"], sorted(r)) for r in first]
+    assert len(_logged(out / "samples.jsonl")) == len(first_samples)
+
+
+# ----------------------------------------------------------------------------------------
+# issue 28 item 5: a run under way or interrupted is provisional, and says what is to come
+
+
+def test_an_interrupted_runs_summary_report_and_dashboard_are_provisional_and_list_the_stages_to_come(
+        tmp_path, monkeypatch, capsys):
+    import rlhf.pipeline as pipeline
+    from rlhf.dashboard.cli import main as dashboard_main
+    from rlhf.dashboard.data import list_runs, load_run
+    from rlhf.dashboard.render import render_run
+    from rlhf.pipeline import Pipeline, plan
+
+    run_dir = tmp_path / "runs" / "tiny"
+    interrupt = {"reward"}
+    seen_summaries = []
+
+    def stand_in(stage, cfg, **kw):
+        seen_summaries.append(json.loads((run_dir / "summary.json").read_text()))  # written as the stage starts
+        if stage in interrupt:
+            raise KeyboardInterrupt
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        # (with gold_accuracy the summary need not build the tiny base to measure the reward model)
+        return StageResult(stage, str(run_dir / stage), "base", {},
+                           {"loss": 1.0, "gold_accuracy": 0.9, "eval_accuracy": 0.9, "eval_margin": 1.0})
+
+    monkeypatch.setattr(pipeline, "run_stage", stand_in)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(plan(RECIPE, run_dir, ["register=false"])).run()
+    assert [(s["provisional"], s["stages_to_come"]) for s in seen_summaries] == [
+        (True, ["sft", "reward", "ppo"]), (True, ["reward", "ppo"])]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["provisional"] is True and summary["stages_to_come"] == ["reward", "ppo"]  # pipeline order
+
+    run = load_run(run_dir, with_lineage=False)
+    assert [(s.name, s.status) for s in run.stages] == [("sft", "completed"), ("reward", "interrupted"),
+                                                        ("ppo", "pending")]
+    page = render_run(run)
+    assert "Provisional" in page and "still to come: reward, ppo" in page
+    (listed,) = list_runs(tmp_path / "runs")
+    assert list(listed["stages"].items()) == [("sft", "completed"), ("reward", "interrupted"), ("ppo", "pending")]
+    capsys.readouterr()
+    out = tmp_path / "report.html"
+    assert dashboard_main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out  # `rlhf report` says what it wrote
+    assert "Provisional" in out.read_text()
+
+    interrupt.clear()  # the rest runs: final numbers, nothing to come
+    Pipeline(plan(RECIPE, run_dir, ["register=false"])).run()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["provisional"] is False and summary["stages_to_come"] == []
+    assert "Provisional" not in render_run(load_run(run_dir, with_lineage=False))

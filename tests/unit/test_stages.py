@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,11 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
     calls = []
 
     class Trainer:  # the parts of a transformers Trainer the skeleton touches
+        state = types.SimpleNamespace(global_step=4)
+
         def train(self, resume_from_checkpoint=None):
             calls.append(("train", resume_from_checkpoint))
+            return types.SimpleNamespace(training_loss=1.25)
 
         def add_callback(self, callback):  # the checkpoint stamper (rlhf.runs.stamp_checkpoint)
             calls.append(("callback", type(callback).__name__))
@@ -171,8 +175,8 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
     (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (out / "checkpoints" / "checkpoint-8").mkdir()  # incomplete: no trainer_state.json
-    common.train(Trainer(), Tracker(), out, resume=True)
-    common.train(Trainer(), Tracker(), out, resume=False, attach=False)
+    assert common.train(Trainer(), Tracker(), out, resume=True) is None  # no step after checkpoint-4's: no loss
+    assert common.train(Trainer(), Tracker(), out, resume=False, attach=False) == 1.25
     assert calls == [("attach",), ("callback", "StampCheckpoints"), ("train", str(out / "checkpoints" / "checkpoint-4")),
                      ("callback", "StampCheckpoints"), ("train", None)]
 

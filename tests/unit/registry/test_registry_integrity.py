@@ -366,6 +366,37 @@ def test_full_disk_under_the_registry_loses_nothing_and_names_the_path(small_dis
         assert reg.register_adapter("a", "sft", make_adapter(seed=2), base="tiny").ref == "a:2"
 
 
+
+@SQLITE_ONLY
+def test_a_full_disk_during_registry_list_names_a_full_disk(small_disk, backend, monkeypatch, capsys):
+    """Issue 29 item 8: reading a registry on a full disk fails in SQLite as "disk I/O error"
+    (it cannot create its shared-memory file); the message must say the disk is full."""
+    monkeypatch.setenv("RLHF_REGISTRY_URL", str(small_disk / "registry.db"))
+    monkeypatch.setenv("RLHF_REGISTRY_STORE", str(small_disk / "store"))
+    Registry.open().close()
+    filler = _fill(small_disk)
+    err = _cli_error(capsys, ["list"])
+    assert str(small_disk / "registry.db") in err and "the disk holding the registry database is full" in err, err
+    filler.unlink()
+    assert main(["list"]) == 0
+
+
+
+def test_a_disk_io_error_names_a_full_disk_only_when_it_is_full(tmp_path, monkeypatch):
+    """The same check without a small disk to fill: the free space decides the message."""
+    import sqlite3
+    from collections import namedtuple
+
+    from rlhf.registry import db
+
+    usage = namedtuple("usage", "total used free")
+    where = str(tmp_path / "registry.db")
+    monkeypatch.setattr(db.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert "is full (4096 bytes free" in db.describe_error(where, sqlite3.OperationalError("disk I/O error"))
+    monkeypatch.setattr(db.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 29, 1 << 29))
+    assert db.describe_error(where, sqlite3.OperationalError("disk I/O error")) == f"{where}: disk I/O error"
+
+
 # ---------------------------------------------------------------- SQLite on a network filesystem
 
 

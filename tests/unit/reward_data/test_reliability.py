@@ -166,3 +166,21 @@ def test_truncated_gz_variants_never_give_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and err.count("\n") == 0
     assert str(arr) in err and "line " in err and "truncated" in err
+
+
+def test_a_row_with_a_duplicate_key_is_quarantined_naming_the_key(tmp_path, write_jsonl, quarantined, records):
+    """Issue 29 item 8: JSON keeps the last of two equal keys, so {"chosen": A, ..., "chosen": B}
+    would silently train on B; the row is quarantined instead (JSONL and JSON arrays, and with
+    a colon in the text, which the quick no-duplicates check must not mistake for a key)."""
+    dup = '{"prompt": "q1", "chosen": "good", "rejected": "bad", "chosen": "bad"}'
+    nested = '{"prompt": [{"role": "user", "content": "a: b", "content": "c"}], "chosen": "x", "rejected": "y"}'
+    good = {"prompt": 'q2 ": note', "chosen": "yes: sure", "rejected": "no"}
+    info = reward_data.ingest([write_jsonl("d.jsonl", [dup, good, nested])], "dup", test_fraction=0.0)
+    got = [(q["reason"], q["source"]["line"]) for q in quarantined(info.ref)]
+    assert got == [("duplicate_key", 1), ("duplicate_key", 3)]
+    assert all("'chosen'" in q["detail"] or "'content'" in q["detail"] for q in quarantined(info.ref))
+    assert [r["chosen"][-1]["content"] for r in records(info.ref)] == ["yes: sure"]
+    arr = tmp_path / "d.json"
+    arr.write_text("[\n" + json.dumps(good) + ",\n" + dup + "\n]\n")
+    info = reward_data.ingest([arr], "duparr", test_fraction=0.0)
+    assert [(q["reason"], q["source"]["line"]) for q in quarantined(info.ref)] == [("duplicate_key", 3)]
