@@ -266,7 +266,7 @@ def _held_out(correct: int, n: int, margin: float = 0.1) -> dict:
 def test_reward_gate_stops_a_model_at_chance(tmp_path, monkeypatch):
     from rlhf.pipeline import RewardGateFailed
 
-    monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
+    monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task, evaluate=True: {"stub": True})
     # 153 of 300 (0.510): Wilson 95% lower bound 0.463 (derived as in tests/unit/test_summary.py)
     with pytest.raises(RewardGateFailed, match=r"accuracy 0.510 \(153 of 300 pairs\), 95% lower bound 0.463 "
                                                r"< reward_gate.min_accuracy 0.5\).*Try:"):
@@ -292,7 +292,7 @@ def test_reward_gate_uses_the_lower_bound_and_a_least_pair_count(tmp_path, monke
     pairs are fewer than the default 50: it fails on both. 222 of 300 (0.74) passes: 0.696."""
     from rlhf.pipeline import RewardGateFailed
 
-    monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task: {"stub": True})
+    monkeypatch.setattr("rlhf.pipeline.Pipeline.summary", lambda self, task, evaluate=True: {"stub": True})
     with pytest.raises(RewardGateFailed) as failed:
         _gate_pipeline(tmp_path, _held_out(17, 28))._check_reward_gate("ppo")
     said = str(failed.value)
