@@ -178,6 +178,12 @@ class RewardConfig:
     lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
+    ensemble: int = _help(
+        "Reward models to train: N > 1 trains an ensemble, member j with seed seed + j on its own bootstrap "
+        "resample of the training pairs, published as adapter, adapter-1, ... (registered with member, seed and "
+        "resample seed); the metrics hold each member's and the ensemble's (mean score) held-out accuracy, and "
+        "PPO's {rm: reward} scores with every member (ppo.ensemble_k). 1: one reward model on all pairs.",
+        range=">= 1", default=1)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])

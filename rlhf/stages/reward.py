@@ -77,20 +77,48 @@ def ensure_test_split(train_rows: list[dict], test_rows: list[dict], minimum: in
     return keep, moved
 
 
+def member_seeds(cfg: RewardConfig, member: int) -> tuple[int, int | None]:
+    """``(seed, resample seed)`` of ensemble member ``member``: the stage's seed plus the
+    member index, and the seed of its bootstrap resample of the training pairs (None for a
+    single reward model, which trains on the pairs as they are)."""
+    if cfg.ensemble == 1:
+        return cfg.seed, None
+    return cfg.seed + member, cfg.seed + 10_007 * (member + 1)
+
+
+def bootstrap(rows: list[dict], seed: int) -> list[dict]:
+    """As many pairs as ``rows``, drawn from them with replacement (seeded): one bootstrap
+    resample, so that the members of an ensemble see different data (Lakshminarayanan et
+    al. 2017, arXiv 1612.01474)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rows[rng.randrange(len(rows))] for _ in rows]
+
+
+def ensemble_accuracy(chosen, rejected) -> float:
+    """Held-out accuracy of an ensemble's mean score: the share of pairs where the members'
+    mean score of the chosen response is above that of the rejected one (a tie counts as
+    wrong, as in TRL's RewardTrainer).
+
+    Args:
+        chosen, rejected: (members, pairs) each member's score of each pair's two responses.
+    """
+    return float((chosen.mean(0) > rejected.mean(0)).float().mean())
+
+
 def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
                registration: Registration | None = None) -> StageResult:
-    """Train the reward model; its artifact is ``adapter`` (LoRA + score head).
+    """Train the reward model; its artifact is ``adapter`` (LoRA + score head). With
+    ``reward.ensemble: N`` > 1, N members (artifacts ``adapter``, ``adapter-1``, ...), each
+    with its own seed and bootstrap resample of the training pairs, and the held-out
+    accuracy of each member and of the ensemble's mean score in the metrics.
 
     The steps of a TRL-trainer stage (:mod:`rlhf.stages.common`): under accelerate launch
     every process runs this function; TRL shards the pairs and syncs gradients, and only the
     main process writes files or logs."""
-    import datasets
-    from peft import get_peft_model
-    from transformers import set_seed
-    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+    import torch
 
-    from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer
     from rlhf.resolve import is_store_ref
 
     out, main = begin(cfg)
@@ -104,15 +132,66 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
     train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_test_pairs, f"reward.dataset {data_ref}")
+    tok = stage_tokenizer(cfg)
+    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
+    if cfg.ensemble == 1:  # one reward model, trained on the pairs as they are
+        path = _train_member(cfg, 0, train_rows, test_rows, tok, out, main, group, resume, registration, metrics)
+        return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
 
+    # 2-4. an ensemble: member N-1 first, member 0 (``adapter``, listing the others) last
+    artifacts: dict[str, str] = {}
+    listed: list[dict] = []
+    chosen, rejected = [], []
+    for j in reversed(range(cfg.ensemble)):
+        member_metrics: dict = {}
+        _, resample = member_seeds(cfg, j)
+        name = "adapter" if j == 0 else f"adapter-{j}"
+        ensemble = [{"member": 0, "dir": "adapter", "ref": None}] + listed[::-1] if j == 0 else None
+        artifacts[name] = _train_member(cfg, j, bootstrap(train_rows, resample), test_rows, tok,
+                                        out if j == 0 else out / f"member-{j}", main, group, resume, registration,
+                                        member_metrics, ensemble=ensemble, scores=(chosen, rejected))
+        listed.append({"member": j, "dir": name,
+                       "ref": registration.outputs.get(name) if registration is not None else None})
+        metrics.update({f"member{j}_{k}": v for k, v in member_metrics.items() if k.startswith("eval_")})
+        if j == 0:
+            metrics.update({k: v for k, v in member_metrics.items() if k.startswith("eval_")})
+    if test_rows:  # each member's and the ensemble's accuracy on the same held-out pairs
+        c, r = torch.stack(chosen[::-1]), torch.stack(rejected[::-1])  # (members, pairs), member 0 first
+        for j in range(cfg.ensemble):
+            metrics[f"member{j}_accuracy"] = ensemble_accuracy(c[j: j + 1], r[j: j + 1])
+        metrics["ensemble_accuracy"] = ensemble_accuracy(c, r)
+    metrics["ensemble_members"] = cfg.ensemble
+    return finish(cfg, out, main, "reward", dict(reversed(artifacts.items())), metrics, {"dataset": data_ref})
+
+
+def _train_member(cfg: RewardConfig, member: int, train_rows: list[dict], test_rows: list[dict], tok, out: Path,
+                  main: bool, group: str | None, resume: bool, registration: Registration | None, metrics: dict,
+                  ensemble: list[dict] | None = None, scores: tuple[list, list] | None = None) -> str:
+    """Steps 2-4 for one reward model (member ``member`` of the ensemble, trained in ``out``):
+    build, train, evaluate into ``metrics``, publish; returns the artifact's path. With
+    ``scores`` (two lists), its held-out chosen and rejected scores (pairs,) are appended."""
+    import datasets
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+
+    from rlhf.adapters import save_head
+    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer
+
+    seed, resample = member_seeds(cfg, member)
+    data_ref = cfg.dataset
+    if member > 0 and main:  # member 0's checkpoints are prepared by rlhf.stages.run_stage
+        from rlhf.runs import config_fingerprint, prepare_checkpoints
+
+        out.mkdir(parents=True, exist_ok=True)
+        resume = prepare_checkpoints(out, f"{config_fingerprint(to_dict(cfg))}-member{member}", resume)
     # the score head and the LoRA matrices are drawn from the global RNG when the model is
     # built, before the Trainer seeds it: seed here so a fixed seed gives one reward model
-    set_seed(cfg.seed)
+    set_seed(seed)
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
-    tok = stage_tokenizer(cfg)
-    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -120,7 +199,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     model = get_peft_model(model, peft_lora_config(cfg.lora, model, "SEQ_CLS", modules_to_save=["score"]))
 
     # 3. train with TRL's Bradley-Terry loss; eval reports accuracy and margin on held-out pairs
-    kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
+    kw = trl_training_kwargs(cfg.train, out, seed, has_eval=bool(test_rows))
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
               dataset_num_proc=None, eos_token=tok.eos_token)
     if cfg.keep_best and test_rows:
@@ -137,12 +216,15 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         processing_class=tok,
     )
     train(trainer, tracker, out, resume)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
     if test_rows:
         ev = trainer.evaluate()
         metrics.update(eval_accuracy=float(ev["eval_accuracy"]), eval_margin=float(ev["eval_margin"]),
                        eval_loss=float(ev["eval_loss"]))
         tracker.log({k: metrics[k] for k in ("eval_accuracy", "eval_margin", "eval_loss")}, step=trainer.state.global_step)
+        if scores is not None:
+            c, r = held_out_scores(trainer)
+            scores[0].append(c)
+            scores[1].append(r)
     tracker.finish()
 
     # 4. publish: LoRA weights (peft format) + score head, atomically
@@ -157,9 +239,36 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
             head = _head_from_state(state)
         save_head(head, tmp)
 
-    path = publish_trained(trainer, out, "adapter", write, role="reward", base=base, config=to_dict(cfg),
-                           registration=registration, dataset=data_ref)
-    return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
+    # an ensemble member's lineage: its index, seed and resample seed; member 0 lists the others
+    lineage = {} if cfg.ensemble == 1 else {"member": member, "seed": seed, "resample_seed": resample}
+    if ensemble is not None:
+        lineage["ensemble"] = ensemble
+    stage_out = out if member == 0 else out.parent
+    return publish_trained(trainer, stage_out, "adapter" if member == 0 else f"adapter-{member}", write,
+                           role="reward", base=base, config=to_dict(cfg), registration=registration,
+                           entry="reward" if member == 0 else f"reward-{member}", dataset=data_ref, **lineage)
+
+
+def held_out_scores(trainer):
+    """The trained model's scores of the chosen and of the rejected response (pairs,) of
+    each held-out pair, in the order of the trainer's evaluation set (TRL's tokenisation and
+    its drop of pairs longer than max_length included), gathered over processes."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits.squeeze(-1).float()
+            c, r = trainer.accelerator.gather_for_metrics(torch.chunk(logits, 2))
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def _head_from_state(state: dict):

@@ -11,17 +11,9 @@ import shutil
 import pytest
 import torch
 
-from rlhf.ppo.rollout import Sampled
-from rlhf.scoring import frozen_role_scores, last_token_scores, score_rollout
+from rlhf.scoring import frozen_role_scores, last_token_scores
 from rlhf.stages import ppo as stage
-
-
-def _forward_rows(model) -> tuple[list[int], object]:
-    """Record the row count of every decoder forward."""
-    rows: list[int] = []
-    handle = model.base_lm.get_decoder().register_forward_pre_hook(
-        lambda mod, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    return rows, handle
+from test_ppo_scoring import scoring_forward_rows
 
 
 def _perturbed_copy(src, out, seed: int) -> str:
@@ -65,12 +57,7 @@ def test_members_score_together_in_one_mixed_batch(ppo_config, make_rollout, mem
     stored = batch.member_scores
     assert torch.allclose(batch.scores, stored.mean(1) - 0.5 * stored.std(1, unbiased=False), atol=1e-6, rtol=0)
     # one forward per chunk of 2 for sft + 3 members: 2 * (1 + 3) rows, never the members apart
-    rows, handle = _forward_rows(model)
-    try:
-        score_rollout(model, Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                                     batch.has_stop), cfg, chunk=2)
-    finally:
-        handle.remove()
+    rows = scoring_forward_rows(model, batch, cfg, chunk=2)
     assert rows.count(8) == 3 and sum(rows) == 3 * (2 + 2 + 8)  # policy, value, sft + members
 
 
