@@ -131,14 +131,17 @@ class RoleModel(torch.nn.Module):
         base: the causal LM (frozen).
         sft_adapter: SFT adapter directory, or None when the base itself is the SFT model.
         reward_adapter: reward adapter directory (with its score head), or None for a model
-            without reward and value roles (sampling and KL only, e.g. DPO's evaluation).
+            without reward and value roles (sampling and KL only, e.g. DPO's evaluation); or
+            a list of them, an ensemble: the first is the ``reward`` role, the others the
+            frozen roles ``reward-1``, ``reward-2``, ... (:attr:`reward_roles`), each with its
+            own LoRA and head on the same base, so that all score one mixed-adapter batch.
         policy_lora: LoRA shape for a fresh policy when ``sft_adapter`` is None
             (dict with r, lora_alpha, target_modules).
         with_value: build the ``value`` role (LoRA + head). False for critic-free
             estimators: no memory, parameters or optimizer state for a critic.
     """
 
-    def __init__(self, base, sft_adapter: str | None, reward_adapter: str | None, policy_lora: dict | None = None,
+    def __init__(self, base, sft_adapter: str | None, reward_adapter: str | list | None, policy_lora: dict | None = None,
                  with_value: bool = True):
         super().__init__()
         from peft import get_peft_model, set_peft_model_state_dict
@@ -148,10 +151,16 @@ class RoleModel(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         disable_dropout(base)  # PPO runs its forwards in train mode
+        members = list(reward_adapter) if isinstance(reward_adapter, (list, tuple)) else (
+            [] if reward_adapter is None else [reward_adapter])
+        reward_adapter = members[0] if members else None
         self.has_sft_adapter = sft_adapter is not None
         self.has_reward = reward_adapter is not None
+        # the ensemble's members: "reward" (the value role's start) and "reward-1", "reward-2", ...
+        self.reward_roles = tuple("reward" if i == 0 else f"reward-{i}" for i in range(len(members)))
         with_value = with_value and self.has_reward  # the value role starts as a copy of the reward role
-        self.roles = tuple(r for r in ROLES if (r != "value" or with_value) and (r != "reward" or self.has_reward))
+        self.roles = tuple(r for r in ROLES if (r != "value" or with_value) and (r != "reward" or self.has_reward)
+                           ) + self.reward_roles[1:]
 
         reward_state, reward_cfg = read_lora_weights(reward_adapter) if self.has_reward else (None, None)
         if sft_adapter is not None:
@@ -175,6 +184,10 @@ class RoleModel(torch.nn.Module):
         for name in ("reward", "value")[: 2 if with_value else 1] if self.has_reward else ():
             self.peft.add_adapter(name, _lora_config(reward_cfg))
             load.append((name, reward_state))
+        for name, member in zip(self.reward_roles[1:], members[1:]):
+            member_state, member_cfg = read_lora_weights(member)
+            self.peft.add_adapter(name, _lora_config(member_cfg))
+            load.append((name, member_state))
         for name, state in load:
             result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
             missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -183,11 +196,14 @@ class RoleModel(torch.nn.Module):
 
         self.heads = torch.nn.ModuleDict()
         dtype = next(base.parameters()).dtype
-        head = read_head(reward_adapter) if self.has_reward else None
         hidden = base.config.get_text_config().hidden_size if hasattr(base.config, "get_text_config") else base.config.hidden_size
-        if head is not None and head["weight"].shape[1] != hidden:
-            raise ValueError(f"{reward_adapter}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
-        for name, trainable in (("reward", False), ("value", True))[: 2 if with_value else 1] if self.has_reward else ():
+        heads = [(name, False, member) for name, member in zip(self.reward_roles, members)]
+        if with_value:
+            heads.insert(1, ("value", True, reward_adapter))
+        for name, trainable, member in heads:
+            head = read_head(member)
+            if head["weight"].shape[1] != hidden:
+                raise ValueError(f"{member}/{HEAD_FILE}: hidden size {head['weight'].shape[1]} != base {hidden}")
             lin = torch.nn.Linear(hidden, 1, bias="bias" in head)
             with torch.no_grad():
                 lin.weight.copy_(head["weight"])

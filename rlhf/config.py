@@ -178,6 +178,12 @@ class RewardConfig:
     lora: LoraConfigSpec = _help("LoRA settings.", default_factory=LoraConfigSpec)
     train: TrainArgs = _help("Optimisation settings.", default_factory=TrainArgs)
     center_rewards_coefficient: float | None = _help("Auxiliary loss pulling rewards towards 0 (Eisenstein et al. 2023).", range=">= 0", default=0.01)
+    ensemble: int = _help(
+        "Reward models to train: N > 1 trains an ensemble, member j with seed seed + j on its own bootstrap "
+        "resample of the training pairs, published as adapter, adapter-1, ... (registered with member, seed and "
+        "resample seed); the metrics hold each member's and the ensemble's (mean score) held-out accuracy, and "
+        "PPO's {rm: reward} scores with every member (ppo.ensemble_k). 1: one reward model on all pairs.",
+        range=">= 1", default=1)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
@@ -203,8 +209,14 @@ class PPOConfig:
         "model, i.e. reward_adapter), {fn: 'pkg.mod:func' or 'file.py:func' (recipe-relative) or 'task' (the "
         "task's evaluate)}, {http: 'https://...', timeout: 30, retries: 2}; each takes weight (1.0) and name. "
         "Functions get (prompts, completions, metadata) lists and return one float per row; see "
-        "rlhf/reward_sources.py. Empty: [{rm: reward}]. Without an rm source no reward model is loaded.",
+        "rlhf/reward_sources.py. Empty: [{rm: reward}]. Without an rm source no reward model is loaded. "
+        "{rm: reward} is every member of the reward stage's ensemble (reward.ensemble); several rm members, "
+        "of the stage or named ({rm: <adapter dir or registry ref>}), form one ensemble source (see ensemble_k).",
         default_factory=list)
+    ensemble_k: float = _help(
+        "A reward-model ensemble scores mean - ensemble_k * std of its members' scores (population std), so a "
+        "response the members disagree on earns less (Coste et al. 2023, arXiv 2310.02743). One reward model "
+        "scores its own score whatever the value. Not yet tuned by measurement.", range=">= 0", default=1.0)
     prompts: str = _help("Training prompts: a file with a 'prompt' column (string or message list), or a reward_data reference.", default="")
     eval_prompts: str = _help("Held-out prompts for evaluation (same format).", default="")
     # rollout
@@ -1075,7 +1087,14 @@ def parse_reward_sources(entries: list, key: str = "ppo.rewards") -> list[Reward
                                 float(entry.get("timeout", 30.0)), int(entry.get("retries", 2))))
     if not out:
         out = [RewardSource("rm", STAGE_RM, 1.0, "rm")]
-    names = [s.name for s in out]
+    # the rm sources are the members of one ensemble, one source of the score (rlhf/reward_sources.py)
+    rms = [s for s in out if s.kind == "rm"]
+    for i, src in enumerate(out):
+        if src.kind == "rm" and (src.weight, src.name) != (rms[0].weight, rms[0].name):
+            raise ConfigError(f"{key}[{i}]: the rm sources form one ensemble (mean - ppo.ensemble_k * std of their "
+                              f"scores), so they share one weight and name; got weight {src.weight} and name "
+                              f"{src.name!r} after weight {rms[0].weight} and name {rms[0].name!r}")
+    names = [s.name for s in out if s.kind != "rm"] + [s.name for s in rms[:1]]
     for n in names:
         if names.count(n) > 1:
             raise ConfigError(f"{key}: two sources are named {n!r}; give them different 'name's (metrics are per name)")

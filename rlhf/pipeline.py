@@ -529,6 +529,9 @@ class Pipeline:
             "win_rate_rm_se": ppo_m.get(summary.key(summary.TRAINED, "win_rate", "se")),
             "eval_prompts": ppo_m.get("final/eval/prompts"),
         }
+        # a reward-model ensemble (reward.ensemble > 1): each member's and the ensemble's held-out accuracy
+        out.update({f"rm_{k}": v for k, v in rm_m.items() if k in ("ensemble_accuracy", "ensemble_members")
+                    or (k.startswith("member") and k.endswith("_accuracy") and k.count("_") == 1)})
         # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
         out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
                     if k.startswith("watchdog/")})

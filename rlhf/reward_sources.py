@@ -2,8 +2,13 @@
 
 ``ppo.rewards`` is a list of weighted sources; a response's score is ``sum(weight * value)``:
 
-  * ``{rm: reward}``: the reward model, scored by the frozen reward role (today's single
-    reward adapter; an empty ``ppo.rewards`` means exactly ``[{rm: reward}]``).
+  * ``{rm: reward}``: the reward model, scored by the frozen reward role (an empty
+    ``ppo.rewards`` means exactly ``[{rm: reward}]``): every member of the reward stage's
+    ensemble (``reward.ensemble``; one member is the single reward adapter of old).
+    ``{rm: <adapter directory or registry reference>}`` adds another reward adapter. All rm
+    members form ONE source, an ensemble scored ``mean - ppo.ensemble_k * std`` over the
+    members (:func:`rlhf.ppo.ensemble_score`), every member a LoRA role on the one base,
+    scored together in one mixed-adapter batch (:func:`rlhf.scoring.frozen_role_scores`).
   * ``{fn: "pkg.mod:func"}`` or ``{fn: "file.py:func"}`` (a file relative to the recipe): a
     Python function called once per batch as ``func(prompts, completions, metadata)`` with
     three lists of equal length (the last user turn of each prompt, the decoded completion,
@@ -18,7 +23,10 @@
     then one error naming the URL and the status.
 
 A source's raw values and weighted values are logged apart (``reward/<name>/raw_mean`` and
-``reward/<name>/weighted_mean``). Nothing here imports torch: it maps text to floats.
+``reward/<name>/weighted_mean``); an ensemble of N >= 2 also logs each member's raw value
+(``reward/rm/member<j>_raw_mean``) and the members' mean and standard deviation per response
+(``reward/rm/ensemble_mean``, ``reward/rm/ensemble_std``, averaged over responses).
+Nothing here imports torch at module level: it maps text to floats.
 """
 
 from __future__ import annotations
@@ -146,17 +154,73 @@ def uses_reward_model(cfg: PPOConfig) -> bool:
     return any(src.kind == "rm" for src in parse_reward_sources(cfg.rewards))
 
 
-def reward_sources(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> list:
+def stage_members(adapter_dir: str) -> list[str]:
+    """The adapter directories of the reward stage's ensemble whose member 0 is
+    ``adapter_dir``: itself, then the members its ``rlhf_adapter.json`` lists (``ensemble``,
+    written by the reward stage beside member 0; found beside it, or by their registry
+    reference when ``adapter_dir`` is a registry copy). Just ``[adapter_dir]`` for a reward
+    model that is no ensemble.
+
+    Raises:
+        ConfigError: a listed member is neither beside ``adapter_dir`` nor in the registry.
+    """
+    from rlhf.adapters import METADATA_FILE
+    from rlhf.resolve import resolve_adapter
+
+    meta = Path(adapter_dir) / METADATA_FILE
+    listed = json.loads(meta.read_text()).get("ensemble", []) if meta.is_file() else []
+    out = [str(adapter_dir)]
+    for m in listed[1:]:
+        beside = Path(adapter_dir).parent / m["dir"]
+        if beside.is_dir():
+            out.append(str(beside))
+        elif m.get("ref"):
+            out.append(resolve_adapter(f"ppo.reward_adapter (ensemble member {m['member']})", m["ref"]))
+        else:
+            raise ConfigError(f"ppo.reward_adapter: {adapter_dir} is member 0 of an ensemble whose member "
+                              f"{m['member']} ({m['dir']}) is not beside it; name the members as rm sources")
+    return out
+
+
+def reward_members(cfg: PPOConfig) -> list[str]:
+    """The reward adapters PPO loads, in member order: for each rm source, the reward stage's
+    ensemble (``{rm: reward}``: ``ppo.reward_adapter`` and its :func:`stage_members`) or the
+    named adapter. Without an rm source, ``ppo.reward_adapter`` alone when set (scored in the
+    evaluation only), else none.
+
+    Raises:
+        ConfigError: naming the source whose adapter does not resolve.
+    """
+    from rlhf.resolve import resolve_adapter
+
+    rms = [(i, src) for i, src in enumerate(parse_reward_sources(cfg.rewards)) if src.kind == "rm"]
+    if not rms:
+        return [cfg.reward_adapter] if cfg.reward_adapter else []
+    out = []
+    for i, src in rms:
+        if src.target == STAGE_RM:
+            out += stage_members(resolve_adapter("ppo.reward_adapter", cfg.reward_adapter))
+        else:
+            out.append(resolve_adapter(f"ppo.rewards[{i}].rm", src.target))
+    return out
+
+
+def reward_sources(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None,
+                   ensemble: bool = False) -> list:
     """``(source, batch function)`` pairs of ``ppo.rewards`` (the function is None for rm and
-    http sources); [] when the reward model alone scores (an empty ``ppo.rewards``).
+    http sources); the rm sources, members of one ensemble, are one pair (the first rm
+    source's); [] when one reward model alone scores (an empty ``ppo.rewards`` without an
+    ``ensemble`` of several members).
 
     Raises:
         ConfigError: ``{fn: task}`` without a task, or a function that does not import.
     """
-    if not cfg.rewards:
+    if not cfg.rewards and not ensemble:
         return []
     out = []
     for i, src in enumerate(parse_reward_sources(cfg.rewards)):
+        if src.kind == "rm" and any(s.kind == "rm" for s, _ in out):
+            continue  # a further member of the ensemble source
         fn = None
         if src.kind == "fn" and src.target == "task":
             if task_evaluate is None:
@@ -189,7 +253,9 @@ def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
     total = torch.zeros_like(batch.scores)
     for src, fn in s.sources:
         if src.kind == "rm":
-            raw = batch.scores
+            raw = batch.scores  # the ensemble's score (mean - k * std) when there are several members
+            if batch.member_scores is not None:
+                values[f"{src.name}/members"] = batch.member_scores
         else:
             raw = torch.tensor(call_source(src, fn, texts, completions, metadata), dtype=batch.scores.dtype,
                                device=batch.scores.device)
@@ -200,12 +266,20 @@ def score_with_sources(s: PPOSetup, cfg: PPOConfig, batch: ScoredRollout,
 
 def source_statistics(s: PPOSetup, values: dict[str, torch.Tensor]) -> dict:
     """``reward/<name>/raw_mean`` and ``reward/<name>/weighted_mean`` of each reward source,
-    over every row scored this update (every process)."""
+    and of an ensemble (``<name>/members``, (B, N)) each member's raw mean and the members'
+    per-response mean and standard deviation, over every row scored this update (every process)."""
     from rlhf import distributed as dist
 
     out = {}
     weights = {src.name: src.weight for src, _ in s.sources}
     for name, raw in values.items():
+        if name.endswith("/members"):
+            members, source = dist.gather_rows(raw), name.removesuffix("/members")
+            for j, mean in enumerate(members.mean(0).tolist()):
+                out[f"reward/{source}/member{j}_raw_mean"] = mean
+            out[f"reward/{source}/ensemble_mean"] = float(members.mean(1).mean())
+            out[f"reward/{source}/ensemble_std"] = float(members.std(1, unbiased=False).mean())
+            continue
         mean = float(dist.gather_rows(raw).mean())
         out[f"reward/{name}/raw_mean"] = mean
         out[f"reward/{name}/weighted_mean"] = weights[name] * mean

@@ -105,15 +105,17 @@ def last_token_scores(model, role: str, batch: Sampled | ScoredRollout, suffix: 
 
 def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float, suffix: list[int] | tuple = (),
                        mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (sft role) logprobs (B, T) and reward scores (B,) of ``batch``; the logprobs
+    """Reference (sft role) logprobs (B, T) and reward scores of ``batch``; the logprobs
     as :func:`response_logprobs` computes them, the scores at :func:`last_token_scores`'
-    position (``suffix`` included).
+    position (``suffix`` included). The scores are (B,) with one reward model, and (B, N)
+    with an ensemble of N (``model.reward_roles``), column j by member j.
 
-    With ``mixed`` (and a model in eval mode), both frozen roles run as one forward over the
-    batch stacked twice, each half under its own adapter (peft's mixed-adapter batches,
-    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of 2B rows
-    instead of two passes of B, fewer kernel launches and better-filled matrix units. The
-    reference half is right-padded (mask 0) to the width of the scored inputs, which
+    With ``mixed`` (and a model in eval mode), all frozen roles run as one forward over the
+    batch stacked 1 + N times, each copy under its own adapter (peft's mixed-adapter batches,
+    ``adapter_names``; the sft role of a full-SFT base is ``__base__``): one pass of (1 + N)B
+    rows instead of 1 + N passes of B, fewer kernel launches and better-filled matrix units;
+    the base weights are read once for the reference and every ensemble member. The
+    reference copy is right-padded (mask 0) to the width of the scored inputs, which
     changes none of its earlier positions (causal attention). The trainable roles are not
     mixed in: their rollout numbers must come from exactly the computation the training
     forward repeats (ratio 1 on the first minibatch).
@@ -129,21 +131,25 @@ def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float
     # autocast of every role forward, add in the same dtype either way.
     device = batch.input_ids.device
     same_rounding = model._compute_dtype == torch.float32 or (device.type == "cuda" and model._compute_dtype == torch.bfloat16)
+    members = model.reward_roles
     if not mixed or hooks is None or model.training or not same_rounding:
         ref, _ = response_logprobs(model, "sft", batch, temperature)
-        return ref, last_token_scores(model, "reward", batch, suffix)
+        scores = [last_token_scores(model, role, batch, suffix) for role in members]
+        return ref, scores[0] if len(scores) == 1 else torch.stack(scores, dim=1)
     P = batch.prompt_ids.shape[1]
     B, T = batch.response_ids.shape
+    N = len(members)
     score_ids, score_mask, pos = score_inputs(batch, suffix)
     extra = score_ids.shape[1] - batch.input_ids.shape[1]
     ref_ids = torch.nn.functional.pad(batch.input_ids, (0, extra), value=0)
     ref_mask = torch.nn.functional.pad(batch.attention_mask, (0, extra), value=0)
-    names = [model.adapter_name("sft")] * B + [model.adapter_name("reward")] * B
+    names = [model.adapter_name("sft")] * B + [model.adapter_name(role) for role in members for _ in range(B)]
     with hooks(adapter_names=names):
-        hidden = model.hidden_states(torch.cat([ref_ids, score_ids]), torch.cat([ref_mask, score_mask]))
+        hidden = model.hidden_states(torch.cat([ref_ids] + [score_ids] * N), torch.cat([ref_mask] + [score_mask] * N))
     ref, _ = model.token_logprobs(hidden[:B, P - 1: P - 1 + T], batch.response_ids, temperature)
-    scores = model.values("reward", hidden[B:][torch.arange(B, device=hidden.device), pos])
-    return ref, scores
+    rows = torch.arange(B, device=hidden.device)
+    scores = [model.values(role, hidden[B * (1 + j):][rows, pos]) for j, role in enumerate(members)]
+    return ref, scores[0] if N == 1 else torch.stack(scores, dim=1)
 
 
 @torch.no_grad()
@@ -156,11 +162,14 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
 
     Each role's forward runs once per chunk: policy (logprobs and entropy together), value
     (``with_values``; by default when ``cfg.advantage_estimator`` needs a critic, else the
-    values are zeros), and the two frozen roles together (:func:`frozen_role_scores`).
+    values are zeros), and the frozen roles together (:func:`frozen_role_scores`). With an
+    ensemble of reward models the score is :func:`rlhf.ppo.ensemble_score` of the members'
+    scores with ``cfg.ensemble_k``, and the members' scores are kept (``member_scores``).
     """
     if with_values is None:
         with_values = uses_critic(cfg)
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
+    ensemble = len(model.reward_roles) > 1
     with train_mode(model, False):
         for s in range(0, batch.response_ids.shape[0], chunk):
             mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
@@ -171,4 +180,7 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
             parts["ref_logprobs"].append(ref)
             parts["values"].append(response_values(model, mb) if with_values else torch.zeros_like(lp))
             parts["scores"].append(scores)
-    return ScoredRollout.from_sampled(batch, **{k: torch.cat(v) for k, v in parts.items()})
+    joined = {k: torch.cat(v) for k, v in parts.items()}
+    members = joined.pop("scores") if ensemble else None
+    scores = F.ensemble_score(members, cfg.ensemble_k) if ensemble else joined.pop("scores")
+    return ScoredRollout.from_sampled(batch, **joined, scores=scores, member_scores=members)

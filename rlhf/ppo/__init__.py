@@ -16,6 +16,7 @@ from rlhf.ppo.mismatch import logprob_diff_stats, truncated_is_weights
 from rlhf.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf.ppo.rewards import (
     apply_missing_stop_penalty,
+    ensemble_score,
     first_stop_truncate,
     last_token_index,
     per_token_rewards,
@@ -30,6 +31,7 @@ __all__ = [
     "apply_missing_stop_penalty",
     "compute_gae",
     "grpo_advantages",
+    "ensemble_score",
     "entropy_from_logits",
     "first_stop_truncate",
     "head_logprobs",

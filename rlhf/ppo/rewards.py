@@ -12,6 +12,7 @@ __all__ = [
     "last_token_index",
     "per_token_rewards",
     "apply_missing_stop_penalty",
+    "ensemble_score",
 ]
 
 _PENALTY_MODES = ("none", "replace", "subtract")
@@ -144,3 +145,22 @@ def apply_missing_stop_penalty(scores: Tensor, has_stop: Tensor, mode: str, valu
     if mode == "subtract":
         return torch.where(has_stop, scores, scores - value)
     raise ValueError(f"missing-stop penalty mode must be one of {_PENALTY_MODES}, got {mode!r}")
+
+
+def ensemble_score(member_scores: Tensor, k: float) -> Tensor:
+    """The score of a reward-model ensemble: the members' mean minus ``k`` times their
+    standard deviation, so that a response the members disagree on earns less (the
+    uncertainty penalty of Coste et al. 2023, arXiv 2310.02743, and Eisenstein et al. 2023,
+    arXiv 2312.09244, with the standard deviation as the disagreement).
+
+    Args:
+        member_scores: ``(batch, members)`` each member's score of each response.
+        k: the weight of the disagreement (0: the plain mean).
+
+    Returns:
+        ``(batch,)``. The standard deviation is the population one (divided by the number of
+        members), so one member's ensemble score is exactly its score.
+    """
+    if member_scores.shape[1] == 1:
+        return member_scores[:, 0]
+    return member_scores.mean(1) - k * member_scores.std(1, unbiased=False)

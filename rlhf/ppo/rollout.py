@@ -86,7 +86,9 @@ class ScoredRollout(_Rows):
         ref_logprobs: (B, T) the same under the reference (sft) role.
         entropy: (B, T) policy entropy at each response position.
         values: (B, T) value of the state before each response token (zeros without a critic).
-        scores: (B,) reward model score at the last real response token.
+        scores: (B,) reward model score at the last real response token; with an ensemble of
+            reward models, the ensemble's score (:func:`rlhf.ppo.ensemble_score` of ``member_scores``).
+        member_scores: (B, N) each of the N >= 2 ensemble members' scores; None with one reward model.
         sampler_logprobs: as in :class:`Sampled` (the mismatch metrics compare it with ``logprobs``).
     """
 
@@ -101,13 +103,15 @@ class ScoredRollout(_Rows):
     values: Tensor
     scores: Tensor
     sampler_logprobs: Tensor | None = None
+    member_scores: Tensor | None = None
 
     @classmethod
     def from_sampled(cls, sampled: Sampled, *, logprobs: Tensor, ref_logprobs: Tensor, entropy: Tensor,
-                     values: Tensor, scores: Tensor) -> "ScoredRollout":
+                     values: Tensor, scores: Tensor, member_scores: Tensor | None) -> "ScoredRollout":
         """``sampled`` plus its scores (every argument required, shapes as in the class doc)."""
         return cls(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, logprobs=logprobs,
-                   ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores)
+                   ref_logprobs=ref_logprobs, entropy=entropy, values=values, scores=scores,
+                   member_scores=member_scores)
 
 
 def concat_rows(parts: list):

@@ -7,7 +7,8 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
      (rlhf/generation.py; T=0.7, top_k 0, top_p 1, nothing from the model's
      generation_config leaks); truncate each after its first stop token
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
-     model's score on the last real token (reward role); sft and reward in one mixed-adapter batch
+     model's score on the last real token (reward role; with an ensemble, every member's, and
+     mean - ensemble_k * std over them); sft and the reward members in one mixed-adapter batch
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
   5. advantages with GAE (or a critic-free estimator: reinforce++, rloo, grpo), whitened
      over the whole batch (grpo: already normalised within each prompt's group)
@@ -55,7 +56,7 @@ from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 from rlhf.scoring import score_rollout
 from rlhf.stages.common import StageResult
-from rlhf.reward_sources import reward_sources, score_with_sources, source_statistics, uses_reward_model
+from rlhf.reward_sources import reward_members, reward_sources, score_with_sources, source_statistics, uses_reward_model
 from rlhf.update import (GuardTripped, _check_finite, _ppo_update, explained_variance, rollout_mismatch,
                          rollout_statistics, warn_if_cut_off)
 from rlhf.watchdog import Watchdog, _restore, _watch, watch_metrics, watchdog_judge
@@ -117,7 +118,7 @@ def _build_model(cfg: PPOConfig, device):
     base = load_causal_lm(base_path, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                           trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     disable_dropout(base)
-    model = RoleModel(base, cfg.sft_adapter or None, cfg.reward_adapter or None,
+    model = RoleModel(base, cfg.sft_adapter or None, reward_members(cfg) or None,
                       policy_lora={"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                                    "target_modules": cfg.lora.target_modules},
                       with_value=uses_critic(cfg))
@@ -217,7 +218,7 @@ def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = No
         model=model, tok=tok, base_path=base_path, stop_ids=stop_ids, score_suffix=score_suffix(tok, stop_ids),
         pad_id=pad_id, gen_cfg=gen_cfg, engine=engine,
         prompt_ids=encode_prompts(tok, prompts, cfg.max_prompt_length), prompts=prompts,
-        sources=reward_sources(cfg, task_evaluate), eval_prompts=eval_prompts,
+        sources=reward_sources(cfg, task_evaluate, ensemble=len(model.reward_roles) > 1), eval_prompts=eval_prompts,
         prompt_metadata=[d for _, d in train_rows], eval_metadata=[d for _, d in eval_rows],
         eval_ids=encode_prompts(tok, eval_prompts, cfg.max_prompt_length),
         eval_texts=[p[-1]["content"] for p in eval_prompts],

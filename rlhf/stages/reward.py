@@ -79,20 +79,48 @@ def ensure_test_split(train_rows: list[dict], test_rows: list[dict], minimum: in
     return keep, moved
 
 
+def member_seeds(cfg: RewardConfig, member: int) -> tuple[int, int | None]:
+    """``(seed, resample seed)`` of ensemble member ``member``: the stage's seed plus the
+    member index, and the seed of its bootstrap resample of the training pairs (None for a
+    single reward model, which trains on the pairs as they are)."""
+    if cfg.ensemble == 1:
+        return cfg.seed, None
+    return cfg.seed + member, cfg.seed + 10_007 * (member + 1)
+
+
+def bootstrap(rows: list[dict], seed: int) -> list[dict]:
+    """As many pairs as ``rows``, drawn from them with replacement (seeded): one bootstrap
+    resample, so that the members of an ensemble see different data (Lakshminarayanan et
+    al. 2017, arXiv 1612.01474)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rows[rng.randrange(len(rows))] for _ in rows]
+
+
+def ensemble_accuracy(chosen, rejected) -> float:
+    """Held-out accuracy of an ensemble's mean score: the share of pairs where the members'
+    mean score of the chosen response is above that of the rejected one (a tie counts as
+    wrong, as in TRL's RewardTrainer).
+
+    Args:
+        chosen, rejected: (members, pairs) each member's score of each pair's two responses.
+    """
+    return float((chosen.mean(0) > rejected.mean(0)).float().mean())
+
+
 def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = False,
                registration: Registration | None = None) -> StageResult:
-    """Train the reward model; its artifact is ``adapter`` (LoRA + score head).
+    """Train the reward model; its artifact is ``adapter`` (LoRA + score head). With
+    ``reward.ensemble: N`` > 1, N members (artifacts ``adapter``, ``adapter-1``, ...), each
+    with its own seed and bootstrap resample of the training pairs, and the held-out
+    accuracy of each member and of the ensemble's mean score in the metrics.
 
     The steps of a TRL-trainer stage (:mod:`rlhf.stages.common`): under accelerate launch
     every process runs this function; TRL shards the pairs and syncs gradients, and only the
     main process writes files or logs."""
-    import datasets
-    from peft import get_peft_model
-    from transformers import set_seed
-    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+    import torch
 
-    from rlhf.adapters import save_head
-    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer
     from rlhf.resolve import is_store_ref
 
     out, main = begin(cfg)
@@ -106,15 +134,66 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     if not train_rows:
         raise ValueError(f"reward.dataset {data_ref}: no training pairs")
     train_rows, test_rows = ensure_test_split(train_rows, test_rows, cfg.min_eval_pairs, f"reward.dataset {data_ref}")
+    tok = stage_tokenizer(cfg)
+    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
+    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
+    if cfg.ensemble == 1:  # one reward model, trained on the pairs as they are
+        path = _train_member(cfg, 0, train_rows, test_rows, tok, out, main, group, resume, registration, metrics)
+        return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
 
+    # 2-4. an ensemble: member N-1 first, member 0 (``adapter``, listing the others) last
+    artifacts: dict[str, str] = {}
+    listed: list[dict] = []
+    chosen, rejected = [], []
+    for j in reversed(range(cfg.ensemble)):
+        member_metrics: dict = {}
+        _, resample = member_seeds(cfg, j)
+        name = "adapter" if j == 0 else f"adapter-{j}"
+        ensemble = [{"member": 0, "dir": "adapter", "ref": None}] + listed[::-1] if j == 0 else None
+        artifacts[name] = _train_member(cfg, j, bootstrap(train_rows, resample), test_rows, tok,
+                                        out if j == 0 else out / f"member-{j}", main, group, resume, registration,
+                                        member_metrics, ensemble=ensemble, scores=(chosen, rejected))
+        listed.append({"member": j, "dir": name,
+                       "ref": registration.outputs.get(name) if registration is not None else None})
+        metrics.update({f"member{j}_{k}": v for k, v in member_metrics.items() if k.startswith(("eval_", "heldout_"))})
+        if j == 0:  # member 0's numbers are the stage's (the gate's and the summary's)
+            metrics.update({k: v for k, v in member_metrics.items() if k.startswith(("eval_", "heldout_"))})
+    if test_rows:  # each member's and the ensemble's accuracy on the same held-out pairs
+        c, r = torch.stack(chosen[::-1]), torch.stack(rejected[::-1])  # (members, pairs), member 0 first
+        for j in range(cfg.ensemble):
+            metrics[f"member{j}_accuracy"] = ensemble_accuracy(c[j: j + 1], r[j: j + 1])
+        metrics["ensemble_accuracy"] = ensemble_accuracy(c, r)
+    metrics["ensemble_members"] = cfg.ensemble
+    return finish(cfg, out, main, "reward", dict(reversed(artifacts.items())), metrics, {"dataset": data_ref})
+
+
+def _train_member(cfg: RewardConfig, member: int, train_rows: list[dict], test_rows: list[dict], tok, out: Path,
+                  main: bool, group: str | None, resume: bool, registration: Registration | None, metrics: dict,
+                  ensemble: list[dict] | None = None, scores: tuple[list, list] | None = None) -> str:
+    """Steps 2-4 for one reward model (member ``member`` of the ensemble, trained in ``out``):
+    build, train, evaluate into ``metrics``, publish; returns the artifact's path. With
+    ``scores`` (two lists), its held-out chosen and rejected scores (pairs,) are appended."""
+    import datasets
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+
+    from rlhf.adapters import save_head
+    from rlhf.models import disable_dropout, load_sequence_classifier, save_tokenizer
+
+    seed, resample = member_seeds(cfg, member)
+    data_ref = cfg.dataset
+    if member > 0 and main:  # member 0's checkpoints are prepared by rlhf.stages.run_stage
+        from rlhf.runs import config_fingerprint, prepare_checkpoints
+
+        out.mkdir(parents=True, exist_ok=True)
+        resume = prepare_checkpoints(out, f"{config_fingerprint(to_dict(cfg))}-member{member}", resume)
     # the score head and the LoRA matrices are drawn from the global RNG when the model is
     # built, before the Trainer seeds it: seed here so a fixed seed gives one reward model
-    set_seed(cfg.seed)
+    set_seed(seed)
 
     # 2. base as a 1-output classifier, LoRA on the decoder, the score head trained fully
     base = cfg.model.name_or_path
-    tok = stage_tokenizer(cfg)
-    too_long = count_long_pairs("reward", tok, train_rows, test_rows, cfg.train.max_length, "drops")
     model = load_sequence_classifier(base, tok, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      attn_implementation=cfg.model.attn_implementation)
@@ -122,7 +201,7 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
     model = get_peft_model(model, peft_lora_config(cfg.lora, model, "SEQ_CLS", modules_to_save=["score"]))
 
     # 3. train with TRL's Bradley-Terry loss; eval reports accuracy and margin on held-out pairs
-    kw = trl_training_kwargs(cfg.train, out, cfg.seed, has_eval=bool(test_rows))
+    kw = trl_training_kwargs(cfg.train, out, seed, has_eval=bool(test_rows))
     kw.update(center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True,
               dataset_num_proc=None, eos_token=tok.eos_token)
     if cfg.keep_best and test_rows:
@@ -139,7 +218,6 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         processing_class=tok,
     )
     train(trainer, tracker, out, resume)
-    metrics: dict = {"train_pairs": len(train_rows), "test_pairs": len(test_rows), **too_long}
     if test_rows:
         # TRL's evaluation (eval_*) sees only the held-out pairs that fit train.max_length: it
         # stays for the training log and keep_best. The accuracy the gate and the summary read
@@ -147,7 +225,11 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         ev = trainer.evaluate()
         metrics.update(eval_accuracy=float(ev["eval_accuracy"]), eval_margin=float(ev["eval_margin"]),
                        eval_loss=float(ev["eval_loss"]))
-        metrics.update(score_heldout(trainer, tok, test_rows, cfg.train.max_length))
+        chosen, rejected, truncated = heldout_pair_scores(trainer, tok, test_rows, cfg.train.max_length)
+        metrics.update(heldout_metrics(chosen, rejected, truncated))
+        if scores is not None:
+            scores[0].append(chosen)
+            scores[1].append(rejected)
         if main:
             print(f"[reward] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
                   f"{metrics['heldout_pairs']} pairs, every held-out pair ({metrics['heldout_truncated']} shortened "
@@ -168,25 +250,29 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
             head = _head_from_state(state)
         save_head(head, tmp)
 
-    path = publish_trained(trainer, out, "adapter", write, role="reward", base=base, config=to_dict(cfg),
-                           registration=registration, dataset=data_ref)
-    return finish(cfg, out, main, "reward", {"adapter": path}, metrics, {"dataset": data_ref})
+    # an ensemble member's lineage: its index, seed and resample seed; member 0 lists the others
+    lineage = {} if cfg.ensemble == 1 else {"member": member, "seed": seed, "resample_seed": resample}
+    if ensemble is not None:
+        lineage["ensemble"] = ensemble
+    stage_out = out if member == 0 else out.parent
+    return publish_trained(trainer, stage_out, "adapter" if member == 0 else f"adapter-{member}", write,
+                           role="reward", base=base, config=to_dict(cfg), registration=registration,
+                           entry="reward" if member == 0 else f"reward-{member}", dataset=data_ref, **lineage)
 
 
-def score_heldout(trainer, tok, rows: list[dict], max_length: int) -> dict:
-    """The reward model's accuracy and margin on every pair of ``rows``, none left out.
+def heldout_pair_scores(trainer, tok, rows: list[dict], max_length: int):
+    """The reward model's scores of the chosen and of the rejected response of every pair of
+    ``rows``, none left out.
 
     Each side is tokenized as TRL's RewardTrainer does and batched by its collator (right
     padding, the score read at the last real token); a pair longer than ``max_length``, which
     the trainer would drop, is shortened by :func:`rlhf.stages.common.fit_pair` (whole early
-    prompt turns first, then the left end) and counted. A tie counts as wrong, as in TRL's
-    accuracy. Every process scores every pair (a sharded model needs all of them in each
-    forward pass).
+    prompt turns first, then the left end) and counted. Every process scores every pair (a
+    sharded model needs all of them in each forward pass).
 
     Returns:
-        ``heldout_pairs``, ``heldout_correct`` (chosen scored above rejected),
-        ``heldout_accuracy``, ``heldout_margin`` (mean score(chosen) - score(rejected)) and
-        ``heldout_truncated`` (pairs shortened to fit).
+        ``(chosen, rejected, truncated)``: two (pairs,) float tensors in the order of ``rows``
+        and the number of pairs shortened to fit.
     """
     import torch
     from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -195,7 +281,7 @@ def score_heldout(trainer, tok, rows: list[dict], max_length: int) -> dict:
     collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     batch_size, was_training = trainer.args.per_device_eval_batch_size, model.training
-    margins: list[float] = []
+    chosen, rejected = [], []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(fitted), batch_size):
@@ -203,12 +289,31 @@ def score_heldout(trainer, tok, rows: list[dict], max_length: int) -> dict:
             with trainer.autocast_smart_context_manager():
                 scores = model(input_ids=batch["input_ids"].to(trainer.args.device),
                                attention_mask=batch["attention_mask"].to(trainer.args.device), use_cache=False)
-            chosen, rejected = scores.logits[:, 0].float().chunk(2)  # (pairs,) each
-            margins += (chosen - rejected).tolist()
+            c, r = scores.logits[:, 0].float().cpu().chunk(2)  # (pairs,) each
+            chosen.append(c)
+            rejected.append(r)
     model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected), sum(cut for *_, cut in fitted)
+
+
+def heldout_metrics(chosen, rejected, truncated: int) -> dict:
+    """Accuracy and margin of held-out pair scores (a tie counts as wrong, as in TRL's accuracy).
+
+    Returns:
+        ``heldout_pairs``, ``heldout_correct`` (chosen scored above rejected),
+        ``heldout_accuracy``, ``heldout_margin`` (mean score(chosen) - score(rejected)) and
+        ``heldout_truncated`` (pairs shortened to fit).
+    """
+    margins = (chosen - rejected).tolist()
     correct = sum(m > 0 for m in margins)
-    return {"heldout_pairs": len(rows), "heldout_correct": correct, "heldout_accuracy": correct / len(rows),
-            "heldout_margin": sum(margins) / len(rows), "heldout_truncated": sum(cut for *_, cut in fitted)}
+    return {"heldout_pairs": len(margins), "heldout_correct": correct, "heldout_accuracy": correct / len(margins),
+            "heldout_margin": sum(margins) / len(margins), "heldout_truncated": truncated}
+
+
+def score_heldout(trainer, tok, rows: list[dict], max_length: int) -> dict:
+    """:func:`heldout_metrics` of :func:`heldout_pair_scores`: the accuracy and margin on
+    every pair of ``rows``."""
+    return heldout_metrics(*heldout_pair_scores(trainer, tok, rows, max_length))
 
 
 def _head_from_state(state: dict):

@@ -32,6 +32,22 @@ def test_sources_parse_with_weights_names_and_http_options():
                    RewardSource("http", "https://x.example/score", 1.0, "remote", 2.0, 0)]
 
 
+def test_several_rm_sources_are_members_of_one_source():
+    entries = [{"rm": "reward", "weight": 0.5}, {"fn": "os.path:basename"}, {"rm": "my-rm:2", "weight": 0.5}]
+    got = parse_reward_sources(entries)
+    assert [s.target for s in got if s.kind == "rm"] == ["reward", "my-rm:2"]
+    from rlhf.config import PPOConfig
+    from rlhf.reward_sources import reward_sources
+
+    cfg = PPOConfig(rewards=entries, advantage_estimator="grpo", samples_per_prompt=2)
+    pairs = reward_sources(cfg, ensemble=True)
+    assert [src for src, _ in pairs if src.kind == "rm"] == [RewardSource("rm", "reward", 0.5, "rm")]
+    assert len(pairs) == 2
+    # the default: one reward model alone adds no source; the stage's ensemble of several is one rm source
+    assert reward_sources(PPOConfig()) == []
+    assert [src for src, _ in reward_sources(PPOConfig(), ensemble=True)] == [RewardSource("rm", "reward", 1.0, "rm")]
+
+
 @pytest.mark.parametrize("entries, message", [
     ([{"fn": "nocolon"}], r"ppo.rewards\[0\].fn: 'nocolon' must look like"),
     ([{"rm": "reward", "fn": "a:b"}], r"ppo.rewards\[0\]: needs exactly one of rm, fn, http"),
@@ -41,6 +57,9 @@ def test_sources_parse_with_weights_names_and_http_options():
     ([{"http": "http://h", "retries": 1.5}], r"ppo.rewards\[0\].retries: must be an integer"),
     ([{"fn": "a:b", "timeout": 3}], r"ppo.rewards\[0\]: unknown key\(s\) timeout for a fn source"),
     ([{"fn": "a:f"}, {"fn": "b:f"}], r"two sources are named 'f'"),
+    ([{"rm": "reward"}, {"rm": "other", "weight": 2}], r"ppo.rewards\[1\]: the rm sources form one ensemble"),
+    ([{"rm": "reward"}, {"rm": "other", "name": "b"}], r"ppo.rewards\[1\]: the rm sources form one ensemble"),
+    ([{"rm": "reward", "name": "f"}, {"fn": "a:f"}], r"two sources are named 'f'"),
     (["a:b"], r"ppo.rewards\[0\]: must be a mapping"),
 ])
 def test_bad_entries_name_the_entry_and_field(entries, message):

@@ -19,6 +19,17 @@ def _forward_rows(model) -> tuple[list[int], object]:
     return rows, handle
 
 
+def scoring_forward_rows(model, batch, cfg, chunk: int) -> list[int]:
+    """Row counts of the decoder forwards that score_rollout runs over ``batch``'s samples."""
+    rows, handle = _forward_rows(model)
+    try:
+        score_rollout(model, Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                                     batch.has_stop), cfg, chunk=chunk)
+    finally:
+        handle.remove()
+    return rows
+
+
 @pytest.mark.parametrize("sft_adapter", [True, False], ids=["sft-adapter", "full-sft-base"])
 def test_mixed_frozen_batch_equals_separate_scoring(ppo_config, make_rollout, sft_adapter):
     cfg = ppo_config() if sft_adapter else ppo_config(sft_adapter="")
@@ -52,12 +63,7 @@ def test_one_forward_per_role_and_chunk(ppo_config, make_rollout, estimator, pas
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     batch = make_rollout(model, tok, cfg, n=4)
     model.train()  # _build_model leaves eval mode; scoring must restore whichever mode it found
-    rows, handle = _forward_rows(model)
-    try:
-        score_rollout(model, Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                                     batch.has_stop), cfg, chunk=2)
-    finally:
-        handle.remove()
+    rows = scoring_forward_rows(model, batch, cfg, chunk=2)
     # per chunk of 2: policy (2 rows), value (2, with a critic), sft+reward together (4 rows)
     assert len(rows) == 2 * passes and rows.count(4) == 2 and sum(rows) == 2 * (2 * (passes - 1) + 4)
     assert model.training  # scoring ran in eval mode and restored train mode

@@ -7,6 +7,7 @@ import torch
 
 from rlhf.ppo import (
     apply_missing_stop_penalty,
+    ensemble_score,
     first_stop_truncate,
     kl_penalty,
     last_token_index,
@@ -112,3 +113,18 @@ def test_missing_stop_penalty_uses_configured_stop_token():
     _, _, has_stop = first_stop_truncate(ids, stop_token_id=7, pad_token_id=PAD)
     out = apply_missing_stop_penalty(torch.tensor([1.0, 1.0]), has_stop, "replace", -1.0)
     torch.testing.assert_close(out, torch.tensor([-1.0, 1.0]))
+
+
+def test_ensemble_score_is_mean_minus_k_population_std():
+    # members' scores per response: (1, 3) -> mean 2, std 1; (2, 2) -> 2, 0; (0, 6) -> 3, 3
+    member_scores = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 6.0]])
+    torch.testing.assert_close(ensemble_score(member_scores, 1.0), torch.tensor([1.0, 2.0, 0.0]))
+    torch.testing.assert_close(ensemble_score(member_scores, 0.5), torch.tensor([1.5, 2.0, 1.5]))
+    torch.testing.assert_close(ensemble_score(member_scores, 0.0), torch.tensor([2.0, 2.0, 3.0]))
+    # three members (0, 3, 6): mean 3, population std sqrt((9 + 0 + 9) / 3) = sqrt(6)
+    torch.testing.assert_close(ensemble_score(torch.tensor([[0.0, 3.0, 6.0]]), 2.0), torch.tensor([3.0 - 2 * 6 ** 0.5]))
+
+
+def test_ensemble_of_one_is_exactly_its_member():
+    scores = torch.tensor([[0.1234567], [-3.3], [7.0]])
+    assert torch.equal(ensemble_score(scores, 1.0), scores[:, 0])
