@@ -452,7 +452,7 @@ def test_a_trl_stage_resumed_at_its_last_step_or_before_logs_each_row_once_and_c
                                                                num_eval_prompts=4)), tmp_path / "task")
     out = tmp_path / "sft"
     args = ["sft", f"dataset={files['sft']}", f"output_dir={out}", "train.max_steps=4", "train.save_steps=2",
-            "train.logging_steps=1", "train.batch_size=4", "train.max_length=48", "eval_fraction=0.2"]
+            "train.logging_steps=1", "train.per_device_train_batch_size=4", "train.max_length=48", "eval_fraction=0.2"]
     assert main(args) == 0
     first = _logged(out / "metrics.jsonl")
     tokens = {r["step"]: r["num_tokens"] for r in first if "num_tokens" in r}
@@ -479,7 +479,7 @@ def test_a_trl_stage_resumed_at_its_last_step_or_before_logs_each_row_once_and_c
 def test_ppo_resumed_at_its_last_update_logs_its_final_evaluation_once(ppo_config, tmp_path):
     from rlhf.stages import run_stage
 
-    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_every=1, response_length=4)
+    cfg = ppo_config(total_episodes=8, rollout_batch_size=4, save_steps=1, response_length=4)
     run_stage("ppo", cfg)
     out = Path(cfg.output_dir)
     first, first_samples = _logged(out / "metrics.jsonl"), _logged(out / "samples.jsonl")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 # the shared test base (tests/integration/conftest.py), not the builtin tiny base built afresh
 SMALL = ["task.num_sft=64", "task.num_pairs=192", "task.num_ppo_prompts=40", "task.num_eval_prompts=8",
-         "sft.train.max_steps=2", "reward.train.max_steps=4", "reward.train.batch_size=16",
+         "sft.train.max_steps=2", "reward.train.max_steps=4", "reward.train.per_device_train_batch_size=16",
          "ppo.total_episodes=32", "ppo.rollout_batch_size=32", "ppo.response_length=8"]
 
 

@@ -39,7 +39,7 @@ def test_several_rm_sources_are_members_of_one_source():
     from rlhf.config import PPOConfig
     from rlhf.reward_sources import reward_sources
 
-    cfg = PPOConfig(rewards=entries, advantage_estimator="grpo", samples_per_prompt=2)
+    cfg = PPOConfig(rewards=entries, advantage_estimator="grpo", num_generations=2)
     pairs = reward_sources(cfg, ensemble=True)
     assert [src for src, _ in pairs if src.kind == "rm"] == [RewardSource("rm", "reward", 0.5, "rm")]
     assert len(pairs) == 2
