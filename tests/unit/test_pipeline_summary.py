@@ -4,7 +4,8 @@ the stage table's rows; these cases pin what it says for a recipe of each shape.
 ``data/summary_golden.json`` was written by the pipeline before the summary moved into the
 stage table (``python tests/unit/test_pipeline_summary.py``, at commit e9b6aa2): every metric a
 stage could report gets a distinct number, so a key read from the wrong metric or the wrong
-stage changes the summary."""
+stage changes the summary. One line was added by hand since: a run with ``register: false``
+whose policy is DPO's or KTO's (no PPO) now says why no export lines follow, as a PPO run did."""
 
 from __future__ import annotations
 
