@@ -4,7 +4,10 @@ Policies (any reference :func:`rlhf.generate.load_policy` accepts) are sampled o
 prompt with one seed and judged by a reward model and/or an objective; every mean comes
 with its standard error over prompts. The first policy is the baseline: each other policy
 (and the best-of-n baseline) gets its win rate over it on the same prompts (1 for a
-higher score, 0.5 for a tie), by the reward model and by the objective.
+higher score, 0.5 for a tie), by the reward model and by the objective. Sampling
+(:func:`rlhf.evaluation.sample_completions`, through :func:`rlhf.generate.sample`) and the
+statistics (:func:`rlhf.evaluation.compare_policies`) are the evaluation module's, the ones PPO
+and DPO report with.
 
   rlhf eval --policy SFT_REF --policy PPO_REF --prompts FILE [--reward RM_REF]
             [--objective my_pkg.my_task:MyTask | path/to/task.py:MyTask | builtin:synthetic]
