@@ -44,8 +44,13 @@ COMMANDS = {
 
 STAGE_NAMES = tuple(STAGES)  # the table imports no stage module (and no torch): --help stays fast
 
+#: The gated stage of the table (the one the reward gate guards: PPO), whose override ``rlhf run
+#: --help`` shows as a recipe key.
+_RUN_EXAMPLE_STAGE = next(name for name, row in STAGES.items() if row.gated)
+
 #: The override shown in each command's --help (tests/unit/test_cli.py applies every one).
-OVERRIDE_EXAMPLES = {**{name: row.example for name, row in STAGES.items()}, "run": "ppo.total_episodes=512"}
+OVERRIDE_EXAMPLES = {**{name: row.example for name, row in STAGES.items()},
+                     "run": f"{_RUN_EXAMPLE_STAGE}.{STAGES[_RUN_EXAMPLE_STAGE].example}"}
 
 
 def _top_help() -> str:

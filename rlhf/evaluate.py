@@ -4,7 +4,10 @@ Policies (any reference :func:`rlhf.generate.load_policy` accepts) are sampled o
 prompt with one seed and judged by a reward model and/or an objective; every mean comes
 with its standard error over prompts. The first policy is the baseline: each other policy
 (and the best-of-n baseline) gets its win rate over it on the same prompts (1 for a
-higher score, 0.5 for a tie), by the reward model and by the objective.
+higher score, 0.5 for a tie), by the reward model and by the objective. Sampling
+(:func:`rlhf.evaluation.sample_completions`, through :func:`rlhf.generate.sample`) and the
+statistics (:func:`rlhf.evaluation.compare_policies`) are the evaluation module's, the ones PPO
+and DPO report with.
 
   rlhf eval --policy SFT_REF --policy PPO_REF --prompts FILE [--reward RM_REF]
             [--objective my_pkg.my_task:MyTask | path/to/task.py:MyTask | builtin:synthetic]
@@ -33,20 +36,8 @@ from rlhf.paths import add_home_option, use_home
 
 Conversation = list[dict]
 
-
-def mean_se(vals: list[float]) -> dict:
-    """``{"mean", "se", "n"}`` of ``vals`` (se over items; 0 for one item), as the pipeline's
-    evaluation computes them (:func:`rlhf.evaluation.mean_se`)."""
-    if not vals:
-        return {"mean": None, "se": None, "n": 0}
-    mean, se = evaluation.mean_se(vals)
-    return {"mean": mean, "se": se, "n": len(vals)}
-
-
-def win_rate(a: list[float], b: list[float]) -> dict:
-    """Win rate of ``a`` over ``b`` item by item (1 win, 0.5 tie, 0 loss), with its s.e.
-    (:func:`rlhf.evaluation.win_rates`, as PPO's and DPO's win rates over SFT)."""
-    return mean_se(evaluation.win_rates([{"v": x} for x in a], [{"v": y} for y in b], "v"))
+#: The per-prompt numbers a policy gets a win rate over the baseline by, and the report's key for it.
+WIN_RATES = {"rm_score": "win_rate_rm", "objective": "win_rate_objective"}
 
 
 def reward_scorer(ref: str, dtype: str | None = None) -> Callable[[list[tuple[Conversation, Conversation]]], list[float]]:
@@ -170,15 +161,8 @@ def evaluate_policies(policies: list[str], prompts: list[Conversation], *, rewar
             j["objective"] = [float(objective(q, t)) for q, t in zip(user_turns, outs)]
         judged[name] = j
     first = policies[0]
-    report = {"prompts": len(prompts), "baseline": first, "policies": {}}
-    for name, j in judged.items():
-        entry = {k: mean_se(v) for k, v in j.items()}
-        if name != first:
-            if "rm_score" in j:
-                entry["win_rate_rm"] = win_rate(j["rm_score"], judged[first]["rm_score"])
-            if "objective" in j:
-                entry["win_rate_objective"] = win_rate(j["objective"], judged[first]["objective"])
-        report["policies"][name] = entry
+    report = {"prompts": len(prompts), "baseline": first,
+              "policies": evaluation.compare_policies(judged, first, WIN_RATES)}
     report["samples"] = [{"prompt": user_turns[i], **{n: texts[n][i] for n in texts}} for i in range(min(5, len(prompts)))]
     return report
 
@@ -209,8 +193,8 @@ def reward_accuracy(reward: str, data: str, split: str = "test") -> dict:
         groups.setdefault(str((r.get("source") or {}).get("file", "all")), []).append(i)
 
     def stats(idx: list[int]) -> dict:
-        return {"accuracy": mean_se([1.0 if chosen[i] > rejected[i] else 0.0 for i in idx]),
-                "margin": mean_se([chosen[i] - rejected[i] for i in idx])}
+        return {"accuracy": evaluation.statistic([1.0 if chosen[i] > rejected[i] else 0.0 for i in idx]),
+                "margin": evaluation.statistic([chosen[i] - rejected[i] for i in idx])}
 
     out = {"data": ref, "split": split, "overall": stats(list(range(len(records))))}
     if len(groups) > 1:

@@ -5,7 +5,10 @@ entropy and length, and, given the SFT policy's rows on the same prompts, the wi
 it by the reward model and by the objective; each as a mean with its standard error over
 prompts. One module for every caller, so their numbers compare: the PPO stage (before,
 during and after training), DPO's and KTO's evaluation of their policy against SFT
-(:func:`evaluate_against_sft`), and the statistics of ``rlhf eval``. The names the numbers are reported under follow :mod:`rlhf.summary`.
+(:func:`evaluate_against_sft`), and ``rlhf eval``, ``rlhf generate`` and ``rlhf chat``, which
+sample a loaded policy with :func:`sample_completions` (the same engines, prompt encoding and
+stop handling) and report :func:`statistic` and :func:`win_rate` (:func:`compare_policies`).
+The names the numbers are reported under follow :mod:`rlhf.summary`.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf import ppo as F
-from rlhf.generation import decode_responses, generate, left_pad
+from rlhf.generation import decode_responses, encode_prompts, generate, left_pad
 from rlhf.scoring import score_rollout
 
 if TYPE_CHECKING:
     from rlhf.config import PPOConfig
 
-__all__ = ["evaluate", "evaluate_against_sft", "mean_se", "split_eval_prompts", "win_rates"]
+__all__ = ["compare_policies", "completion_texts", "evaluate", "evaluate_against_sft", "mean_se", "sample_completions",
+           "split_eval_prompts", "statistic", "win_rate", "win_rates"]
 
 
 def split_eval_prompts(prompts: list, eval_prompts: list, cfg: PPOConfig) -> tuple[list, list]:
@@ -63,6 +67,61 @@ def win_rates(rows: list[dict], reference: list[dict], key: str) -> list[float]:
         if a is None or b is None:
             continue
         out.append(1.0 if a > b else 0.5 if a == b else 0.0)
+    return out
+
+
+def statistic(vals: list[float]) -> dict:
+    """``{"mean", "se", "n"}`` of ``vals`` (:func:`mean_se`; None for no values): how ``rlhf
+    eval`` reports a number."""
+    if not vals:
+        return {"mean": None, "se": None, "n": 0}
+    mean, se = mean_se(vals)
+    return {"mean": mean, "se": se, "n": len(vals)}
+
+
+def win_rate(a: list[float], b: list[float]) -> dict:
+    """The :func:`statistic` of ``a``'s wins over ``b`` item by item (:func:`win_rates`: 1 a
+    win, 0.5 a tie, 0 a loss), as PPO's and DPO's win rates over SFT."""
+    return statistic(win_rates([{"v": x} for x in a], [{"v": y} for y in b], "v"))
+
+
+def compare_policies(judged: dict[str, dict[str, list[float]]], baseline: str, wins: dict[str, str]) -> dict[str, dict]:
+    """Per policy, each of its per-prompt numbers (``judged[policy][name]``, the prompts in the
+    same order for every policy) as a :func:`statistic`; for every policy but ``baseline`` also
+    its :func:`win_rate` over ``baseline`` by each number ``name`` of ``wins``, under ``wins[name]``."""
+    out = {}
+    for policy, numbers in judged.items():
+        entry = {name: statistic(vals) for name, vals in numbers.items()}
+        if policy != baseline:
+            entry.update({key: win_rate(numbers[name], judged[baseline][name]) for name, key in wins.items()
+                          if name in numbers})
+        out[policy] = entry
+    return out
+
+
+def completion_texts(tok, batch) -> list[str]:
+    """Each response of ``batch`` (a :class:`rlhf.ppo.rollout.Sampled`) as text: its tokens up to
+    the first stop token (not included), special tokens dropped, surrounding space stripped."""
+    texts = []
+    for ids, m, stopped in zip(batch.response_ids, batch.response_mask, batch.has_stop):
+        n = int(m.sum()) - int(stopped)
+        texts.append(tok.decode(ids[:n].tolist(), skip_special_tokens=True).strip())
+    return texts
+
+
+@torch.no_grad()
+def sample_completions(engine, tok, prompts: list[list[dict]], *, max_prompt_length: int, batch_size: int, seed: int,
+                       device) -> list[str]:
+    """One completion (text) per prompt (a message list) from ``engine`` (:mod:`rlhf.generation`),
+    from seed ``seed``: prompts encoded as PPO encodes them, ``batch_size`` at a time, responses
+    cut after their first stop token (:func:`completion_texts`). The sampler of ``rlhf
+    generate``, ``rlhf chat`` and ``rlhf eval``."""
+    torch.manual_seed(seed)
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id,
+                             device)
+        out += completion_texts(tok, engine.sample(ids, mask))
     return out
 
 

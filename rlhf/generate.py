@@ -15,10 +15,12 @@ prompts are formatted exactly as in training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -111,65 +113,75 @@ def load_policy(ref: str, dtype: str | None = None, device: str | None = None, h
     return Policy(model, tok, ref, base, Path(where) if kind == "adapter" else None)
 
 
-@torch.no_grad()
+class _PolicyRoles:
+    """A loaded policy as the sampling engines see a :class:`rlhf.adapters.RoleModel`: one
+    language model that is its own policy role (no role switch, no autocast)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self.base_lm = lm
+
+    @property
+    def training(self) -> bool:
+        return self.base_lm.training
+
+    def eval(self):
+        self.base_lm.eval()
+
+    def train(self, mode: bool = True):
+        self.base_lm.train(mode)
+
+    def role(self, name: str):
+        return contextlib.nullcontext()
+
+    def autocast(self, device):
+        return contextlib.nullcontext()
+
+
+def engine_for(policy: Policy, *, max_new_tokens: int, temperature: float, engine: str = "hf",
+               max_prompt_length: int = 512, batch_size: int = 16):
+    """The sampling engine of :mod:`rlhf.generation` for ``policy``: ``hf`` (transformers
+    ``generate`` with every knob set, as PPO samples; ``temperature`` 0 decodes greedily) or
+    ``vllm`` (the base folder with the policy's adapter folder as a LoRA, or a standalone model
+    folder as it is). Decoding stops at any token of :func:`rlhf.models.stop_token_ids` (the
+    EOS, the generation config's EOS ids and the chat template's end-of-turn token)."""
+    from rlhf.generation import HFEngine, generation_config
+    from rlhf.models import stop_token_ids
+
+    tok = policy.tok
+    stop = stop_token_ids(tok, policy.model)
+    if engine == "vllm":
+        from rlhf.generation_vllm import VLLMEngine, check_vllm
+
+        check_vllm("--engine vllm")
+        rank = None
+        if policy.adapter is not None:
+            rank = json.loads((policy.adapter / "adapter_config.json").read_text())["r"]
+        return VLLMEngine(None, policy.base, temperature=temperature, stop_ids=stop, pad_id=tok.pad_token_id,
+                          response_length=max_new_tokens, max_prompt_length=max_prompt_length,
+                          max_num_seqs=batch_size, dtype=next(policy.model.parameters()).dtype, lora_rank=rank,
+                          adapter_dir=policy.adapter)
+    gen = generation_config(SimpleNamespace(temperature=temperature or 1.0, response_length=max_new_tokens), stop,
+                            tok.pad_token_id)
+    if temperature == 0:  # greedy: the most likely token at each step
+        gen.do_sample, gen.top_k, gen.top_p = False, None, None
+    return HFEngine(_PolicyRoles(policy.model), gen, stop, tok.pad_token_id, max_new_tokens)
+
+
 def sample(policy: Policy, prompts: list[list[dict]], *, max_new_tokens: int = 64, temperature: float = 0.7,
            seed: int = 0, batch_size: int = 16, max_prompt_length: int = 512, engine: str = "hf") -> list[str]:
     """One completion (text) per prompt (message list); ``temperature`` 0 decodes greedily.
 
-    Prompts are formatted like PPO's (:func:`rlhf.generation.encode_prompts`) and decoding
-    stops, as in PPO, at any token of :func:`rlhf.models.stop_token_ids` (the EOS, the
-    generation config's EOS ids and the chat template's end-of-turn token).
+    The engine of :func:`engine_for` through :func:`rlhf.evaluation.sample_completions`: prompts
+    formatted like PPO's (:func:`rlhf.generation.encode_prompts`), each completion cut at its
+    first stop token.
     """
-    from transformers import GenerationConfig
+    from rlhf.evaluation import sample_completions
 
-    from rlhf.generation import encode_prompts, left_pad
-    from rlhf.models import stop_token_ids
-
-    tok, model = policy.tok, policy.model
-    device = next(model.parameters()).device
-    stop = stop_token_ids(tok, model)
-    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                           top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
-                           max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    if engine == "vllm":
-        return _sample_vllm(policy, prompts, stop, max_new_tokens, temperature, batch_size, max_prompt_length)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id, device)
-        seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        for row in seqs[:, ids.shape[1]:].tolist():
-            ends = [row.index(i) for i in stop if i in row]
-            if ends:
-                row = row[: min(ends)]
-            out.append(tok.decode(row, skip_special_tokens=True).strip())
-    return out
-
-
-def _sample_vllm(policy: Policy, prompts, stop: list[int], max_new_tokens: int, temperature: float, batch_size: int,
-                 max_prompt_length: int) -> list[str]:
-    """:func:`sample` through the vllm engine (:mod:`rlhf.generation_vllm`): the base folder
-    with the policy's adapter folder as a LoRA, or a standalone model folder as it is."""
-    from rlhf.generation_vllm import VLLMEngine, check_vllm
-    from rlhf.generation import encode_prompts, left_pad
-
-    check_vllm("--engine vllm")
-    tok = policy.tok
-    rank = None
-    if policy.adapter is not None:
-        rank = json.loads((policy.adapter / "adapter_config.json").read_text())["r"]
-    dtype = next(policy.model.parameters()).dtype
-    engine = VLLMEngine(None, policy.base, temperature=temperature, stop_ids=stop, pad_id=tok.pad_token_id,
-                        response_length=max_new_tokens, max_prompt_length=max_prompt_length, max_num_seqs=batch_size,
-                        dtype=dtype, lora_rank=rank, adapter_dir=policy.adapter)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(encode_prompts(tok, prompts[s: s + batch_size], max_prompt_length), tok.pad_token_id, "cpu")
-        batch = engine.sample(ids, mask)
-        for row, m, stopped in zip(batch.response_ids, batch.response_mask, batch.has_stop):
-            n = int(m.sum()) - int(stopped)  # the stop token is not part of the text
-            out.append(tok.decode(row[:n].tolist(), skip_special_tokens=True).strip())
-    return out
+    sampler = engine_for(policy, max_new_tokens=max_new_tokens, temperature=temperature, engine=engine,
+                         max_prompt_length=max_prompt_length, batch_size=batch_size)
+    device = "cpu" if engine == "vllm" else next(policy.model.parameters()).device
+    return sample_completions(sampler, policy.tok, prompts, max_prompt_length=max_prompt_length,
+                              batch_size=batch_size, seed=seed, device=device)
 
 
 def read_prompts(path: str) -> list[list[dict]]:

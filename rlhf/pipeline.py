@@ -19,7 +19,6 @@ to ``<run_dir>/task/`` and read like user data, and its gold reward judges the r
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import sys
@@ -100,23 +99,36 @@ def _path_keys() -> list[tuple[str, str]]:
                            for key, spec in row.inputs.items() if spec.kind != "adapter")]
 
 
+def _code_ref(value, base: Path):
+    """A ``file.py:name`` code reference with its file resolved against ``base``; any other
+    value (``pkg.mod:name``, a built-in name) as it is."""
+    if not isinstance(value, str) or ".py:" not in value:
+        return value
+    path, _, attr = value.rpartition(":")
+    return f"{_recipe_relative(path, base)}:{attr}"
+
+
+def _code_slots(section: dict, spec: str):
+    """``(mapping, key)`` of each place ``spec`` of a row's ``code_refs`` names in ``section``:
+    ``key`` itself, or ``list.key``, the key of each entry of a list."""
+    outer, _, inner = spec.rpartition(".")
+    holders = [section] if not outer else [e for e in (section.get(outer) or []) if isinstance(e, dict)]
+    return [(h, inner) for h in holders if inner in h]
+
+
 def _resolve_recipe_paths(data: dict, base: Path) -> dict:
     for section, key in _path_keys():
         node = data.get(section)
         if isinstance(node, dict) and key in node:
             node[key] = _recipe_relative(node[key], base)
     task = data.get("task")
-    if isinstance(task, dict) and isinstance(task.get("module"), str) and ".py:" in task["module"]:
-        path, _, attr = task["module"].rpartition(":")
-        task["module"] = f"{_recipe_relative(path, base)}:{attr}"
-    ppo = data.get("ppo")
-    if isinstance(ppo, dict) and isinstance(ppo.get("watchdog_judge"), str) and ".py:" in ppo["watchdog_judge"]:
-        path, _, attr = ppo["watchdog_judge"].rpartition(":")
-        ppo["watchdog_judge"] = f"{_recipe_relative(path, base)}:{attr}"
-    for entry in (ppo.get("rewards") if isinstance(ppo, dict) else None) or []:  # {fn: file.py:func}, recipe-relative
-        if isinstance(entry, dict) and isinstance(entry.get("fn"), str) and ".py:" in entry["fn"]:
-            path, _, attr = entry["fn"].rpartition(":")
-            entry["fn"] = f"{_recipe_relative(path, base)}:{attr}"
+    if isinstance(task, dict) and "module" in task:
+        task["module"] = _code_ref(task["module"], base)
+    for stage, row in STAGES.items():
+        if isinstance(data.get(stage), dict):
+            for spec in row.code_refs:
+                for holder, key in _code_slots(data[stage], spec):
+                    holder[key] = _code_ref(holder[key], base)
     return data
 
 
@@ -194,18 +206,9 @@ def plan(recipe: str | Path, output_dir: str | Path | None = None, overrides: li
             src_stage = source.split("/")[0]
             if key in row.wired or (stage in stages and src_stage in stages[: stages.index(stage)]):
                 stage_data[stage][key] = str(run_dir / source)
-    from rlhf.reward_sources import parse_reward_sources
-
-    try:
-        ppo_rm = any(src.kind == "rm" for src in parse_reward_sources(stage_data["ppo"].get("rewards", [])))
-    except ConfigError as e:
-        raise ConfigError(f"ppo: {e}") from None
-    if not ppo_rm:  # only fn/http rewards: no reward model is loaded, none is needed before PPO
-        stage_data["ppo"].pop("reward_adapter", None)
-    elif "ppo" in stages and "reward" not in stages[: stages.index("ppo")]:
-        raise ConfigError(f"stages: ppo scores with the reward model (ppo.rewards has {{rm: reward}}, the default), "
-                          f"so reward must be listed before ppo (got {list(stages)}); with only fn/http rewards "
-                          "and a critic-free estimator, [sft, ppo] needs no reward stage")
+    for stage, row in STAGES.items():
+        if row.prepare is not None:
+            row.prepare(stage_data[stage], stages)
     configs = {}
     for stage, row in STAGES.items():  # in table order: a stage inherits only from the rows above it
         for key, source in row.inherits.items():
@@ -248,7 +251,7 @@ def _check_stages(stages: list[str]) -> tuple[str, ...]:
         if missing:
             raise ConfigError(f"stages[{i}]: {s!r} needs {', '.join(missing)} listed before it (got {stages})")
     if not stages:
-        raise ConfigError("stages: empty; list at least sft")
+        raise ConfigError(f"stages: empty; list at least {', '.join(s for s, row in STAGES.items() if not row.requires)}")
     return tuple(stages)
 
 
@@ -292,9 +295,10 @@ class Pipeline:
             deps = [fps.get(s) for s in row.requires]
             deps += [fps.get(source.split("/")[0]) if getattr(cfg, key) else None
                      for key, source in row.wired_if_run.items()]
-            data += [_file_hash(e["fn"].rpartition(":")[0]) for e in getattr(cfg, "rewards", ())
-                     if ".py:" in str(e.get("fn", ""))]  # an edited reward function reruns PPO
-            fps[stage] = _fingerprint([_without_paths(to_dict(cfg), row), *data, *deps])
+            config = to_dict(cfg)
+            data += [_file_hash(holder[key].rpartition(":")[0]) for spec, hashed in row.code_refs.items() if hashed
+                     for holder, key in _code_slots(config, spec) if ".py:" in str(holder[key])]
+            fps[stage] = _fingerprint([_without_paths(config, row), *data, *deps])
         return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:
@@ -494,146 +498,42 @@ class Pipeline:
             f"Rerun with `--from {rm}` (run dir {self.p.run_dir}).")
 
     def summary(self, task: Task | None, evaluate: bool = True) -> dict:
-        """Numbers of the run (and, with a task and ``evaluate``, its gold evaluation);
-        ``provisional`` until every stage of the recipe has completed, ``stages_to_come``
-        those that have not, in pipeline order."""
+        """Numbers of the run (and, with a task and ``evaluate``, its gold evaluation): each
+        stage's contribution (``Stage.summary`` of the stage table, :mod:`rlhf.summary`), in
+        table order; ``provisional`` until every stage of the recipe has completed,
+        ``stages_to_come`` those that have not, in pipeline order."""
+        from rlhf import distributed as dist
+
         st = self.state["stages"]
-        sft_m, rm_m, ppo_m = (st.get(s, {}).get("metrics", {}) for s in ("sft", "reward", "ppo"))
-        out = {
-            "sft_loss": sft_m.get("loss"),
-            "sft_eval_loss": sft_m.get("eval_loss"),
-            # the reward model on every held-out pair (none filtered; too long ones shortened and counted)
-            "rm_accuracy": rm_m.get("heldout_accuracy"),
-            "rm_accuracy_lower": (summary.accuracy_lower_bound(rm_m["heldout_correct"], rm_m["heldout_pairs"],
-                                                               self.p.pipeline.reward_gate.confidence)
-                                  if rm_m.get("heldout_pairs") else None),
-            "rm_accuracy_confidence": self.p.pipeline.reward_gate.confidence if rm_m.get("heldout_pairs") else None,
-            "rm_margin": rm_m.get("heldout_margin"),
-            "rm_heldout_pairs": rm_m.get("heldout_pairs"),
-            "rm_heldout_truncated": rm_m.get("heldout_truncated"),
-            # pairs longer than reward.train.max_length, which TRL leaves out (train / held out)
-            "rm_train_pairs_too_long": rm_m.get("train_pairs_too_long"),
-            "rm_test_pairs_too_long": rm_m.get("test_pairs_too_long"),
-            "reward_score_sft": ppo_m.get(summary.key(summary.REFERENCE, "score")),
-            "reward_score_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "score", "se")),
-            "reward_score_ppo": ppo_m.get(summary.key(summary.TRAINED, "score")),
-            "reward_score_ppo_se": ppo_m.get(summary.key(summary.TRAINED, "score", "se")),
-            "kl_sft": ppo_m.get(summary.key(summary.REFERENCE, "kl")),
-            "kl_ppo_sft": ppo_m.get(summary.key(summary.TRAINED, "kl")),
-            "kl_ppo_sft_se": ppo_m.get(summary.key(summary.TRAINED, "kl", "se")),
-            "response_length_sft": ppo_m.get(summary.key(summary.REFERENCE, "length")),
-            "response_length_sft_se": ppo_m.get(summary.key(summary.REFERENCE, "length", "se")),
-            "response_length_ppo": ppo_m.get(summary.key(summary.TRAINED, "length")),
-            "response_length_ppo_se": ppo_m.get(summary.key(summary.TRAINED, "length", "se")),
-            "win_rate_rm": ppo_m.get(summary.key(summary.TRAINED, "win_rate")),
-            "win_rate_rm_se": ppo_m.get(summary.key(summary.TRAINED, "win_rate", "se")),
-            "eval_prompts": ppo_m.get("final/eval/prompts"),
-        }
-        # a reward-model ensemble (reward.ensemble > 1): each member's and the ensemble's held-out accuracy
-        out.update({f"rm_{k}": v for k, v in rm_m.items() if k in ("ensemble_accuracy", "ensemble_members")
-                    or (k.startswith("member") and k.endswith("_accuracy") and k.count("_") == 1)})
-        # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
-        out.update({k.replace("final/", "").replace("/", "_"): v for k, v in ppo_m.items()
-                    if k.startswith("watchdog/")})
-        out.update(_judge_summary(ppo_m, self.p.configs["ppo"].watchdog_judge, out.get("kl_ppo_sft")))
-        if st.get("ppo", {}).get("status") == "blocked":
-            out["ppo_blocked"] = st["ppo"].get("reason")
+        if task is not None and evaluate and dist.is_main():  # an evaluation for the summary, which rank 0 writes
+            self._measure_task_metrics(task)
+        out: dict = {}
+        for stage, row in STAGES.items():
+            if row.summary is not None:
+                row.summary.add(out, st.get(stage, {}), stage in self.p.stages, task is not None,
+                                self.p.configs.get(stage))
+            if st.get(stage, {}).get("status") == "blocked":
+                out[f"{stage}_blocked"] = st[stage].get("reason")
+        summary.with_accuracy_bound(out, self.p.pipeline.reward_gate.confidence)
         if task is not None:
             out["task"] = getattr(task, "name", None)
-            out["win_rate_gold"] = ppo_m.get(summary.key(summary.TRAINED, "gold_win_rate"))
-            out["win_rate_gold_se"] = ppo_m.get(summary.key(summary.TRAINED, "gold_win_rate", "se"))
-            out.update(
-                gold_reward_sft=ppo_m.get(summary.key(summary.REFERENCE, "gold")),
-                gold_reward_sft_se=ppo_m.get(summary.key(summary.REFERENCE, "gold", "se")),
-                gold_reward_ppo=ppo_m.get(summary.key(summary.TRAINED, "gold")),
-                gold_reward_ppo_se=ppo_m.get(summary.key(summary.TRAINED, "gold", "se")),
-            )
-            out["rm_accuracy_gold"] = st.get("reward", {}).get("metrics", {}).get("gold_accuracy")
-            from rlhf import distributed as dist
-
-            if (evaluate and out.get("rm_accuracy_gold") is None and "reward" in st
-                    and st["reward"].get("status") == "completed"
-                    and callable(getattr(task, "response_pairs", None)) and dist.is_main()):  # an evaluation for the summary, which rank 0 writes
-                from rlhf.resolve import resolve_base
-                from rlhf.tasks import gold_rm_accuracy
-
-                model = self.p.pipeline.model
-                acc = gold_rm_accuracy(task, resolve_base(model.name_or_path, seed=self.p.pipeline.seed), model.dtype,
-                                       st["reward"]["dirs"]["adapter"], chat_template=model.chat_template)
-                st["reward"].setdefault("metrics", {})["gold_accuracy"] = acc
-                self.save()
-                out["rm_accuracy_gold"] = acc
-            if None not in (out["gold_reward_sft"], out["gold_reward_ppo"]):
-                diff = out["gold_reward_ppo"] - out["gold_reward_sft"]
-                se = math.hypot(out["gold_reward_sft_se"], out["gold_reward_ppo_se"])
-                out["gold_improvement"] = diff
-                out["gold_improvement_in_se"] = diff / se if se > 0 else None
-                out["kl_per_gold_gain"] = _per_gain(out.get("kl_ppo_sft"), diff)
-        for name in ("dpo", "kto"):
-            if name in self.p.stages and st.get(name, {}).get("status") == "completed":
-                _add_offline_summary(out, name, st[name].get("metrics", {}), task is not None)
         out["stages_to_come"] = [s for s in self.p.stages if st.get(s, {}).get("status") != "completed"]
         out["provisional"] = bool(out["stages_to_come"])
         return out
 
-
-def _per_gain(kl: float | None, gain: float | None) -> float | None:
-    """KL spent per unit of gain; None when either is missing or the gain is not positive
-    (no KL buys a loss)."""
-    return kl / gain if kl is not None and gain is not None and gain > 0 else None
-
-
-def _judge_summary(m: dict, watchdog_judge: str, kl: float | None) -> dict:
-    """The watchdog's judge of the SFT and the published policy (``judge_sft``, ``judge_ppo``,
-    on the evaluations' first ``eval_max_prompts`` prompts or the held-out pairs), which judge it
-    was (``judge``: objective, function or pairs), its gain and ``kl_per_judge_gain``: the KL to
-    SFT per response spent per unit of judge gain. {} when the run had no judge."""
-    sft, ppo = m.get(f"{summary.REFERENCE}watchdog/judge"), m.get(f"{summary.TRAINED}watchdog/judge")
-    if sft is None or ppo is None:
-        return {}
-    kind = ("pairs" if f"{summary.REFERENCE}judge/pairs_agreement" in m
-            else "function" if watchdog_judge else "objective")
-    return {"judge": kind, "judge_sft": sft, "judge_ppo": ppo, "judge_gain": ppo - sft,
-            "kl_per_judge_gain": _per_gain(kl, ppo - sft)}
-
-
-def _add_offline_summary(out: dict, n: str, m: dict, has_gold: bool) -> None:
-    """DPO's or KTO's numbers (stage ``n``) next to PPO's, under the same keys with ``n`` in
-    place of ``ppo`` (``gold_reward_dpo``, ``win_rate_kto_sft``...). The stage sampled the SFT
-    and its policy on the same held-out prompts as PPO's evaluation, with PPO's sampler,
-    settings and seed, and reports them by the same convention (:mod:`rlhf.summary`); without
-    a PPO stage its SFT numbers stand in for the SFT row."""
-    ref, trained = summary.REFERENCE, summary.TRAINED
-    out.update({
-        f"{n}_eval_loss": m.get("eval_loss"),
-        # pairs longer than train.max_length, which TRL truncates (train / held out)
-        f"{n}_train_pairs_too_long": m.get("train_pairs_too_long"),
-        f"{n}_test_pairs_too_long": m.get("test_pairs_too_long"),
-        f"{n}_reward_accuracy": m.get("eval_rewards_accuracies"),
-        f"{n}_reward_margin": m.get("eval_rewards_margins"),
-        f"reward_score_{n}": m.get(summary.key(trained, "score")),
-        f"kl_{n}_sft": m.get(summary.key(trained, "kl")),
-        f"kl_{n}_sft_se": m.get(summary.key(trained, "kl", "se")),
-        f"response_length_{n}": m.get(summary.key(trained, "length")),
-        f"win_rate_{n}_sft": m.get(summary.key(trained, "win_rate")),
-        f"win_rate_{n}_sft_se": m.get(summary.key(trained, "win_rate", "se")),
-    })
-    if out.get("reward_score_sft") is None:
-        out["reward_score_sft"] = m.get(summary.key(ref, "score"))
-    if not has_gold:
-        return
-    out.update({f"gold_reward_{n}": m.get(summary.key(trained, "gold")),
-                f"gold_reward_{n}_se": m.get(summary.key(trained, "gold", "se")),
-                f"gold_win_rate_{n}_sft": m.get(summary.key(trained, "gold_win_rate")),
-                f"gold_win_rate_{n}_sft_se": m.get(summary.key(trained, "gold_win_rate", "se"))})
-    sft, sft_se = m.get(summary.key(ref, "gold")), m.get(summary.key(ref, "gold", "se"))
-    if out.get("gold_reward_sft") is None:
-        out.update(gold_reward_sft=sft, gold_reward_sft_se=sft_se)
-    if None not in (sft, out[f"gold_reward_{n}"]):
-        diff = out[f"gold_reward_{n}"] - sft
-        se = math.hypot(sft_se, out[f"gold_reward_{n}_se"])
-        out[f"gold_improvement_{n}"] = diff
-        out[f"gold_improvement_{n}_in_se"] = diff / se if se > 0 else None
+    def _measure_task_metrics(self, task: Task) -> None:
+        """Measure each completed stage's ``task_metric`` that its metrics lack (kept in
+        ``pipeline.json``, so a rerun does not measure it again)."""
+        for stage, row in STAGES.items():
+            st = self.state["stages"].get(stage, {})
+            if row.task_metric is None or st.get("status") != "completed":
+                continue
+            name, measure = row.task_metric
+            if st.get("metrics", {}).get(name) is None:
+                value = measure(task, self.p.pipeline, st.get("dirs", {}))
+                if value is not None:
+                    st.setdefault("metrics", {})[name] = value
+                    self.save()
 
 
 def _numbers(d: dict) -> dict:
@@ -661,55 +561,19 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def fmt(key: str, se_key: str | None = None) -> str:
-        v = summary.get(key)
-        if v is None:
-            return "-"
-        if se_key and summary.get(se_key) is not None:
-            return f"{v:.4f} ± {summary[se_key]:.4f}"
-        return f"{v:.4f}"
+    from rlhf.summary import line_value
 
     console = Console(file=file, soft_wrap=True)
     table = Table(title=f"rlhf run: {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [
-        ("SFT loss (train, last logged)", fmt("sft_loss")),
-        ("SFT eval loss", fmt("sft_eval_loss")),
-        ("RM held-out accuracy (noisy labels)", fmt("rm_accuracy")),
-        (f"RM accuracy, {summary.get('rm_accuracy_confidence') or 0.95:.0%} lower bound, on n held-out pairs",
-         f"{fmt('rm_accuracy_lower')}, n = {summary.get('rm_heldout_pairs') or '-'}"),
-        ("RM accuracy vs noiseless gold", fmt("rm_accuracy_gold")),
-        ("gold reward, SFT policy (± s.e.)", fmt("gold_reward_sft", "gold_reward_sft_se")),
-        ("gold reward, PPO policy (± s.e.)", fmt("gold_reward_ppo", "gold_reward_ppo_se")),
-        ("gold improvement (in s.e. of the difference)", fmt("gold_improvement_in_se")),
-        ("RM score, SFT -> PPO", f"{fmt('reward_score_sft')} -> {fmt('reward_score_ppo')}"),
-        ("win rate PPO over SFT, by the RM (± s.e.)", fmt("win_rate_rm", "win_rate_rm_se")),
-        ("win rate PPO over SFT, by the objective (± s.e.)", fmt("win_rate_gold", "win_rate_gold_se")),
-        ("KL(PPO || SFT) per response (± s.e.)", fmt("kl_ppo_sft", "kl_ppo_sft_se")),
-        (f"watchdog judge ({summary.get('judge')}), SFT -> PPO",
-         f"{fmt('judge_sft')} -> {fmt('judge_ppo')}" if summary.get("judge") else "-"),
-        ("KL per unit of judge gain", fmt("kl_per_judge_gain")),
-        ("KL per unit of gold gain", fmt("kl_per_gold_gain")),
-        ("watchdog tripped", "yes" if summary.get("watchdog_tripped") else "-"),
-        ("response length, SFT -> PPO", f"{fmt('response_length_sft')} -> {fmt('response_length_ppo')}"),
-        ("PPO not run", summary.get("ppo_blocked") or "-"),
-        ("gold reward, DPO policy (± s.e.)", fmt("gold_reward_dpo", "gold_reward_dpo_se")),
-        ("DPO gold improvement (in s.e. of the difference)", fmt("gold_improvement_dpo_in_se")),
-        ("RM score, DPO policy", fmt("reward_score_dpo")),
-        ("DPO win rate over SFT, by RM (± s.e.)", fmt("win_rate_dpo_sft", "win_rate_dpo_sft_se")),
-        ("DPO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_dpo_sft", "gold_win_rate_dpo_sft_se")),
-        ("KL(DPO || SFT) per response (± s.e.)", fmt("kl_dpo_sft", "kl_dpo_sft_se")),
-        ("gold reward, KTO policy (± s.e.)", fmt("gold_reward_kto", "gold_reward_kto_se")),
-        ("KTO gold improvement (in s.e. of the difference)", fmt("gold_improvement_kto_in_se")),
-        ("RM score, KTO policy", fmt("reward_score_kto")),
-        ("KTO win rate over SFT, by RM (± s.e.)", fmt("win_rate_kto_sft", "win_rate_kto_sft_se")),
-        ("KTO win rate over SFT, by gold (± s.e.)", fmt("gold_win_rate_kto_sft", "gold_win_rate_kto_sft_se")),
-        ("KL(KTO || SFT) per response (± s.e.)", fmt("kl_kto_sft", "kl_kto_sft_se")),
-    ]
-    for k, v in rows:
-        if v not in ("-", "- -> -"):
-            table.add_row(k, v)
+    for stage, row in STAGES.items():
+        for line in row.summary.lines if row.summary is not None else ():
+            value = line_value(line, summary)
+            if value not in ("-", "- -> -"):
+                table.add_row(line.label, value)
+        if summary.get(f"{stage}_blocked"):  # stopped by the reward gate
+            table.add_row(f"{stage.upper()} not run", summary[f"{stage}_blocked"])
     console.print(table)
 
     state_path = Path(run_dir) / "pipeline.json"
@@ -731,26 +595,22 @@ def print_summary(summary: dict, run_dir: Path, file=None) -> None:
     home = state.get("registry_home")
     q = shlex.quote
     home_opt = f" --home {q(home)}" if home and Path(home) != _registry_home(None) else ""
-    policy = stages.get("ppo", {}).get("outputs", {}).get("policy")
-    reward = stages.get("reward", {}).get("outputs", {}).get("adapter")
     report = Path(run_dir) / "report.html"
     lines = [f"summary written to {Path(run_dir) / 'summary.json'}", "next:"]
-    if policy:
-        export_dir = Path("exports") / policy.replace(":", "-")
-        lines += [f"  rlhf registry export {policy} {q(str(export_dir))}{home_opt}    # the policy as a standalone HF model",
-                  f"  rlhf generate {policy} --prompt 'Hello'{home_opt}    # sample from the trained policy"]
-    elif "policy" in stages.get("ppo", {}).get("dirs", {}):
-        lines.append("  (register: false, so nothing is in the registry to export or generate from)")
-    for name in ("dpo", "kto"):
-        offline_policy = stages.get(name, {}).get("outputs", {}).get("adapter")
-        if offline_policy:
-            export_dir = Path("exports") / offline_policy.replace(":", "-")
-            lines += [f"  rlhf registry export {offline_policy} {q(str(export_dir))}{home_opt}    # the {name.upper()} "
-                      "policy as a standalone HF model",
-                      f"  rlhf generate {offline_policy} --prompt 'Hello'{home_opt}    # sample from the {name.upper()} policy"]
-    if reward:
-        lines.append(f"  rlhf registry export {reward} {q(str(Path('exports') / reward.replace(':', '-')))}{home_opt}"
-                     "    # the reward model as a sequence classifier")
+    unregistered = False
+    # the policies first (export and sample), then the other artifacts (export)
+    exports = [(stage, export) for stage, row in STAGES.items() for export in row.exports]
+    for stage, export in sorted(exports, key=lambda e: e[1].sample is None):
+        st = stages.get(stage, {})
+        ref = st.get("outputs", {}).get(export.output)
+        if ref:
+            lines.append(f"  rlhf registry export {ref} {q(str(Path('exports') / ref.replace(':', '-')))}{home_opt}"
+                         f"    # {export.what}")
+            if export.sample:
+                lines.append(f"  rlhf generate {ref} --prompt 'Hello'{home_opt}    # sample from {export.sample}")
+        elif export.sample and export.output in st.get("dirs", {}) and not unregistered:
+            unregistered = True
+            lines.append("  (register: false, so nothing is in the registry to export or generate from)")
     lines += [f"  rlhf report {q(str(run_dir))} --out {q(str(report))}    # a self-contained HTML report",
               f"  rlhf dashboard --runs-root {q(str(Path(run_dir).parent))}    # browse this and other runs"]
     console.print("\n".join(lines), markup=False, highlight=False)

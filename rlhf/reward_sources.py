@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from rlhf.config import PPOConfig
     from rlhf.ppo.rollout import ScoredRollout
-    from rlhf.stages.ppo import PPOSetup
+    from rlhf.ppo.state import PPOSetup
 
 __all__ = ["RewardSource", "RewardSourceError", "call_source", "load_function", "parse_reward_sources"]
 

@@ -23,7 +23,7 @@ from rlhf.config import ConfigError
 if TYPE_CHECKING:
     from rlhf.config import PPOConfig
     from rlhf.judge import PairJudge
-    from rlhf.stages.ppo import Optimization, PPOSetup
+    from rlhf.ppo.state import Optimization, PPOSetup
 
 __all__ = ["Watchdog"]
 

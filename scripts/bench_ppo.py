@@ -321,14 +321,14 @@ def run_ours(workdir: str | Path, out_dir: str | Path, n_batches: int | None = N
     """
     import torch
 
-    from rlhf.stages import ppo as stage
+    from rlhf.stages import STAGES
 
     spec = load_spec(workdir)
     cfg = our_config(spec, workdir, out_dir, n_batches)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # the stage synchronises the GPU after each phase, so its phase times are the GPU's
-    stage.run_ppo(cfg)  # writes under cfg.output_dir = out_dir/ppo
+    STAGES["ppo"].run(cfg, group=None, resume=False, task=None, registration=None)  # writes under out_dir/ppo
     rows = [json.loads(line) for line in (Path(out_dir) / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "episodes_per_s" in r]
     updates = [{"total_s": spec.batch / r["episodes_per_s"], "generate_s": r["time/generate_s"],
@@ -708,7 +708,7 @@ def build_in_memory(spec: BenchSpec, device):
     the value role as a copy of reward), prompts are random token ids.
 
     Returns:
-        ``(setup, cfg)``: a :class:`rlhf.stages.ppo.PPOSetup` and the :class:`PPOConfig`.
+        ``(setup, cfg)``: a :class:`rlhf.ppo.state.PPOSetup` and the :class:`PPOConfig`.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -718,7 +718,7 @@ def build_in_memory(spec: BenchSpec, device):
     from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
     from rlhf.generation import make_engine
     from rlhf.models import disable_dropout
-    from rlhf.stages import ppo as stage
+    from rlhf.ppo.state import PPOSetup
 
     tok = build_tokenizer(spec.vocab)
     config = qwen2_config(spec.shape, tok, spec.vocab)
@@ -753,10 +753,10 @@ def build_in_memory(spec: BenchSpec, device):
     rng = random.Random(spec.seed)
     first_word = len(tok.all_special_tokens)
     prompts = [[rng.randrange(first_word, spec.vocab) for _ in range(spec.prompt_len)] for _ in range(spec.batch)]
-    s = stage.PPOSetup(model=model, tok=tok, base_path="in-memory", stop_ids=stop_ids,
-                       score_suffix=generation.score_suffix(tok, stop_ids), pad_id=pad_id, gen_cfg=gen_cfg,
-                       engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=torch.device(device),
-                       rank=0, world=1, per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
+    s = PPOSetup(model=model, tok=tok, base_path="in-memory", stop_ids=stop_ids,
+                 score_suffix=generation.score_suffix(tok, stop_ids), pad_id=pad_id, gen_cfg=gen_cfg,
+                 engine=engine, prompt_ids=prompts, eval_ids=[], eval_texts=[], device=torch.device(device),
+                 rank=0, world=1, per_rollout_prompts=spec.batch, global_batch=spec.batch, num_updates=1)
     return s, cfg
 
 

@@ -18,7 +18,12 @@ the CLI (``rlhf <stage>``) need to know about a stage, so none of them names a s
   * ``task_files``: config keys a task's files fill (see :mod:`rlhf.tasks`);
   * ``inherits``: config keys whose default is another stage's value (DPO samples its
     evaluation like PPO);
-  * ``outputs``: the artifacts it publishes (registry entries).
+  * ``outputs``: the artifacts it publishes (registry entries);
+  * ``code_refs``: config keys holding code a recipe names (``file.py:name``, recipe-relative);
+  * ``prepare``: an adjustment of its recipe section once the stage list is known (PPO drops
+    the reward-model wiring when ``ppo.rewards`` has no reward model);
+  * ``summary``, ``task_metric``, ``exports``: what it adds to the run's summary and to the
+    lines ``rlhf run`` ends with (:mod:`rlhf.summary`).
 
 A new stage is its module plus its row. The fingerprint of a stage is a hash of its resolved
 config (less its output directory and wired paths), of its data inputs' contents and of the
@@ -32,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf import summary
+from rlhf.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig, parse_reward_sources
 from rlhf.stages.common import StageResult
 
 if TYPE_CHECKING:
@@ -67,6 +73,16 @@ class Stage:
     outputs: tuple[str, ...] = ()
     gated: bool = False  # the reward-model quality gate (recipe key reward_gate) runs before it
     check: Callable[[object], None] | None = None  # extra check of its config inside a pipeline
+    # config key -> whether the file is part of the fingerprint (an edited reward function reruns
+    # the stage); "list.key" is a key of each entry of a list
+    code_refs: dict[str, bool] = field(default_factory=dict)
+    # (its raw recipe section, the recipe's stage list) -> None, before the section is typed
+    prepare: Callable[[dict, tuple[str, ...]], None] | None = None
+    summary: summary.Contribution | None = None  # its keys of summary.json and lines of the printed table
+    # (metric, measure(task, pipeline config, its artifact dirs) -> value or None): a number the
+    # summary measures after the stage ran when a task judges the run and the metric is missing
+    task_metric: tuple[str, Callable[..., float | None]] | None = None
+    exports: tuple[summary.Export, ...] = ()  # the artifacts the closing lines offer to export
     example: str = "train.max_steps=20"  # an override its command accepts, for `rlhf <stage> --help`
 
 
@@ -111,6 +127,32 @@ def _sft_in_pipeline(cfg: SFTConfig) -> None:
         )
 
 
+def _ppo_reward_model(data: dict, stages: tuple[str, ...]) -> None:
+    # only fn/http rewards: no reward model is loaded, none is needed before PPO
+    try:
+        uses_rm = any(src.kind == "rm" for src in parse_reward_sources(data.get("rewards", [])))
+    except ConfigError as e:
+        raise ConfigError(f"ppo: {e}") from None
+    if not uses_rm:
+        data.pop("reward_adapter", None)
+    elif "ppo" in stages and "reward" not in stages[: stages.index("ppo")]:
+        raise ConfigError(f"stages: ppo scores with the reward model (ppo.rewards has {{rm: reward}}, the default), "
+                          f"so reward must be listed before ppo (got {list(stages)}); with only fn/http rewards "
+                          "and a critic-free estimator, [sft, ppo] needs no reward stage")
+
+
+def _reward_gold_accuracy(task: Task, pipe, dirs: dict) -> float | None:
+    # the reward model's accuracy on the task's noiseless pairs (a task without them: none)
+    if not callable(getattr(task, "response_pairs", None)):
+        return None
+    from rlhf.resolve import resolve_base
+    from rlhf.tasks import gold_rm_accuracy
+
+    model = pipe.model
+    return gold_rm_accuracy(task, resolve_base(model.name_or_path, seed=pipe.seed), model.dtype, dirs["adapter"],
+                            chat_template=model.chat_template)
+
+
 def _kto(cfg: KTOConfig, *, group: str | None, resume: bool, task: Task | None,
          registration: Registration | None) -> StageResult:
     from rlhf.stages.kto import run_kto
@@ -146,6 +188,7 @@ STAGES: dict[str, Stage] = {
         task_files={"dataset": "sft"},
         outputs=("adapter",),
         check=_sft_in_pipeline,
+        summary=summary.SFT,
     ),
     "reward": Stage(
         RewardConfig, _reward, "run the reward-model stage alone",
@@ -153,11 +196,14 @@ STAGES: dict[str, Stage] = {
         inputs={"dataset": Input("preferences")},
         task_files={"dataset": "pairs"},
         outputs=("adapter",),
+        summary=summary.REWARD_MODEL,
+        task_metric=("gold_accuracy", _reward_gold_accuracy),
+        exports=(summary.Export("adapter", "the reward model as a sequence classifier"),),
     ),
     "ppo": Stage(
         PPOConfig, _ppo, "run the PPO stage alone",
         # the reward stage too when ppo.rewards scores with the reward model (the default); with
-        # only function or HTTP rewards it needs none (rlhf.pipeline checks which)
+        # only function or HTTP rewards it needs none (_ppo_reward_model checks which)
         requires=("sft",),
         inputs={"sft_adapter": Input("adapter", required=False), "reward_adapter": Input("adapter", required=False),
                 "prompts": Input("data"), "eval_prompts": Input("data", required=False)},
@@ -167,14 +213,22 @@ STAGES: dict[str, Stage] = {
         outputs=("policy", "value"),
         gated=True,
         example="total_episodes=512",
+        code_refs={"rewards.fn": True, "watchdog_judge": False},
+        prepare=_ppo_reward_model,
+        summary=summary.PPO,
+        exports=(summary.Export("policy", "the policy as a standalone HF model", sample="the trained policy"),),
     ),
     "dpo": Stage(
         DPOConfig, _dpo, "run the DPO stage alone (TRL's DPOTrainer from the SFT adapter)",
         **_OFFLINE_PREFERENCE_STAGE,
+        summary=summary.offline_policy("dpo"),
+        exports=(summary.Export("adapter", "the DPO policy as a standalone HF model", sample="the DPO policy"),),
     ),
     "kto": Stage(
         KTOConfig, _kto, "run the KTO stage alone (TRL's KTOTrainer on labelled completions, from the SFT adapter)",
         **_OFFLINE_PREFERENCE_STAGE,
+        summary=summary.offline_policy("kto"),
+        exports=(summary.Export("adapter", "the KTO policy as a standalone HF model", sample="the KTO policy"),),
     ),
 }
 

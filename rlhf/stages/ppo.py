@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
@@ -54,15 +53,13 @@ from rlhf.generation import (build_engine, decode_responses, encode_prompts, gen
                              stop_token_ids)
 from rlhf.ppo.masked import AllReduce
 from rlhf.ppo.rollout import Sampled, ScoredRollout
+from rlhf.ppo.state import Optimization, PPOSetup
 from rlhf.scoring import score_rollout
 from rlhf.stages.common import StageResult
 from rlhf.reward_sources import reward_members, reward_sources, score_with_sources, source_statistics, uses_reward_model
 from rlhf.update import (GuardTripped, _check_finite, _ppo_update, explained_variance, rollout_mismatch,
                          rollout_statistics, warn_if_cut_off)
 from rlhf.watchdog import Watchdog, _restore, _watch, watch_metrics, watchdog_judge
-
-if TYPE_CHECKING:
-    from rlhf.adapters import RoleModel
 
 
 def final_scores(batch: ScoredRollout, cfg: PPOConfig) -> torch.Tensor:
@@ -153,45 +150,6 @@ def _check_guards(stats: dict, cfg: PPOConfig, length_streak: list[int]) -> None
         if length_streak[0] >= cfg.guard_length_patience:
             raise GuardTripped("response/length_mean", stats["response/length_mean"],
                                f"above {limit:.1f} tokens for {length_streak[0]} updates in a row")
-
-
-@dataclass
-class PPOSetup:
-    """What one PPO run builds before its first update (the same on every process)."""
-
-    model: "RoleModel"  # one frozen base with sft/policy/reward/value roles
-    tok: object  # the tokenizer
-    base_path: str  # the resolved base model
-    stop_ids: list[int]  # any of them ends a response
-    score_suffix: list[int]  # tokens the chat template writes after the stop token (score_suffix)
-    pad_id: int
-    gen_cfg: object  # transformers GenerationConfig, every sampling knob set
-    engine: object  # the sampling engine of ppo.generation (rlhf.generation)
-    prompt_ids: list[list[int]]  # encoded training prompts
-    eval_ids: list[list[int]]  # encoded held-out prompts (may be empty)
-    eval_texts: list[str]  # their last user turns, passed to the gold reward
-    device: torch.device
-    rank: int
-    world: int  # number of processes
-    per_rollout_prompts: int  # distinct prompts per rollout batch of one process
-    global_batch: int  # episodes per update over all processes
-    num_updates: int
-    prompts: list = field(default_factory=list)  # the training prompts' message lists (reward sources read them)
-    sources: list = field(default_factory=list)  # (RewardSource, batch function or None) of ppo.rewards; [] : the RM alone
-    eval_prompts: list = field(default_factory=list)  # the held-out prompts' message lists
-    prompt_metadata: list = field(default_factory=list)  # each training prompt row's other columns (dict)
-    eval_metadata: list = field(default_factory=list)  # the same for the held-out prompts
-
-
-@dataclass
-class Optimization:
-    """The trainable state a checkpoint holds besides the adapters."""
-
-    params: list  # policy (+ value) LoRA and value-head parameters
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    kl_ctl: object  # F.FixedKLController or F.AdaptiveKLController
-    length_streak: list[int] = field(default_factory=lambda: [0])  # the length guard's count of updates in a row
 
 
 def setup(cfg: PPOConfig, task_evaluate: Callable[[str, str], float] | None = None) -> PPOSetup:

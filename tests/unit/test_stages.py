@@ -190,15 +190,14 @@ def test_the_trl_stage_skeleton_steps(tmp_path):
 
 
 def test_kto_summary_uses_the_dpo_keys_with_kto_in_their_place():
-    """The KTO stage's numbers enter the pipeline summary under DPO's key names, ``kto`` for ``dpo``."""
-    from rlhf.pipeline import _add_offline_summary
-
+    """The KTO stage's numbers enter the pipeline summary (its row's contribution) under DPO's key
+    names, ``kto`` for ``dpo``."""
     # reported by the summary convention (rlhf.summary): SFT initial/, the KTO policy final/
     m = {"eval_loss": 0.4, "eval_rewards_margins": 0.2, "initial/eval/gold_mean": -0.2, "initial/eval/gold_se": 0.03,
          "final/eval/gold_mean": 0.1, "final/eval/gold_se": 0.04, "final/eval/kl_mean": 1.5, "final/eval/kl_se": 0.1,
          "final/eval/gold_win_rate_mean": 0.7, "final/eval/gold_win_rate_se": 0.02}
     out: dict = {}
-    _add_offline_summary(out, "kto", m, has_gold=True)
+    STAGES["kto"].summary.add(out, {"status": "completed", "metrics": m}, True, True)
     assert (out["kto_eval_loss"], out["kto_reward_margin"], out["kl_kto_sft"]) == (0.4, 0.2, 1.5)
     assert (out["gold_reward_sft"], out["gold_reward_kto"], out["gold_win_rate_kto_sft"]) == (-0.2, 0.1, 0.7)
     # (0.1 - -0.2) / hypot(0.03, 0.04) = 0.3 / 0.05
@@ -241,3 +240,42 @@ def test_pipeline_exports_its_thread_count_to_the_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(Pipeline, "_run", lambda self, *a: seen.setdefault("threads", os.environ["RLHF_NUM_THREADS"]))
     Pipeline(p).run()
     assert seen["threads"] == "3"
+
+
+def _stage_names_in(path: Path) -> list[str]:
+    """Where ``path`` names a stage of the table in code: a string that is a stage name or starts a
+    config key or artifact path with one (``"ppo"``, ``"ppo.rewards"``, ``"sft/adapter"``, also in
+    f-strings), or an attribute or keyword of that name (``plan.ppo``). Docstrings and comments
+    are prose and do not count."""
+    import ast
+    import re
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    names = "|".join(STAGES)
+    keyish = re.compile(rf"(?<![\w.-])({names})([./:]\w|$)")
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in STAGES or keyish.search(node.value):
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in STAGES:
+            found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.keyword) and node.arg in STAGES:
+            found.append(f"{path.name}:{node.lineno}: {node.arg}=")
+    return sorted(found)
+
+
+@pytest.mark.parametrize("module", ["pipeline.py", "resolve.py", "cli.py"])
+def test_the_pipeline_the_resolution_and_the_cli_name_no_stage(module):
+    """What they know of a stage comes from its row of the stage table."""
+    assert _stage_names_in(ROOT / "rlhf" / module) == []
+
+
+def test_the_stage_name_check_sees_a_stage_named(tmp_path):
+    code = tmp_path / "m.py"
+    code.write_text('"""Runs sft, then ppo."""\nx = st.get("ppo", {})\ny = f"{a}ppo.rewards"\nz = plan.dpo\n'
+                    'w = "reward model"  # prose\n')
+    assert _stage_names_in(code) == ["m.py:2: 'ppo'", "m.py:3: 'ppo.rewards'", "m.py:4: .dpo"]
