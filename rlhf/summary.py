@@ -94,6 +94,7 @@ class Line:
     then: str | None = None  # shown as "value -> then" (before -> after training)
     text: bool = False  # the value is a sentence, shown as it is
     flag: bool = False  # shown as "yes" when the value is true, not at all otherwise
+    show: Callable[[dict], str] | None = None  # the value's text from the whole summary ("-": not shown)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ def line_value(line: Line, summary: dict) -> str:
             return f"{v:.4f} ± {summary[se_key]:.4f}"
         return f"{v:.4f}"
 
+    if summary.get(line.key) is None:
+        return "-" if line.then is None else f"- -> {fmt(line.then)}"
+    if line.show is not None:
+        return line.show(summary)
     if line.flag:
         return "yes" if summary.get(line.key) else "-"
     if line.then is not None:
@@ -169,12 +174,11 @@ def _reward(out: dict, state: dict, in_recipe: bool, has_task: bool, cfg=None) -
 def with_accuracy_bound(out: dict, confidence: float) -> None:
     """``rm_accuracy_lower``: the lower confidence bound (:func:`accuracy_lower_bound`) of the
     reward model's held-out accuracy at the reward gate's ``confidence``, the number the gate
-    compares (``rm_accuracy_confidence`` beside it); nothing without a held-out accuracy."""
+    compares (``rm_accuracy_confidence`` beside it); both None without a held-out accuracy."""
     n, acc = out.get("rm_heldout_pairs"), out.get("rm_accuracy")
-    if n and acc is not None:
-        n = int(n)
-        out["rm_accuracy_lower"] = accuracy_lower_bound(round(acc * n), n, confidence)
-        out["rm_accuracy_confidence"] = confidence
+    scored = bool(n) and acc is not None
+    out["rm_accuracy_lower"] = accuracy_lower_bound(round(acc * n), int(n), confidence) if scored else None
+    out["rm_accuracy_confidence"] = confidence if scored else None
 
 
 def per_gain(kl: float | None, gain: float | None) -> float | None:
@@ -274,8 +278,10 @@ def _offline(n: str, out: dict, state: dict, in_recipe: bool, has_task: bool, cf
 
 SFT = Contribution(_sft, (Line("SFT loss (train, last logged)", "sft_loss"), Line("SFT eval loss", "sft_eval_loss")))
 REWARD_MODEL = Contribution(_reward, (Line("RM held-out accuracy (noisy labels)", "rm_accuracy"),
-                                      Line("RM accuracy, lower confidence bound (the gate's)", "rm_accuracy_lower"),
-                                      Line("RM held-out pairs scored", "rm_heldout_pairs", text=True),
+                                      Line("RM accuracy, lower confidence bound, on n held-out pairs",
+                                           "rm_accuracy_lower", show=lambda s: (
+                                               f"{s['rm_accuracy_lower']:.4f} at {s['rm_accuracy_confidence']:.0%}, "
+                                               f"n = {s['rm_heldout_pairs']}")),
                                       Line("RM accuracy vs noiseless gold", "rm_accuracy_gold")))
 PPO = Contribution(_ppo, (
     Line("gold reward, SFT policy (± s.e.)", "gold_reward_sft", se="gold_reward_sft_se"),

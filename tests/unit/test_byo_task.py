@@ -325,7 +325,7 @@ def test_summary_gives_the_held_out_accuracy_its_bound_and_count(tmp_path):
     assert s["rm_margin"] == 0.4
     out = io.StringIO()
     print_summary(s, tmp_path / "run", file=out)
-    assert "95% lower bound" in out.getvalue() and "0.6963, n = 300" in out.getvalue()
+    assert "lower confidence bound" in out.getvalue() and "0.6963 at 95%, n = 300" in out.getvalue()
 
 
 def test_hh_recipe_ingests_the_subset_its_header_names():

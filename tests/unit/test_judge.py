@@ -93,7 +93,7 @@ def test_pair_judge_follows_the_policys_shift_and_is_the_default_without_an_obje
 
 
 def test_summary_reports_the_judge_and_kl_per_judge_gain():
-    from rlhf.pipeline import _judge_summary
+    from rlhf.summary import _judge as _judge_summary
 
     m = {"initial/watchdog/judge": 0.5, "final/watchdog/judge": 0.6, "initial/judge/pairs_agreement": 0.5}
     out = _judge_summary(m, "", kl=0.8)

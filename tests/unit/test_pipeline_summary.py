@@ -5,7 +5,13 @@ the stage table's rows; these cases pin what it says for a recipe of each shape.
 stage table (``python tests/unit/test_pipeline_summary.py``, at commit e9b6aa2): every metric a
 stage could report gets a distinct number, so a key read from the wrong metric or the wrong
 stage changes the summary. One line was added by hand since: a run with ``register: false``
-whose policy is DPO's or KTO's (no PPO) now says why no export lines follow, as a PPO run did."""
+whose policy is DPO's or KTO's (no PPO) now says why no export lines follow, as a PPO run did.
+
+Rewritten after the merge with the reward gate's bound, ensemble accuracies, the watchdog's judge
+and provisional summaries (written by the pipeline before the merge, at its first parent, with
+this file's cases): summary.json identical for every case; the printed table differs only in the
+labels of the bound and judge lines (and a run without a reward model no longer prints an empty
+"-, n = -" bound line)."""
 
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ _POLICY_KEYS = [f"{where}eval/{name}_{stat}" for where in ("initial/", "final/")
 _METRICS = {  # what each stage's final metrics may hold
     "sft": ["loss", "eval_loss"],
     "reward": ["eval_accuracy", "eval_margin", "train_pairs_too_long", "test_pairs_too_long", "gold_accuracy",
-               "test_pairs"],
+               "test_pairs", "heldout_pairs", "heldout_correct", "heldout_accuracy", "heldout_margin",
+               "heldout_truncated", "member0_accuracy", "member1_accuracy", "member0_eval_accuracy",
+               "ensemble_accuracy", "ensemble_members"],
     "ppo": _POLICY_KEYS + ["final/watchdog/evaluations", "final/watchdog/tripped", "final/watchdog/best_step",
-                           "watchdog/best_judge"],
+                           "watchdog/best_judge", "initial/watchdog/judge", "final/watchdog/judge"],
     "dpo": _POLICY_KEYS + ["eval_loss", "train_pairs_too_long", "test_pairs_too_long", "eval_rewards_accuracies",
                            "eval_rewards_margins"],
     "kto": _POLICY_KEYS + ["eval_loss", "train_pairs_too_long", "test_pairs_too_long", "eval_rewards_accuracies",
@@ -54,6 +62,8 @@ def _state(run_dir: Path, stages: tuple[str, ...], register: bool, blocked: bool
             state["stages"][stage] = {"status": "blocked", "reason": "held-out accuracy 0.500 < 0.6"}
             continue
         metrics = {key: round(100 * i + j + 0.125 * (j % 5), 4) for j, key in enumerate(_METRICS[stage])}
+        if stage == "reward":  # counts that agree with each other (the gate's bound reads them)
+            metrics.update(heldout_pairs=300, heldout_correct=222, heldout_accuracy=0.74, ensemble_members=2)
         dirs = {name: str(run_dir / stage / d) for name, d in _OUTPUTS[stage].items()}
         outputs = {name: f"r-{stage}-{name}:1" for name in _OUTPUTS[stage]} if register else {}
         state["stages"][stage] = {"status": "completed", "metrics": metrics, "dirs": dirs, "outputs": outputs,
@@ -71,7 +81,9 @@ def summarize(case: str, run_dir: Path) -> dict:
     state = _state(run_dir, with_state, register, blocked)
     (run_dir / "pipeline.json").write_text(json.dumps(state))
     plan = Plan(recipe=run_dir / "r.yaml", run_dir=run_dir,
-                pipeline=SimpleNamespace(name="r", registry_home=str(run_dir / "home")), configs={},
+                pipeline=SimpleNamespace(name="r", registry_home=str(run_dir / "home"),
+                                             reward_gate=SimpleNamespace(confidence=0.95), task=SimpleNamespace(module="")),
+                configs={"ppo": SimpleNamespace(watchdog_judge="")},
                 task_files=None, stages=recipe_stages, task_obj=SimpleNamespace(name="synthetic") if task else None)
     pipe = Pipeline(plan)
     summary = pipe.summary(plan.task())
