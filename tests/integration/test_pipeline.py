@@ -181,13 +181,29 @@ def test_killed_run_resumes_from_its_last_checkpoint(run, tmp_path, home):
     assert Registry.open().resolve(killed_run).metadata["status"] == "killed"
 
 
+# README's tiny table: mean and standard deviation over seeds 0, 1, 2 (2 threads; torch 2.13.0+cpu,
+# transformers 5.25.0, trl 1.16.0, peft 0.21.2; seed 0 gave exactly its column of the table)
+TINY_RANGE = {
+    "rm_accuracy": (0.7530, 0.0321),
+    "rm_accuracy_gold": (0.8255, 0.0444),
+    "gold_reward_sft": (0.1319, 0.0090),
+    "gold_reward_ppo": (0.2785, 0.0094),
+    "gold_improvement": (0.1466, 0.0184),
+    "win_rate_gold": (0.6445, 0.0169),
+    "kl_ppo_sft": (1.1700, 0.1186),
+}
+
+
 @pytest.mark.slow
 def test_tiny_default_full(tmp_path):
-    """The README's main job: PPO beats SFT on gold reward by at least 3 standard errors."""
+    """The README's main job, as README reports it: PPO beats SFT on gold reward by at least 3
+    standard errors, and every number of README's tiny table lies within 3 standard deviations
+    of its mean over 3 seeds (the default seed 0 runs here)."""
     p = plan(RECIPE, tmp_path / "tiny")
     s = Pipeline(p).run()
     assert s["gold_improvement_in_se"] >= 3.0, s
-    assert s["rm_accuracy_gold"] > 0.6, s
+    outside = {k: (s[k], mean, sd) for k, (mean, sd) in TINY_RANGE.items() if abs(s[k] - mean) > 3 * sd}
+    assert not outside, outside
 
 
 def test_ppo_stage_alone_resolves_registry_refs(run, tmp_path, capsys):
