@@ -14,11 +14,14 @@ the SFT policy first and the trained policy last, on the recipe's 512 held-out p
 sampling with the run's engine).
 
 Measured once (2026-12-06, load 17-22 on 2 cores, 21 min): hf +0.175 +- 0.020, vllm +0.105 +-
-0.019; both improve, but they are 2.5 combined s.e. apart, so this test FAILS. Those standard
-errors are the evaluations' only (512 prompts), not the run-to-run spread of two training
-trajectories, which differ here (vLLM draws with its own generator); the vllm run's
-sampler/trainer logprob gap stayed below 5e-6 at every rollout. Whether 0.07 lies within the
-tiny recipe's seed-to-seed spread needs that spread measured (several seeds per engine).
+0.019: both improve; 0.070 apart. The evaluations' standard errors count only the sampling of
+512 prompts, not the run-to-run spread of two training trajectories, which differ here (vLLM
+draws with its own generator; the vllm run's sampler/trainer logprob gap stayed below 5e-6 at
+every rollout). That spread was measured on the tiny recipe over 3 seeds (README: the gold
+improvement's sd over seeds is 0.018), so "the same gain within noise" is a 95% band of the
+difference of two runs: 2 * sqrt(se_hf^2 + se_vllm^2 + 2 * 0.018^2) = 0.076 for the numbers
+above. (The band was set after that run, from the seed measurement; the test has not been run
+again since.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RECIPE = Path(__file__).resolve().parents[3] / "pipelines" / "tiny.yaml"
+RUN_TO_RUN_SD = 0.018  # the tiny recipe's gold improvement, sd over seeds 0-2 (README's tiny table)
 
 
 def _gain(summary: dict) -> tuple[float, float]:
@@ -58,6 +62,6 @@ def test_tiny_ppo_on_vllm_reaches_the_gold_gain_of_hf(tmp_path, monkeypatch):
     assert stages["hf"] == stages["vllm"]  # one SFT and one reward model for both (not run again)
     (hf, hf_se), (vl, vl_se) = gains["hf"], gains["vllm"]
     assert hf > 2 * hf_se and vl > 2 * vl_se, gains  # both improve
-    combined = math.hypot(hf_se, vl_se)
-    print(f"[gold gain] vllm - hf = {vl - hf:+.3f}, combined s.e. {combined:.3f} ({(vl - hf) / combined:+.2f} s.e.)")
-    assert abs(vl - hf) <= 2 * combined, gains  # the same gain within noise (a 95% band)
+    noise = math.sqrt(hf_se ** 2 + vl_se ** 2 + 2 * RUN_TO_RUN_SD ** 2)  # two evaluations and two training runs
+    print(f"[gold gain] vllm - hf = {vl - hf:+.3f}, noise {noise:.3f} ({(vl - hf) / noise:+.2f})")
+    assert abs(vl - hf) <= 2 * noise, gains  # the same gain within noise (a 95% band)
