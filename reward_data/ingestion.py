@@ -331,6 +331,12 @@ def ingest(
             # Which columns hold encoded message lists is decided once per file, from its sample.
             src_opts = dataclasses.replace(opts, json_fields=json_columns(sample, mapping))
             res["json_fields"] = list(src_opts.json_fields)
+        elif fmt == "two_response" and opts.json_fields is None and sample:
+            from reward_data.readers.two_response import turn_list_columns
+
+            src_opts = dataclasses.replace(opts, json_fields=turn_list_columns(
+                [apply_mapping(r, mapping) for r in sample] if mapping else sample))
+            res["json_fields"] = list(src_opts.json_fields)
         source_opts.append(src_opts)
         hook = getattr(READERS[fmt], "resolved", None) if fmt else None
         if hook is not None and sample:

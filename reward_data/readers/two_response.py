@@ -4,9 +4,10 @@ The label is an index column (PKU-SafeRLHF ``better_response_id`` or ``safer_res
 chosen with ``label_field``), a winner column (``"model_a"``, ``"b"``, ``"tie"``, ...), or one-hot
 ``winner_model_a`` / ``winner_model_b`` / ``winner_tie`` columns (LMSYS arena style). Arena-style
 JSON-encoded turn lists (``'["q1", "q2"]'``) in prompt and responses become multi-turn
-conversations whose shared prefix is the prompt -- only when all three columns decode to turn
-lists of equal length (or the columns are listed in ``json_fields``): an answer that is itself
-a JSON array, next to a plain-text prompt, stays text. A ``system`` column goes first. Ties are dropped (quarantined as
+conversations whose shared prefix is the prompt. Whether they do is decided per file, not per
+row (:func:`turn_list_columns`: all three columns decode to turn lists on every sampled row,
+or the columns are listed in ``json_fields``): an answer that is itself the text of a JSON
+array, in a file of plain-text answers, stays text. A ``system`` column goes first. Ties are dropped (quarantined as
 ``tie_dropped``) or kept with ``tie=True`` by the ``ties`` option.
 """
 
@@ -75,6 +76,22 @@ def _turns(value):
         if isinstance(decoded, list) and decoded and all(isinstance(t, str) or t is None for t in decoded):
             return decoded
     return None
+
+
+def turn_list_columns(sample: list[dict]) -> tuple[str, ...]:
+    """The prompt and response columns that hold arena-style JSON turn lists, decided per file
+    from its sampled rows, never per value: all three columns (prompt and both responses) must
+    decode to turn lists on every sampled row; otherwise none is decoded, so a plain-text answer
+    that happens to look like a JSON array stays text on every row."""
+    rows = [r for r in sample if _keys(r) is not None]
+    if not rows:
+        return ()
+    key_a, key_b = _keys(rows[0])
+    prompt_key = next((k for k in _PROMPT_KEYS if k in rows[0]), "prompt")
+    columns = (prompt_key, key_a, key_b)
+    if all(isinstance(r.get(c), str) and _turns(r[c]) is not None for r in rows for c in columns):
+        return columns
+    return ()
 
 
 def resolved(row: dict, opts: IngestOptions) -> dict:

@@ -92,6 +92,24 @@ def test_jsonl_answer_that_is_a_json_array_stays_text(write_jsonl, records):
     assert rec["chosen"] == [a('["a", "b"]')]
 
 
+def test_two_response_text_that_looks_like_turn_lists_is_decided_per_file(write_jsonl, records):
+    """A file of plain-text answers where one row's prompt and both answers happen to be JSON
+    array text: the file's columns are text, so that row stays text (decided per column from
+    the file's sample, not per row); a file of encoded turn lists is decoded on every row."""
+    looks = {"prompt": '["q"]', "response_a": '["x"]', "response_b": '["y"]', "winner": "model_a"}
+    plain = {"prompt": "Reply", "response_a": "fine", "response_b": "no", "winner": "model_b"}
+    info = reward_data.ingest([write_jsonl("mixed.jsonl", [looks, plain])], "mixed", test_fraction=0.0)
+    assert info.manifest["sources"][0]["resolved"]["json_fields"] == []
+    recs = {r["chosen"][0]["content"]: r for r in records(info.ref)}
+    assert recs['["x"]']["prompt"] == [u('["q"]')] and recs["no"]["prompt"] == [u("Reply")]
+    turns = {"prompt": json.dumps(["q1"]), "response_a": json.dumps(["a1"]), "response_b": json.dumps(["b1"]),
+             "winner": "model_a"}
+    info = reward_data.ingest([write_jsonl("turns.jsonl", [turns, dict(turns, response_a=json.dumps(["a2"]))])],
+                              "turns", test_fraction=0.0)
+    assert info.manifest["sources"][0]["resolved"]["json_fields"] == ["prompt", "response_a", "response_b"]
+    assert {r["chosen"][0]["content"] for r in records(info.ref)} == {"a1", "a2"}
+
+
 def test_json_fields_declares_which_columns_are_json(tmp_path, records):
     conv_c = json.dumps([u("hi"), a("hello")])
     conv_r = json.dumps([u("hi"), a("go away")])
@@ -347,7 +365,8 @@ def test_manifest_records_resolved_label_field(write_jsonl):
     row = {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": 1, "safer_response_id": 0}
     info = reward_data.ingest([write_jsonl("pku.jsonl", [row])], "pku")
     assert info.manifest["options"]["label_field"] is None
-    assert info.manifest["resolved_options"] == {"format": "two_response", "label_field": "better_response_id"}
+    assert info.manifest["resolved_options"] == {"format": "two_response", "json_fields": [],
+                                                 "label_field": "better_response_id"}
     assert info.manifest["sources"][0]["resolved"]["label_field"] == "better_response_id"
 
 
