@@ -180,6 +180,13 @@ def test_a_row_with_a_duplicate_key_is_quarantined_naming_the_key(tmp_path, writ
     assert got == [("duplicate_key", 1), ("duplicate_key", 3)]
     assert all("'chosen'" in q["detail"] or "'content'" in q["detail"] for q in quarantined(info.ref))
     assert [r["chosen"][-1]["content"] for r in records(info.ref)] == ["yes: sure"]
+    # the quick check compares the text with a compact copy of the parsed row: spaces before the
+    # colon, a quote written \u0022 and quotes inside strings must not hide a repeated key
+    spaced = '{"prompt" : "q3", "chosen" : "a", "rejected" : "b", "rejected" : "c"}'
+    escaped = '{"prompt": "say \\u0022x\\u0022: now", "chosen": "a", "rejected": "b", "chosen": "c"}'
+    quoted = '{"prompt": "he said \\"x\\": y", "chosen": "a", "rejected": "b", "prompt": "z"}'
+    info = reward_data.ingest([write_jsonl("s.jsonl", [spaced, escaped, quoted, good])], "dupq", test_fraction=0.0)
+    assert [(q["reason"], q["source"]["line"]) for q in quarantined(info.ref)] == [("duplicate_key", i) for i in (1, 2, 3)]
     arr = tmp_path / "d.json"
     arr.write_text("[\n" + json.dumps(good) + ",\n" + dup + "\n]\n")
     info = reward_data.ingest([arr], "duparr", test_fraction=0.0)
