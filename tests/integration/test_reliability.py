@@ -202,7 +202,9 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".hidden", "a\\b", "x\n"])
 def test_a_run_name_with_path_parts_is_a_config_error(tmp_path, capsys, name):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.read_text() + f"\nname: {json.dumps(name)}\n")
+    text = RECIPE.read_text()
+    assert "\nname: tiny\n" in text  # replaced, not given twice (a key given twice is refused)
+    recipe.write_text(text.replace("\nname: tiny\n", f"\nname: {json.dumps(name)}\n"))
     assert main(["run", str(recipe), "--validate-only"]) == 2
     _one_line_error(capsys, "name:")
     with pytest.raises(ConfigError, match="not a valid run name"):
