@@ -513,7 +513,9 @@ def test_an_interrupted_runs_summary_report_and_dashboard_are_provisional_and_li
         (run_dir / stage).mkdir(parents=True, exist_ok=True)
         # (with gold_accuracy the summary need not build the tiny base to measure the reward model)
         return StageResult(stage, str(run_dir / stage), "base", {},
-                           {"loss": 1.0, "gold_accuracy": 0.9, "eval_accuracy": 0.9, "eval_margin": 1.0})
+                           {"loss": 1.0, "gold_accuracy": 0.9, "eval_accuracy": 0.9, "eval_margin": 1.0,
+                            "heldout_pairs": 100, "heldout_correct": 90, "heldout_accuracy": 0.9,
+                            "heldout_margin": 1.0})  # what the reward gate reads
 
     monkeypatch.setattr(pipeline, "run_stage", stand_in)
     with pytest.raises(KeyboardInterrupt):
