@@ -164,8 +164,10 @@ def test_ctrl_c_in_a_real_process():
             "    time.sleep(120)\n"
             "cli._config_main = wait\n"
             "sys.exit(cli.main(['config', 'show', 'sft']))\n")
+    # a suite started in the background (nohup, `&` in a script) passes SIGINT on as ignored,
+    # and Python then never raises KeyboardInterrupt: the child gets a terminal's default
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(), cwd=ROOT)
+                            env=_env(), cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline() == b"ready\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=900)
