@@ -405,6 +405,23 @@ def _dispatch(argv: list[str]) -> int:
     return 2
 
 
+def _one_line_warning(default):
+    """A ``warnings.formatwarning`` that prints the project's own warnings (raised in rlhf/ or
+    reward_data/: a small split, pairs cut for length, a deprecated key) as one line,
+    ``warning: <message>``, without the source path and line Python adds; other libraries'
+    warnings keep ``default``'s format."""
+    import reward_data
+
+    ours = (str(Path(__file__).resolve().parent) + os.sep, str(Path(reward_data.__file__).resolve().parent) + os.sep)
+
+    def fmt(message, category, filename, lineno, line=None):
+        if str(filename).startswith(ours):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``rlhf ARGV``; returns the exit status (argparse's exits included, so tests can call it)."""
     import signal
@@ -412,8 +429,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf.runs import Terminated, handle_sigterm
 
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning(default_format)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
@@ -441,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     finally:
+        warnings.formatwarning = default_format
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

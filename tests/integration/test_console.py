@@ -137,10 +137,11 @@ def test_stage_progress_records_through_a_pipe_and_verbose(tmp_path):
 
 @pytest.mark.slow
 def test_quick_recipe_shows_progress_in_every_long_phase(tmp_path):
-    # A fresh home: the tiny base is built (pretrained) first. Records every 0.2 s, so that
-    # every phase prints some, however fast or slow the machine is.
+    # A fresh home: the tiny base is built (pretrained) first. A record at every chance, so that
+    # every phase prints some, however fast or slow the machine is (at 0.2 s an idle machine
+    # finishes a whole quick PPO update between two records).
     proc = _rlhf(["run", "pipelines/quick.yaml", "--output-dir", str(tmp_path / "quick")], tmp_path / "home",
-                 RLHF_PROGRESS_INTERVAL="0.2")
+                 RLHF_PROGRESS_INTERVAL="0.000001")
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     assert "[tiny base] building builtin:tiny once: pretraining a 2-layer model for 300 steps" in lines
