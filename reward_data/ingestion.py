@@ -336,7 +336,8 @@ def ingest(
 
             src_opts = dataclasses.replace(opts, json_fields=turn_list_columns(
                 [apply_mapping(r, mapping) for r in sample] if mapping else sample))
-            res["json_fields"] = list(src_opts.json_fields)
+            if src_opts.json_fields:  # recorded when the file's columns are turn lists (text is the rule)
+                res["json_fields"] = list(src_opts.json_fields)
         source_opts.append(src_opts)
         hook = getattr(READERS[fmt], "resolved", None) if fmt else None
         if hook is not None and sample:

@@ -99,7 +99,7 @@ def test_two_response_text_that_looks_like_turn_lists_is_decided_per_file(write_
     looks = {"prompt": '["q"]', "response_a": '["x"]', "response_b": '["y"]', "winner": "model_a"}
     plain = {"prompt": "Reply", "response_a": "fine", "response_b": "no", "winner": "model_b"}
     info = reward_data.ingest([write_jsonl("mixed.jsonl", [looks, plain])], "mixed", test_fraction=0.0)
-    assert info.manifest["sources"][0]["resolved"]["json_fields"] == []
+    assert "json_fields" not in info.manifest["sources"][0]["resolved"]  # text columns
     recs = {r["chosen"][0]["content"]: r for r in records(info.ref)}
     assert recs['["x"]']["prompt"] == [u('["q"]')] and recs["no"]["prompt"] == [u("Reply")]
     turns = {"prompt": json.dumps(["q1"]), "response_a": json.dumps(["a1"]), "response_b": json.dumps(["b1"]),
@@ -365,8 +365,7 @@ def test_manifest_records_resolved_label_field(write_jsonl):
     row = {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": 1, "safer_response_id": 0}
     info = reward_data.ingest([write_jsonl("pku.jsonl", [row])], "pku")
     assert info.manifest["options"]["label_field"] is None
-    assert info.manifest["resolved_options"] == {"format": "two_response", "json_fields": [],
-                                                 "label_field": "better_response_id"}
+    assert info.manifest["resolved_options"] == {"format": "two_response", "label_field": "better_response_id"}
     assert info.manifest["sources"][0]["resolved"]["label_field"] == "better_response_id"
 
 
