@@ -42,16 +42,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"synthetic": ("pipelines/tiny.yaml", []), "format": ("pipelines/tiny.yaml", ["task.name=format"]),
            "weak": ("pipelines/tiny-weak.yaml", [])}
-ARMS = {"old": ["ppo.safe_defaults=false", 'ppo.watchdog="off"'],
-        "new": ["ppo.safe_defaults=true", "ppo.watchdog_judge=pairs"]}
+ARMS = {"old": ["reward.ensemble=1", "ppo.safe_defaults=false", 'ppo.watchdog="off"'],
+        "new": ["ppo.watchdog_judge=pairs"]}
 
 
 def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
     """Run one arm (unless its summary is kept already) and return its summary and wall time."""
-    run_dir = root / f"{task}-seed{seed}"
-    kept = run_dir / f"summary-{arm}.json"
+    kept = summary_path(root, task, seed, arm)
     if kept.exists():
         return json.loads(kept.read_text())
+    run_dir = kept.parent
     recipe, extra = RECIPES[task]
     cmd = [str(ROOT / ".venv/bin/rlhf"), "run", recipe, "--output-dir", str(run_dir), "register=false",
            f"seed={seed}", *extra, *ARMS[arm]]
@@ -70,6 +70,14 @@ def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
     out["bench_wall_s"] = time.time() - t0
     kept.write_text(json.dumps(out, indent=1))
     return out
+
+
+def summary_path(root: Path, task: str, seed: int, arm: str) -> Path:
+    """Where an arm's summary is kept: arms that train the same reward model (the same
+    ``reward.*`` overrides) share one run directory, so SFT and the reward model are trained
+    once for them."""
+    rm = "-".join(o.split("=", 1)[1] for o in ARMS[arm] if o.startswith("reward."))
+    return root / (f"{task}-seed{seed}" + (f"-rm{rm}" if rm else "")) / f"summary-{arm}.json"
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -97,15 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["weak", "synthetic", "format"], choices=sorted(RECIPES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--arms", nargs="+", default=["old", "new"], choices=sorted(ARMS))
+    ap.add_argument("--arms", nargs="+", default=["old", "new"],
+                    help="arms to run: old, new, or NAME:key=value,key=value (the new arm's settings plus these "
+                         "overrides, e.g. k2:ppo.ensemble_k=2)")
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench-safe")
     ap.add_argument("--table-only", action="store_true", help="print the kept summaries, run nothing")
     args = ap.parse_args(argv)
+    for i, arm in enumerate(args.arms):
+        if ":" in arm:
+            name, overrides = arm.split(":", 1)
+            ARMS[name] = ARMS["new"] + overrides.split(",")
+            args.arms[i] = name
+        elif arm not in ARMS:
+            ap.error(f"--arms: unknown arm {arm!r} (old, new, or NAME:key=value,...)")
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             for arm in args.arms:
-                kept = args.root / f"{task}-seed{seed}" / f"summary-{arm}.json"
+                kept = summary_path(args.root, task, seed, arm)
                 s = (json.loads(kept.read_text()) if kept.exists() else None) if args.table_only else \
                     run_arm(task, seed, arm, args.root)
                 if s is not None:

@@ -27,11 +27,22 @@ def test_every_task_and_arm_is_a_valid_recipe(tmp_path):
             assert p.ppo.safe_defaults == (arm == "new")
             assert p.ppo.kl_unit == ("token" if arm == "new" else "response")
             assert (p.ppo.watchdog, p.ppo.watchdog_judge) == (("auto", "pairs") if arm == "new" else ("off", ""))
+            # the old arm: one reward model, as before issue 30; the new arm: the defaults' ensemble
+            assert p.reward.ensemble == (3 if arm == "new" else 1)
+
+
+def test_extra_arms_add_overrides_to_the_new_arm_and_share_its_run_dir(tmp_path):
+    bench = _bench()
+    bench.main(["--tasks", "weak", "--root", str(tmp_path), "--table-only", "--arms", "old", "k2:ppo.ensemble_k=2"])
+    assert bench.ARMS["k2"] == bench.ARMS["new"] + ["ppo.ensemble_k=2"]
+    new, k2 = (bench.summary_path(tmp_path, "weak", 0, a) for a in ("new", "k2"))
+    old = bench.summary_path(tmp_path, "weak", 0, "old")
+    assert new.parent == k2.parent != old.parent and old.parent.name == "weak-seed0-rm1"
 
 
 def test_table_only_prints_kept_summaries(tmp_path, capsys):
     bench = _bench()
-    run = tmp_path / "weak-seed0"
+    run = tmp_path / "weak-seed0-rm1"
     run.mkdir()
     (run / "summary-old.json").write_text(json.dumps({"gold_improvement_in_se": -0.5, "kl_ppo_sft": 1.75,
                                                       "gold_reward_sft": 0.1, "gold_reward_ppo": 0.09}))
