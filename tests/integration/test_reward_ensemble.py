@@ -40,6 +40,9 @@ def test_ensemble_members_lineage_accuracy_and_ppo(tmp_path, ppo_assets):
         assert entry.metadata["member"] == j and entry.metadata["resample_seed"] == meta[j]["resample_seed"]
         assert any("pairs" in p for p in entry.parents), entry.parents
     assert meta[0]["ensemble"][1]["ref"] == reg.resolve("quick-reward-1").ref
+    # the PPO policy descends from every member it was scored by
+    members = {reg.resolve(n).ref for n in ("quick-reward", "quick-reward-1", "quick-reward-2")}
+    assert members <= set(reg.resolve("quick-policy").parents), reg.resolve("quick-policy").parents
     # each member's and the ensemble's held-out accuracy
     m = json.loads((rm / "metrics.json").read_text())
     accs = [m[f"member{j}_accuracy"] for j in range(3)]
