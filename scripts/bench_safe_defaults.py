@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"synthetic": ("pipelines/tiny.yaml", []), "format": ("pipelines/tiny.yaml", ["task.name=format"]),
            "weak": ("pipelines/tiny-weak.yaml", []),
+           "weak50": ("pipelines/tiny-weak.yaml", ["task.spurious_fraction=0.5"]),
            # the weak family's second member: the synthetic task with a tenth of its pairs
            "scarce": ("pipelines/tiny.yaml", ["task.num_pairs=600"])}
 ARMS = {"old": ["reward.ensemble=1", "ppo.safe_defaults=false", 'ppo.watchdog="off"'],

@@ -23,7 +23,7 @@ def test_every_task_and_arm_is_a_valid_recipe(tmp_path):
     for task, (recipe, extra) in bench.RECIPES.items():
         for arm, overrides in bench.ARMS.items():
             p = plan(ROOT / recipe, tmp_path / f"{task}-{arm}", [*extra, *overrides], check_inputs=False)
-            assert p.task().name == {"scarce": "synthetic"}.get(task, task)
+            assert p.task().name == {"scarce": "synthetic", "weak50": "weak"}.get(task, task)
             assert p.ppo.safe_defaults == (arm == "new")
             assert p.ppo.kl_unit == ("token" if arm == "new" else "response")
             assert (p.ppo.watchdog, p.ppo.watchdog_judge) == (("auto", "pairs") if arm == "new" else ("off", ""))

@@ -15,7 +15,8 @@ labels of the bound and judge lines (and a run without a reward model no longer 
 
 Issue 30 added the reward-model ensemble's disagreement SFT -> PPO (``rm_disagreement_*`` and
 its printed line); the golden file was written again then, and differs from the one before in
-those keys and that line alone."""
+those keys and that line alone; and a run the reward gate blocked is no longer provisional
+(its PPO is not "to come": the run ended there)."""
 
 from __future__ import annotations
 
