@@ -66,10 +66,12 @@ def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    written = run_dir / "summary.json"
+    blocked = done.returncode != 0 and written.exists() and json.loads(written.read_text()).get("ppo_blocked")
+    if done.returncode != 0 and not blocked:
         print(f"[bench] {task} seed {seed} {arm}: failed (exit {done.returncode}), see {log}", flush=True)
         return None
-    out = json.loads((run_dir / "summary.json").read_text())
+    out = json.loads(written.read_text())  # a run the reward gate stopped before PPO is kept: its policy is SFT
     out["bench_wall_s"] = time.time() - t0
     kept.write_text(json.dumps(out, indent=1))
     return out
@@ -95,6 +97,8 @@ def table(rows: list[tuple[str, int, str, dict]]) -> str:
     for task, seed, arm, s in rows:
         judge = (f"{_f(s.get('judge_sft'))} -> {_f(s.get('judge_ppo'))}" if s.get("judge") == "pairs" else "-")
         tripped = "-" if s.get("watchdog_tripped") is None else ("yes" if s["watchdog_tripped"] else "no")
+        if s.get("ppo_blocked"):
+            tripped = "PPO not run: the reward gate stopped it"
         lines.append(
             f"| {task} | {seed} | {arm} | {_f(s.get('gold_improvement_in_se'), '+.2f')} | "
             f"{_f(s.get('gold_reward_sft'))} -> {_f(s.get('gold_reward_ppo'))} | "

@@ -49,3 +49,14 @@ def test_table_only_prints_kept_summaries(tmp_path, capsys):
     assert bench.main(["--tasks", "weak", "--root", str(tmp_path), "--table-only"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and "| weak | 0 | old | -0.50 | 0.100 -> 0.090 | 1.75 |" in out[2]
+
+
+def test_a_run_the_gate_stopped_is_a_row_that_says_so(tmp_path, capsys):
+    bench = _bench()
+    run = tmp_path / "scarce-seed0"
+    run.mkdir()
+    (run / "summary-new.json").write_text(json.dumps({"ppo_blocked": "held-out accuracy 0.556 ...",
+                                                      "rm_accuracy_gold": 0.44}))
+    assert bench.main(["--tasks", "scarce", "--arms", "new", "--root", str(tmp_path), "--table-only"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert "| scarce | 0 | new | - |" in row and "PPO not run: the reward gate stopped it" in row
