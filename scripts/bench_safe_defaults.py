@@ -22,8 +22,7 @@ objective only measures, it never guides the watchdog.
   (``ppo.watchdog_judge=pairs``, so the objective the embedded task has is not used).
 
 The recipes are the tiny default's settings: ``pipelines/tiny.yaml`` (synthetic, and format
-with ``task.name=format``) and ``pipelines/tiny-weak.yaml``. Runs use 2 CPU threads (the
-recipes' ``num_threads``). The table: gold (judge) gain in standard errors of the difference,
+with ``task.name=format``) and ``pipelines/tiny-weak.yaml``. Runs use 2 CPU threads (``--threads``). The table: gold (judge) gain in standard errors of the difference,
 gold SFT -> PPO, KL to SFT per response, KL per unit of gold gain, the reward model's accuracy
 against the noiseless gold preference, RM score SFT -> PPO, the pairs judge's agreement SFT ->
 PPO, whether the watchdog tripped, and each arm's wall time.
@@ -49,7 +48,7 @@ ARMS = {"old": ["reward.ensemble=1", "ppo.safe_defaults=false", 'ppo.watchdog="o
         "new": ["ppo.watchdog_judge=pairs"]}
 
 
-def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
+def run_arm(task: str, seed: int, arm: str, root: Path, threads: int = 2) -> dict | None:
     """Run one arm (unless its summary is kept already) and return its summary and wall time."""
     kept = summary_path(root, task, seed, arm)
     if kept.exists():
@@ -58,7 +57,7 @@ def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
     recipe, extra = RECIPES[task]
     cmd = [str(ROOT / ".venv/bin/rlhf"), "run", recipe, "--output-dir", str(run_dir), "register=false",
            f"seed={seed}", *extra, *ARMS[arm]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"[bench] {task} seed {seed} {arm}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -73,6 +72,7 @@ def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
         return None
     out = json.loads(written.read_text())  # a run the reward gate stopped before PPO is kept: its policy is SFT
     out["bench_wall_s"] = time.time() - t0
+    out["bench_threads"] = threads
     kept.write_text(json.dumps(out, indent=1))
     return out
 
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                          "overrides, e.g. k2:ppo.ensemble_k=2)")
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench-safe")
     ap.add_argument("--table-only", action="store_true", help="print the kept summaries, run nothing")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per run (RLHF_NUM_THREADS; default 2)")
     args = ap.parse_args(argv)
     for i, arm in enumerate(args.arms):
         if ":" in arm:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 kept = summary_path(args.root, task, seed, arm)
                 s = (json.loads(kept.read_text()) if kept.exists() else None) if args.table_only else \
-                    run_arm(task, seed, arm, args.root)
+                    run_arm(task, seed, arm, args.root, args.threads)
                 if s is not None:
                     rows.append((task, seed, arm, s))
     print(table(rows))
