@@ -182,8 +182,9 @@ class RewardConfig:
         "Reward models to train: N > 1 trains an ensemble, member j with seed seed + j on its own bootstrap "
         "resample of the training pairs, published as adapter, adapter-1, ... (registered with member, seed and "
         "resample seed); the metrics hold each member's and the ensemble's (mean score) held-out accuracy, and "
-        "PPO's {rm: reward} scores with every member (ppo.ensemble_k). 1: one reward model on all pairs.",
-        range=">= 1", default=1)
+        "PPO's {rm: reward} scores with every member (ppo.ensemble_k). 1: one reward model on all pairs. "
+        "Default 3 (issue 30): enough members for PPO to see where they disagree; see README's 'Safe defaults' "
+        "for its cost.", range=">= 1", default=3)
     seed: int = _help("Random seed.", range=SEED_RANGE, default=0)
     output_dir: str = _help("Where the stage writes checkpoints and its adapter.", default="runs/reward")
     report_to: list[str] = _help("Trackers: local (always), wandb, tensorboard, trackio, mlflow.", default_factory=lambda: ["local"])
@@ -265,7 +266,7 @@ class PPOConfig:
         "The defaults of issue 30, meant never to make a policy worse (each applies only where the recipe leaves "
         f"the key unset): kl_controller adaptive, kl_target_per_token {SAFE_KL_TARGET_PER_TOKEN}, kl_horizon "
         "total_episodes / 8 (the controller can move beta about 5x over a run). false: fixed beta, horizon 10000. "
-        "The watchdog is on whenever a judge exists either way (watchdog: auto).", default=False)
+        "The watchdog is on whenever a judge exists either way (watchdog: auto).", default=True)
     kl_coef: float = _help("Initial KL coefficient beta.", range=">= 0", default=0.05)
     kl_controller: Literal["fixed", "adaptive"] | None = _help(
         "Fixed beta or the adaptive controller of Ziegler et al. 2019. Default (null): adaptive with safe_defaults, "
@@ -374,13 +375,14 @@ class PPOConfig:
         range=">= 1", default=32)
     watchdog: Literal["auto", "on", "off"] = _help(
         "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
-        "with a held-out judge on the same prompts; when the reward rose while the judge fell for "
-        "watchdog_patience evaluations in a row, PPO stops and publishes the policy the judge liked best. auto: "
+        "with a held-out judge on the same prompts; when the reward rose while the judge did not improve on its "
+        "best for watchdog_patience evaluations in a row, or the judge rates the final policy below SFT, PPO "
+        "stops and publishes the policy the judge liked best. auto: "
         "on whenever a judge exists: watchdog_judge, else the task's objective when it is not a training reward, "
         "else the policy's agreement with the reward model's held-out pairs (rlhf/judge.py), which every run "
         "with a reward model trained from a data-store version has.",
         default="auto")
-    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge down before the watchdog "
+    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge not above its best before the watchdog "
                                    "stops the run.", range=">= 1", default=2)
     watchdog_judge: str = _help(
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "

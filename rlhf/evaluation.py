@@ -132,13 +132,14 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
              on_batch: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
     """Sample once per held-out prompt with ``engine`` (default: the hf engine), from a fixed
     seed so that every evaluation sees the same random stream, and report score, KL to the
-    reference, entropy, length, and gold reward if known.
+    reference, entropy, length, gold reward if known, and with a reward-model ensemble its
+    members' disagreement (``eval/disagreement_mean``: their standard deviation per response).
     With ``reference`` (the SFT policy's rows on the same prompts, in order) also the win
     rate over it by the reward model (``eval/win_rate_*``) and by the gold reward
     (``eval/gold_win_rate_*``). Means come with standard errors over prompts.
     ``on_batch(n)`` is called after each batch of ``n`` prompts (progress)."""
     torch.manual_seed(seed)
-    rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold")}
+    rows, per = [], {k: [] for k in ("score", "kl", "entropy", "length", "gold", "disagreement")}
     for s in range(0, len(eval_ids), cfg.rollout_batch_size):
         ids, mask = left_pad(eval_ids[s: s + cfg.rollout_batch_size], pad_id, device)
         batch = (engine.sample(ids, mask) if engine is not None
@@ -148,10 +149,14 @@ def evaluate(model, tok, eval_ids: list[list[int]], eval_texts: list[str], cfg: 
         kl = F.masked_sum(F.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), batch.response_mask, dim=1)
         ent = F.masked_mean(batch.entropy, batch.response_mask, dim=1)
         texts = decode_responses(tok, batch)
+        # a reward-model ensemble's disagreement on each response: its members' standard deviation
+        spread = None if batch.member_scores is None else batch.member_scores.std(1, unbiased=False).tolist()
         for i, text in enumerate(texts):
             prompt = eval_texts[s + i]
             if model.has_reward:
                 per["score"].append(float(scores[i]))
+            if spread is not None:
+                per["disagreement"].append(spread[i])
             per["kl"].append(float(kl[i]))
             per["entropy"].append(float(ent[i]))
             per["length"].append(float(batch.response_mask[i].sum()))

@@ -500,8 +500,9 @@ class Pipeline:
     def summary(self, task: Task | None, evaluate: bool = True) -> dict:
         """Numbers of the run (and, with a task and ``evaluate``, its gold evaluation): each
         stage's contribution (``Stage.summary`` of the stage table, :mod:`rlhf.summary`), in
-        table order; ``provisional`` until every stage of the recipe has completed,
-        ``stages_to_come`` those that have not, in pipeline order."""
+        table order; ``provisional`` until every stage of the recipe has completed (or was
+        blocked by the reward gate, which ends the run), ``stages_to_come`` those that have
+        not, in pipeline order."""
         from rlhf import distributed as dist
 
         st = self.state["stages"]
@@ -517,7 +518,8 @@ class Pipeline:
         summary.with_accuracy_bound(out, self.p.pipeline.reward_gate.confidence)
         if task is not None:
             out["task"] = getattr(task, "name", None)
-        out["stages_to_come"] = [s for s in self.p.stages if st.get(s, {}).get("status") != "completed"]
+        # a stage the reward gate blocked is not to come: the run ended there (``<stage>_blocked``)
+        out["stages_to_come"] = [s for s in self.p.stages if st.get(s, {}).get("status") not in ("completed", "blocked")]
         out["provisional"] = bool(out["stages_to_come"])
         return out
 

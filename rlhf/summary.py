@@ -218,6 +218,9 @@ def _ppo(out: dict, state: dict, in_recipe: bool, has_task: bool, cfg=None) -> N
         "win_rate_rm": m.get(key(TRAINED, "win_rate")),
         "win_rate_rm_se": m.get(key(TRAINED, "win_rate", "se")),
         "eval_prompts": m.get("final/eval/prompts"),
+        # a reward-model ensemble's disagreement (members' std per response), SFT -> PPO
+        "rm_disagreement_sft": m.get(key(REFERENCE, "disagreement")),
+        "rm_disagreement_ppo": m.get(key(TRAINED, "disagreement")),
     })
     # what the over-optimisation watchdog saw and did (rlhf/watchdog.py)
     out.update({k.replace("final/", "").replace("/", "_"): v for k, v in m.items() if k.startswith("watchdog/")})
@@ -288,6 +291,7 @@ PPO = Contribution(_ppo, (
     Line("gold reward, PPO policy (± s.e.)", "gold_reward_ppo", se="gold_reward_ppo_se"),
     Line("gold improvement (in s.e. of the difference)", "gold_improvement_in_se"),
     Line("RM score, SFT -> PPO", "reward_score_sft", then="reward_score_ppo"),
+    Line("RM ensemble disagreement (std), SFT -> PPO", "rm_disagreement_sft", then="rm_disagreement_ppo"),
     Line("win rate PPO over SFT, by the RM (± s.e.)", "win_rate_rm", se="win_rate_rm_se"),
     Line("win rate PPO over SFT, by the objective (± s.e.)", "win_rate_gold", se="win_rate_gold_se"),
     Line("KL(PPO || SFT) per response (± s.e.)", "kl_ppo_sft", se="kl_ppo_sft_se"),

@@ -6,9 +6,11 @@ judge exists (a function named by ``ppo.watchdog_judge``, the task's objective w
 training reward, or by default the policy's agreement with the reward model's held-out pairs,
 :mod:`rlhf.judge`), every evaluation gives two numbers on the same held-out prompts: the
 mean training reward and the mean judge score. The watchdog trips when the training reward
-rose while the judge fell, between consecutive evaluations, ``patience`` times in a row; the
-stage then stops and publishes the policy of the evaluation the judge liked best (the SFT
-policy of step 0 included).
+rose while the judge did not improve on its best so far, ``patience`` evaluations in a row
+(issue 30: "the training reward keeps rising while the judge stops improving"), or when the
+judge rates the final policy below the SFT policy; the stage then stops and publishes the
+policy of the evaluation the judge liked best (the SFT policy of step 0 included), so the
+published policy is never below SFT by the judge on the evaluation prompts.
 
 This module holds only the bookkeeping (no torch, no I/O), so it is tested on numbers.
 """
@@ -30,14 +32,16 @@ __all__ = ["Watchdog"]
 
 @dataclass
 class Watchdog:
-    """Consecutive "reward up, judge down" evaluations, and the best evaluation by the judge.
+    """Consecutive "reward up, judge not improving" evaluations, and the best evaluation by the judge.
 
     Attributes:
         patience: how many such evaluations in a row trip it (>= 1).
         history: ``(step, training reward, judge)`` of every evaluation seen, in order.
-        streak: the current run of "reward up, judge down" evaluations.
+        streak: the current run of evaluations whose training reward rose over the one before
+            while their judge score stayed at or below the best so far.
         best_step: the step of the evaluation with the highest judge score (the first on a tie).
         tripped_at: the step of the evaluation that tripped it, or None.
+        below_sft: it tripped at the end because the judge rated the final policy below SFT.
     """
 
     patience: int
@@ -46,17 +50,18 @@ class Watchdog:
     best_step: int | None = None
     best_judge: float = float("-inf")
     tripped_at: int | None = None
+    below_sft: bool = False
 
     def observe(self, step: int, reward: float, judge: float) -> bool:
         """Record the evaluation at ``step``; True when this one trips the watchdog.
 
         Returns:
             True once ``patience`` evaluations in a row each had a higher training reward
-            and a lower judge score than the evaluation before.
+            than the evaluation before and a judge score no higher than the best before it.
         """
         if self.history:
-            _, last_reward, last_judge = self.history[-1]
-            self.streak = self.streak + 1 if (reward > last_reward and judge < last_judge) else 0
+            last_reward = self.history[-1][1]
+            self.streak = self.streak + 1 if (reward > last_reward and judge <= self.best_judge) else 0
         self.history.append((step, reward, judge))
         if judge > self.best_judge:
             self.best_step, self.best_judge = step, judge
@@ -64,6 +69,26 @@ class Watchdog:
             self.tripped_at = step
             return True
         return False
+
+    def observe_final(self, step: int, reward: float, judge: float) -> bool:
+        """Record the final evaluation (:meth:`observe`); it also trips the watchdog when the
+        judge rates the final policy below the first evaluation's (the SFT policy's)."""
+        if self.observe(step, reward, judge):
+            return True
+        if self.tripped_at is None and self.history and judge < self.history[0][2]:
+            self.tripped_at, self.below_sft = step, True
+            return True
+        return False
+
+    def reason(self) -> str:
+        """Why it tripped, for the console ("" when it did not)."""
+        if self.tripped_at is None:
+            return ""
+        if self.below_sft:
+            return f"the judge rated the final policy below the SFT policy ({self.history[-1][2]:.4g} < " \
+                   f"{self.history[0][2]:.4g})"
+        return (f"the training reward rose while the judge did not improve on its best for {self.patience} "
+                f"evaluation(s) in a row (update {self.tripped_at})")
 
     def is_new_best(self, step: int) -> bool:
         """Whether the evaluation just observed at ``step`` is the best by the judge so far."""
@@ -74,6 +99,7 @@ class Watchdog:
         out = {"watchdog/evaluations": float(len(self.history)), "watchdog/tripped": float(self.tripped_at is not None)}
         if self.tripped_at is not None:
             out["watchdog/tripped_step"] = float(self.tripped_at)
+            out["watchdog/below_sft"] = float(self.below_sft)
         if self.best_step is not None:
             out["watchdog/best_step"] = float(self.best_step)
             out["watchdog/best_judge"] = self.best_judge
@@ -164,12 +190,15 @@ def watch_metrics(s: PPOSetup, cfg: PPOConfig, rows: list[dict], judge: Callable
     return {"watchdog/reward": sum(reward) / len(reward), "watchdog/judge": sum(judged) / len(judged), **extra}
 
 
-def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list) -> bool:
-    """Feed one evaluation to the watchdog; keep a copy of the trainable roles when the judge
-    likes it best so far; True when the watchdog trips."""
+def _watch(watchdog: Watchdog, ev: dict, step: int, opt: Optimization, best_weights: list,
+           final: bool = False) -> bool:
+    """Feed one evaluation to the watchdog (``final``: the run's last, :meth:`Watchdog.observe_final`);
+    keep a copy of the trainable roles when the judge likes it best so far; True when the
+    watchdog trips."""
     if "watchdog/reward" not in ev:
         return False
-    tripped = watchdog.observe(step, ev["watchdog/reward"], ev["watchdog/judge"])
+    observe = watchdog.observe_final if final else watchdog.observe
+    tripped = observe(step, ev["watchdog/reward"], ev["watchdog/judge"])
     if watchdog.is_new_best(step):
         best_weights[:] = [p.detach().clone() for p in opt.params]
     return tripped

@@ -22,8 +22,7 @@ objective only measures, it never guides the watchdog.
   (``ppo.watchdog_judge=pairs``, so the objective the embedded task has is not used).
 
 The recipes are the tiny default's settings: ``pipelines/tiny.yaml`` (synthetic, and format
-with ``task.name=format``) and ``pipelines/tiny-weak.yaml``. Runs use 2 CPU threads (the
-recipes' ``num_threads``). The table: gold (judge) gain in standard errors of the difference,
+with ``task.name=format``) and ``pipelines/tiny-weak.yaml``. Runs use 2 CPU threads (``--threads``). The table: gold (judge) gain in standard errors of the difference,
 gold SFT -> PPO, KL to SFT per response, KL per unit of gold gain, the reward model's accuracy
 against the noiseless gold preference, RM score SFT -> PPO, the pairs judge's agreement SFT ->
 PPO, whether the watchdog tripped, and each arm's wall time.
@@ -41,21 +40,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"synthetic": ("pipelines/tiny.yaml", []), "format": ("pipelines/tiny.yaml", ["task.name=format"]),
-           "weak": ("pipelines/tiny-weak.yaml", [])}
-ARMS = {"old": ["ppo.safe_defaults=false", 'ppo.watchdog="off"'],
-        "new": ["ppo.safe_defaults=true", "ppo.watchdog_judge=pairs"]}
+           "weak": ("pipelines/tiny-weak.yaml", []),
+           "weak50": ("pipelines/tiny-weak.yaml", ["task.spurious_fraction=0.5"]),
+           # the weak family's second member: the synthetic task with a tenth of its pairs
+           "scarce": ("pipelines/tiny.yaml", ["task.num_pairs=600"])}
+ARMS = {"old": ["reward.ensemble=1", "ppo.safe_defaults=false", 'ppo.watchdog="off"'],
+        "new": ["ppo.watchdog_judge=pairs"]}
 
 
-def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
+def run_arm(task: str, seed: int, arm: str, root: Path, threads: int = 2) -> dict | None:
     """Run one arm (unless its summary is kept already) and return its summary and wall time."""
-    run_dir = root / f"{task}-seed{seed}"
-    kept = run_dir / f"summary-{arm}.json"
+    kept = summary_path(root, task, seed, arm)
     if kept.exists():
         return json.loads(kept.read_text())
+    run_dir = kept.parent
     recipe, extra = RECIPES[task]
     cmd = [str(ROOT / ".venv/bin/rlhf"), "run", recipe, "--output-dir", str(run_dir), "register=false",
            f"seed={seed}", *extra, *ARMS[arm]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"[bench] {task} seed {seed} {arm}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -63,13 +65,24 @@ def run_arm(task: str, seed: int, arm: str, root: Path) -> dict | None:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    written = run_dir / "summary.json"
+    blocked = done.returncode != 0 and written.exists() and json.loads(written.read_text()).get("ppo_blocked")
+    if done.returncode != 0 and not blocked:
         print(f"[bench] {task} seed {seed} {arm}: failed (exit {done.returncode}), see {log}", flush=True)
         return None
-    out = json.loads((run_dir / "summary.json").read_text())
+    out = json.loads(written.read_text())  # a run the reward gate stopped before PPO is kept: its policy is SFT
     out["bench_wall_s"] = time.time() - t0
+    out["bench_threads"] = threads
     kept.write_text(json.dumps(out, indent=1))
     return out
+
+
+def summary_path(root: Path, task: str, seed: int, arm: str) -> Path:
+    """Where an arm's summary is kept: arms that train the same reward model (the same
+    ``reward.*`` overrides) share one run directory, so SFT and the reward model are trained
+    once for them."""
+    rm = "-".join(o.split("=", 1)[1] for o in ARMS[arm] if o.startswith("reward."))
+    return root / (f"{task}-seed{seed}" + (f"-rm{rm}" if rm else "")) / f"summary-{arm}.json"
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -84,6 +97,8 @@ def table(rows: list[tuple[str, int, str, dict]]) -> str:
     for task, seed, arm, s in rows:
         judge = (f"{_f(s.get('judge_sft'))} -> {_f(s.get('judge_ppo'))}" if s.get("judge") == "pairs" else "-")
         tripped = "-" if s.get("watchdog_tripped") is None else ("yes" if s["watchdog_tripped"] else "no")
+        if s.get("ppo_blocked"):
+            tripped = "PPO not run: the reward gate stopped it"
         lines.append(
             f"| {task} | {seed} | {arm} | {_f(s.get('gold_improvement_in_se'), '+.2f')} | "
             f"{_f(s.get('gold_reward_sft'))} -> {_f(s.get('gold_reward_ppo'))} | "
@@ -97,17 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["weak", "synthetic", "format"], choices=sorted(RECIPES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--arms", nargs="+", default=["old", "new"], choices=sorted(ARMS))
+    ap.add_argument("--arms", nargs="+", default=["old", "new"],
+                    help="arms to run: old, new, or NAME:key=value,key=value (the new arm's settings plus these "
+                         "overrides, e.g. k2:ppo.ensemble_k=2)")
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench-safe")
     ap.add_argument("--table-only", action="store_true", help="print the kept summaries, run nothing")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per run (RLHF_NUM_THREADS; default 2)")
     args = ap.parse_args(argv)
+    for i, arm in enumerate(args.arms):
+        if ":" in arm:
+            name, overrides = arm.split(":", 1)
+            ARMS[name] = ARMS["new"] + overrides.split(",")
+            args.arms[i] = name
+        elif arm not in ARMS:
+            ap.error(f"--arms: unknown arm {arm!r} (old, new, or NAME:key=value,...)")
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             for arm in args.arms:
-                kept = args.root / f"{task}-seed{seed}" / f"summary-{arm}.json"
+                kept = summary_path(args.root, task, seed, arm)
                 s = (json.loads(kept.read_text()) if kept.exists() else None) if args.table_only else \
-                    run_arm(task, seed, arm, args.root)
+                    run_arm(task, seed, arm, args.root, args.threads)
                 if s is not None:
                     rows.append((task, seed, arm, s))
     print(table(rows))

@@ -533,13 +533,13 @@ def run_ppo(cfg: PPOConfig, *, group: str | None = None, resume: bool = False,
     final_eval = {}
     if finished and not tripped:
         final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
-        tripped = watchdog is not None and _watch(watchdog, final_eval, s.num_updates, opt, best_weights)
+        tripped = watchdog is not None and _watch(watchdog, final_eval, s.num_updates, opt, best_weights,
+                                                  final=True)
     if tripped:  # publish the policy the judge liked best, evaluated again in full
         _restore(opt, best_weights)
         if main:
-            print(f"[ppo] watchdog: the training reward rose while the judge fell for {cfg.watchdog_patience} "
-                  f"evaluation(s) in a row (update {watchdog.tripped_at}); stopped, and the published policy is the "
-                  f"one of update {watchdog.best_step}, the judge's best ({watchdog.best_judge:.4g})")
+            print(f"[ppo] watchdog: {watchdog.reason()}; stopped, and the published policy is the one of update "
+                  f"{watchdog.best_step}, the judge's best ({watchdog.best_judge:.4g})", flush=True)
         final_eval = evaluate_and_log(s, cfg, tracker, gold_fn, s.num_updates, reference_file=sft_rows, judge=judge)
     tracker.finish()
     result_metrics = {**(watchdog.summary() if watchdog is not None else {}),

@@ -156,13 +156,16 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         listed.append({"member": j, "dir": name,
                        "ref": registration.outputs.get(name) if registration is not None else None})
         metrics.update({f"member{j}_{k}": v for k, v in member_metrics.items() if k.startswith(("eval_", "heldout_"))})
-        if j == 0:  # member 0's numbers are the stage's (the gate's and the summary's)
-            metrics.update({k: v for k, v in member_metrics.items() if k.startswith(("eval_", "heldout_"))})
+        if j == 0:  # TRL's evaluation of member 0 stays for the training log
+            metrics.update({k: v for k, v in member_metrics.items() if k.startswith("eval_")})
     if test_rows:  # each member's and the ensemble's accuracy on the same held-out pairs
         c, r = torch.stack(chosen[::-1]), torch.stack(rejected[::-1])  # (members, pairs), member 0 first
         for j in range(cfg.ensemble):
             metrics[f"member{j}_accuracy"] = ensemble_accuracy(c[j: j + 1], r[j: j + 1])
         metrics["ensemble_accuracy"] = ensemble_accuracy(c, r)
+        # the stage's held-out numbers (the gate's and the summary's) are the ensemble's mean
+        # score, the reward PPO optimises (less its disagreement penalty)
+        metrics.update(heldout_metrics(c.mean(0), r.mean(0), metrics["member0_heldout_truncated"]))
     metrics["ensemble_members"] = cfg.ensemble
     return finish(cfg, out, main, "reward", dict(reversed(artifacts.items())), metrics, {"dataset": data_ref})
 

@@ -176,7 +176,7 @@ def write_task_files(task: Task, out_dir: str | Path, run_name: str = "") -> dic
     return paths
 
 
-def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str, n_pairs: int = 512,
+def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str | list[str], n_pairs: int = 512,
                      chat_template: str = "") -> float:
     """Reward-model accuracy against the noiseless gold preference on ``n_pairs`` held-out
     pairs of ``task`` (pairs the gold reward scores equally are skipped).
@@ -184,7 +184,8 @@ def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str
     Args:
         base_path: resolved base model directory or hub id.
         dtype: weights dtype name (``ModelConfig.dtype``).
-        reward_adapter: reward adapter directory (with its score head).
+        reward_adapter: reward adapter directory (with its score head), or the directories of
+            an ensemble's members, scored by their mean score.
         chat_template: ``ModelConfig.chat_template`` of the run.
     """
     pairs = []
@@ -194,7 +195,13 @@ def gold_rm_accuracy(task: Task, base_path: str, dtype: str, reward_adapter: str
             pairs.append((prompt, a, b, ga > gb))
         if len(pairs) == n_pairs:
             break
-    score = _reward_scorer(base_path, dtype, reward_adapter, chat_template)
+    members = [reward_adapter] if isinstance(reward_adapter, str) else list(reward_adapter)
+    scorers = [_reward_scorer(base_path, dtype, m, chat_template) for m in members]
+
+    def score(texts: list[tuple[str, str]]) -> list[float]:  # the members' mean score
+        each = [f(texts) for f in scorers]
+        return [sum(col) / len(col) for col in zip(*each)]
+
     correct = 0
     for chunk in _chunks(pairs, 128):
         sa = score([(q, a) for q, a, _, _ in chunk])

@@ -40,22 +40,34 @@ def test_ensemble_members_lineage_accuracy_and_ppo(tmp_path, ppo_assets):
         assert entry.metadata["member"] == j and entry.metadata["resample_seed"] == meta[j]["resample_seed"]
         assert any("pairs" in p for p in entry.parents), entry.parents
     assert meta[0]["ensemble"][1]["ref"] == reg.resolve("quick-reward-1").ref
+    # the PPO policy descends from every member it was scored by
+    members = {reg.resolve(n).ref for n in ("quick-reward", "quick-reward-1", "quick-reward-2")}
+    assert members <= set(reg.resolve("quick-policy").parents), reg.resolve("quick-policy").parents
     # each member's and the ensemble's held-out accuracy
     m = json.loads((rm / "metrics.json").read_text())
     accs = [m[f"member{j}_accuracy"] for j in range(3)]
     assert all(0 <= a <= 1 for a in accs) and 0 <= m["ensemble_accuracy"] <= 1 and m["ensemble_members"] == 3
     assert [s[f"rm_member{j}_accuracy"] for j in range(3)] == accs and s["rm_ensemble_accuracy"] == m["ensemble_accuracy"]
+    # the gate and the summary read the ensemble's mean score, the reward PPO optimises; member
+    # 0's own numbers stay beside the others'
+    assert abs(m["heldout_accuracy"] - m["ensemble_accuracy"]) <= 1 / m["heldout_pairs"]
+    assert s["rm_accuracy"] == m["heldout_accuracy"] and "member0_heldout_accuracy" in m
+    # and the accuracy against the gold preference is the ensemble's too (its members' mean score)
+    assert 0 <= s["rm_accuracy_gold"] <= 1
     # PPO scored with all three members (one rm source, by default)
     ppo = json.loads((run / "ppo" / "metrics.json").read_text())
     assert all(f"train/reward/rm/member{j}_raw_mean" in ppo for j in range(3)), sorted(ppo)
     assert ppo["train/reward/rm/ensemble_std"] > 0
+    # the members' disagreement on the evaluation's responses, SFT -> PPO
+    assert ppo["initial/eval/disagreement_mean"] > 0 and ppo["final/eval/disagreement_mean"] > 0
+    assert s["rm_disagreement_sft"] == ppo["initial/eval/disagreement_mean"]
 
 
 def test_one_member_is_the_single_reward_model(tmp_path, ppo_assets):
     from rlhf.pipeline import Pipeline, plan
 
     run = tmp_path / "one"
-    overrides = SMALL + ["stages=[sft,reward]", f"model.name_or_path={ppo_assets.base}"]
+    overrides = SMALL + ["stages=[sft,reward]", "reward.ensemble=1", f"model.name_or_path={ppo_assets.base}"]
     s = Pipeline(plan(ROOT / "pipelines" / "quick.yaml", run, overrides)).run()
     assert sorted(p.name for p in (run / "reward").iterdir() if p.name.startswith("adapter")) == ["adapter"]
     meta = json.loads((run / "reward" / "adapter" / "rlhf_adapter.json").read_text())

@@ -23,18 +23,40 @@ def test_every_task_and_arm_is_a_valid_recipe(tmp_path):
     for task, (recipe, extra) in bench.RECIPES.items():
         for arm, overrides in bench.ARMS.items():
             p = plan(ROOT / recipe, tmp_path / f"{task}-{arm}", [*extra, *overrides], check_inputs=False)
-            assert p.task().name == task
+            assert p.task().name == {"scarce": "synthetic", "weak50": "weak"}.get(task, task)
             assert p.ppo.safe_defaults == (arm == "new")
             assert p.ppo.kl_unit == ("token" if arm == "new" else "response")
             assert (p.ppo.watchdog, p.ppo.watchdog_judge) == (("auto", "pairs") if arm == "new" else ("off", ""))
+            # the old arm: one reward model, as before issue 30; the new arm: the defaults' ensemble
+            assert p.reward.ensemble == (3 if arm == "new" else 1)
+
+
+def test_extra_arms_add_overrides_to_the_new_arm_and_share_its_run_dir(tmp_path):
+    bench = _bench()
+    bench.main(["--tasks", "weak", "--root", str(tmp_path), "--table-only", "--arms", "old", "k2:ppo.ensemble_k=2"])
+    assert bench.ARMS["k2"] == bench.ARMS["new"] + ["ppo.ensemble_k=2"]
+    new, k2 = (bench.summary_path(tmp_path, "weak", 0, a) for a in ("new", "k2"))
+    old = bench.summary_path(tmp_path, "weak", 0, "old")
+    assert new.parent == k2.parent != old.parent and old.parent.name == "weak-seed0-rm1"
 
 
 def test_table_only_prints_kept_summaries(tmp_path, capsys):
     bench = _bench()
-    run = tmp_path / "weak-seed0"
+    run = tmp_path / "weak-seed0-rm1"
     run.mkdir()
     (run / "summary-old.json").write_text(json.dumps({"gold_improvement_in_se": -0.5, "kl_ppo_sft": 1.75,
                                                       "gold_reward_sft": 0.1, "gold_reward_ppo": 0.09}))
     assert bench.main(["--tasks", "weak", "--root", str(tmp_path), "--table-only"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and "| weak | 0 | old | -0.50 | 0.100 -> 0.090 | 1.75 |" in out[2]
+
+
+def test_a_run_the_gate_stopped_is_a_row_that_says_so(tmp_path, capsys):
+    bench = _bench()
+    run = tmp_path / "scarce-seed0"
+    run.mkdir()
+    (run / "summary-new.json").write_text(json.dumps({"ppo_blocked": "held-out accuracy 0.556 ...",
+                                                      "rm_accuracy_gold": 0.44}))
+    assert bench.main(["--tasks", "scarce", "--arms", "new", "--root", str(tmp_path), "--table-only"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert "| scarce | 0 | new | - |" in row and "PPO not run: the reward gate stopped it" in row

@@ -11,7 +11,12 @@ Rewritten after the merge with the reward gate's bound, ensemble accuracies, the
 and provisional summaries (written by the pipeline before the merge, at its first parent, with
 this file's cases): summary.json identical for every case; the printed table differs only in the
 labels of the bound and judge lines (and a run without a reward model no longer prints an empty
-"-, n = -" bound line)."""
+"-, n = -" bound line).
+
+Issue 30 added the reward-model ensemble's disagreement SFT -> PPO (``rm_disagreement_*`` and
+its printed line); the golden file was written again then, and differs from the one before in
+those keys and that line alone; and a run the reward gate blocked is no longer provisional
+(its PPO is not "to come": the run ended there)."""
 
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ _METRICS = {  # what each stage's final metrics may hold
                "heldout_truncated", "member0_accuracy", "member1_accuracy", "member0_eval_accuracy",
                "ensemble_accuracy", "ensemble_members"],
     "ppo": _POLICY_KEYS + ["final/watchdog/evaluations", "final/watchdog/tripped", "final/watchdog/best_step",
-                           "watchdog/best_judge", "initial/watchdog/judge", "final/watchdog/judge"],
+                           "watchdog/best_judge", "initial/watchdog/judge", "final/watchdog/judge",
+                           "initial/eval/disagreement_mean", "final/eval/disagreement_mean"],
     "dpo": _POLICY_KEYS + ["eval_loss", "train_pairs_too_long", "test_pairs_too_long", "eval_rewards_accuracies",
                            "eval_rewards_margins"],
     "kto": _POLICY_KEYS + ["eval_loss", "train_pairs_too_long", "test_pairs_too_long", "eval_rewards_accuracies",

@@ -31,7 +31,7 @@ def test_ensemble_accuracy_is_the_accuracy_of_the_mean_score():
 
 
 def test_members_get_their_own_seed_and_resample():
-    one = from_dict(RewardConfig, {"seed": 5})
+    one = from_dict(RewardConfig, {"seed": 5, "ensemble": 1})
     assert member_seeds(one, 0) == (5, None)  # one reward model: today's seed, no resample
     three = from_dict(RewardConfig, {"seed": 5, "ensemble": 3})
     seeds = [member_seeds(three, j) for j in range(3)]

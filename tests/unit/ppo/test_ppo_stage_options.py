@@ -210,8 +210,9 @@ def test_safe_defaults_control_kl_per_token_and_leave_set_keys_alone():
     from rlhf.stages.ppo import build_optimization
     from rlhf.update import rollout_statistics
 
-    old = PPOConfig()
+    old = PPOConfig(safe_defaults=False)
     assert (old.kl_controller, old.kl_unit, old.kl_horizon, old.kl_target_per_token) == ("fixed", "response", 10000, None)
+    assert PPOConfig().safe_defaults  # the default since issue 30
     safe = PPOConfig(safe_defaults=True, total_episodes=4096)
     assert (safe.kl_controller, safe.kl_unit, safe.kl_horizon) == ("adaptive", "token", 512)
     assert safe.kl_target_per_token == SAFE_KL_TARGET_PER_TOKEN
@@ -223,7 +224,7 @@ def test_safe_defaults_control_kl_per_token_and_leave_set_keys_alone():
     assert (mine.kl_controller, mine.kl_unit, mine.kl_horizon) == ("fixed", "response", 100)
     assert type(build_optimization(_NoRoles(), mine, 8).kl_ctl).__name__ == "FixedKLController"
     with pytest.raises(ConfigError, match="kl_target_per_token"):
-        PPOConfig(kl_target_per_token=0.1)
+        PPOConfig(safe_defaults=False, kl_target_per_token=0.1)
     # k1 KL = logp - ref: row 0 has 0.25 + 0.5 over two real tokens, row 1 has 0.25 over one:
     # per response (0.75 + 0.25) / 2 = 0.5, per token (0.25 + 0.5 + 0.25) / 3 = 1/3
     b = _batch([1.0, 0.0], [[-1.0, -1.0], [-1.0, -1.0]], [[-1.25, -1.5], [-1.25, -7.0]], mask=[[1.0, 1.0], [1.0, 0.0]])
