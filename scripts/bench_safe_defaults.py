@@ -108,6 +108,42 @@ def table(rows: list[tuple[str, int, str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(vals: list[float], fmt: str) -> str:
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return f"{format(mean, fmt)} ± {format(sd, fmt.lstrip('+'))}"
+
+
+def aggregate(rows: list[tuple[str, int, str, dict]]) -> str:
+    """Per task and arm, mean ± sd over the seeds (sample sd), and the worst seed's gold gain:
+    the numbers of README's "Safe defaults" table. A run the reward gate stopped counts as a
+    gain of 0 (its policy is the SFT policy)."""
+    head = ("| task | arm | seeds | gold gain (s.e.), mean ± sd | worst seed | KL/response | KL per gold gain | "
+            "RM acc vs gold | watchdog tripped |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for task, _, arm, s in rows:
+        groups.setdefault((task, arm), []).append(s)
+    for (task, arm), runs in groups.items():
+        gains = [0.0 if r.get("ppo_blocked") else r.get("gold_improvement_in_se") for r in runs]
+        gains = [g for g in gains if g is not None]
+        ran = [r for r in runs if not r.get("ppo_blocked")]
+
+        def vals(k):
+            return [r[k] for r in ran if r.get(k) is not None]
+
+        tripped = sum(bool(r.get("watchdog_tripped")) for r in ran)
+        lines.append(
+            f"| {task} | {arm} | {len(runs)} | {_mean_sd(gains, '+.2f')} | {_f(min(gains) if gains else None, '+.2f')} | "
+            f"{_mean_sd(vals('kl_ppo_sft'), '.2f')} | {_mean_sd(vals('kl_per_gold_gain'), '.1f')} | "
+            f"{_mean_sd([r['rm_accuracy_gold'] for r in runs if r.get('rm_accuracy_gold') is not None], '.3f')} | "
+            + (f"{tripped} of {len(ran)} |" if ran and ran[0].get("watchdog_tripped") is not None else
+               ("PPO not run (gate) |" if not ran else "- |")))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["weak", "synthetic", "format"], choices=sorted(RECIPES))
@@ -118,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench-safe")
     ap.add_argument("--table-only", action="store_true", help="print the kept summaries, run nothing")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per run (RLHF_NUM_THREADS; default 2)")
+    ap.add_argument("--aggregate", action="store_true", help="also print mean ± sd over the seeds per task and arm")
     args = ap.parse_args(argv)
     for i, arm in enumerate(args.arms):
         if ":" in arm:
@@ -136,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 if s is not None:
                     rows.append((task, seed, arm, s))
     print(table(rows))
+    if args.aggregate:
+        print()
+        print(aggregate(rows))
     return 0
 
 

@@ -60,3 +60,17 @@ def test_a_run_the_gate_stopped_is_a_row_that_says_so(tmp_path, capsys):
     assert bench.main(["--tasks", "scarce", "--arms", "new", "--root", str(tmp_path), "--table-only"]) == 0
     row = capsys.readouterr().out.splitlines()[2]
     assert "| scarce | 0 | new | - |" in row and "PPO not run: the reward gate stopped it" in row
+
+
+def test_aggregate_gives_mean_sd_and_the_worst_seed(tmp_path, capsys):
+    bench = _bench()
+    for seed, gain, kl in ((0, 4.0, 0.5), (1, 2.0, 0.7)):
+        run = tmp_path / f"weak-seed{seed}"
+        run.mkdir()
+        (run / "summary-new.json").write_text(json.dumps({"gold_improvement_in_se": gain, "kl_ppo_sft": kl,
+                                                          "rm_accuracy_gold": 0.6, "watchdog_tripped": seed == 1}))
+    assert bench.main(["--tasks", "weak", "--seeds", "0", "1", "--arms", "new", "--root", str(tmp_path),
+                       "--table-only", "--aggregate"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    # mean 3.0, sample sd sqrt(2) = 1.41; worst seed +2.00; KL 0.60 ± 0.14; one of two tripped
+    assert row == "| weak | new | 2 | +3.00 ± 1.41 | +2.00 | 0.60 ± 0.14 | - | 0.600 ± 0.000 | 1 of 2 |", row
