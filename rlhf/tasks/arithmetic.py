@@ -2,7 +2,8 @@
 (``pipelines/smol-arith.yaml``, SmolLM2-135M-Instruct).
 
 Prompt: "What is 47 plus 38? Reply with the number only." The gold reward of a completion is
-1 when its first integer is the sum, plus 0.5 when the completion is the number alone (the
+1 when its first integer other than the two operands is the sum (so "47 + 38 = 85" counts:
+instruct models restate the question), plus 0.5 when the completion is the number alone (the
 format the prompt asks for), so 1.5 at best. The SFT demonstrations come from a mediocre
 writer: the right sum in a sentence ("The answer is 85.") most of the time, a sum off by a
 few the rest, so the SFT policy is measurably imperfect on both counts; the preference pairs
@@ -90,8 +91,11 @@ class ArithmeticTask:
         m = _PARSE.search(prompt)
         if m is None:
             raise ValueError(f"not a prompt of this task: {prompt[:80]!r}")
-        total = int(m.group(1)) + int(m.group(2))
-        numbers = _NUMBER.findall(completion)
-        correct = bool(numbers) and int(numbers[0]) == total
+        a, b = int(m.group(1)), int(m.group(2))
+        # the answer is the first integer that is not an operand: an instruct model often
+        # restates the question ("47 + 38 = 85"); the sum of two two-digit numbers is never
+        # one of them
+        numbers = [int(n) for n in _NUMBER.findall(completion) if int(n) not in (a, b)]
+        correct = bool(numbers) and numbers[0] == a + b
         alone = re.fullmatch(r"\s*-?\d+\.?\s*", completion) is not None
         return float(correct) + 0.5 * float(correct and alone)
