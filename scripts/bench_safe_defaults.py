@@ -56,7 +56,7 @@ def run_arm(task: str, seed: int, arm: str, root: Path, threads: int = 2) -> dic
     run_dir = kept.parent
     recipe, extra = RECIPES[task]
     cmd = [str(ROOT / ".venv/bin/rlhf"), "run", recipe, "--output-dir", str(run_dir), "register=false",
-           f"seed={seed}", *extra, *ARMS[arm]]
+           f"seed={seed}", f"num_threads={threads}", *extra, *ARMS[arm]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RLHF_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"[bench] {task} seed {seed} {arm}: {' '.join(cmd)}", flush=True)
