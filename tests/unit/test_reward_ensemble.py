@@ -47,3 +47,8 @@ def test_bootstrap_draws_with_replacement_seeded():
     assert a == b and a != c and len(a) == len(rows)
     distinct = len({r["i"] for r in a})
     assert 100 < distinct < 160  # about 1 - 1/e = 63% of the pairs appear, some several times
+
+
+def test_three_members_are_the_default():
+    # issue 30: enough members for PPO to see where they disagree (README, "Safe defaults")
+    assert from_dict(RewardConfig, {}).ensemble == 3
