@@ -166,6 +166,10 @@ def run_reward(cfg: RewardConfig, *, group: str | None = None, resume: bool = Fa
         # the stage's held-out numbers (the gate's and the summary's) are the ensemble's mean
         # score, the reward PPO optimises (less its disagreement penalty)
         metrics.update(heldout_metrics(c.mean(0), r.mean(0), metrics["member0_heldout_truncated"]))
+        if main:
+            print(f"[reward] ensemble of {cfg.ensemble} (mean score) held-out accuracy {metrics['heldout_accuracy']:.3f}: "
+                  f"{metrics['heldout_correct']} of {metrics['heldout_pairs']} pairs; margin "
+                  f"{metrics['heldout_margin']:.3f}", flush=True)
     metrics["ensemble_members"] = cfg.ensemble
     return finish(cfg, out, main, "reward", dict(reversed(artifacts.items())), metrics, {"dataset": data_ref})
 
@@ -233,8 +237,9 @@ def _train_member(cfg: RewardConfig, member: int, train_rows: list[dict], test_r
         if scores is not None:
             scores[0].append(chosen)
             scores[1].append(rejected)
-        if main:
-            print(f"[reward] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
+        if main:  # the member's own label, as its progress records have (rlhf.tracking: its folder's name)
+            label = "reward" if member == 0 else f"member-{member}"
+            print(f"[{label}] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
                   f"{metrics['heldout_pairs']} pairs, every held-out pair ({metrics['heldout_truncated']} shortened "
                   f"to reward.train.max_length={cfg.train.max_length}); margin {metrics['heldout_margin']:.3f}", flush=True)
         tracker.log({k: metrics[k] for k in ("eval_accuracy", "eval_margin", "eval_loss", "heldout_accuracy",

@@ -58,8 +58,13 @@ def test_console_shows_headers_progress_and_tables_only(piped_run):
     assert any(re.fullmatch(r"\[reward\] step \d+/\d+ \(100%\) elapsed .* accuracy=\S+", line) for line in lines)
     assert "[ppo] update 1/2 (50%)" in "\n".join(lines)
     assert any(re.fullmatch(r"\[ppo\] update 2/2 \(100%\) elapsed \S+ eta 0:00:00 score=\S+ kl=\S+", line) for line in lines)
-    # the whole console: headers, a few records, the tables and the next commands
-    assert len(lines) < 60, "\n".join(lines)
+    # each reward member's records and held-out line carry its own label, the ensemble's line last
+    assert [line.split("]")[0][1:] for line in lines if line.startswith("[") and " held-out accuracy " in line] == [
+        "member-2", "member-1", "reward", "reward"]
+    assert any(line.startswith("[reward] ensemble of 3 (mean score) held-out accuracy") for line in lines)
+    # the whole console: headers, a few records, the tables and the next commands (the three
+    # reward members of the default ensemble add their records and two artifact rows)
+    assert len(lines) < 75, "\n".join(lines)
     # the per-step dicts went to the stage log files instead
     sft_log = (run_dir / "sft" / "log.txt").read_text()
     assert re.search(r"sft step 1: loss=\S+ grad_norm=", sft_log)
@@ -74,7 +79,7 @@ def test_final_table_names_registry_refs_and_next_commands(piped_run):
     assert policy == "tiny-policy:1" and state["sft"]["run"] == "tiny-sft-run:1"
     for stage in ("sft", "reward", "ppo"):
         for ref in [*state[stage]["outputs"].values(), state[stage]["run"]]:
-            assert re.search(rf"│ {stage}\s+│ \w+\s+│ {re.escape(ref)}\s", text), ref
+            assert re.search(rf"│ {stage}\s+│ [\w-]+\s+│ {re.escape(ref)}\s", text), ref
     assert f"rlhf registry export {policy} " in text
     assert f"rlhf generate {policy} --prompt" in text
     assert f"rlhf report {run_dir} --out {run_dir / 'report.html'}" in text

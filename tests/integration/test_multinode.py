@@ -154,7 +154,8 @@ def test_multinode_tiny_pipeline(tmp_path):
     assert [r["step"] for r in ppo_rows if "reward/score_mean" in r] == [1, 2]  # 16 // (4 x 2 processes)
     reg = Registry.open(home=home)
     try:
-        assert sorted(e.role for e in reg.list("adapter")) == ["policy", "reward", "sft", "value"]
+        # the default reward ensemble registers its three members
+        assert sorted(e.role for e in reg.list("adapter")) == ["policy", "reward", "reward", "reward", "sft", "value"]
         assert len(reg.list("run")) == 3
     finally:
         reg.close()

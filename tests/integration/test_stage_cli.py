@@ -36,8 +36,15 @@ def test_sft_and_reward_stages_alone(tmp_path, capsys):
     # the gate's accuracy: the stage's own, on every held-out pair (none too long here)
     assert metrics["heldout_pairs"] == metrics["test_pairs"] and metrics["heldout_truncated"] == 0
     assert metrics["heldout_accuracy"] == metrics["heldout_correct"] / metrics["heldout_pairs"]
-    assert (f"[reward] held-out accuracy {metrics['heldout_accuracy']:.3f}: {metrics['heldout_correct']} of "
-            f"{metrics['heldout_pairs']} pairs, every held-out pair (0 shortened") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the default ensemble of three: each member's line (member 0's as [reward]), then the ensemble's,
+    # whose mean score is the stage's held-out accuracy
+    assert (f"[reward] held-out accuracy {metrics['member0_heldout_accuracy']:.3f}: "
+            f"{metrics['member0_heldout_correct']} of {metrics['heldout_pairs']} pairs, every held-out pair "
+            "(0 shortened") in out
+    assert (f"[reward] ensemble of 3 (mean score) held-out accuracy {metrics['heldout_accuracy']:.3f}: "
+            f"{metrics['heldout_correct']} of {metrics['heldout_pairs']} pairs") in out
+    assert "[member-1] held-out accuracy" in out and "[member-2] held-out accuracy" in out
     # the preference file went through the data store: a versioned, canonical dataset
     import reward_data
 
