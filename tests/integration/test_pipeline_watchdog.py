@@ -28,6 +28,8 @@ def test_weak_reward_model_watchdog(tmp_path):
     p = plan(ROOT / "pipelines" / "tiny.yaml", tmp_path / "tiny-weak",
              ["reward.train.learning_rate=5.0e-3", "reward_gate.enabled=false"])
     s = Pipeline(p).run()
+    print({k: s.get(k) for k in ("rm_accuracy", "rm_accuracy_gold", "gold_reward_sft", "gold_reward_ppo",
+                                  "gold_improvement_in_se", "kl_ppo_sft", "watchdog_tripped", "watchdog_best_step")})
     assert "watchdog_tripped" in s and "watchdog_evaluations" in s, s
     se = math.hypot(s["gold_reward_sft_se"], s["gold_reward_ppo_se"])
     assert s["gold_reward_ppo"] >= s["gold_reward_sft"] - se, s
