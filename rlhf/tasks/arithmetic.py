@@ -3,8 +3,12 @@
 
 Prompt: "What is 47 plus 38? Reply with the number only." The gold reward of a completion is
 1 when its first integer other than the two operands is the sum (so "47 + 38 = 85" counts:
-instruct models restate the question), plus 0.5 when the completion is the number alone (the
-format the prompt asks for), so 1.5 at best. The SFT demonstrations come from a mediocre
+instruct models restate the question), plus 0.5 when the completion is a number alone (the
+format the prompt asks for, right or wrong), so 1.5 at best. The format counts on its own
+because SmolLM2-135M-Instruct adds two two-digit numbers right about one time in ten (2 of 24
+held-out prompts, greedy): a gold reward that credited nothing but right sums would give a
+run sized for a CPU almost nothing to learn from, while following "Reply with the number
+only" is the part of the instruction a small model can learn. The SFT demonstrations come from a mediocre
 writer: the right sum in a sentence ("The answer is 85.") most of the time, a sum off by a
 few the rest, so the SFT policy is measurably imperfect on both counts; the preference pairs
 prefer a right sum to a wrong one and the bare number to the sentence. The gold reward is
@@ -98,4 +102,4 @@ class ArithmeticTask:
         numbers = [int(n) for n in _NUMBER.findall(completion) if int(n) not in (a, b)]
         correct = bool(numbers) and numbers[0] == a + b
         alone = re.fullmatch(r"\s*-?\d+\.?\s*", completion) is not None
-        return float(correct) + 0.5 * float(correct and alone)
+        return float(correct) + 0.5 * float(alone)

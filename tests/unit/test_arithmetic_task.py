@@ -11,10 +11,11 @@ def test_gold_reward_checks_the_sum_and_the_format():
     p = "What is 47 plus 38? Reply with the number only."
     assert t.evaluate(p, "85") == 1.5 and t.evaluate(p, " 85. ") == 1.5
     assert t.evaluate(p, "The answer is 85.") == 1.0
-    assert t.evaluate(p, "84") == 0.0 and t.evaluate(p, "The answer is 84, not 85.") == 0.0 and t.evaluate(p, "") == 0.0
+    assert t.evaluate(p, "The answer is 84, not 85.") == 0.0 and t.evaluate(p, "") == 0.0
+    assert t.evaluate(p, "84") == 0.5  # the format the prompt asks for, with a wrong sum
     # a restated question is not the answer: the first integer other than the operands is
     assert t.evaluate(p, "47 + 38 = 85") == 1.0 and t.evaluate(p, "38 plus 47 is 85.") == 1.0
-    assert t.evaluate(p, "47 + 38 = 84") == 0.0 and t.evaluate(p, "47") == 0.0
+    assert t.evaluate(p, "47 + 38 = 84") == 0.0 and t.evaluate(p, "47") == 0.5
 
 
 def test_sft_data_is_imperfect_and_eval_prompts_are_held_out():
