@@ -376,14 +376,14 @@ class PPOConfig:
         range=">= 1", default=32)
     watchdog: Literal["auto", "on", "off"] = _help(
         "The over-optimisation watchdog (rlhf/watchdog.py): at each evaluation it compares the training reward "
-        "with a held-out judge on the same prompts; when the reward rose while the judge did not improve on its "
+        "with a held-out judge on the same prompts; when the reward rose while the judge stayed below its "
         "best for watchdog_patience evaluations in a row, or the judge rates the final policy below SFT, PPO "
         "stops and publishes the policy the judge liked best. auto: "
         "on whenever a judge exists: watchdog_judge, else the task's objective when it is not a training reward, "
         "else the policy's agreement with the reward model's held-out pairs (rlhf/judge.py), which every run "
         "with a reward model trained from a data-store version has.",
         default="auto")
-    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge not above its best before the watchdog "
+    watchdog_patience: int = _help("Evaluations in a row with the reward up and the judge below its best before the watchdog "
                                    "stops the run.", range=">= 1", default=2)
     watchdog_judge: str = _help(
         "A judge function for the watchdog, 'pkg.mod:func' or 'file.py:func' (recipe-relative), called like a "

@@ -6,7 +6,7 @@ judge exists (a function named by ``ppo.watchdog_judge``, the task's objective w
 training reward, or by default the policy's agreement with the reward model's held-out pairs,
 :mod:`rlhf.judge`), every evaluation gives two numbers on the same held-out prompts: the
 mean training reward and the mean judge score. The watchdog trips when the training reward
-rose while the judge did not improve on its best so far, ``patience`` evaluations in a row
+rose while the judge stayed below its best so far, ``patience`` evaluations in a row
 (issue 30: "the training reward keeps rising while the judge stops improving"), or when the
 judge rates the final policy below the SFT policy; the stage then stops and publishes the
 policy of the evaluation the judge liked best (the SFT policy of step 0 included), so the
@@ -38,7 +38,7 @@ class Watchdog:
         patience: how many such evaluations in a row trip it (>= 1).
         history: ``(step, training reward, judge)`` of every evaluation seen, in order.
         streak: the current run of evaluations whose training reward rose over the one before
-            while their judge score stayed at or below the best so far.
+            while their judge score stayed below the best so far.
         best_step: the step of the evaluation with the highest judge score (the first on a tie).
         tripped_at: the step of the evaluation that tripped it, or None.
         below_sft: it tripped at the end because the judge rated the final policy below SFT.
@@ -57,11 +57,13 @@ class Watchdog:
 
         Returns:
             True once ``patience`` evaluations in a row each had a higher training reward
-            than the evaluation before and a judge score no higher than the best before it.
+            than the evaluation before and a judge score below the best before it (a judge
+            level with its best, e.g. at its ceiling, is no sign of harm).
         """
         if self.history:
             last_reward = self.history[-1][1]
-            self.streak = self.streak + 1 if (reward > last_reward and judge <= self.best_judge) else 0
+            # below its best: a judge level with it (at its ceiling, on a plateau) shows no harm
+            self.streak = self.streak + 1 if (reward > last_reward and judge < self.best_judge) else 0
         self.history.append((step, reward, judge))
         if judge > self.best_judge:
             self.best_step, self.best_judge = step, judge
@@ -87,7 +89,7 @@ class Watchdog:
         if self.below_sft:
             return f"the judge rated the final policy below the SFT policy ({self.history[-1][2]:.4g} < " \
                    f"{self.history[0][2]:.4g})"
-        return (f"the training reward rose while the judge did not improve on its best for {self.patience} "
+        return (f"the training reward rose while the judge stayed below its best for {self.patience} "
                 f"evaluation(s) in a row (update {self.tripped_at})")
 
     def is_new_best(self, step: int) -> bool:

@@ -51,6 +51,7 @@ SUMMARY_COLUMNS = {
     "gold_win_rate": "Win rate vs SFT (objective)",
     "length": "Response length (tokens)",
     "entropy": "Entropy per token",
+    "disagreement": "RM members' disagreement (std)",
 }
 
 #: Every status a stage can have (rlhf.pipeline, rlhf.runs), each with a badge colour in _CSS.

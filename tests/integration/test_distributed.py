@@ -136,7 +136,8 @@ def test_only_rank0_registered_artifacts(ddp_run):
     try:
         adapters = reg.list("adapter")
         roles = sorted(e.role for e in adapters)
-        assert roles == ["policy", "reward", "sft", "value"], roles  # once each, not once per rank
+        # once each (the default ensemble's three reward members), not once per rank
+        assert roles == ["policy", "reward", "reward", "reward", "sft", "value"], roles
         assert all(e.version == 1 for e in adapters)
         assert len(reg.list("run")) == 3
         assert len(reg.list("base")) == 1

@@ -17,7 +17,7 @@ def test_trips_after_patience_evaluations_in_a_row():
     assert (w.tripped_at, w.best_step, w.best_judge) == (48, 16, 0.20)
     assert w.summary() == {"watchdog/evaluations": 4.0, "watchdog/tripped": 1.0, "watchdog/tripped_step": 48.0,
                            "watchdog/below_sft": 0.0, "watchdog/best_step": 16.0, "watchdog/best_judge": 0.20}
-    assert "did not improve on its best for 2" in w.reason()
+    assert "stayed below its best for 2" in w.reason()
 
 
 def test_a_judge_that_stops_improving_counts_though_it_does_not_fall():
@@ -67,3 +67,14 @@ def test_a_final_policy_at_or_above_sft_does_not():
     w.observe(16, 0.2, 0.40)
     assert not w.observe_final(32, 0.1, 0.30)  # below the best, but not below SFT, and no streak
     assert w.tripped_at is None and not w.below_sft
+
+
+def test_a_judge_level_with_its_best_is_no_sign_of_harm():
+    # a judge at its ceiling from the start (SFT already perfect by it) cannot improve: the
+    # reward rising beside it must not stop the run and publish SFT
+    w = Watchdog(patience=2)
+    w.observe(0, 0.0, 1.0)
+    assert not w.observe(1, 0.5, 1.0)
+    assert not w.observe(2, 0.9, 1.0)
+    assert not w.observe_final(3, 1.2, 1.0)
+    assert w.tripped_at is None and w.streak == 0

@@ -46,7 +46,7 @@ def test_a_real_ppo_run_fills_every_section(ppo_config, ppo_assets, tmp_path):
 
     run_dir = tmp_path / "runs" / "real"
     cfg = ppo_config(output_dir=str(run_dir / "ppo"), eval_prompts=str(ppo_assets.eval_prompts), total_episodes=12,
-                     rollout_batch_size=4, eval_steps=1, num_samples_logged=4)
+                     rollout_batch_size=4, eval_steps=1, num_samples_logged=4, kl_controller="fixed")
     calls = iter(range(10_000))  # a gold reward that rises with every call, so it is never constant
     # the stage logs under its output_dir (run_dir/ppo), as inside a pipeline run
     metrics = run_ppo(cfg, group="real", gold_fn=lambda prompt, response: float(next(calls))).metrics
