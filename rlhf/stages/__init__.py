@@ -149,9 +149,10 @@ def _reward_gold_accuracy(task: Task, pipe, dirs: dict) -> float | None:
     from rlhf.tasks import gold_rm_accuracy
 
     model = pipe.model
+    from rlhf.reward_sources import stage_members
+
     # an ensemble (reward.ensemble > 1) by its members' mean score, as the gate reads it
-    members = [dirs["adapter"]] + [dirs[k] for k in sorted((k for k in dirs if k.startswith("adapter-")),
-                                                             key=lambda k: int(k.split("-")[1]))]
+    members = stage_members(dirs["adapter"])
     return gold_rm_accuracy(task, resolve_base(model.name_or_path, seed=pipe.seed), model.dtype, members,
                             chat_template=model.chat_template)
 

@@ -205,14 +205,15 @@ def _register(reg: Registration, path: Path, role: str, entry: str, base: str, c
     parents = []
     for value in config.values():  # the stage's resolved inputs that are registered artifacts
         if isinstance(value, str) and value and str(Path(value).resolve()) in reg.known:
-            resolved = str(Path(value).resolve())
-            key, ref = reg.known[resolved]
+            from rlhf.reward_sources import stage_members
+
+            key, ref = reg.known[str(Path(value).resolve())]
             reg.inputs[key] = ref
             parents.append(ref)
-            # a reward-model ensemble is named by member 0 (``adapter``); the other members
-            # (``adapter-1``, ...) score with it, so they are parents too
-            parents += [r for d, (_, r) in sorted(reg.known.items())
-                        if d.startswith(resolved + "-") and d[len(resolved) + 1:].isdigit()]
+            # a reward-model ensemble is named by member 0; the members it lists score with it,
+            # so they are parents too
+            parents += [reg.known[m][1] for m in (str(Path(d).resolve()) for d in stage_members(value)[1:])
+                        if m in reg.known]
     dataset = provenance.get("dataset")
     if dataset:  # a pinned data-store version the stage trained on
         if "dataset" not in reg.outputs:
