@@ -298,7 +298,12 @@ class Pipeline:
             config = to_dict(cfg)
             data += [_file_hash(holder[key].rpartition(":")[0]) for spec, hashed in row.code_refs.items() if hashed
                      for holder, key in _code_slots(config, spec) if ".py:" in str(holder[key])]
-            fps[stage] = _fingerprint([_without_paths(config, row), *data, *deps])
+            # a data file counts by its bytes (in ``data``), not its path: a run directory
+            # copied or moved elsewhere keeps its fingerprints, so its stages still skip
+            config = {k: v for k, v in _without_paths(config, row).items()
+                      if not (k in row.inputs and row.inputs[k].kind != "adapter" and isinstance(v, str) and v
+                              and Path(v).is_file())}
+            fps[stage] = _fingerprint([config, *data, *deps])
         return fps
 
     def run(self, from_stage: str | None = None, resume: bool = False) -> dict:

@@ -97,6 +97,26 @@ def test_dpo_paths_resolve_against_the_recipe_folder_from_any_working_directory(
     assert p.sft.dataset == str((recipes / "data" / "sft.jsonl").resolve())
 
 
+def test_a_data_file_counts_by_its_bytes_not_its_path(tmp_path):
+    """A run directory copied elsewhere (its task files with it) keeps its fingerprints, so
+    `rlhf run --output-dir COPY --from ppo` reruns PPO alone; a changed byte still reruns."""
+    from rlhf.pipeline import Pipeline, plan
+
+    def fingerprints(folder: str, text: str) -> dict:
+        data = tmp_path / folder / "pairs.jsonl"
+        data.parent.mkdir(exist_ok=True)
+        data.write_text(text)
+        recipe = tmp_path / folder / "r.yaml"
+        recipe.write_text("stages: [sft, dpo]\nsft: {dataset: pairs.jsonl}\ndpo: {dataset: pairs.jsonl}\n")
+        return Pipeline(plan(recipe, tmp_path / folder / "run")).fingerprints()
+
+    row = '{"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}\n'
+    first, moved = fingerprints("a", row), fingerprints("b", row)
+    assert first["sft"] == moved["sft"] and first["dpo"] == moved["dpo"]
+    changed = fingerprints("c", row.replace('"c"}', '"d"}'))
+    assert changed["sft"] != first["sft"] and changed["dpo"] != first["dpo"]
+
+
 def test_a_new_stage_is_its_module_plus_its_row(tmp_path, monkeypatch, capsys):
     """The pipeline, the input resolution and the CLI read the table: a row added here (a
     stand-in for a KTO stage) is validated, wired, fingerprinted, run and offered as a command
