@@ -20,7 +20,12 @@ from __future__ import annotations
 import random
 import re
 
-_PROMPT = "What is {a} plus {b}? Reply with the number only."
+#: the answer formats: the prompt's instruction, and the answer written in that format
+_FORMATS = {
+    "number": ("Reply with the number only.", "{n}"),
+    "equation": ("Reply with the equation only.", "{a} + {b} = {n}"),
+}
+_PROMPT = "What is {a} plus {b}? {instruction}"
 _PARSE = re.compile(r"What is (\d+) plus (\d+)\?")
 _NUMBER = re.compile(r"-?\d+")
 
@@ -42,12 +47,20 @@ class ArithmeticTask:
             preference pairs, the PPO prompts and the held-out evaluation prompts.
         sft_error_rate: fraction of demonstrations with a wrong sum.
         sft_sentence_rate: fraction of demonstrations answering in a sentence.
+        answer_format: what the prompt asks for and the gold reward's 0.5 credits: ``number``
+            (the number alone, "85") or ``equation`` (the question restated with its answer,
+            "47 + 38 = 85": the operands written just before the sum, as instruct models like
+            to write it).
     """
 
     name = "arithmetic"
 
     def __init__(self, seed: int = 0, num_sft: int = 512, num_pairs: int = 1024, num_prompts: int = 512,
-                 num_eval: int = 256, sft_error_rate: float = 0.3, sft_sentence_rate: float = 0.7):
+                 num_eval: int = 256, sft_error_rate: float = 0.3, sft_sentence_rate: float = 0.7,
+                 answer_format: str = "number"):
+        if answer_format not in _FORMATS:
+            raise ValueError(f"task.options.answer_format: {answer_format!r} is not one of {', '.join(_FORMATS)}")
+        self.answer_format = answer_format
         rng = random.Random(seed)
         pool = [(a, b) for a in range(10, 100) for b in range(10, 100)]
         rng.shuffle(pool)
@@ -56,6 +69,12 @@ class ArithmeticTask:
         self._train = rest
         self.num_sft, self.num_pairs, self.num_prompts = num_sft, num_pairs, num_prompts
         self.sft_error_rate, self.sft_sentence_rate = sft_error_rate, sft_sentence_rate
+
+    def _prompt(self, a: int, b: int) -> str:
+        return _PROMPT.format(a=a, b=b, instruction=_FORMATS[self.answer_format][0])
+
+    def _answer(self, a: int, b: int, n: int) -> str:
+        return _FORMATS[self.answer_format][1].format(a=a, b=b, n=n)
 
     def _sample(self, offset: int, n: int) -> list[tuple[int, int]]:
         return [self._train[(offset + i) % len(self._train)] for i in range(n)]
@@ -66,15 +85,15 @@ class ArithmeticTask:
 
     def prompts(self, split: str) -> list[dict]:
         pairs = self._eval if split == "eval" else self._sample(0, self.num_prompts)
-        return [{"prompt": _user(_PROMPT.format(a=a, b=b))} for a, b in pairs]
+        return [{"prompt": _user(self._prompt(a, b))} for a, b in pairs]
 
     def sft_examples(self) -> list[dict]:
         rng = random.Random(self._rng_seed + 1)
         rows = []
         for a, b in self._sample(self.num_prompts, self.num_sft):
             n = a + b if rng.random() >= self.sft_error_rate else self._wrong(rng, a + b)
-            text = f"The answer is {n}." if rng.random() < self.sft_sentence_rate else str(n)
-            rows.append({"prompt": _user(_PROMPT.format(a=a, b=b)), "completion": _assistant(text)})
+            text = f"The answer is {n}." if rng.random() < self.sft_sentence_rate else self._answer(a, b, n)
+            rows.append({"prompt": _user(self._prompt(a, b)), "completion": _assistant(text)})
         return rows
 
     def preference_pairs(self) -> list[dict]:
@@ -83,11 +102,11 @@ class ArithmeticTask:
         for a, b in self._sample(self.num_prompts + self.num_sft, self.num_pairs):
             total = a + b
             if rng.random() < 0.5:  # a right sum over a wrong one, in either format
-                fmt = (lambda n: str(n)) if rng.random() < 0.5 else (lambda n: f"The answer is {n}.")
+                fmt = (lambda n: self._answer(a, b, n)) if rng.random() < 0.5 else (lambda n: f"The answer is {n}.")
                 chosen, rejected = fmt(total), fmt(self._wrong(rng, total))
-            else:  # the bare number over the sentence, both right
-                chosen, rejected = str(total), f"The answer is {total}."
-            rows.append({"prompt": _user(_PROMPT.format(a=a, b=b)), "chosen": _assistant(chosen),
+            else:  # the asked-for format over the sentence, both right
+                chosen, rejected = self._answer(a, b, total), f"The answer is {total}."
+            rows.append({"prompt": _user(self._prompt(a, b)), "chosen": _assistant(chosen),
                          "rejected": _assistant(rejected)})
         return rows
 
@@ -101,5 +120,8 @@ class ArithmeticTask:
         # one of them
         numbers = [int(n) for n in _NUMBER.findall(completion) if int(n) not in (a, b)]
         correct = bool(numbers) and numbers[0] == a + b
-        alone = re.fullmatch(r"\s*-?\d+\.?\s*", completion) is not None
-        return float(correct) + 0.5 * float(alone)
+        if self.answer_format == "number":
+            shaped = re.fullmatch(r"\s*-?\d+\.?\s*", completion)
+        else:  # the question's operands in its order, then one number
+            shaped = re.fullmatch(rf"\s*{a}\s*\+\s*{b}\s*=\s*-?\d+\.?\s*", completion)
+        return float(correct) + 0.5 * float(shaped is not None)
