@@ -76,10 +76,12 @@ def run_ours(a, base: Path, data_ref: str, out: Path) -> dict:
     from rlhf.stages import run_stage
 
     cfg = from_dict(RewardConfig, {
+        # one reward model, as the TRL side trains (the stage's default is an ensemble of 3)
         "model": {"name_or_path": str(base), "dtype": "float32"}, "dataset": data_ref, "keep_best": False,
-        "seed": a.seed, "output_dir": str(out / "ours"), "report_to": ["local"],
+        "ensemble": 1, "seed": a.seed, "output_dir": str(out / "ours"), "report_to": ["local"],
         "lora": {"r": a.lora_r, "alpha": 2 * a.lora_r, "dropout": 0.0},
-        "train": {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
+        "train": {"num_train_epochs": a.epochs, "per_device_train_batch_size": a.batch_size,
+                  "learning_rate": a.learning_rate,
                   "max_length": a.max_length, "logging_steps": 5, "save_steps": 10_000},
     }, prefix="reward")
     start = time.perf_counter()
