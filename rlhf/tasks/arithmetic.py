@@ -13,6 +13,11 @@ writer: the right sum in a sentence ("The answer is 85.") most of the time, a su
 few the rest, so the SFT policy is measurably imperfect on both counts; the preference pairs
 prefer a right sum to a wrong one and the bare number to the sentence. The gold reward is
 used for evaluation only.
+
+``answer_format: equation`` asks for "47 + 38 = 85" instead, and the 0.5 credits that form.
+The smol recipes use it: with the number alone, SmolLM2's reward model rewarded bare numbers
+whatever their sum and PPO traded the sums away (right sums 52% -> 8%); the equation puts the
+operands just before the sum, where the model adds better (README "Real models").
 """
 
 from __future__ import annotations
