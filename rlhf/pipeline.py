@@ -298,11 +298,10 @@ class Pipeline:
             config = to_dict(cfg)
             data += [_file_hash(holder[key].rpartition(":")[0]) for spec, hashed in row.code_refs.items() if hashed
                      for holder, key in _code_slots(config, spec) if ".py:" in str(holder[key])]
-            # a data file counts by its bytes (in ``data``), not its path: a run directory
-            # copied or moved elsewhere keeps its fingerprints, so its stages still skip
+            # a data input counts by ``data`` alone (a file's bytes, else ``ref:<value>``), not by
+            # its path: a run directory copied or moved elsewhere keeps its fingerprints
             config = {k: v for k, v in _without_paths(config, row).items()
-                      if not (k in row.inputs and row.inputs[k].kind != "adapter" and isinstance(v, str) and v
-                              and Path(v).is_file())}
+                      if k not in row.inputs or row.inputs[k].kind == "adapter"}
             fps[stage] = _fingerprint([config, *data, *deps])
         return fps
 
