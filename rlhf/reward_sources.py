@@ -8,7 +8,8 @@
     ``{rm: <adapter directory or registry reference>}`` adds another reward adapter. All rm
     members form ONE source, an ensemble scored ``mean - ppo.ensemble_k * std`` over the
     members (:func:`rlhf.ppo.ensemble_score`), every member a LoRA role on the one base,
-    scored together in one mixed-adapter batch (:func:`rlhf.scoring.frozen_role_scores`).
+    scored together in one mixed-adapter batch on CUDA, or one forward each
+    (``ppo.mixed_adapter_scoring``; :func:`rlhf.scoring.frozen_role_scores`).
   * ``{fn: "pkg.mod:func"}`` or ``{fn: "file.py:func"}`` (a file relative to the recipe): a
     Python function called once per batch as ``func(prompts, completions, metadata)`` with
     three lists of equal length (the last user turn of each prompt, the decoded completion,

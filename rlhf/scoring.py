@@ -26,8 +26,8 @@ from rlhf.ppo.rollout import Sampled, ScoredRollout
 if TYPE_CHECKING:
     from rlhf.config import PPOConfig
 
-__all__ = ["frozen_role_scores", "last_token_scores", "response_logprobs", "response_values", "score_inputs",
-           "score_rollout", "train_mode"]
+__all__ = ["frozen_role_scores", "last_token_scores", "resolve_mixed_scoring", "response_logprobs", "response_values",
+           "score_inputs", "score_rollout", "train_mode"]
 
 
 @contextmanager
@@ -152,6 +152,17 @@ def frozen_role_scores(model, batch: Sampled | ScoredRollout, temperature: float
     return ref, scores[0] if N == 1 else torch.stack(scores, dim=1)
 
 
+def resolve_mixed_scoring(setting: str, device) -> bool:
+    """``ppo.mixed_adapter_scoring``: ``auto`` -> the mixed-adapter batch on CUDA only.
+
+    On a CPU one forward per frozen role is faster than one over the stacked batch: peft's
+    mixed-batch LoRA forward gathers and scatters each adapter's rows in every layer, and a
+    CPU's matrix units are already full at one role's rows (``scripts/bench_scoring.py``)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"ppo.mixed_adapter_scoring must be one of auto, on, off; got {setting!r}")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
 @torch.no_grad()
 def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: list[int] | tuple = (),
                   with_values: bool | None = None) -> ScoredRollout:
@@ -162,19 +173,21 @@ def score_rollout(model, batch: Sampled, cfg: PPOConfig, chunk: int, suffix: lis
 
     Each role's forward runs once per chunk: policy (logprobs and entropy together), value
     (``with_values``; by default when ``cfg.advantage_estimator`` needs a critic, else the
-    values are zeros), and the frozen roles together (:func:`frozen_role_scores`). With an
+    values are zeros), and the frozen roles (:func:`frozen_role_scores`), in one mixed-adapter
+    batch or apart as ``cfg.mixed_adapter_scoring`` says (:func:`resolve_mixed_scoring`). With an
     ensemble of reward models the score is :func:`rlhf.ppo.ensemble_score` of the members'
     scores with ``cfg.ensemble_k``, and the members' scores are kept (``member_scores``).
     """
     if with_values is None:
         with_values = uses_critic(cfg)
+    mixed = resolve_mixed_scoring(cfg.mixed_adapter_scoring, batch.response_ids.device)
     parts: dict[str, list] = {k: [] for k in ("logprobs", "ref_logprobs", "entropy", "values", "scores")}
     ensemble = len(model.reward_roles) > 1
     with train_mode(model, False):
         for s in range(0, batch.response_ids.shape[0], chunk):
             mb = batch.index(torch.arange(s, min(s + chunk, batch.response_ids.shape[0]), device=batch.response_ids.device))
             lp, ent = response_logprobs(model, "policy", mb, cfg.temperature, with_entropy=True)
-            ref, scores = frozen_role_scores(model, mb, cfg.temperature, suffix)
+            ref, scores = frozen_role_scores(model, mb, cfg.temperature, suffix, mixed=mixed)
             parts["logprobs"].append(lp)
             parts["entropy"].append(ent)
             parts["ref_logprobs"].append(ref)

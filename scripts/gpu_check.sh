@@ -5,10 +5,13 @@
 #      checkpointing on = off                                                      (<= 80 s)
 #   2. the 0.5B benchmark, ours against TRL 1.12 full and LoRA (scripts/bench_ppo.py;
 #      vocab 32k, 64 prompts x 64 tokens, 128-token responses, 4 x 4; one warm-up batch
-#      and one measured batch per side; at most 100 s per side)                    (<= 260 s)
+#      and one measured batch per side; at most 90 s per side)                     (<= 230 s)
 #   3. the size probe: the 32B shape's LoRA PPO update, capped at 80 GB of GPU memory
 #      (does it fit on an 80 GB GPU?), gradient checkpointing, micro-batch 8       (<= 120 s)
-#   then one JSON line, last: {"correctness": ..., "bench": ..., "size_probe": ..., "ok": ...}.
+#   4. the scoring phase with the frozen roles mixed and apart (scripts/bench_scoring.py;
+#      ppo.mixed_adapter_scoring: 'auto' mixes them on CUDA only) at the 0.5B shape, bf16,
+#      64 rows of 64 + 128 tokens, 1 and 3 reward members                          (<= 40 s)
+#   then one JSON line, last: {"correctness": ..., "bench": ..., "size_probe": ..., "scoring": ..., "ok": ...}.
 #
 # Run on the device machine (the device tool), carrying the offline wheels:
 #   python scripts/download_gpu_wheels.py        # here, once: .whl/ (git-ignored, ~2 MB)
@@ -47,14 +50,16 @@ if [[ $DRY == 1 ]]; then
               --n-batches 2 --modes "$GPU_CHECK_MODES" --generation static --compile off)
   PROBE_ARGS=(--max-size --shapes tiny --vocab 512 --batch 8 --prompt-len 8 --response-len 8 --num-minibatches 2
               --generation static --compile off)
-  T_CORR=300; T_BENCH=600; T_PROBE=300
+  SCORE_ARGS=(--shape tiny --batch 8 --prompt-len 8 --response-len 8 --members 1,2 --repeats 1)
+  T_CORR=300; T_BENCH=600; T_PROBE=300; T_SCORE=300
 else
   CORR_ARGS=()
-  # each bench worker (build, ours, TRL full, TRL LoRA) gets at most 100 s: a side that runs
+  # each bench worker (build, ours, TRL full, TRL LoRA) gets at most 90 s: a side that runs
   # over is left out of the table, the others still report
-  BENCH_ARGS=(--shape 0.5B --n-batches 2 --modes "${GPU_CHECK_MODES-full,lora}" --timeout 100)
+  BENCH_ARGS=(--shape 0.5B --n-batches 2 --modes "${GPU_CHECK_MODES-full,lora}" --timeout 90)
   PROBE_ARGS=(--max-size --shapes 32B --memory-limit-gb 80 --generation static --compile off --timeout 115)
-  T_CORR=80; T_BENCH=260; T_PROBE=120
+  SCORE_ARGS=(--shape 0.5B --batch 64 --prompt-len 64 --response-len 128 --chunk 64 --members 1,3 --repeats 3)
+  T_CORR=80; T_BENCH=230; T_PROBE=120; T_SCORE=40
 fi
 
 # 1. correctness
@@ -76,8 +81,15 @@ timeout -k 5 $T_PROBE "$PY" scripts/bench_ppo.py "${PROBE_ARGS[@]}" >"$RES/probe
 log "size probe: exit $?"
 tail -n 1 "$RES/probe.log" >"$RES/probe.json"
 
+# 4. scoring phase: the frozen roles mixed and apart
+log "scoring"
+timeout -k 5 $T_SCORE "$PY" scripts/bench_scoring.py "${SCORE_ARGS[@]}" >"$RES/scoring.log" 2>&1
+log "scoring: exit $?"
+tail -n 1 "$RES/scoring.log" >"$RES/scoring.json"
+
 # the tables for a reader, then the summary line last
 grep -v '^{' "$RES/bench.log" | grep -v '^\[bench\]' | tail -n 30 >&2 || true
+grep '^|\|^scoring phase' "$RES/scoring.log" >&2 || true
 "$PY" - "$RES" "$((SECONDS - START))" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -94,6 +106,7 @@ def load(name):
 
 
 corr, bench, probe = load("correctness.json"), load("bench.json"), load("probe.json")
+scoring = load("scoring.json")
 summary = {
     "ok": bool(corr.get("ok")) and "error" not in bench and probe.get("max_shape") is not None,
     "seconds": seconds,
@@ -102,6 +115,7 @@ summary = {
     "bench": bench,
     "size_probe": {k: probe.get(k) for k in ("max_shape", "peak_gb", "memory_limit_gb", "device")} | (
         {"results": probe["results"]} if "results" in probe else {"error": probe.get("error"), "log_tail": probe.get("log_tail")}),
+    "scoring": scoring,
 }
 print(json.dumps(summary))
 EOF

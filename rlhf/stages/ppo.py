@@ -9,6 +9,7 @@ One update, top to bottom (each default's source is cited at its field in ``rlhf
   3. score: policy and reference (sft role) logprobs, values (value role), and the reward
      model's score on the last real token (reward role; with an ensemble, every member's, and
      mean - ensemble_k * std over them); sft and the reward members in one mixed-adapter batch
+     on CUDA, one forward each on a CPU (``ppo.mixed_adapter_scoring``)
   4. per-token rewards = -beta * KL_t, plus the score on the last real token
   5. advantages with GAE (or a critic-free estimator: reinforce++, rloo, grpo), whitened
      over the whole batch (grpo: already normalised within each prompt's group)

@@ -50,5 +50,8 @@ def test_gpu_check_sh_dry_run(tmp_path):
     assert last["bench"]["shape"] == "tiny" and last["bench"]["ours_eps_per_s"] > 0
     assert min(last["bench"][f"ours_{k}_s"] for k in ("generate", "score", "update")) >= 0
     assert last["size_probe"]["max_shape"] == "tiny" and last["size_probe"]["peak_gb"] > 0
-    for name in ("correctness.json", "bench.log", "probe.log"):
+    assert [(r["members"], r["part"]) for r in last["scoring"]["rows"]] == [
+        (1, "frozen"), (1, "whole"), (2, "frozen"), (2, "whole")]
+    assert max(r["max_diff_score"] for r in last["scoring"]["rows"]) < 1e-5
+    for name in ("correctness.json", "bench.log", "probe.log", "scoring.log"):
         assert (tmp_path / name).is_file()

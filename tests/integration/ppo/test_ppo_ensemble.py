@@ -1,10 +1,11 @@
 """A reward-model ensemble in the PPO stage: several rm sources (or the reward stage's
-members) are frozen LoRA roles on the one base, all scored in one mixed-adapter batch with
-the sft reference; the score is mean - ppo.ensemble_k * std of the members, and each
+members) are frozen LoRA roles on the one base, scored with the sft reference in one
+mixed-adapter batch (on CUDA by default) or apart; the score is mean - ppo.ensemble_k * std of the members, and each
 member's raw value and the ensemble's mean and std are logged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -56,9 +57,12 @@ def test_members_score_together_in_one_mixed_batch(ppo_config, make_rollout, mem
     assert (batch.member_scores - mixed).abs().max() < 1e-5
     stored = batch.member_scores
     assert torch.allclose(batch.scores, stored.mean(1) - 0.5 * stored.std(1, unbiased=False), atol=1e-6, rtol=0)
-    # one forward per chunk of 2 for sft + 3 members: 2 * (1 + 3) rows, never the members apart
-    rows = scoring_forward_rows(model, batch, cfg, chunk=2)
+    # mixed (the CUDA default): one forward per chunk of 2 for sft + 3 members, 2 * (1 + 3) rows
+    rows = scoring_forward_rows(model, batch, dataclasses.replace(cfg, mixed_adapter_scoring="on"), chunk=2)
     assert rows.count(8) == 3 and sum(rows) == 3 * (2 + 2 + 8)  # policy, value, sft + members
+    # apart (the CPU default): policy, sft, the 3 members and value, 2 rows each per chunk
+    rows = scoring_forward_rows(model, batch, cfg, chunk=2)
+    assert rows == [2] * 3 * 6
 
 
 def test_the_reward_stages_members_are_the_default_rm_source(ppo_config, ppo_assets, members, tmp_path):

@@ -1,5 +1,6 @@
-"""Scoring (rlhf.stages.ppo.score_rollout): one forward per role and chunk, the two frozen
-roles (sft reference, reward) in one mixed-adapter batch that equals scoring them apart."""
+"""Scoring (rlhf.scoring.score_rollout): one forward per role and chunk, or the frozen roles
+(sft reference, reward) in one mixed-adapter batch (``ppo.mixed_adapter_scoring``, on CUDA by
+default) that equals scoring them apart."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from rlhf.ppo.rollout import Sampled
-from rlhf.scoring import frozen_role_scores, score_rollout
+from rlhf.scoring import frozen_role_scores, resolve_mixed_scoring, score_rollout
 from rlhf.stages.ppo import _build_model
 
 
@@ -58,14 +59,19 @@ def test_mixed_frozen_batch_equals_separate_scoring(ppo_config, make_rollout, sf
 
 
 @pytest.mark.parametrize("estimator,passes", [("gae", 3), ("rloo", 2)])
-def test_one_forward_per_role_and_chunk(ppo_config, make_rollout, estimator, passes):
-    cfg = ppo_config(advantage_estimator=estimator, num_generations=2)
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_one_forward_per_role_and_chunk(ppo_config, make_rollout, estimator, passes, setting):
+    cfg = ppo_config(advantage_estimator=estimator, num_generations=2, mixed_adapter_scoring=setting)
     model, tok, _ = _build_model(cfg, torch.device("cpu"))
     batch = make_rollout(model, tok, cfg, n=4)
     model.train()  # _build_model leaves eval mode; scoring must restore whichever mode it found
     rows = scoring_forward_rows(model, batch, cfg, chunk=2)
-    # per chunk of 2: policy (2 rows), value (2, with a critic), sft+reward together (4 rows)
-    assert len(rows) == 2 * passes and rows.count(4) == 2 and sum(rows) == 2 * (2 * (passes - 1) + 4)
+    if setting == "on":
+        # per chunk of 2: policy (2 rows), value (2, with a critic), sft+reward together (4 rows)
+        assert len(rows) == 2 * passes and rows.count(4) == 2 and sum(rows) == 2 * (2 * (passes - 1) + 4)
+    else:
+        # auto on a CPU: one forward per role, sft and reward apart (2 rows each)
+        assert rows == [2] * (2 * (passes + 1))
     assert model.training  # scoring ran in eval mode and restored train mode
 
 
@@ -100,3 +106,25 @@ def test_mixed_frozen_batch_scores_at_the_score_suffix(ppo_config, make_rollout)
     # sharp: the suffix moves the score of the rows that stopped, and only theirs
     assert (scores_mixed - scores_no_suffix)[has_stop].abs().min() > 1e-4
     assert (scores_mixed - scores_no_suffix)[~has_stop].abs().max() < 1e-5
+
+
+def test_mixed_scoring_setting_resolves_by_device():
+    assert resolve_mixed_scoring("auto", "cuda") and not resolve_mixed_scoring("auto", "cpu")
+    assert resolve_mixed_scoring("on", "cpu") and not resolve_mixed_scoring("off", "cuda")
+    with pytest.raises(ValueError, match="mixed_adapter_scoring"):
+        resolve_mixed_scoring("yes", "cpu")
+
+
+def test_score_rollout_gives_the_same_numbers_either_way(ppo_config, make_rollout):
+    """The whole scored rollout (policy, reference, values, scores) with the frozen roles mixed
+    and apart: the setting changes the speed, not the numbers."""
+    cfg_on, cfg_off = ppo_config(mixed_adapter_scoring="on"), ppo_config(mixed_adapter_scoring="off")
+    model, tok, _ = _build_model(cfg_on, torch.device("cpu"))
+    batch = make_rollout(model, tok, cfg_on, n=6)
+    sampled = Sampled(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.has_stop)
+    mixed = score_rollout(model, sampled, cfg_on, chunk=4)
+    apart = score_rollout(model, sampled, cfg_off, chunk=4)
+    m = batch.response_mask.bool()
+    for name in ("logprobs", "ref_logprobs", "values"):
+        assert (getattr(mixed, name) - getattr(apart, name))[m].abs().max() < 1e-5, name
+    assert (mixed.scores - apart.scores).abs().max() < 1e-5
