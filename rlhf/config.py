@@ -263,7 +263,8 @@ class PPOConfig:
         "Score the frozen roles (the sft reference and every reward-model member) of a rollout in one forward "
         "over the batch stacked once per role, each copy under its own adapter (peft's mixed-adapter batch), "
         "instead of one forward per role. Both give the same numbers (to float rounding). 'auto': on CUDA only; "
-        "on a CPU the mixed batch is the slower one (1.3x at SmolLM2-135M's shape: scripts/bench_scoring.py).",
+        "on a CPU the mixed batch is the slower one (1.1-1.4x for the whole scoring phase at SmolLM2-135M's shape: "
+        "scripts/bench_scoring.py).",
         default="auto")
     compile: Literal["auto", "on", "off"] = _help(
         "torch.compile the static engine's decode step ('auto': on for CUDA, off on CPU, where compiling "
@@ -684,6 +685,18 @@ class PipelineConfig:
         check_ranges(self, "")
         if self.name:
             check_run_name(self.name)
+
+
+def on_for_device(setting: str, device, key: str) -> bool:
+    """An ``auto`` / ``on`` / ``off`` switch whose ``auto`` means "on CUDA only" (``ppo.compile``,
+    ``ppo.mixed_adapter_scoring``); ``device`` is a ``torch.device`` or its name.
+
+    Raises:
+        ValueError: for any other value, naming ``key``.
+    """
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{key} must be one of auto, on, off; got {setting!r}")
+    return setting == "on" or (setting == "auto" and str(device).partition(":")[0] == "cuda")
 
 
 def check_run_name(name: str, key: str = "name") -> None:

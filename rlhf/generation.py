@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, on_for_device
 from rlhf.ppo.rollout import Sampled, finish_responses
 
 if TYPE_CHECKING:
@@ -69,11 +69,7 @@ def resolve_engine(name: str, device) -> str:
 
 def resolve_compile(name: str | bool, device) -> bool:
     """``auto`` -> compile on CUDA only (on a CPU it needs a C compiler and minutes)."""
-    if isinstance(name, bool):
-        return name
-    if name not in ("auto", "on", "off"):
-        raise ValueError(f"ppo.compile must be one of auto, on, off; got {name!r}")
-    return name == "on" or (name == "auto" and torch.device(device).type == "cuda")
+    return name if isinstance(name, bool) else on_for_device(name, device, "ppo.compile")
 
 
 def bucket_width(width: int, bucket: int = DEFAULT_BUCKET) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf import ppo as F
+from rlhf.config import on_for_device
 from rlhf.estimators import uses_critic
 from rlhf.ppo.rollout import Sampled, ScoredRollout
 
@@ -158,9 +159,7 @@ def resolve_mixed_scoring(setting: str, device) -> bool:
     On a CPU one forward per frozen role is faster than one over the stacked batch: peft's
     mixed-batch LoRA forward gathers and scatters each adapter's rows in every layer, and a
     CPU's matrix units are already full at one role's rows (``scripts/bench_scoring.py``)."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"ppo.mixed_adapter_scoring must be one of auto, on, off; got {setting!r}")
-    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+    return on_for_device(setting, device, "ppo.mixed_adapter_scoring")
 
 
 @torch.no_grad()

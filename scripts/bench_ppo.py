@@ -700,6 +700,41 @@ def _lora_state(model, targets: list[str], r: int, seed: int, device) -> dict:
     return state
 
 
+def random_role_model(spec: BenchSpec, device, members: int = 1):
+    """A :class:`rlhf.adapters.RoleModel` of ``spec.shape`` with nothing read from disk: the
+    base initialised on ``device`` (random weights of ``spec.dtype``), random in-memory sft
+    LoRA (the policy starts as its copy) and ``members`` random reward adapters with heads (the
+    value role starts as a copy of the first), in eval mode.
+
+    Returns:
+        ``(model, tok, config)``: the model, its word-level tokenizer and the base's config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.adapters import InMemoryAdapter, RoleModel, linear_target_modules
+    from rlhf.models import disable_dropout
+
+    tok = build_tokenizer(spec.vocab)
+    config = qwen2_config(spec.shape, tok, spec.vocab)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    disable_dropout(base)
+    targets = linear_target_modules(base)
+    peft_cfg = {"r": spec.lora_r, "lora_alpha": spec.lora_alpha, "target_modules": targets}
+    sft = InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 1, device), peft_cfg)
+    rewards = []
+    for j in range(members):
+        head = {"weight": torch.randn(1, config.hidden_size) / config.hidden_size ** 0.5}
+        rewards.append(InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 2 + j, device), peft_cfg, head))
+    model = RoleModel(base, sft, rewards if members > 1 else rewards[0]).to(device)
+    del sft, rewards
+    model.eval()  # as rlhf.stages.ppo._build_model: rollouts in eval mode, _ppo_update switches to train
+    return model, tok, config
+
+
 def build_in_memory(spec: BenchSpec, device):
     """Our PPO setup for ``spec`` with nothing read from or written to disk.
 
@@ -711,32 +746,15 @@ def build_in_memory(spec: BenchSpec, device):
         ``(setup, cfg)``: a :class:`rlhf.ppo.state.PPOSetup` and the :class:`PPOConfig`.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from rlhf.adapters import InMemoryAdapter, RoleModel, linear_target_modules
     from rlhf import generation
     from rlhf.config import LoraConfigSpec, ModelConfig, PPOConfig
     from rlhf.generation import make_engine
-    from rlhf.models import disable_dropout
     from rlhf.ppo.state import PPOSetup
 
-    tok = build_tokenizer(spec.vocab)
-    config = qwen2_config(spec.shape, tok, spec.vocab)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    disable_dropout(base)
-    targets = linear_target_modules(base)
-    peft_cfg = {"r": spec.lora_r, "lora_alpha": spec.lora_alpha, "target_modules": targets}
-    head = {"weight": torch.randn(1, config.hidden_size) / config.hidden_size ** 0.5}
-    sft = InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 1, device), peft_cfg)
-    reward = InMemoryAdapter(_lora_state(base, targets, spec.lora_r, spec.seed + 2, device), peft_cfg, head)
-    model = RoleModel(base, sft, reward).to(device)
-    del sft, reward
+    model, tok, _ = random_role_model(spec, device)
     if spec.gradient_checkpointing:
         model.base_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.eval()  # as rlhf.stages.ppo._build_model: rollouts in eval mode, _ppo_update switches to train
 
     cfg = PPOConfig(
         model=ModelConfig(name_or_path="in-memory", dtype=spec.dtype), total_episodes=spec.batch,

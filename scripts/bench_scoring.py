@@ -36,33 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ppo  # noqa: E402  (the shapes, the tokenizer and random adapters of the PPO bench)
 
 
-def build(shape: str, members: int, dtype: str, seed: int, device):
-    """A RoleModel of ``shape`` with random weights, random sft/policy LoRA and ``members`` reward
-    adapters (value role included), in eval mode; and its vocabulary size."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rlhf.adapters import InMemoryAdapter, RoleModel, linear_target_modules
-
-    vocab = bench_ppo.SHAPES[shape]["vocab_size"] if shape in bench_ppo.SMOLLM2_SHAPES else bench_ppo.DEFAULT_VOCAB
-    tok = bench_ppo.build_tokenizer(vocab)
-    config = bench_ppo.qwen2_config(shape, tok, vocab)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    targets = linear_target_modules(base)
-    peft_cfg = {"r": 16, "lora_alpha": 32, "target_modules": targets}
-    sft = InMemoryAdapter(bench_ppo._lora_state(base, targets, 16, seed + 1, device), peft_cfg)
-    rewards = []
-    for j in range(members):
-        head = {"weight": torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(seed + 10 + j))
-                / config.hidden_size ** 0.5}
-        rewards.append(InMemoryAdapter(bench_ppo._lora_state(base, targets, 16, seed + 2 + j, device), peft_cfg, head))
-    model = RoleModel(base, sft, rewards if members > 1 else rewards[0]).to(device)
-    model.eval()
-    return model, vocab
-
-
 def random_rollout(batch: int, prompt_len: int, response_len: int, vocab: int, seed: int, device):
     """A sampled batch of random tokens; responses of random lengths, most ending in a stop."""
     import torch
@@ -109,8 +82,10 @@ def bench(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
+    vocab = bench_ppo.SHAPES[args.shape]["vocab_size"] if args.shape in bench_ppo.SMOLLM2_SHAPES else bench_ppo.DEFAULT_VOCAB
+    spec = bench_ppo.BenchSpec(shape=args.shape, dtype=dtype, seed=args.seed, vocab=vocab)
     for members in args.members:
-        model, vocab = build(args.shape, members, dtype, args.seed, device)
+        model, _, _ = bench_ppo.random_role_model(spec, device, members)
         batch = random_rollout(args.batch, args.prompt_len, args.response_len, vocab, args.seed, device)
         chunk = args.chunk or args.batch
         cfg = PPOConfig(model=ModelConfig(name_or_path="in-memory", dtype=dtype), prompts="in-memory")
