@@ -42,3 +42,31 @@ def test_bad_arguments_are_refused(capsys, argv):
     with pytest.raises(SystemExit) as e:
         _load().parse_args(argv)
     assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+def test_each_row_times_what_it_names(monkeypatch, capsys):
+    """Both parts run the frozen roles mixed once and apart once: the frozen-roles row calls
+    frozen_role_scores directly, the whole-phase row through score_rollout's setting."""
+    from rlhf import scoring
+
+    calls, inside = [], [False]
+    frozen, whole = scoring.frozen_role_scores, scoring.score_rollout
+
+    def counted_frozen(*args, mixed=True, **kwargs):
+        calls.append(("whole" if inside[0] else "frozen", mixed))
+        return frozen(*args, mixed=mixed, **kwargs)
+
+    def counted_whole(*args, **kwargs):
+        inside[0] = True
+        try:
+            return whole(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(scoring, "frozen_role_scores", counted_frozen)
+    monkeypatch.setattr(scoring, "score_rollout", counted_whole)
+    _load().main(["--shape", "tiny", "--batch", "2", "--prompt-len", "8", "--response-len", "4", "--members", "1",
+                  "--repeats", "1"])
+    capsys.readouterr()
+    # one warm-up and one timed call of each part, each way
+    assert sorted(calls) == sorted([(part, mixed) for part in ("frozen", "whole") for mixed in (True, False)] * 2)
