@@ -11,7 +11,8 @@ What each test pins down, on every base:
   * adapters hold LoRA weights only (no embedding or LM-head copy), with the tokenizer beside;
   * the reward PPO reads is the score the exported reward model gives the chat-templated
     conversation (the token it was trained to score);
-  * ``rlhf registry export`` of every role loads in plain transformers and generates / scores.
+  * ``rlhf registry export`` of every role loads in plain transformers and generates / scores;
+  * the frozen roles score the same in one mixed-adapter batch and one forward each.
 """
 
 from __future__ import annotations
@@ -232,3 +233,28 @@ def test_layouts_follow_the_table():
             assert tok.convert_ids_to_tokens(gen) == spec["gen_eos"], name
             text = tok.apply_chat_template(CONVERSATION, tokenize=False)
             assert text.rstrip().endswith(spec["turn_end"]), name
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_the_frozen_roles_score_the_same_mixed_and_apart(name, real_runs):
+    """The mixed-adapter batch (ppo.mixed_adapter_scoring's CUDA default) and one forward per
+    role (the CPU default) give one reference and one score on each real base's trained
+    adapters, its responses sampled by the run's own setup (the chat template's score suffix
+    included)."""
+    import yaml
+
+    from rlhf.config import PPOConfig, from_dict
+    from rlhf.scoring import frozen_role_scores
+    from rlhf.stages import ppo as stage
+
+    _, runs = real_runs
+    cfg = from_dict(PPOConfig, yaml.safe_load((runs[name][0] / "ppo" / "config.yaml").read_text()), prefix="ppo")
+    s = stage.setup(cfg)
+    batch, _ = stage.sample(s, cfg, 0)
+    with torch.no_grad():
+        ref_mixed, scores_mixed = frozen_role_scores(s.model, batch, cfg.temperature, s.score_suffix, mixed=True)
+        ref_apart, scores_apart = frozen_role_scores(s.model, batch, cfg.temperature, s.score_suffix, mixed=False)
+    m = batch.response_mask.bool()
+    assert (ref_mixed - ref_apart)[m].abs().max() < 1e-5
+    assert (scores_mixed - scores_apart).abs().max() < 1e-5
+    assert scores_apart.abs().max() > 0  # a reward head that scored something
